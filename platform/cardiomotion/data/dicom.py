@@ -1,0 +1,263 @@
+"""DICOM 4DCT reader: a folder (searched recursively) of single-frame CT series, one per phase.
+
+Series are grouped by SeriesInstanceUID; a series' cardiac phase (% R-R) is
+NominalPercentageOfCardiacPhase (0020,9241) (top level, else anywhere in its sequences), else a
+percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). Slices are ordered by
+their position along the slice normal. The header pass reads no pixel data; each phase's pixels
+are read when :meth:`Scan.phase` asks for it.
+
+Array and affine convention (before reorientation to RAS+): a series becomes an array
+(Columns, Rows, n_slices) with ``vol[i, j, k] = pixel_array[j, i]`` of slice k, so axis 0
+follows the row direction cosine IOP[:3] (step PixelSpacing[1], the column spacing), axis 1
+follows the column direction cosine IOP[3:] (step PixelSpacing[0], the row spacing) and axis 2
+follows the slice step (IPP difference of consecutive sorted slices). The LPS affine built from
+that is turned into RAS with :func:`~cardiomotion.orientation.lps_to_ras`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import InputError
+from ..orientation import lps_to_ras, to_canonical
+from .nifti import canonical_grid
+from .scan import Scan, ScanFormat, register_reader, scan_id_of
+
+_NOMINAL_PHASE = 0x00209241  # NominalPercentageOfCardiacPhase
+_DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+_GRID_ATOL = 1e-3  # mm
+_DICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError,
+                 TypeError, NotImplementedError, RuntimeError)
+
+_PCT_PATTERNS = (
+    re.compile(r"(\d+(?:\.\d+)?)\s*%"),
+    re.compile(r"(\d+(?:\.\d+)?)\s*(?:pct|percent)\b", re.IGNORECASE),
+    re.compile(r"phase\s*[:=#_-]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE),
+)
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """True for a DICOM Part 10 file: a 128-byte preamble then b"DICM", or a ``.dcm`` file that
+    pydicom parses without ``force``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    if path.suffix.lower() == ".dcm":
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True, force=False)
+            return True
+        except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+            return False
+    return False
+
+
+@dataclass
+class _Slice:
+    path: Path
+    position: np.ndarray  # IPP, LPS mm, (3,)
+    orientation: np.ndarray  # IOP, (6,)
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    rows: int
+    columns: int
+
+
+@dataclass
+class _Series:
+    uid: str
+    description: str
+    first: pydicom.Dataset
+    slices: list[_Slice] = field(default_factory=list)
+    percent: float = float("nan")
+    affine: np.ndarray | None = None  # voxel → RAS mm of the (Columns, Rows, n) array
+
+    def label(self) -> str:
+        return f"series {self.description!r} (SeriesInstanceUID {self.uid}, e.g. {self.slices[0].path.name})"
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = ds.get(keyword)
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        arr = np.empty(0)
+    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+        raise InputError(path, f"missing or invalid {keyword} (need {n} numbers, got {value!r})")
+    return arr
+
+
+def _header(path: Path) -> pydicom.Dataset | None:
+    """The header of an image file, or None for a file that is not a DICOM image (skipped)."""
+    if not looks_like_dicom(path):
+        return None
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except _DICOM_ERRORS as exc:
+        raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
+    meta = getattr(ds, "file_meta", None)
+    sop = str(getattr(meta, "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    if sop == _DICOMDIR_SOP or "Rows" not in ds:
+        return None  # DICOMDIR, structured report, … : not an image
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        return None  # scout image
+    return ds
+
+
+def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported: "
+                               "convert to NIfTI first (e.g. dcm2niix)")
+    ps = _floats(ds, "PixelSpacing", 2, path)
+    return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
+                  orientation=_floats(ds, "ImageOrientationPatient", 6, path),
+                  pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns))
+
+
+def _nominal_percent(ds: pydicom.Dataset) -> float | None:
+    """NominalPercentageOfCardiacPhase at top level, else the first one in any sequence."""
+    if _NOMINAL_PHASE in ds and ds[_NOMINAL_PHASE].value not in (None, ""):
+        return float(ds[_NOMINAL_PHASE].value)
+    for elem in ds.iterall():
+        if elem.tag == _NOMINAL_PHASE and elem.value not in (None, ""):
+            return float(elem.value)
+    return None
+
+
+def percent_from_description(text: str) -> float | None:
+    """A cardiac phase in % R-R from a series description: 'Cardiac 40%', '40 %', 'phase 40'."""
+    for pattern in _PCT_PATTERNS:
+        m = pattern.search(text or "")
+        if m:
+            return float(m.group(1))
+    return None
+
+
+def _series_geometry(folder: Path, s: _Series) -> None:
+    """Sort the slices along the normal, validate them, and set ``s.affine`` (RAS)."""
+    ref = s.slices[0]
+    for sl in s.slices[1:]:
+        if (sl.rows, sl.columns) != (ref.rows, ref.columns):
+            raise InputError(sl.path, f"{sl.rows}x{sl.columns} pixels differ from {ref.rows}x{ref.columns} "
+                                      f"of {ref.path.name} in the same series")
+        if not np.allclose(sl.orientation, ref.orientation, atol=1e-4) or \
+                not np.allclose(sl.pixel_spacing, ref.pixel_spacing, atol=1e-4):
+            raise InputError(sl.path, f"ImageOrientationPatient/PixelSpacing differ from {ref.path.name} "
+                                      "in the same series")
+    row_cos, col_cos = ref.orientation[:3], ref.orientation[3:]
+    normal = np.cross(row_cos, col_cos)
+    if np.linalg.norm(normal) < 1e-3:
+        raise InputError(ref.path, f"degenerate ImageOrientationPatient {ref.orientation.tolist()}")
+    s.slices.sort(key=lambda sl: float(np.dot(sl.position, normal)))
+    n = len(s.slices)
+    if n < 2:
+        raise InputError(folder, f"{s.label()} has {n} slice: a phase needs at least 2 slices")
+    positions = np.stack([sl.position for sl in s.slices])
+    step = positions[1] - positions[0]
+    step_len = float(np.linalg.norm(step))
+    if step_len < 1e-4:
+        raise InputError(folder, f"{s.label()}: two slices share one ImagePositionPatient "
+                                 "(several phases in one series? one series per phase is needed)")
+    expected = positions[0] + np.arange(n)[:, None] * step
+    if not np.allclose(positions, expected, atol=1e-3 + 0.01 * step_len):
+        raise InputError(folder, f"{s.label()}: slices are not evenly spaced along one line "
+                                 "(missing slices or variable spacing)")
+    row_sp, col_sp = ref.pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * col_sp
+    lps[:3, 1] = col_cos * row_sp
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    s.affine = lps_to_ras(lps)
+
+
+def _collect(folder: Path) -> dict[str, _Series]:
+    series: dict[str, _Series] = {}
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for path in files:
+        ds = _header(path)
+        if ds is None:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            raise InputError(path, "DICOM image without SeriesInstanceUID")
+        s = series.get(uid)
+        if s is None:
+            s = series[uid] = _Series(uid=uid, description=str(ds.get("SeriesDescription", "") or ""), first=ds)
+        s.slices.append(_make_slice(path, ds))
+    return series
+
+
+def _load_series(s: _Series) -> np.ndarray:
+    """HU of a series, float32 (Columns, Rows, n_slices) in sorted slice order."""
+    ref = s.slices[0]
+    vol = np.empty((ref.columns, ref.rows, len(s.slices)), dtype=np.float32)
+    for k, sl in enumerate(s.slices):
+        try:
+            ds = pydicom.dcmread(sl.path)
+            pixels = ds.pixel_array
+        except _DICOM_ERRORS as exc:
+            raise InputError(sl.path, f"cannot read pixel data ({type(exc).__name__}: {exc})") from exc
+        if pixels.shape != (ref.rows, ref.columns):
+            raise InputError(sl.path, f"pixel data of shape {pixels.shape}, expected ({ref.rows}, {ref.columns})")
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        vol[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+    return vol
+
+
+@register_reader(ScanFormat.DICOM)
+def read_dicom(path: Path) -> Scan:
+    """Read a folder of DICOM series (one per cardiac phase) as a scan sorted by phase %.
+
+    Raises:
+        InputError: no DICOM images, a series without phase information, duplicate phase
+        percentages, uneven slices, or series on different grids (names the file/series).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase")
+    series = list(_collect(folder).values())
+    if not series:
+        raise InputError(folder, "no DICOM image files found (searched recursively)")
+    for s in series:
+        pct = _nominal_percent(s.first)
+        if pct is None:
+            pct = percent_from_description(s.description)
+        if pct is None:
+            raise InputError(folder, f"{s.label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
+                                     "(0020,9241) nor a percentage in SeriesDescription")
+        s.percent = pct
+        _series_geometry(folder, s)
+    series.sort(key=lambda s: s.percent)
+    for a, b in zip(series, series[1:]):
+        if a.percent == b.percent:
+            raise InputError(folder, f"duplicate cardiac phase {a.percent:g}%: {a.label()} and {b.label()}")
+    ref = series[0]
+    ref_shape = (ref.slices[0].columns, ref.slices[0].rows, len(ref.slices))
+    for s in series[1:]:
+        shape = (s.slices[0].columns, s.slices[0].rows, len(s.slices))
+        if shape != ref_shape or not np.allclose(s.affine, ref.affine, atol=_GRID_ATOL):
+            raise InputError(folder, f"{s.label()} at {s.percent:g}%: grid (shape {shape}) differs from "
+                                     f"{ref.label()} (shape {ref_shape}); all phases must share one grid")
+    original = ref.affine
+    canon_shape, canon_affine = canonical_grid(ref_shape, original)
+
+    def load_phase(t: int) -> np.ndarray:
+        return np.ascontiguousarray(to_canonical(_load_series(series[int(t)]), original)[0])
+
+    return Scan(scan_id=scan_id_of(folder), source=folder, format=ScanFormat.DICOM,
+                affine=canon_affine, original_affine=original, shape=canon_shape,
+                n_phases=len(series), load_phase=load_phase,
+                phase_percent=[s.percent for s in series])

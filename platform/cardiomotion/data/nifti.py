@@ -1,0 +1,207 @@
+"""NIfTI 4DCT readers: one 4-D (I, J, K, T) file, or a folder of 3-D files, one per phase.
+
+Headers are read and validated eagerly (shape, affine, truncation); voxels are read one phase at
+a time. Every phase comes back as float32 HU (scl_slope/scl_inter applied as nibabel does),
+shape (I, J, K), in canonical RAS+ voxel order (:func:`cardiomotion.orientation.to_canonical`).
+"""
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from ..errors import InputError
+from ..orientation import to_canonical
+from .scan import Scan, ScanFormat, is_nifti, natural_key, register_reader, scan_id_of
+
+# What nibabel/gzip/numpy raise on a corrupt, truncated or non-NIfTI file.
+NIBABEL_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error,
+                  struct.error, MemoryError)
+
+_AFFINE_ATOL = 1e-3  # mm: per-phase files must share their grid to this tolerance
+
+
+def canonical_grid(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Canonical (RAS+) 3-D shape and 4×4 affine of a grid, without touching voxel data."""
+    dummy = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(shape[:3]))
+    out, new_affine = to_canonical(dummy, affine)
+    return tuple(int(n) for n in out.shape), new_affine  # type: ignore[return-value]
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` with a truncation check; any failure becomes an InputError naming ``path``.
+
+    The check is cheap: an uncompressed file must be at least header + data long; a gzip file's
+    trailer records its uncompressed size (mod 2**32), and only when that disagrees with the
+    header is the stream decompressed once to confirm.
+    """
+    try:
+        img = nib.load(str(path))
+    except NIBABEL_ERRORS as exc:
+        raise InputError(path, f"not a readable NIfTI file ({_describe(exc)})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+    header = img.header
+    try:
+        n_bytes = int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        expected = int(header.get_data_offset()) + n_bytes
+        _check_length(path, expected)
+    except InputError:
+        raise
+    except NIBABEL_ERRORS as exc:
+        raise InputError(path, f"truncated or corrupt NIfTI file ({_describe(exc)})") from exc
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, "degenerate affine (zero or non-finite voxel size / direction)")
+    return img
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_length(path: Path, expected: int) -> None:
+    """Raise InputError if the file holds fewer than ``expected`` (uncompressed) bytes."""
+    if not path.name.lower().endswith(".gz"):
+        size = path.stat().st_size
+        if size < expected:
+            raise InputError(path, f"truncated NIfTI file: {size} bytes, header needs {expected}")
+        return
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == expected % 2**32:
+        return
+    # Trailer disagrees: truncated, multi-member or padded. Decompress once to know.
+    total = 0
+    with gzip.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            total += len(chunk)
+    if total < expected:
+        raise InputError(path, f"truncated NIfTI file: {total} bytes of data, header needs {expected}")
+
+
+def _read_volume(path: Path, img: nib.Nifti1Image, index: tuple = ()) -> np.ndarray:
+    """Voxels of ``img`` (optionally ``dataobj[(:, :, :) + index]``) as float32, scaled."""
+    try:
+        sl = (slice(None),) * 3 + index
+        vol = np.asarray(img.dataobj[sl], dtype=np.float32)
+    except NIBABEL_ERRORS as exc:
+        raise InputError(path, f"truncated or corrupt NIfTI data ({_describe(exc)})") from exc
+    return vol.reshape(vol.shape[:3])
+
+
+@register_reader(ScanFormat.NIFTI_4D)
+def read_nifti_4d(path: Path) -> Scan:
+    """Read a single 4-D NIfTI (I, J, K, T) as a T-phase scan.
+
+    Raises:
+        InputError: unreadable/truncated file, not 4-D, or a single phase.
+    """
+    path = Path(path)
+    img = load_nifti(path)
+    shape = img.shape
+    if len(shape) == 3:
+        raise InputError(path, "3-D image: a 4DCT needs a 4-D (I,J,K,T) file or a folder of per-phase files")
+    if len(shape) != 4:
+        raise InputError(path, f"{len(shape)}-D image of shape {shape}: a 4DCT needs a 4-D (I,J,K,T) file")
+    n_phases = int(shape[3])
+    if n_phases < 2:
+        raise InputError(path, f"single phase (shape {shape}): a 4DCT needs at least 2 phases along axis 3")
+    original = np.asarray(img.affine, dtype=float)
+    canon_shape, canon_affine = canonical_grid(shape, original)
+
+    def load_phase(t: int) -> np.ndarray:
+        vol = _read_volume(path, img, (int(t),))
+        return np.ascontiguousarray(to_canonical(vol, original)[0])
+
+    return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_4D,
+                affine=canon_affine, original_affine=original, shape=canon_shape,
+                n_phases=n_phases, load_phase=load_phase)
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _strip_nifti_suffix(name: str) -> str:
+    low = name.lower()
+    for suf in (".nii.gz", ".nii"):
+        if low.endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def phase_percents_from_names(names: list[str]) -> list[float] | None:
+    """The last number in each file name (without .nii/.nii.gz) as % R-R, e.g. 'ct_40pct' → 40.
+
+    None unless every name has one, all lie in [0, 100] and all differ.
+    """
+    values = []
+    for name in names:
+        found = _NUMBER.findall(_strip_nifti_suffix(name))
+        if not found:
+            return None
+        values.append(float(found[-1]))
+    if any(not 0 <= v <= 100 for v in values) or len(set(values)) != len(values):
+        return None
+    return values
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """3-D shape of a per-phase file; trailing singleton axes (I, J, K, 1) are accepted."""
+    if len(shape) < 3:
+        raise InputError(path, f"{len(shape)}-D image of shape {shape}: a phase must be a 3-D volume")
+    extra = shape[3:]
+    if any(n != 1 for n in extra):
+        raise InputError(path, f"{len(shape)}-D image of shape {shape} in a per-phase folder: "
+                               "each file must hold one 3-D phase (pass a 4-D file on its own)")
+    return tuple(int(n) for n in shape[:3])  # type: ignore[return-value]
+
+
+@register_reader(ScanFormat.NIFTI_PHASES)
+def read_nifti_phases(path: Path) -> Scan:
+    """Read a folder of 3-D NIfTI files (one per phase, natural sort of names) as a scan.
+
+    Raises:
+        InputError: no NIfTI files, an unreadable/truncated/4-D file, or a file whose shape or
+        affine differs from the first (phase 0), each naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "not a folder: expected a folder of per-phase 3-D NIfTI files")
+    files = sorted((p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    if not files:
+        raise InputError(path, "no NIfTI files (.nii or .nii.gz) in folder")
+    if len(files) == 1:
+        raise InputError(path, f"single phase: only {files[0].name}; a 4DCT needs at least 2 phase files")
+    first = load_nifti(files[0])
+    shape0 = _spatial_shape(files[0], first.shape)
+    affine0 = np.asarray(first.affine, dtype=float)
+    for f in files[1:]:
+        img = load_nifti(f)
+        shape = _spatial_shape(f, img.shape)
+        if shape != shape0:
+            raise InputError(f, f"shape {shape} differs from phase 0 {shape0} ({files[0].name})")
+        if not np.allclose(img.affine, affine0, atol=_AFFINE_ATOL):
+            raise InputError(f, f"affine differs from phase 0 ({files[0].name}): the phases must share one grid")
+    canon_shape, canon_affine = canonical_grid(shape0, affine0)
+
+    def load_phase(t: int) -> np.ndarray:
+        f = files[int(t)]
+        img = first if t == 0 else load_nifti(f)
+        vol = _read_volume(f, img)
+        return np.ascontiguousarray(to_canonical(vol, affine0)[0])
+
+    return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_PHASES,
+                affine=canon_affine, original_affine=affine0, shape=canon_shape,
+                n_phases=len(files), load_phase=load_phase,
+                phase_percent=phase_percents_from_names([f.name for f in files]))

@@ -1,0 +1,161 @@
+"""The 4DCT scan as every reader returns it, and the registry of readers by format.
+
+A reader turns a path into a :class:`Scan`: header facts (canonical RAS affine, the original
+affine, phase list) are read eagerly and validated; voxel data is loaded one phase at a time by
+:meth:`Scan.phase`, so a 10-phase 512²×300 study never sits in memory whole.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import InputError
+
+
+class ScanFormat(str, Enum):
+    """On-disk layouts of a 4DCT study."""
+
+    NIFTI_4D = "nifti4d"  # one 4-D (I, J, K, T) NIfTI file
+    NIFTI_PHASES = "nifti_phases"  # a folder of 3-D NIfTI files, one per phase
+    DICOM = "dicom"  # a folder of DICOM series, one series per phase
+    PHANTOM = "phantom"  # a phantom patient folder (ct.nii.gz + meta.json)
+
+
+@dataclass
+class Scan:
+    """A multi-phase CT study in canonical RAS voxel order.
+
+    Attributes:
+        scan_id: folder name for a folder, file name without extensions for a file.
+        source: the path it was read from.
+        format: which reader read it.
+        affine: 4×4 voxel→RAS-mm affine of the canonical (RAS+) arrays that :meth:`phase` returns.
+        original_affine: 4×4 voxel→RAS-mm affine as stored on disk (before reorientation).
+        shape: canonical (I, J, K).
+        n_phases: number of phases T ≥ 2.
+        phase_percent: nominal phase in % of the R-R interval per phase, when known.
+        es_phase, ed_phase: indices into the phases, when known (manifest or phantom meta).
+    """
+
+    scan_id: str
+    source: Path
+    format: ScanFormat
+    affine: np.ndarray
+    original_affine: np.ndarray
+    shape: tuple[int, int, int]
+    n_phases: int
+    load_phase: Callable[[int], np.ndarray] = field(repr=False)
+    phase_percent: Optional[list[float]] = None
+    es_phase: Optional[int] = None
+    ed_phase: Optional[int] = None
+
+    def phase(self, t: int) -> np.ndarray:
+        """Phase ``t`` as float32 HU, shape (I, J, K), canonical RAS.
+
+        Raises:
+            InputError: the phase holds NaN/inf or has the wrong shape.
+        """
+        if not 0 <= t < self.n_phases:
+            raise IndexError(f"{self.source}: phase {t} out of range 0..{self.n_phases - 1}")
+        vol = np.asarray(self.load_phase(t), dtype=np.float32)
+        if vol.shape != self.shape:
+            raise InputError(self.source, f"phase {t} has shape {vol.shape}, expected {self.shape}")
+        if not np.all(np.isfinite(vol)):
+            raise InputError(self.source, f"phase {t} holds NaN or inf values")
+        return vol
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along the canonical axes, shape (3,)."""
+        from ..orientation import spacing
+
+        return spacing(self.affine)
+
+
+Reader = Callable[[Path], Scan]
+_READERS: dict[ScanFormat, Reader] = {}
+
+
+def register_reader(fmt: ScanFormat) -> Callable[[Reader], Reader]:
+    """Decorator: register ``func(path) -> Scan`` as the reader of ``fmt``."""
+
+    def deco(func: Reader) -> Reader:
+        _READERS[fmt] = func
+        return func
+
+    return deco
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def scan_id_of(path: str | Path) -> str:
+    """A scan's id: its folder's name, or its file name without extensions."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    name = path.name
+    for suf in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name.split(".")[0] or name
+
+
+def detect_format(path: str | Path) -> ScanFormat:
+    """Which reader a path needs.
+
+    Raises:
+        InputError: the path does not exist, is an empty folder, or holds no NIfTI/DICOM data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if path.is_file():
+        if is_nifti(path):
+            return ScanFormat.NIFTI_4D
+        raise InputError(path, "not a NIfTI file (.nii or .nii.gz) and not a scan folder")
+    if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():
+        return ScanFormat.PHANTOM
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError(path, "empty folder: expected a 4DCT as per-phase NIfTI files or DICOM series")
+    if any(is_nifti(p) for p in files):
+        return ScanFormat.NIFTI_PHASES
+    from .dicom import looks_like_dicom
+
+    if any(looks_like_dicom(p) for p in files):
+        return ScanFormat.DICOM
+    raise InputError(path, "folder holds neither NIfTI files nor DICOM files")
+
+
+def read_scan(path: str | Path, fmt: ScanFormat | None = None) -> Scan:
+    """Read a 4DCT study (header eagerly, voxels lazily per phase) from any registered format.
+
+    Raises:
+        InputError: one line naming the file and the problem.
+    """
+    from . import dicom, nifti, phantom_reader  # noqa: F401  (registers the readers)
+
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    scan = _READERS[fmt](path)
+    if scan.n_phases < 2:
+        raise InputError(path, f"a 4DCT needs at least 2 phases, found {scan.n_phases}")
+    return scan
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders 'phase2' before 'phase10'."""
+    return [int(t) if t.isdigit() else t.lower() for t in _DIGITS.split(name)]

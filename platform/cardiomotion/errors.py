@@ -1,0 +1,21 @@
+"""Errors the library raises for bad input; the CLI turns them into one line and exit 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CardiomotionError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class InputError(CardiomotionError):
+    """Bad input: names the offending file (or setting) and the problem, in one line."""
+
+    def __init__(self, where: str | Path | None, problem: str):
+        self.where = str(where) if where is not None else None
+        self.problem = problem
+        super().__init__(f"{self.where}: {problem}" if self.where else problem)
+
+
+class ConfigError(InputError):
+    """An invalid configuration file or value."""

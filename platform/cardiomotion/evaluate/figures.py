@@ -1,0 +1,112 @@
+"""Pictures people would rather look at than read: orthogonal slices of volumes and flows.
+
+Display convention (radiological): axial and coronal views show the patient's right on the
+image's left; axial has anterior at the top; coronal and sagittal have superior at the top;
+sagittal has anterior on the left. Inputs are canonical RAS arrays (I, J, K).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def orthogonal_slice(vol: np.ndarray, view: str, center: Sequence[int]) -> np.ndarray:
+    """The 2-D slice of a RAS volume (I, J, K) for a view, oriented for display (rows, cols)."""
+    i, j, k = (int(c) for c in center)
+    if view == "axial":
+        sl = vol[:, :, k]  # (I: R→, J: A→)
+    elif view == "coronal":
+        sl = vol[:, j, :]  # (I, K)
+    elif view == "sagittal":
+        sl = vol[i, :, :]  # (J, K)
+    else:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    return sl.T[::-1, ::-1]
+
+
+def _aspect(view: str, spacing: Sequence[float]) -> float:
+    sx, sy, sz = spacing
+    return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
+
+
+def plot_orthogonal(
+    rows: Sequence[tuple[str, np.ndarray]],
+    path: str | Path,
+    *,
+    center: Sequence[int] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    window: tuple[float, float] = (-250.0, 550.0),
+    title: str | None = None,
+    cmaps: Sequence[str] | None = None,
+    windows: Sequence[tuple[float, float] | None] | None = None,
+) -> Path:
+    """Save a PNG grid: one row per volume, columns axial / coronal / sagittal.
+
+    Args:
+        rows: (label, volume (I, J, K)) pairs in canonical RAS order, same grid.
+        center: voxel the three planes pass through (default: grid centre).
+        spacing: voxel size (mm) for correct aspect ratios.
+        window: display window (HU) for rows without their own entry in ``windows``.
+    """
+    from ..fileio import atomic_path
+
+    plt = _matplotlib()
+    shape = rows[0][1].shape
+    center = center if center is not None else [n // 2 for n in shape]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3.0 * len(rows) + 0.4), squeeze=False)
+    for r, (label, vol) in enumerate(rows):
+        win = (windows[r] if windows and windows[r] is not None else window)
+        cmap = cmaps[r] if cmaps else "gray"
+        for c, view in enumerate(VIEWS):
+            ax = axes[r, c]
+            im = ax.imshow(orthogonal_slice(vol, view, center), cmap=cmap, vmin=win[0], vmax=win[1],
+                           aspect=_aspect(view, spacing), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(view)
+            if c == 0:
+                ax.set_ylabel(label)
+        fig.colorbar(im, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_pair(
+    es: np.ndarray,
+    ed: np.ndarray,
+    path: str | Path,
+    *,
+    flow: np.ndarray | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    center: Sequence[int] | None = None,
+) -> Path:
+    """ES, ED, |ED − ES| and (optionally) the flow magnitude (mm) in orthogonal slices."""
+    rows: list[tuple[str, np.ndarray]] = [("ES", es), ("ED", ed), ("|ED - ES| (HU)", np.abs(ed - es))]
+    windows: list[tuple[float, float] | None] = [None, None, (0.0, 300.0)]
+    cmaps = ["gray", "gray", "magma"]
+    if flow is not None:
+        mag = np.sqrt(((flow * np.asarray(spacing, float)[:, None, None, None]) ** 2).sum(0))
+        rows.append(("|u| (mm)", mag))
+        windows.append((0.0, float(max(mag.max(), 1e-3))))
+        cmaps.append("viridis")
+    return plot_orthogonal(rows, path, spacing=spacing, title=title, cmaps=cmaps, windows=windows, center=center)

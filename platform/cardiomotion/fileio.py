@@ -1,0 +1,87 @@
+"""Atomic writes and small file helpers: nothing half-written ever appears under a final name."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+
+
+def _suffixes(path: Path) -> str:
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary name keeps the extension (nibabel and pyarrow pick the format from it). On
+    error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_suffixes(path)}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it onto ``path`` when the block succeeds.
+
+    ``path`` must not exist yet (a finished output is never replaced by a partial one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (sorted keys, indented)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, *, intent: int | None = None) -> Path:
+    """Write a NIfTI-1 image atomically with ``affine`` as sform and qform (code 1, scanner)."""
+    affine = np.asarray(affine, dtype=float)
+    img = nib.Nifti1Image(np.asarray(data), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    if intent is not None:
+        img.header.set_intent(intent)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path

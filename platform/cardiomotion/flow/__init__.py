@@ -1,0 +1,28 @@
+"""Flow fields: warping, flow files (NIfTI intent 1006), field algebra and quality measures."""
+from __future__ import annotations
+
+from .io import NIFTI_INTENT_DISPVECT, read_flow, write_flow
+from .metrics import EndpointError, endpoint_error, flow_mse, folding_fraction, jacobian_determinant
+from .ops import compose, exp, integrate_velocity, invert, upsample_flow, velocity_sequence
+from .warp import Interp, Padding, identity_grid, warp
+
+__all__ = [
+    "NIFTI_INTENT_DISPVECT",
+    "EndpointError",
+    "Interp",
+    "Padding",
+    "compose",
+    "endpoint_error",
+    "exp",
+    "flow_mse",
+    "folding_fraction",
+    "identity_grid",
+    "integrate_velocity",
+    "invert",
+    "jacobian_determinant",
+    "read_flow",
+    "upsample_flow",
+    "velocity_sequence",
+    "warp",
+    "write_flow",
+]

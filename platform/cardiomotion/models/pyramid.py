@@ -1,0 +1,106 @@
+"""PWC-Net style 3D feature pyramid, reusable on its own (the CVAE conditions on its frozen output).
+
+Each level halves the grid: conv3 (stride 2) + LeakyReLU(0.1) + conv3 + LeakyReLU(0.1). For an input
+(B, in_channels, I, J, K) level l (0 = finest) has shape (B, channels[l], I/2^(l+1), J/2^(l+1),
+K/2^(l+1)) when the grid is divisible by 2^levels (otherwise each halving rounds up).
+
+Checkpoints are plain dicts ``{"kind", "config", "state_dict"}`` with only tensors and primitive
+types inside, so ``torch.load(path, weights_only=True)`` reads them and the module is rebuilt from
+the file alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..fileio import atomic_path
+
+PYRAMID_KIND = "feature_pyramid"
+
+
+def conv3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
+    """3×3×3 convolution that keeps the grid (stride 1) or halves it (stride 2, rounding up)."""
+    return nn.Conv3d(in_ch, out_ch, kernel_size=3, stride=stride, padding=dilation, dilation=dilation)
+
+
+def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any], module: nn.Module) -> Path:
+    """Write ``{"kind", "config", "state_dict"}`` atomically (temp sibling, then os.replace).
+
+    The state dict is moved to CPU so the file loads on a machine without the training device.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    ckpt = {"kind": kind, "config": config, "state_dict": state}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); check its kind."""
+    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a {kind} checkpoint (kind={found!r})")
+    return ckpt
+
+
+class FeaturePyramid(nn.Module):
+    """Shared-weight feature extractor of the 3D PWC-Net.
+
+    Args:
+        in_channels: channels of the input volume (1 for CT scaled to [0, 1]).
+        channels: output channels per level, finest first; ``len(channels)`` levels.
+
+    ``forward(x)`` with x (B, in_channels, I, J, K) returns a list of ``len(channels)`` tensors,
+    finest first: level l is (B, channels[l], I/2^(l+1), J/2^(l+1), K/2^(l+1)).
+    """
+
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 96, 128)):
+        super().__init__()
+        if len(channels) < 1:
+            raise ValueError("FeaturePyramid needs at least one level")
+        self.in_channels = int(in_channels)
+        self.channels = tuple(int(c) for c in channels)
+        levels = []
+        prev = self.in_channels
+        for ch in self.channels:
+            levels.append(nn.Sequential(
+                conv3(prev, ch, stride=2), nn.LeakyReLU(0.1, inplace=True),
+                conv3(ch, ch), nn.LeakyReLU(0.1, inplace=True),
+            ))
+            prev = ch
+        self.levels = nn.ModuleList(levels)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channels)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (primitive types only)."""
+        return {"in_channels": self.in_channels, "channels": list(self.channels)}
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, in_channels, I, J, K) → [level 0 (finest, 1/2 grid), ..., coarsest (1/2^L grid)]."""
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"FeaturePyramid expects (B,{self.in_channels},I,J,K), got {tuple(x.shape)}")
+        feats = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+    def save(self, path: str | Path) -> Path:
+        """Write the pyramid (config + weights) atomically; read back with :meth:`load`."""
+        return save_checkpoint(path, PYRAMID_KIND, self.config(), self)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = "cpu") -> "FeaturePyramid":
+        """Rebuild a pyramid from a file written by :meth:`save` (``weights_only=True``)."""
+        ckpt = load_checkpoint(path, PYRAMID_KIND, map_location)
+        model = cls(**ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model

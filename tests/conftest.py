@@ -1,0 +1,26 @@
+"""Shared fixtures: one embedded Ray instance per session, small phantom data in temp dirs."""
+from __future__ import annotations
+
+import os
+
+# Ray settings that must be in place before ray is imported anywhere.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A session-scoped embedded Ray (2 CPUs, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2,
+                 include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
