@@ -62,6 +62,13 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return out, new_affine
 
 
+def canonical_grid(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Canonical (RAS+) 3-D shape and 4×4 affine of a grid, without touching voxel data."""
+    dummy = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(shape[:3]))
+    out, new_affine = to_canonical(dummy, affine)
+    return tuple(int(n) for n in out.shape), new_affine  # type: ignore[return-value]
+
+
 def flow_vox_to_mm(flow: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Voxel-unit flow (3, ...) → RAS-mm flow (3, ...): ``u_mm = A[:3,:3] @ u_vox``."""
     a = np.asarray(affine, dtype=np.float64)[:3, :3]

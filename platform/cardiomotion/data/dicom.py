@@ -24,8 +24,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
-from ..orientation import lps_to_ras, to_canonical
-from .nifti import canonical_grid
+from ..orientation import canonical_grid, lps_to_ras, to_canonical
 from .scan import Scan, ScanFormat, register_reader, scan_id_of
 
 _NOMINAL_PHASE = 0x00209241  # NominalPercentageOfCardiacPhase

@@ -18,7 +18,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError
-from ..orientation import to_canonical
+from ..orientation import canonical_grid, to_canonical
 from .scan import Scan, ScanFormat, is_nifti, natural_key, register_reader, scan_id_of
 
 # What nibabel/gzip/numpy raise on a corrupt, truncated or non-NIfTI file.
@@ -26,13 +26,6 @@ NIBABEL_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError
                   struct.error, MemoryError)
 
 _AFFINE_ATOL = 1e-3  # mm: per-phase files must share their grid to this tolerance
-
-
-def canonical_grid(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
-    """Canonical (RAS+) 3-D shape and 4×4 affine of a grid, without touching voxel data."""
-    dummy = np.broadcast_to(np.zeros((), dtype=np.uint8), tuple(shape[:3]))
-    out, new_affine = to_canonical(dummy, affine)
-    return tuple(int(n) for n in out.shape), new_affine  # type: ignore[return-value]
 
 
 def load_nifti(path: Path) -> nib.Nifti1Image:
@@ -51,7 +44,7 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     header = img.header
     try:
         n_bytes = int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-        expected = int(header.get_data_offset()) + n_bytes
+        expected = int(getattr(img.dataobj, "offset", header.get_data_offset())) + n_bytes
         _check_length(path, expected)
     except InputError:
         raise

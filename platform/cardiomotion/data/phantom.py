@@ -315,3 +315,72 @@ def write_patient(patient: PhantomPatient, out_dir: str | Path) -> Path:
         write_flow(tmp / "truth" / "flow_ed_from_es.nii.gz", patient.flow_ed_from_es, patient.affine)
         write_json(tmp / "meta.json", patient.meta)
     return final
+
+
+def patient_id(index: int) -> str:
+    return f"phantom_{index:03d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A patient folder is complete when its last-written file exists (writes are atomic anyway)."""
+    return all((folder / f).is_file() for f in ("ct.nii.gz", "labels.nii.gz", "meta.json",
+                                                "truth/flow_ed_from_es.nii.gz"))
+
+
+def _make_and_write(args: tuple) -> str:
+    index, seed, grid, spacing_mm, fov_mm, phases, out = args
+    patient = make_patient(index, seed=seed, grid=grid, spacing_mm=spacing_mm, fov_mm=fov_mm, phases=phases)
+    return str(write_patient(patient, out))
+
+
+def make_cohort(
+    out_dir: str | Path,
+    patients: int = 4,
+    grid: int = 64,
+    spacing_mm: float | None = None,
+    fov_mm: float = 140.0,
+    phases: int = 10,
+    seed: int = 0,
+    workers: int | None = None,
+    on_patient=None,
+) -> list[Path]:
+    """Write a phantom cohort ``out_dir/phantom_000 …`` and return the patient folders.
+
+    Patients already complete are kept (a rerun resumes). Patients are rendered in parallel
+    processes; ``on_patient(path)`` is called as each one finishes (for progress bars).
+    Existing patients made with another seed, grid or phase count are refused.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    import json
+    import os
+
+    from ..errors import InputError
+
+    out = Path(out_dir)
+    folders = [out / patient_id(i) for i in range(patients)]
+    spacing = float(spacing_mm) if spacing_mm else fov_mm / grid
+    todo = []
+    for i, folder in enumerate(folders):
+        if is_complete(folder):
+            meta = json.loads((folder / "meta.json").read_text())
+            found = (meta.get("seed"), meta.get("grid"), len(meta.get("phase_percent", [])), meta.get("spacing_mm"))
+            if found != (seed, grid, phases, spacing):
+                raise InputError(folder, f"holds a phantom made with (seed, grid, phases, spacing) = {found}, "
+                                         f"not {(seed, grid, phases, spacing)}; choose another --out")
+            if on_patient:
+                on_patient(folder)
+        else:
+            todo.append((i, seed, grid, spacing_mm, fov_mm, phases, str(out)))
+    if todo:
+        n = min(len(todo), workers or os.cpu_count() or 1)
+        if n == 1:
+            for args in todo:
+                done = _make_and_write(args)
+                if on_patient:
+                    on_patient(Path(done))
+        else:
+            with ProcessPoolExecutor(max_workers=n) as pool:
+                for done in pool.map(_make_and_write, todo):
+                    if on_patient:
+                        on_patient(Path(done))
+    return folders

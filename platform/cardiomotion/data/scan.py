@@ -126,14 +126,22 @@ def detect_format(path: str | Path) -> ScanFormat:
     if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():
         return ScanFormat.PHANTOM
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise InputError(path, "empty folder: expected a 4DCT as per-phase NIfTI files or DICOM series")
     if any(is_nifti(p) for p in files):
         return ScanFormat.NIFTI_PHASES
     from .dicom import looks_like_dicom
 
-    if any(looks_like_dicom(p) for p in files):
-        return ScanFormat.DICOM
+    # DICOM exports often nest series in sub-folders: look through the tree (hidden entries skipped).
+    nested = (p for p in sorted(path.rglob("*")) if p.is_file()
+              and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    checked = 0
+    for p in nested:
+        checked += 1
+        if looks_like_dicom(p):
+            return ScanFormat.DICOM
+        if checked >= 64:
+            break
+    if checked == 0:
+        raise InputError(path, "empty folder: expected a 4DCT as per-phase NIfTI files or DICOM series")
     raise InputError(path, "folder holds neither NIfTI files nor DICOM files")
 
 

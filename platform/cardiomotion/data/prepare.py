@@ -1,0 +1,210 @@
+"""``prepare``: scans → common isotropic grid around the heart, as a Ray Data pipeline.
+
+For every scan: read it (lazily, one phase at a time), choose ES/ED (manifest → phantom meta →
+detection), centre a ``grid`` box of ``spacing`` mm on the heart in the ED frame, resample ES
+and ED into it, and write ``DIR/<scan_id>/es.nii.gz``, ``ed.nii.gz`` (and for a phantom the
+truth flow and ED labels carried onto the same grid) plus a ``prepared.json`` record.
+``DIR/scans.parquet`` indexes them. Each scan's folder appears atomically; a rerun skips
+finished scans; an input error in any scan is reported (first one, by name) and no table is
+written, so nothing downstream sees a half-prepared dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..config import Config, PrepareConfig
+from ..errors import CardiomotionError, InputError
+from ..fileio import atomic_dir, write_json, write_nifti
+from .phases import choose_phases, read_manifest
+from .preprocess import grid_affine, heart_center, resample, resample_flow
+from .scan import Scan, ScanFormat, read_scan, scan_id_of
+from .table import RECORD, read_record, write_scan_table
+
+
+def config_fingerprint(cfg: PrepareConfig) -> str:
+    """Short hash of the settings that change a prepared volume."""
+    keys = cfg.model_dump(mode="json")
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan_scans(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
+    """(scan_id, path) per input, validated cheaply before any Ray work.
+
+    Raises:
+        InputError: no inputs, a path that is missing, or two inputs with the same scan id.
+    """
+    items: list[tuple[str, Path]] = []
+    seen: dict[str, Path] = {}
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise InputError(path, "does not exist")
+        if path.name.startswith("."):
+            continue  # temporary or hidden entries of a shell glob
+        sid = scan_id_of(path)
+        if sid in seen:
+            raise InputError(path, f"duplicate scan id {sid!r} (also {seen[sid]})")
+        seen[sid] = path
+        items.append((sid, path.resolve()))
+    if not items:
+        raise InputError(None, "no scans given")
+    return items
+
+
+def _store(vol: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "int16":
+        return np.clip(np.rint(vol), -32768, 32767).astype(np.int16)
+    return vol.astype(np.float32)
+
+
+def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict | None = None) -> dict:
+    """Prepare one scan into ``out_dir/<scan_id>/``; returns its scan-table record."""
+    choice = choose_phases(scan, tuple(cfg.blood_hu), manifest)
+    ed = scan.phase(choice.ed_phase)
+    es = scan.phase(choice.es_phase)
+    center = heart_center(ed, scan.affine, tuple(cfg.blood_hu), cfg.center.value)
+    grid = tuple(cfg.grid)
+    out_aff = grid_affine(center, grid, cfg.spacing_mm)
+    ed_out = resample(ed, scan.affine, out_aff, grid, cval=cfg.pad_hu)
+    es_out = resample(es, scan.affine, out_aff, grid, cval=cfg.pad_hu)
+    record = {
+        "scan_id": scan.scan_id,
+        "source": str(scan.source),
+        "format": scan.format.value,
+        "es_phase": choice.es_phase,
+        "ed_phase": choice.ed_phase,
+        "phases_from": choice.source,
+        "n_phases": scan.n_phases,
+        "spacing_mm": float(cfg.spacing_mm),
+        "shape": list(grid),
+        "center_mm": [float(c) for c in center],
+        "original_affine": json.dumps(np.asarray(scan.original_affine).tolist()),
+        "es_path": f"{scan.scan_id}/es.nii.gz",
+        "ed_path": f"{scan.scan_id}/ed.nii.gz",
+        "truth_flow_path": None,
+        "labels_path": None,
+    }
+    final = out_dir / scan.scan_id
+    with atomic_dir(final) as tmp:
+        write_nifti(tmp / "es.nii.gz", _store(es_out, cfg.dtype), out_aff)
+        write_nifti(tmp / "ed.nii.gz", _store(ed_out, cfg.dtype), out_aff)
+        if scan.format is ScanFormat.PHANTOM:
+            record.update(_carry_phantom_truth(scan, choice, tmp, out_aff, grid))
+        write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg),
+                                  "blood_ml": choice.blood_ml})
+    return record
+
+
+def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, grid) -> dict:
+    """Truth flow and ED labels of a phantom, on the prepared grid (only for its own ES/ED)."""
+    import nibabel as nib
+
+    from ..flow.io import read_flow, write_flow
+    from .phantom_reader import LABELS, TRUTH_FLOW
+
+    meta = json.loads((scan.source / "meta.json").read_text())
+    if (choice.es_phase, choice.ed_phase) != (meta["es_phase"], meta["ed_phase"]):
+        return {}
+    flow, flow_aff = read_flow(scan.source / TRUTH_FLOW)
+    # The truth file lives on the stored grid; bring it to canonical RAS like the volumes.
+    from ..orientation import flow_to_canonical, to_canonical
+
+    flow, flow_aff = flow_to_canonical(flow, flow_aff)
+    write_flow(tmp / "truth_flow.nii.gz", resample_flow(flow, flow_aff, out_aff, grid), out_aff)
+    lab_img = nib.load(str(scan.source / LABELS))
+    labels, lab_aff = to_canonical(np.asarray(lab_img.dataobj[..., choice.ed_phase]), lab_img.affine)
+    write_nifti(tmp / "ed_labels.nii.gz", resample(labels, lab_aff, out_aff, grid, order=0, cval=0).astype(np.uint8), out_aff)
+    return {"truth_flow_path": f"{scan.scan_id}/truth_flow.nii.gz", "labels_path": f"{scan.scan_id}/ed_labels.nii.gz"}
+
+
+def _prepare_row(row: dict) -> dict:
+    """Ray Data UDF: prepare one scan; input errors come back as data, not exceptions."""
+    cfg = PrepareConfig.model_validate_json(row["cfg"])
+    manifest = json.loads(row["manifest"]) if row["manifest"] else None
+    try:
+        scan = read_scan(row["path"])
+        rec = prepare_scan(scan, Path(row["out"]), cfg, manifest)
+        return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": ""}
+    except CardiomotionError as exc:
+        return {"scan_id": row["scan_id"], "record": "", "error": str(exc)}
+    except Exception as exc:  # a bug, not bad input: keep the traceback for --debug
+        return {"scan_id": row["scan_id"], "record": "",
+                "error": f"{row['path']}: internal error {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+
+
+def prepare_scans(
+    scans: Iterable[str | Path],
+    out_dir: str | Path,
+    cfg: Config,
+    manifest: str | Path | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> Path:
+    """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
+
+    Raises:
+        InputError: bad input (first problem, by file), before anything is written where it
+            can be detected up front, otherwise after the other scans finished.
+    """
+    from ..raycluster import init_ray
+
+    out = Path(out_dir).resolve()
+    items = plan_scans(scans)
+    man = read_manifest(manifest) if manifest else None
+    fingerprint = config_fingerprint(cfg.prepare)
+    done: list[dict] = []
+    todo: list[dict] = []
+    for sid, path in items:
+        rec = read_record(out / sid)
+        if rec is not None:
+            if rec.get("fingerprint") != fingerprint:
+                raise InputError(out / sid, "was prepared with different prepare settings; "
+                                            "use another --out or delete it")
+            done.append(rec["record"])
+            if on_skip:
+                on_skip(sid)
+            continue
+        todo.append({"scan_id": sid, "path": str(path), "out": str(out),
+                     "cfg": cfg.prepare.model_dump_json(), "manifest": json.dumps(man) if man else ""})
+    if todo:
+        ray = init_ray(cfg.ray)
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        rows = ds.map(_prepare_row, num_cpus=1).take_all()
+        errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
+        if errors:
+            first = errors[0]["error"].splitlines()[0]
+            more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
+            raise InputError(None, first + more)
+        done.extend(json.loads(r["record"]) for r in rows)
+    return write_scan_table(out, done)
+
+
+def prepared_pairs(prepared_dir: str | Path, with_truth: bool = False):
+    """A Ray Data dataset of prepared pairs: rows {scan_id, es, ed (I, J, K) float32 HU, spacing_mm}.
+
+    With ``with_truth`` the phantom's truth flow (3, I, J, K) voxels is included (zeros and
+    ``has_truth = False`` for real scans).
+    """
+    import ray
+
+    from .table import load_pair, read_scan_table
+
+    prepared_dir = Path(prepared_dir).resolve()
+    table = read_scan_table(prepared_dir)
+    rows = table.to_dict("records")
+
+    def load(row: dict) -> dict:
+        pair = load_pair(prepared_dir, row, with_truth=with_truth)
+        out = {"scan_id": pair.scan_id, "es": pair.es, "ed": pair.ed, "spacing_mm": pair.spacing_mm}
+        if with_truth:
+            has = pair.truth_flow is not None
+            out["has_truth"] = has
+            out["truth_flow"] = pair.truth_flow if has else np.zeros((3,) + pair.es.shape, np.float32)
+        return out
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(load)

@@ -1,0 +1,35 @@
+"""Connecting to Ray: an embedded local instance by default, or a cluster address."""
+from __future__ import annotations
+
+import os
+
+from .config import RayConfig
+
+
+def init_ray(cfg: RayConfig | None = None):
+    """Initialise Ray once per process and return the module.
+
+    ``cfg.address`` null → an embedded local instance (``address="local"``, so a stale
+    /tmp/ray/ray_current_cluster is never joined by accident); "auto" or ray://… → that
+    cluster. Inside a Ray job (``RAY_ADDRESS`` set) the job's cluster is used.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    cfg = cfg or RayConfig()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
+            include_dashboard=False,
+            **kwargs,
+        )
+    return ray

@@ -1,0 +1,1 @@
+"""Training: losses, augmentation, Ray Train loops, cross-validation and Tune."""

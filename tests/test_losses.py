@@ -1,0 +1,107 @@
+"""SSIM, photometric, smoothness, multi-level PWC loss and the KL term."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from cardiomotion.train.losses import (
+    downsample_to,
+    kl_standard_normal,
+    photometric_loss,
+    pwc_unsupervised_loss,
+    smoothness_loss,
+    ssim3d,
+)
+
+
+@pytest.fixture
+def volume() -> torch.Tensor:
+    return torch.rand(2, 1, 12, 10, 14, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "box"])
+def test_ssim_identity_is_one(volume, kind):
+    assert float(ssim3d(volume, volume, kind=kind)) == pytest.approx(1.0, abs=1e-6)
+    ssim_map = ssim3d(volume, volume, kind=kind, reduction="none")
+    assert ssim_map.shape == volume.shape
+    torch.testing.assert_close(ssim_map, torch.ones_like(volume), atol=1e-5, rtol=0)
+
+
+def test_ssim_drops_for_different_volumes(volume):
+    other = torch.rand(volume.shape, generator=torch.Generator().manual_seed(1))
+    assert float(ssim3d(volume, other)) < 0.5
+    assert float(ssim3d(volume, 1 - volume)) < 0
+    with pytest.raises(ValueError):
+        ssim3d(volume, volume, window=4)
+
+
+def test_photometric_zero_for_identical(volume):
+    assert float(photometric_loss(volume, volume)) == pytest.approx(0.0, abs=1e-6)
+    assert float(photometric_loss(volume, volume.clone(), alpha=0.0)) == 0.0
+
+
+def test_photometric_l1_part_and_mask(volume):
+    other = volume + 0.1
+    # alpha = 0: pure L1.
+    assert float(photometric_loss(volume, other, alpha=0.0)) == pytest.approx(0.1, abs=1e-6)
+    # A mask restricts the average to its voxels.
+    other = volume.clone()
+    other[:, :, :6] += 0.2
+    mask = torch.zeros_like(volume)
+    mask[:, :, 6:] = 1
+    assert float(photometric_loss(volume, other, alpha=0.0, mask=mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(photometric_loss(volume, other, alpha=0.0, mask=1 - mask)) == pytest.approx(0.2, abs=1e-6)
+    # alpha = 1: pure (1 - SSIM)/2, within [0, 1].
+    val = float(photometric_loss(volume, 1 - volume, alpha=1.0))
+    assert 0.5 < val <= 1.0
+
+
+def test_smoothness_constant_and_ramp():
+    const = torch.ones(2, 3, 6, 7, 8) * torch.tensor([1.5, -2.0, 0.3]).view(1, 3, 1, 1, 1)
+    assert float(smoothness_loss(const)) == 0.0
+    assert float(smoothness_loss(const, penalty="l1")) == 0.0
+    s = 0.7
+    ramp = torch.zeros(1, 3, 6, 7, 8)
+    ramp[:, 0] = s * torch.arange(6, dtype=torch.float32).view(6, 1, 1)
+    # One of three components has derivative s along one axis, everything else is 0.
+    assert float(smoothness_loss(ramp)) == pytest.approx(s**2 / 3, rel=1e-6)
+    assert float(smoothness_loss(ramp, penalty="l1")) == pytest.approx(s / 3, rel=1e-6)
+    ramp_k = torch.zeros(1, 3, 6, 7, 8)
+    ramp_k[:, 2] = s * torch.arange(8, dtype=torch.float32)
+    assert float(smoothness_loss(ramp_k)) == pytest.approx(s**2 / 3, rel=1e-6)
+
+
+def test_kl_standard_normal():
+    zero = torch.zeros(4, 8, 3, 3, 3)
+    assert float(kl_standard_normal(zero, zero)) == 0.0
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 8, 3, 3, 3, generator=g, dtype=torch.float64)
+    logvar = torch.randn(4, 8, 3, 3, 3, generator=g, dtype=torch.float64)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(torch.zeros_like(mu), torch.ones_like(mu))).mean()
+    torch.testing.assert_close(kl_standard_normal(mu, logvar), expected)
+
+
+def test_downsample_to_is_area_average():
+    x = torch.rand(1, 1, 8, 8, 8)
+    torch.testing.assert_close(downsample_to(x, (4, 4, 4)), torch.nn.functional.avg_pool3d(x, 2))
+    assert downsample_to(x, (8, 8, 8)) is x
+
+
+def test_pwc_unsupervised_loss_components():
+    fixed = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    flows = [torch.zeros(1, 3, 4, 4, 4), torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 3, 16, 16, 16)]
+    total, parts = pwc_unsupervised_loss(fixed, fixed.clone(), flows, [0.25, 0.5, 1.0], smooth_weight=0.1)
+    assert float(total) == pytest.approx(0.0, abs=1e-6)
+    assert {"total", "photometric", "smoothness", "photometric/level0", "smoothness/level2"} <= set(parts)
+    # A non-smooth flow on different images: the total is the weighted sum of its parts.
+    moving = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    flows = [torch.randn(1, 3, 8, 8, 8, requires_grad=True), torch.randn(1, 3, 16, 16, 16, requires_grad=True)]
+    total, parts = pwc_unsupervised_loss(fixed, moving, flows, [0.5, 1.0], smooth_weight=0.1)
+    expected = sum(w * (parts[f"photometric/level{k}"] + 0.1 * parts[f"smoothness/level{k}"])
+                   for k, w in enumerate([0.5, 1.0]))
+    torch.testing.assert_close(total.detach(), expected)
+    total.backward()
+    assert all(f.grad is not None and torch.isfinite(f.grad).all() for f in flows)
+    with pytest.raises(ValueError):
+        pwc_unsupervised_loss(fixed, moving, flows, [1.0], smooth_weight=0.1)

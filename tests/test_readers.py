@@ -1,0 +1,431 @@
+"""Real-4DCT readers: NIfTI 4-D, per-phase NIfTI folders, DICOM series; orientation and errors."""
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from nibabel.testing import data_path
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from cardiomotion.data.dicom import looks_like_dicom, percent_from_description
+from cardiomotion.data.nifti import phase_percents_from_names
+from cardiomotion.data.scan import ScanFormat, read_scan
+from cardiomotion.errors import InputError
+from cardiomotion.orientation import axcodes, lps_to_ras
+
+RAS = ("R", "A", "S")
+
+
+def _canonical_index(scan, world_ras: np.ndarray) -> tuple[int, ...]:
+    """Canonical voxel index of a world point that must fall exactly on a voxel centre."""
+    c = (np.linalg.inv(scan.affine) @ np.append(world_ras, 1.0))[:3]
+    idx = np.rint(c)
+    np.testing.assert_allclose(c, idx, atol=1e-6)
+    return tuple(int(v) for v in idx)
+
+
+# --------------------------------------------------------------------------- NIfTI 4-D
+
+
+def test_nibabel_example4d_las_is_reoriented_to_ras():
+    path = Path(data_path) / "example4d.nii.gz"
+    img = nib.load(path)
+    raw = np.asarray(img.dataobj)  # (128, 96, 24, 2), LAS
+    assert axcodes(img.affine) == ("L", "A", "S")
+
+    scan = read_scan(path)
+    assert scan.format == ScanFormat.NIFTI_4D
+    assert scan.scan_id == "example4d"
+    assert scan.n_phases == 2 and scan.phase_percent is None
+    assert axcodes(scan.affine) == RAS
+    np.testing.assert_array_equal(scan.original_affine, img.affine)
+    assert scan.shape == (128, 96, 24)
+    for t in range(2):
+        vol = scan.phase(t)
+        assert vol.dtype == np.float32 and vol.shape == scan.shape
+        for ijk in [(0, 0, 0), (5, 17, 3), (127, 95, 23), (64, 48, 12), (100, 20, 7)]:
+            world = (img.affine @ np.append(ijk, 1.0))[:3]
+            assert vol[_canonical_index(scan, world)] == raw[ijk + (t,)]
+        np.testing.assert_array_equal(vol, raw[::-1, :, :, t])  # LAS → RAS flips axis 0 only
+
+
+def _write_4d(path: Path, data: np.ndarray, affine: np.ndarray, slope=None, inter=None) -> Path:
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, path)
+    return path
+
+
+def _raw(shape=(3, 4, 5, 2)) -> np.ndarray:
+    return np.arange(int(np.prod(shape)), dtype=np.int16).reshape(shape)
+
+
+def test_lps_flipped_4d_is_flipped_exactly(tmp_path):
+    raw = _raw()
+    affine = np.array([[-2.0, 0, 0, 10], [0, -3.0, 0, 20], [0, 0, 4.0, -30], [0, 0, 0, 1]])
+    scan = read_scan(_write_4d(tmp_path / "lps.nii.gz", raw, affine, slope=2.0, inter=-1024.0))
+    assert axcodes(affine) == ("L", "P", "S") and axcodes(scan.affine) == RAS
+    assert scan.shape == (3, 4, 5)
+    expected_affine = np.array([[2.0, 0, 0, 10 - 2 * 2], [0, 3.0, 0, 20 - 3 * 3], [0, 0, 4.0, -30],
+                                [0, 0, 0, 1]])
+    np.testing.assert_allclose(scan.affine, expected_affine)
+    np.testing.assert_allclose(scan.spacing, [2, 3, 4])
+    for t in range(2):
+        hu = raw[..., t].astype(np.float32) * 2.0 - 1024.0  # scl_slope / scl_inter applied
+        np.testing.assert_array_equal(scan.phase(t), hu[::-1, ::-1, :])
+
+
+def test_permuted_axes_4d_is_transposed_exactly(tmp_path):
+    raw = _raw()  # axis 0 → S, axis 1 → L, axis 2 → A
+    affine = np.array([[0, -2.0, 0, 5], [0, 0, 3.0, 6], [4.0, 0, 0, 7], [0, 0, 0, 1]])
+    scan = read_scan(_write_4d(tmp_path / "perm.nii", raw, affine))
+    assert axcodes(affine) == ("S", "L", "A") and axcodes(scan.affine) == RAS
+    assert scan.shape == (4, 5, 3)
+    # canonical (a, b, c) ← original (i=c, j=J-1-a, k=b)
+    expected_affine = np.array([[2.0, 0, 0, 5 - 2 * 3], [0, 3.0, 0, 6], [0, 0, 4.0, 7], [0, 0, 0, 1]])
+    np.testing.assert_allclose(scan.affine, expected_affine)
+    np.testing.assert_array_equal(scan.original_affine, affine)
+    for t in range(2):
+        expected = np.transpose(raw[:, ::-1, :, t], (1, 2, 0)).astype(np.float32)
+        np.testing.assert_array_equal(scan.phase(t), expected)
+
+
+# --------------------------------------------------------------------------- per-phase folder
+
+
+def test_phase_folder_matches_4d_file(tmp_path):
+    raw = _raw((3, 4, 5, 3))
+    affine = np.array([[0, -2.0, 0, 5], [0, 0, 3.0, 6], [4.0, 0, 0, 7], [0, 0, 0, 1]])
+    four_d = read_scan(_write_4d(tmp_path / "whole.nii.gz", raw, affine))
+    folder = tmp_path / "pat07"
+    folder.mkdir()
+    # natural sort: 5 < 40 < 100 (plain string sort would put 100 and 40 first)
+    for t, name in enumerate(["ct_5pct.nii.gz", "ct_40pct.nii", "ct_100pct.nii.gz"]):
+        nib.save(nib.Nifti1Image(raw[..., t], affine), folder / name)
+    (folder / "notes.txt").write_text("ignored")
+
+    scan = read_scan(folder)
+    assert scan.format == ScanFormat.NIFTI_PHASES and scan.scan_id == "pat07"
+    assert scan.n_phases == 3 and scan.phase_percent == [5.0, 40.0, 100.0]
+    assert scan.shape == four_d.shape
+    np.testing.assert_allclose(scan.affine, four_d.affine)
+    np.testing.assert_array_equal(scan.original_affine, affine)
+    for t in range(3):
+        np.testing.assert_array_equal(scan.phase(t), four_d.phase(t))
+
+
+def test_phase_percent_from_names():
+    assert phase_percents_from_names(["phase_30.nii.gz", "phase_70.nii.gz"]) == [30.0, 70.0]
+    assert phase_percents_from_names(["p01_ct_0.nii", "p01_ct_50.nii"]) == [0.0, 50.0]
+    assert phase_percents_from_names(["es.nii", "ed_70.nii"]) is None
+    assert phase_percents_from_names(["a_1.nii", "b_1.nii"]) is None  # not distinct
+    assert phase_percents_from_names(["a_120.nii", "b_1.nii"]) is None  # not a percentage
+
+
+# --------------------------------------------------------------------------- DICOM
+
+_TEMPLATE = get_testdata_file("CT_small.dcm")
+_ROWS, _COLS, _N_SLICES = 4, 5, 6
+_PS = (0.9, 0.7)  # PixelSpacing: (between rows, between columns) mm
+_STEP = 2.5
+_ORIGIN = np.array([-10.25, 20.5, 30.0])
+
+
+def _raw_slice(p: int, k: int) -> np.ndarray:
+    """Known stored values (rows, cols): written phase p, slice k, row r, column c."""
+    r, c = np.mgrid[:_ROWS, :_COLS]
+    return (1000 * p + 100 * k + 10 * r + c).astype(np.int16)
+
+
+def _slope(k: int) -> float:
+    return 1.0 + (k % 2)
+
+
+def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested=False,
+                       seed=0) -> list[np.ndarray]:
+    """Write one series per spec ((kind, percent)), slices in shuffled order, all files in
+    ``root`` or (``nested``) in sub-folders; return the IPP (LPS) of each slice index."""
+    template = pydicom.dcmread(_TEMPLATE)
+    rng = np.random.default_rng(seed)
+    iop = np.asarray(iop, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    ipps = [_ORIGIN + k * _STEP * normal for k in range(max(n_slices))]
+    for p, (kind, pct) in enumerate(specs):
+        uid = generate_uid()
+        for k in rng.permutation(n_slices[p]):
+            ds = copy.deepcopy(template)
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = int(n_slices[p] - k)  # reversed: must not be used for ordering
+            ds.SeriesDescription = "CTA cardiac"
+            if kind == "nominal":
+                ds.NominalPercentageOfCardiacPhase = float(pct)
+            elif kind == "desc":
+                ds.SeriesDescription = f"Cardiac {pct}%"
+            elif kind == "nested":
+                inner = Dataset()
+                inner.NominalPercentageOfCardiacPhase = float(pct)
+                outer = Dataset()
+                outer.CardiacSynchronizationSequence = [inner]
+                ds.PerFrameFunctionalGroupsSequence = [outer]
+            ds.ImageOrientationPatient = [float(v) for v in iop]
+            ds.ImagePositionPatient = [round(float(v), 6) for v in ipps[k]]
+            ds.PixelSpacing = list(_PS)
+            ds.Rows, ds.Columns = _ROWS, _COLS
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.PixelData = _raw_slice(p, int(k)).astype("<i2").tobytes()
+            ds.RescaleSlope = _slope(int(k))
+            ds.RescaleIntercept = -1024
+            name = f"{generate_uid()[-12:]}.dcm"
+            out = root / f"series{p}" / f"sub{k % 2}" / name if nested else root / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(out)
+    return ipps
+
+
+@pytest.mark.parametrize("iop,spacing,nested", [
+    ([1, 0, 0, 0, 1, 0], (_PS[1], _PS[0], _STEP), False),  # axial
+    ([1, 0, 0, 0, 0, -1], (_PS[1], _STEP, _PS[0]), True),  # coronal
+    ([0.6, 0.8, 0, 0, 0, -1], None, True),  # oblique
+])
+def test_dicom_series_phases_slices_hu_and_geometry(tmp_path, iop, spacing, nested):
+    specs = [("nominal", 70), ("desc", 40), ("nested", 0)]
+    root = tmp_path / "dcm"
+    root.mkdir()
+    ipps = _write_dicom_study(root, iop, specs, nested=nested)
+    (root / "README.txt").write_text("not dicom")
+    # detect_format looks at the folder's own files only: nested layouts name the format
+    scan = read_scan(root, ScanFormat.DICOM if nested else None)
+
+    assert scan.format == ScanFormat.DICOM and scan.scan_id == "dcm"
+    assert scan.phase_percent == [0.0, 40.0, 70.0]
+    written = [2, 1, 0]  # written series index of each sorted phase
+    assert axcodes(scan.affine) == RAS
+    assert sorted(scan.shape) == sorted((_COLS, _ROWS, _N_SLICES))
+    if spacing is not None:
+        np.testing.assert_allclose(scan.spacing, spacing, atol=1e-9)
+    else:
+        np.testing.assert_allclose(sorted(scan.spacing), sorted((_PS[1], _PS[0], _STEP)), atol=1e-9)
+
+    # voxel (column 0, row 0) of slice k sits at the slice's IPP (LPS → RAS)
+    for k in range(_N_SLICES):
+        world = (scan.original_affine @ np.array([0, 0, k, 1.0]))[:3]
+        np.testing.assert_allclose(world, (lps_to_ras(np.eye(4)) @ np.append(ipps[k], 1.0))[:3], atol=1e-6)
+
+    iop = np.asarray(iop, dtype=float)
+    for t, p in enumerate(written):
+        vol = scan.phase(t)
+        assert vol.dtype == np.float32 and vol.shape == scan.shape
+        for k in range(_N_SLICES):
+            hu = _raw_slice(p, k) * _slope(k) - 1024.0
+            for r in range(_ROWS):
+                for c in range(_COLS):
+                    lps = ipps[k] + c * _PS[1] * iop[:3] + r * _PS[0] * iop[3:]
+                    ras = lps * np.array([-1.0, -1.0, 1.0])
+                    assert vol[_canonical_index(scan, ras)] == hu[r, c]
+
+
+def test_looks_like_dicom(tmp_path):
+    assert looks_like_dicom(_TEMPLATE)
+    (tmp_path / "x.dcm").write_text("hello")
+    assert not looks_like_dicom(tmp_path / "x.dcm")
+    assert not looks_like_dicom(Path(data_path) / "example4d.nii.gz")
+
+
+def test_percent_from_description():
+    assert percent_from_description("Cardiac 40%") == 40.0
+    assert percent_from_description("CTA 75 % BestDiast") == 75.0
+    assert percent_from_description("phase 40") == 40.0
+    assert percent_from_description("Cor 0.6 CE") is None
+
+
+def test_dicom_duplicate_phase(tmp_path):
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("desc", 40), ("desc", 80)])
+    with pytest.raises(InputError, match=r"duplicate cardiac phase 40%") as err:
+        read_scan(tmp_path, ScanFormat.DICOM)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_dicom_series_without_phase(tmp_path):
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
+    with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase"):
+        read_scan(tmp_path)
+
+
+def test_dicom_series_on_different_grids(tmp_path):
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80)],
+                       n_slices=(6, 6, 5))
+    with pytest.raises(InputError, match=r"at 80%: grid \(shape \(5, 4, 5\)\) differs"):
+        read_scan(tmp_path)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _noise_4d(path: Path, shape=(16, 16, 16, 3)) -> Path:
+    data = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_nifti(tmp_path, name):
+    path = _noise_4d(tmp_path / name)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(InputError, match=r"truncated") as err:
+        read_scan(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_truncated_gzip_header(tmp_path):
+    path = _noise_4d(tmp_path / "tiny.nii.gz")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InputError, match=r"tiny\.nii\.gz: not a readable NIfTI file"):
+        read_scan(path)
+
+
+def test_not_nifti_content(tmp_path):
+    path = tmp_path / "text.nii.gz"
+    path.write_text("this is not an image\n" * 20)
+    with pytest.raises(InputError, match=r"text\.nii\.gz: not a readable NIfTI file"):
+        read_scan(path)
+    plain = tmp_path / "text.nii"
+    plain.write_bytes(os.urandom(400))
+    with pytest.raises(InputError, match=r"text\.nii: "):
+        read_scan(plain)
+
+
+def test_3d_file_as_scan(tmp_path):
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), path)
+    with pytest.raises(InputError, match=r"vol\.nii\.gz: 3-D image: a 4DCT needs a 4-D"):
+        read_scan(path)
+
+
+def test_5d_file_as_scan(tmp_path):
+    path = tmp_path / "flow.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2, 3), np.float32), np.eye(4)), path)
+    with pytest.raises(InputError, match=r"flow\.nii\.gz: 5-D image"):
+        read_scan(path)
+
+
+def test_single_phase_4d(tmp_path):
+    path = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1), np.int16), np.eye(4)), path)
+    with pytest.raises(InputError, match=r"one\.nii\.gz: single phase"):
+        read_scan(path)
+
+
+def test_nan_in_a_phase_fails_when_loaded(tmp_path):
+    data = np.zeros((4, 4, 4, 3), np.float32)
+    data[1, 2, 3, 2] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    scan = read_scan(path)
+    scan.phase(1)
+    with pytest.raises(InputError, match=r"nan\.nii\.gz: phase 2 holds NaN"):
+        scan.phase(2)
+
+
+def test_intact_gzip_is_not_decompressed_at_read(tmp_path, monkeypatch):
+    import cardiomotion.data.nifti as nifti_mod
+
+    class NoGzip:
+        @staticmethod
+        def open(*args, **kwargs):
+            raise AssertionError("the cheap length check decompressed an intact file")
+
+    path = _noise_4d(tmp_path / "ok.nii.gz")
+    monkeypatch.setattr(nifti_mod, "gzip", NoGzip)
+    assert read_scan(path).n_phases == 3
+
+
+@pytest.mark.parametrize("name", ["late.nii.gz", "late.nii"])
+def test_data_errors_while_loading_surface_as_input_error(tmp_path, name):
+    path = _noise_4d(tmp_path / name)
+    scan = read_scan(path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])  # the file changes after its header was read
+    with pytest.raises(InputError, match=r"truncated or corrupt NIfTI data") as err:
+        scan.phase(scan.n_phases - 1)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def _phase_files(folder: Path, shapes, affines=None) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    out = []
+    for t, shape in enumerate(shapes):
+        aff = np.eye(4) if affines is None else affines[t]
+        p = folder / f"phase_{10 * t}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), aff), p)
+        out.append(p)
+    return out
+
+
+def test_phase_folder_shape_mismatch(tmp_path):
+    files = _phase_files(tmp_path / "f", [(4, 4, 4), (4, 4, 4), (4, 5, 4)])
+    with pytest.raises(InputError) as err:
+        read_scan(tmp_path / "f")
+    assert str(err.value) == f"{files[2]}: shape (4, 5, 4) differs from phase 0 (4, 4, 4) (phase_0.nii.gz)"
+
+
+def test_phase_folder_affine_mismatch(tmp_path):
+    shifted = np.eye(4)
+    shifted[0, 3] = 1.0
+    files = _phase_files(tmp_path / "f", [(4, 4, 4)] * 3, [np.eye(4), shifted, np.eye(4)])
+    with pytest.raises(InputError, match=r"affine differs from phase 0") as err:
+        read_scan(tmp_path / "f")
+    assert str(err.value).startswith(f"{files[1]}: ")
+
+
+def test_phase_folder_with_4d_file(tmp_path):
+    files = _phase_files(tmp_path / "f", [(4, 4, 4), (4, 4, 4, 2)])
+    with pytest.raises(InputError, match=r"4-D image .* per-phase folder") as err:
+        read_scan(tmp_path / "f")
+    assert str(err.value).startswith(f"{files[1]}: ")
+
+
+def test_phase_folder_single_file(tmp_path):
+    _phase_files(tmp_path / "f", [(4, 4, 4)])
+    with pytest.raises(InputError, match=r"single phase"):
+        read_scan(tmp_path / "f")
+
+
+def test_phase_folder_truncated_member(tmp_path):
+    files = _phase_files(tmp_path / "f", [(8, 8, 8)] * 3)
+    blob = gzip.compress(os.urandom(10))  # a valid gzip stream that holds garbage
+    files[1].write_bytes(blob)
+    with pytest.raises(InputError) as err:
+        read_scan(tmp_path / "f")
+    assert str(err.value).startswith(f"{files[1]}: ")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(InputError, match=r"empty folder") as err:
+        read_scan(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path}: ")
+
+
+def test_folder_of_unrelated_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.csv").write_text("1,2,3")
+    with pytest.raises(InputError, match=r"neither NIfTI files nor DICOM files") as err:
+        read_scan(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path}: ")
+    with pytest.raises(InputError, match=r"no DICOM image files found"):
+        read_scan(tmp_path, ScanFormat.DICOM)
+    with pytest.raises(InputError, match=r"no NIfTI files"):
+        read_scan(tmp_path, ScanFormat.NIFTI_PHASES)
