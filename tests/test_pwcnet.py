@@ -212,7 +212,7 @@ def test_tiny_pwcnet_learns_a_shift():
     with torch.no_grad():
         flow = net(fixed, moving).flow
         final = float(photometric_loss(fixed, warp(moving, flow)))
-    assert final < 0.5 * initial, (initial, final)
+    assert final < 0.25 * initial, (initial, final)
     # Pull semantics: the flow points from the fixed grid towards where the moving image has the
     # content, i.e. along +shift.
     mean = flow.mean(dim=(0, 2, 3, 4))

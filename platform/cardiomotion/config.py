@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -84,6 +84,45 @@ class IntensityConfig(_Section):
         return v
 
 
+class PWCConfig(_Section):
+    """The 3D PWC-Net (constructor arguments of :class:`cardiomotion.models.PWCNet3D`)."""
+
+    channels: tuple[int, ...] = Field((16, 32, 64, 96, 128), description="pyramid channels, finest first")
+    search_range: int = Field(2, ge=1, le=4, description="cost-volume radius (voxels of each level)")
+    estimator_channels: tuple[int, ...] = (64, 48, 32)
+    context: bool = True
+    cost_chunk: Optional[int] = Field(25, ge=1, description="cost-volume offsets per chunk (memory bound)")
+
+    @field_validator("channels", "estimator_channels")
+    @classmethod
+    def _non_empty(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(c < 1 for c in v):
+            raise ValueError(f"channels must be a non-empty list of positive ints, got {v}")
+        return v
+
+
+class AnnotateConfig(_Section):
+    """Ground-truth flow annotation (``cardiomotion annotate``): PWC-Net training + refinement."""
+
+    pwc: PWCConfig = PWCConfig()
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    smooth_weight: float = Field(0.1, ge=0, description="first-order smoothness weight")
+    ssim_alpha: float = Field(0.85, ge=0, le=1, description="photometric mix: α·(1−SSIM)/2 + (1−α)·L1")
+    level_weights: Optional[tuple[float, ...]] = Field(
+        None, description="loss weight per decoded level, coarse→fine, then the full-res flow; null = 0.5^k schedule")
+    both_directions: bool = Field(True, description="also train on (ES, ED) pairs: twice the data")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
+    checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
+    refine_steps: int = Field(150, ge=0)
+    refine_lr: float = Field(0.05, gt=0, description="Adam step on the flow (voxels)")
+    refine_smooth_weight: float = Field(0.1, ge=0)
+
+
 class RayConfig(_Section):
     """Where Ray runs. ``address: null`` starts an embedded local instance."""
 
@@ -107,8 +146,18 @@ class Config(_Section):
     phantom: PhantomConfig = PhantomConfig()
     prepare: PrepareConfig = PrepareConfig()
     intensity: IntensityConfig = IntensityConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _grid_fits_networks(self) -> "Config":
+        levels = len(self.annotate.pwc.channels)
+        bad = [n for n in self.prepare.grid if n % (2**levels)]
+        if bad:
+            raise ValueError(f"prepare.grid {list(self.prepare.grid)} must be divisible by 2^{levels} = "
+                             f"{2**levels} (annotate.pwc.channels has {levels} levels)")
+        return self
 
 
 def _format_validation(err: ValidationError) -> str:

@@ -207,4 +207,13 @@ def prepared_pairs(prepared_dir: str | Path, with_truth: bool = False):
             out["truth_flow"] = pair.truth_flow if has else np.zeros((3,) + pair.es.shape, np.float32)
         return out
 
-    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map(load)
+    return ray.data.from_items(plain_rows(rows), override_num_blocks=max(1, len(rows))).map(load)
+
+
+def plain_rows(rows: list[dict]) -> list[dict]:
+    """Scan-table rows with numpy values as plain Python (for Ray's serialised items)."""
+    out = []
+    for row in rows:
+        out.append({k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
+                    for k, v in row.items()})
+    return out

@@ -1,0 +1,231 @@
+"""``annotate``: ground-truth ED←ES flows for every prepared pair, and the frozen pyramid.
+
+1. Train the 3D PWC-Net unsupervised on all prepared (ED, ES) pairs (Ray Train), unless the
+   output folder already holds the trained model (a rerun resumes).
+2. For every scan (Ray Data, parallel): predict the pull flow, optionally refine it per pair,
+   write ``OUT/<scan_id>/flow.nii.gz`` (intent 1006, RAS mm, ED grid) and its quality figures.
+3. Write ``OUT/annotations.parquet`` and log everything to one MLflow run: parameters,
+   training curves, the table, summary figures, the PWC-Net (artifact ``model``) and the frozen
+   feature pyramid (artifact ``feature_pyramid``), each a state_dict + config file loaded with
+   ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Config
+from .errors import CardiomotionError, InputError
+from .fileio import atomic_dir, atomic_path, write_json
+
+MODEL_FILE = "pwcnet.pt"
+PYRAMID_FILE = "feature_pyramid.pt"
+TABLE = "annotations.parquet"
+FLOW_FILE = "flow.nii.gz"
+QUALITY_FILE = "quality.json"
+
+Log = Callable[[str], None]
+
+
+def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
+    """Validate a prepared dataset before any Ray work; returns its rows.
+
+    Raises:
+        InputError: missing table or files, ES/ED grids that differ, a grid the networks cannot
+            take, or grids that differ between scans.
+    """
+    from .data.table import read_scan_table
+
+    rows = read_scan_table(prepared_dir).to_dict("records")
+    if not rows:
+        raise InputError(prepared_dir / "scans.parquet", "scan table is empty")
+    divisor = 2 ** len(cfg.annotate.pwc.channels)
+    first_shape = None
+    for row in rows:
+        headers = {}
+        for key in ("es_path", "ed_path"):
+            path = prepared_dir / row[key]
+            try:
+                img = nib.load(str(path))
+            except Exception as exc:
+                raise InputError(path, f"unreadable prepared volume ({exc.__class__.__name__})") from None
+            headers[key] = (tuple(img.shape), img.affine)
+        (es_shape, es_aff), (ed_shape, ed_aff) = headers["es_path"], headers["ed_path"]
+        if es_shape != ed_shape or not np.allclose(es_aff, ed_aff, atol=1e-4):
+            raise InputError(prepared_dir / row["ed_path"], f"ED grid {ed_shape} differs from ES grid {es_shape}")
+        if any(n % divisor for n in ed_shape):
+            raise InputError(prepared_dir / row["ed_path"], f"grid {ed_shape} is not divisible by {divisor} "
+                             f"(2^levels of annotate.pwc.channels); prepare with such a grid")
+        if first_shape is None:
+            first_shape = ed_shape
+        elif ed_shape != first_shape:
+            raise InputError(prepared_dir / row["ed_path"], f"grid {ed_shape} differs from the other scans' {first_shape}")
+    return rows
+
+
+def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) -> dict:
+    """Photometric error, folding and (with a truth flow) EPE of each candidate flow."""
+    from .flow.metrics import endpoint_error, folding_fraction
+    from .flow.warp import warp
+    from .train.losses import photometric_loss
+
+    q: dict[str, float] = {}
+    s = pair.spacing_mm
+    truth = pair.truth_flow
+    masks = {}
+    if pair.ed_labels is not None:
+        masks = {"heart": np.isin(pair.ed_labels, [1, 2, 3, 4]), "myo": pair.ed_labels == 2}
+    for name, u in flows.items():
+        with torch.no_grad():
+            q[f"photometric_{name}"] = float(photometric_loss(fixed, warp(moving, u), alpha=alpha))
+        q[f"folding_{name}"] = folding_fraction(u[0]) if name != "zero" else 0.0
+        if truth is not None:
+            un = u[0].numpy()
+            q[f"epe_mm_{name}"] = endpoint_error(un, truth, spacing_mm=(s, s, s)).epe_mm
+            for mname, m in masks.items():
+                if m.any():
+                    q[f"epe_{mname}_mm_{name}"] = endpoint_error(un, truth, spacing_mm=(s, s, s), mask=m).epe_mm
+    return q
+
+
+def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
+    """Annotate one prepared pair (a Ray Data task); input errors come back as data."""
+    from .data.intensity import hu_to_unit
+    from .data.table import load_pair
+    from .flow.io import write_flow
+    from .models.pwcnet import PWCNet3D
+    from .train.refine import refine_flow
+
+    cfg = Config.model_validate_json(cfg_json)
+    ac = cfg.annotate
+    try:
+        torch.set_num_threads(1)
+        pair = load_pair(prepared_dir, row)
+        fixed = torch.from_numpy(hu_to_unit(pair.ed, cfg.intensity.window))[None, None]
+        moving = torch.from_numpy(hu_to_unit(pair.es, cfg.intensity.window))[None, None]
+        model = PWCNet3D.load(model_path).eval()
+        with torch.no_grad():
+            net = model(fixed, moving).flow
+        flows = {"zero": torch.zeros_like(net), "net": net}
+        final = net
+        if ac.refine:
+            final = refine_flow(fixed, moving, net, steps=ac.refine_steps, lr=ac.refine_lr,
+                                smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha)
+            flows["refined"] = final
+        quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)
+        record = {"scan_id": pair.scan_id, "flow_path": f"{pair.scan_id}/{FLOW_FILE}",
+                  "refined": bool(ac.refine), "has_truth": pair.truth_flow is not None, **quality}
+        with atomic_dir(Path(out_dir) / pair.scan_id) as tmp:
+            write_flow(tmp / FLOW_FILE, final[0].numpy(), pair.affine)
+            write_json(tmp / QUALITY_FILE, record)
+        return {"scan_id": pair.scan_id, "record": json.dumps(record), "error": ""}
+    except CardiomotionError as exc:
+        return {"scan_id": str(row["scan_id"]), "record": "", "error": str(exc)}
+
+
+def _final(q: dict, key: str) -> float | None:
+    """The delivered annotation's figure: refined when refinement ran, else the network's."""
+    for name in ("refined", "net"):
+        if f"{key}_{name}" in q:
+            return q[f"{key}_{name}"]
+    return None
+
+
+def summarize(df: pd.DataFrame) -> dict[str, float]:
+    """Mean figures over scans (zero flow, network, refined, delivered)."""
+    out: dict[str, float] = {}
+    for col in df.columns:
+        if col.startswith(("epe_", "photometric_", "folding_")) and df[col].notna().any():
+            out[f"mean_{col}"] = float(df[col].mean())
+    return out
+
+
+def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None) -> Path:
+    """Run the annotation stage; returns the path of ``annotations.parquet``."""
+    from . import tracking
+    from .data.prepare import plain_rows
+    from .raycluster import init_ray
+    from .train.pwc import train_pwcnet
+
+    prepared = Path(prepared_dir).resolve()
+    out = Path(out_dir).resolve()
+    rows = check_prepared(prepared, cfg)
+    uri = tracking.setup(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / MODEL_FILE
+    with tracking.start_run(cfg, "annotate", params={"annotate": cfg.annotate.model_dump(mode="json"),
+                                                      "intensity": cfg.intensity.model_dump(mode="json"),
+                                                      "prepared": str(prepared), "n_scans": len(rows)},
+                            tags={"stage": "annotate"}) as run:
+        if not model_path.is_file():
+            log(f"annotate: training the PWC-Net on {len(rows)} pairs for {cfg.annotate.epochs} epochs (Ray Train)")
+            model = train_pwcnet(prepared, cfg, storage_path=out / "ray_train", rows=rows,
+                                 run_id=run.info.run_id, tracking_uri=uri)
+            model.pyramid.save(out / PYRAMID_FILE)
+            model.save(model_path)  # written last: its presence marks a finished training
+        else:
+            log(f"annotate: reusing the trained PWC-Net {model_path}")
+        done, todo = [], []
+        for row in rows:
+            qpath = out / str(row["scan_id"]) / QUALITY_FILE
+            (done if qpath.is_file() else todo).append(row)
+        records = [json.loads((out / str(r["scan_id"]) / QUALITY_FILE).read_text()) for r in done]
+        if todo:
+            log(f"annotate: {len(todo)} pairs to annotate ({len(done)} done)")
+            ray = init_ray(cfg.ray)
+            ds = ray.data.from_items(plain_rows(todo), override_num_blocks=len(todo))
+            results = ds.map(annotate_scan, fn_kwargs={"prepared_dir": str(prepared), "out_dir": str(out),
+                                                       "model_path": str(model_path),
+                                                       "cfg_json": cfg.model_dump_json()}, num_cpus=1).take_all()
+            errors = sorted((r for r in results if r["error"]), key=lambda r: r["scan_id"])
+            if errors:
+                raise InputError(None, errors[0]["error"] + (f" ({len(errors) - 1} more)" if len(errors) > 1 else ""))
+            records += [json.loads(r["record"]) for r in results]
+        df = pd.DataFrame(sorted(records, key=lambda r: r["scan_id"]))
+        table = out / TABLE
+        with atomic_path(table) as tmp:
+            df.to_parquet(tmp, index=False)
+        summary = summarize(df)
+        tracking.log_metrics(summary)
+        tracking.log_artifact(table)
+        tracking.log_checkpoint(model_path, "model")
+        tracking.log_checkpoint(out / PYRAMID_FILE, "feature_pyramid")
+        fig = _figure(prepared, out, rows[0], cfg)
+        tracking.log_artifact(fig, "figures")
+        write_json(out / "summary.json", {"run_id": run.info.run_id, "tracking_uri": uri,
+                                          "pyramid_uri": f"runs:/{run.info.run_id}/feature_pyramid/{PYRAMID_FILE}",
+                                          "model_uri": f"runs:/{run.info.run_id}/model/{MODEL_FILE}", **summary})
+    return table
+
+
+def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
+    from .data.table import load_pair
+    from .evaluate.figures import plot_orthogonal
+    from .flow.io import read_flow
+    from .flow.warp import warp
+
+    pair = load_pair(prepared, row)
+    flow, _ = read_flow(out / str(row["scan_id"]) / FLOW_FILE)
+    warped = warp(torch.from_numpy(pair.es)[None, None], torch.from_numpy(flow)[None])[0, 0].numpy()
+    s = pair.spacing_mm
+    rows = [("ES", pair.es), ("ED", pair.ed), ("warp(ES, u)", warped),
+            ("|ED - warp| (HU)", np.abs(pair.ed - warped)), ("|u| (mm)", np.sqrt((flow**2).sum(0)) * s)]
+    windows = [None, None, None, (0.0, 300.0), (0.0, 12.0)]
+    cmaps = ["gray", "gray", "gray", "magma", "viridis"]
+    if pair.truth_flow is not None:
+        rows.append(("|u_true| (mm)", np.sqrt((pair.truth_flow**2).sum(0)) * s))
+        rows.append(("|u - u_true| (mm)", np.sqrt(((flow - pair.truth_flow) ** 2).sum(0)) * s))
+        windows += [(0.0, 12.0), (0.0, 6.0)]
+        cmaps += ["viridis", "magma"]
+    center = None
+    if pair.ed_labels is not None and (pair.ed_labels == 1).any():
+        center = np.argwhere(pair.ed_labels == 1).mean(0).astype(int).tolist()
+    return plot_orthogonal(rows, out / "figures" / f"annotation_{row['scan_id']}.png", spacing=(s, s, s),
+                           windows=windows, cmaps=cmaps, center=center,
+                           title=f"{row['scan_id']}: annotation (pull field ED←ES)")

@@ -1,0 +1,145 @@
+"""The one place that talks to MLflow.
+
+Tracking URI, in order: config ``tracking.uri``, ``$MLFLOW_TRACKING_URI``, else a sqlite store
+``<storage_root>/mlflow.db`` with artifacts in ``<storage_root>/mlartifacts``. URIs are made
+absolute: Ray workers run in other directories. A server URI (http/https) is checked before any
+work starts, so a stage never trains for hours and then loses its logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .config import Config, storage_root
+from .errors import CardiomotionError
+
+
+class TrackingError(CardiomotionError):
+    """MLflow is unreachable or refused a request."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    """Absolute MLflow tracking URI for this config (see module docstring)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{storage_root(cfg) / 'mlflow.db'}"
+    if "://" not in uri:  # a bare path: a file store
+        return Path(uri).expanduser().resolve().as_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        return f"sqlite:///{Path(rel).resolve()}"
+    return uri
+
+
+def _artifact_root(uri: str, cfg: Config) -> str | None:
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").as_uri()
+    return None  # server or file store: its own default
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingError unless an http(s) tracking server answers its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (configured URI)
+            if resp.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered {resp.status} to {url}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                            "(see README: Running on a cluster) or unset MLFLOW_TRACKING_URI") from None
+
+
+def setup(cfg: Config, experiment: str | None = None) -> str:
+    """Point mlflow at the configured store and experiment (created if needed); returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = experiment or cfg.tracking.experiment
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        try:
+            client.create_experiment(name, artifact_location=_artifact_root(uri, cfg))
+        except Exception:  # created concurrently by another process
+            if client.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
+    return uri
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config → flat {"section.key": value} for mlflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+@contextmanager
+def start_run(cfg: Config, run_name: str, *, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None, nested: bool = False,
+              parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) an MLflow run after :func:`setup`; yields the run."""
+    import mlflow
+
+    setup(cfg)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                          tags=all_tags or None) as run:
+        if params:
+            mlflow.log_params({k: v for k, v in flatten(params).items()})
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_checkpoint(path: str | Path, artifact_path: str = "model") -> str:
+    """Log a state_dict + config checkpoint file as the run's artifact dir ``artifact_path``.
+
+    Returns the model URI ``runs:/<run_id>/<artifact_path>``.
+    """
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    return f"runs:/{mlflow.active_run().info.run_id}/{artifact_path}"
+
+
+def download(uri: str, cfg: Config, dst: str | Path | None = None) -> Path:
+    """Download an artifact (``runs:/<id>/<path>`` or ``models:/…``) to a local path."""
+    import mlflow
+
+    setup(cfg)
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="cardiomotion-artifact-"))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:
+        raise TrackingError(f"{uri}: cannot be resolved in {tracking_uri(cfg)} ({exc.__class__.__name__}: {exc})") from None

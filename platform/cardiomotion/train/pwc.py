@@ -1,0 +1,194 @@
+"""Unsupervised training of the 3D PWC-Net on prepared (ED, ES) pairs, as a Ray Train job.
+
+Each rank loads its share of the (small) prepared dataset into memory from the shared prepared
+folder, trains with DDP (gloo on CPU, NCCL on GPU, bf16 autocast on GPU), reports per-epoch
+metrics, checkpoints every ``checkpoint_every`` epochs and resumes from the last checkpoint
+after a worker failure (``FailureConfig``). Rank 0 logs the metrics to the MLflow run the
+driver opened.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config
+
+CKPT_FILE = "state.pt"
+
+
+def level_weights(cfg: Config, n_levels: int) -> list[float]:
+    """Loss weight per flow (decoded levels coarse→fine, then the full-resolution flow)."""
+    if cfg.annotate.level_weights is not None:
+        w = list(cfg.annotate.level_weights)
+        if len(w) != n_levels + 1:
+            from ..errors import ConfigError
+
+            raise ConfigError(None, f"annotate.level_weights needs {n_levels + 1} values "
+                                    f"({n_levels} levels + full resolution), got {len(w)}")
+        return w
+    return [0.5 ** (n_levels - k) for k in range(n_levels)] + [1.0]
+
+
+def build_pwcnet(cfg: Config):
+    from ..models.pwcnet import PWCNet3D
+
+    p = cfg.annotate.pwc
+    return PWCNet3D(channels=p.channels, search_range=p.search_range,
+                    estimator_channels=p.estimator_channels, context=p.context, cost_chunk=p.cost_chunk)
+
+
+def load_unit_pairs(prepared_dir: str | Path, rows: list[dict], window) -> tuple[torch.Tensor, torch.Tensor]:
+    """ES and ED of ``rows`` as (N, 1, I, J, K) float32 tensors in [0, 1]."""
+    from ..data.intensity import hu_to_unit
+    from ..data.table import load_pair
+
+    es, ed = [], []
+    for row in rows:
+        pair = load_pair(prepared_dir, row, with_truth=False)
+        es.append(hu_to_unit(pair.es, window))
+        ed.append(hu_to_unit(pair.ed, window))
+    return torch.from_numpy(np.stack(es))[:, None], torch.from_numpy(np.stack(ed))[:, None]
+
+
+def _log_mlflow(uri: str | None, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+    if not (uri and run_id):
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker loop (``train_loop_per_worker``)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from ..train.losses import pwc_unsupervised_loss
+
+    cfg = Config.model_validate(config["cfg"])
+    ac = cfg.annotate
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+
+    rows = config["rows"]
+    mine = [rows[i % len(rows)] for i in range(rank, max(len(rows), world), world)]
+    es, ed = load_unit_pairs(config["prepared"], mine, cfg.intensity.window)
+    fixed_all, moving_all = (torch.cat([ed, es]), torch.cat([es, ed])) if ac.both_directions else (ed, es)
+
+    model = build_pwcnet(cfg)
+    n_levels = len(model.channels)
+    weights = level_weights(cfg, n_levels)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=ac.lr)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+
+    per_rank = math.ceil(max(len(rows), world) / world) * (2 if ac.both_directions else 1)
+    steps = max(1, math.ceil(per_rank / ac.batch_size))  # equal on every rank (DDP)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    metrics: dict[str, float] = {}
+    for epoch in range(start, ac.epochs):
+        model.train()
+        order = torch.randperm(len(fixed_all), generator=gen)
+        totals = {"loss": 0.0, "photometric": 0.0, "smoothness": 0.0}
+        for s in range(steps):
+            idx = order[[(s * ac.batch_size + b) % len(order) for b in range(ac.batch_size)]]
+            fixed = fixed_all[idx].to(device)
+            moving = moving_all[idx].to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+                out = model(fixed, moving)
+            flows = [f.float() for f in out.levels] + [out.flow.float()]
+            loss, parts = pwc_unsupervised_loss(fixed, moving, flows, weights, ac.smooth_weight, ac.ssim_alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            totals["loss"] += float(loss.detach()) / steps
+            totals["photometric"] += float(parts["photometric"]) / steps
+            totals["smoothness"] += float(parts["smoothness"]) / steps
+        metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
+        if rank == 0:
+            _log_mlflow(config.get("tracking_uri"), config.get("run_id"),
+                        {f"pwc_train_{k}": v for k, v in totals.items()}, epoch)
+        last = epoch == ac.epochs - 1
+        if last or (epoch + 1) % ac.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                "epoch": epoch}, os.path.join(d, CKPT_FILE))
+                    checkpoint = Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+    return metrics
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_pwcnet(
+    prepared_dir: str | Path,
+    cfg: Config,
+    storage_path: str | Path,
+    name: str = "pwcnet",
+    rows: list[dict] | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+):
+    """Train the PWC-Net with a Ray Train TorchTrainer; returns the trained model (on CPU).
+
+    Re-running with the same ``storage_path``/``name`` resumes the run from its checkpoint.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data.prepare import plain_rows
+    from ..data.table import read_scan_table
+    from ..raycluster import init_ray
+
+    init_ray(cfg.ray)
+    ac = cfg.annotate
+    rows = rows if rows is not None else read_scan_table(prepared_dir).to_dict("records")
+    use_gpu = ac.use_gpu if ac.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        pwc_train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepared": str(Path(prepared_dir).resolve()),
+                           "rows": plain_rows(rows), "run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=ac.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=ac.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"PWC-Net training finished without a checkpoint ({result.error})")
+    model = build_pwcnet(cfg)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return model
+
