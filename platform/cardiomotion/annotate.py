@@ -116,7 +116,8 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
         final = net
         if ac.refine:
             final = refine_flow(fixed, moving, net, steps=ac.refine_steps, lr=ac.refine_lr,
-                                smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha)
+                                smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
+                                levels=ac.refine_levels)
             flows["refined"] = final
         quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)
         record = {"scan_id": pair.scan_id, "flow_path": f"{pair.scan_id}/{FLOW_FILE}",

@@ -18,10 +18,42 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args, overrides: dict | None = None) -> "Config":  # noqa: F821
+    """The config file (or the defaults) with command-line flags on top, validated together:
+    a flag with an impossible value is refused like a bad config value (one line, exit 2)."""
     from .config import load_config
+    from .errors import ConfigError
 
-    return load_config(getattr(args, "config", None))
+    path = getattr(args, "config", None)
+    cfg = load_config(path)  # a bad file is blamed on the file
+    if not overrides or not any(overrides.values()):
+        return cfg
+    try:
+        return load_config(path, overrides=overrides)
+    except ConfigError as exc:  # the file alone was fine: a flag is to blame
+        raise ConfigError("command line", exc.problem) from None
+
+
+def _quiet_ray(args) -> None:
+    """Keep Ray's INFO chatter off the terminal so stderr carries our own lines (above all the
+    one-line error of bad input); ``--debug`` keeps everything. Ray Data's full logs still go to
+    its session log folder (/tmp/ray/session_*/logs/ray-data)."""
+    if args.debug:
+        return
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")  # read when ray is first imported
+    import ray.data  # noqa: F401  (configures the 'ray.data' logger: console handler at INFO)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if getattr(handler, "name", None) == "console":
+            handler.setLevel(logging.WARNING)
+
+
+def _given(**flags) -> dict:
+    """The flags the user gave (None = not given)."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------- phantom
@@ -29,15 +61,19 @@ def cmd_phantom(args) -> int:
     from tqdm import tqdm
 
     from .data.phantom import make_cohort
+    from .errors import InputError
 
-    pc = _load(args).phantom
-    n = args.patients or pc.patients
-    grid = args.grid or pc.grid
+    if args.workers is not None and args.workers < 1:
+        raise InputError("--workers", f"must be at least 1, got {args.workers}")
+    pc = _load(args, {"phantom": _given(patients=args.patients, grid=args.grid, spacing_mm=args.spacing,
+                                        phases=args.phases, seed=args.seed)}).phantom
+    n = pc.patients
     t0 = time.perf_counter()
-    with tqdm(total=n, desc="phantom", unit="patient") as bar:
-        folders = make_cohort(args.out, patients=n, grid=grid, spacing_mm=args.spacing or pc.spacing_mm,
-                              fov_mm=pc.fov_mm, phases=args.phases or pc.phases,
-                              seed=pc.seed if args.seed is None else args.seed,
+    # A live bar on a terminal only (disable=None), erased when done (leave=False): stderr keeps
+    # nothing but an error line, and logs/pipes get no bar frames.
+    with tqdm(total=n, desc="phantom", unit="patient", disable=None, leave=False) as bar:
+        folders = make_cohort(args.out, patients=n, grid=pc.grid, spacing_mm=pc.spacing_mm,
+                              fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed,
                               workers=args.workers, on_patient=lambda _p: bar.update(1))
     _say(f"wrote {len(folders)} phantom patients to {Path(args.out).resolve()} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -48,6 +84,7 @@ def cmd_prepare(args) -> int:
     from .data.prepare import prepare_scans
 
     cfg = _load(args)
+    _quiet_ray(args)
     skipped: list[str] = []
     t0 = time.perf_counter()
     table = prepare_scans(args.scans, args.out, cfg, manifest=args.manifest, on_skip=skipped.append)
@@ -57,17 +94,38 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- annotate
+def cmd_annotate(args) -> int:
+    import pandas as pd
+
+    from .annotate import annotate, summarize
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    table = annotate(args.prepared, args.out, cfg, log=_say)
+    summary = summarize(pd.read_parquet(table))
+    _say(f"wrote {table} in {time.perf_counter() - t0:.0f} s")
+    for key in ("mean_epe_myo_mm_zero", "mean_epe_myo_mm_net", "mean_epe_myo_mm_refined"):
+        if key in summary:
+            _say(f"  {key:28s} {summary[key]:.3f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .pipeline import run_demo
 
     cfg = _load(args)
+    _quiet_ray(args)
     t0 = time.perf_counter()
     res = run_demo(cfg, args.out, log=_say)
     _say("")
     _say(f"demo finished in {time.perf_counter() - t0:.0f} s. Everything is under {res.out}:")
     _say(f"  phantom cohort   {res.cohort}   (ct.nii.gz, labels.nii.gz, truth/flow_ed_from_es.nii.gz, meta.json)")
     _say(f"  prepared pairs   {res.prepared}   (scans.parquet, <scan>/es.nii.gz, ed.nii.gz)")
+    _say(f"  annotations      {res.annotations}   (annotations.parquet, <scan>/flow.nii.gz, pwcnet.pt, feature_pyramid.pt)")
+    _say(f"  MLflow store     {res.tracking_uri}")
+    _say(f"                   browse it: .venv/bin/mlflow ui --backend-store-uri {res.tracking_uri}")
     for fig in res.figures:
         _say(f"  figure           {fig}")
     return 0
@@ -97,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_prepare)
 
+    s = sub.add_parser("annotate", help="train the 3D PWC-Net and write ED←ES flows for prepared pairs")
+    s.add_argument("--prepared", required=True, help="prepared dataset folder (from `prepare`)")
+    s.add_argument("--out", required=True, help="output folder for flows, annotations.parquet and the pyramid")
+    s.add_argument("--config", help="YAML config")
+    s.set_defaults(func=cmd_annotate)
+
     s = sub.add_parser("demo", help="run the whole pipeline on a phantom cohort")
     s.add_argument("--config", help="YAML config (make demo uses configs/smoke.yaml)")
     s.add_argument("--out", default="demo_output", help="output folder")
@@ -112,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (permissions, disk full, a file in the way)
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -118,7 +118,8 @@ class AnnotateConfig(_Section):
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
-    refine_steps: int = Field(150, ge=0)
+    refine_steps: int = Field(150, ge=0, description="Adam steps per refinement level")
+    refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
     refine_lr: float = Field(0.05, gt=0, description="Adam step on the flow (voxels)")
     refine_smooth_weight: float = Field(0.1, ge=0)
 
@@ -129,6 +130,7 @@ class RayConfig(_Section):
     address: Optional[str] = Field(None, description="'auto', ray://host:10001, or null for local")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded instance")
     object_store_mb: Optional[int] = Field(None, ge=64, description="object store of the embedded instance")
+    dashboard: bool = Field(True, description="start the dashboard with the embedded instance (Ray's state API needs it)")
 
 
 class TrackingConfig(_Section):
@@ -191,13 +193,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(path, "a config file must be a mapping of sections")
-        data = loaded or {}
+        data = _empty_sections_to_defaults(loaded or {})
     if overrides:
         data = _deep_merge(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(path, _format_validation(exc)) from None
+
+
+def _empty_sections_to_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A section left empty in YAML (``prepare:`` with every line commented out) loads as None:
+    read it as "all defaults", like a missing section, not as an invalid value."""
+    sections = {name for name, f in Config.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    return {k: ({} if v is None and k in sections else v) for k, v in data.items()}
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Atomic writes and small file helpers: nothing half-written ever appears under a final name."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,28 @@ from typing import Any, Iterator
 
 import nibabel as nib
 import numpy as np
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (briefly) and restoring it
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool) -> None:
+    """Give a finished temporary the mode a plain open()/mkdir() would have given it.
+
+    mkstemp/mkdtemp create 0600/0700 entries; renamed into place as they are, every output
+    would be private to its writer (other users, a cluster's services, could not read it).
+    """
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_read_umask())
 
 
 def _suffixes(path: Path) -> str:
@@ -31,6 +54,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish_mode(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -41,13 +65,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it onto ``path`` when the block succeeds.
 
-    ``path`` must not exist yet (a finished output is never replaced by a partial one).
+    ``path`` must not exist yet, or be an empty folder (a finished output is never replaced by
+    a partial one): anything else there raises FileExistsError before any work is done.
     """
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not (path.is_dir() and not any(path.iterdir()))):
+        raise FileExistsError(errno.EEXIST, "already exists: will not replace it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, is_dir=True)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Config
+from .tracking import tracking_uri
 
 Log = Callable[[str], None]
 
@@ -22,17 +23,22 @@ class DemoResult:
     out: Path
     cohort: Path
     prepared: Path
+    annotations: Path
+    tracking_uri: str
     figures: list[Path] = field(default_factory=list)
 
 
 def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> DemoResult:
     """Run every available stage on a phantom cohort under ``out`` (resumes where it stopped)."""
+    from .annotate import annotate
     from .data.phantom import make_cohort
     from .data.prepare import prepare_scans
     from .data.table import load_pair, read_scan_table
     from .evaluate.figures import plot_pair
 
     out = Path(out).resolve()
+    if cfg.storage_root is None:  # keep the demo's MLflow store beside its outputs
+        cfg = cfg.model_copy(update={"storage_root": str(out)})
     pc = cfg.phantom
     log(f"phantom: {pc.patients} patients, {pc.grid}³ grid → {out / 'phantom'}")
     folders = make_cohort(out / "phantom", patients=pc.patients, grid=pc.grid, spacing_mm=pc.spacing_mm,
@@ -46,7 +52,11 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
                        flow=pair.truth_flow, spacing=[pair.spacing_mm] * 3,
                        title=f"{row['scan_id']}: prepared ES/ED and the true ED←ES flow",
                        center=_lv_center(pair.ed_labels))
-    return DemoResult(out=out, cohort=out / "phantom", prepared=table_path.parent, figures=[figure])
+    log(f"annotate: PWC-Net + refinement → {out / 'annotations'}")
+    annotations = annotate(table_path.parent, out / "annotations", cfg, log=log)
+    figures = [figure, *sorted((out / "annotations" / "figures").glob("*.png"))]
+    return DemoResult(out=out, cohort=out / "phantom", prepared=table_path.parent,
+                      annotations=annotations.parent, tracking_uri=tracking_uri(cfg), figures=figures)
 
 
 def _lv_center(labels: np.ndarray | None):

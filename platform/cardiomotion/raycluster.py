@@ -29,7 +29,7 @@ def init_ray(cfg: RayConfig | None = None):
             address="local",
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
-            include_dashboard=False,
+            include_dashboard=cfg.dashboard,
             **kwargs,
         )
     return ray

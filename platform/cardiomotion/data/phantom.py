@@ -70,7 +70,7 @@ def draw_params(rng: np.random.Generator, phases: int = 10) -> PhantomParams:
     apex = np.array([-0.55, 0.45, -0.70]) + rng.normal(0.0, 0.08, 3)
     apex /= np.linalg.norm(apex)
     es_phase = int(np.clip(round(phases * rng.uniform(0.30, 0.40)), 1, phases - 1))
-    blood = rng.uniform(360, 440)
+    blood = rng.uniform(390, 440)
     return PhantomParams(
         lv_radius=float(rng.uniform(24.0, 28.0)),
         lv_length=float(rng.uniform(78.0, 90.0)),
@@ -84,7 +84,7 @@ def draw_params(rng: np.random.Generator, phases: int = 10) -> PhantomParams:
         twist_apex=float(rng.uniform(8.0, 12.0)),
         es_fraction=es_phase / phases,
         blood_hu=float(blood),
-        rv_blood_hu=float(blood - rng.uniform(20, 60)),
+        rv_blood_hu=float(blood - rng.uniform(10, 40)),  # RV a little less enhanced, still 350–450
         myo_hu=float(rng.uniform(95, 125)),
         fat_hu=float(rng.uniform(-110, -90)),
         lung_hu=float(rng.uniform(-830, -770)),
@@ -166,17 +166,25 @@ class HeartModel:
         return self.to_world_vectors(d_local * weight[..., None])
 
     def material_points(self, y: np.ndarray, f: float, iterations: int = 60, tol: float = 1e-4) -> np.ndarray:
-        """Invert the motion: X with X + d_f(X) = y, by fixed-point iteration (y (..., 3) mm)."""
+        """Invert the motion: X with X + d_f(X) = y, by fixed-point iteration (y (..., 3) mm).
+
+        Each point iterates until its own step is below ``tol`` mm (points far from the heart,
+        where the motion fades, converge in a step or two and then drop out of the work set).
+        """
         if f == 0.0:
             return y.copy()
+        shape = y.shape
+        y = y.reshape(-1, 3)
         x = y - self.displacement(y, f)
+        active = np.arange(len(y))
         for _ in range(iterations):
-            x_new = y - self.displacement(x, f)
-            step = np.abs(x_new - x).max()
-            x = x_new
-            if step < tol:
+            x_new = y[active] - self.displacement(x[active], f)
+            step = np.abs(x_new - x[active]).max(axis=-1)
+            x[active] = x_new
+            active = active[step >= tol]
+            if active.size == 0:
                 break
-        return x
+        return x.reshape(shape)
 
     # ------------------------------------------------------------------ appearance
     def render(self, x: np.ndarray, edge_sd_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -357,18 +365,27 @@ def make_cohort(
     from ..errors import InputError
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; choose another --out")
     folders = [out / patient_id(i) for i in range(patients)]
     spacing = float(spacing_mm) if spacing_mm else fov_mm / grid
     todo = []
     for i, folder in enumerate(folders):
         if is_complete(folder):
-            meta = json.loads((folder / "meta.json").read_text())
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+            except ValueError as exc:
+                raise InputError(folder / "meta.json", f"unreadable phantom meta.json ({exc}); "
+                                                       "delete the folder or choose another --out") from None
             found = (meta.get("seed"), meta.get("grid"), len(meta.get("phase_percent", [])), meta.get("spacing_mm"))
             if found != (seed, grid, phases, spacing):
                 raise InputError(folder, f"holds a phantom made with (seed, grid, phases, spacing) = {found}, "
                                          f"not {(seed, grid, phases, spacing)}; choose another --out")
             if on_patient:
                 on_patient(folder)
+        elif folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+            raise InputError(folder, "exists but is not a complete phantom patient (ct.nii.gz, labels.nii.gz, "
+                                     "truth/, meta.json); delete it or choose another --out")
         else:
             todo.append((i, seed, grid, spacing_mm, fov_mm, phases, str(out)))
     if todo:
@@ -379,8 +396,18 @@ def make_cohort(
                 if on_patient:
                     on_patient(Path(done))
         else:
-            with ProcessPoolExecutor(max_workers=n) as pool:
+            with ProcessPoolExecutor(max_workers=n, mp_context=_pool_context()) as pool:
                 for done in pool.map(_make_and_write, todo):
                     if on_patient:
                         on_patient(Path(done))
     return folders
+
+
+def _pool_context():
+    """Worker start method: fork where the OS has it (Python 3.14 makes forkserver the Linux
+    default). Fork inherits the imports (no torch re-import per worker) and, unlike spawn or
+    forkserver, does not re-run the caller's main script, so a script without an
+    ``if __name__ == "__main__"`` guard works; the workers only run numpy and write files."""
+    import multiprocessing as mp
+
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()

@@ -92,8 +92,10 @@ def read_manifest(path: str | Path) -> dict[str, tuple[int, int]]:
             for sid, rec in json.loads(path.read_text()).items():
                 out[str(sid)] = (int(rec["es_phase"]), int(rec["ed_phase"]))
         else:
-            with path.open(newline="") as fh:
-                for row in csv.DictReader(fh):
+            with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheet BOMs
+                reader = csv.DictReader(fh, skipinitialspace=True)
+                reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+                for row in reader:
                     out[row["scan_id"].strip()] = (int(row["es_phase"]), int(row["ed_phase"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(path, f"manifest needs scan_id, es_phase, ed_phase per scan ({exc.__class__.__name__}: {exc})") from None

@@ -126,16 +126,33 @@ def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, gri
 def _prepare_row(row: dict) -> dict:
     """Ray Data UDF: prepare one scan; input errors come back as data, not exceptions."""
     cfg = PrepareConfig.model_validate_json(row["cfg"])
-    manifest = json.loads(row["manifest"]) if row["manifest"] else None
+    manifest = {k: tuple(v) for k, v in json.loads(row["manifest"]).items()} if row["manifest"] else None
     try:
         scan = read_scan(row["path"])
         rec = prepare_scan(scan, Path(row["out"]), cfg, manifest)
-        return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": ""}
+        return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": "", "internal": False}
     except CardiomotionError as exc:
-        return {"scan_id": row["scan_id"], "record": "", "error": str(exc)}
-    except Exception as exc:  # a bug, not bad input: keep the traceback for --debug
-        return {"scan_id": row["scan_id"], "record": "",
+        return {"scan_id": row["scan_id"], "record": "", "error": str(exc), "internal": False}
+    except Exception as exc:  # a bug, not bad input: keep the traceback
+        return {"scan_id": row["scan_id"], "record": "", "internal": True,
                 "error": f"{row['path']}: internal error {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+
+
+def _check_up_front(sid: str, path: Path, out: Path) -> None:
+    """Cheap checks on the driver before any Ray work: the format, and for NIfTI inputs the
+    headers (shape, phases, truncation); a stray non-empty ``out/<sid>`` without a record.
+
+    DICOM folders are only recognised here: reading every slice header is the workers' job.
+    """
+    from .scan import detect_format
+
+    target = out / sid
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise InputError(target, "exists but holds no finished prepared scan (no prepared.json); "
+                                 "delete it or use another --out")
+    fmt = detect_format(path)
+    if fmt is not ScanFormat.DICOM:
+        read_scan(path, fmt)
 
 
 def prepare_scans(
@@ -159,16 +176,24 @@ def prepare_scans(
     fingerprint = config_fingerprint(cfg.prepare)
     done: list[dict] = []
     todo: list[dict] = []
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; use another --out")
     for sid, path in items:
         rec = read_record(out / sid)
         if rec is not None:
             if rec.get("fingerprint") != fingerprint:
                 raise InputError(out / sid, "was prepared with different prepare settings; "
                                             "use another --out or delete it")
-            done.append(rec["record"])
+            record = rec["record"]
+            if man and sid in man and tuple(man[sid]) != (record["es_phase"], record["ed_phase"]):
+                raise InputError(out / sid, f"was prepared with (es_phase, ed_phase) = "
+                                            f"({record['es_phase']}, {record['ed_phase']}), the manifest says "
+                                            f"{tuple(man[sid])}; use another --out or delete it")
+            done.append(record)
             if on_skip:
                 on_skip(sid)
             continue
+        _check_up_front(sid, path, out)
         todo.append({"scan_id": sid, "path": str(path), "out": str(out),
                      "cfg": cfg.prepare.model_dump_json(), "manifest": json.dumps(man) if man else ""})
     if todo:
@@ -176,6 +201,9 @@ def prepare_scans(
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         rows = ds.map(_prepare_row, num_cpus=1).take_all()
         errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
+        internal = [r for r in errors if r["internal"]]
+        if internal:  # a bug: surface the worker's traceback, not a one-line "bad input"
+            raise RuntimeError(f"prepare failed on {internal[0]['scan_id']}: {internal[0]['error']}")
         if errors:
             first = errors[0]["error"].splitlines()[0]
             more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""

@@ -130,8 +130,9 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             _log_mlflow(config.get("tracking_uri"), config.get("run_id"),
                         {f"pwc_train_{k}": v for k, v in totals.items()}, epoch)
-        last = epoch == ac.epochs - 1
-        if last or (epoch + 1) % ac.checkpoint_every == 0:
+        # Per-epoch curves go to MLflow above; Ray Train gets a report (a barrier on every rank)
+        # only with each checkpoint.
+        if epoch == ac.epochs - 1 or (epoch + 1) % ac.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
@@ -139,8 +140,6 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                 "epoch": epoch}, os.path.join(d, CKPT_FILE))
                     checkpoint = Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
-        else:
-            ray.train.report(metrics)
     return metrics
 
 

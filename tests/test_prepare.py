@@ -1,0 +1,447 @@
+"""``prepare``: phantom patients and 4-D NIfTI files → ES/ED on the configured grid (Ray Data),
+the scan table, resuming, ES/ED detection, manifests, the prepared-pairs dataset, and every kind
+of bad input through the command line (one error line, exit 2, nothing half-written)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage
+
+from cardiomotion.cli import main
+from cardiomotion.config import load_config
+from cardiomotion.data import read_scan
+from cardiomotion.data.phantom import LV_BLOOD, LV_MYO, HeartModel, PhantomParams, make_cohort
+from cardiomotion.data.phases import detect_es_ed, read_manifest
+from cardiomotion.data.prepare import prepare_scans, prepared_pairs
+from cardiomotion.data.table import COLUMNS, load_pair, read_scan_table
+from cardiomotion.errors import ConfigError, InputError
+from cardiomotion.fileio import write_nifti
+from cardiomotion.flow import read_flow, warp
+from cardiomotion.orientation import flow_vox_to_mm
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+GRID = (32, 32, 32)
+SPACING = 4.0
+
+
+def _warp(img: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return warp(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None],
+                torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))[None])[0, 0].numpy()
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def _leftovers(root: Path) -> list[Path]:
+    """Temporary files/folders of atomic writes (named .<final>.<random>.tmp…)."""
+    return [p for p in root.rglob(".*") if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = load_config(SMOKE)
+    assert tuple(c.prepare.grid) == GRID and c.prepare.spacing_mm == SPACING and c.prepare.dtype == "int16"
+    return c
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> list[Path]:
+    """3 phantom patients, 32³ grid (4.4 mm voxels), 10 phases."""
+    return make_cohort(tmp_path_factory.mktemp("cohort"), patients=3, grid=32, seed=0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, cohort, cfg, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    table = prepare_scans(cohort, out, cfg)
+    assert table == out.resolve() / "scans.parquet"
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_session, cohort, cfg, tmp_path_factory):
+    """A 4-D NIfTI copy of patient 0 (phases detected) with patient 1 under a manifest."""
+    root = tmp_path_factory.mktemp("mixed")
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    nifti = elsewhere / "scanA.nii.gz"
+    shutil.copyfile(cohort[0] / "ct.nii.gz", nifti)
+    manifest = root / "manifest.csv"
+    manifest.write_text("scan_id,es_phase,ed_phase\nphantom_001,2,5\n")
+    out = root / "prepared"
+    prepare_scans([nifti, cohort[1]], out, cfg, manifest=manifest)
+    return out, nifti, manifest
+
+
+# ---------------------------------------------------------------------------- the table and the volumes
+
+
+def test_scan_table(prepared, cohort):
+    df = read_scan_table(prepared)
+    assert list(df.columns) == COLUMNS
+    for col in ("scan_id", "source", "es_phase", "ed_phase", "spacing_mm", "shape", "es_path", "ed_path"):
+        assert col in df.columns  # the issue's minimum
+    assert list(df["scan_id"]) == ["phantom_000", "phantom_001", "phantom_002"]
+    for (_, row), folder in zip(df.iterrows(), cohort):
+        meta = _meta(folder)
+        assert (row["es_phase"], row["ed_phase"]) == (meta["es_phase"], meta["ed_phase"])
+        assert row["phases_from"] == "meta" and row["format"] == "phantom"
+        assert row["n_phases"] == 10
+        assert Path(row["source"]) == folder.resolve()
+        assert row["spacing_mm"] == SPACING and list(row["shape"]) == list(GRID)
+        assert row["es_path"] == f"{row['scan_id']}/es.nii.gz" and row["ed_path"] == f"{row['scan_id']}/ed.nii.gz"
+        assert row["truth_flow_path"] == f"{row['scan_id']}/truth_flow.nii.gz"
+        np.testing.assert_allclose(json.loads(row["original_affine"]), nib.load(str(folder / "ct.nii.gz")).affine)
+        assert (prepared / row["scan_id"] / "prepared.json").is_file()
+    assert not _leftovers(prepared)
+
+
+def test_prepared_volumes(prepared, cohort):
+    df = read_scan_table(prepared)
+    for _, row in df.iterrows():
+        imgs = [nib.load(str(prepared / row[k])) for k in ("es_path", "ed_path")]
+        for img in imgs:
+            assert img.shape == GRID
+            assert img.get_data_dtype() == np.int16
+            assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+            np.testing.assert_allclose(img.affine[:3, :3], np.diag([SPACING] * 3))
+            assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+            # the grid is centred on center_mm
+            centre = img.affine[:3, :3] @ ((np.asarray(GRID) - 1) / 2.0) + img.affine[:3, 3]
+            np.testing.assert_allclose(centre, row["center_mm"], atol=1e-4)
+            hu = np.asarray(img.dataobj)
+            assert -1100 <= hu.min() and hu.max() <= 600  # HU: air/lung … contrast blood
+        np.testing.assert_array_equal(imgs[0].affine, imgs[1].affine)  # ES and ED share one grid
+
+
+def test_prepared_grid_sits_where_the_heart_is(prepared, cohort):
+    """World consistency: the LV blood pool's centroid (world mm) is the same in the phantom's
+    own grid and in the prepared grid, and prepared HU are the phantom's HU."""
+    pair = load_pair(prepared, read_scan_table(prepared).iloc[0])
+    folder = cohort[0]
+    labels = nib.load(str(folder / "labels.nii.gz"))
+    lab0 = np.asarray(labels.dataobj[..., 0])
+    src_c = labels.affine[:3, :3] @ np.argwhere(lab0 == LV_BLOOD).mean(0) + labels.affine[:3, 3]
+    assert pair.ed_labels is not None and pair.ed_labels.shape == GRID
+    dst_c = pair.affine[:3, :3] @ np.argwhere(pair.ed_labels == LV_BLOOD).mean(0) + pair.affine[:3, 3]
+    np.testing.assert_allclose(dst_c, src_c, atol=2.0)  # mm; voxels are 4 mm
+    prm = _meta(folder)["params"]
+    blood = ndimage.binary_erosion(pair.ed_labels == LV_BLOOD)
+    assert np.median(pair.ed[blood]) == pytest.approx(prm["blood_hu"], abs=15)
+    assert 350 <= np.median(pair.ed[blood]) <= 450
+    myo = pair.ed_labels == LV_MYO
+    assert 60 <= np.median(pair.ed[myo]) <= 160  # thin wall, partial volume at 4 mm
+
+
+def test_prepared_truth_flow_still_maps_es_onto_ed(prepared):
+    df = read_scan_table(prepared)
+    for _, row in df.iterrows():
+        pair = load_pair(prepared, row)
+        assert pair.truth_flow is not None and pair.truth_flow.shape == (3,) + GRID
+        _, aff = read_flow(prepared / row["truth_flow_path"])
+        np.testing.assert_allclose(aff, pair.affine, atol=1e-5)
+        heart = ndimage.binary_dilation(pair.ed_labels > 0, iterations=2)
+        after = np.abs(_warp(pair.es, pair.truth_flow) - pair.ed)[heart].mean()
+        before = np.abs(pair.es - pair.ed)[heart].mean()
+        assert after < 0.35 * before, (row["scan_id"], after, before)
+
+
+def test_prepared_truth_flow_is_the_analytic_motion(prepared, cohort):
+    """In world millimetres the prepared truth field is the phantom's own ES displacement at
+    each prepared voxel centre (up to linear interpolation of a smooth field)."""
+    row = read_scan_table(prepared).iloc[1]
+    pair = load_pair(prepared, row)
+    meta = _meta(cohort[1])
+    params = PhantomParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()})
+    model = HeartModel(params, center=np.zeros(3))
+    ijk = np.stack(np.meshgrid(*(np.arange(n, dtype=float) for n in GRID), indexing="ij"), -1)
+    world = ijk @ pair.affine[:3, :3].T + pair.affine[:3, 3]
+    expected = model.displacement(world, meta["contraction"][meta["es_phase"]])
+    got = np.moveaxis(flow_vox_to_mm(pair.truth_flow.astype(np.float64), pair.affine), 0, -1)
+    src = nib.load(str(cohort[1] / "ct.nii.gz")).affine
+    src_idx = (world - src[:3, 3]) @ np.linalg.inv(src[:3, :3]).T
+    inside = np.all((src_idx >= 0) & (src_idx <= 31), axis=-1)  # the phantom's own grid
+    assert inside.mean() > 0.8 and np.abs(expected[inside]).max() > 5.0
+    err = np.linalg.norm(got - expected, axis=-1)[inside]
+    assert err.mean() < 0.1 and err.max() < 1.0  # mm
+
+
+def test_outputs_have_ordinary_permissions(prepared):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in prepared.rglob("*"):
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, p
+
+
+def test_rerun_skips_finished_scans(prepared, cohort, cfg):
+    before = read_scan_table(prepared)
+    stamps = {p: p.stat().st_mtime_ns for p in prepared.rglob("*") if p.is_file() and p.name != "scans.parquet"}
+    skipped: list[str] = []
+    prepare_scans(cohort, prepared, cfg, on_skip=skipped.append)  # no Ray work: nothing to do
+    assert skipped == ["phantom_000", "phantom_001", "phantom_002"]
+    assert {p: p.stat().st_mtime_ns for p in prepared.rglob("*") if p.is_file() and p.name != "scans.parquet"} == stamps
+    pd.testing.assert_frame_equal(read_scan_table(prepared), before)
+
+
+def test_rerun_with_other_settings_is_refused(prepared, cohort, cfg):
+    other = cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"spacing_mm": 3.0})})
+    with pytest.raises(InputError, match="different prepare settings"):
+        prepare_scans(cohort, prepared, other)
+    # a manifest that contradicts the finished scan's phases is refused too
+    manifest = prepared.parent / "contradicting.json"
+    manifest.write_text(json.dumps({"phantom_002": {"es_phase": 1, "ed_phase": 6}}))
+    with pytest.raises(InputError, match="phantom_002.*manifest"):
+        prepare_scans(cohort, prepared, cfg, manifest=manifest)
+
+
+# ---------------------------------------------------------------------------- phases, other inputs
+
+
+def test_detect_es_ed_finds_the_phantoms_phases(cohort, cfg):
+    for folder in cohort:
+        scan = read_scan(folder)
+        meta = _meta(folder)
+        assert (scan.es_phase, scan.ed_phase) == (meta["es_phase"], meta["ed_phase"])
+        choice = detect_es_ed(scan, tuple(cfg.prepare.blood_hu))
+        assert (choice.es_phase, choice.ed_phase) == (meta["es_phase"], meta["ed_phase"])
+        assert choice.source == "detected" and len(choice.blood_ml) == 10
+        vols = np.asarray(choice.blood_ml)
+        assert vols.min() < 0.9 * vols.max()
+
+
+def test_4d_nifti_file_is_prepared_with_detected_phases(mixed, cohort):
+    out, nifti, _ = mixed
+    df = read_scan_table(out).set_index("scan_id")
+    assert sorted(df.index) == ["phantom_001", "scanA"]
+    row = df.loc["scanA"]
+    meta = _meta(cohort[0])
+    assert row["format"] == "nifti4d" and row["phases_from"] == "detected"
+    assert (row["es_phase"], row["ed_phase"]) == (meta["es_phase"], meta["ed_phase"])
+    assert Path(row["source"]) == nifti.resolve()
+    assert row["truth_flow_path"] is None or pd.isna(row["truth_flow_path"])
+    pair = load_pair(out, row.to_dict() | {"scan_id": "scanA"})
+    assert pair.es.shape == GRID and pair.truth_flow is None
+
+
+def test_manifest_overrides_phases(mixed):
+    out, _, manifest = mixed
+    assert read_manifest(manifest) == {"phantom_001": (2, 5)}
+    row = read_scan_table(out).set_index("scan_id").loc["phantom_001"]
+    assert (row["es_phase"], row["ed_phase"]) == (2, 5) and row["phases_from"] == "manifest"
+    # the truth flow belongs to the phantom's own ES/ED, so none is carried for other phases
+    assert row["truth_flow_path"] is None or pd.isna(row["truth_flow_path"])
+
+
+def test_read_manifest_forms(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("\ufeffscan_id, es_phase, ed_phase\n a ,3,0\nb, 4, 9\n", encoding="utf-8")
+    assert read_manifest(csv_path) == {"a": (3, 0), "b": (4, 9)}
+    json_path = tmp_path / "m.json"
+    json_path.write_text(json.dumps({"a": {"es_phase": 3, "ed_phase": 0}}))
+    assert read_manifest(json_path) == {"a": (3, 0)}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("scan_id,es\na,3\n")
+    with pytest.raises(InputError, match="bad.csv.*scan_id, es_phase, ed_phase"):
+        read_manifest(bad)
+    with pytest.raises(InputError, match="missing.csv: manifest does not exist"):
+        read_manifest(tmp_path / "missing.csv")
+
+
+def test_manifest_phase_out_of_range_is_bad_input(prepared, cohort, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("scan_id,es_phase,ed_phase\nphantom_002,3,12\n")
+    out = tmp_path / "out"
+    rc = main(["prepare", "--scans", str(cohort[2]), "--out", str(out), "--manifest", str(manifest),
+               "--config", str(SMOKE)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "phantom_002" in err[0] and "ed_phase = 12" in err[0], err
+    assert not (out / "scans.parquet").exists() and not (out / "phantom_002").exists()
+
+
+def test_prepared_pairs_dataset(prepared, ray_session):
+    ds = prepared_pairs(prepared)
+    assert isinstance(ds, ray_session.data.Dataset)
+    assert ds.count() == 3
+    rows = sorted(ds.take_all(), key=lambda r: r["scan_id"])
+    assert [r["scan_id"] for r in rows] == ["phantom_000", "phantom_001", "phantom_002"]
+    for r in rows:
+        assert r["es"].shape == GRID and r["ed"].shape == GRID
+        assert r["es"].dtype == np.float32 and r["spacing_mm"] == SPACING
+        assert not np.array_equal(r["es"], r["ed"])
+    first = load_pair(prepared, read_scan_table(prepared).iloc[0])
+    np.testing.assert_array_equal(rows[0]["ed"], first.ed)
+    with_truth = prepared_pairs(prepared, with_truth=True).take(1)[0]
+    assert with_truth["has_truth"] and with_truth["truth_flow"].shape == (3,) + GRID
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _ct(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(folder / "ct.nii.gz"))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def _bad_truncated(tmp: Path, cohort) -> tuple[list[Path], str]:
+    data = (cohort[0] / "ct.nii.gz").read_bytes()
+    p = tmp / "trunc.nii.gz"
+    p.write_bytes(data[: len(data) // 2])
+    return [p], "truncated"
+
+
+def _bad_not_nifti(tmp: Path, cohort) -> tuple[list[Path], str]:
+    p = tmp / "notes.txt"
+    p.write_text("not an image\n")
+    return [p], "not a NIfTI file"
+
+
+def _bad_garbage_nifti(tmp: Path, cohort) -> tuple[list[Path], str]:
+    p = tmp / "garbage.nii.gz"
+    p.write_bytes(b"this is not gzip data at all" * 20)
+    return [p], "not a readable NIfTI"
+
+
+def _bad_3d(tmp: Path, cohort) -> tuple[list[Path], str]:
+    data, aff = _ct(cohort[0])
+    return [write_nifti(tmp / "vol3d.nii.gz", data[..., 0], aff)], "3-D"
+
+
+def _bad_nan(tmp: Path, cohort) -> tuple[list[Path], str]:
+    data, aff = _ct(cohort[0])
+    data[5, 6, 7, 4] = np.nan
+    return [write_nifti(tmp / "withnan.nii.gz", data, aff)], "NaN"
+
+
+def _bad_single_phase(tmp: Path, cohort) -> tuple[list[Path], str]:
+    data, aff = _ct(cohort[0])
+    return [write_nifti(tmp / "onephase.nii.gz", data[..., :1], aff)], "single phase"
+
+
+def _bad_shapes(tmp: Path, cohort) -> tuple[list[Path], str]:
+    data, aff = _ct(cohort[0])
+    folder = tmp / "phasefolder"
+    folder.mkdir()
+    write_nifti(folder / "phase00.nii.gz", data[..., 0], aff)
+    write_nifti(folder / "phase10.nii.gz", data[:30, :, :, 1], aff)
+    return [folder], "phase10.nii.gz"
+
+
+def _bad_empty(tmp: Path, cohort) -> tuple[list[Path], str]:
+    folder = tmp / "emptyscan"
+    folder.mkdir()
+    return [folder], "empty folder"
+
+
+def _bad_duplicate(tmp: Path, cohort) -> tuple[list[Path], str]:
+    paths = []
+    for sub in ("a", "b"):
+        (tmp / sub).mkdir()
+        paths.append(tmp / sub / "dup.nii.gz")
+        shutil.copyfile(cohort[0] / "ct.nii.gz", paths[-1])
+    return paths, "duplicate scan id"
+
+
+BAD = {
+    "truncated": _bad_truncated,
+    "not_nifti": _bad_not_nifti,
+    "garbage_nifti": _bad_garbage_nifti,
+    "three_d": _bad_3d,
+    "nan": _bad_nan,
+    "single_phase": _bad_single_phase,
+    "mismatched_shapes": _bad_shapes,
+    "empty_folder": _bad_empty,
+    "duplicate_ids": _bad_duplicate,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(case, prepared, cohort, tmp_path, capsys):
+    # (`prepared` has run a Ray Data job in this process: Ray Data's once-per-process notice
+    # about the progress bars that conftest disables is behind us, as it is in any real run)
+    inputs, problem = BAD[case](tmp_path, cohort)
+    # a good scan next to the bad one: the bad one still fails the whole command
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["prepare", "--scans", str(cohort[2]), *map(str, inputs), "--out", str(out), "--config", str(SMOKE)])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2
+    assert len(lines) == 1, captured.err
+    line = lines[0]
+    assert line.startswith("error: ") and "Traceback" not in captured.err
+    assert problem.lower() in line.lower(), line
+    assert any(p.name in line for p in inputs), line  # names the file
+    assert not (out / "scans.parquet").exists()
+    for p in inputs:
+        assert not (out / p.name.split(".")[0]).exists()  # no folder for the bad scan
+    if out.exists():
+        assert not _leftovers(out)
+        for d in out.iterdir():  # whatever else is there is complete
+            assert (d / "prepared.json").is_file() and (d / "es.nii.gz").is_file(), d
+
+
+def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path):
+    inputs, _ = _bad_not_nifti(tmp_path, cohort)
+    with pytest.raises(InputError, match="not a NIfTI file"):
+        main(["--debug", "prepare", "--scans", *map(str, inputs), "--out", str(tmp_path / "out")])
+
+
+def test_missing_scan_path(tmp_path, capsys):
+    rc = main(["prepare", "--scans", str(tmp_path / "nowhere.nii.gz"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nowhere.nii.gz" in err[0] and "does not exist" in err[0]
+
+
+def test_stray_output_folder_is_refused(cohort, cfg, tmp_path):
+    out = tmp_path / "out"
+    (out / "phantom_000").mkdir(parents=True)
+    (out / "phantom_000" / "mine.txt").write_text("keep me")
+    with pytest.raises(InputError, match="phantom_000.*no finished prepared scan"):
+        prepare_scans([cohort[0]], out, cfg)
+    assert (out / "phantom_000" / "mine.txt").read_text() == "keep me"
+    assert not (out / "scans.parquet").exists()
+
+
+def test_output_path_that_is_a_file(cohort, tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    rc = main(["prepare", "--scans", str(cohort[0]), "--out", str(target), "--config", str(SMOKE)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(target) in err[0] and "not a folder" in err[0]
+
+
+@pytest.mark.parametrize("yaml_text, key, problem", [
+    ("prepare:\n  spacing: 4.0\n", "prepare.spacing", "unknown key"),
+    ("prepare:\n  spacing_mm: -4.0\n", "prepare.spacing_mm", "greater than 0"),
+    ("prepare:\n  grid: [32, 32, 4]\n", "prepare.grid", ">= 8"),
+    ("prepare:\n  dtype: int8\n", "prepare.dtype", "int16 or float32"),
+    ("bogus_section: 1\n", "bogus_section", "unknown key"),
+    ("prepare: [1, 2\n", "", "not valid YAML"),
+])
+def test_bad_config_one_line(yaml_text, key, problem, cohort, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    with pytest.raises(ConfigError):
+        load_config(bad)
+    rc = main(["prepare", "--scans", str(cohort[0]), "--out", str(tmp_path / "out"), "--config", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "bad.yaml" in err[0] and key in err[0] and problem in err[0], err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_config_section_means_defaults(tmp_path):
+    path = tmp_path / "sparse.yaml"
+    path.write_text("prepare:\n  # spacing_mm: 2.0\nphantom:\n  grid: 32\n")
+    c = load_config(path)
+    assert c.prepare == load_config().prepare and c.phantom.grid == 32
