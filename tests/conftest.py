@@ -12,6 +12,11 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two cores run the test process and Ray workers side by side: one intra-op thread each avoids
+# oversubscription (two spinning threads per process are 10-30x slower under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

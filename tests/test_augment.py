@@ -13,6 +13,16 @@ from cardiomotion.train.augment import AugmentConfig, augment, draw_params, shif
 GRID = (32, 36, 40)  # non-cubic, so a swapped axis shows
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a busy shared machine OpenMP threads
+    that spin-wait for each other make a 2-thread step 10-30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def blobs(grid=GRID, batch=1, seed=0) -> torch.Tensor:
     """Smooth image (B, 1, I, J, K): a sum of Gaussian blobs (σ 4–6 voxels) in [0, ~1]."""
     g = torch.Generator().manual_seed(seed)

@@ -296,13 +296,18 @@ def test_cohort_resumes_without_rewriting(cohort48):
     assert {p: p.stat().st_mtime_ns for p in cohort48.rglob("*") if p.is_file()} == stamps
 
 
-@pytest.mark.parametrize("kwargs, what", [({"seed": 1}, "seed"), ({"grid": 32}, "grid"), ({"phases": 8}, "phases")])
+@pytest.mark.parametrize("kwargs, what", [
+    ({"seed": 1}, "made with seed=0, not seed=1"),
+    ({"phases": 8}, "made with phases=10, not phases=8"),
+    ({"grid": 32}, "made with grid=48, spacing_mm=2.91667, not grid=32, spacing_mm=4.375"),
+    ({"spacing_mm": 2.5}, "made with spacing_mm=2.91667, not spacing_mm=2.5"),
+])
 def test_cohort_refuses_a_folder_made_with_other_settings(cohort48, kwargs, what):
     args = dict(patients=2, grid=48, seed=0, workers=1) | kwargs
     stamps = {p: p.stat().st_mtime_ns for p in cohort48.rglob("*") if p.is_file()}
     with pytest.raises(InputError) as err:
         make_cohort(cohort48, **args)
-    assert "phantom_000" in str(err.value) and what in str(err.value)
+    assert "phantom_000" in str(err.value) and what in str(err.value), str(err.value)
     assert {p: p.stat().st_mtime_ns for p in cohort48.rglob("*") if p.is_file()} == stamps
 
 

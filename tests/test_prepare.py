@@ -402,6 +402,29 @@ def test_missing_scan_path(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "nowhere.nii.gz" in err[0] and "does not exist" in err[0]
 
 
+def test_worker_separates_bugs_from_bad_input(cohort, cfg, tmp_path, monkeypatch):
+    """The Ray UDF reports bad input as one line and a bug with its traceback, flagged, so a
+    bug never reaches the user disguised as an 'error: <file>: ...' about their data."""
+    import cardiomotion.data.prepare as prep
+
+    row = {"scan_id": "phantom_000", "path": str(cohort[0]), "out": str(tmp_path),
+           "cfg": cfg.prepare.model_dump_json(), "manifest": ""}
+
+    def bug(*_a, **_k):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setattr(prep, "prepare_scan", bug)
+    res = prep._prepare_row(row)
+    assert res["internal"] and "ZeroDivisionError: oops" in res["error"] and "Traceback" in res["error"]
+
+    def bad(*_a, **_k):
+        raise InputError(cohort[0], "something wrong with the data")
+
+    monkeypatch.setattr(prep, "prepare_scan", bad)
+    res = prep._prepare_row(row)
+    assert not res["internal"] and res["error"] == f"{cohort[0]}: something wrong with the data"
+
+
 def test_stray_output_folder_is_refused(cohort, cfg, tmp_path):
     out = tmp_path / "out"
     (out / "phantom_000").mkdir(parents=True)
@@ -445,3 +468,38 @@ def test_empty_config_section_means_defaults(tmp_path):
     path.write_text("prepare:\n  # spacing_mm: 2.0\nphantom:\n  grid: 32\n")
     c = load_config(path)
     assert c.prepare == load_config().prepare and c.phantom.grid == 32
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes(tmp_path):
+    from cardiomotion.fileio import atomic_dir, atomic_path
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = tmp_path / "table.parquet"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.name.startswith(".table.parquet.") and tmp.name.endswith(".tmp.parquet")
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    full = tmp_path / "scan"
+    full.mkdir()
+    (full / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        with atomic_dir(full):
+            pytest.fail("must refuse before the block runs")
+    assert (full / "mine.txt").read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (empty / "a.txt").read_text() == "a" and empty.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert not _leftovers(tmp_path)

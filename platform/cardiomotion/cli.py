@@ -76,6 +76,11 @@ def cmd_phantom(args) -> int:
                               fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed,
                               workers=args.workers, on_patient=lambda _p: bar.update(1))
     _say(f"wrote {len(folders)} phantom patients to {Path(args.out).resolve()} in {time.perf_counter() - t0:.1f} s")
+    if args.preview:
+        from .evaluate.figures import plot_phantom_preview
+
+        for folder in folders:
+            _say(f"  preview {plot_phantom_preview(folder)}")
     return 0
 
 
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phases", type=int, help="cardiac phases (config phantom.phases, 10)")
     s.add_argument("--seed", type=int, help="cohort seed (config phantom.seed)")
     s.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
+    s.add_argument("--preview", action="store_true", help="also write <patient>/preview.png (ES, ED, |ED-ES|, true flow)")
     s.add_argument("--config", help="YAML config (configs/default.yaml)")
     s.set_defaults(func=cmd_phantom)
 

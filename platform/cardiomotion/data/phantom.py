@@ -377,10 +377,14 @@ def make_cohort(
             except ValueError as exc:
                 raise InputError(folder / "meta.json", f"unreadable phantom meta.json ({exc}); "
                                                        "delete the folder or choose another --out") from None
-            found = (meta.get("seed"), meta.get("grid"), len(meta.get("phase_percent", [])), meta.get("spacing_mm"))
-            if found != (seed, grid, phases, spacing):
-                raise InputError(folder, f"holds a phantom made with (seed, grid, phases, spacing) = {found}, "
-                                         f"not {(seed, grid, phases, spacing)}; choose another --out")
+            found = {"seed": meta.get("seed"), "grid": meta.get("grid"),
+                     "phases": len(meta.get("phase_percent", [])), "spacing_mm": meta.get("spacing_mm")}
+            wanted = {"seed": seed, "grid": grid, "phases": phases, "spacing_mm": spacing}
+            differ = [k for k in wanted if found[k] != wanted[k]]
+            if differ:
+                made = ", ".join(f"{k}={found[k]:g}" if isinstance(found[k], float) else f"{k}={found[k]}" for k in differ)
+                asked = ", ".join(f"{k}={wanted[k]:g}" if isinstance(wanted[k], float) else f"{k}={wanted[k]}" for k in differ)
+                raise InputError(folder, f"holds a phantom made with {made}, not {asked}; choose another --out")
             if on_patient:
                 on_patient(folder)
         elif folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):

@@ -165,8 +165,12 @@ def prepare_scans(
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
     Raises:
-        InputError: bad input (first problem, by file), before anything is written where it
-            can be detected up front, otherwise after the other scans finished.
+        InputError: bad input (first problem, by file). Duplicate ids, missing paths, unknown
+            formats, unreadable/truncated NIfTI headers, 3-D or single-phase files and phase
+            files that disagree are found on the driver before Ray starts or anything is
+            written; problems only the voxels show (NaN/inf, DICOM series, ES/ED detection)
+            after the other scans finished (theirs are complete; no scans.parquet is written).
+        RuntimeError: a bug in a worker (with the worker's traceback), never reported as bad input.
     """
     from ..raycluster import init_ray
 

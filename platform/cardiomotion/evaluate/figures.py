@@ -110,3 +110,25 @@ def plot_pair(
         windows.append((0.0, float(max(mag.max(), 1e-3))))
         cmaps.append("viridis")
     return plot_orthogonal(rows, path, spacing=spacing, title=title, cmaps=cmaps, windows=windows, center=center)
+
+
+def plot_phantom_preview(folder: str | Path) -> Path:
+    """``<patient>/preview.png``: ES, ED, |ED − ES| and the true flow magnitude through the LV."""
+    import json
+
+    import nibabel as nib
+
+    from ..flow.io import read_flow
+
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    ct = nib.load(str(folder / "ct.nii.gz"))
+    es = np.asarray(ct.dataobj[..., meta["es_phase"]], dtype=np.float32)
+    ed = np.asarray(ct.dataobj[..., meta["ed_phase"]], dtype=np.float32)
+    labels = np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj[..., meta["ed_phase"]])
+    flow, _ = read_flow(folder / "truth" / "flow_ed_from_es.nii.gz")
+    center = np.argwhere(labels == 1).mean(0).astype(int).tolist() if (labels == 1).any() else None
+    s = float(meta["spacing_mm"])
+    return plot_pair(es, ed, folder / "preview.png", flow=flow, spacing=(s, s, s), center=center,
+                     title=f"{meta['patient_id']}: ES (phase {meta['es_phase']}), ED (phase {meta['ed_phase']}), "
+                           f"EF {100 * meta['ef_measured']:.0f} %")

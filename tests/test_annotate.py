@@ -1,0 +1,166 @@
+"""The annotation stage: PWC-Net training on Ray Train, flows, quality table, MLflow, resume."""
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cardiomotion.config import load_config
+from cardiomotion.errors import InputError
+
+TINY = {
+    "phantom": {"patients": 2, "grid": 32},
+    "prepare": {"spacing_mm": 4.0, "grid": [32, 32, 32]},
+    "annotate": {"pwc": {"channels": [8, 16, 32], "estimator_channels": [16, 16], "search_range": 1},
+                 "epochs": 4, "checkpoint_every": 2, "refine_steps": 25, "refine_levels": 2},
+    "ray": {"num_cpus": 2, "dashboard": False},
+}
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, ray_session):
+    from cardiomotion.annotate import annotate
+    from cardiomotion.data.phantom import make_cohort
+    from cardiomotion.data.prepare import prepare_scans
+
+    root = tmp_path_factory.mktemp("annotate")
+    cfg = load_config(None, {**TINY, "storage_root": str(root / "store")})
+    folders = make_cohort(root / "cohort", patients=2, grid=32, workers=1)
+    prepare_scans(folders, root / "prepared", cfg)
+    table = annotate(root / "prepared", root / "annotations", cfg)
+    return root, cfg, table
+
+
+def test_annotations_table_and_flows(annotated):
+    from cardiomotion.flow.io import read_flow
+
+    root, cfg, table = annotated
+    df = pd.read_parquet(table)
+    assert sorted(df.scan_id) == ["phantom_000", "phantom_001"]
+    for col in ("photometric_zero", "photometric_refined", "folding_refined", "epe_mm_zero",
+                "epe_myo_mm_zero", "epe_myo_mm_net", "epe_myo_mm_refined"):
+        assert col in df.columns and df[col].notna().all(), col
+    for row in df.itertuples():
+        flow, affine = read_flow(root / "annotations" / row.flow_path)
+        ed = nib.load(str(root / "prepared" / row.scan_id / "ed.nii.gz"))
+        assert flow.shape == (3, 32, 32, 32)
+        np.testing.assert_allclose(affine, ed.affine, atol=1e-5)
+    # Refinement against the photometric loss must beat no motion at all, in image error and in
+    # endpoint error against the phantom's exact field.
+    assert (df.photometric_refined < 0.5 * df.photometric_zero).all()
+    assert (df.epe_myo_mm_refined < df.epe_myo_mm_zero).all()
+    assert (df.folding_refined < 0.01).all()
+
+
+def test_flow_file_opens_in_simpleitk(annotated):
+    sitk = pytest.importorskip("SimpleITK")
+    root, _, table = annotated
+    row = pd.read_parquet(table).iloc[0]
+    img = sitk.ReadImage(str(root / "annotations" / row.flow_path), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(img)
+    assert transform.GetDimension() == 3
+
+
+def test_pyramid_and_model_artifacts_load_safely(annotated):
+    from cardiomotion.models.pwcnet import PWCNet3D
+    from cardiomotion.models.pyramid import FeaturePyramid
+
+    root, _, _ = annotated
+    pyr = FeaturePyramid.load(root / "annotations" / "feature_pyramid.pt")
+    assert pyr.config()["channels"] == [8, 16, 32]
+    net = PWCNet3D.load(root / "annotations" / "pwcnet.pt")
+    # The saved pyramid is the trained network's own pyramid.
+    for (k, a), (_, b) in zip(pyr.state_dict().items(), net.pyramid.state_dict().items()):
+        assert torch.equal(a, b), k
+    raw = torch.load(root / "annotations" / "feature_pyramid.pt", weights_only=True)
+    assert set(raw) >= {"config", "state_dict", "kind"}
+
+
+def test_mlflow_run_records_training_and_artifacts(annotated):
+    import mlflow
+
+    from cardiomotion.tracking import tracking_uri
+
+    root, cfg, _ = annotated
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'annotate'")
+    assert len(runs) == 1
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "pwc_train_loss")
+    assert [m.step for m in history] == list(range(4))
+    assert "mean_epe_myo_mm_refined" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "feature_pyramid", "figures", "annotations.parquet"} <= arts
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/feature_pyramid",
+                                                tracking_uri=tracking_uri(cfg))
+    from cardiomotion.models.pyramid import FeaturePyramid
+
+    FeaturePyramid.load(f"{local}/feature_pyramid.pt")
+
+
+def test_rerun_reuses_model_and_flows(annotated):
+    from cardiomotion.annotate import annotate
+
+    root, cfg, table = annotated
+    model = root / "annotations" / "pwcnet.pt"
+    flow = root / "annotations" / "phantom_000" / "flow.nii.gz"
+    before = (model.stat().st_mtime_ns, flow.stat().st_mtime_ns)
+    annotate(root / "prepared", root / "annotations", cfg)
+    assert (model.stat().st_mtime_ns, flow.stat().st_mtime_ns) == before
+
+
+def test_bad_prepared_data_is_refused_before_any_work(annotated, tmp_path):
+    from cardiomotion.annotate import annotate
+
+    root, cfg, _ = annotated
+    with pytest.raises(InputError, match="scans.parquet.*no scan table"):
+        annotate(tmp_path / "nothing", tmp_path / "out1", cfg)
+    assert not (tmp_path / "out1").exists()
+
+    bad = tmp_path / "prepared"
+    shutil.copytree(root / "prepared", bad)
+    ed = bad / "phantom_001" / "ed.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), np.eye(4)), str(ed))
+    with pytest.raises(InputError, match=r"phantom_001/ed.nii.gz: ED grid \(32, 32, 16\) differs"):
+        annotate(bad, tmp_path / "out2", cfg)
+    assert not (tmp_path / "out2").exists()
+
+    (bad / "phantom_001" / "ed.nii.gz").unlink()
+    with pytest.raises(InputError, match="phantom_001/ed.nii.gz: listed in scans.parquet but missing"):
+        annotate(bad, tmp_path / "out3", cfg)
+    assert not (tmp_path / "out3").exists()
+
+
+def test_tiny_pwcnet_learns_on_a_phantom_pair():
+    """A few Adam steps on one 32³ phantom pair lower the full-resolution photometric loss."""
+    from cardiomotion.data.intensity import hu_to_unit
+    from cardiomotion.data.phantom import make_patient
+    from cardiomotion.flow.warp import warp
+    from cardiomotion.models.pwcnet import PWCNet3D
+    from cardiomotion.train.losses import photometric_loss, pwc_unsupervised_loss
+
+    torch.manual_seed(0)
+    p = make_patient(0, grid=32, noise=False)
+    es_t, ed_t = p.meta["es_phase"], p.meta["ed_phase"]
+    moving = torch.from_numpy(hu_to_unit(p.ct[..., es_t], (-200, 800)))[None, None]
+    fixed = torch.from_numpy(hu_to_unit(p.ct[..., ed_t], (-200, 800)))[None, None]
+    net = PWCNet3D(channels=(8, 16, 32), estimator_channels=(16, 16), search_range=1)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+
+    def full_res_loss() -> float:
+        with torch.no_grad():
+            return float(photometric_loss(fixed, warp(moving, net(fixed, moving).flow)))
+
+    before = full_res_loss()
+    for _ in range(40):
+        out = net(fixed, moving)
+        loss, _ = pwc_unsupervised_loss(fixed, moving, [*out.levels, out.flow], [0.25, 0.5, 1.0, 1.0], 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert full_res_loss() < 0.8 * before
