@@ -116,6 +116,23 @@ def cmd_annotate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from .train.cvae import train_fold
+
+    cfg = _load(args)
+    t0 = time.perf_counter()
+    res = train_fold(args.prepared, args.flows, args.fold, cfg, log=_say)
+    m = res.metrics
+    _say(f"fold {res.fold} (held out {res.val_id}) finished in {time.perf_counter() - t0:.0f} s")
+    for key in ("val_epe_rec_mm", "val_epe_prior_mm", "val_epe_zero_mm", "val_kl", "val_mse_rec"):
+        if key in m:
+            _say(f"  {key:20s} {m[key]:.4f}")
+    _say(f"  model   {res.model_uri}")
+    _say(f"  figure  {res.figure}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .pipeline import run_demo
@@ -166,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder for flows, annotations.parquet and the pyramid")
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_annotate)
+
+    s = sub.add_parser("train", help="train the CVAE on one leave-one-out fold (Ray Train, MLflow)")
+    s.add_argument("--prepared", required=True, help="prepared dataset folder")
+    s.add_argument("--flows", required=True, help="annotation folder (flows + feature_pyramid.pt)")
+    s.add_argument("--fold", type=int, required=True, help="index of the held-out scan (scan-id order)")
+    s.add_argument("--config", help="YAML config")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("demo", help="run the whole pipeline on a phantom cohort")
     s.add_argument("--config", help="YAML config (make demo uses configs/smoke.yaml)")

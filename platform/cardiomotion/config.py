@@ -124,6 +124,67 @@ class AnnotateConfig(_Section):
     refine_smooth_weight: float = Field(0.1, ge=0)
 
 
+class FlowOutput(str, Enum):
+    """What the CVAE decoder predicts (mirrors :class:`cardiomotion.models.cvae.OutputKind`)."""
+
+    DISPLACEMENT = "displacement"
+    VELOCITY = "velocity"
+
+
+class CVAEModelConfig(_Section):
+    """CVAE architecture; its levels and channels mirror the frozen pyramid of the annotation."""
+
+    latent_channels: Optional[int] = Field(None, ge=1, description="null → the coarsest pyramid channels")
+    output: FlowOutput = FlowOutput.DISPLACEMENT
+    integration_steps: int = Field(7, ge=0, le=12, description="scaling-and-squaring steps (velocity)")
+
+
+class AugmentSection(_Section):
+    """Joint (ES, flow) augmentation before the frozen pyramid (the paper's values)."""
+
+    noise_std: float = Field(0.015, ge=0, description="intensity noise std ([0, 1] image units)")
+    max_shift: int = Field(10, ge=0, description="largest integer shift per axis (voxels)")
+    zoom: tuple[float, float] = Field((0.9, 1.1), description="isotropic zoom range")
+    p: float = Field(1.0, ge=0, le=1, description="probability of each augmentation")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"zoom must be (low, high) with 0 < low <= high, got {v}")
+        return v
+
+
+class TrainConfig(_Section):
+    """CVAE training of one leave-one-out fold (``cardiomotion train``)."""
+
+    model: CVAEModelConfig = CVAEModelConfig()
+    augment: AugmentSection = AugmentSection()
+    epochs: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    grad_clip: Optional[float] = Field(0.75, gt=0, description="gradient-norm clipping; null = off")
+    w_rec: float = Field(0.95, ge=0, description="weight of the reconstruction MSE")
+    w_kl: float = Field(0.05, ge=0, description="weight of the KL term")
+    kl_warmup_epochs: int = Field(0, ge=0, description="KL weight ramps linearly from 0 over these epochs")
+    num_workers: int = Field(1, ge=1, description="DDP ranks of one fold")
+    use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="fraction of a GPU per rank (fold packing)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    bf16: bool = Field(True, description="bf16 autocast on GPU")
+    channels_last: bool = Field(True, description="channels_last_3d memory format on GPU")
+    checkpoint_every: int = Field(50, ge=1, description="epochs between checkpoints")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    val_every: int = Field(1, ge=1, description="epochs between validations")
+    prior_samples: int = Field(4, ge=1, description="prior samples per validation scan")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "TrainConfig":
+        if self.w_rec + self.w_kl <= 0:
+            raise ValueError("w_rec + w_kl must be > 0")
+        return self
+
+
 class RayConfig(_Section):
     """Where Ray runs. ``address: null`` starts an embedded local instance."""
 
@@ -149,6 +210,7 @@ class Config(_Section):
     prepare: PrepareConfig = PrepareConfig()
     intensity: IntensityConfig = IntensityConfig()
     annotate: AnnotateConfig = AnnotateConfig()
+    train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -116,6 +116,20 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
 
+def log_metrics_to(uri: str | None, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
+    """Log metrics to a given run from any process (Ray workers): no active-run state needed."""
+    if not (uri and run_id):
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
+    MlflowClient(uri).log_batch(run_id, metrics=batch)
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 

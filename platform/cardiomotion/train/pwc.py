@@ -56,24 +56,13 @@ def load_unit_pairs(prepared_dir: str | Path, rows: list[dict], window) -> tuple
     return torch.from_numpy(np.stack(es))[:, None], torch.from_numpy(np.stack(ed))[:, None]
 
 
-def _log_mlflow(uri: str | None, run_id: str | None, metrics: dict[str, float], step: int) -> None:
-    if not (uri and run_id):
-        return
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    MlflowClient(uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
-
-
 def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker loop (``train_loop_per_worker``)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from ..tracking import log_metrics_to
     from ..train.losses import pwc_unsupervised_loss
 
     cfg = Config.model_validate(config["cfg"])
@@ -128,7 +117,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
             totals["smoothness"] += float(parts["smoothness"]) / steps
         metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
         if rank == 0:
-            _log_mlflow(config.get("tracking_uri"), config.get("run_id"),
+            log_metrics_to(config.get("tracking_uri"), config.get("run_id"),
                         {f"pwc_train_{k}": v for k, v in totals.items()}, epoch)
         # Per-epoch curves go to MLflow above; Ray Train gets a report (a barrier on every rank)
         # only with each checkpoint.

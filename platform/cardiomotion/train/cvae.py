@@ -1,0 +1,335 @@
+"""CVAE training of one leave-one-out fold as a Ray Train job, tracked in MLflow.
+
+Loss: w_rec · MSE(u_rec, u) + w_kl(epoch) · KL(q(z | u, ES) ‖ N(0, I)), KL the standard Gaussian
+KL averaged per latent element, w_kl ramping linearly over ``kl_warmup_epochs``. Each step
+augments (ES, u) jointly, then computes the frozen pyramid of the augmented ES under no_grad.
+On GPU: bf16 autocast and channels_last_3d; on CPU: fp32, gloo. Adam with gradient clipping.
+Validation on the held-out scan each ``val_every`` epochs: EPE (voxels and mm) of the posterior
+reconstruction (z = μ) and of ``prior_samples`` prior samples (z ~ N(0, I)), plus the MSE the
+paper reports. Rank 0 logs everything to the MLflow run the driver opened. Checkpoints every
+``checkpoint_every`` epochs; after a worker failure the group restarts from the last one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+
+CKPT_FILE = "state.pt"
+MODEL_FILE = "cvae.pt"
+MODEL_META = "model.json"
+
+
+def build_cvae(cfg: Config, pyramid_config: dict[str, Any]):
+    """The CVAE mirroring the frozen pyramid (its channels per level)."""
+    from ..models.cvae import MotionCVAE
+
+    chans = list(pyramid_config["channels"])
+    m = cfg.train.model
+    return MotionCVAE(channels=chans, cond_channels=chans, latent_channels=m.latent_channels,
+                      output=m.output.value, integration_steps=m.integration_steps)
+
+
+def kl_weight(cfg: Config, epoch: int) -> float:
+    t = cfg.train
+    if t.kl_warmup_epochs <= 0:
+        return t.w_kl
+    return t.w_kl * min(1.0, (epoch + 1) / t.kl_warmup_epochs)
+
+
+@torch.no_grad()
+def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: float, n_prior: int,
+             seed: int, device) -> dict[str, float]:
+    """Reconstruction (z = μ) and prior-sample errors on held-out pairs (es (N,1,…), flow (N,3,…))."""
+    from ..train.losses import kl_standard_normal
+
+    model.eval()
+    es, flow = es.to(device), flow.to(device)
+    feats = pyramid(es)
+    mu, logvar = model.encode(flow, es, feats)
+    rec = model.decode(mu, es, feats).float()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    epe_prior, mag_prior = [], []
+    for _ in range(n_prior):
+        sample = model.sample(es, feats, generator=gen).float()
+        epe_prior.append(torch.linalg.vector_norm(sample - flow, dim=1).mean())
+        mag_prior.append(torch.linalg.vector_norm(sample, dim=1).mean())
+    epe_rec = float(torch.linalg.vector_norm(rec - flow, dim=1).mean())
+    epe_p = float(torch.stack(epe_prior).mean())
+    epe_zero = float(torch.linalg.vector_norm(flow, dim=1).mean())
+    model.train()
+    return {
+        "val_epe_rec_vox": epe_rec, "val_epe_rec_mm": epe_rec * spacing_mm,
+        "val_epe_prior_vox": epe_p, "val_epe_prior_mm": epe_p * spacing_mm,
+        "val_epe_zero_vox": epe_zero, "val_epe_zero_mm": epe_zero * spacing_mm,
+        "val_mse_rec": float(((rec - flow) ** 2).mean()),
+        "val_kl": float(kl_standard_normal(mu.float(), logvar.float())),
+        "val_prior_magnitude_vox": float(torch.stack(mag_prior).mean()),
+    }
+
+
+def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker loop (``train_loop_per_worker``) of one fold."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from ..models.pyramid import FeaturePyramid
+    from ..tracking import log_metrics_to
+    from ..train.augment import AugmentConfig, augment
+    from ..train.fold import FoldPlan, load_samples
+    from ..train.losses import kl_standard_normal
+
+    cfg = Config.model_validate(config["cfg"])
+    tc = cfg.train
+    plan = FoldPlan(**{**config["plan"], "prepared": Path(config["plan"]["prepared"]),
+                       "flows": Path(config["plan"]["flows"]), "scan_ids": tuple(config["plan"]["scan_ids"]),
+                       "grid": tuple(config["plan"]["grid"])})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last_3d if (cuda and tc.channels_last) else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+
+    train_ids = list(plan.train_ids)
+    mine = [train_ids[i % len(train_ids)] for i in range(rank, max(len(train_ids), world), world)]
+    es_all, flow_all = load_samples(plan, mine, cfg.intensity.window)
+    es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)
+
+    pyramid = FeaturePyramid.load(plan.flows / "feature_pyramid.pt", map_location=device).eval()
+    pyramid.requires_grad_(False)
+    pyramid.to(memory_format=fmt)
+    model = build_cvae(cfg, pyramid.config()).to(memory_format=fmt)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    aug_cfg = AugmentConfig(noise_std=tc.augment.noise_std, max_shift=tc.augment.max_shift,
+                            zoom=tuple(tc.augment.zoom), p=tc.augment.p)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
+        _unwrap(model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+    fail_at = config.get("fail_at_epoch")  # test hook: die once, before the first restart
+
+    steps = max(1, math.ceil(len(train_ids) / (tc.batch_size * world)))
+    metrics: dict[str, float] = {}
+    for epoch in range(start, tc.epochs):
+        if fail_at is not None and epoch == fail_at and ckpt is None:
+            raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
+        w_kl = kl_weight(cfg, epoch)
+        sums = {"train_loss": 0.0, "train_mse": 0.0, "train_kl": 0.0}
+        for _ in range(steps):
+            idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen)
+            es, flow = augment(es_all[idx], flow_all[idx], aug_cfg, gen)
+            es = es.to(device).contiguous(memory_format=fmt)
+            flow = flow.to(device).contiguous(memory_format=fmt)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+                with torch.no_grad():
+                    feats = pyramid(es)
+                out = model(flow, es, feats)
+            mse = ((out.flow.float() - flow) ** 2).mean()
+            kl = kl_standard_normal(out.mu.float(), out.logvar.float())
+            loss = tc.w_rec * mse + w_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            sums["train_loss"] += float(loss.detach()) / steps
+            sums["train_mse"] += float(mse.detach()) / steps
+            sums["train_kl"] += float(kl.detach()) / steps
+        metrics = {**sums, "kl_weight": w_kl}
+        last = epoch == tc.epochs - 1
+        if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+                val = validate(_unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
+                               cfg.seed, device)
+            val["val_loss"] = tc.w_rec * val["val_mse_rec"] + w_kl * val["val_kl"]
+            metrics.update(val)
+        if rank == 0:
+            log_metrics_to(config.get("tracking_uri"), config.get("run_id"), metrics, epoch)
+        if last or (epoch + 1) % tc.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                                "epoch": epoch}, os.path.join(d, CKPT_FILE))
+                    checkpoint = Checkpoint.from_directory(d)
+                ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+    return metrics
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# ------------------------------------------------------------------------------- driver side
+from dataclasses import dataclass, field  # noqa: E402
+
+
+@dataclass
+class FoldResult:
+    """What a finished fold produced."""
+
+    fold: int
+    val_id: str
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    figure: Path | None = None
+
+
+def check_fold_inputs(prepared_dir, flows_dir, fold: int, cfg: Config):
+    """All checks that must pass before any Ray work; returns (plan, pyramid config)."""
+    from ..errors import InputError
+    from ..models.pyramid import load_checkpoint
+    from .fold import PYRAMID_FILE, plan_fold
+
+    plan = plan_fold(prepared_dir, flows_dir, fold)
+    try:
+        pyr = load_checkpoint(plan.flows / PYRAMID_FILE, "feature_pyramid")["config"]
+    except Exception as exc:
+        raise InputError(plan.flows / PYRAMID_FILE, f"not a feature-pyramid checkpoint ({exc})") from None
+    div = 2 ** len(pyr["channels"])
+    if any(n % div for n in plan.grid):
+        raise InputError(plan.prepared, f"grid {plan.grid} is not divisible by 2^levels = {div} of the pyramid")
+    return plan, pyr
+
+
+def save_model_dir(model, plan, pyramid_config: dict, cfg: Config, dst: Path) -> Path:
+    """The model artifact: cvae.pt + feature_pyramid.pt + model.json (all the generator needs)."""
+    import shutil
+
+    from ..fileio import write_json
+    from .fold import PYRAMID_FILE
+
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save(dst / MODEL_FILE)
+    shutil.copy2(plan.flows / PYRAMID_FILE, dst / PYRAMID_FILE)
+    write_json(dst / MODEL_META, {
+        "kind": "cardiomotion-cvae", "fold": plan.fold, "val_scan": plan.val_id,
+        "train_scans": list(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
+        "intensity_window": list(cfg.intensity.window), "output": cfg.train.model.output.value,
+        "pyramid": pyramid_config, "cvae": model.config(), "seed": cfg.seed,
+        "flow_convention": "pull field on the ED grid, voxels: ED(x) = ES(x + u(x))",
+    })
+    return dst
+
+
+def fold_figure(model, plan, cfg: Config, dst: Path) -> Path:
+    """Held-out ES, its annotated flow, the reconstruction and a prior sample (orthogonal slices)."""
+    import numpy as np
+
+    from ..evaluate.figures import plot_orthogonal
+    from ..flow.warp import warp
+    from ..models.pyramid import FeaturePyramid
+    from .fold import PYRAMID_FILE, load_samples
+
+    es, flow = load_samples(plan, [plan.val_id], cfg.intensity.window)
+    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+    model = model.eval()
+    with torch.no_grad():
+        feats = pyramid(es)
+        mu, _ = model.encode(flow, es, feats)
+        rec = model.decode(mu, es, feats)
+        sample = model.sample(es, feats, generator=torch.Generator().manual_seed(cfg.seed))
+        ed_syn = warp(es, sample)
+    s = plan.spacing_mm
+
+    def mag(u):
+        return np.sqrt((u[0].numpy() ** 2).sum(0)) * s
+
+    hi = float(max(mag(flow).max(), 1e-3))
+    rows = [("held-out ES", es[0, 0].numpy()), ("|u| annotated (mm)", mag(flow)),
+            ("|u| reconstructed (mm)", mag(rec)), ("|u| prior sample (mm)", mag(sample)),
+            ("warp(ES, sample)", ed_syn[0, 0].numpy())]
+    return plot_orthogonal(rows, dst, spacing=(s, s, s), windows=[(0, 1), (0, hi), (0, hi), (0, hi), (0, 1)],
+                           cmaps=["gray", "viridis", "viridis", "viridis", "gray"],
+                           title=f"fold {plan.fold}: held-out {plan.val_id}")
+
+
+def train_fold(
+    prepared_dir: str | Path,
+    flows_dir: str | Path,
+    fold: int,
+    cfg: Config,
+    *,
+    name: str | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    fail_at_epoch: int | None = None,
+    log=lambda _m: None,
+) -> FoldResult:
+    """Train leave-one-out fold ``fold`` (scan ``fold`` held out) with a Ray Train TorchTrainer.
+
+    Checks every input before Ray starts. Re-running with the same ``name`` (default
+    ``fold_<K>``) under the same storage root resumes from the last checkpoint; pass the
+    previous ``run_id`` to continue its MLflow run. Returns the run id and ``runs:/<id>/model``.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .. import tracking
+    from ..config import storage_root
+    from ..raycluster import init_ray
+
+    plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
+    uri = tracking.setup(cfg)
+    init_ray(cfg.ray)
+    tc = cfg.train
+    name = name or f"fold_{fold:03d}"
+    use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
+    params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
+              "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
+              "prepared": str(plan.prepared), "flows": str(plan.flows), "seed": cfg.seed}
+    with tracking.start_run(cfg, name, params=None if run_id else params, run_id=run_id,
+                            parent_run_id=parent_run_id, tags={"stage": "train", "fold": str(fold)}) as run:
+        log(f"train: fold {fold} (held out {plan.val_id}), {len(plan.train_ids)} training scans, "
+            f"{tc.epochs} epochs, run {run.info.run_id}")
+        plan_dict = {**plan.__dict__, "prepared": str(plan.prepared), "flows": str(plan.flows),
+                     "scan_ids": list(plan.scan_ids), "grid": list(plan.grid)}
+        trainer = TorchTrainer(
+            cvae_train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "run_id": run.info.run_id,
+                               "tracking_uri": uri, "fail_at_epoch": fail_at_epoch},
+            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=str(storage_root(cfg) / "ray_results"),
+                                 failure_config=FailureConfig(max_failures=tc.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"fold {fold} finished without a checkpoint: {result.error}")
+        model = build_cvae(cfg, pyr)
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = save_model_dir(model, plan, pyr, cfg, Path(tmp) / "model")
+            import mlflow
+
+            mlflow.log_artifacts(str(model_dir), artifact_path="model")
+            figure = fold_figure(model, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
+            mlflow.log_artifact(str(figure), artifact_path="figures")
+            out_fig = storage_root(cfg) / "figures" / figure.name
+            out_fig.parent.mkdir(parents=True, exist_ok=True)
+            import shutil
+
+            shutil.copy2(figure, out_fig)
+        tracking.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "epoch"})
+        return FoldResult(fold, plan.val_id, run.info.run_id, f"runs:/{run.info.run_id}/model", metrics, out_fig)

@@ -1,0 +1,79 @@
+"""Leave-one-out folds over a prepared dataset and its annotations.
+
+Fold K holds out scan K (scans in scan-id order) and trains on the others. Inputs are checked
+before any Ray work: prepared table and files, one flow per scan, the frozen pyramid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+PYRAMID_FILE = "feature_pyramid.pt"
+FLOW_FILE = "flow.nii.gz"
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """What a fold trains and validates on (checked, absolute paths)."""
+
+    fold: int
+    prepared: Path
+    flows: Path
+    scan_ids: tuple[str, ...]  # all scans, sorted
+    val_id: str
+    grid: tuple[int, int, int]
+    spacing_mm: float
+
+    @property
+    def train_ids(self) -> tuple[str, ...]:
+        return tuple(s for s in self.scan_ids if s != self.val_id)
+
+
+def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> FoldPlan:
+    """Check the inputs of fold ``fold`` and describe it.
+
+    Raises:
+        InputError: missing/inconsistent prepared data, a scan without a flow, no pyramid, or a
+            fold index outside 0..N−1.
+    """
+    from ..data.table import read_scan_table
+
+    prepared = Path(prepared_dir).resolve()
+    flows = Path(flows_dir).resolve()
+    table = read_scan_table(prepared)
+    ids = tuple(sorted(str(s) for s in table.scan_id))
+    if len(ids) < 2:
+        raise InputError(prepared / "scans.parquet", f"leave-one-out needs at least 2 scans, found {len(ids)}")
+    if not 0 <= fold < len(ids):
+        raise InputError(None, f"fold {fold} is out of range: {prepared} has {len(ids)} scans (folds 0..{len(ids) - 1})")
+    if not (flows / PYRAMID_FILE).is_file():
+        raise InputError(flows / PYRAMID_FILE, "missing: run `cardiomotion annotate` to make the frozen pyramid")
+    for sid in ids:
+        if not (flows / sid / FLOW_FILE).is_file():
+            raise InputError(flows / sid / FLOW_FILE, f"missing: no annotated flow for scan {sid}")
+    row = table.iloc[0]
+    grid = tuple(int(n) for n in row["shape"])
+    return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, float(row["spacing_mm"]))
+
+
+def load_samples(plan: FoldPlan, scan_ids: tuple[str, ...] | list[str], window) -> tuple[torch.Tensor, torch.Tensor]:
+    """ES images (N, 1, I, J, K) in [0, 1] and their annotated flows (N, 3, I, J, K), voxels."""
+    import nibabel as nib
+
+    from ..data.intensity import hu_to_unit
+    from ..flow.io import read_flow
+
+    images, flows = [], []
+    for sid in scan_ids:
+        es = np.asarray(nib.load(str(plan.prepared / sid / "es.nii.gz")).dataobj, dtype=np.float32)
+        flow, _ = read_flow(plan.flows / sid / FLOW_FILE)
+        if flow.shape[1:] != es.shape:
+            raise InputError(plan.flows / sid / FLOW_FILE, f"flow grid {flow.shape[1:]} differs from ES grid {es.shape}")
+        images.append(hu_to_unit(es, window))
+        flows.append(flow)
+    return torch.from_numpy(np.stack(images))[:, None], torch.from_numpy(np.stack(flows))
