@@ -185,6 +185,49 @@ class TrainConfig(_Section):
         return self
 
 
+class GenerateConfig(_Section):
+    """Mass generation of (ES, ED_syn, flow) corpora (``cardiomotion generate``, docs/corpus.md)."""
+
+    seed: Optional[int] = Field(None, description="corpus seed; null → the top-level seed")
+    temperature: float = Field(1.0, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean")
+    shard_size: int = Field(256, ge=1, description="samples per tar shard (shard k = samples [k·S, (k+1)·S))")
+    batch_size: int = Field(16, ge=1, description="latents decoded together (fixed blocks inside a shard)")
+    actors: Optional[int] = Field(None, ge=1, description="actor pool size; null → one per GPU share, else one per CPU")
+    use_gpu: Optional[bool] = Field(None, description="null → GPU actors when the cluster has GPUs")
+    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per actor (<1 packs writers onto a GPU)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    precision: str = Field("bf16", description="decoder autocast on GPU: fp32, bf16 or fp16 (CPU: always fp32)")
+    channels_last: bool = Field(True, description="channels_last_3d on GPU")
+    flow_dtype: str = Field("float16", description="stored flow dtype: float16 or float32")
+    verify: str = Field("size", description="how a rerun checks finished shards: size or sha256")
+    previews: int = Field(2, ge=0, description="preview figures (samples) written and logged after a run")
+    gif_frames: int = Field(12, ge=2, description="frames of the ES→ED transition GIF")
+    traversal_directions: int = Field(3, ge=0, description="latent directions in the traversal mosaic (0 = none)")
+    traversal_steps: int = Field(5, ge=2, description="points along each traversal direction")
+    traversal_range: float = Field(2.5, gt=0, description="traversal from −range to +range prior std")
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {v!r}")
+        return v
+
+    @field_validator("flow_dtype")
+    @classmethod
+    def _flow_dtype(cls, v: str) -> str:
+        if v not in ("float16", "float32"):
+            raise ValueError(f"flow_dtype must be float16 or float32, got {v!r}")
+        return v
+
+    @field_validator("verify")
+    @classmethod
+    def _verify(cls, v: str) -> str:
+        if v not in ("size", "sha256"):
+            raise ValueError(f"verify must be size or sha256, got {v!r}")
+        return v
+
+
 class RayConfig(_Section):
     """Where Ray runs. ``address: null`` starts an embedded local instance."""
 
@@ -213,6 +256,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     @model_validator(mode="after")
     def _grid_fits_networks(self) -> "Config":

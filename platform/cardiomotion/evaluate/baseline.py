@@ -22,24 +22,37 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["DemonsSettings", "demons_flow"]
+__all__ = ["DemonsSettings", "default_iterations", "demons_flow"]
+
+
+def default_iterations(levels: int) -> tuple[int, ...]:
+    """The default schedule, coarse to fine: 100 iterations at the finest level, doubling per
+    coarser level (levels=3 → (400, 200, 100))."""
+    return tuple(100 * 2 ** level for level in range(levels - 1, -1, -1))
 
 
 @dataclass(frozen=True)
 class DemonsSettings:
-    """The parameters of :func:`demons_flow` (defaults tuned on the phantom cohort)."""
+    """The parameters of :func:`demons_flow`.
+
+    Defaults were tuned on the phantom cohort (3 patients, ES→ED, myocardium EPE) at both
+    32³ × 4 mm and 64³ × 2 mm: diffeomorphic beat fast-symmetric forces, a 0.5-voxel step
+    limit and a little fluid (update) smoothing beat the plain Thirion settings, and more
+    iterations than these bought about 0.1 mm at 64³ for twice the time.
+    """
 
     method: str = "diffeomorphic"  # or "symmetric" (fast symmetric forces)
-    iterations: int | Sequence[int] = 100  # per level, coarse to fine (one int: every level)
+    iterations: int | Sequence[int] = (400, 200, 100)  # per level, coarse to fine (int: every level)
     smoothing_sigma: float = 1.5  # std of the displacement-field Gaussian, voxels of each level
-    update_sigma: float = 0.0  # std of the update-field Gaussian (fluid-like), 0 = off
+    update_sigma: float = 1.0  # std of the update-field Gaussian (fluid-like), 0 = off
     levels: int = 3  # pyramid levels, shrink factors 2^(levels-1) … 1
-    max_step_voxels: float = 1.0  # maximum update step length, voxels of each level
+    max_step_voxels: float = 0.5  # maximum update step length, voxels of each level
     window_hu: tuple[float, float] = (-200.0, 800.0)  # intensity window, scaled to [0, 1]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["iterations"] = list(d["iterations"]) if not isinstance(d["iterations"], int) else d["iterations"]
+        if not isinstance(d["iterations"], int):
+            d["iterations"] = [int(n) for n in d["iterations"]]
         d["window_hu"] = list(d["window_hu"])
         return d
 
@@ -84,7 +97,7 @@ def demons_flow(
     es: np.ndarray,
     ed: np.ndarray,
     spacing_mm: Any,
-    iterations: int | Sequence[int] = DemonsSettings.iterations,
+    iterations: int | Sequence[int] | None = None,
     smoothing_sigma: float = DemonsSettings.smoothing_sigma,
     levels: int = DemonsSettings.levels,
     *,
@@ -99,7 +112,8 @@ def demons_flow(
     Args:
         es, ed: (I, J, K) volumes in HU on the same grid.
         spacing_mm: voxel size in mm, one value or one per array axis.
-        iterations: demons iterations per pyramid level (coarse to fine), one int for all.
+        iterations: demons iterations per pyramid level (coarse to fine), one int for all, or
+            None for :func:`default_iterations` of ``levels``.
         smoothing_sigma: Gaussian std (voxels of each level) regularising the displacement field.
         levels: number of pyramid levels; level l (from the finest, 0) is 2^l times coarser.
         method: "diffeomorphic" (DiffeomorphicDemonsRegistrationFilter, symmetric ESM
@@ -121,6 +135,8 @@ def demons_flow(
         raise ValueError(f"es and ed must be (I, J, K) volumes of one shape, got {es.shape} and {ed.shape}")
     if levels < 1:
         raise ValueError(f"levels must be ≥ 1, got {levels}")
+    if iterations is None:
+        iterations = default_iterations(levels)
     iters = [int(iterations)] * levels if np.isscalar(iterations) else [int(n) for n in iterations]
     if len(iters) != levels:
         raise ValueError(f"{len(iters)} iteration counts for {levels} levels")

@@ -1,0 +1,138 @@
+"""Resolving a trained CVAE for generation: an MLflow model URI, a model folder or a checkpoint.
+
+A model artifact (written by :func:`cardiomotion.train.cvae.save_model_dir`) is a folder with
+``cvae.pt`` (MotionCVAE checkpoint), ``feature_pyramid.pt`` (the frozen pyramid) and
+``model.json`` (grid, spacing, intensity window, ...). The generator identifies a model by the
+sha256 of ``cvae.pt`` and of ``feature_pyramid.pt``: a corpus records both, and a rerun with
+another model is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..errors import InputError
+
+MODEL_FILE = "cvae.pt"
+PYRAMID_FILE = "feature_pyramid.pt"
+MODEL_META = "model.json"
+MODEL_FILES = (MODEL_FILE, PYRAMID_FILE, MODEL_META)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (flat memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder on local disk and what identifies it."""
+
+    uri: str  # as the user gave it (runs:/…, models:/…, or an absolute folder path)
+    path: Path  # local folder with the three files
+    cvae_sha256: str
+    pyramid_sha256: str
+    meta: dict[str, Any]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.meta["grid"])  # type: ignore[return-value]
+
+    @property
+    def window(self) -> tuple[float, float]:
+        return tuple(float(x) for x in self.meta["intensity_window"])  # type: ignore[return-value]
+
+    def blobs(self) -> dict[str, bytes]:
+        """The checkpoint bytes (shipped to Ray actors through the object store)."""
+        return {"cvae": (self.path / MODEL_FILE).read_bytes(), "pyramid": (self.path / PYRAMID_FILE).read_bytes()}
+
+
+def _looks_like_uri(s: str) -> bool:
+    return "://" in s or s.startswith(("runs:/", "models:/"))
+
+
+def resolve_model(model: str | Path, cfg: Config) -> ResolvedModel:
+    """Find the model artifact named by ``model`` and check it, before any work.
+
+    ``model`` is a model folder (``cvae.pt`` + ``feature_pyramid.pt`` + ``model.json``), the
+    path of such a folder's ``cvae.pt``, or an MLflow URI (``runs:/<run_id>/model``,
+    ``models:/<name>@<alias>``, ...) resolved in the configured tracking store.
+
+    Raises:
+        InputError: it does not resolve, or the folder lacks a file or holds unreadable ones.
+    """
+    from .. import tracking
+
+    text = str(model)
+    p = Path(text).expanduser()
+    if p.exists():
+        path = p.resolve()
+        if path.is_file():
+            if path.name != MODEL_FILE:
+                raise InputError(path, f"not a model: pass the model folder or its {MODEL_FILE}")
+            path = path.parent
+        uri = str(path)
+    elif _looks_like_uri(text):
+        try:
+            path = tracking.download(text, cfg)
+        except tracking.TrackingError as exc:
+            raise InputError(text, f"model URI does not resolve ({exc})") from None
+        uri = text
+    else:
+        raise InputError(text, "model does not resolve: no such folder or file, and not an MLflow "
+                               "URI (runs:/<run_id>/model, models:/<name>@<alias>)")
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    if missing:
+        raise InputError(path, f"not a model folder: missing {', '.join(missing)} "
+                               "(a model artifact of `cardiomotion train`)")
+    try:
+        meta = json.loads((path / MODEL_META).read_text())
+        for key in ("grid", "intensity_window"):
+            if key not in meta:
+                raise ValueError(f"no {key!r}")
+    except ValueError as exc:
+        raise InputError(path / MODEL_META, f"unreadable model description ({exc})") from None
+    resolved = ResolvedModel(uri, path, sha256_file(path / MODEL_FILE), sha256_file(path / PYRAMID_FILE), meta)
+    try:
+        load_networks(resolved.blobs())
+    except Exception as exc:
+        raise InputError(path, f"unreadable checkpoints ({exc.__class__.__name__}: {exc})") from None
+    return resolved
+
+
+def load_networks(blobs: dict[str, bytes], device: Any = "cpu"):
+    """(MotionCVAE, FeaturePyramid) from checkpoint bytes (``weights_only=True``), in eval mode,
+    parameters frozen."""
+    from ..models.cvae import CVAE_KIND, MotionCVAE
+    from ..models.pyramid import PYRAMID_KIND, FeaturePyramid
+
+    def load(blob: bytes, kind: str) -> dict:
+        ckpt = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+            found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"not a {kind} checkpoint (kind={found!r})")
+        return ckpt
+
+    c = load(blobs["cvae"], CVAE_KIND)
+    model = MotionCVAE(**c["config"])
+    model.load_state_dict(c["state_dict"])
+    p = load(blobs["pyramid"], PYRAMID_KIND)
+    pyramid = FeaturePyramid(**p["config"])
+    pyramid.load_state_dict(p["state_dict"])
+    model = model.to(device).eval().requires_grad_(False)
+    pyramid = pyramid.to(device).eval().requires_grad_(False)
+    return model, pyramid
