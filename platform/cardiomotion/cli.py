@@ -89,7 +89,6 @@ def cmd_prepare(args) -> int:
     from .data.prepare import prepare_scans
 
     cfg = _load(args)
-    _quiet_ray(args)
     skipped: list[str] = []
     t0 = time.perf_counter()
     table = prepare_scans(args.scans, args.out, cfg, manifest=args.manifest, on_skip=skipped.append)
@@ -133,12 +132,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- config
+def cmd_config(args) -> int:
+    from .config import dump_config, reference_markdown
+
+    _say(reference_markdown() if args.reference else dump_config(_load(args)))
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .pipeline import run_demo
 
     cfg = _load(args)
-    _quiet_ray(args)
     t0 = time.perf_counter()
     res = run_demo(cfg, args.out, log=_say)
     _say("")
@@ -191,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("config", help="print the effective configuration, or the reference of every key")
+    s.add_argument("--config", help="YAML config to merge over the defaults")
+    s.add_argument("--reference", action="store_true", help="Markdown table of every key, default and meaning")
+    s.set_defaults(func=cmd_config)
+
     s = sub.add_parser("demo", help="run the whole pipeline on a phantom cohort")
     s.add_argument("--config", help="YAML config (make demo uses configs/smoke.yaml)")
     s.add_argument("--out", default="demo_output", help="output folder")
@@ -200,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("phantom",):
+        _quiet_ray(args)  # every other stage may start Ray
     try:
         return int(args.func(args) or 0)
     except CardiomotionError as exc:

@@ -44,7 +44,7 @@ class PrepareConfig(_Section):
 
     spacing_mm: float = Field(1.5, gt=0, description="isotropic output voxel size")
     grid: tuple[int, int, int] = Field((96, 96, 96), description="output grid (I, J, K)")
-    center: CenterMode = CenterMode.HEART
+    center: CenterMode = Field(CenterMode.HEART, description="crop centre: heart (blood centroid) or volume")
     dtype: str = Field("int16", description="stored dtype of es/ed.nii.gz: int16 or float32")
     blood_hu: tuple[float, float] = Field((200.0, 800.0), description="HU range of contrast-enhanced blood")
     pad_hu: float = Field(-1000.0, description="HU used where the crop reaches outside the scan")
@@ -74,7 +74,7 @@ class PrepareConfig(_Section):
 class IntensityConfig(_Section):
     """How networks see HU: clipped to ``window`` and scaled to [0, 1]."""
 
-    window: tuple[float, float] = (-200.0, 800.0)
+    window: tuple[float, float] = Field((-200.0, 800.0), description="HU window the networks see, scaled to [0, 1]")
 
     @field_validator("window")
     @classmethod
@@ -89,8 +89,8 @@ class PWCConfig(_Section):
 
     channels: tuple[int, ...] = Field((16, 32, 64, 96, 128), description="pyramid channels, finest first")
     search_range: int = Field(2, ge=1, le=4, description="cost-volume radius (voxels of each level)")
-    estimator_channels: tuple[int, ...] = (64, 48, 32)
-    context: bool = True
+    estimator_channels: tuple[int, ...] = Field((64, 48, 32), description="hidden widths of each level's flow estimator")
+    context: bool = Field(True, description="dilated context network on the finest level")
     cost_chunk: Optional[int] = Field(25, ge=1, description="cost-volume offsets per chunk (memory bound)")
 
     @field_validator("channels", "estimator_channels")
@@ -105,9 +105,9 @@ class AnnotateConfig(_Section):
     """Ground-truth flow annotation (``cardiomotion annotate``): PWC-Net training + refinement."""
 
     pwc: PWCConfig = PWCConfig()
-    epochs: int = Field(300, ge=1)
-    batch_size: int = Field(2, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(300, ge=1, description="PWC-Net training epochs")
+    batch_size: int = Field(2, ge=1, description="pairs per step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     smooth_weight: float = Field(0.1, ge=0, description="first-order smoothness weight")
     ssim_alpha: float = Field(0.85, ge=0, le=1, description="photometric mix: α·(1−SSIM)/2 + (1−α)·L1")
     level_weights: Optional[tuple[float, ...]] = Field(
@@ -121,7 +121,7 @@ class AnnotateConfig(_Section):
     refine_steps: int = Field(150, ge=0, description="Adam steps per refinement level")
     refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
     refine_lr: float = Field(0.05, gt=0, description="Adam step on the flow (voxels)")
-    refine_smooth_weight: float = Field(0.1, ge=0)
+    refine_smooth_weight: float = Field(0.1, ge=0, description="smoothness weight during refinement")
 
 
 class FlowOutput(str, Enum):
@@ -135,7 +135,7 @@ class CVAEModelConfig(_Section):
     """CVAE architecture; its levels and channels mirror the frozen pyramid of the annotation."""
 
     latent_channels: Optional[int] = Field(None, ge=1, description="null → the coarsest pyramid channels")
-    output: FlowOutput = FlowOutput.DISPLACEMENT
+    output: FlowOutput = Field(FlowOutput.DISPLACEMENT, description="displacement (the paper) or velocity (diffeomorphic)")
     integration_steps: int = Field(7, ge=0, le=12, description="scaling-and-squaring steps (velocity)")
 
 
@@ -160,9 +160,9 @@ class TrainConfig(_Section):
 
     model: CVAEModelConfig = CVAEModelConfig()
     augment: AugmentSection = AugmentSection()
-    epochs: int = Field(2000, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(2000, ge=1, description="CVAE training epochs (the paper: 2000)")
+    batch_size: int = Field(16, ge=1, description="samples per step per rank")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     grad_clip: Optional[float] = Field(0.75, gt=0, description="gradient-norm clipping; null = off")
     w_rec: float = Field(0.95, ge=0, description="weight of the reconstruction MSE")
     w_kl: float = Field(0.05, ge=0, description="weight of the KL term")
@@ -170,7 +170,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="DDP ranks of one fold")
     use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
     gpus_per_worker: float = Field(1.0, gt=0, le=1, description="fraction of a GPU per rank (fold packing)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per rank")
     bf16: bool = Field(True, description="bf16 autocast on GPU")
     channels_last: bool = Field(True, description="channels_last_3d memory format on GPU")
     checkpoint_every: int = Field(50, ge=1, description="epochs between checkpoints")
@@ -240,14 +240,14 @@ class RayConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow. ``uri: null`` → $MLFLOW_TRACKING_URI, else sqlite under the storage root."""
 
-    uri: Optional[str] = None
-    experiment: str = "cardiomotion"
+    uri: Optional[str] = Field(None, description="MLflow URI; null → $MLFLOW_TRACKING_URI or sqlite under storage_root")
+    experiment: str = Field("cardiomotion", description="MLflow experiment name")
 
 
 class Config(_Section):
     """The whole configuration."""
 
-    seed: int = 0
+    seed: int = Field(0, description="seed of everything (folds, augmentation, sampling)")
     storage_root: Optional[str] = Field(None, description="root of stage outputs; default ./cardiomotion_work")
     phantom: PhantomConfig = PhantomConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -335,3 +335,23 @@ def storage_root(cfg: Config) -> Path:
 def dump_config(cfg: Config) -> str:
     """YAML text of a config that :func:`load_config` reads back to an equal config."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """The configuration reference (every key, its default and meaning) as a Markdown table."""
+    import json
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            v = f.default
+            v = v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v
+            lines.append(f"| `{prefix}{name}` | `{json.dumps(v)}` | {f.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"

@@ -47,6 +47,7 @@ def kl_weight(cfg: Config, epoch: int) -> float:
 def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: float, n_prior: int,
              seed: int, device) -> dict[str, float]:
     """Reconstruction (z = μ) and prior-sample errors on held-out pairs (es (N,1,…), flow (N,3,…))."""
+    from ..flow.metrics import folding_fraction
     from ..train.losses import kl_standard_normal
 
     model.eval()
@@ -55,11 +56,12 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
     mu, logvar = model.encode(flow, es, feats)
     rec = model.decode(mu, es, feats).float()
     gen = torch.Generator(device=device).manual_seed(seed)
-    epe_prior, mag_prior = [], []
+    epe_prior, mag_prior, fold_prior = [], [], []
     for _ in range(n_prior):
         sample = model.sample(es, feats, generator=gen).float()
         epe_prior.append(torch.linalg.vector_norm(sample - flow, dim=1).mean())
         mag_prior.append(torch.linalg.vector_norm(sample, dim=1).mean())
+        fold_prior.append(folding_fraction(sample))
     epe_rec = float(torch.linalg.vector_norm(rec - flow, dim=1).mean())
     epe_p = float(torch.stack(epe_prior).mean())
     epe_zero = float(torch.linalg.vector_norm(flow, dim=1).mean())
@@ -71,7 +73,47 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
         "val_mse_rec": float(((rec - flow) ** 2).mean()),
         "val_kl": float(kl_standard_normal(mu.float(), logvar.float())),
         "val_prior_magnitude_vox": float(torch.stack(mag_prior).mean()),
+        "val_folding_rec": folding_fraction(rec),  # fraction of voxels with Jacobian det <= 0
+        "val_folding_prior": sum(fold_prior) / len(fold_prior),
     }
+
+
+def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config, epoch: int, *,
+                steps: int, device, fmt=torch.contiguous_format, rank: int = 0) -> dict[str, float]:
+    """One epoch: ``steps`` Adam steps on random batches of (es_all, flow_all) (CPU tensors), each
+    augmented jointly, the frozen pyramid under no_grad, loss w_rec·MSE + w_kl(epoch)·KL, clipping.
+    Returns the epoch means of train_loss, train_mse, train_kl and the KL weight used."""
+    from ..train.augment import AugmentConfig, augment
+    from ..train.losses import kl_standard_normal
+
+    tc = cfg.train
+    cuda = device.type == "cuda"
+    aug_cfg = AugmentConfig(noise_std=tc.augment.noise_std, max_shift=tc.augment.max_shift,
+                            zoom=tuple(tc.augment.zoom), p=tc.augment.p)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
+    w_kl = kl_weight(cfg, epoch)
+    sums = {"train_loss": 0.0, "train_mse": 0.0, "train_kl": 0.0}
+    for _ in range(steps):
+        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen)
+        es, flow = augment(es_all[idx], flow_all[idx], aug_cfg, gen)
+        es = es.to(device).contiguous(memory_format=fmt)
+        flow = flow.to(device).contiguous(memory_format=fmt)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+            with torch.no_grad():
+                feats = pyramid(es)
+            out = model(flow, es, feats)
+        mse = ((out.flow.float() - flow) ** 2).mean()
+        kl = kl_standard_normal(out.mu.float(), out.logvar.float())
+        loss = tc.w_rec * mse + w_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sums["train_loss"] += float(loss.detach()) / steps
+        sums["train_mse"] += float(mse.detach()) / steps
+        sums["train_kl"] += float(kl.detach()) / steps
+    return {**sums, "kl_weight": w_kl}
 
 
 def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,9 +124,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
-    from ..train.augment import AugmentConfig, augment
     from ..train.fold import FoldPlan, load_samples
-    from ..train.losses import kl_standard_normal
 
     cfg = Config.model_validate(config["cfg"])
     tc = cfg.train
@@ -109,8 +149,6 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     model = build_cvae(cfg, pyramid.config()).to(memory_format=fmt)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    aug_cfg = AugmentConfig(noise_std=tc.augment.noise_std, max_shift=tc.augment.max_shift,
-                            zoom=tuple(tc.augment.zoom), p=tc.augment.p)
 
     start = 0
     ckpt = ray.train.get_checkpoint()
@@ -127,30 +165,9 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start, tc.epochs):
         if fail_at is not None and epoch == fail_at and ckpt is None:
             raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
-        w_kl = kl_weight(cfg, epoch)
-        sums = {"train_loss": 0.0, "train_mse": 0.0, "train_kl": 0.0}
-        for _ in range(steps):
-            idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen)
-            es, flow = augment(es_all[idx], flow_all[idx], aug_cfg, gen)
-            es = es.to(device).contiguous(memory_format=fmt)
-            flow = flow.to(device).contiguous(memory_format=fmt)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
-                with torch.no_grad():
-                    feats = pyramid(es)
-                out = model(flow, es, feats)
-            mse = ((out.flow.float() - flow) ** 2).mean()
-            kl = kl_standard_normal(out.mu.float(), out.logvar.float())
-            loss = tc.w_rec * mse + w_kl * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sums["train_loss"] += float(loss.detach()) / steps
-            sums["train_mse"] += float(mse.detach()) / steps
-            sums["train_kl"] += float(kl.detach()) / steps
-        metrics = {**sums, "kl_weight": w_kl}
+        metrics = train_epoch(model, pyramid, opt, es_all, flow_all, cfg, epoch, steps=steps, device=device,
+                              fmt=fmt, rank=rank)
+        w_kl = metrics["kl_weight"]
         last = epoch == tc.epochs - 1
         if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
@@ -296,7 +313,11 @@ def train_fold(
     params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
               "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
               "prepared": str(plan.prepared), "flows": str(plan.flows), "seed": cfg.seed}
-    with tracking.start_run(cfg, name, params=None if run_id else params, run_id=run_id,
+    if run_id is not None:  # resuming: log params only into a run created empty (cv creates its fold runs)
+        import mlflow
+
+        params = None if mlflow.MlflowClient(uri).get_run(run_id).data.params else params
+    with tracking.start_run(cfg, name, params=params, run_id=run_id,
                             parent_run_id=parent_run_id, tags={"stage": "train", "fold": str(fold)}) as run:
         log(f"train: fold {fold} (held out {plan.val_id}), {len(plan.train_ids)} training scans, "
             f"{tc.epochs} epochs, run {run.info.run_id}")

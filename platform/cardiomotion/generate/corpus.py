@@ -1,0 +1,256 @@
+"""Reading a generated corpus: random access to sample i and a streaming PyTorch dataset.
+
+A corpus folder (docs/corpus.md) holds ``manifest.json`` (written last: its presence marks a
+complete corpus) and tar shards ``shard-000000.tar`` … with, per sample i (key = i as 9
+digits), the members ``<key>.es.npy`` (int16 HU, (I, J, K)), ``<key>.ed_syn.npy`` (int16 HU),
+``<key>.flow.npy`` (float16 voxels, (3, I, J, K), pull convention) and ``<key>.json``
+(metadata: scan, index, seeds, model URI and hash, the grid's affine).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from .engine import FORMAT, MEMBERS, sample_key
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a complete corpus.
+
+    Raises:
+        InputError: no manifest (not a corpus, or an unfinished one) or not a corpus manifest.
+    """
+    path = Path(corpus_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(path.parent, "not a complete corpus: no manifest.json (rerun `cardiomotion "
+                                      "generate` with the same settings to finish it)")
+    try:
+        man = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(path, f"unreadable manifest ({exc})") from None
+    if man.get("format") != FORMAT:
+        raise InputError(path, f"not a cardiomotion corpus manifest (format={man.get('format')!r})")
+    return man
+
+
+def _decode(name: str, data: bytes) -> Any:
+    if name.endswith(".npy"):
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    return json.loads(data)
+
+
+def _sample_dict(index: int, parts: dict[str, Any]) -> dict[str, Any]:
+    meta = parts["json"]
+    return {"index": index, "scan_id": meta["scan_id"], "es": parts["es.npy"], "ed_syn": parts["ed_syn.npy"],
+            "flow": parts["flow.npy"], "affine": np.asarray(meta["affine"], dtype=np.float64), "meta": meta}
+
+
+class Corpus:
+    """Random access to a complete corpus: ``len(c)``, ``c[i]`` → dict with ``es``, ``ed_syn``
+    (int16 HU, (I, J, K)), ``flow`` (float16 voxels, (3, I, J, K)), ``affine`` (4×4 of the grid),
+    ``scan_id``, ``index`` and ``meta`` (the sample's JSON).
+
+    Each shard's member offsets are read from its tar headers on first use (cached for the
+    ``cache_shards`` most recent shards); a sample then costs four seeks and reads.
+    """
+
+    def __init__(self, corpus_dir: str | Path, cache_shards: int = 64):
+        self.dir = Path(corpus_dir).resolve()
+        self.manifest = read_manifest(self.dir)
+        self.n = int(self.manifest["n"])
+        self.shard_size = int(self.manifest["shard_size"])
+        self.shards = list(self.manifest["shards"])
+        self._index: "OrderedDict[int, dict[str, tuple[int, int]]]" = OrderedDict()
+        self._cache = cache_shards
+
+    def __len__(self) -> int:
+        return self.n
+
+    def shard_path(self, k: int) -> Path:
+        return self.dir / self.shards[k]["name"]
+
+    def _offsets(self, k: int) -> dict[str, tuple[int, int]]:
+        if k in self._index:
+            self._index.move_to_end(k)
+            return self._index[k]
+        path = self.shard_path(k)
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                offsets = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        except (OSError, tarfile.TarError) as exc:
+            raise InputError(path, f"unreadable shard ({exc.__class__.__name__}: {exc})") from None
+        self._index[k] = offsets
+        if len(self._index) > self._cache:
+            self._index.popitem(last=False)
+        return offsets
+
+    def raw(self, index: int) -> dict[str, bytes]:
+        """The stored bytes of sample ``index``'s members {"es.npy", "ed_syn.npy", "flow.npy", "json"}."""
+        index = self._check(index)
+        k = index // self.shard_size
+        offsets = self._offsets(k)
+        key = sample_key(index)
+        out: dict[str, bytes] = {}
+        with open(self.shard_path(k), "rb") as f:
+            for member in MEMBERS:
+                name = f"{key}.{member}"
+                if name not in offsets:
+                    raise InputError(self.shard_path(k), f"shard lacks member {name}")
+                off, size = offsets[name]
+                f.seek(off)
+                out[member] = f.read(size)
+        return out
+
+    def _check(self, index: int) -> int:
+        index = int(index)
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(f"sample {index} out of range: the corpus has {self.n} samples")
+        return index
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check(index)
+        raw = self.raw(index)
+        return _sample_dict(index, {m: _decode(m, b) for m, b in raw.items()})
+
+    def verify(self) -> list[str]:
+        """Names of shards whose size or sha256 differs from the manifest (empty: intact)."""
+        bad = []
+        for rec in self.shards:
+            path = self.dir / rec["name"]
+            if not path.is_file() or path.stat().st_size != rec["bytes"]:
+                bad.append(rec["name"])
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            if h.hexdigest() != rec["sha256"]:
+                bad.append(rec["name"])
+        return bad
+
+    def torch_dataset(self, shuffle_buffer: int = 0, seed: int = 0, *, shuffle_shards: bool | None = None,
+                      rank: int = 0, world_size: int = 1,
+                      transform: Callable[[dict[str, Any]], Any] | None = None) -> "CorpusIterableDataset":
+        """A streaming ``torch.utils.data.IterableDataset`` over the corpus (see the class)."""
+        return CorpusIterableDataset(self.dir, [r["name"] for r in self.shards], shuffle_buffer, seed,
+                                     shuffle_shards=shuffle_buffer > 0 if shuffle_shards is None else shuffle_shards,
+                                     rank=rank, world_size=world_size, transform=transform)
+
+
+def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Stream the samples of one shard in order (sequential read, one pass)."""
+    parts: dict[str, Any] = {}
+    key = None
+    with tarfile.open(path, mode="r|") as tar:
+        for m in tar:
+            k, _, member = m.name.partition(".")
+            if key is not None and k != key:
+                yield _sample_dict(int(key), parts)
+                parts = {}
+            key = k
+            f = tar.extractfile(m)
+            parts[member] = _decode(member, f.read() if f else b"")
+    if key is not None:
+        yield _sample_dict(int(key), parts)
+
+
+try:
+    from torch.utils.data import IterableDataset as _IterableDataset
+except ImportError:  # pragma: no cover - torch is a dependency
+    _IterableDataset = object  # type: ignore[assignment,misc]
+
+
+class CorpusIterableDataset(_IterableDataset):  # type: ignore[misc,valid-type]
+    """Streams a corpus shard by shard: sequential tar reads, no index needed.
+
+    Sharding: shards are split between DDP ranks (``rank``/``world_size``) and then between
+    the DataLoader workers of each rank (``torch.utils.data.get_worker_info``): shard s goes to
+    stream ``s % (world_size · workers)``, so every sample is read exactly once per epoch (use at
+    least as many shards as streams). Shuffling: the shard order is permuted per epoch and a
+    shuffle buffer of ``shuffle_buffer`` samples mixes samples across shards; everything is
+    seeded by (seed, epoch, stream), so an epoch is reproducible. Call :meth:`set_epoch` each epoch.
+
+    Yields dicts of torch tensors (``es``, ``ed_syn`` int16 (I, J, K); ``flow`` float16
+    (3, I, J, K); ``affine`` float64 4×4) plus ``index`` and ``scan_id``, or ``transform(sample)``.
+    """
+
+    def __init__(self, corpus_dir: str | Path, shard_names: list[str], shuffle_buffer: int = 0, seed: int = 0,
+                 *, shuffle_shards: bool = False, rank: int = 0, world_size: int = 1,
+                 transform: Callable[[dict[str, Any]], Any] | None = None):
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.dir = Path(corpus_dir)
+        self.shard_names = list(shard_names)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.shuffle_shards = bool(shuffle_shards)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.transform = transform
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _streams(self) -> tuple[int, int]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * nw + wid, self.world_size * nw
+
+    def _my_shards(self) -> list[str]:
+        stream, streams = self._streams()
+        order = list(range(len(self.shard_names)))
+        if self.shuffle_shards:
+            order = list(np.random.default_rng([self.seed, self.epoch]).permutation(len(order)))
+        return [self.shard_names[s] for s in order[stream::streams]]
+
+    def _to_torch(self, s: dict[str, Any]) -> Any:
+        import torch
+
+        out = {"index": s["index"], "scan_id": s["scan_id"], "es": torch.from_numpy(s["es"]),
+               "ed_syn": torch.from_numpy(s["ed_syn"]), "flow": torch.from_numpy(s["flow"]),
+               "affine": torch.from_numpy(s["affine"])}
+        return self.transform(out) if self.transform else out
+
+    def __iter__(self) -> Iterator[Any]:
+        stream, _ = self._streams()
+        rng = np.random.default_rng([self.seed, self.epoch, stream, 1])
+        buf: list[dict[str, Any]] = []
+        for name in self._my_shards():
+            for sample in iter_shard(self.dir / name):
+                if self.shuffle_buffer <= 1:
+                    yield self._to_torch(sample)
+                    continue
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(sample)
+                    continue
+                j = int(rng.integers(len(buf)))
+                out, buf[j] = buf[j], sample
+                yield self._to_torch(out)
+        rng.shuffle(buf)  # type: ignore[arg-type]
+        for sample in buf:
+            yield self._to_torch(sample)
+
+
+def open_corpus(corpus_dir: str | Path) -> Corpus:
+    """Open a complete corpus (``generate_corpus``'s output) for random access and streaming.
+
+    Raises:
+        InputError: the folder holds no (complete) corpus.
+    """
+    return Corpus(corpus_dir)
