@@ -140,9 +140,43 @@ def cmd_config(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- cv
+def cmd_cv(args) -> int:
+    from .train.cv import run_cv
+
+    cfg = _load(args)
+    _quiet_ray(args)
+    t0 = time.perf_counter()
+    res = run_cv(args.prepared, args.flows, args.out, cfg, folds=args.folds,
+                 on_progress=lambda p: _say(p.line()), log=_say)
+    s = res.summary
+    _say(f"cross-validation: {s['done']} of {s['folds']} folds done, {s['failed']} failed, in "
+         f"{time.perf_counter() - t0:.0f} s (parent run {res.parent_run_id})")
+    _say(res.format_table())
+    _say(f"  table    {res.folds_csv}")
+    _say(f"  summary  {res.summary_json}")
+    return 1 if s["failed"] else 0
+
+
+# ---------------------------------------------------------------------------- tune
+def cmd_tune(args) -> int:
+    from .train.tune import format_trials, run_tune
+
+    cfg = _load(args)
+    _quiet_ray(args)
+    t0 = time.perf_counter()
+    res = run_tune(args.prepared, args.flows, args.out, cfg, samples=args.samples, log=_say)
+    _say(f"tune: {len(res.trials)} trials in {time.perf_counter() - t0:.0f} s (parent run {res.parent_run_id})")
+    _say(format_trials(res.trials))
+    _say(f"  best config  {res.best_yaml}   (cardiomotion cv --config {res.best_yaml} ...)")
+    _say(f"  trials       {res.trials_csv}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .pipeline import run_demo
+    from .tracking import ui_hint
 
     cfg = _load(args)
     t0 = time.perf_counter()
@@ -153,9 +187,51 @@ def cmd_demo(args) -> int:
     _say(f"  prepared pairs   {res.prepared}   (scans.parquet, <scan>/es.nii.gz, ed.nii.gz)")
     _say(f"  annotations      {res.annotations}   (annotations.parquet, <scan>/flow.nii.gz, pwcnet.pt, feature_pyramid.pt)")
     _say(f"  MLflow store     {res.tracking_uri}")
-    _say(f"                   browse it: .venv/bin/mlflow ui --backend-store-uri {res.tracking_uri}")
+    _say(f"                   browse it: {ui_hint(res.tracking_uri)}")
     for fig in res.figures:
         _say(f"  figure           {fig}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- doctor
+def cmd_doctor(args) -> int:
+    from .cluster import doctor
+
+    cfg = _load(args)
+    checks = doctor(cfg, args.cluster, connect=not args.offline)
+    _say(f"cardiomotion {__version__}: pre-flight checks{' (config ' + args.config + ')' if args.config else ''}")
+    for c in checks:
+        _say(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name:13s} {c.detail}")
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print(f"error: {len(failed)} of {len(checks)} checks failed ({', '.join(c.name for c in failed)})",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------- generate / export
+def cmd_generate(args) -> int:
+    from .generate import generate_corpus
+
+    cfg = _load(args, {"generate": _given(seed=args.seed, temperature=args.temperature)})
+    t0 = time.perf_counter()
+    manifest = generate_corpus(args.model, args.prepared, args.out, args.n, cfg=cfg, track=not args.no_track,
+                               log=_say)
+    _say(f"corpus {manifest.parent} complete ({args.n} samples) in {time.perf_counter() - t0:.0f} s")
+    _say(f"  manifest {manifest}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .generate import export_sample
+
+    cfg = _load(args)
+    paths = export_sample(args.corpus, args.index, args.out, gif=not args.no_gif, traversal=args.traversal,
+                          model=args.model, cfg=cfg)
+    _say(f"exported sample {args.index} of {args.corpus}:")
+    for name, path in paths.items():
+        _say(f"  {name:9s} {path}")
     return 0
 
 
@@ -202,10 +278,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", action="store_true", help="Markdown table of every key, default and meaning")
     s.set_defaults(func=cmd_config)
 
+    s = sub.add_parser("cv", help="leave-one-out cross-validation, folds concurrently on Ray (MLflow parent run)")
+    s.add_argument("--prepared", required=True, help="prepared dataset folder")
+    s.add_argument("--flows", required=True, help="annotation folder (flows + feature_pyramid.pt)")
+    s.add_argument("--out", required=True, help="sweep folder: folds.csv, summary.json, per-fold state (rerun to resume)")
+    s.add_argument("--folds", default="all", help="'all' (default) or a comma list of fold indices / scan ids: 0,3,7")
+    s.add_argument("--config", help="YAML config")
+    s.set_defaults(func=cmd_cv)
+
+    s = sub.add_parser("tune", help="Ray Tune search over loss weights, learning rate and KL warm-up (ASHA)")
+    s.add_argument("--prepared", required=True, help="prepared dataset folder")
+    s.add_argument("--flows", required=True, help="annotation folder (flows + feature_pyramid.pt)")
+    s.add_argument("--out", required=True, help="search folder: best.yaml, trials.csv, Tune state (rerun to resume)")
+    s.add_argument("--samples", type=int, help="number of trials (config tune.samples)")
+    s.add_argument("--config", help="YAML config (search space: the tune section)")
+    s.set_defaults(func=cmd_tune)
+
     s = sub.add_parser("demo", help="run the whole pipeline on a phantom cohort")
     s.add_argument("--config", help="YAML config (make demo uses configs/smoke.yaml)")
     s.add_argument("--out", default="demo_output", help="output folder")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("doctor", help="check storage root, MLflow server and Ray cluster (and a cluster.yaml) before a run")
+    s.add_argument("--config", help="YAML config (e.g. configs/cluster.yaml)")
+    s.add_argument("--cluster", help="also validate this Ray cluster-launcher file against Ray's schema")
+    s.add_argument("--offline", action="store_true", help="do not attach to the configured Ray cluster")
+    s.set_defaults(func=cmd_doctor)
+    s = sub.add_parser("generate", help="generate a sharded (ES, ED_syn, flow) corpus from a trained CVAE (Ray Data)")
+    s.add_argument("--model", required=True, help="model URI (runs:/<run_id>/model, models:/<name>@<alias>) or model folder")
+    s.add_argument("--prepared", required=True, help="prepared dataset folder (ES frames on the model's grid)")
+    s.add_argument("--out", required=True, help="corpus folder (new, or an unfinished corpus to resume)")
+    s.add_argument("--n", type=int, required=True, help="number of samples")
+    s.add_argument("--seed", type=int, help="corpus seed (config generate.seed, else seed)")
+    s.add_argument("--temperature", type=float, help="prior temperature T: z ~ N(0, T²I) (config generate.temperature)")
+    s.add_argument("--no-track", action="store_true", help="do not log an MLflow run")
+    s.add_argument("--config", help="YAML config")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("export", help="export a corpus sample: NIfTI (flow as displacement field), GIF, traversal")
+    s.add_argument("--corpus", required=True, help="corpus folder (from `generate`)")
+    s.add_argument("--index", type=int, required=True, help="sample index")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--traversal", action="store_true", help="also the latent-traversal mosaic of the sample's scan")
+    s.add_argument("--model", help="model to decode the traversal with (default: the corpus' model URI)")
+    s.add_argument("--no-gif", action="store_true", help="skip the ES→ED transition GIF")
+    s.add_argument("--config", help="YAML config")
+    s.set_defaults(func=cmd_export)
     return p
 
 

@@ -32,10 +32,11 @@ def configured_storage_root(cfg: Config) -> str | None:
     return cfg.storage_root or os.environ.get("CARDIOMOTION_STORAGE") or None
 
 
-def check_storage_root(cfg: Config, *, require_absolute: bool = False) -> Path:
+def check_storage_root(cfg: Config, *, require_absolute: bool = False, create: bool = True) -> Path:
     """Create the storage root if needed and prove it is writable; returns its absolute path.
 
     Args:
+        create: False only looks (``doctor``): a missing root passes if it could be created.
         require_absolute: a Ray job runs in a temporary copy of its working directory, so a
             missing or relative root would put outputs where nobody finds them again.
 
@@ -58,6 +59,13 @@ def check_storage_root(cfg: Config, *, require_absolute: bool = False) -> Path:
                                     "(its working directory is a temporary copy)")
     root = storage_root(cfg)
     try:
+        if not create and not root.exists():
+            parent = next(p for p in root.parents if p.exists())
+            if not parent.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(parent))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(parent))
+            return root
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
             pass
@@ -168,6 +176,11 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     schema_err = _first_schema_error(raw)
     if schema_err:
         raise ConfigError(path, schema_err)
+    import logging
+
+    quiet = logging.getLogger("ray.autoscaler._private.util")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # "setting max workers for head node type to 0"
     try:
         prepared = prepare_config(raw)
         validate_config(prepared)
@@ -176,6 +189,8 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # Ray's own checks (ValueError, ClickException from cli_logger.abort, ...)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise ConfigError(path, msg) from None
+    finally:
+        quiet.setLevel(level)
     return prepared
 
 
@@ -199,7 +214,9 @@ def doctor(cfg: Config, cluster_file: str | Path | None = None, *, connect: bool
 
     checks: list[Check] = []
     try:
-        checks.append(Check("storage root", True, f"{check_storage_root(cfg)} is writable"))
+        root = check_storage_root(cfg, create=False)
+        checks.append(Check("storage root", True, f"{root} is writable" if root.exists()
+                            else f"{root} does not exist yet; it can be created"))
     except CardiomotionError as exc:
         checks.append(Check("storage root", False, str(exc)))
     uri = None

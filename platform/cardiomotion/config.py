@@ -244,6 +244,55 @@ class TrackingConfig(_Section):
     experiment: str = Field("cardiomotion", description="MLflow experiment name")
 
 
+class CVConfig(_Section):
+    """Leave-one-out cross-validation (``cardiomotion cv``): every fold a single-fold training."""
+
+    max_concurrent: Optional[int] = Field(
+        None, ge=1, description="folds trained at once; null → as many as the cluster's resources hold")
+    check_resources: bool = Field(
+        True, description="refuse, before any work, folds the cluster can never hold (off for autoscaling clusters)")
+    progress_every_s: float = Field(5.0, gt=0, description="seconds between progress reports")
+
+
+class TuneConfig(_Section):
+    """Ray Tune search over the loss weights, learning rate and KL warm-up (``cardiomotion tune``).
+
+    Objective (minimised, per epoch, mean over ``folds``): held-out reconstruction EPE (voxels)
+    + ``prior_weight`` · prior-sample EPE (voxels) + ``kl_penalty`` · max(0, KL per latent
+    element − ``kl_max``). See :mod:`cardiomotion.train.tune`.
+    """
+
+    samples: int = Field(8, ge=1, description="number of trials")
+    folds: list[int | str] = Field([0], min_length=1, description="folds (indices or scan ids) every trial trains on")
+    epochs: Optional[int] = Field(None, ge=1, description="epochs per trial (ASHA max_t); null → train.epochs")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null → as many as resources hold")
+    w_rec: tuple[float, float] = Field((0.5, 1.0), description="log-uniform range of train.w_rec")
+    w_kl: tuple[float, float] = Field((1e-3, 0.5), description="log-uniform range of train.w_kl")
+    lr: tuple[float, float] = Field((1e-4, 3e-3), description="log-uniform range of train.lr")
+    kl_warmup_epochs: tuple[int, int] = Field(
+        (0, 200), description="uniform integer range of train.kl_warmup_epochs (capped at the trial's epochs)")
+    grace_period: int = Field(100, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung")
+    prior_weight: float = Field(1.0, gt=0, description="λ: weight of the prior-sample EPE in the objective")
+    kl_max: float = Field(2.0, gt=0, description="nats per latent element above which the KL penalty applies")
+    kl_penalty: float = Field(1.0, ge=0, description="objective voxels per nat of KL above kl_max")
+    seed: Optional[int] = Field(None, description="search seed; null → the config's seed")
+
+    @field_validator("w_rec", "w_kl", "lr")
+    @classmethod
+    def _log_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1]:
+            raise ValueError(f"a log-uniform range must be (low, high) with 0 < low < high, got {list(v)}")
+        return v
+
+    @field_validator("kl_warmup_epochs")
+    @classmethod
+    def _int_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"must be (low, high) with 0 <= low <= high, got {list(v)}")
+        return v
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -256,7 +305,17 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cv: CVConfig = CVConfig()
+    tune: TuneConfig = TuneConfig()
     generate: GenerateConfig = GenerateConfig()
+
+    @field_validator("storage_root")
+    @classmethod
+    def _local_storage_root(cls, v: Optional[str]) -> Optional[str]:
+        if v and "://" in v:  # Path("s3://b/x") would silently become ./s3:/b/x
+            raise ValueError(f"{v!r} is a URI; the stages write with local file APIs: mount the bucket "
+                             "or share (EFS, Filestore, NFS, s3fs/gcsfuse) and give the mount path")
+        return v
 
     @model_validator(mode="after")
     def _grid_fits_networks(self) -> "Config":

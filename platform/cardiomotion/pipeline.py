@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Config
-from .tracking import tracking_uri
+from .tracking import check_reachable, tracking_uri
 
 Log = Callable[[str], None]
 
@@ -39,6 +39,7 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
     out = Path(out).resolve()
     if cfg.storage_root is None:  # keep the demo's MLflow store beside its outputs
         cfg = cfg.model_copy(update={"storage_root": str(out)})
+    check_reachable(tracking_uri(cfg))  # an unreachable MLflow server fails now, not after hours
     pc = cfg.phantom
     log(f"phantom: {pc.patients} patients, {pc.grid}³ grid → {out / 'phantom'}")
     folders = make_cohort(out / "phantom", patients=pc.patients, grid=pc.grid, spacing_mm=pc.spacing_mm,

@@ -37,6 +37,13 @@ def tracking_uri(cfg: Config) -> str:
     return uri
 
 
+def ui_hint(uri: str) -> str:
+    """How to open the MLflow UI for a tracking URI (a server serves it; a local store needs one)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f".venv/bin/mlflow ui --backend-store-uri {uri}"
+
+
 def _artifact_root(uri: str, cfg: Config) -> str | None:
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])

@@ -101,10 +101,13 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def current_rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc; elsewhere the peak)."""
+    """Private (anonymous) resident memory of this process now, MiB: resident minus shared pages
+    (Linux /proc; elsewhere the peak RSS). Shared pages — libraries, and in a Ray worker the
+    memory-mapped object store — are left out: they are not this process' working set."""
     try:
         with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
+            fields = f.read().split()
+        pages = int(fields[1]) - int(fields[2])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         import resource
@@ -308,14 +311,20 @@ class ShardWorker:
                                    payload["channels_last"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import traceback
+
         p = self.p
         rows: list[dict[str, Any]] = []
         for k in batch["shard"]:
             k = int(k)
-            if p.get("fail_at_shard") is not None and k == p["fail_at_shard"]:
-                raise RuntimeError(f"injected failure at shard {k} (test hook)")
-            rec = write_shard(Path(p["out"]), k, p["n"], p["shard_size"], p["batch_size"], self.engine,
-                              p["identity"], self.device_label)
+            try:
+                if p.get("fail_at_shard") is not None and k == p["fail_at_shard"]:
+                    raise RuntimeError(f"injected failure at shard {k} (test hook)")
+                rec = {**write_shard(Path(p["out"]), k, p["n"], p["shard_size"], p["batch_size"], self.engine,
+                                     p["identity"], self.device_label), "error": ""}
+            except Exception as exc:  # reported by the driver, which stops the job (finished shards stay)
+                rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
+                       "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
             rows.append(rec)
-        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb")
+        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "error")
         return {key: np.asarray([r[key] for r in rows]) for key in keys}

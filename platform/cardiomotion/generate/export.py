@@ -1,0 +1,57 @@
+"""Export one corpus sample for 3D Slicer / ITK: NIfTI volumes, the flow as a displacement
+field (intent 1006, RAS mm), an ES→ED GIF and optionally the latent-traversal mosaic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..fileio import write_json, write_nifti
+
+
+def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gif: bool = True,
+                  traversal: bool = False, model: str | Path | None = None, cfg: Config | None = None) -> dict[str, Path]:
+    """Write sample ``index`` of a corpus to ``out_dir``; returns {name: path}.
+
+    Files: ``es.nii.gz`` and ``ed_syn.nii.gz`` (int16 HU), ``flow.nii.gz`` (5-D float32, intent
+    1006, RAS mm: a displacement-field transform in Slicer/ITK/SimpleITK), ``sample.json``
+    (metadata), ``transition.gif`` (ES → ED_syn), and with ``traversal`` ``traversal.png`` (the
+    latent traversal of this sample's ES frame, decoded with the corpus' model — or ``model``,
+    whose hash must match).
+
+    Raises:
+        InputError: not a complete corpus, or a model that is not the corpus' model.
+        IndexError: ``index`` outside the corpus.
+    """
+    import numpy as np
+
+    from ..errors import InputError
+    from ..flow.io import write_flow
+    from .corpus import open_corpus
+    from .figures import transition_gif
+
+    cfg = cfg or load_config(None)
+    corpus = open_corpus(corpus_dir)
+    s = corpus[index]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    aff = s["affine"]
+    paths = {
+        "es": write_nifti(out / "es.nii.gz", s["es"], aff),
+        "ed_syn": write_nifti(out / "ed_syn.nii.gz", s["ed_syn"], aff),
+        "flow": write_flow(out / "flow.nii.gz", s["flow"].astype(np.float32), aff),
+        "meta": write_json(out / "sample.json", {**s["meta"], "corpus": str(corpus.dir)}),
+    }
+    if gif:
+        paths["gif"] = transition_gif(s["es"], s["flow"], out / "transition.gif", frames=cfg.generate.gif_frames)
+    if traversal:
+        from .job import traversal_figure
+        from .model import resolve_model
+
+        man = corpus.manifest
+        resolved = resolve_model(model or man["model"]["uri"], cfg)
+        if resolved.cvae_sha256 != man["model"]["cvae_sha256"]:
+            raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
+        paths["traversal"] = traversal_figure(resolved, s["es"], float(s["meta"]["spacing_mm"]),
+                                              out / "traversal.png", cfg,
+                                              title=f"latent traversal, {s['scan_id']} (sample {s['index']})")
+    return paths

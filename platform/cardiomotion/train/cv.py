@@ -1,0 +1,534 @@
+"""Leave-one-out cross-validation on Ray: every fold an independent single-fold training.
+
+Each fold is one :func:`cardiomotion.train.cvae.train_fold` (a Ray Train TorchTrainer) called
+from its own driver task (``@ray.remote(num_cpus=0)``). The driver task holds no resources; the
+fold's trainer requests ``train.num_workers`` workers of ``{"CPU": train.cpus_per_worker,
+"GPU": train.gpus_per_worker}`` (GPU only when the cluster has one), so as many folds train at
+once as the cluster's resources hold: on a GPU node ``gpus_per_worker: 0.25`` packs four
+single-rank folds per GPU, and CPU-only clusters work the same way with CPUs. The sweep launches
+at most that many folds at a time (``cv.max_concurrent`` caps it further) and starts the next
+fold as one finishes, recomputing the capacity as nodes join.
+
+Tracking: one MLflow parent run (tag ``stage=cv``) and a nested run per fold (created by this
+driver, so its id is known, and persisted, before the fold starts).
+
+State and fault tolerance, all under ``OUT``:
+
+- ``cv.json``: the parent run id and a fingerprint of the inputs and training settings (a rerun
+  with other settings is refused rather than mixing two sweeps in one table);
+- ``folds/<k>.json`` (written atomically): status (``running``/``done``/``failed``), MLflow run
+  id, Ray Train run name, metrics, error, attempts.
+
+A worker that dies mid-fold is restarted by the trainer's FailureConfig from the last
+checkpoint. A fold that fails for good (retries exhausted, bad data) is recorded as ``failed``
+with its error while the other folds go on. Rerunning the same command skips ``done`` folds and
+resumes the others: same Ray Train run name (Ray Train resumes from the last checkpoint under
+``<storage_root>/ray_results/<name>``) and same MLflow run id.
+
+At the end: ``OUT/folds.csv`` (one row per fold: fold, scan, status, run_id, reconstruction
+EPE, prior-sample EPE, zero-flow EPE, KL per latent element, folding fraction of prior samples
+and of the reconstruction, epochs, seconds, error), ``OUT/summary.json`` (counts and mean ± sample
+std, min, max per metric over finished folds), both logged to the parent run with the summary
+metrics ``cv_<metric>_mean`` / ``cv_<metric>_std``. The table covers every fold recorded under
+``OUT`` (a sweep run in parts, ``--folds 0-21`` then the rest, gives one table).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..config import Config
+from ..errors import InputError
+from ..fileio import atomic_path, write_json
+
+STATE_FILE = "cv.json"
+FOLD_DIR = "folds"
+TABLE_FILE = "folds.csv"
+SUMMARY_FILE = "summary.json"
+
+# table column -> validation metric of the final epoch
+METRICS = {
+    "epe_rec_vox": "val_epe_rec_vox",
+    "epe_rec_mm": "val_epe_rec_mm",
+    "epe_prior_vox": "val_epe_prior_vox",
+    "epe_prior_mm": "val_epe_prior_mm",
+    "epe_zero_vox": "val_epe_zero_vox",
+    "epe_zero_mm": "val_epe_zero_mm",
+    "kl": "val_kl",
+    "folding_prior": "val_folding_prior",
+    "folding_rec": "val_folding_rec",
+    "mse_rec": "val_mse_rec",
+}
+COLUMNS = ["fold", "scan", "status", "run_id", *METRICS, "epochs", "seconds", "attempts", "error"]
+# settings that change where and how fast a fold runs, not what it learns: may differ between reruns
+_RESOURCE_KEYS = ("num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "max_failures")
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- fold selection
+def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str], where: str = "--folds") -> list[int]:
+    """Fold indices from ``"all"``, ``"0,3,7"``, or a list of indices / scan ids (scan-id order).
+
+    Raises:
+        InputError: an index outside 0..N−1, a scan id that is not in the prepared dataset, or
+            an empty list.
+    """
+    n = len(scan_ids)
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(n))
+    items: list[int | str] = ([t.strip() for t in spec.split(",") if t.strip()] if isinstance(spec, str)
+                              else list(spec))
+    if not items:
+        raise InputError(where, "names no fold: give 'all', fold indices (0,3,7) or scan ids")
+    index = {sid: i for i, sid in enumerate(scan_ids)}
+    out: list[int] = []
+    bad: list[str] = []
+    for item in items:
+        if isinstance(item, str) and item in index:
+            k = index[item]
+        else:
+            try:
+                k = int(item)
+            except (TypeError, ValueError):
+                bad.append(repr(item))
+                continue
+            if not 0 <= k < n:
+                bad.append(str(item))
+                continue
+        if k not in out:
+            out.append(k)
+    if bad:
+        shown = ", ".join(scan_ids[:4]) + (", ..." if n > 4 else "")
+        raise InputError(where, f"no such fold or scan: {', '.join(bad)} (the prepared dataset has {n} scans, "
+                                f"folds 0..{n - 1}: {shown})")
+    return out
+
+
+# --------------------------------------------------------------------------- resources
+def fold_demand(cfg: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
+    """(workers, resources per worker) one fold's trainer requests.
+
+    Raises:
+        InputError: several DDP ranks with a fraction of a GPU each (two ranks on one GPU fail
+            under NCCL: pack folds, not ranks).
+    """
+    tc = cfg.train
+    bundle = {"CPU": float(tc.cpus_per_worker)}
+    if use_gpu:
+        bundle["GPU"] = float(tc.gpus_per_worker)
+        if tc.gpus_per_worker < 1 and tc.num_workers > 1:
+            raise InputError("train.num_workers", f"{tc.num_workers} DDP ranks with gpus_per_worker "
+                             f"{tc.gpus_per_worker}: ranks of one fold could share a GPU, which NCCL refuses; "
+                             "with fractional GPUs (fold packing) use num_workers: 1")
+    return tc.num_workers, bundle
+
+
+def capacity(nodes: Iterable[Mapping[str, float]], workers: int, bundle: Mapping[str, float]) -> int:
+    """How many trainers of ``workers`` × ``bundle`` the nodes hold at once (bundles never span nodes)."""
+    bundles = 0
+    for res in nodes:
+        fits = [math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        bundles += min(fits) if fits else 0
+    return bundles // max(1, workers)
+
+
+def _fmt_res(res: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
+
+
+def check_capacity(nodes: Sequence[Mapping[str, float]], workers: int, bundle: Mapping[str, float],
+                   max_concurrent: int | None, what: str = "fold", setting: str = "cv.max_concurrent") -> int:
+    """Capacity (see :func:`capacity`), or an InputError if the cluster can never hold one
+    ``what`` or ``max_concurrent`` of them at once."""
+    nodes = [{k: float(v) for k, v in n.items() if k in ("CPU", "GPU")} for n in nodes]
+    need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+        raise InputError("train.cpus_per_worker" if "GPU" not in bundle or largest.get("GPU") else "train.gpus_per_worker",
+                         f"a {what} worker needs {{{need}}} but the largest node has {_fmt_res(largest) or '{}'}: "
+                         f"it can never be scheduled (lower train.cpus_per_worker / gpus_per_worker)")
+    cap = capacity(nodes, workers, bundle)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+    if cap < 1:
+        raise InputError("train.num_workers", f"a {what} needs {workers} workers × {{{need}}} but the cluster "
+                         f"has {_fmt_res(total)} in all: it can never be scheduled")
+    if max_concurrent is not None and max_concurrent > cap:
+        raise InputError(setting, f"{max_concurrent} concurrent {what}s requested but the cluster holds at most "
+                         f"{cap} at once (each {what}: {workers} × {{{need}}}; cluster {_fmt_res(total)})")
+    return cap
+
+
+def _alive_nodes(ray) -> list[dict[str, float]]:
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def _use_gpu(cfg: Config, ray) -> bool:
+    if cfg.train.use_gpu is not None:
+        return bool(cfg.train.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class CVProgress:
+    """Where the sweep stands (passed to ``on_progress``)."""
+
+    total: int
+    done: int
+    running: int
+    queued: int
+    failed: int
+    skipped: int  # finished in an earlier invocation
+    epochs: dict[int, int] = field(default_factory=dict)  # running fold -> epochs logged so far
+    epochs_total: int = 0
+
+    def line(self) -> str:
+        s = (f"cv: {self.done}/{self.total} done, {self.running} running, {self.queued} queued, "
+             f"{self.failed} failed")
+        if self.skipped:
+            s += f" ({self.skipped} done earlier)"
+        if self.epochs:
+            s += "  [" + ", ".join(f"fold {k}: {e}/{self.epochs_total}" for k, e in sorted(self.epochs.items())) + "]"
+        return s
+
+
+@dataclass
+class CVSummary:
+    """What :func:`run_cv` produced."""
+
+    out: Path
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    folds_csv: Path
+    summary_json: Path
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+    def format_table(self) -> str:
+        """The fold table and the mean ± std line, as fixed-width text."""
+        cols = [("fold", "fold", "{:d}"), ("scan", "scan", "{}"), ("status", "status", "{}"),
+                ("rec EPE vox", "epe_rec_vox", "{:.3f}"), ("rec EPE mm", "epe_rec_mm", "{:.3f}"),
+                ("prior EPE vox", "epe_prior_vox", "{:.3f}"), ("prior EPE mm", "epe_prior_mm", "{:.3f}"),
+                ("KL", "kl", "{:.4f}"), ("folding prior", "folding_prior", "{:.4f}"), ("run", "run_id", "{}")]
+
+        def cell(row, key, fmt):
+            v = row.get(key)
+            if v is None or v == "":
+                return "-"
+            return fmt.format(v) if not isinstance(v, str) else v[:12] if key == "run_id" else v
+
+        body = [[cell(r, key, fmt) for _, key, fmt in cols] for r in self.rows]
+        stats = self.summary.get("metrics", {})
+        mean = ["mean ± std", "", f"{self.summary.get('done', 0)} done"]
+        for _, key, _ in cols[3:-1]:
+            s = stats.get(key)
+            mean.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "-")
+        mean.append("")
+        widths = [max(len(h), *(len(r[i]) for r in body + [mean])) for i, (h, _, _) in enumerate(cols)]
+        lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(mean, widths)))
+        for r in self.failed:
+            lines.append(f"fold {r['fold']} ({r['scan']}) failed: {r['error']}")
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def _fingerprint(prepared: Path, flows: Path, cfg: Config) -> dict[str, Any]:
+    train = cfg.train.model_dump(mode="json")
+    for k in _RESOURCE_KEYS:
+        train.pop(k, None)
+    return {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+            "intensity": cfg.intensity.model_dump(mode="json"), "train": train}
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {json.dumps(a)} then, {json.dumps(b)} now"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fold_path(out: Path, k: int) -> Path:
+    return out / FOLD_DIR / f"{k:03d}.json"
+
+
+def _row(state: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = state.get("metrics") or {}
+    row = {"fold": int(state["fold"]), "scan": state.get("scan"), "status": state.get("status"),
+           "run_id": state.get("run_id"), "epochs": state.get("epochs"), "seconds": state.get("seconds"),
+           "attempts": state.get("attempts", 0), "error": state.get("error")}
+    for col, key in METRICS.items():
+        v = metrics.get(key)
+        row[col] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return row
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts and mean ± sample std (ddof 1; 0 for one fold), min, max per metric over finished folds."""
+    import numpy as np
+
+    done = [r for r in rows if r["status"] == "done"]
+    stats: dict[str, Any] = {}
+    for col in METRICS:
+        vals = np.array([r[col] for r in done if r.get(col) is not None], dtype=np.float64)
+        if vals.size:
+            stats[col] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
+                          "min": float(vals.min()), "max": float(vals.max()), "n": int(vals.size)}
+    return {"folds": len(rows), "done": len(done), "failed": sum(r["status"] == "failed" for r in rows),
+            "unfinished": sum(r["status"] not in ("done", "failed") for r in rows),
+            "failed_folds": [r["fold"] for r in rows if r["status"] == "failed"], "metrics": stats}
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return path
+
+
+def _error_text(exc: BaseException) -> str:
+    """One line for the table: the root cause of a Ray task / Ray Train failure."""
+    cause = exc
+    seen = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        nxt = getattr(cause, "cause", None) or cause.__cause__
+        if nxt is None or not isinstance(nxt, BaseException):
+            break
+        cause = nxt
+    text = str(cause).strip() or cause.__class__.__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # Ray Train/Tune errors embed the worker traceback: keep its last line (the exception itself)
+    msg = next((ln for ln in reversed(lines) if not ln.startswith(("File ", "^", "~"))), lines[0] if lines else text)
+    if ":" not in msg:
+        msg = f"{cause.__class__.__name__}: {msg}"
+    return msg[:500]
+
+
+# --------------------------------------------------------------------------- the fold task
+def _train_fold_task(prepared: str, flows: str, fold: int, cfg_json: dict, name: str, parent_run_id: str,
+                     run_id: str, fail_at_epoch: int | None) -> dict[str, Any]:
+    """Runs inside a Ray task (no resources of its own): one fold's Ray Train trainer."""
+    from .cvae import train_fold
+
+    cfg = Config.model_validate(cfg_json)
+    t0 = time.perf_counter()
+    res = train_fold(prepared, flows, fold, cfg, name=name, parent_run_id=parent_run_id, run_id=run_id,
+                     fail_at_epoch=fail_at_epoch)
+    return {"run_id": res.run_id, "model_uri": res.model_uri, "metrics": res.metrics,
+            "figure": str(res.figure) if res.figure else None, "seconds": time.perf_counter() - t0}
+
+
+def _epochs_logged(client, run_id: str) -> int:
+    try:
+        return len({m.step for m in client.get_metric_history(run_id, "train_loss")})
+    except Exception:  # a busy store: progress is best effort
+        return 0
+
+
+def run_cv(
+    prepared_dir: str | Path,
+    flows_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    folds: str | Sequence[int | str] | None = "all",
+    *,
+    on_progress: Callable[[CVProgress], None] | None = None,
+    log: Log = lambda _m: None,
+    fail_at_epoch: Mapping[int, int] | None = None,
+) -> CVSummary:
+    """Leave-one-out cross-validation of the CVAE, folds concurrently on Ray (see module docstring).
+
+    Args:
+        prepared_dir, flows_dir: the prepared dataset and its annotation folder.
+        out_dir: where the sweep's state, ``folds.csv`` and ``summary.json`` go; rerun with the
+            same folder to continue.
+        cfg: the configuration (``train`` for every fold, ``cv`` for the sweep).
+        folds: ``"all"``, ``"0,3,7"``, or a list of fold indices / scan ids.
+        on_progress: called with a :class:`CVProgress` whenever a fold changes state and every
+            ``cv.progress_every_s`` while folds run.
+        log: one-line messages.
+        fail_at_epoch: test hook, {fold: epoch}: that fold's worker group dies once at that epoch
+            (in every attempt that starts without a checkpoint).
+
+    Raises:
+        InputError: missing or inconsistent inputs, unknown folds, folds the cluster can never
+            hold, ``OUT`` made with other settings: all before any training starts.
+    """
+    import mlflow
+
+    from .. import tracking
+    from ..config import storage_root
+    from ..raycluster import init_ray
+    from .cvae import check_fold_inputs
+    from .fold import plan_fold
+
+    prepared = Path(prepared_dir).resolve()
+    flows = Path(flows_dir).resolve()
+    out = Path(out_dir).resolve()
+    scan_ids = plan_fold(prepared, flows, 0).scan_ids
+    fold_list = resolve_folds(folds, scan_ids)
+    for k in fold_list:
+        check_fold_inputs(prepared, flows, k, cfg)
+    fingerprint = _fingerprint(prepared, flows, cfg)
+    state = _read_json(out / STATE_FILE) or {}
+    if state.get("fingerprint") and state["fingerprint"] != fingerprint:
+        diff = _first_difference(state["fingerprint"], fingerprint)
+        raise InputError(out / STATE_FILE, f"this sweep was run with other settings ({diff}): rerun it with "
+                                           "the same ones, or use another --out")
+    uri = tracking.setup(cfg)
+    client = mlflow.MlflowClient(uri)
+    parent_id = state.get("parent_run_id")
+    if parent_id:
+        try:
+            client.get_run(parent_id)
+        except Exception:
+            raise InputError(out / STATE_FILE, f"its MLflow parent run {parent_id} is not in {uri}: use the same "
+                                               "tracking store, or another --out") from None
+
+    ray = init_ray(cfg.ray)
+    use_gpu = _use_gpu(cfg, ray)
+    workers, bundle = fold_demand(cfg, use_gpu)
+    if cfg.cv.check_resources:
+        check_capacity(_alive_nodes(ray), workers, bundle, cfg.cv.max_concurrent)
+
+    # What the fold tasks see: absolute storage root and tracking URI (tasks run in other directories).
+    task_cfg = cfg.model_copy(deep=True)
+    task_cfg.storage_root = str(storage_root(cfg))
+    task_cfg.tracking.uri = uri
+    task_cfg_json = task_cfg.model_dump(mode="json")
+    fail_at_epoch = dict(fail_at_epoch or {})
+
+    params = {"cv": cfg.cv.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+              "folds": ",".join(map(str, fold_list)), "n_scans": len(scan_ids), "prepared": str(prepared),
+              "flows": str(flows), "out": str(out), "seed": cfg.seed}
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    with tracking.start_run(cfg, "cv", params=None if parent_id else params, tags={"stage": "cv"},
+                            run_id=parent_id) as parent:
+        parent_id = parent.info.run_id
+        experiment_id = parent.info.experiment_id
+        write_json(out / STATE_FILE, {"parent_run_id": parent_id, "tracking_uri": uri, "fingerprint": fingerprint,
+                                      "storage_root": task_cfg.storage_root})
+        states: dict[int, dict[str, Any]] = {}
+        for k in fold_list:
+            st = _read_json(_fold_path(out, k)) or {}
+            states[k] = {"fold": k, "scan": scan_ids[k], "status": "queued", "attempts": 0, **st}
+        skipped = [k for k in fold_list if states[k]["status"] == "done"]
+        queue = deque(k for k in fold_list if states[k]["status"] != "done")
+        log(f"cv: {len(fold_list)} folds of {len(scan_ids)} scans, {len(skipped)} done earlier, {len(queue)} to train; "
+            f"each fold {workers} × {_fmt_res(bundle)}; parent run {parent_id}")
+        running: dict[Any, int] = {}
+        remote = ray.remote(num_cpus=0, max_retries=2)(_train_fold_task)
+        last_line = None
+        last_poll = 0.0
+        epochs: dict[int, int] = {}
+
+        def progress(poll: bool) -> None:
+            nonlocal last_line, last_poll
+            if on_progress is None:
+                return
+            if poll:
+                epochs.update({k: _epochs_logged(client, states[k]["run_id"]) for k in running.values()})
+                last_poll = time.monotonic()
+            for k in [k for k in epochs if k not in running.values()]:
+                del epochs[k]
+            p = CVProgress(total=len(fold_list), done=sum(states[k]["status"] == "done" for k in fold_list),
+                           running=len(running), queued=len(queue),
+                           failed=sum(states[k]["status"] == "failed" for k in fold_list), skipped=len(skipped),
+                           epochs=dict(epochs), epochs_total=cfg.train.epochs)
+            line = p.line()
+            if line != last_line:
+                last_line = line
+                on_progress(p)
+
+        progress(False)
+        while queue or running:
+            limit = cfg.cv.max_concurrent or 10**9
+            if cfg.cv.check_resources:
+                limit = min(limit, max(1, capacity(_alive_nodes(ray), workers, bundle)))
+            while queue and len(running) < limit:
+                k = queue.popleft()
+                st = states[k]
+                if not st.get("run_id"):
+                    run = client.create_run(experiment_id, run_name=f"fold_{k:03d}",
+                                            tags={"mlflow.parentRunId": parent_id, "stage": "train",
+                                                  "fold": str(k), "val_scan": scan_ids[k]})
+                    st["run_id"] = run.info.run_id
+                st.setdefault("name", f"cv-{parent_id[:8]}-fold_{k:03d}")
+                st.update(status="running", error=None, attempts=int(st.get("attempts", 0)) + 1)
+                write_json(_fold_path(out, k), st)
+                ref = remote.remote(str(prepared), str(flows), k, task_cfg_json, st["name"], parent_id,
+                                    st["run_id"], fail_at_epoch.get(k))
+                running[ref] = k
+            progress(False)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=cfg.cv.progress_every_s)
+            for ref in ready:
+                k = running.pop(ref)
+                st = states[k]
+                try:
+                    res = ray.get(ref)
+                except Exception as exc:  # the fold failed for good: record it, the others go on
+                    st.update(status="failed", error=_error_text(exc))
+                    log(f"cv: fold {k} ({scan_ids[k]}) failed: {st['error']}")
+                    try:
+                        client.set_terminated(st["run_id"], "FAILED")
+                    except Exception:
+                        pass
+                else:
+                    metrics = {key: v for key, v in res["metrics"].items() if key != "epoch"}
+                    st.update(status="done", error=None, metrics=metrics, model_uri=res["model_uri"],
+                              figure=res["figure"], seconds=round(res["seconds"], 1),
+                              epochs=int(res["metrics"].get("epoch", cfg.train.epochs - 1)) + 1)
+                write_json(_fold_path(out, k), st)
+            progress(bool(running) and time.monotonic() - last_poll >= cfg.cv.progress_every_s)
+
+        # the table: every fold recorded under OUT, this invocation's and earlier ones'
+        recorded = {}
+        for path in sorted((out / FOLD_DIR).glob("*.json")):
+            st = _read_json(path)
+            if st and "fold" in st:
+                recorded[int(st["fold"])] = st
+        recorded.update(states)
+        rows = [_row(recorded[k]) for k in sorted(recorded)]
+        summary = {**summarize(rows), "parent_run_id": parent_id, "tracking_uri": uri,
+                   "wall_s": round(time.perf_counter() - t_start, 1), "epochs": cfg.train.epochs,
+                   "scans": len(scan_ids)}
+        csv_path = write_table(out / TABLE_FILE, rows)
+        json_path = write_json(out / SUMMARY_FILE, summary)
+        tracking.log_artifact(csv_path)
+        tracking.log_artifact(json_path)
+        flat = {"cv_folds_done": summary["done"], "cv_folds_failed": summary["failed"]}
+        for col, s in summary["metrics"].items():
+            flat[f"cv_{col}_mean"] = s["mean"]
+            flat[f"cv_{col}_std"] = s["std"]
+        tracking.log_metrics(flat)
+        mlflow.set_tag("cv_failed_folds", ",".join(map(str, summary["failed_folds"])) or "none")
+    log(f"cv: wrote {csv_path} and {json_path}")
+    return CVSummary(out, parent_id, rows, summary, csv_path, json_path)
+

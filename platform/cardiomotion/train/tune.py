@@ -1,0 +1,449 @@
+"""Ray Tune search over the CVAE's loss weights, learning rate and KL warm-up.
+
+Search space (``tune`` section of the config): ``train.w_rec``, ``train.w_kl`` and ``train.lr``
+log-uniform over (low, high) with 0 < low < high, ``train.kl_warmup_epochs`` a uniform integer
+in [low, high] (high capped at the trial's epochs); random search (seeded), ``tune.samples``
+trials, ASHA early stopping with ``time_attr="epoch"`` (epochs completed), ``max_t`` = the
+trial's epochs, ``tune.grace_period`` and ``tune.reduction_factor``.
+
+Objective (minimised; reported every epoch as ``score``; each term the mean over the trial's
+folds ``tune.folds``, all measured on the held-out scan of each fold)::
+
+    score = EPE_rec + λ · EPE_prior + κ · max(0, KL − KL_max)
+
+- EPE_rec: endpoint error (voxels) of the posterior reconstruction (z = μ) of the held-out
+  flow: how well the latent captures a motion it has not seen.
+- EPE_prior: mean endpoint error (voxels) of ``train.prior_samples`` prior samples
+  (z ~ N(0, I)) against the held-out flow: whether the generator, used as it will be in
+  ``generate``, produces the held-out patient's kind of motion. λ = ``tune.prior_weight``
+  (default 1, must be > 0).
+- KL: the held-out posterior's KL to N(0, I) per latent element (nats); above ``tune.kl_max``
+  (default 2 nats) each nat costs κ = ``tune.kl_penalty`` voxels (default 1).
+
+Why switching the KL off cannot win: with w_kl → 0 the encoder becomes a plain autoencoder, so
+EPE_rec drops, but its posteriors drift away from N(0, I) (σ → 0, μ anywhere): KL per element
+grows past KL_max (−log σ alone is 4.6 nats at σ = 0.01) and the prior samples decode
+off-distribution latents, so EPE_prior and the penalty rise. The opposite failure, posterior
+collapse (w_kl too high: the decoder ignores z), gives EPE_rec ≈ EPE_prior ≈ the error of the
+mean motion, which the EPE_rec term punishes. The search space itself excludes w_kl = 0 (a
+log-uniform range needs low > 0). Caveat: the folds a search tunes on should not be the ones a
+later cross-validation reports as unbiased.
+
+How trials train (and why not ``Tuner(TorchTrainer)``): in Ray 2.60 (Train V2) a trainer can no
+longer be passed to a Tuner; the supported pattern is a function trainable that builds a
+TorchTrainer with ``TuneReportCallback``. That adds a Train controller, worker group and
+placement group per trial (~10 s each on a small box) and reports one fold per trainer, while a
+trial here must report the mean over several folds each epoch for ASHA. Trials are single-rank
+anyway (fractional GPUs: two DDP ranks cannot share one), so each trial is a plain Tune function
+trainable that runs the same epoch and validation code as a fold's Ray Train loop
+(:func:`cardiomotion.train.cvae.train_epoch`, :func:`~cardiomotion.train.cvae.validate`) for all
+its folds in lock-step, reports ``tune.report`` per epoch and a checkpoint every
+``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
+from it). Each trial requests ``{"CPU": train.cpus_per_worker, "GPU": train.gpus_per_worker}``
+(GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
+
+Outputs under ``OUT``: ``search/`` (the Tune experiment: a rerun of the same command restores it
+with ``Tuner.restore`` and finishes the unfinished trials), ``tune.json`` (parent run id,
+fingerprint, best trial), ``trials.csv``, and ``best.yaml``: the input config with the best
+trial's values, which ``load_config`` reads and ``train``/``cv`` accept. MLflow: a parent run
+(``stage=tune``) with a nested run per trial (params, per-epoch metrics, ``stopped_early`` tag);
+the parent gets the best values, ``best.yaml`` and ``trials.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..config import Config, TuneConfig, dump_config
+from ..errors import CardiomotionError, InputError
+from ..fileio import atomic_path, write_json
+
+EXPERIMENT = "search"
+STATE_FILE = "tune.json"
+BEST_FILE = "best.yaml"
+TRIALS_FILE = "trials.csv"
+SEARCHED = ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
+CKPT_FILE = "trial.pt"
+_BAD_SCORE = 1e9  # a diverged trial (NaN/inf) scores this instead
+
+Log = Callable[[str], None]
+
+
+class TuneInterrupted(CardiomotionError):
+    """The search stopped before every trial finished; its state is saved for a rerun."""
+
+
+def objective(metrics: Mapping[str, float], tc: TuneConfig) -> dict[str, float]:
+    """``score`` and its terms from (fold-averaged) validation metrics; see the module docstring."""
+    rec = float(metrics["val_epe_rec_vox"])
+    prior = float(metrics["val_epe_prior_vox"])
+    kl = float(metrics["val_kl"])
+    penalty = tc.kl_penalty * max(0.0, kl - tc.kl_max)
+    score = rec + tc.prior_weight * prior + penalty
+    if not math.isfinite(score):
+        score = _BAD_SCORE
+    return {"score": score, "score_rec": rec, "score_prior": tc.prior_weight * prior, "score_kl_penalty": penalty}
+
+
+def search_space(cfg: Config, epochs: int) -> dict[str, Any]:
+    """The Tune param space of ``cfg.tune`` (bounds checked by the config)."""
+    from ray import tune
+
+    t = cfg.tune
+    hi = min(t.kl_warmup_epochs[1], epochs)
+    lo = min(t.kl_warmup_epochs[0], hi)
+    return {"w_rec": tune.loguniform(*t.w_rec), "w_kl": tune.loguniform(*t.w_kl), "lr": tune.loguniform(*t.lr),
+            "kl_warmup_epochs": tune.randint(lo, hi + 1)}
+
+
+def apply_trial(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """A copy of ``cfg`` with a trial's values in ``train`` (validated)."""
+    data = cfg.model_dump(mode="json")
+    for k in SEARCHED:
+        if k in values:
+            v = values[k]
+            data["train"][k] = int(v) if k == "kl_warmup_epochs" else float(v)
+    return Config.model_validate(data)
+
+
+# --------------------------------------------------------------------------- the trainable
+def _trial_run(client, setup: Mapping[str, Any], trial_id: str, values: Mapping[str, Any]) -> str:
+    """The trial's MLflow child run: found by its trial id (a restored trial keeps its run), else created."""
+    parent = setup["parent_run_id"]
+    found = client.search_runs([setup["experiment_id"]], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial_id = '{trial_id}'"), max_results=1)
+    if found:
+        return found[0].info.run_id
+    from mlflow.entities import Param
+
+    run = client.create_run(setup["experiment_id"], run_name=f"trial_{trial_id}",
+                            tags={"mlflow.parentRunId": parent, "stage": "tune-trial", "trial_id": trial_id})
+    params = [Param(f"train.{k}", str(values[k])) for k in SEARCHED]
+    params += [Param("folds", ",".join(map(str, setup["folds"]))), Param("epochs", str(setup["epochs"]))]
+    client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Tune function trainable: train the trial's folds in lock-step, report per epoch."""
+    import mlflow
+    import torch
+    from ray import tune
+
+    from ..models.pyramid import FeaturePyramid
+    from ..tracking import log_metrics_to
+    from .cvae import build_cvae, train_epoch, validate
+    from .fold import PYRAMID_FILE, load_samples, plan_fold
+
+    cfg = apply_trial(Config.model_validate(setup["cfg"]), values)
+    cfg.train.epochs = int(setup["epochs"])
+    tc = cfg.train
+    device = torch.device("cuda" if setup["use_gpu"] and torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last_3d if (cuda and tc.channels_last) else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+
+    pyramid = FeaturePyramid.load(Path(setup["flows"]) / PYRAMID_FILE, map_location=device).eval()
+    pyramid.requires_grad_(False)
+    pyramid.to(memory_format=fmt)
+    folds = []
+    for k in setup["folds"]:
+        plan = plan_fold(setup["prepared"], setup["flows"], k)
+        es, flow = load_samples(plan, plan.train_ids, cfg.intensity.window)
+        es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
+        model = build_cvae(cfg, pyramid.config()).to(device).to(memory_format=fmt)
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+        steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))
+        folds.append({"plan": plan, "es": es, "flow": flow, "es_v": es_v, "flow_v": flow_v, "model": model,
+                      "opt": opt, "steps": steps})
+
+    client = mlflow.MlflowClient(setup["tracking_uri"])
+    trial_id = tune.get_context().get_trial_id()
+    run_id = _trial_run(client, setup, trial_id, values)
+    start = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
+        for f, s in zip(folds, state["folds"]):
+            f["model"].load_state_dict(s["model"])
+            f["opt"].load_state_dict(s["optimizer"])
+        start = int(state["epoch"]) + 1
+    from ray.tune import Checkpoint
+
+    tcfg = Config.model_validate(setup["cfg"]).tune
+    for epoch in range(start, tc.epochs):
+        per_fold = []
+        for f in folds:
+            m = train_epoch(f["model"], pyramid, f["opt"], f["es"], f["flow"], cfg, epoch, steps=f["steps"],
+                            device=device, fmt=fmt)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+                m.update(validate(f["model"], pyramid, f["es_v"], f["flow_v"], f["plan"].spacing_mm,
+                                  tc.prior_samples, cfg.seed, device))
+            per_fold.append(m)
+        metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
+        metrics.update(objective(metrics, tcfg))
+        log_metrics_to(setup["tracking_uri"], run_id, metrics, epoch)
+        metrics["epoch"] = epoch + 1  # ASHA's time attribute: epochs completed
+        last = epoch == tc.epochs - 1
+        if last or (epoch + 1) % tc.checkpoint_every == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"epoch": epoch, "folds": [{"model": f["model"].state_dict(),
+                                                       "optimizer": f["opt"].state_dict()} for f in folds]},
+                           os.path.join(d, CKPT_FILE))
+                tune.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
+    client.set_terminated(run_id, "FINISHED")
+
+
+# --------------------------------------------------------------------------- the search
+@dataclass
+class TuneSummary:
+    """What :func:`run_tune` produced."""
+
+    out: Path
+    parent_run_id: str
+    best: dict[str, Any]  # the best trial's values, score and terms
+    best_yaml: Path
+    trials_csv: Path
+    trials: list[dict[str, Any]]
+    restored: bool
+
+
+def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int]) -> dict[str, Any]:
+    from .cv import _RESOURCE_KEYS
+
+    train = cfg.train.model_dump(mode="json")
+    for k in (*_RESOURCE_KEYS, *SEARCHED):
+        train.pop(k, None)
+    tune_cfg = cfg.tune.model_dump(mode="json")
+    tune_cfg.pop("max_concurrent", None)
+    tune_cfg["folds"] = list(folds)
+    return {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+            "intensity": cfg.intensity.model_dump(mode="json"), "train": train, "tune": tune_cfg}
+
+
+def _trial_status(results) -> dict[str, str]:
+    """trial id → Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) of every trial."""
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return {t.trial_id: str(t.status) for t in trials}
+
+
+def _write_trials(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    cols = ["trial_id", "status", "epochs", *SEARCHED, "score", "score_rec", "score_prior", "score_kl_penalty",
+            "val_epe_rec_vox", "val_epe_prior_vox", "val_kl", "val_folding_prior", "run_id", "error"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return path
+
+
+def run_tune(
+    prepared_dir: str | Path,
+    flows_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    *,
+    samples: int | None = None,
+    log: Log = lambda _m: None,
+    callbacks: Sequence[Any] = (),
+) -> TuneSummary:
+    """Search ``train.w_rec``, ``w_kl``, ``lr`` and ``kl_warmup_epochs`` (see module docstring).
+
+    Args:
+        samples: number of trials (default ``tune.samples``).
+        callbacks: extra ``ray.tune.Callback`` objects (driver side).
+
+    Raises:
+        InputError: bad inputs, folds that do not exist, trials the cluster can never hold, a
+            search space with impossible bounds, ``OUT`` made with other settings: before any work.
+        TuneInterrupted: the search was interrupted (Ctrl-C); rerun the same command to resume.
+    """
+    import mlflow
+    from pydantic import ValidationError
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .. import tracking
+    from ..config import _format_validation
+    from ..errors import ConfigError
+    from ..raycluster import init_ray
+    from .cv import _alive_nodes, _read_json, _use_gpu, check_capacity, resolve_folds
+    from .cvae import check_fold_inputs
+    from .fold import plan_fold
+
+    try:  # a config built in code (model_copy, update=) skips validators: check it whole
+        cfg = Config.model_validate(cfg.model_dump(mode="json"))
+    except ValidationError as exc:
+        raise ConfigError("config", _format_validation(exc)) from None
+    if samples is not None:
+        if samples < 1:
+            raise InputError("--samples", f"must be at least 1, got {samples}")
+        cfg.tune.samples = samples
+    # Tune's console table and snapshot warnings: the library does not print (RAY_AIR_NEW_OUTPUT=0 → old,
+    # silent reporter at verbose=0)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    prepared = Path(prepared_dir).resolve()
+    flows = Path(flows_dir).resolve()
+    out = Path(out_dir).resolve()
+    scan_ids = plan_fold(prepared, flows, 0).scan_ids
+    folds = resolve_folds(cfg.tune.folds, scan_ids, where="tune.folds")
+    for k in folds:
+        check_fold_inputs(prepared, flows, k, cfg)
+    epochs = cfg.tune.epochs or cfg.train.epochs
+    grace = min(cfg.tune.grace_period, epochs)
+    fingerprint = _fingerprint(prepared, flows, cfg, folds)
+    state = _read_json(out / STATE_FILE) or {}
+    if state.get("fingerprint") and state["fingerprint"] != fingerprint:
+        from .cv import _first_difference
+
+        raise InputError(out / STATE_FILE, f"this search was run with other settings "
+                                           f"({_first_difference(state['fingerprint'], fingerprint)}): rerun it with "
+                                           "the same ones, or use another --out")
+
+    uri = tracking.setup(cfg)
+    client = mlflow.MlflowClient(uri)
+    parent_id = state.get("parent_run_id")
+    if parent_id:
+        try:
+            client.get_run(parent_id)
+        except Exception:
+            raise InputError(out / STATE_FILE, f"its MLflow parent run {parent_id} is not in {uri}: use the same "
+                                               "tracking store, or another --out") from None
+    ray = init_ray(cfg.ray)
+    use_gpu = _use_gpu(cfg, ray)
+    bundle = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": float(cfg.train.gpus_per_worker)} if use_gpu else {})}
+    check_capacity(_alive_nodes(ray), 1, bundle, cfg.tune.max_concurrent, what="trial", setting="tune.max_concurrent")
+
+    exp_path = out / EXPERIMENT
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"tune": {**cfg.tune.model_dump(mode="json"), "folds": folds}, "train": cfg.train.model_dump(mode="json"),
+              "epochs": epochs, "prepared": str(prepared), "flows": str(flows), "out": str(out), "seed": cfg.seed}
+    with tracking.start_run(cfg, "tune", params=None if parent_id else params, tags={"stage": "tune"},
+                            run_id=parent_id) as parent:
+        parent_id = parent.info.run_id
+        write_json(out / STATE_FILE, {**state, "parent_run_id": parent_id, "tracking_uri": uri,
+                                      "fingerprint": fingerprint, "experiment_path": str(exp_path)})
+        setup = {"cfg": cfg.model_dump(mode="json"), "prepared": str(prepared), "flows": str(flows), "folds": folds,
+                 "epochs": epochs, "use_gpu": use_gpu, "tracking_uri": uri, "parent_run_id": parent_id,
+                 "experiment_id": parent.info.experiment_id}
+        trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), bundle)
+        restored = tune.Tuner.can_restore(str(exp_path))
+        if restored:
+            log(f"tune: resuming the search in {exp_path}")
+            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            log(f"tune: {cfg.tune.samples} trials over {SEARCHED} on folds {folds}, {epochs} epochs each "
+                f"(ASHA grace {grace}, factor {cfg.tune.reduction_factor}); each trial {bundle}; parent run {parent_id}")
+            seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
+            tuner = tune.Tuner(
+                trainable,
+                param_space=search_space(cfg, epochs),
+                tune_config=tune.TuneConfig(
+                    metric="score", mode="min", num_samples=cfg.tune.samples,
+                    search_alg=BasicVariantGenerator(random_state=seed),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=grace,
+                                            reduction_factor=cfg.tune.reduction_factor),
+                    max_concurrent_trials=cfg.tune.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=str(out), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=list(callbacks),
+                ),
+            )
+        t0 = time.perf_counter()
+        results = tuner.fit()
+        status = _trial_status(results)
+        unfinished = [t for t, s in status.items() if s not in ("TERMINATED", "ERROR")]
+        if unfinished:
+            raise TuneInterrupted(f"tune: the search stopped with {len(unfinished)} unfinished trials; its state is "
+                                  f"saved in {exp_path}: rerun the same command to resume")
+
+        runs = {r.data.tags.get("trial_id"): r.info.run_id for r in client.search_runs(
+            [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+        rows = []
+        for res in results:
+            m = dict(res.metrics or {})
+            tid = m.get("trial_id") or (Path(res.path).name if res.path else None)
+            row = {"trial_id": tid, "status": status.get(tid, "ERROR" if res.error else "TERMINATED"),
+                   "epochs": m.get("epoch"), **{k: res.config.get(k) for k in SEARCHED},
+                   **{k: m.get(k) for k in ("score", "score_rec", "score_prior", "score_kl_penalty", "val_epe_rec_vox",
+                                            "val_epe_prior_vox", "val_kl", "val_folding_prior")},
+                   "run_id": runs.get(tid), "error": str(res.error).splitlines()[0][:300] if res.error else None}
+            if row["status"] == "TERMINATED":
+                row["status"] = "finished" if (row["epochs"] or 0) >= epochs else "stopped early"
+            elif row["status"] == "ERROR":
+                row["status"] = "error"
+            rows.append(row)
+            if row["run_id"]:
+                try:
+                    client.set_tag(row["run_id"], "stopped_early", str(row["status"] == "stopped early").lower())
+                    client.set_terminated(row["run_id"], "FAILED" if row["status"] == "error" else "FINISHED")
+                except Exception:
+                    pass
+        rows.sort(key=lambda r: (r["score"] is None, r["score"] if r["score"] is not None else 0.0))
+        scored = [r for r in rows if r["score"] is not None and r["score"] < _BAD_SCORE]
+        complete = [r for r in scored if (r["epochs"] or 0) >= epochs]
+        pool = complete or scored
+        if not pool:
+            errors = [r["error"] for r in rows if r["error"]]
+            raise CardiomotionError(f"tune: no trial produced a score ({len(errors)} errors"
+                                    + (f"; first: {errors[0]}" if errors else "") + ")")
+        best = pool[0]
+        best_cfg = apply_trial(cfg, best)
+        best_yaml = out / BEST_FILE
+        with atomic_path(best_yaml) as tmp:
+            tmp.write_text(f"# best of {len(rows)} trials (score {best['score']:.4f} = rec EPE + "
+                           f"{cfg.tune.prior_weight:g}·prior EPE + KL penalty), trial {best['trial_id']}, "
+                           f"MLflow run {best['run_id']}\n" + dump_config(best_cfg))
+        trials_csv = _write_trials(out / TRIALS_FILE, rows)
+        best_out = {k: best[k] for k in (*SEARCHED, "score", "score_rec", "score_prior", "score_kl_penalty",
+                                         "trial_id", "run_id", "epochs")}
+        write_json(out / STATE_FILE, {**(_read_json(out / STATE_FILE) or {}), "best": best_out,
+                                      "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
+                                      "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+                                      "errors": sum(r["status"] == "error" for r in rows),
+                                      "wall_s": round(time.perf_counter() - t0, 1)})
+        tracking.log_metrics({f"best_{k}": float(best[k]) for k in (*SEARCHED, "score", "score_rec", "score_prior")})
+        mlflow.set_tag("best_trial", str(best["trial_id"]))
+        tracking.log_artifact(best_yaml)
+        tracking.log_artifact(trials_csv)
+    log(f"tune: best trial {best['trial_id']} score {best['score']:.4f} "
+        + " ".join(f"{k}={best[k]:.4g}" for k in SEARCHED) + f"; wrote {best_yaml}")
+    return TuneSummary(out, parent_id, best_out, best_yaml, trials_csv, rows, restored)
+
+
+def format_trials(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The trial table as fixed-width text (best first)."""
+    cols = [("trial", "trial_id", "{}"), ("status", "status", "{}"), ("epochs", "epochs", "{:.0f}"),
+            ("w_rec", "w_rec", "{:.3g}"), ("w_kl", "w_kl", "{:.3g}"), ("lr", "lr", "{:.3g}"),
+            ("warmup", "kl_warmup_epochs", "{:.0f}"), ("score", "score", "{:.4f}"),
+            ("rec EPE", "val_epe_rec_vox", "{:.3f}"), ("prior EPE", "val_epe_prior_vox", "{:.3f}"), ("KL", "val_kl", "{:.4f}")]
+    body = [[("-" if r.get(k) is None else fmt.format(r[k]) if not isinstance(r[k], str) else r[k])
+             for _, k, fmt in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (h, _, _) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    return "\n".join(lines)
+
+
+__all__ = ["TuneInterrupted", "TuneSummary", "apply_trial", "format_trials", "objective", "run_tune", "search_space",
+           "tune_trial"]

@@ -1,0 +1,348 @@
+"""Corpus generation: determinism, resume, reader consistency, export, flat memory, bad input.
+
+Runs a random-weight model (cardiomotion.generate.synthetic; its decoder head is scaled to give
+flows of a few voxels) logged as a real MLflow run, on a synthetic 3-scan prepared dataset at
+32³, with one CPU actor on the session's Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cardiomotion.config import dump_config, load_config
+from cardiomotion.errors import InputError
+
+torch.set_num_threads(1)
+
+N = 10
+SEED = 7
+GEN = {"shard_size": 4, "batch_size": 3, "actors": 1, "previews": 1, "gif_frames": 4,
+       "traversal_directions": 1, "traversal_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A random-weight model logged to an MLflow run (runs:/<id>/model) and a prepared dataset."""
+    import mlflow
+
+    from cardiomotion import tracking
+    from cardiomotion.generate.synthetic import make_random_model_dir, make_synthetic_prepared
+
+    root = tmp_path_factory.mktemp("generate")
+    cfg = load_config(None, {"storage_root": str(root / "store"), "generate": GEN,
+                             "ray": {"num_cpus": 2, "dashboard": False}})
+    model_dir = make_random_model_dir(root / "model_dir", grid=(32, 32, 32), channels=(8, 16, 32), latent_channels=4)
+    prepared = make_synthetic_prepared(root / "prepared", n_scans=3, grid=(32, 32, 32))
+    with tracking.start_run(cfg, "train_stub", tags={"stage": "train"}) as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    return {"root": root, "cfg": cfg, "uri": f"runs:/{run.info.run_id}/model", "run_id": run.info.run_id,
+            "model_dir": model_dir, "prepared": prepared}
+
+
+@pytest.fixture(scope="module")
+def corpus(inputs, ray_session):
+    from cardiomotion.generate import generate_corpus
+
+    out = inputs["root"] / "corpus"
+    manifest = generate_corpus(inputs["uri"], inputs["prepared"], out, N, seed=SEED, cfg=inputs["cfg"])
+    return out, manifest
+
+
+def _digests(out: Path) -> dict[str, str]:
+    man = json.loads((out / "manifest.json").read_text())
+    return {s["name"]: s["sha256"] for s in man["shards"]}
+
+
+def test_corpus_layout_manifest_and_reader(corpus, inputs):
+    from cardiomotion.generate import open_corpus, scan_indices
+    from cardiomotion.generate.model import sha256_file
+
+    out, manifest = corpus
+    man = json.loads(manifest.read_text())
+    assert (man["n"], man["n_shards"], man["shard_size"], man["seed"], man["temperature"]) == (N, 3, 4, SEED, 1.0)
+    assert [s["count"] for s in man["shards"]] == [4, 4, 2]
+    assert man["model"]["uri"] == inputs["uri"]
+    assert man["model"]["cvae_sha256"] == sha256_file(inputs["model_dir"] / "cvae.pt")
+    assert sum(man["counts"]["per_scan"].values()) == N
+    assert max(man["counts"]["per_scan"].values()) - min(man["counts"]["per_scan"].values()) <= 1  # balanced
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [s["name"] for s in man["shards"]]
+    assert not list(out.glob(".*tmp*"))
+    c = open_corpus(out)
+    assert len(c) == N and c.verify() == []
+    scan_ids = [s["scan_id"] for s in man["scans"]]
+    for i in range(N):
+        s = c[i]
+        assert s["index"] == i and s["meta"]["index"] == i and s["meta"]["seed"] == SEED
+        assert s["scan_id"] == scan_ids[scan_indices(SEED, 3, [i])[0]]
+        assert s["meta"]["model_uri"] == inputs["uri"]
+        assert s["es"].dtype == np.int16 and s["ed_syn"].dtype == np.int16 and s["flow"].dtype == np.float16
+        assert s["es"].shape == (32, 32, 32) and s["flow"].shape == (3, 32, 32, 32)
+        np.testing.assert_allclose(s["affine"], man["scans"][scan_ids.index(s["scan_id"])]["affine"])
+    assert c[-1]["index"] == N - 1
+    with pytest.raises(IndexError):
+        c[N]
+
+
+def test_reader_samples_satisfy_ed_syn_equals_warp_es_by_flow(corpus):
+    from cardiomotion.flow.warp import warp
+    from cardiomotion.generate import open_corpus
+
+    c = open_corpus(corpus[0])
+    moved = 0.0
+    for i in range(N):
+        s = c[i]
+        es = torch.from_numpy(s["es"].astype(np.float32))[None, None]
+        u = torch.from_numpy(s["flow"].astype(np.float32))[None]
+        ed = warp(es, u)[0, 0].numpy()
+        assert np.abs(ed - s["ed_syn"].astype(np.float32)).max() <= 0.5 + 1e-3  # int16 rounding only
+        moved = max(moved, float(np.abs(s["flow"].astype(np.float32)).max()))
+        assert np.abs(s["ed_syn"].astype(np.float32) - s["es"]).max() > 50  # the warp did something
+    assert moved > 1.0  # flows of voxels, not the identity map
+
+
+def test_sample_regenerated_alone_is_byte_identical(corpus, inputs):
+    from cardiomotion.generate import open_corpus, regenerate_sample
+
+    c = open_corpus(corpus[0])
+    for i in (0, 5, 9):  # first of a shard; inside a second block; the last, short shard
+        assert regenerate_sample(corpus[0], i, cfg=inputs["cfg"], raw=True) == c.raw(i), i
+
+
+def test_latents_are_a_function_of_seed_and_index_only(inputs):
+    from cardiomotion.generate.engine import SampleEngine, sample_seed
+    from cardiomotion.generate.job import load_frames
+    from cardiomotion.generate.model import resolve_model
+
+    resolved = resolve_model(inputs["model_dir"], inputs["cfg"])
+    frames = load_frames(inputs["prepared"])
+    spec = {"seed": SEED, "temperature": 0.5, "window": list(resolved.window), "flow_dtype": "float16",
+            "model_uri": "x", "model_sha256": "y"}
+    eng = SampleEngine(resolved.blobs(), frames, spec)
+    z = eng.latents([3, 4, 5])
+    assert torch.equal(eng.latents([4])[0], z[1])  # independent of the other samples in the batch
+    assert float(z.std()) == pytest.approx(0.5, rel=0.2)  # temperature
+    assert sample_seed(SEED, 4) != sample_seed(SEED + 1, 4) != sample_seed(SEED, 5)
+    other = SampleEngine(resolved.blobs(), frames, {**spec, "seed": SEED + 1})
+    assert not torch.equal(other.latents([4]), eng.latents([4]))
+
+
+def test_torch_dataset_shards_across_workers_and_shuffles(corpus, monkeypatch):
+    import torch.utils.data as tud
+
+    from cardiomotion.generate import open_corpus
+
+    c = open_corpus(corpus[0])
+    plain = [s["index"] for s in c.torch_dataset()]
+    assert plain == list(range(N))
+    batch = next(iter(tud.DataLoader(c.torch_dataset(), batch_size=4)))
+    assert batch["flow"].shape == (4, 3, 32, 32, 32) and batch["flow"].dtype == torch.float16
+
+    class Info:
+        def __init__(self, wid):
+            self.id, self.num_workers = wid, 2
+
+    seen = []
+    for wid in (0, 1):
+        monkeypatch.setattr(tud, "get_worker_info", lambda wid=wid: Info(wid))
+        seen.append([s["index"] for s in c.torch_dataset(shuffle_buffer=3, seed=1)])
+    monkeypatch.undo()
+    assert sorted(seen[0] + seen[1]) == list(range(N)) and not set(seen[0]) & set(seen[1])
+    ds = c.torch_dataset(shuffle_buffer=4, seed=1)
+    first = [s["index"] for s in ds]
+    assert sorted(first) == list(range(N)) and first != plain
+    assert [s["index"] for s in ds] == first  # same (seed, epoch): same order
+    ds.set_epoch(1)
+    assert [s["index"] for s in ds] != first
+    ranks = [[s["index"] for s in c.torch_dataset(rank=r, world_size=3)] for r in range(3)]
+    assert sorted(sum(ranks, [])) == list(range(N))
+
+
+def test_export_writes_nifti_simpleitk_reads_the_flow(corpus, inputs, tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from cardiomotion.cli import main
+    from cardiomotion.generate import open_corpus
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(dump_config(inputs["cfg"]))
+    out = tmp_path / "export"
+    assert main(["export", "--corpus", str(corpus[0]), "--index", "6", "--out", str(out), "--traversal",
+                 "--config", str(cfg_file)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"es.nii.gz", "ed_syn.nii.gz", "flow.nii.gz", "sample.json", "transition.gif", "traversal.png"} <= names
+    with Image.open(out / "transition.gif") as gif:
+        assert gif.n_frames == 2 * GEN["gif_frames"] - 2
+    s = open_corpus(corpus[0])[6]
+    es_img = sitk.ReadImage(str(out / "es.nii.gz"), sitk.sitkFloat64)
+    field = sitk.ReadImage(str(out / "flow.nii.gz"), sitk.sitkVectorFloat64)
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetSize() == (32, 32, 32)
+    transform = sitk.DisplacementFieldTransform(field)
+    resampled = sitk.Resample(es_img, es_img, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat64)
+    itk_ed = sitk.GetArrayFromImage(resampled).transpose(2, 1, 0)
+    u = s["flow"].astype(np.float32)
+    pos = np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij")) + u
+    inside = np.all((pos > 0.5) & (pos < 30.5), axis=0)  # away from the border padding
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(itk_ed[inside], s["ed_syn"][inside], atol=0.51)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ed_syn.nii.gz"))).transpose(2, 1, 0),
+                                  s["ed_syn"])
+
+
+def test_resume_after_interrupted_run(corpus, inputs, capsys):
+    """A run dies at shard 2 (a stale temp file left behind, shard 0 lost too); the CLI rerun
+    writes only the missing shards, leaves the finished one untouched and gives the same bytes."""
+    from cardiomotion.cli import main
+    from cardiomotion.generate import generate_corpus, open_corpus
+
+    out = inputs["root"] / "resumed"
+    with pytest.raises(RuntimeError, match="injected failure at shard 2"):
+        generate_corpus(inputs["uri"], inputs["prepared"], out, N, seed=SEED, cfg=inputs["cfg"], track=False,
+                        _fail_at_shard=2)
+    assert not (out / "manifest.json").exists()
+    done = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert "shard-000002.tar" not in done
+    (out / ".shard-000002.tar.abc123.tmp.tar").write_bytes(b"half a shard")  # as a killed writer leaves it
+    (out / "shard-000000.tar").unlink(missing_ok=True)
+    kept = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("shard-*.tar")}
+    cfg_file = inputs["root"] / "resume.yaml"
+    cfg_file.write_text(dump_config(inputs["cfg"]))
+    rc = main(["generate", "--model", inputs["uri"], "--prepared", str(inputs["prepared"]),
+               "--out", str(out), "--n", str(N), "--seed", str(SEED), "--config", str(cfg_file), "--no-track"])
+    assert rc == 0
+    assert f"{len(kept)} shards already complete" in capsys.readouterr().out
+    for name, stamp in kept.items():
+        p = out / name
+        assert (p.stat().st_mtime_ns, p.stat().st_ino) == stamp, f"{name} was rewritten"
+    assert not list(out.glob(".*tmp*"))
+    c = open_corpus(out)
+    assert len(c) == N and sorted(c[i]["meta"]["index"] for i in range(N)) == list(range(N))
+    assert c.verify() == []
+    assert _digests(out) == _digests(corpus[0])  # same model, seed, settings: the same bytes
+
+
+def test_driver_and_actor_memory_stay_flat_as_n_grows(inputs, ray_session):
+    """8 vs 32 samples (2 vs 8 shards): the driver never holds samples (its Python heap peak does
+    not grow with N; 24 more samples are ~8 MB) and an actor's RSS does not grow from shard to shard."""
+    from cardiomotion.generate import generate_corpus
+
+    cfg = inputs["cfg"].model_copy(deep=True)
+    cfg.generate.shard_size = 4
+    cfg.generate.batch_size = 4
+    cfg.generate.previews = 0
+    runs = {}
+    for n in (8, 32):
+        tracemalloc.start()
+        man = generate_corpus(inputs["model_dir"], inputs["prepared"], inputs["root"] / f"mem_{n}", n, seed=1,
+                              cfg=cfg, track=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        runs[n] = (peak / 2**20, json.loads(man.read_text())["run"])
+    corpus_mb = 24 * 32**3 * (2 + 2 + 6) / 2**20
+    assert runs[32][0] < runs[8][0] + corpus_mb / 4, runs
+    rss = runs[32][1]["actor_rss_mb_by_shard"]
+    assert len(rss) == 8
+    assert max(rss[4:]) < max(rss[:4]) + corpus_mb / 2, rss
+    assert runs[32][1]["actor_peak_rss_mb"] < runs[8][1]["actor_peak_rss_mb"] + corpus_mb / 2, runs
+
+
+def test_generation_run_is_logged_to_mlflow(corpus, inputs):
+    import mlflow
+
+    from cardiomotion.tracking import tracking_uri
+
+    man = json.loads(corpus[1].read_text())
+    run_id = man["run"]["mlflow_run_id"]
+    client = mlflow.MlflowClient(tracking_uri(inputs["cfg"]))
+    run = client.get_run(run_id)
+    assert run.data.params["n"] == str(N) and run.data.params["seed"] == str(SEED)
+    assert run.data.params["model_uri"] == inputs["uri"] and run.data.tags["source_run_id"] == inputs["run_id"]
+    assert run.data.metrics["generated_samples"] == N and run.data.metrics["samples_per_s"] > 0
+    assert run.data.metrics["mb_per_s"] > 0
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"figures/sample_000000000.png", "figures/transition_000000000.gif"} <= figures
+    assert any(f.startswith("figures/traversal_") for f in figures)
+    assert [a.path for a in client.list_artifacts(run_id, "corpus")] == ["corpus/manifest.json"]
+
+
+def test_latent_traversal_decodes_along_unit_directions(inputs):
+    from cardiomotion.generate import latent_directions, latent_traversal, load_frames
+    from cardiomotion.generate.model import load_networks, resolve_model
+
+    resolved = resolve_model(inputs["model_dir"], inputs["cfg"])
+    model, pyramid = load_networks(resolved.blobs())
+    es = load_frames(inputs["prepared"])["es"][0]
+    dirs = latent_directions(model.latent_shape((32, 32, 32)), 2, "channels")
+    assert torch.allclose(dirs.flatten(1).norm(dim=1), torch.ones(2))
+    flows = latent_traversal(model, pyramid, es, resolved.window, dirs, [-2.0, 0.0, 2.0])
+    assert flows.shape == (2, 3, 3, 32, 32, 32)
+    torch.testing.assert_close(flows[0, 1], flows[1, 1])  # α = 0: both at the prior mean
+    assert not torch.allclose(flows[0, 0], flows[0, 2])
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_are_refused_before_any_work(corpus, inputs, tmp_path):
+    from cardiomotion.generate import generate_corpus
+    from cardiomotion.generate.synthetic import make_random_model_dir
+
+    cfg, prep = inputs["cfg"], inputs["prepared"]
+    new = tmp_path / "new"
+
+    def refuse(match, model=inputs["model_dir"], out=new, n=N, seed=SEED, **kw):
+        with pytest.raises(InputError, match=match):
+            generate_corpus(model, prep, out, n, seed=seed, cfg=cfg, track=False, **kw)
+
+    refuse("model URI does not resolve", model="runs:/0123456789abcdef0123456789abcdef/model")
+    refuse("model does not resolve", model=tmp_path / "no_such_model")
+    (tmp_path / "empty_model").mkdir()
+    refuse("missing cvae.pt, feature_pyramid.pt, model.json", model=tmp_path / "empty_model")
+    wrong = make_random_model_dir(tmp_path / "m48", grid=(48, 48, 48), flow_std=0.5)
+    refuse(r"model grid \[48, 48, 48\] does not match the prepared data's grid \[32, 32, 32\]", model=wrong)
+    refuse("number of samples must be a positive integer", n=0)
+    refuse("number of samples must be a positive integer", n=-3)
+    refuse("temperature", temperature=-1.0)
+    assert not new.exists()  # nothing was created
+
+    existing = corpus[0]
+    before = {p.name: p.stat().st_mtime_ns for p in existing.iterdir()}
+    refuse("holds a corpus made with seed 7, not 8", out=existing, seed=8)
+    other = make_random_model_dir(tmp_path / "other", grid=(32, 32, 32), seed=5)
+    refuse("holds a corpus made with another model", model=other, out=existing)
+    refuse("more than --n 4; it is never cut down", out=existing, n=4)
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.generate.shard_size = 5
+    with pytest.raises(InputError, match="other settings .*shard_size: 4 → 5"):
+        generate_corpus(inputs["model_dir"], prep, existing, N, seed=SEED, cfg=cfg2, track=False)
+    assert {p.name: p.stat().st_mtime_ns for p in existing.iterdir()} == before  # untouched
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    refuse("is not empty and holds no corpus", out=stray)
+
+
+def test_cli_reports_bad_input_in_one_line(inputs, capsys, tmp_path):
+    from cardiomotion.cli import main
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(dump_config(inputs["cfg"]))
+    conf = ["--config", str(cfg_file), "--no-track"]
+
+    rc = main(["generate", "--model", "runs:/feedfacefeedfacefeedfacefeedface/model", "--prepared",
+               str(inputs["prepared"]), "--out", str(inputs["root"] / "cli_bad"), "--n", "3", *conf])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not resolve" in err[0]
+    rc = main(["generate", "--model", str(inputs["model_dir"]), "--prepared", str(inputs["prepared"]),
+               "--out", str(inputs["root"] / "cli_bad"), "--n", "0", *conf])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --n: the number of samples must be a positive integer, got 0"]
+    rc = main(["generate", "--model", str(inputs["model_dir"]), "--prepared", str(inputs["prepared"]),
+               "--out", str(inputs["root"] / "cli_bad"), "--n", "3", "--temperature", "-1", *conf])
+    assert rc == 2 and "generate.temperature" in capsys.readouterr().err
+    assert not (inputs["root"] / "cli_bad").exists()

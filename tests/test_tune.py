@@ -1,0 +1,109 @@
+"""Ray Tune search: 4 trials with ASHA, interrupted and restored, a loadable best config, MLflow
+parent/child runs, and bad search spaces refused before work."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+
+import mlflow
+import pytest
+from cv_cohort import TINY, cohort
+
+from cardiomotion.config import load_config
+from cardiomotion.errors import ConfigError, InputError
+
+SEARCH = {"samples": 4, "folds": [0], "grace_period": 1, "reduction_factor": 2, "kl_warmup_epochs": [0, 2]}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, ray_session):
+    prepared, flows = cohort(tmp_path_factory)
+    root = tmp_path_factory.mktemp("tune")
+    cfg = load_config(None, {**TINY, "storage_root": str(root / "store"), "tune": SEARCH})
+    return prepared, flows, root, cfg
+
+
+def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs):
+    from ray import tune
+
+    from cardiomotion.tracking import tracking_uri
+    from cardiomotion.train.tune import TuneInterrupted, run_tune
+
+    prepared, flows, root, cfg = inputs
+    out = root / "search"
+
+    class InterruptAfter(tune.Callback):
+        """Sends the driver SIGUSR1 (what Ray Tune treats like Ctrl-C) after the 2nd trial result."""
+
+        seen = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            InterruptAfter.seen += 1
+            if InterruptAfter.seen == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    with pytest.raises(TuneInterrupted, match="rerun the same command to resume"):
+        run_tune(prepared, flows, out, cfg, callbacks=[InterruptAfter()])
+    assert (out / "search").is_dir() and not (out / "best.yaml").exists()
+
+    res = run_tune(prepared, flows, out, cfg)  # the same command again: Tuner.restore
+    assert res.restored
+    best = load_config(out / "best.yaml")  # a full config that train / cv accept
+    assert best.train.w_rec == pytest.approx(res.best["w_rec"]) and best.train.lr == pytest.approx(res.best["lr"])
+    assert cfg.tune.w_kl[0] <= best.train.w_kl <= cfg.tune.w_kl[1]
+    assert 0 <= best.train.kl_warmup_epochs <= 2
+    assert best.prepare == cfg.prepare and best.train.epochs == cfg.train.epochs
+    with open(out / "trials.csv") as fh:
+        trials = list(csv.DictReader(fh))
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert {t["status"] for t in trials} <= {"finished", "stopped early"}
+    assert "finished" in {t["status"] for t in trials}
+    assert res.best["score"] == pytest.approx(min(float(t["score"]) for t in trials if t["status"] == "finished"))
+    assert res.best["score"] == pytest.approx(res.best["score_rec"] + res.best["score_prior"]
+                                              + res.best["score_kl_penalty"])
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    parent = client.get_run(res.parent_run_id)
+    assert parent.data.tags["stage"] == "tune" and "best_score" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(res.parent_run_id)} >= {"best.yaml", "trials.csv"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)  # one each
+    best_run = client.get_run(res.best["run_id"])
+    assert best_run.data.params["train.lr"] and len(client.get_metric_history(res.best["run_id"], "score")) >= 3
+
+
+@pytest.mark.parametrize("tune_override, error, message", [
+    ({"lr": (1e-2, 1e-3)}, ConfigError, r"config: tune.lr: a log-uniform range must be \(low, high\) "
+                                        r"with 0 < low < high, got \[0.01, 0.001\]"),
+    ({"w_kl": (-0.1, 0.5)}, ConfigError, "tune.w_kl: a log-uniform range"),
+    ({"kl_warmup_epochs": (5, 1)}, ConfigError, "tune.kl_warmup_epochs: must be"),
+    ({"folds": [0, "phantom_042"]}, InputError, "tune.folds: no such fold or scan: 'phantom_042'"),
+    ({"max_concurrent": 5}, InputError, "tune.max_concurrent: 5 concurrent trials requested but the cluster "
+                                        "holds at most 4"),
+])
+def test_bad_search_is_refused_before_work(inputs, tmp_path, tune_override, error, message):
+    from cardiomotion.train.tune import run_tune
+
+    prepared, flows, _, cfg = inputs
+    # model_copy(update=...) skips pydantic's validators, as code building a config might
+    bad = cfg.model_copy(update={"tune": cfg.tune.model_copy(update=tune_override)})
+    with pytest.raises(error, match=message):
+        run_tune(prepared, flows, tmp_path / "out", bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_search_space_in_a_config_file_is_refused():
+    with pytest.raises(ConfigError, match="tune.lr: a log-uniform range"):
+        load_config(None, {"tune": {"lr": [0.0, 1e-3]}})
+
+
+def test_cli_rejects_zero_samples(inputs, tmp_path, capsys):
+    from cardiomotion.cli import main
+
+    prepared, flows, _, _ = inputs
+    rc = main(["tune", "--prepared", str(prepared), "--flows", str(flows), "--out", str(tmp_path / "o"),
+               "--samples", "0"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "error: --samples: must be at least 1, got 0"
