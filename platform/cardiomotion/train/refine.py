@@ -8,26 +8,7 @@ from ..models.pwcnet import resize_flow
 from .losses import downsample_to, photometric_loss, smoothness_loss
 
 
-def gaussian_smooth(u: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of a field (B, C, I, J, K), σ in voxels, replicate borders."""
-    if sigma <= 0:
-        return u
-    radius = max(1, int(round(2.5 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=u.dtype, device=u.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    c = u.shape[1]
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = k.numel()
-        weight = k.view(1, 1, *shape).repeat(c, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        u = torch.nn.functional.conv3d(torch.nn.functional.pad(u, pad, mode="replicate"), weight, groups=c)
-    return u
-
-
-def _optimise(fixed, moving, flow, steps, lr, smooth_weight, alpha, field_sigma) -> torch.Tensor:
+def _optimise(fixed, moving, flow, steps, lr, smooth_weight, alpha) -> torch.Tensor:
     u = flow.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([u], lr=lr)
     window = min(7, max(1, min(fixed.shape[2:]) // 2 * 2 - 1))
@@ -37,9 +18,6 @@ def _optimise(fixed, moving, flow, steps, lr, smooth_weight, alpha, field_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if field_sigma > 0:  # diffusion-like regularisation, as in demons: carries motion into flat regions
-            with torch.no_grad():
-                u.copy_(gaussian_smooth(u, field_sigma))
     return u.detach()
 
 
@@ -52,16 +30,13 @@ def refine_flow(
     smooth_weight: float = 0.1,
     alpha: float = 0.85,
     levels: int = 2,
-    field_sigma: float = 0.0,
 ) -> torch.Tensor:
     """Optimise a pull flow u so that warp(moving, u) ≈ fixed, starting from ``flow``.
 
     Loss: photometric(fixed, warp(moving, u)) + smooth_weight · smoothness(u) — the loss the
     network was trained with — minimised by Adam on u directly, coarse to fine: ``levels``
     resolutions (each half the next; ``steps`` per level), so large residual motion is caught
-    on the coarse grid and detail on the full one. With ``field_sigma`` > 0 the field is
-    Gaussian-smoothed (σ voxels) after every step, a diffusion-like regulariser that carries
-    motion from edges into the flat blood pool and myocardium.
+    on the coarse grid and detail on the full one.
 
     Args:
         fixed, moving: (1, 1, I, J, K) in [0, 1] (ED and ES).
@@ -80,5 +55,5 @@ def refine_flow(
             continue
         f = downsample_to(fixed, size) if level else fixed
         m = downsample_to(moving, size) if level else moving
-        u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, alpha, field_sigma)
+        u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, alpha)
     return resize_flow(u, full)
