@@ -164,3 +164,15 @@ def test_tiny_pwcnet_learns_on_a_phantom_pair():
         loss.backward()
         opt.step()
     assert full_res_loss() < 0.8 * before
+
+
+def test_foreign_folder_in_the_output_is_refused_before_any_work(annotated, tmp_path):
+    from cardiomotion.annotate import annotate
+
+    root, cfg, _ = annotated
+    out = tmp_path / "out"
+    (out / "phantom_000").mkdir(parents=True)
+    (out / "phantom_000" / "flow.nii.gz").write_bytes(b"not ours")
+    with pytest.raises(InputError, match="phantom_000: exists but holds no finished annotation"):
+        annotate(root / "prepared", out, cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_000"]  # nothing else written

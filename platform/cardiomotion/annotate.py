@@ -157,6 +157,16 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     prepared = Path(prepared_dir).resolve()
     out = Path(out_dir).resolve()
     rows = check_prepared(prepared, cfg)
+    done, todo = [], []
+    for row in rows:
+        scan_dir = out / str(row["scan_id"])
+        if (scan_dir / QUALITY_FILE).is_file():
+            done.append(row)
+        elif scan_dir.exists():  # our writes are atomic: this folder is not ours
+            raise InputError(scan_dir, "exists but holds no finished annotation (no quality.json); "
+                                       "remove it or choose another --out")
+        else:
+            todo.append(row)
     uri = tracking.setup(cfg)
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
@@ -172,10 +182,6 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
             model.save(model_path)  # written last: its presence marks a finished training
         else:
             log(f"annotate: reusing the trained PWC-Net {model_path}")
-        done, todo = [], []
-        for row in rows:
-            qpath = out / str(row["scan_id"]) / QUALITY_FILE
-            (done if qpath.is_file() else todo).append(row)
         records = [json.loads((out / str(r["scan_id"]) / QUALITY_FILE).read_text()) for r in done]
         if todo:
             log(f"annotate: {len(todo)} pairs to annotate ({len(done)} done)")

@@ -195,7 +195,7 @@ class GenerateConfig(_Section):
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null → one per GPU share, else one per CPU")
     use_gpu: Optional[bool] = Field(None, description="null → GPU actors when the cluster has GPUs")
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per actor (<1 packs writers onto a GPU)")
-    cpus_per_actor: float = Field(1.0, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (torch threads of a CPU actor)")
     precision: str = Field("bf16", description="decoder autocast on GPU: fp32, bf16 or fp16 (CPU: always fp32)")
     channels_last: bool = Field(True, description="channels_last_3d on GPU")
     flow_dtype: str = Field("float16", description="stored flow dtype: float16 or float32")

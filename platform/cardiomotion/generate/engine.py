@@ -100,6 +100,21 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Freed sample buffers otherwise stay in the allocator's arenas (one per thread: the decode
+    loop and the writer), so a long-running actor's RSS would creep with fragmentation even
+    though nothing is kept; trimming after each shard keeps RSS equal to what is live.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def current_rss_mb() -> float:
     """Private (anonymous) resident memory of this process now, MiB: resident minus shared pages
     (Linux /proc; elsewhere the peak RSS). Shared pages — libraries, and in a Ray worker the
@@ -285,7 +300,9 @@ def write_shard(out_dir: Path, k: int, n: int, shard_size: int, batch_size: int,
               "scan_counts": scan_counts, "device": device_label, "identity": identity}
     write_json(Path(out_dir) / sidecar_name(k), record)
     seconds = time.perf_counter() - t0
-    return {**record, "seconds": seconds, "decode_seconds": decode_s, "rss_mb": rss}
+    release_free_memory()
+    return {**record, "seconds": seconds, "decode_seconds": decode_s, "rss_mb": rss,
+            "retained_rss_mb": current_rss_mb()}
 
 
 class ShardWorker:
@@ -324,7 +341,7 @@ class ShardWorker:
                                      p["identity"], self.device_label), "error": ""}
             except Exception as exc:  # reported by the driver, which stops the job (finished shards stay)
                 rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
-                       "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+                       "retained_rss_mb": 0.0, "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
             rows.append(rec)
-        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "error")
+        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "retained_rss_mb", "error")
         return {key: np.asarray([r[key] for r in rows]) for key in keys}

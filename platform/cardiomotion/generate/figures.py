@@ -59,7 +59,7 @@ def transition_gif(es_hu: np.ndarray, flow_vox: np.ndarray, path: str | Path, fr
             img = Image.fromarray(_frame(vol, center, window, scale), mode="L")
             canvas = Image.new("L", (img.width, img.height + 16), 0)
             canvas.paste(img, (0, 16))
-            ImageDraw.Draw(canvas).text((4, 2), f"t = {t:.2f}  (ES -> ED_syn)", fill=255)
+            ImageDraw.Draw(canvas).text((4, 2), f"t = {t:.2f}  ES -> ED_syn   (axial, coronal, sagittal)", fill=255)
             images.append(canvas)
     seq = images + images[-2:0:-1]  # there and back: a seamless loop
     path = Path(path)

@@ -302,7 +302,7 @@ def _now() -> str:
 def _empty_stats() -> dict[str, Any]:
     return {"generated": 0, "bytes": 0, "seconds": 0.0, "samples_per_s": 0.0, "mb_per_s": 0.0,
             "decode_warp_samples_per_s_per_actor": 0.0, "actors": 0, "use_gpu": False, "actor_peak_rss_mb": 0.0,
-            "actor_rss_mb_by_shard": [], "shards": []}
+            "actor_rss_mb_by_shard": [], "actor_retained_rss_mb_by_shard": [], "shards": []}
 
 
 def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, frames: dict, identity: dict,
@@ -370,6 +370,8 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
             "actors": actors, "use_gpu": bool(use_gpu),
             "actor_peak_rss_mb": float(max(r["rss_mb"] for r in rows)),
             "actor_rss_mb_by_shard": [round(float(r["rss_mb"]), 2) for r in sorted(rows, key=lambda r: r["index"])],
+            "actor_retained_rss_mb_by_shard": [round(float(r["retained_rss_mb"]), 2)
+                                               for r in sorted(rows, key=lambda r: r["index"])],
             "shards": rows}
 
 

@@ -56,9 +56,10 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
     mu, logvar = model.encode(flow, es, feats)
     rec = model.decode(mu, es, feats).float()
     gen = torch.Generator(device=device).manual_seed(seed)
-    epe_prior, mag_prior, fold_prior = [], [], []
+    epe_prior, mag_prior, fold_prior, samples = [], [], [], []
     for _ in range(n_prior):
         sample = model.sample(es, feats, generator=gen).float()
+        samples.append(sample)
         epe_prior.append(torch.linalg.vector_norm(sample - flow, dim=1).mean())
         mag_prior.append(torch.linalg.vector_norm(sample, dim=1).mean())
         fold_prior.append(folding_fraction(sample))
@@ -75,6 +76,9 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
         "val_prior_magnitude_vox": float(torch.stack(mag_prior).mean()),
         "val_folding_rec": folding_fraction(rec),  # fraction of voxels with Jacobian det <= 0
         "val_folding_prior": sum(fold_prior) / len(fold_prior),
+        # diversity: mean distance of a prior sample's vector from the samples' mean vector
+        "val_prior_spread_vox": float(torch.linalg.vector_norm(
+            torch.stack(samples) - torch.stack(samples).mean(0, keepdim=True), dim=2).mean()),
     }
 
 

@@ -231,11 +231,15 @@ def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int])
             "intensity": cfg.intensity.model_dump(mode="json"), "train": train, "tune": tune_cfg}
 
 
-def _trial_status(results) -> dict[str, str]:
-    """trial id → Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) of every trial."""
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    return {t.trial_id: str(t.status) for t in trials}
+def _trial_status(exp_path: Path) -> dict[str, str]:
+    """trial id → Tune status (TERMINATED, ERROR, PENDING, ...) as saved in the experiment state.
+
+    Read back from disk: after an interruption the in-memory trials are already cleaned up,
+    while the saved state marks every unfinished trial PENDING (what ``Tuner.restore`` resumes).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: str(t.status) for t in ExperimentAnalysis(str(exp_path)).trials}
 
 
 def _write_trials(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
@@ -371,7 +375,7 @@ def run_tune(
             )
         t0 = time.perf_counter()
         results = tuner.fit()
-        status = _trial_status(results)
+        status = _trial_status(exp_path)
         unfinished = [t for t, s in status.items() if s not in ("TERMINATED", "ERROR")]
         if unfinished:
             raise TuneInterrupted(f"tune: the search stopped with {len(unfinished)} unfinished trials; its state is "

@@ -1,0 +1,201 @@
+"""Wall-clock of the paper's 44-fold × 2000-epoch cross-validation: measured and projected.
+
+For N folds per device (default 1, 2, 4, 8) the benchmark starts N processes on the device at
+hand, each running the CVAE training step of a fold exactly as a fold trains
+(:func:`cardiomotion.train.cvae.train_epoch`: joint augmentation, frozen pyramid under no_grad,
+loss, backward, clipping, Adam) on random volumes of the chosen grid, released together by a
+barrier. It measures the aggregate training throughput (samples/s over the wall time from the
+first start to the last finish) and each fold's step time, then projects the sweep:
+
+    sweep samples = folds × epochs × ceil((scans − 1) / batch) × batch   (the fold loop's steps)
+    projected wall = sweep samples / aggregate samples/s  (+ optional per-fold start-up cost)
+
+against the reference recipe: one fold at a time in fp32 (N = 1). On a GPU the packed runs use
+bf16 autocast + channels_last_3d (the training defaults) and the reference fp32; ``--precision
+both`` measures fp32 and bf16 at every N. On a CPU each of the N processes gets cores/N threads
+(the reference all cores), fp32 only (the training code autocasts on CUDA only).
+
+Prints one JSON document. Default settings finish in about a minute on a 2-core CPU (grid 32,
+batch 4); on a GPU use the paper's size, e.g.::
+
+    python bench/cv_wallclock.py --device cuda --grid 96 --batch 16 --steps 30 --precision both
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def _worker(rank: int, opts: dict, threads: int, barrier, queue) -> None:
+    try:
+        import torch
+
+        from cardiomotion.config import load_config
+        from cardiomotion.models.pyramid import FeaturePyramid
+        from cardiomotion.train.cvae import build_cvae, train_epoch
+
+        torch.set_num_threads(threads)
+        device = torch.device(opts["device"])
+        cuda = device.type == "cuda"
+        bf16 = opts["precision"] == "bf16"
+        cfg = load_config(None, {"train": {"batch_size": opts["batch"], "bf16": bf16, "channels_last": bf16,
+                                           "augment": {"max_shift": max(1, opts["grid"] // 10)}}})
+        fmt = torch.channels_last_3d if (cuda and bf16) else torch.contiguous_format
+        torch.manual_seed(rank)
+        pyramid = FeaturePyramid(channels=opts["channels"]).to(device).eval().to(memory_format=fmt)
+        pyramid.requires_grad_(False)
+        model = build_cvae(cfg, pyramid.config()).to(device).to(memory_format=fmt)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = opts["grid"]
+        es = torch.rand(opts["volumes"], 1, g, g, g)
+        flow = torch.randn(opts["volumes"], 3, g, g, g)
+
+        def run(steps: int, epoch: int) -> None:
+            train_epoch(model, pyramid, opt, es, flow, cfg, epoch, steps=steps, device=device, fmt=fmt, rank=rank)
+            if cuda:
+                torch.cuda.synchronize()
+
+        run(opts["warmup"], 0)
+        barrier.wait()
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        run(opts["steps"], 1)
+        t1 = time.perf_counter()
+        queue.put({"rank": rank, "t0": t0, "t1": t1, "samples": opts["steps"] * opts["batch"]})
+    except BaseException as exc:  # noqa: BLE001  (report, never hang the barrier)
+        barrier.abort()
+        queue.put({"rank": rank, "error": f"{exc.__class__.__name__}: {exc}"})
+
+
+def measure(n: int, opts: dict, threads: int) -> dict:
+    """N concurrent fold processes on one device: aggregate throughput and per-fold step time."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, opts, threads, barrier, queue)) for r in range(n)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=opts["timeout"]) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=30)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        raise RuntimeError(f"{n} folds per device: {errors[0]}")
+    wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    samples = sum(r["samples"] for r in results)
+    per_fold = [(r["t1"] - r["t0"]) / opts["steps"] for r in results]
+    return {"folds_per_device": n, "precision": opts["precision"], "threads_per_fold": threads,
+            "measured_wall_s": round(wall, 3), "measured_samples": samples,
+            "samples_per_s": round(samples / wall, 3), "step_s_per_fold": round(sum(per_fold) / n, 4)}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({os.cpu_count()} logical cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--grid", type=int, default=32, help="cubic grid (divisible by 2^levels); the paper ~96")
+    p.add_argument("--batch", type=int, default=4, help="batch per step (the paper: 16)")
+    p.add_argument("--channels", default="16,32,64,96,128", help="pyramid channels (the default config's)")
+    p.add_argument("--folds-per-device", default="1,2,4,8", help="N values to measure")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per fold process")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"],
+                   help="auto: fp32 on CPU; on GPU fp32 for the reference and bf16 for packing")
+    p.add_argument("--volumes", type=int, default=4, help="random training volumes per process")
+    p.add_argument("--folds", type=int, default=44, help="folds of the projected sweep (the paper: 44)")
+    p.add_argument("--epochs", type=int, default=2000, help="epochs per fold (the paper: 2000)")
+    p.add_argument("--recipe-batch", type=int, default=16, help="batch of the projected recipe (the paper: 16)")
+    p.add_argument("--fold-startup-s", type=float, default=0.0,
+                   help="per-fold start-up cost added to projections (Ray Train start, data loading)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    args = p.parse_args(argv)
+
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    cuda = device.startswith("cuda")
+    channels = [int(c) for c in args.channels.split(",")]
+    if args.grid % 2 ** len(channels):
+        p.error(f"--grid {args.grid} must be divisible by 2^{len(channels)} = {2 ** len(channels)}")
+    ns = sorted({int(n) for n in args.folds_per_device.split(",")})
+    precisions = {"auto": ["bf16"] if cuda else ["fp32"], "fp32": ["fp32"], "bf16": ["bf16"],
+                  "both": ["fp32", "bf16"]}[args.precision]
+    if not cuda and "bf16" in precisions:
+        p.error("bf16 is measured on CUDA only (the training code autocasts on CUDA)")
+    cores = os.cpu_count() or 1
+    base = {"device": device, "grid": args.grid, "batch": args.batch, "channels": channels, "steps": args.steps,
+            "warmup": args.warmup, "volumes": args.volumes, "timeout": args.timeout}
+
+    def threads(n: int) -> int:
+        return 1 if cuda else max(1, cores // n)
+
+    t_start = time.perf_counter()
+    reference = measure(1, {**base, "precision": "fp32"}, threads(1))
+    runs = []
+    for prec in precisions:
+        for n in ns:
+            if n == 1 and prec == "fp32":
+                runs.append(reference)
+                continue
+            runs.append(measure(n, {**base, "precision": prec}, threads(n)))
+
+    steps_per_epoch = math.ceil((args.folds - 1) / args.recipe_batch)
+    sweep_samples = args.folds * args.epochs * steps_per_epoch * args.recipe_batch
+
+    def project(r: dict) -> dict:
+        n = r["folds_per_device"]
+        compute_s = sweep_samples / r["samples_per_s"]
+        startup_s = math.ceil(args.folds / n) * args.fold_startup_s
+        return {**r, "projected_sweep_h": round((compute_s + startup_s) / 3600, 3),
+                "speedup_vs_reference": round(r["samples_per_s"] / reference["samples_per_s"], 3)}
+
+    packing = [project(r) for r in runs]
+    best = min(packing, key=lambda r: r["projected_sweep_h"])
+    out = {
+        "benchmark": "cv_wallclock",
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "measured_at": {"grid": [args.grid] * 3, "batch": args.batch, "channels": channels,
+                        "timed_steps_per_fold": args.steps},
+        "recipe": {"folds": args.folds, "epochs": args.epochs, "scans": args.folds, "batch": args.recipe_batch,
+                   "steps_per_epoch": steps_per_epoch, "sweep_samples": sweep_samples,
+                   "fold_startup_s": args.fold_startup_s},
+        "reference": project(reference) | {"recipe": "one fold at a time, fp32"},
+        "packing": packing,
+        "best": {"folds_per_device": best["folds_per_device"], "precision": best["precision"],
+                 "projected_sweep_h": best["projected_sweep_h"], "speedup_vs_reference": best["speedup_vs_reference"]},
+        "notes": [
+            "samples_per_s: aggregate over the N fold processes, from the first start to the last finish",
+            "projected_sweep_h: the whole 44-fold x 2000-epoch sweep on ONE such device; divide by the device count",
+            "measured at the grid/batch above: throughput per sample changes with grid and batch, so "
+            "project the paper's sweep from a run at its size (--grid 96 --batch 16 on a GPU)",
+        ],
+        "bench_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
