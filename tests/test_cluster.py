@@ -33,7 +33,7 @@ TINY = {
     "phantom": {"patients": 2, "grid": 32},
     "prepare": {"spacing_mm": 4.0, "grid": [32, 32, 32]},
     "annotate": {"pwc": {"channels": [8, 16, 32], "estimator_channels": [16, 16], "search_range": 1},
-                 "epochs": 2, "checkpoint_every": 1, "refine_steps": 10, "refine_levels": 2},
+                 "epochs": 1, "checkpoint_every": 1, "refine_steps": 5, "refine_levels": 2},
     "train": {"epochs": 1, "batch_size": 2, "checkpoint_every": 1, "prior_samples": 1,
               "augment": {"max_shift": 2}},
     "tracking": {"experiment": "cluster-test"},
@@ -231,6 +231,32 @@ def test_job_paths_default_under_the_storage_root(tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and err[0].startswith(f"error: {root}/raw/a.nii.gz: "), err
 
 
+def test_the_prepare_job_writes_under_the_storage_root(tmp_path, monkeypatch, capsys, ray_session):
+    """The success path of a job on the embedded Ray: quoted patterns relative to the storage
+    root, the default output folder, and the command's own summary line."""
+    from cardiomotion.data.phantom import make_cohort
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = tmp_path / "store"
+    make_cohort(root / "phantom", patients=1, grid=16, phases=2, workers=1)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"storage_root": str(root), "prepare": {"spacing_mm": 8.0, "grid": [16, 16, 16]},
+                                   "annotate": {"pwc": {"channels": [8, 16], "estimator_channels": [16]}}}))
+    monkeypatch.syspath_prepend(str(REPO / "jobs"))
+    monkeypatch.setenv("RAY_LOGGER_LEVEL", os.environ.get("RAY_LOGGER_LEVEL", "info"))
+    monkeypatch.setattr(sys, "argv", ["jobs/prepare.py", "--config", str(cfg), "--scans", "phantom/*"])
+    import runpy
+
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(REPO / "jobs" / "prepare.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out
+    assert f"storage root  {root}" in out and "MLflow" not in out  # prepare logs nothing to MLflow
+    assert f"wrote {root / 'prepared' / 'scans.parquet'}" in out
+    assert (root / "prepared" / "phantom_000" / "es.nii.gz").is_file()
+
+
 # ---------------------------------------------------------------------------- a real cluster
 def _wait(what: str, ok, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout
@@ -273,12 +299,12 @@ def _stop(procs: list[subprocess.Popen], markers: list[str]) -> None:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 10
     for p in procs:
         try:
-            p.wait(timeout=20)
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    time.sleep(1)
     groups = {p.pid for p in procs}
     me = os.getpid()
     for pid_s in os.listdir("/proc"):
@@ -307,7 +333,11 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    ray_tmp = tempfile.mkdtemp(prefix="cmr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # One temp dir per node (short: Ray's socket paths must fit 107 bytes). Two nodes sharing one
+    # would share its runtime_resources/: the second node re-extracting the job's working_dir
+    # deletes the driver's current directory under it (getcwd() fails; torch's MKL aborts).
+    head_tmp = tempfile.mkdtemp(prefix="cmrh", dir="/tmp")
+    worker_tmp = tempfile.mkdtemp(prefix="cmrw", dir="/tmp")
     store = tmp_path / "store"
     mlflow_port, gcs, dash = _free_port(), _free_port(), _free_port()
     tracking = f"http://127.0.0.1:{mlflow_port}"
@@ -330,19 +360,20 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
         mlflow = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
                         "--port", str(mlflow_port), "--workers", "1"], mlflow_log, env)
-        common = [f"--temp-dir={ray_tmp}", "--num-cpus=1", "--object-store-memory=100000000",
-                  "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block"]
+        common = ["--num-cpus=1", "--object-store-memory=100000000", "--node-ip-address=127.0.0.1",
+                  "--disable-usage-stats", "--block"]
         head_log = tmp_path / "ray-head.log"
         head = start([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=true",
                       f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                       f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-                      *common], head_log, node_env)
+                      f"--temp-dir={head_tmp}", *common], head_log, node_env)
         _wait("ray head", lambda: _http_ok(f"{dashboard}/api/version"), 120, head, head_log)
         worker_log = tmp_path / "ray-worker.log"
         start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
-               f"--dashboard-agent-listen-port={_free_port()}", *common], worker_log, node_env)
+               f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={worker_tmp}", *common],
+              worker_log, node_env)
         _wait("second node", lambda: _alive_nodes(dashboard) == 2, 120, None, worker_log)
-        _wait("mlflow server", lambda: _http_ok(f"{tracking}/health"), 120, mlflow, mlflow_log)
+        _wait("mlflow server", lambda: _http_ok(f"{tracking}/health"), 240, mlflow, mlflow_log)
         t_up = time.perf_counter() - t0
 
         cfg = tmp_path / "tiny.yaml"
@@ -380,5 +411,8 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
         assert any((tmp_path / "artifacts").rglob("annotations.parquet"))
         print(f"\ncluster up {t_up:.0f} s, pipeline job {t_job:.0f} s")
     finally:
-        _stop(procs, [ray_tmp, str(tmp_path)])
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        t_stop = time.perf_counter()
+        _stop(procs, [head_tmp, worker_tmp, str(tmp_path)])
+        print(f"cluster stopped in {time.perf_counter() - t_stop:.0f} s")
+        shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)

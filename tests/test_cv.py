@@ -47,6 +47,7 @@ def _children(cfg, parent_id):
     return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+@pytest.mark.slow
 def test_folds_run_concurrently_and_the_table_is_written(inputs, sweep):
     prepared, flows, root, cfg = inputs
     res, progress = sweep
@@ -93,6 +94,7 @@ def test_folds_run_concurrently_and_the_table_is_written(inputs, sweep):
     assert sorted(steps) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_folds_and_retries_the_failed_one(inputs, sweep, tmp_path, capsys):
     from cardiomotion.cli import main
 

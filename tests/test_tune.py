@@ -9,6 +9,7 @@ import signal
 import mlflow
 import pytest
 from cv_cohort import TINY, cohort
+from ray import tune
 
 from cardiomotion.config import load_config
 from cardiomotion.errors import ConfigError, InputError
@@ -24,27 +25,31 @@ def inputs(tmp_path_factory, ray_session):
     return prepared, flows, root, cfg
 
 
-def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs):
-    from ray import tune
+class InterruptOnce(tune.Callback):
+    """Sends the driver SIGUSR1 (what Ray Tune treats like Ctrl-C) at the 2nd trial result, once
+    per test session: Tuner.restore unpickles the run's callbacks too, and a module-level class
+    comes back as this same class (its state lives in class attributes)."""
 
+    seen = 0
+    fired = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        InterruptOnce.seen += 1
+        if InterruptOnce.seen >= 2 and not InterruptOnce.fired:
+            InterruptOnce.fired = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs):
     from cardiomotion.tracking import tracking_uri
     from cardiomotion.train.tune import TuneInterrupted, run_tune
 
     prepared, flows, root, cfg = inputs
     out = root / "search"
 
-    class InterruptAfter(tune.Callback):
-        """Sends the driver SIGUSR1 (what Ray Tune treats like Ctrl-C) after the 2nd trial result."""
-
-        seen = 0
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            InterruptAfter.seen += 1
-            if InterruptAfter.seen == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
     with pytest.raises(TuneInterrupted, match="rerun the same command to resume"):
-        run_tune(prepared, flows, out, cfg, callbacks=[InterruptAfter()])
+        run_tune(prepared, flows, out, cfg, callbacks=[InterruptOnce()])
     assert (out / "search").is_dir() and not (out / "best.yaml").exists()
 
     res = run_tune(prepared, flows, out, cfg)  # the same command again: Tuner.restore

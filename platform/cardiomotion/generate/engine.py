@@ -260,13 +260,20 @@ def _add(tar: tarfile.TarFile, members: list[tuple[str, bytes]]) -> None:
 
 
 def write_shard(out_dir: Path, k: int, n: int, shard_size: int, batch_size: int, engine: SampleEngine,
-                identity: str, device_label: str) -> dict[str, Any]:
+                identity: str, device_label: str, pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
     """Write shard k (tar under a temporary name, fsync, rename), then its sidecar record.
 
     Decoding block j+1 overlaps writing block j (one writer thread, at most two blocks in
-    flight), so memory is bounded by a few blocks whatever the shard or corpus size.
+    flight), so memory is bounded by a few blocks whatever the shard or corpus size. Pass a
+    long-lived single-thread ``pool`` when writing many shards: a fresh thread per shard gets a
+    fresh malloc arena, and in a Ray worker those arenas pile up (RSS creeps by about a shard's
+    bytes per shard); one persistent writer thread keeps RSS flat.
     """
     from ..fileio import atomic_path, write_json
+
+    if pool is None:
+        with ThreadPoolExecutor(1, "shard-writer") as own:
+            return write_shard(out_dir, k, n, shard_size, batch_size, engine, identity, device_label, own)
 
     first, count = shard_range(k, n, shard_size)
     t0 = time.perf_counter()
@@ -274,24 +281,28 @@ def write_shard(out_dir: Path, k: int, n: int, shard_size: int, batch_size: int,
     rss = current_rss_mb()
     scan_counts: dict[str, int] = {}
     path = Path(out_dir) / shard_name(k)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f, ThreadPoolExecutor(1, "shard-writer") as pool:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         hf = _HashingFile(f)
         tar = tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT)
         pending: list[Future] = []
-        for start, stop in blocks(first, count, batch_size):
-            idx = list(range(start, stop))
-            t = time.perf_counter()
-            block = engine.decode_block(idx)
-            decode_s += time.perf_counter() - t
-            rss = max(rss, current_rss_mb())
-            for s in block["scan"]:
-                sid = engine.scan_ids[int(s)]
-                scan_counts[sid] = scan_counts.get(sid, 0) + 1
-            if len(pending) >= 1:  # at most one block waiting behind the one being written
-                pending.pop(0).result()
-            pending.append(pool.submit(lambda b=block, i=idx: _add(tar, engine.members(b, i))))
-        for fut in pending:
-            fut.result()
+        try:
+            for start, stop in blocks(first, count, batch_size):
+                idx = list(range(start, stop))
+                t = time.perf_counter()
+                block = engine.decode_block(idx)
+                decode_s += time.perf_counter() - t
+                rss = max(rss, current_rss_mb())
+                for s in block["scan"]:
+                    sid = engine.scan_ids[int(s)]
+                    scan_counts[sid] = scan_counts.get(sid, 0) + 1
+                if pending:  # block j-1 was written while block j was decoded
+                    pending.pop().result()
+                pending.append(pool.submit(lambda b=block, i=idx: _add(tar, engine.members(b, i))))
+            while pending:
+                pending.pop().result()
+        finally:
+            for fut in pending:  # on error: never leave a write running on a file being removed
+                fut.exception()
         tar.close()
         f.flush()
         os.fsync(f.fileno())
@@ -326,6 +337,12 @@ class ShardWorker:
         self.p = payload
         self.engine = SampleEngine(blobs, frames, payload["spec"], device, payload["precision"],
                                    payload["channels_last"])
+        self.pool = ThreadPoolExecutor(1, "shard-writer")  # one writer thread for the actor's life
+        self.trace = bool(payload.get("trace_memory"))
+        if self.trace:  # Python + numpy heap of the actor (tests: exact, unlike RSS)
+            import tracemalloc
+
+            tracemalloc.start()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import traceback
@@ -337,11 +354,18 @@ class ShardWorker:
             try:
                 if p.get("fail_at_shard") is not None and k == p["fail_at_shard"]:
                     raise RuntimeError(f"injected failure at shard {k} (test hook)")
+                if self.trace:
+                    import tracemalloc
+
+                    tracemalloc.reset_peak()
                 rec = {**write_shard(Path(p["out"]), k, p["n"], p["shard_size"], p["batch_size"], self.engine,
-                                     p["identity"], self.device_label), "error": ""}
+                                     p["identity"], self.device_label, self.pool), "error": ""}
+                traced = tracemalloc.get_traced_memory() if self.trace else (0, 0)
+                rec["traced_mb"], rec["traced_peak_mb"] = traced[0] / 2**20, traced[1] / 2**20
             except Exception as exc:  # reported by the driver, which stops the job (finished shards stay)
                 rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
-                       "retained_rss_mb": 0.0, "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+                       "retained_rss_mb": 0.0, "traced_mb": 0.0, "traced_peak_mb": 0.0, "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
             rows.append(rec)
-        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "retained_rss_mb", "error")
+        keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "retained_rss_mb", "traced_mb",
+                "traced_peak_mb", "error")
         return {key: np.asarray([r[key] for r in rows]) for key in keys}

@@ -221,6 +221,7 @@ def generate_corpus(
     track: bool = True,
     log: Log = lambda _m: None,
     _fail_at_shard: int | None = None,
+    _trace_memory: bool = False,
 ) -> Path:
     """Generate (or finish) an N-sample corpus of (ES, ED_syn, flow) under ``out_dir``.
 
@@ -284,7 +285,7 @@ def generate_corpus(
         run_ctx = _mlflow_run(cfg, out, resolved, frames, n, seed, temperature) if track else contextlib.nullcontext()
         with run_ctx as run:
             stats = _run_pipeline(todo, out, n, resolved, frames, identity, ident_sha, seed, temperature, plan,
-                                  cfg, log, _fail_at_shard) if todo else _empty_stats()
+                                  cfg, log, _fail_at_shard, _trace_memory) if todo else _empty_stats()
             manifest = _write_manifest(out, n, plan, resolved, frames, identity, ident_sha, seed, temperature, cfg,
                                        stats, run.info.run_id if run is not None else None)
             log(f"generate: wrote {manifest} ({stats['generated']} samples this run, "
@@ -307,7 +308,7 @@ def _empty_stats() -> dict[str, Any]:
 
 def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, frames: dict, identity: dict,
                   ident_sha: str, seed: int, temperature: float, plan: dict, cfg: Config, log: Log,
-                  fail_at_shard: int | None) -> dict[str, Any]:
+                  fail_at_shard: int | None, trace_memory: bool = False) -> dict[str, Any]:
     from ..raycluster import init_ray
 
     g = cfg.generate
@@ -333,7 +334,7 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
                  "flow_dtype": g.flow_dtype, "model_uri": plan["model_uri"], "model_sha256": resolved.cvae_sha256},
         "out": str(out), "n": n, "shard_size": g.shard_size, "batch_size": g.batch_size, "identity": ident_sha,
         "use_gpu": use_gpu, "precision": g.precision, "channels_last": g.channels_last,
-        "cpus_per_actor": g.cpus_per_actor, "fail_at_shard": fail_at_shard,
+        "cpus_per_actor": g.cpus_per_actor, "fail_at_shard": fail_at_shard, "trace_memory": trace_memory,
     }
     log(f"generate: {actors} {'GPU' if use_gpu else 'CPU'} actor(s), batch {g.batch_size}")
     t0 = time.perf_counter()
@@ -372,6 +373,9 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
             "actor_rss_mb_by_shard": [round(float(r["rss_mb"]), 2) for r in sorted(rows, key=lambda r: r["index"])],
             "actor_retained_rss_mb_by_shard": [round(float(r["retained_rss_mb"]), 2)
                                                for r in sorted(rows, key=lambda r: r["index"])],
+            **({"actor_traced_mb_by_shard": [round(float(r["traced_mb"]), 4)
+                                             for r in sorted(rows, key=lambda r: r["index"])],
+                "actor_traced_peak_mb": float(max(r["traced_peak_mb"] for r in rows))} if trace_memory else {}),
             "shards": rows}
 
 
