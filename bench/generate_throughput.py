@@ -15,7 +15,7 @@ Side by side in one run, on the same model, ES frames and latents:
 
 Samples/s and MB/s (stored bytes: int16 ES and ED_syn, float16 flow). Prints one JSON document.
 
-Defaults run on a CPU in about a minute: a random-weight model (channels 8,16,32, 32³). For a GPU
+Defaults run on a CPU in a few minutes: a random-weight model (channels 8,16,32, 32³). For a GPU
 at the paper's grid: ``--grid 96,96,64 --channels 16,32,64,96,128 --batch 16 --n 512``, or
 ``--model runs:/<id>/model --prepared DIR --config FILE`` for a trained model.
 """
@@ -128,6 +128,9 @@ def _child(args) -> None:
     print(json.dumps({"n": spec["n"], "wall_s_incl_ray_start": round(wall, 3),
                       "samples_per_s": round(run["samples_per_s"], 3), "mb_per_s": round(run["mb_per_s"], 3),
                       "pipeline_seconds": round(run["seconds"], 3), "actors": run["actors"],
+                      "steady_samples_per_s": round(run["steady_samples_per_s"], 3),
+                      "steady_mb_per_s": round(run["steady_samples_per_s"] * run["bytes"] / max(run["generated"], 1)
+                                               / 2**20, 3),
                       "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                       "actor_peak_rss_mb": round(run["actor_peak_rss_mb"], 1)}))
 
@@ -162,7 +165,7 @@ def main() -> None:
     ap.add_argument("--ref-n", type=int, default=16, help="samples for the reference path")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=16)
-    ap.add_argument("--rss-sizes", default="16,64", help="two corpus sizes for the Ray runs (peak RSS)")
+    ap.add_argument("--rss-sizes", default="16,256", help="two corpus sizes for the Ray runs (peak RSS)")
     ap.add_argument("--actors", type=int, help="Ray actors (default: generate.actors / one per GPU or CPU)")
     ap.add_argument("--cpus", type=int, help="num_cpus of the embedded Ray in the subprocess runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
@@ -223,7 +226,10 @@ def main() -> None:
             result["ray_pipeline"] = runs[-1]
             result["speedup"]["ray_pipeline_vs_reference_with_writer"] = round(
                 runs[-1]["samples_per_s"] / ref_w["samples_per_s"], 2)
-            result["peak_rss_mb"] = [{k: r[k] for k in ("n", "driver_peak_rss_mb", "actor_peak_rss_mb")} for r in runs]
+            result["speedup"]["ray_pipeline_steady_vs_reference_with_writer"] = round(
+                runs[-1]["steady_samples_per_s"] / ref_w["samples_per_s"], 2)
+            result["peak_rss_mb"] = [{**{k: r[k] for k in ("n", "driver_peak_rss_mb", "actor_peak_rss_mb")},
+                                      "corpus_mb": round(r["n"] * bpp / 2**20, 1)} for r in runs]
         print(json.dumps(result, indent=2))
 
 

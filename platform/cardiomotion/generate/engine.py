@@ -364,7 +364,8 @@ class ShardWorker:
                 rec["traced_mb"], rec["traced_peak_mb"] = traced[0] / 2**20, traced[1] / 2**20
             except Exception as exc:  # reported by the driver, which stops the job (finished shards stay)
                 rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
-                       "retained_rss_mb": 0.0, "traced_mb": 0.0, "traced_peak_mb": 0.0, "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+                       "retained_rss_mb": 0.0, "traced_mb": 0.0, "traced_peak_mb": 0.0,
+                       "error": f"shard {k}: {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
             rows.append(rec)
         keys = ("index", "count", "bytes", "seconds", "decode_seconds", "rss_mb", "retained_rss_mb", "traced_mb",
                 "traced_peak_mb", "error")

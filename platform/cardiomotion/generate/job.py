@@ -118,9 +118,9 @@ def _refuse_other_corpus(out: Path, found: dict, want: dict) -> None:
     """InputError naming what differs between an existing corpus' identity and this run's."""
     if found.get("model_cvae_sha256") != want["model_cvae_sha256"] or \
             found.get("model_pyramid_sha256") != want["model_pyramid_sha256"]:
-        raise InputError(out, f"holds a corpus made with another model (cvae sha256 "
-                              f"{str(found.get('model_cvae_sha256'))[:12]}…, this model {want['model_cvae_sha256'][:12]}…); "
-                              "it is never overwritten or mixed: use another --out")
+        theirs, ours = str(found.get("model_cvae_sha256"))[:12], want["model_cvae_sha256"][:12]
+        raise InputError(out, f"holds a corpus made with another model (cvae sha256 {theirs}…, this model "
+                              f"{ours}…); it is never overwritten or mixed: use another --out")
     if found.get("seed") != want["seed"]:
         raise InputError(out, f"holds a corpus made with seed {found.get('seed')}, not {want['seed']}; "
                               "it is never overwritten or mixed: use another --out")
@@ -302,6 +302,7 @@ def _now() -> str:
 
 def _empty_stats() -> dict[str, Any]:
     return {"generated": 0, "bytes": 0, "seconds": 0.0, "samples_per_s": 0.0, "mb_per_s": 0.0,
+            "steady_samples_per_s": 0.0,
             "decode_warp_samples_per_s_per_actor": 0.0, "actors": 0, "use_gpu": False, "actor_peak_rss_mb": 0.0,
             "actor_rss_mb_by_shard": [], "actor_retained_rss_mb_by_shard": [], "shards": []}
 
@@ -364,9 +365,11 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
     generated = int(sum(r["count"] for r in rows))
     nbytes = int(sum(r["bytes"] for r in rows))
     dec = sum(r["decode_seconds"] for r in rows)
+    busy = sum(r["seconds"] for r in rows) / actors  # per actor, without actor start-up and scheduling
     return {"generated": generated, "bytes": nbytes, "seconds": seconds,
             "samples_per_s": generated / seconds if seconds > 0 else 0.0,
             "mb_per_s": nbytes / 2**20 / seconds if seconds > 0 else 0.0,
+            "steady_samples_per_s": generated / busy if busy > 0 else 0.0,
             "decode_warp_samples_per_s_per_actor": generated / dec if dec > 0 else 0.0,
             "actors": actors, "use_gpu": bool(use_gpu),
             "actor_peak_rss_mb": float(max(r["rss_mb"] for r in rows)),
@@ -459,6 +462,7 @@ def _log_run(stats: dict, n: int, shards: int, reused: int, manifest: Path, prev
 
     tracking.log_metrics({
         "samples_per_s": stats["samples_per_s"], "mb_per_s": stats["mb_per_s"],
+        "steady_samples_per_s": stats["steady_samples_per_s"],
         "decode_warp_samples_per_s_per_actor": stats["decode_warp_samples_per_s_per_actor"],
         "generated_samples": stats["generated"], "bytes_written": stats["bytes"], "seconds": stats["seconds"],
         "n_samples": n, "n_shards": shards, "reused_shards": reused, "actors": stats["actors"],
