@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, help="Ray actors (default: generate.actors / one per GPU or CPU)")
     ap.add_argument("--cpus", type=int, help="num_cpus of the embedded Ray in the subprocess runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the in-process measurements (best of)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray subprocess runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -204,10 +205,18 @@ def main() -> None:
         spec = {"seed": 0, "temperature": 1.0, "window": list(resolved.window), "flow_dtype": g.flow_dtype,
                 "model_uri": model_src, "model_sha256": resolved.cvae_sha256}
         engine = SampleEngine(blobs, frames, spec, device, g.precision, g.channels_last)
-        ref = reference(blobs, frames, resolved.window, 0, args.ref_n, device, False, tmp, bpp)
-        ref_w = reference(blobs, frames, resolved.window, 0, args.ref_n, device, True, tmp, bpp)
-        opt = optimized_decode_warp(engine, args.n, args.batch, device, bpp)
-        pipe = optimized_pipeline(engine, args.n, args.batch, tmp, bpp)
+        best: dict[str, dict] = {}
+        for _ in range(args.repeat):  # rounds interleave the paths: drifting load hits all of them alike
+            for name, fn in (
+                ("ref", lambda: reference(blobs, frames, resolved.window, 0, args.ref_n, device, False, tmp, bpp)),
+                ("ref_w", lambda: reference(blobs, frames, resolved.window, 0, args.ref_n, device, True, tmp, bpp)),
+                ("opt", lambda: optimized_decode_warp(engine, args.n, args.batch, device, bpp)),
+                ("pipe", lambda: optimized_pipeline(engine, args.n, args.batch, tmp, bpp)),
+            ):
+                r = fn()
+                if name not in best or r["samples_per_s"] > best[name]["samples_per_s"]:
+                    best[name] = r
+        ref, ref_w, opt, pipe = best["ref"], best["ref_w"], best["opt"], best["pipe"]
         result = {
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
                                                                                   f"{args.threads} torch thread(s))",
@@ -215,6 +224,8 @@ def main() -> None:
             "model": "random weights" if not args.model else args.model, "grid": list(grid),
             "channels": list(resolved.meta["cvae"]["channels"]) if "cvae" in resolved.meta else None,
             "batch": args.batch, "precision": g.precision if device.type == "cuda" else "fp32",
+            "repeat": f"best of {args.repeat} interleaved rounds (in-process paths); Ray runs once per size",
+            "note": "the reference recomputes the frozen pyramid per sample, as model.sample(es, pyramid(es)) does",
             "bytes_per_sample": bpp,
             "reference": {"decode_warp": ref, "with_writer": ref_w},
             "optimized": {"decode_warp": opt, "pipeline_one_process": pipe},

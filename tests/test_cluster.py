@@ -165,7 +165,7 @@ def _run_job(monkeypatch, capsys, stage, command, argv, paths=None):
     return rc, captured.out, captured.err.strip().splitlines()
 
 
-def test_a_job_refuses_a_bad_storage_root_and_a_missing_config(tmp_path, monkeypatch, capsys):
+def test_a_job_refuses_bad_settings_and_a_missing_config(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("CARDIOMOTION_STORAGE", raising=False)
     blocker = tmp_path / "a_file"
@@ -175,6 +175,9 @@ def test_a_job_refuses_a_bad_storage_root_and_a_missing_config(tmp_path, monkeyp
         "storage_root: relative/store\n": "error: storage_root: 'relative/store' is relative; a job needs an absolute path",
         "seed: 1\n": "error: storage_root: not set; a job needs an absolute storage root",
     }
+    closed = _free_port()  # a Ray address nothing listens at: refused in seconds, not after minutes of retries
+    cases[f"storage_root: {tmp_path / 'store'}\nray:\n  address: 127.0.0.1:{closed}\n"] = (
+        f"error: Ray cluster '127.0.0.1:{closed}' is unreachable")
     for text, expected in cases.items():
         cfg = tmp_path / "c.yaml"
         cfg.write_text(text)

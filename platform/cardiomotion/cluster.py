@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def connect_ray(cfg: Config) -> str:
         return "embedded local Ray (started by each stage)"
     from .raycluster import init_ray
 
+    _probe(address)
     try:
         ray = init_ray(cfg.ray)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -99,6 +101,20 @@ def connect_ray(cfg: Config) -> str:
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     gpus = f", {res['GPU']:g} GPUs" if res.get("GPU") else ""
     return f"cluster {address}: {nodes} nodes, {res.get('CPU', 0):g} CPUs{gpus}"
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a host:port nobody listens at (ray.init retries for minutes)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or ""  # else Ray's own lookup fails fast
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise CardiomotionError(f"Ray cluster {address!r} is unreachable ({exc.strerror or exc}); start it "
+                                "(ray up cluster.yaml / ray start --head) or set ray.address: null") from None
 
 
 @dataclass
