@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class PathFlag:
     default: str | None = None
     many: bool = False  # nargs='+', shell-style patterns expanded on the cluster
     optional: bool = False
+    uri: bool = False  # also takes URIs (runs:/…, models:/…, s3://…), passed on unchanged
 
 
 def run_job(stage: str, command: str, doc: str, paths: list[PathFlag], *, tracking: bool = True,
@@ -108,6 +110,8 @@ def run_job(stage: str, command: str, doc: str, paths: list[PathFlag], *, tracki
             continue
         if p.many:
             cli_argv += [p.flag, *_expand(value, pre.storage_root)]
+        elif p.uri and value is not None and _is_uri(value):
+            cli_argv += [p.flag, value]
         else:
             cli_argv += [p.flag, str(_under(value if value is not None else p.default, pre.storage_root))]
     cli_argv += extra
@@ -126,6 +130,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
         if isinstance(action, argparse._SubParsersAction):
             return set(action.choices)
     return set()
+
+
+def _is_uri(value: str) -> bool:
+    """runs:/…, models:/…, s3://… (not a path; a Windows drive letter is no concern on a cluster)."""
+    return re.match(r"^[A-Za-z][\w+.-]*:/", value) is not None
 
 
 def _under(path: str, root: Path) -> Path:

@@ -222,6 +222,8 @@ def test_job_paths_default_under_the_storage_root(tmp_path, monkeypatch, capsys)
         (root / "raw" / name).write_text("not a scan")
     assert common._expand(["raw/*.nii.gz", "/abs/x"], root) == [str(root / "raw" / "a.nii.gz"),
                                                                   str(root / "raw" / "b.nii.gz"), "/abs/x"]
+    assert [common._is_uri(v) for v in ("runs:/0a1b/model", "models:/cvae@best", "s3://b/m", "cv/model", "/m")] == [
+        True, True, True, False, False]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"storage_root: {root}\n")
     # prepare on files that are not scans: the job runs `cardiomotion prepare` on the expanded,

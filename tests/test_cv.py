@@ -138,6 +138,7 @@ def test_rerun_with_other_settings_is_refused(inputs, sweep):
     ("0,7", "--folds: no such fold or scan: 7 .*4 scans, folds 0..3"),
     (["phantom_009"], "no such fold or scan: 'phantom_009'"),
     ("", "names no fold"),
+    ("2-5", "no such fold or scan: 4, 5 "),
 ])
 def test_unknown_folds_are_refused_before_work(inputs, tmp_path, folds, message):
     from cardiomotion.train.cv import run_cv

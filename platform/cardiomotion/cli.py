@@ -181,11 +181,18 @@ def cmd_demo(args) -> int:
     cfg = _load(args)
     t0 = time.perf_counter()
     res = run_demo(cfg, args.out, log=_say)
+    if res.cv_table:
+        _say("")
+        _say(res.cv_table)
     _say("")
     _say(f"demo finished in {time.perf_counter() - t0:.0f} s. Everything is under {res.out}:")
     _say(f"  phantom cohort   {res.cohort}   (ct.nii.gz, labels.nii.gz, truth/flow_ed_from_es.nii.gz, meta.json)")
     _say(f"  prepared pairs   {res.prepared}   (scans.parquet, <scan>/es.nii.gz, ed.nii.gz)")
     _say(f"  annotations      {res.annotations}   (annotations.parquet, <scan>/flow.nii.gz, pwcnet.pt, feature_pyramid.pt)")
+    if res.cv:
+        _say(f"  cross-validation {res.cv}   (folds.csv, summary.json)")
+    if res.corpus:
+        _say(f"  corpus           {res.corpus}   (shard-*.tar, manifest.json, previews/; read with cardiomotion.generate.open_corpus)")
     _say(f"  MLflow store     {res.tracking_uri}")
     _say(f"                   browse it: {ui_hint(res.tracking_uri)}")
     for fig in res.figures:
@@ -282,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepared", required=True, help="prepared dataset folder")
     s.add_argument("--flows", required=True, help="annotation folder (flows + feature_pyramid.pt)")
     s.add_argument("--out", required=True, help="sweep folder: folds.csv, summary.json, per-fold state (rerun to resume)")
-    s.add_argument("--folds", default="all", help="'all' (default) or a comma list of fold indices / scan ids: 0,3,7")
+    s.add_argument("--folds", default="all", help="'all' (default), or fold indices, ranges or scan ids: 0,3,7 or 0-21 or phantom_003")
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_cv)
 

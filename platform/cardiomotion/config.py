@@ -228,6 +228,13 @@ class GenerateConfig(_Section):
         return v
 
 
+class DemoConfig(_Section):
+    """What ``cardiomotion demo`` runs after annotation."""
+
+    folds: str = Field("0,1", description="cross-validation folds of the demo ('all' or a comma list)")
+    samples: int = Field(16, ge=1, description="size of the demo's generated corpus")
+
+
 class RayConfig(_Section):
     """Where Ray runs. ``address: null`` starts an embedded local instance."""
 
@@ -303,6 +310,7 @@ class Config(_Section):
     intensity: IntensityConfig = IntensityConfig()
     annotate: AnnotateConfig = AnnotateConfig()
     train: TrainConfig = TrainConfig()
+    demo: DemoConfig = DemoConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
     cv: CVConfig = CVConfig()

@@ -476,12 +476,15 @@ def _log_run(stats: dict, n: int, shards: int, reused: int, manifest: Path, prev
 # ---------------------------------------------------------------------------- previews, regeneration
 def traversal_figure(resolved: ResolvedModel, es_hu: np.ndarray, spacing_mm: float, path: str | Path,
                      cfg: Config, title: str | None = None, view: str = "coronal") -> Path:
-    """Decode a latent traversal for one ES frame (CPU) and save the mosaic PNG."""
+    """Decode a latent traversal for one ES frame (on this process' GPU if it has one, else the
+    CPU) and save the mosaic PNG."""
+    import torch
+
     from .figures import plot_traversal
     from .traversal import latent_directions, latent_traversal
 
     g = cfg.generate
-    model, pyramid = load_networks(resolved.blobs())
+    model, pyramid = load_networks(resolved.blobs(), "cuda" if torch.cuda.is_available() else "cpu")
     grid = tuple(int(x) for x in es_hu.shape[-3:])
     dirs = latent_directions(model.latent_shape(grid), max(1, g.traversal_directions), "channels")
     alphas = list(np.linspace(-g.traversal_range, g.traversal_range, g.traversal_steps))

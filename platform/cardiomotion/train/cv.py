@@ -26,11 +26,12 @@ resumes the others: same Ray Train run name (Ray Train resumes from the last che
 ``<storage_root>/ray_results/<name>``) and same MLflow run id.
 
 At the end: ``OUT/folds.csv`` (one row per fold: fold, scan, status, run_id, reconstruction
-EPE, prior-sample EPE, zero-flow EPE, KL per latent element, folding fraction of prior samples
-and of the reconstruction, epochs, seconds, error), ``OUT/summary.json`` (counts and mean ± sample
-std, min, max per metric over finished folds), both logged to the parent run with the summary
-metrics ``cv_<metric>_mean`` / ``cv_<metric>_std``. The table covers every fold recorded under
-``OUT`` (a sweep run in parts, ``--folds 0-21`` then the rest, gives one table).
+EPE, prior-sample EPE, zero-flow EPE (voxels and mm), KL per latent element, folding fraction
+of the prior samples and of the reconstruction, spread of the prior samples, epochs, seconds,
+attempts, error) and ``OUT/summary.json`` (counts; mean ± sample std, min, max per metric over
+finished folds), both logged to the parent run with the summary metrics ``cv_<metric>_mean`` /
+``cv_<metric>_std``. The table covers every fold recorded under ``OUT`` (a sweep run in parts,
+``--folds 0-21`` then ``--folds 22-43``, gives one table).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -64,6 +66,7 @@ METRICS = {
     "kl": "val_kl",
     "folding_prior": "val_folding_prior",
     "folding_rec": "val_folding_rec",
+    "prior_spread_vox": "val_prior_spread_vox",  # diversity of prior samples (0: collapsed)
     "mse_rec": "val_mse_rec",
 }
 COLUMNS = ["fold", "scan", "status", "run_id", *METRICS, "epochs", "seconds", "attempts", "error"]
@@ -75,7 +78,8 @@ Log = Callable[[str], None]
 
 # --------------------------------------------------------------------------- fold selection
 def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str], where: str = "--folds") -> list[int]:
-    """Fold indices from ``"all"``, ``"0,3,7"``, or a list of indices / scan ids (scan-id order).
+    """Fold indices from ``"all"``, ``"0,3,7"``, ``"0-21"``, or a list of indices / scan ids
+    (scan-id order; a token that is a scan id is always read as one).
 
     Raises:
         InputError: an index outside 0..N−1, a scan id that is not in the prepared dataset, or
@@ -91,7 +95,11 @@ def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str
     index = {sid: i for i, sid in enumerate(scan_ids)}
     out: list[int] = []
     bad: list[str] = []
-    for item in items:
+    expanded: list[int | str] = []
+    for item in items:  # ranges "a-b" (inclusive) of fold indices
+        m = re.fullmatch(r"(\d+)-(\d+)", item) if isinstance(item, str) and item not in index else None
+        expanded.extend(range(int(m[1]), int(m[2]) + 1) if m and int(m[1]) <= int(m[2]) else [item])
+    for item in expanded:
         if isinstance(item, str) and item in index:
             k = index[item]
         else:
