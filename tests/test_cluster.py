@@ -36,6 +36,9 @@ TINY = {
                  "epochs": 1, "checkpoint_every": 1, "refine_steps": 5, "refine_levels": 2},
     "train": {"epochs": 1, "batch_size": 2, "checkpoint_every": 1, "prior_samples": 1,
               "augment": {"max_shift": 2}},
+    "demo": {"folds": "0", "samples": 4},
+    "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 1, "gif_frames": 4,
+                 "traversal_directions": 0},
     "tracking": {"experiment": "cluster-test"},
 }
 
@@ -377,7 +380,7 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
         start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
                f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={worker_tmp}", *common],
               worker_log, node_env)
-        _wait("second node", lambda: _alive_nodes(dashboard) == 2, 120, None, worker_log)
+        _wait("second node", lambda: _alive_nodes(dashboard) == 2, 240, None, worker_log)
         _wait("mlflow server", lambda: _http_ok(f"{tracking}/health"), 240, mlflow, mlflow_log)
         t_up = time.perf_counter() - t0
 
