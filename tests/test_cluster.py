@@ -36,7 +36,7 @@ TINY = {
                  "epochs": 1, "checkpoint_every": 1, "refine_steps": 5, "refine_levels": 2},
     "train": {"epochs": 1, "batch_size": 2, "checkpoint_every": 1, "prior_samples": 1,
               "augment": {"max_shift": 2}},
-    "demo": {"folds": "0", "samples": 4},
+    "demo": {"folds": "0", "samples": 4, "through": "annotate"},
     "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 1, "gif_frames": 4,
                  "traversal_directions": 0},
     "tracking": {"experiment": "cluster-test"},

@@ -76,7 +76,7 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
                                   filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)  # one each
     best_run = client.get_run(res.best["run_id"])
-    assert best_run.data.params["train.lr"] and len(client.get_metric_history(res.best["run_id"], "score")) >= 3
+    assert best_run.data.params["train.lr"] and len(client.get_metric_history(res.best["run_id"], "score")) >= 2
 
 
 @pytest.mark.parametrize("tune_override, error, message", [

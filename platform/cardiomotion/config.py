@@ -233,6 +233,14 @@ class DemoConfig(_Section):
 
     folds: str = Field("0,1", description="cross-validation folds of the demo ('all' or a comma list)")
     samples: int = Field(16, ge=1, description="size of the demo's generated corpus")
+    through: str = Field("generate", description="last stage the demo runs: annotate, cv or generate")
+
+    @field_validator("through")
+    @classmethod
+    def _stage(cls, v: str) -> str:
+        if v not in ("annotate", "cv", "generate"):
+            raise ValueError(f"through must be annotate, cv or generate, got {v!r}")
+        return v
 
 
 class RayConfig(_Section):

@@ -60,19 +60,25 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
                        center=_lv_center(pair.ed_labels))
     log(f"annotate: PWC-Net + refinement → {out / 'annotations'}")
     annotations = annotate(table_path.parent, out / "annotations", cfg, log=log)
+    figures = [figure, *sorted((out / "annotations" / "figures").glob("*.png"))]
+    result = DemoResult(out=out, cohort=out / "phantom", prepared=table_path.parent,
+                        annotations=annotations.parent, tracking_uri=tracking_uri(cfg), figures=figures)
+    if cfg.demo.through == "annotate":
+        return result
     log(f"cv: CVAE folds {cfg.demo.folds} concurrently on Ray → {out / 'cv'}")
     cv = run_cv(table_path.parent, annotations.parent, out / "cv", cfg, folds=cfg.demo.folds, log=log)
     done = [r for r in cv.rows if r["status"] == "done"]
     if not done:
         raise RuntimeError(f"no cross-validation fold finished: {cv.failed[0]['error'] if cv.failed else 'unknown'}")
+    result.cv, result.cv_table = cv.folds_csv.parent, cv.format_table()
+    if cfg.demo.through == "cv":
+        return result
     model_uri = f"runs:/{done[0]['run_id']}/model"
     log(f"generate: {cfg.demo.samples} samples from {model_uri} → {out / 'corpus'}")
     manifest = generate_corpus(model_uri, table_path.parent, out / "corpus", n=cfg.demo.samples, cfg=cfg, log=log)
-    figures = [figure, *sorted((out / "annotations" / "figures").glob("*.png")),
-               *sorted((manifest.parent / "previews").glob("*"))]
-    return DemoResult(out=out, cohort=out / "phantom", prepared=table_path.parent,
-                      annotations=annotations.parent, tracking_uri=tracking_uri(cfg), figures=figures,
-                      cv=cv.folds_csv.parent, corpus=manifest.parent, cv_table=cv.format_table())
+    result.corpus = manifest.parent
+    result.figures += sorted((manifest.parent / "previews").glob("*"))
+    return result
 
 
 def _lv_center(labels: np.ndarray | None):
