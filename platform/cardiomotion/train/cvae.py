@@ -12,7 +12,6 @@ paper reports. Rank 0 logs everything to the MLflow run the driver opened. Check
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from ..config import Config
 
-CKPT_FILE = "state.pt"
+from .checkpoint import load_state, report_with_checkpoint, resume, unwrap
 MODEL_FILE = "cvae.pt"
 MODEL_META = "model.json"
 
@@ -124,7 +123,6 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker loop (``train_loop_per_worker``) of one fold."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
@@ -154,14 +152,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
 
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
+    start, ckpt = resume(model, opt, device)
     fail_at = config.get("fail_at_epoch")  # test hook: die once, before the first restart
 
     steps = max(1, math.ceil(len(train_ids) / (tc.batch_size * world)))
@@ -175,25 +166,15 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         last = epoch == tc.epochs - 1
         if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
-                val = validate(_unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
+                val = validate(unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
                                cfg.seed, device)
             val["val_loss"] = tc.w_rec * val["val_mse_rec"] + w_kl * val["val_kl"]
             metrics.update(val)
         if rank == 0:
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"), metrics, epoch)
         if last or (epoch + 1) % tc.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                "epoch": epoch}, os.path.join(d, CKPT_FILE))
-                    checkpoint = Checkpoint.from_directory(d)
-                ray.train.report({**metrics, "epoch": epoch}, checkpoint=checkpoint)
+            report_with_checkpoint({**metrics, "epoch": epoch}, model, opt, epoch, rank)
     return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 # ------------------------------------------------------------------------------- driver side
@@ -340,8 +321,7 @@ def train_fold(
         if result.checkpoint is None:
             raise RuntimeError(f"fold {fold} finished without a checkpoint: {result.error}")
         model = build_cvae(cfg, pyr)
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
+        state = load_state(result.checkpoint)
         model.load_state_dict(state["model"])
         metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
         with tempfile.TemporaryDirectory() as tmp:

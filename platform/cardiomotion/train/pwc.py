@@ -9,8 +9,6 @@ driver opened.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import torch
 
 from ..config import Config
 
-CKPT_FILE = "state.pt"
+from .checkpoint import load_state, report_with_checkpoint, resume
 
 
 def level_weights(cfg: Config, n_levels: int) -> list[float]:
@@ -60,7 +58,6 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker loop (``train_loop_per_worker``)."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from ..tracking import log_metrics_to
     from ..train.losses import pwc_unsupervised_loss
@@ -84,14 +81,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=ac.lr)
 
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CKPT_FILE), map_location=device, weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
+    start, _ = resume(model, opt, device)
 
     per_rank = math.ceil(max(len(rows), world) / world) * (2 if ac.both_directions else 1)
     steps = max(1, math.ceil(per_rank / ac.batch_size))  # equal on every rank (DDP)
@@ -122,18 +112,8 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         # Per-epoch curves go to MLflow above; Ray Train gets a report (a barrier on every rank)
         # only with each checkpoint.
         if epoch == ac.epochs - 1 or (epoch + 1) % ac.checkpoint_every == 0:
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                                "epoch": epoch}, os.path.join(d, CKPT_FILE))
-                    checkpoint = Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint)
+            report_with_checkpoint(metrics, model, opt, epoch, rank)
     return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def train_pwcnet(
@@ -175,8 +155,7 @@ def train_pwcnet(
     if result.checkpoint is None:
         raise RuntimeError(f"PWC-Net training finished without a checkpoint ({result.error})")
     model = build_pwcnet(cfg)
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, CKPT_FILE), map_location="cpu", weights_only=True)
+    state = load_state(result.checkpoint)
     model.load_state_dict(state["model"])
     return model
 
