@@ -21,6 +21,9 @@ TINY = {
 }
 
 
+EPOCHS_SEEN: list[tuple[int, float]] = []  # the training progress callback's calls
+
+
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory, ray_session):
     from cardiomotion.annotate import annotate
@@ -31,7 +34,8 @@ def annotated(tmp_path_factory, ray_session):
     cfg = load_config(None, {**TINY, "storage_root": str(root / "store")})
     folders = make_cohort(root / "cohort", patients=2, grid=32, workers=1)
     prepare_scans(folders, root / "prepared", cfg)
-    table = annotate(root / "prepared", root / "annotations", cfg)
+    table = annotate(root / "prepared", root / "annotations", cfg,
+                     on_epoch=lambda e, v: EPOCHS_SEEN.append((e, v)))
     return root, cfg, table
 
 
@@ -93,6 +97,8 @@ def test_mlflow_run_records_training_and_artifacts(annotated):
     run = runs[0]
     history = client.get_metric_history(run.info.run_id, "pwc_train_loss")
     assert [m.step for m in history] == list(range(4))
+    # The progress callback saw each epoch once, in order, with the logged loss.
+    assert EPOCHS_SEEN == [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
     assert "mean_epe_myo_mm_refined" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "feature_pyramid", "figures", "annotations.parquet"} <= arts

@@ -45,7 +45,9 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
 
     root, cfg = fold_inputs
     # The worker group dies once at epoch 3 (after the epoch-1 checkpoint) and must resume.
-    res = train_fold(root / "prepared", root / "flows", 1, cfg, fail_at_epoch=3)
+    seen: list[int] = []
+    res = train_fold(root / "prepared", root / "flows", 1, cfg, fail_at_epoch=3,
+                     on_epoch=lambda epoch, _loss: seen.append(epoch))
     assert res.val_id == "phantom_001"
     client = mlflow.MlflowClient(tracking_uri(cfg))
     run = client.get_run(res.run_id)
@@ -53,6 +55,7 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     loss = _history(cfg, res.run_id, "train_loss")
     steps = sorted({m.step for m in loss})
     assert steps == list(range(6))  # every epoch logged, the ones after the failure too
+    assert seen == steps  # the progress callback: each epoch once, in order, across the restart
     # The injected failure fires only in an attempt that started without a checkpoint, so finishing
     # at all proves the restart resumed from one; epochs 0-1 (before the epoch-1 checkpoint) were
     # not trained again.

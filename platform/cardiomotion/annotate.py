@@ -147,8 +147,13 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None) -> Path:
-    """Run the annotation stage; returns the path of ``annotations.parquet``."""
+def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
+             on_epoch: Callable[[int, float], None] | None = None) -> Path:
+    """Run the annotation stage; returns the path of ``annotations.parquet``.
+
+    ``on_epoch(epoch, train_loss)`` is called once per finished PWC-Net training epoch (for
+    progress bars; the epochs are read back from the MLflow run the workers log to).
+    """
     from . import tracking
     from .data.prepare import plain_rows
     from .raycluster import init_ray
@@ -176,8 +181,9 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
                             tags={"stage": "annotate"}) as run:
         if not model_path.is_file():
             log(f"annotate: training the PWC-Net on {len(rows)} pairs for {cfg.annotate.epochs} epochs (Ray Train)")
-            model = train_pwcnet(prepared, cfg, storage_path=out / "ray_train", rows=rows,
-                                 run_id=run.info.run_id, tracking_uri=uri)
+            with tracking.watch_metric(uri, run.info.run_id, "pwc_train_loss", on_epoch):
+                model = train_pwcnet(prepared, cfg, storage_path=out / "ray_train", rows=rows,
+                                     run_id=run.info.run_id, tracking_uri=uri)
             model.pyramid.save(out / PYRAMID_FILE)
             model.save(model_path)  # written last: its presence marks a finished training
         else:

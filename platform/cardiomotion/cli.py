@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -49,6 +50,22 @@ def _quiet_ray(args) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "name", None) == "console":
             handler.setLevel(logging.WARNING)
+
+
+@contextmanager
+def _epoch_bar(desc: str, total: int):
+    """A terminal progress bar over training epochs; yields the ``on_epoch(epoch, loss)`` callback.
+
+    Like the phantom bar: live on a terminal only, erased when done."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="epoch", disable=None, leave=False) as bar:
+        def on_epoch(epoch: int, loss: float) -> None:
+            bar.n = min(total, epoch + 1)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            bar.refresh()
+
+        yield on_epoch
 
 
 def _given(**flags) -> dict:
@@ -106,7 +123,8 @@ def cmd_annotate(args) -> int:
 
     cfg = _load(args)
     t0 = time.perf_counter()
-    table = annotate(args.prepared, args.out, cfg, log=_say)
+    with _epoch_bar("PWC-Net", cfg.annotate.epochs) as on_epoch:
+        table = annotate(args.prepared, args.out, cfg, log=_say, on_epoch=on_epoch)
     summary = summarize(pd.read_parquet(table))
     _say(f"wrote {table} in {time.perf_counter() - t0:.0f} s")
     for key in ("mean_epe_myo_mm_zero", "mean_epe_myo_mm_net", "mean_epe_myo_mm_refined"):
@@ -121,7 +139,8 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     t0 = time.perf_counter()
-    res = train_fold(args.prepared, args.flows, args.fold, cfg, log=_say)
+    with _epoch_bar(f"fold {args.fold}", cfg.train.epochs) as on_epoch:
+        res = train_fold(args.prepared, args.flows, args.fold, cfg, log=_say, on_epoch=on_epoch)
     m = res.metrics
     _say(f"fold {res.fold} (held out {res.val_id}) finished in {time.perf_counter() - t0:.0f} s")
     for key in ("val_epe_rec_mm", "val_epe_prior_mm", "val_epe_zero_mm", "val_kl", "val_mse_rec"):

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .config import Config, storage_root
 from .errors import CardiomotionError
@@ -135,6 +135,52 @@ def log_metrics_to(uri: str | None, run_id: str | None, metrics: Mapping[str, fl
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None]
     MlflowClient(uri).log_batch(run_id, metrics=batch)
+
+
+@contextmanager
+def watch_metric(uri: str, run_id: str, key: str, on_step: Callable[[int, float], None] | None,
+                 every_s: float = 2.0) -> Iterator[None]:
+    """While the block runs, call ``on_step(step, value)`` once per new step of metric ``key``.
+
+    A daemon thread polls the run's metric history every ``every_s`` seconds (the Ray Train
+    workers log one step per epoch from another process), and once more when the block ends, so
+    the caller sees every step in order. Steps logged before the block (a resumed run) are
+    reported on the first poll. Polling is best effort: a busy store skips a poll. Does nothing
+    when ``on_step`` is None.
+    """
+    if on_step is None:
+        yield
+        return
+    import threading
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def poll() -> None:
+        try:
+            history = client.get_metric_history(run_id, key)
+        except Exception:  # noqa: BLE001 (a locked sqlite store or a slow server: try again later)
+            return
+        for m in sorted(history, key=lambda m: m.step):
+            if m.step not in seen:
+                seen.add(m.step)
+                on_step(int(m.step), float(m.value))
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            poll()
+
+    thread = threading.Thread(target=loop, name=f"watch-{key}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

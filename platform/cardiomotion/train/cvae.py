@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -273,12 +273,14 @@ def train_fold(
     run_id: str | None = None,
     fail_at_epoch: int | None = None,
     log=lambda _m: None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> FoldResult:
     """Train leave-one-out fold ``fold`` (scan ``fold`` held out) with a Ray Train TorchTrainer.
 
     Checks every input before Ray starts. Re-running with the same ``name`` (default
     ``fold_<K>``) under the same storage root resumes from the last checkpoint; pass the
     previous ``run_id`` to continue its MLflow run. Returns the run id and ``runs:/<id>/model``.
+    ``on_epoch(epoch, train_loss)`` is called once per finished epoch (for progress bars).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -317,7 +319,8 @@ def train_fold(
                                  failure_config=FailureConfig(max_failures=tc.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
-        result = trainer.fit()
+        with tracking.watch_metric(uri, run.info.run_id, "train_loss", on_epoch):
+            result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"fold {fold} finished without a checkpoint: {result.error}")
         model = build_cvae(cfg, pyr)
