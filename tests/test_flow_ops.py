@@ -15,6 +15,7 @@ from cardiomotion.flow import (
     exp,
     flow_mse,
     folding_fraction,
+    gaussian_smooth,
     identity_grid,
     integrate_velocity,
     invert,
@@ -220,3 +221,35 @@ def test_flow_mse_known_values():
     pred[:, :, 1:] = 0
     assert flow_mse(pred, true, mask=mask) == pytest.approx(25.0 / 3)
     assert flow_mse(pred[0].numpy(), true[0].numpy()) == pytest.approx(25.0 / 9)
+
+
+# --------------------------------------------------------------------------- gaussian_smooth
+def test_gaussian_smooth_keeps_constant_and_linear_fields():
+    const = torch.full((1, 3, 12, 10, 9), 2.5)
+    torch.testing.assert_close(gaussian_smooth(const, 1.5), const)
+    ramp = torch.arange(20, dtype=torch.float32).view(1, 1, 20, 1, 1).expand(1, 3, 20, 6, 5).contiguous()
+    out = gaussian_smooth(ramp, 1.0)  # radius 3: voxels 3..16 see no padding
+    torch.testing.assert_close(out[:, :, 3:-3], ramp[:, :, 3:-3], atol=1e-5, rtol=0)
+
+
+def test_gaussian_smooth_matches_scipy_and_preserves_mass_of_an_impulse():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(1, 3, 16, 14, 12)).astype(np.float32)
+    ours = gaussian_smooth(torch.from_numpy(u), 1.3).numpy()
+    ref = np.stack([gaussian_filter(u[0, c], 1.3, mode="nearest", truncate=3.0) for c in range(3)])[None]
+    # scipy's radius is int(truncate·σ + 0.5) = 4 = ours (ceil(3.9)); both normalise the kernel.
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    impulse = torch.zeros(1, 1, 21, 21, 21)
+    impulse[0, 0, 10, 10, 10] = 1.0
+    out = gaussian_smooth(impulse, 2.0)
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(out[0, 0, 10, 10, 10]) == pytest.approx(float(out.max()))
+
+
+def test_gaussian_smooth_zero_sigma_is_identity_and_tiny_axes_work():
+    u = torch.randn(2, 3, 5, 1, 2)
+    assert gaussian_smooth(u, 0.0) is u
+    out = gaussian_smooth(u, 3.0)  # radius 9 > axis sizes: the kernel is trimmed, not an error
+    assert out.shape == u.shape and torch.isfinite(out).all()
+    const = torch.full((1, 3, 5, 1, 2), -1.25)
+    torch.testing.assert_close(gaussian_smooth(const, 3.0), const)

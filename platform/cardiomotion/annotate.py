@@ -117,6 +117,7 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
         if ac.refine:
             final = refine_flow(fixed, moving, net, steps=ac.refine_steps, lr=ac.refine_lr,
                                 smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
+                                similarity=ac.refine_similarity.value, sigma=ac.refine_sigma,
                                 levels=ac.refine_levels)
             flows["refined"] = final
         quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)

@@ -101,6 +101,13 @@ class PWCConfig(_Section):
         return v
 
 
+class RefineSimilarity(str, Enum):
+    """Image term of the per-pair refinement (mirrors :class:`cardiomotion.train.refine.Similarity`)."""
+
+    MSE = "mse"
+    SSIM_L1 = "ssim_l1"
+
+
 class AnnotateConfig(_Section):
     """Ground-truth flow annotation (``cardiomotion annotate``): PWC-Net training + refinement."""
 
@@ -118,10 +125,12 @@ class AnnotateConfig(_Section):
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
-    refine_steps: int = Field(150, ge=0, description="Adam steps per refinement level")
+    refine_steps: int = Field(300, ge=0, description="Adam steps per refinement level")
     refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
-    refine_lr: float = Field(0.05, gt=0, description="Adam step on the flow (voxels)")
-    refine_smooth_weight: float = Field(0.1, ge=0, description="smoothness weight during refinement")
+    refine_lr: float = Field(0.2, gt=0, description="Adam step on the flow correction (voxels)")
+    refine_similarity: RefineSimilarity = Field(RefineSimilarity.MSE, description="refinement image term: mse | ssim_l1 (the training loss)")
+    refine_sigma: float = Field(3.0, ge=0, description="Gaussian std of the refinement's correction, voxels of each level (0 = none)")
+    refine_smooth_weight: float = Field(0.001, ge=0, description="first-order smoothness weight during refinement")
 
 
 class FlowOutput(str, Enum):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .io import NIFTI_INTENT_DISPVECT, read_flow, write_flow
 from .metrics import EndpointError, endpoint_error, flow_mse, folding_fraction, jacobian_determinant
-from .ops import compose, exp, integrate_velocity, invert, upsample_flow, velocity_sequence
+from .ops import compose, exp, gaussian_smooth, integrate_velocity, invert, upsample_flow, velocity_sequence
 from .warp import Interp, Padding, identity_grid, warp
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "exp",
     "flow_mse",
     "folding_fraction",
+    "gaussian_smooth",
     "identity_grid",
     "integrate_velocity",
     "invert",

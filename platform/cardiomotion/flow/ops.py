@@ -1,4 +1,4 @@
-"""Field algebra on pull flows: composition, inversion, velocity integration, resizing.
+"""Field algebra on pull flows: composition, inversion, velocity integration, resizing, smoothing.
 
 Every function takes and returns torch tensors of shape (B, 3, I, J, K) in voxels of their
 grid, channel c = displacement along array axis c (DESIGN.md), and is differentiable.
@@ -14,6 +14,7 @@ Values sampled outside the grid use border padding (the flow at the nearest edge
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -139,3 +140,41 @@ def upsample_flow(u: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return out
     scale = torch.tensor(ratio, dtype=u.dtype, device=u.device).view(1, 3, 1, 1, 1)
     return out * scale
+
+
+def gaussian_smooth(u: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """Gaussian filter of every channel of a field, separable, replicate padding (same grid).
+
+    The kernel is exp(−x²/2σ²) on integer offsets |x| ≤ ceil(truncate·σ), normalised to sum 1,
+    so a constant field is unchanged and a field linear in the voxel index is unchanged away from
+    the border (the kernel is symmetric). ``sigma`` ≤ 0 returns ``u`` itself.
+
+    Args:
+        u: (B, C, I, J, K) any channels (a flow: voxels).
+        sigma: standard deviation in voxels.
+
+    Returns:
+        (B, C, I, J, K), differentiable.
+    """
+    if u.dim() != 5:
+        raise ValueError(f"gaussian_smooth expects (B, C, I, J, K), got {tuple(u.shape)}")
+    if sigma <= 0:
+        return u
+    radius = max(1, math.ceil(truncate * sigma))
+    x = torch.arange(-radius, radius + 1, device=u.device, dtype=u.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    c = u.shape[1]
+    out = u
+    for axis in range(3):
+        n = out.shape[2 + axis]
+        r = min(radius, n - 1)  # replicate padding needs r < n; trim the kernel on tiny axes
+        kk = k[radius - r: radius + r + 1]
+        kk = kk / kk.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kk.numel()
+        pad = [0, 0, 0, 0, 0, 0]  # F.pad order: last axis first
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        if r:
+            out = F.conv3d(F.pad(out, pad, mode="replicate"), kk.view(shape).expand(c, 1, *shape[2:]), groups=c)
+    return out
