@@ -128,7 +128,7 @@ class AnnotateConfig(_Section):
     refine_steps: int = Field(300, ge=0, description="Adam steps per refinement level")
     refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
     refine_lr: float = Field(0.2, gt=0, description="Adam step on the flow correction (voxels)")
-    refine_similarity: RefineSimilarity = Field(RefineSimilarity.MSE, description="refinement image term: mse | ssim_l1 (the training loss)")
+    refine_similarity: RefineSimilarity = Field(RefineSimilarity.MSE, description="refinement image term: mse, or ssim_l1 (the training loss)")
     refine_sigma: float = Field(3.0, ge=0, description="Gaussian std of the refinement's correction, voxels of each level (0 = none)")
     refine_smooth_weight: float = Field(0.001, ge=0, description="first-order smoothness weight during refinement")
 
