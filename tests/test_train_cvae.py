@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+import torch
 
 from cardiomotion.config import load_config
 from cardiomotion.errors import ConfigError, InputError
@@ -12,7 +13,10 @@ TINY = {
     "annotate": {"pwc": {"channels": [8, 16, 32], "estimator_channels": [16, 16], "search_range": 1},
                  "epochs": 2, "checkpoint_every": 2, "refine_steps": 10, "refine_levels": 1},
     "train": {"epochs": 6, "batch_size": 2, "checkpoint_every": 2, "prior_samples": 2, "lr": 2e-3,
-              "num_workers": 2, "augment": {"max_shift": 1}},
+              # No augmentation here: with one step per epoch, random zooms and shifts change the
+              # target's size more than 6 steps of training change the fit, and this test checks
+              # that training lowers the loss (augmentation has its own tests).
+              "num_workers": 2, "augment": {"max_shift": 1, "p": 0.0}},
     "ray": {"num_cpus": 2, "dashboard": False},
 }
 
@@ -40,8 +44,10 @@ def _history(cfg, run_id, key):
 
 def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     from cardiomotion.models.cvae import MotionCVAE
+    from cardiomotion.models.pyramid import FeaturePyramid
     from cardiomotion.tracking import tracking_uri
     from cardiomotion.train.cvae import train_fold
+    from cardiomotion.train.fold import load_samples, plan_fold
 
     root, cfg = fold_inputs
     # The worker group dies once at epoch 3 (after the epoch-1 checkpoint) and must resume.
@@ -61,9 +67,6 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     # not trained again.
     all_steps = [m.step for m in loss]
     assert all_steps.count(0) == 1 and all_steps.count(1) == 1
-    first = [m.value for m in loss if m.step == 0][0]
-    last = [m.value for m in loss if m.step == 5][-1]
-    assert last < first
     for key in ("val_epe_rec_vox", "val_epe_rec_mm", "val_epe_prior_vox", "val_epe_prior_mm",
                 "val_mse_rec", "val_kl", "train_kl"):
         assert _history(cfg, res.run_id, key), key
@@ -76,6 +79,18 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     model = MotionCVAE.load(local)  # rebuilds from the file alone, weights_only=True
     assert model.config()["channels"] == [8, 16, 32]
     assert [a.path for a in client.list_artifacts(res.run_id, "figures")] == ["figures/fold_001.png"]
+    # Training lowered the loss. The flow head starts at zero, so the untrained model's
+    # reconstruction error on the training scans is exactly the zero-flow error; the trained
+    # one's (z = μ, no sampling noise, unlike the logged per-epoch loss) must be clearly lower.
+    plan = plan_fold(root / "prepared", root / "flows", 1)
+    es, flow = load_samples(plan, list(plan.train_ids), cfg.intensity.window)
+    pyramid = FeaturePyramid.load(root / "flows" / "feature_pyramid.pt").eval()
+    model.eval()
+    with torch.no_grad():
+        feats = pyramid(es)
+        mu, _ = model.encode(flow, es, feats)
+        mse_rec = float(((model.decode(mu, es, feats) - flow) ** 2).mean())
+    assert mse_rec < 0.9 * float((flow ** 2).mean())
 
 
 def test_rerun_resumes_from_the_checkpoint(fold_inputs):
