@@ -68,3 +68,39 @@ def test_bad_arguments_are_refused():
         demons_flow(es, ed, 0.0)
     with pytest.raises(ValueError, match="method"):
         demons_flow(es, ed, 4.0, method="optical-flow")
+
+
+def test_bench_reports_zero_error_for_a_perfect_annotation_and_draws_the_figure(ray_session, tmp_path, capsys):
+    """bench/annotation_baseline.py end to end on one phantom pair: an 'annotation' that is the
+    truth field itself scores EPE 0, demons beats zero flow, and --figure writes the PNG."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from cardiomotion.config import load_config
+    from cardiomotion.data.phantom import make_cohort
+    from cardiomotion.data.prepare import prepare_scans
+    from cardiomotion.data.table import read_scan_table
+    from cardiomotion.flow import read_flow, write_flow
+
+    cfg = load_config(None, {"prepare": {"spacing_mm": 4.0, "grid": [32, 32, 32]}, "ray": {"num_cpus": 2}})
+    cohort = make_cohort(tmp_path / "cohort", patients=1, grid=32, workers=1)
+    prepare_scans(cohort, tmp_path / "prepared", cfg)
+    row = read_scan_table(tmp_path / "prepared").iloc[0]
+    truth, affine = read_flow(tmp_path / "prepared" / row["truth_flow_path"])
+    ann = tmp_path / "annotations" / row["scan_id"]
+    ann.mkdir(parents=True)
+    write_flow(ann / "flow.nii.gz", truth, affine)
+
+    spec = importlib.util.spec_from_file_location("annotation_baseline",
+                                                  Path(__file__).parents[1] / "bench" / "annotation_baseline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    png = tmp_path / "epe.png"
+    assert bench.main(["--prepared", str(tmp_path / "prepared"), "--annotations", str(tmp_path / "annotations"),
+                       "--iterations", "20", "--levels", "2", "--threads", "1", "--figure", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    methods = result["per_scan"][0]["methods"]
+    assert methods["annotation"]["epe_myo_mm"] == pytest.approx(0.0, abs=1e-4)
+    assert methods["demons"]["epe_myo_mm"] < 0.7 * methods["zero"]["epe_myo_mm"]
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG" and result["figure"] == str(png)

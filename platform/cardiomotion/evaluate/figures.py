@@ -132,3 +132,40 @@ def plot_phantom_preview(folder: str | Path) -> Path:
     return plot_pair(es, ed, folder / "preview.png", flow=flow, spacing=(s, s, s), center=center,
                      title=f"{meta['patient_id']}: ES (phase {meta['es_phase']}), ED (phase {meta['ed_phase']}), "
                            f"EF {100 * meta['ef_measured']:.0f} %")
+
+
+def plot_error_comparison(errors: dict[str, Sequence[float]], path: str | Path, ylabel: str,
+                          title: str = "") -> Path:
+    """Box plot with every scan's value drawn over it, one box per method (in dict order).
+
+    Args:
+        errors: method name → per-scan errors (e.g. myocardium EPE in mm); the same scans in
+            each, so a line joins the values of one scan across methods.
+        path: output PNG (written atomically).
+    """
+    from ..fileio import atomic_path
+
+    plt = _matplotlib()
+    names = list(errors)
+    values = [np.asarray(errors[n], dtype=float) for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4.0), dpi=120)
+    ax.boxplot(values, showfliers=False, widths=0.5)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    n = min(len(v) for v in values)
+    if n and all(len(v) == n for v in values):
+        ax.plot(np.arange(1, len(names) + 1), np.stack(values)[:, :n], color="0.6", lw=0.5, alpha=0.5)
+    for x, v in enumerate(values, start=1):
+        ax.scatter(np.full(len(v), x), v, s=8, alpha=0.7, zorder=3)
+        ax.annotate(f"{v.mean():.2f}", (x, float(v.max())), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
