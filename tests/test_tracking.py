@@ -24,6 +24,16 @@ def test_default_uri_is_an_absolute_sqlite_store_under_the_storage_root(store, t
     assert uri == f"sqlite:///{(tmp_path / 'store' / 'mlflow.db').resolve()}"
 
 
+def test_a_bare_path_is_a_sqlite_store(tmp_path, monkeypatch):
+    from cardiomotion.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = load_config(None, {"tracking": {"uri": str(tmp_path / "runs")}})
+    assert tracking_uri(folder) == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    db = load_config(None, {"tracking": {"uri": str(tmp_path / "x.db")}})
+    assert tracking_uri(db) == f"sqlite:///{(tmp_path / 'x.db').resolve()}"
+
+
 def test_watch_metric_reports_each_step_once_in_order_while_another_thread_logs(store):
     from cardiomotion import tracking
 
@@ -51,3 +61,42 @@ def test_watch_metric_without_a_callback_does_nothing(store):
     _, uri = store
     with tracking.watch_metric(uri, "no-such-run", "train_loss", None):
         pass
+
+
+def test_two_storage_roots_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    """setup() must not leave $MLFLOW_TRACKING_URI behind (mlflow.set_tracking_uri exports it):
+    a second config with another storage root gets its own store, not the first one's."""
+    import os
+
+    from cardiomotion import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config(None, {"storage_root": str(tmp_path / "a")})
+    second = load_config(None, {"storage_root": str(tmp_path / "b")})
+    with tracking.start_run(first, "one"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.setup(second) == f"sqlite:///{(tmp_path / 'b' / 'mlflow.db').resolve()}"
+    with tracking.start_run(second, "two") as run:
+        assert run.info.run_name == "two"
+    assert (tmp_path / "a" / "mlflow.db").is_file() and (tmp_path / "b" / "mlflow.db").is_file()
+    import mlflow
+
+    names = lambda cfg: [r.info.run_name for r in mlflow.search_runs(  # noqa: E731
+        experiment_names=[cfg.tracking.experiment], output_format="list")]
+    tracking.setup(first)
+    assert names(first) == ["one"]
+    tracking.setup(second)
+    assert names(second) == ["two"]
+
+
+def test_a_users_tracking_uri_survives_setup(tmp_path, monkeypatch):
+    import os
+
+    from cardiomotion import tracking
+
+    user = f"sqlite:///{tmp_path / 'user.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", user)
+    cfg = load_config(None, {"storage_root": str(tmp_path / "a"), "tracking": {"uri": str(tmp_path / "cfgstore")}})
+    tracking.setup(cfg)  # the config's URI wins for this stage …
+    assert os.environ["MLFLOW_TRACKING_URI"] == user  # … and the user's variable is left as it was

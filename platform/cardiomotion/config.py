@@ -264,7 +264,7 @@ class RayConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow. ``uri: null`` → $MLFLOW_TRACKING_URI, else sqlite under the storage root."""
 
-    uri: Optional[str] = Field(None, description="MLflow URI; null → $MLFLOW_TRACKING_URI or sqlite under storage_root")
+    uri: Optional[str] = Field(None, description="MLflow URI (http(s)://, sqlite:///…, or a path: *.db file or folder); null → $MLFLOW_TRACKING_URI or sqlite under storage_root")
     experiment: str = Field("cardiomotion", description="MLflow experiment name")
 
 

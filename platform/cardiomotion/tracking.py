@@ -1,7 +1,8 @@
 """The one place that talks to MLflow.
 
 Tracking URI, in order: config ``tracking.uri``, ``$MLFLOW_TRACKING_URI``, else a sqlite store
-``<storage_root>/mlflow.db`` with artifacts in ``<storage_root>/mlartifacts``. URIs are made
+``<storage_root>/mlflow.db`` with artifacts in ``<storage_root>/mlartifacts``. A bare path names
+a sqlite file (``*.db``) or a folder that holds ``mlflow.db``. URIs are made
 absolute: Ray workers run in other directories. A server URI (http/https) is checked before any
 work starts, so a stage never trains for hours and then loses its logs.
 """
@@ -29,8 +30,9 @@ def tracking_uri(cfg: Config) -> str:
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{storage_root(cfg) / 'mlflow.db'}"
-    if "://" not in uri:  # a bare path: a file store
-        return Path(uri).expanduser().resolve().as_uri()
+    if "://" not in uri:  # a bare path: a sqlite file (*.db) or a folder to keep mlflow.db in
+        path = Path(uri).expanduser().resolve()  # (MLflow 3 refuses its old file store by default)
+        return f"sqlite:///{path if path.suffix == '.db' else path / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rel = uri[len("sqlite:///"):]
         return f"sqlite:///{Path(rel).resolve()}"
@@ -74,7 +76,15 @@ def setup(cfg: Config, experiment: str | None = None) -> str:
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI. Undo that: the variable is the
+    # user's setting, and left behind it would send every later stage of this process (another
+    # storage root, another config) to this store. Ray workers get the URI passed explicitly.
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     name = experiment or cfg.tracking.experiment
     client = mlflow.MlflowClient(uri)
     if client.get_experiment_by_name(name) is None:
