@@ -115,7 +115,8 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
         flows = {"zero": torch.zeros_like(net), "net": net}
         final = net
         if ac.refine:
-            final = refine_flow(fixed, moving, net, steps=ac.refine_steps, lr=ac.refine_lr,
+            start = torch.zeros_like(net) if ac.refine_start.value == "zero" else net
+            final = refine_flow(fixed, moving, start, steps=ac.refine_steps, lr=ac.refine_lr,
                                 smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
                                 similarity=ac.refine_similarity.value, sigma=ac.refine_sigma,
                                 levels=ac.refine_levels)

@@ -108,6 +108,13 @@ class RefineSimilarity(str, Enum):
     SSIM_L1 = "ssim_l1"
 
 
+class RefineStart(str, Enum):
+    """Where the per-pair refinement starts: the network's flow or zero flow."""
+
+    NETWORK = "network"
+    ZERO = "zero"
+
+
 class AnnotateConfig(_Section):
     """Ground-truth flow annotation (``cardiomotion annotate``): PWC-Net training + refinement."""
 
@@ -125,6 +132,7 @@ class AnnotateConfig(_Section):
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
+    refine_start: RefineStart = Field(RefineStart.NETWORK, description="refinement starts from the network's flow or from zero flow")
     refine_steps: int = Field(300, ge=0, description="Adam steps per refinement level")
     refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
     refine_lr: float = Field(0.2, gt=0, description="Adam step on the flow correction (voxels)")
