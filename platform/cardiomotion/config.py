@@ -132,7 +132,7 @@ class AnnotateConfig(_Section):
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
-    refine_start: RefineStart = Field(RefineStart.NETWORK, description="refinement starts from the network's flow or from zero flow")
+    refine_start: RefineStart = Field(RefineStart.ZERO, description="refinement starts from zero flow or from the network's flow (README: zero was better on the phantom)")
     refine_steps: int = Field(300, ge=0, description="Adam steps per refinement level")
     refine_levels: int = Field(3, ge=1, le=5, description="coarse-to-fine refinement resolutions")
     refine_lr: float = Field(0.2, gt=0, description="Adam step on the flow correction (voxels)")
