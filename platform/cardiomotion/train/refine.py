@@ -1,7 +1,8 @@
 """Per-pair refinement (instance optimisation) of a predicted flow.
 
-The refined field is ``u = u0 + G_σ * w``: the network's flow ``u0`` plus a Gaussian-filtered
-correction ``w`` that Adam optimises. Optimising ``u`` voxel by voxel (the obvious choice) lets
+The refined field is ``u = u0 + G_σ * w``: the starting flow ``u0`` (the network's prediction,
+or zero flow: ``annotate.refine_start``) plus a Gaussian-filtered correction ``w`` that Adam
+optimises. Optimising ``u`` voxel by voxel (the obvious choice) lets
 Adam — which moves every coordinate by about its step size whatever the gradient's size — push
 the flow around inside textureless tissue on nothing but image noise; filtering the correction
 makes each step a smooth field (the role of the Gaussian in demons), so motion seen at edges
