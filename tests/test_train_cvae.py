@@ -50,7 +50,8 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     from cardiomotion.train.fold import load_samples, plan_fold
 
     root, cfg = fold_inputs
-    # The worker group dies once at epoch 3 (after the epoch-1 checkpoint) and must resume.
+    # A worker process is killed (SIGKILL) at epoch 3, after the epoch-1 checkpoint; the group
+    # must restart and resume.
     seen: list[int] = []
     res = train_fold(root / "prepared", root / "flows", 1, cfg, fail_at_epoch=3,
                      on_epoch=lambda epoch, _loss: seen.append(epoch))
@@ -67,8 +68,8 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     # not trained again.
     all_steps = [m.step for m in loss]
     assert all_steps.count(0) == 1 and all_steps.count(1) == 1
-    for key in ("val_epe_rec_vox", "val_epe_rec_mm", "val_epe_prior_vox", "val_epe_prior_mm",
-                "val_mse_rec", "val_kl", "train_kl"):
+    for key in ("train_loss", "train_mse", "train_kl", "val_loss", "val_kl", "val_epe_rec_vox", "val_epe_rec_mm",
+                "val_epe_prior_vox", "val_epe_prior_mm", "val_mse_rec"):
         assert _history(cfg, res.run_id, key), key
     rec_mm = _history(cfg, res.run_id, "val_epe_rec_mm")[-1].value
     rec_vox = _history(cfg, res.run_id, "val_epe_rec_vox")[-1].value
@@ -128,6 +129,38 @@ def test_missing_flow_is_refused(fold_inputs, tmp_path):
     (flows / "phantom_002" / "flow.nii.gz").unlink()
     with pytest.raises(InputError, match="phantom_002/flow.nii.gz: missing: no annotated flow"):
         train_fold(root / "prepared", flows, 0, cfg)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("intent", r"phantom_002/flow.nii.gz: flow file has intent code 0, expected 1006"),
+    ("grid", r"phantom_002/flow.nii.gz: flow grid \(16, 16, 16\) differs from the prepared grid \(32, 32, 32\)"),
+])
+def test_bad_flow_file_is_refused_before_training(fold_inputs, tmp_path, damage, message):
+    """Checked from the headers in plan_fold, before any Ray work (not inside a worker)."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from cardiomotion.flow.io import write_flow
+    from cardiomotion.train.cvae import train_fold
+
+    root, cfg = fold_inputs
+    flows = tmp_path / "flows"
+    shutil.copytree(root / "flows", flows, ignore=shutil.ignore_patterns("ray_train"))
+    path = flows / "phantom_002" / "flow.nii.gz"
+    if damage == "intent":
+        img = nib.load(str(path))
+        hdr = img.header.copy()
+        hdr.set_intent(0)
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, hdr), str(path))
+    else:
+        write_flow(path, np.zeros((3, 16, 16, 16), np.float32), np.diag([8.0, 8.0, 8.0, 1.0]))
+    with pytest.raises(InputError, match=message):
+        train_fold(root / "prepared", flows, 0, cfg, name="never_runs")
+    from cardiomotion.config import storage_root
+
+    assert not (storage_root(cfg) / "ray_results" / "never_runs").exists()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -33,6 +33,38 @@ def write_flow(path: str | Path, flow_vox: np.ndarray, affine: np.ndarray) -> Pa
     return write_nifti(path, data, affine, intent=NIFTI_INTENT_DISPVECT)
 
 
+def _open(path: Path):
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(path, "flow file does not exist") from None
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise InputError(path, f"not a readable NIfTI flow file ({exc.__class__.__name__}: {exc})") from None
+
+
+def _check_header(path: Path, img) -> tuple[int, int, int]:
+    intent = int(img.header["intent_code"])
+    if intent != NIFTI_INTENT_DISPVECT:
+        raise InputError(path, f"flow file has intent code {intent}, expected {NIFTI_INTENT_DISPVECT} (displacement vector)")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 5 or shape[3] != 1 or shape[4] != 3:
+        raise InputError(path, f"flow file has shape {shape}, expected (I, J, K, 1, 3)")
+    return shape[:3]
+
+
+def check_flow_header(path: str | Path) -> tuple[int, int, int]:
+    """Check a displacement file's header only (cheap: no voxel data is read).
+
+    Returns:
+        the grid (I, J, K).
+
+    Raises:
+        InputError: missing, not a NIfTI file, wrong shape or intent.
+    """
+    path = Path(path)
+    return _check_header(path, _open(path))
+
+
 def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a displacement file written by :func:`write_flow` (or ITK/Slicer).
 
@@ -43,18 +75,12 @@ def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         InputError: not a NIfTI file, wrong shape or intent, non-finite values.
     """
     path = Path(path)
+    img = _open(path)
+    _check_header(path, img)
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except FileNotFoundError:
-        raise InputError(path, "flow file does not exist") from None
-    except Exception as exc:  # nibabel raises several types for corrupt files
+    except Exception as exc:  # truncated or corrupt voxel data
         raise InputError(path, f"not a readable NIfTI flow file ({exc.__class__.__name__}: {exc})") from None
-    intent = int(img.header["intent_code"])
-    if intent != NIFTI_INTENT_DISPVECT:
-        raise InputError(path, f"flow file has intent code {intent}, expected {NIFTI_INTENT_DISPVECT} (displacement vector)")
-    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != 3:
-        raise InputError(path, f"flow file has shape {data.shape}, expected (I, J, K, 1, 3)")
     if not np.all(np.isfinite(data)):
         raise InputError(path, "flow file holds NaN or inf")
     affine = img.affine

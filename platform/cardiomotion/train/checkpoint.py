@@ -25,14 +25,46 @@ def load_state(checkpoint, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(os.path.join(d, CKPT_FILE), map_location=map_location, weights_only=True)
 
 
+def latest_checkpoint():
+    """The newest readable checkpoint of this Ray Train run, or None.
+
+    Ray Train hands a restarted worker group the last checkpoint its controller *registered*
+    (``ray.train.get_checkpoint()``), and the controller learns of a report only when it next
+    polls the workers: a checkpoint a worker had already written to storage is lost to it if the
+    process dies hard (SIGKILL, OOM kill, node loss) before that poll. So the run's storage
+    folder is searched too (``checkpoint_<timestamp>`` folders, newest first); a folder whose
+    ``state.pt`` does not load — a copy cut off by the crash — is skipped.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    registered = ray.train.get_checkpoint()
+    try:
+        from pyarrow.fs import FileSelector, FileType
+
+        storage = ray.train.get_context().get_storage()
+        fs, root = storage.storage_filesystem, storage.experiment_fs_path
+        infos = fs.get_file_info(FileSelector(root, allow_not_found=True))
+        found = sorted((i.path for i in infos
+                        if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+    except Exception:  # noqa: BLE001  (a storage the listing does not support: Ray's own answer)
+        return registered
+    for path in found:
+        ckpt = Checkpoint(path, filesystem=fs)
+        try:
+            load_state(ckpt)
+        except Exception:  # noqa: BLE001  (incomplete or corrupt: try the next older)
+            continue
+        return ckpt
+    return registered
+
+
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, Any]:
-    """Restore model and optimizer from ``ray.train.get_checkpoint()``.
+    """Restore model and optimizer from the run's newest checkpoint (:func:`latest_checkpoint`).
 
     Returns (first epoch to run, the checkpoint or None).
     """
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
+    ckpt = latest_checkpoint()
     if not ckpt:
         return 0, None
     state = load_state(ckpt, device)

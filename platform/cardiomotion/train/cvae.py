@@ -3,7 +3,8 @@
 Loss: w_rec · MSE(u_rec, u) + w_kl(epoch) · KL(q(z | u, ES) ‖ N(0, I)), KL the standard Gaussian
 KL averaged per latent element, w_kl ramping linearly over ``kl_warmup_epochs``. Each step
 augments (ES, u) jointly, then computes the frozen pyramid of the augmented ES under no_grad.
-On GPU: bf16 autocast and channels_last_3d; on CPU: fp32, gloo. Adam with gradient clipping.
+The step runs as :class:`~cardiomotion.train.recipe.StepRecipe` says: on GPU bf16 autocast,
+channels_last_3d, fused Adam; on CPU fp32 with channels_last_3d, gloo. Adam with gradient clipping.
 Validation on the held-out scan each ``val_every`` epochs: EPE (voxels and mm) of the posterior
 reconstruction (z = μ) and of ``prior_samples`` prior samples (z ~ N(0, I)), plus the MSE the
 paper reports. Rank 0 logs everything to the MLflow run the driver opened. Checkpoints every
@@ -21,6 +22,8 @@ import torch
 from ..config import Config
 
 from .checkpoint import load_state, report_with_checkpoint, resume, unwrap
+from .recipe import StepRecipe
+
 MODEL_FILE = "cvae.pt"
 MODEL_META = "model.json"
 
@@ -82,26 +85,29 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
 
 
 def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config, epoch: int, *,
-                steps: int, device, fmt=torch.contiguous_format, rank: int = 0) -> dict[str, float]:
-    """One epoch: ``steps`` Adam steps on random batches of (es_all, flow_all) (CPU tensors), each
-    augmented jointly, the frozen pyramid under no_grad, loss w_rec·MSE + w_kl(epoch)·KL, clipping.
-    Returns the epoch means of train_loss, train_mse, train_kl and the KL weight used."""
+                steps: int, device, recipe: StepRecipe | None = None, rank: int = 0) -> dict[str, float]:
+    """One epoch: ``steps`` Adam steps on random batches of (es_all (N,1,I,J,K), flow_all (N,3,I,J,K)
+    voxels; on the CPU or already on ``device``). Each batch moves to ``device`` first and is
+    augmented there jointly (a CUDA generator on a GPU), then the frozen pyramid runs under
+    no_grad, loss w_rec·MSE + w_kl(epoch)·KL, clipping, the optimizer step — all as ``recipe``
+    says (default: the reference fp32 recipe). Returns the epoch means of train_loss, train_mse,
+    train_kl and the KL weight used."""
     from ..train.augment import AugmentConfig, augment
     from ..train.losses import kl_standard_normal
 
+    recipe = recipe or StepRecipe.reference()
     tc = cfg.train
-    cuda = device.type == "cuda"
+    device = torch.device(device)
     aug_cfg = AugmentConfig(noise_std=tc.augment.noise_std, max_shift=tc.augment.max_shift,
                             zoom=tuple(tc.augment.zoom), p=tc.augment.p)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
     w_kl = kl_weight(cfg, epoch)
     sums = {"train_loss": 0.0, "train_mse": 0.0, "train_kl": 0.0}
     for _ in range(steps):
-        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen)
-        es, flow = augment(es_all[idx], flow_all[idx], aug_cfg, gen)
-        es = es.to(device).contiguous(memory_format=fmt)
-        flow = flow.to(device).contiguous(memory_format=fmt)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen, device=device).to(es_all.device)
+        es, flow = augment(es_all[idx].to(device), flow_all[idx].to(device), aug_cfg, gen)
+        es, flow = recipe.batch(es), recipe.batch(flow)
+        with recipe.autocast(device):
             with torch.no_grad():
                 feats = pyramid(es)
             out = model(flow, es, feats)
@@ -117,6 +123,17 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
         sums["train_mse"] += float(mse.detach()) / steps
         sums["train_kl"] += float(kl.detach()) / steps
     return {**sums, "kl_weight": w_kl}
+
+
+def _die(why: str) -> None:
+    """Kill this worker process outright (SIGKILL: no exception, no cleanup), as a crashed or
+    OOM-killed node would; Ray Train sees a dead worker and restarts the group."""
+    import os
+    import signal
+    import sys
+
+    print(why, file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -136,8 +153,8 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last_3d if (cuda and tc.channels_last) else torch.contiguous_format
+    recipe = StepRecipe.for_device(device, bf16=tc.bf16, channels_last=tc.channels_last)
+    recipe.setup()
     torch.manual_seed(cfg.seed)
 
     train_ids = list(plan.train_ids)
@@ -145,12 +162,15 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     es_all, flow_all = load_samples(plan, mine, cfg.intensity.window)
     es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)
 
+    if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
+        es_all, flow_all = es_all.to(device), flow_all.to(device)
+
     pyramid = FeaturePyramid.load(plan.flows / "feature_pyramid.pt", map_location=device).eval()
     pyramid.requires_grad_(False)
-    pyramid.to(memory_format=fmt)
-    model = build_cvae(cfg, pyramid.config()).to(memory_format=fmt)
+    recipe.place(pyramid, device)
+    model = recipe.place(build_cvae(cfg, pyramid.config()), device)
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = recipe.optimizer(model.parameters(), tc.lr, device)
 
     start, ckpt = resume(model, opt, device)
     fail_at = config.get("fail_at_epoch")  # test hook: die once, before the first restart
@@ -159,13 +179,13 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for epoch in range(start, tc.epochs):
         if fail_at is not None and epoch == fail_at and ckpt is None:
-            raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+            _die(f"injected failure at epoch {epoch} (test hook): the worker process kills itself")
         metrics = train_epoch(model, pyramid, opt, es_all, flow_all, cfg, epoch, steps=steps, device=device,
-                              fmt=fmt, rank=rank)
+                              recipe=recipe, rank=rank)
         w_kl = metrics["kl_weight"]
         last = epoch == tc.epochs - 1
         if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+            with recipe.autocast(device):
                 val = validate(unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
                                cfg.seed, device)
             val["val_loss"] = tc.w_rec * val["val_mse_rec"] + w_kl * val["val_kl"]

@@ -38,10 +38,12 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
     """Check the inputs of fold ``fold`` and describe it.
 
     Raises:
-        InputError: missing/inconsistent prepared data, a scan without a flow, no pyramid, or a
-            fold index outside 0..N−1.
+        InputError: missing/inconsistent prepared data (scans on different grids), a scan
+            without a flow or with a flow file of the wrong intent, shape or grid (checked from
+            the headers), no pyramid, or a fold index outside 0..N−1.
     """
     from ..data.table import read_scan_table
+    from ..flow.io import check_flow_header
 
     prepared = Path(prepared_dir).resolve()
     flows = Path(flows_dir).resolve()
@@ -53,12 +55,23 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
         raise InputError(None, f"fold {fold} is out of range: {prepared} has {len(ids)} scans (folds 0..{len(ids) - 1})")
     if not (flows / PYRAMID_FILE).is_file():
         raise InputError(flows / PYRAMID_FILE, "missing: run `cardiomotion annotate` to make the frozen pyramid")
+    rows = table.set_index(table.scan_id.astype(str))
+    first = rows.loc[ids[0]]
+    grid = tuple(int(n) for n in first["shape"])
+    spacing = float(first["spacing_mm"])
     for sid in ids:
-        if not (flows / sid / FLOW_FILE).is_file():
-            raise InputError(flows / sid / FLOW_FILE, f"missing: no annotated flow for scan {sid}")
-    row = table.iloc[0]
-    grid = tuple(int(n) for n in row["shape"])
-    return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, float(row["spacing_mm"]))
+        shape = tuple(int(n) for n in rows.loc[sid, "shape"])
+        if shape != grid or float(rows.loc[sid, "spacing_mm"]) != spacing:
+            raise InputError(prepared / "scans.parquet", f"scan {sid} is on a {shape} grid at "
+                             f"{float(rows.loc[sid, 'spacing_mm'])} mm, scan {ids[0]} on {grid} at {spacing} mm: "
+                             "prepare every scan with the same settings")
+        path = flows / sid / FLOW_FILE
+        if not path.is_file():
+            raise InputError(path, f"missing: no annotated flow for scan {sid}")
+        flow_grid = check_flow_header(path)  # header only: intent, 5-D shape
+        if flow_grid != grid:
+            raise InputError(path, f"flow grid {flow_grid} differs from the prepared grid {grid} of scan {sid}")
+    return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, spacing)
 
 
 def load_samples(plan: FoldPlan, scan_ids: tuple[str, ...] | list[str], window) -> tuple[torch.Tensor, torch.Tensor]:
