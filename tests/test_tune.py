@@ -84,6 +84,8 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
                                         r"with 0 < low < high, got \[0.01, 0.001\]"),
     ({"w_kl": (-0.1, 0.5)}, ConfigError, "tune.w_kl: a log-uniform range"),
     ({"kl_warmup_epochs": (5, 1)}, ConfigError, "tune.kl_warmup_epochs: must be"),
+    ({"kl_warmup_epochs": (50, 100)}, InputError, r"tune.kl_warmup_epochs: the range \[50, 100\] starts above "
+                                                  r"the 2 epochs a trial trains"),
     ({"folds": [0, "phantom_042"]}, InputError, "tune.folds: no such fold or scan: 'phantom_042'"),
     ({"max_concurrent": 5}, InputError, "tune.max_concurrent: 5 concurrent trials requested but the cluster "
                                         "holds at most 4"),
@@ -112,3 +114,24 @@ def test_cli_rejects_zero_samples(inputs, tmp_path, capsys):
                "--samples", "0"])
     assert rc == 2
     assert capsys.readouterr().err.strip() == "error: --samples: must be at least 1, got 0"
+
+
+def test_objective_known_answers_and_switching_the_kl_off_cannot_win():
+    from cardiomotion.config import TuneConfig
+    from cardiomotion.train.tune import objective
+
+    tc = TuneConfig(prior_weight=1.0, kl_max=2.0, kl_penalty=1.0)
+    vae = {"val_epe_rec_vox": 0.6, "val_epe_prior_vox": 0.8, "val_kl": 0.5}
+    assert objective(vae, tc) == pytest.approx(
+        {"score": 1.4, "score_rec": 0.6, "score_prior": 0.8, "score_kl_penalty": 0.0})
+    # KL off: a near-perfect autoencoder whose posteriors left N(0, I) (6 nats per element).
+    # Even granting it the VAE's prior-sample error, the KL penalty (6 - 2) * 1 makes it lose.
+    autoencoder = {"val_epe_rec_vox": 0.05, "val_epe_prior_vox": 0.8, "val_kl": 6.0}
+    assert objective(autoencoder, tc)["score_kl_penalty"] == pytest.approx(4.0)
+    assert objective(autoencoder, tc)["score"] > objective(vae, tc)["score"]
+    # posterior collapse: z ignored, both errors at the mean-motion error, KL 0
+    collapsed = {"val_epe_rec_vox": 0.94, "val_epe_prior_vox": 0.94, "val_kl": 0.0}
+    assert objective(collapsed, tc)["score"] == pytest.approx(1.88)
+    assert objective(collapsed, tc)["score"] > objective(vae, tc)["score"]
+    # a diverged trial is ranked last, not NaN
+    assert objective({**vae, "val_kl": float("nan")}, tc)["score"] == pytest.approx(1e9)

@@ -2,7 +2,7 @@
 
 Search space (``tune`` section of the config): ``train.w_rec``, ``train.w_kl`` and ``train.lr``
 log-uniform over (low, high) with 0 < low < high, ``train.kl_warmup_epochs`` a uniform integer
-in [low, high] (high capped at the trial's epochs); random search (seeded), ``tune.samples``
+in [low, high] (high capped at the trial's epochs; a low above them is refused); random search (seeded), ``tune.samples``
 trials, ASHA early stopping with ``time_attr="epoch"`` (epochs completed), ``max_t`` = the
 trial's epochs, ``tune.grace_period`` and ``tune.reduction_factor``.
 
@@ -87,7 +87,7 @@ def objective(metrics: Mapping[str, float], tc: TuneConfig) -> dict[str, float]:
     kl = float(metrics["val_kl"])
     penalty = tc.kl_penalty * max(0.0, kl - tc.kl_max)
     score = rec + tc.prior_weight * prior + penalty
-    if not math.isfinite(score):
+    if not all(math.isfinite(v) for v in (rec, prior, kl, score)):  # max(0, nan) is 0: test the terms
         score = _BAD_SCORE
     return {"score": score, "score_rec": rec, "score_prior": tc.prior_weight * prior, "score_kl_penalty": penalty}
 
@@ -141,25 +141,26 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     from ..tracking import log_metrics_to
     from .cvae import build_cvae, train_epoch, validate
     from .fold import PYRAMID_FILE, load_samples, plan_fold
+    from .recipe import StepRecipe
 
     cfg = apply_trial(Config.model_validate(setup["cfg"]), values)
     cfg.train.epochs = int(setup["epochs"])
     tc = cfg.train
     device = torch.device("cuda" if setup["use_gpu"] and torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last_3d if (cuda and tc.channels_last) else torch.contiguous_format
+    recipe = StepRecipe.for_device(device, bf16=tc.bf16, channels_last=tc.channels_last)
+    recipe.setup()
     torch.manual_seed(cfg.seed)
 
     pyramid = FeaturePyramid.load(Path(setup["flows"]) / PYRAMID_FILE, map_location=device).eval()
     pyramid.requires_grad_(False)
-    pyramid.to(memory_format=fmt)
+    recipe.place(pyramid, device)
     folds = []
     for k in setup["folds"]:
         plan = plan_fold(setup["prepared"], setup["flows"], k)
         es, flow = load_samples(plan, plan.train_ids, cfg.intensity.window)
         es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
-        model = build_cvae(cfg, pyramid.config()).to(device).to(memory_format=fmt)
-        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+        model = recipe.place(build_cvae(cfg, pyramid.config()), device)
+        opt = recipe.optimizer(model.parameters(), tc.lr, device)
         steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))
         folds.append({"plan": plan, "es": es, "flow": flow, "es_v": es_v, "flow_v": flow_v, "model": model,
                       "opt": opt, "steps": steps})
@@ -183,8 +184,8 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
         per_fold = []
         for f in folds:
             m = train_epoch(f["model"], pyramid, f["opt"], f["es"], f["flow"], cfg, epoch, steps=f["steps"],
-                            device=device, fmt=fmt)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda and tc.bf16):
+                            device=device, recipe=recipe)
+            with recipe.autocast(device):
                 m.update(validate(f["model"], pyramid, f["es_v"], f["flow_v"], f["plan"].spacing_mm,
                                   tc.prior_samples, cfg.seed, device))
             per_fold.append(m)
@@ -310,6 +311,9 @@ def run_tune(
     for k in folds:
         check_fold_inputs(prepared, flows, k, cfg)
     epochs = cfg.tune.epochs or cfg.train.epochs
+    if cfg.tune.kl_warmup_epochs[0] > epochs:
+        raise InputError("tune.kl_warmup_epochs", f"the range {list(cfg.tune.kl_warmup_epochs)} starts above the "
+                                                  f"{epochs} epochs a trial trains: no trial could finish its warm-up")
     grace = min(cfg.tune.grace_period, epochs)
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
     state = _read_json(out / STATE_FILE) or {}
