@@ -10,10 +10,12 @@ first start to the last finish) and each fold's step time, then projects the swe
     sweep samples = folds × epochs × ceil((scans − 1) / batch) × batch   (the fold loop's steps)
     projected wall = sweep samples / aggregate samples/s  (+ optional per-fold start-up cost)
 
-against the reference recipe: one fold at a time in fp32 (N = 1). On a GPU the packed runs use
-bf16 autocast + channels_last_3d (the training defaults) and the reference fp32; ``--precision
-both`` measures fp32 and bf16 at every N. On a CPU each of the N processes gets cores/N threads
-(the reference all cores), fp32 only (the training code autocasts on CUDA only).
+against the reference recipe: one fold at a time, fp32, contiguous tensors, plain Adam (N = 1).
+The packed runs use the step training runs on that device
+(:meth:`cardiomotion.train.recipe.StepRecipe.for_device`: on a GPU bf16 autocast,
+channels_last_3d, fused Adam, cuDNN autotuning; on a CPU fp32 with channels_last_3d);
+``--precision both`` measures it in fp32 and bf16 at every N. On a CPU each of the N processes
+gets cores/N threads (the reference all cores, or one if that is faster).
 
 Prints one JSON document. Default settings (grid 32, batch 2, 3 timed steps) finish in about
 a minute on an idle 2-core CPU; on a GPU use the paper's size, e.g.::
@@ -40,25 +42,31 @@ def _worker(rank: int, opts: dict, threads: int, barrier, queue) -> None:
         from cardiomotion.config import load_config
         from cardiomotion.models.pyramid import FeaturePyramid
         from cardiomotion.train.cvae import build_cvae, train_epoch
+        from cardiomotion.train.recipe import StepRecipe
 
         torch.set_num_threads(threads)
         device = torch.device(opts["device"])
         cuda = device.type == "cuda"
         bf16 = opts["precision"] == "bf16"
-        cfg = load_config(None, {"train": {"batch_size": opts["batch"], "bf16": bf16, "channels_last": bf16,
-                                           "augment": {"max_shift": max(1, opts["grid"] // 10)}}})
-        fmt = torch.channels_last_3d if (cuda and bf16) else torch.contiguous_format
+        grid = tuple(opts["grid"])
+        cfg = load_config(None, {"train": {"batch_size": opts["batch"], "bf16": bf16,
+                                           "augment": {"max_shift": max(1, min(grid) // 10)}}})
+        # the reference recipe (fp32, contiguous, plain Adam) or the step `train` runs on this device
+        recipe = (StepRecipe.reference() if opts["recipe"] == "reference"
+                  else StepRecipe.for_device(device, bf16=bf16, channels_last=True))
+        recipe.setup()
         torch.manual_seed(rank)
-        pyramid = FeaturePyramid(channels=opts["channels"]).to(device).eval().to(memory_format=fmt)
+        pyramid = recipe.place(FeaturePyramid(channels=opts["channels"]).eval(), device)
         pyramid.requires_grad_(False)
-        model = build_cvae(cfg, pyramid.config()).to(device).to(memory_format=fmt)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        g = opts["grid"]
-        es = torch.rand(opts["volumes"], 1, g, g, g)
-        flow = torch.randn(opts["volumes"], 3, g, g, g)
+        model = recipe.place(build_cvae(cfg, pyramid.config()), device)
+        opt = recipe.optimizer(model.parameters(), 1e-3, device)
+        es = torch.rand(opts["volumes"], 1, *grid)
+        flow = torch.randn(opts["volumes"], 3, *grid)
+        if cuda:  # as in training: the fold's data lives on the GPU
+            es, flow = es.to(device), flow.to(device)
 
         def run(steps: int, epoch: int) -> None:
-            train_epoch(model, pyramid, opt, es, flow, cfg, epoch, steps=steps, device=device, fmt=fmt, rank=rank)
+            train_epoch(model, pyramid, opt, es, flow, cfg, epoch, steps=steps, device=device, recipe=recipe, rank=rank)
             if cuda:
                 torch.cuda.synchronize()
 
@@ -89,7 +97,7 @@ def measure(n: int, opts: dict, threads: int) -> dict:
     wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
     samples = sum(r["samples"] for r in results)
     per_fold = [(r["t1"] - r["t0"]) / opts["steps"] for r in results]
-    return {"folds_per_device": n, "precision": opts["precision"], "threads_per_fold": threads,
+    return {"folds_per_device": n, "recipe": opts["recipe"], "precision": opts["precision"], "threads_per_fold": threads,
             "measured_wall_s": round(wall, 3), "measured_samples": samples,
             "samples_per_s": round(samples / wall, 3), "step_s_per_fold": round(sum(per_fold) / n, 4)}
 
@@ -113,7 +121,7 @@ def _device_name(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--grid", type=int, default=32, help="cubic grid (divisible by 2^levels); the paper ~96")
+    p.add_argument("--grid", default="32", help="N (N³), IxJxK, or 'paper' (86x86x76 → nearest grid divisible by 2^levels)")
     p.add_argument("--batch", type=int, default=2, help="batch per step (the paper: 16)")
     p.add_argument("--channels", default="16,32,64,96,128", help="pyramid channels (the default config's)")
     p.add_argument("--folds-per-device", default="1,2,4,8", help="N values to measure")
@@ -132,18 +140,29 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from cardiomotion.train.recipe import StepRecipe
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cuda = device.startswith("cuda")
     channels = [int(c) for c in args.channels.split(",")]
-    if args.grid % 2 ** len(channels):
-        p.error(f"--grid {args.grid} must be divisible by 2^{len(channels)} = {2 ** len(channels)}")
+    d = 2 ** len(channels)
+    if args.grid == "paper":
+        grid = [max(d, round(n / d) * d) for n in (86, 86, 76)]
+    else:
+        try:
+            grid = [int(n) for n in args.grid.split("x")]
+        except ValueError:
+            p.error(f"--grid {args.grid!r}: expected N, IxJxK or 'paper'")
+        grid = grid * 3 if len(grid) == 1 else grid
+    if len(grid) != 3 or any(n % d for n in grid):
+        p.error(f"--grid {args.grid} must be 3 sizes divisible by 2^{len(channels)} = {d}")
     ns = sorted({int(n) for n in args.folds_per_device.split(",")})
     precisions = {"auto": ["bf16"] if cuda else ["fp32"], "fp32": ["fp32"], "bf16": ["bf16"],
                   "both": ["fp32", "bf16"]}[args.precision]
     if not cuda and "bf16" in precisions:
         p.error("bf16 is measured on CUDA only (the training code autocasts on CUDA)")
     cores = os.cpu_count() or 1
-    base = {"device": device, "grid": args.grid, "batch": args.batch, "channels": channels, "steps": args.steps,
+    base = {"device": device, "grid": grid, "batch": args.batch, "channels": channels, "steps": args.steps,
             "warmup": args.warmup, "volumes": args.volumes, "timeout": args.timeout}
 
     def threads(n: int) -> int:
@@ -153,17 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     # The reference fold may use every core (intra-op threads) or one: on a shared or
     # oversubscribed CPU, spinning intra-op threads can be many times slower than one thread, so
     # both are measured and the faster is the reference (the recipe does not fix the threads).
-    candidates = [measure(1, {**base, "precision": "fp32"}, threads(1))]
+    ref_opts = {**base, "precision": "fp32", "recipe": "reference"}
+    candidates = [measure(1, ref_opts, threads(1))]
     if not cuda and threads(1) > 1:
-        candidates.append(measure(1, {**base, "precision": "fp32"}, 1))
+        candidates.append(measure(1, ref_opts, 1))
     reference = max(candidates, key=lambda r: r["samples_per_s"])
-    runs = []
-    for prec in precisions:
-        for n in ns:
-            if n == 1 and prec == "fp32":
-                runs.append(reference)
-                continue
-            runs.append(measure(n, {**base, "precision": prec}, threads(n)))
+    runs = [measure(n, {**base, "precision": prec, "recipe": "project"}, threads(n))
+            for prec in precisions for n in ns]
 
     steps_per_epoch = math.ceil((args.folds - 1) / args.recipe_batch)
     sweep_samples = args.folds * args.epochs * steps_per_epoch * args.recipe_batch
@@ -182,15 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         "device": _device_name(device),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "measured_at": {"grid": [args.grid] * 3, "batch": args.batch, "channels": channels,
+        "measured_at": {"grid": grid, "batch": args.batch, "channels": channels,
                         "timed_steps_per_fold": args.steps},
         "recipe": {"folds": args.folds, "epochs": args.epochs, "scans": args.folds, "batch": args.recipe_batch,
                    "steps_per_epoch": steps_per_epoch, "sweep_samples": sweep_samples,
                    "fold_startup_s": args.fold_startup_s},
-        "reference": project(reference) | {"recipe": "one fold at a time, fp32"},
+        "reference": project(reference) | {"recipe": "one fold at a time, fp32, contiguous, plain Adam"},
         "reference_candidates": [{k: c[k] for k in ("threads_per_fold", "samples_per_s", "step_s_per_fold")}
                                  for c in candidates],
         "packing": packing,
+        "project_recipe": StepRecipe.for_device(device).describe() if "bf16" in precisions else
+                          StepRecipe.for_device(device, bf16=False).describe(),
         "best": {"folds_per_device": best["folds_per_device"], "precision": best["precision"],
                  "projected_sweep_h": best["projected_sweep_h"], "speedup_vs_reference": best["speedup_vs_reference"]},
         "notes": [

@@ -1,0 +1,66 @@
+"""The training benchmarks run end to end at a toy size and print consistent JSON.
+
+Speed is not asserted (machines are noisy; the figures live in the README): these tests check
+that each bench times the recipes it says it times and that its arithmetic is right.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_train_throughput_times_the_reference_and_the_training_recipe():
+    out = _bench("train_throughput.py", "--device", "cpu", "--grids", "16,16x16x8", "--batch", "2",
+                 "--channels", "4,8", "--steps", "2", "--warmup", "1", "--volumes", "4", "--val-volumes", "2",
+                 "--parity-steps", "2")
+    assert [r["grid"] for r in out["results"]] == [[16, 16, 16], [16, 16, 8]]
+    for row in out["results"]:
+        assert row["reference"]["recipe"] == "fp32, eager, contiguous"
+        assert row["project"]["recipe"] == "channels_last_3d"  # what `train` runs on a CPU
+        assert row["speedup"] == pytest.approx(row["project"]["samples_per_s"] / row["reference"]["samples_per_s"],
+                                               rel=1e-2)
+        parity = row["parity"]
+        assert parity["steps"] == 2 and parity["zero_flow_epe_vox"] > 0
+        # the flow head starts at zero: two small steps leave both near the zero-flow error
+        for key in ("reference_val_rec_epe_vox", "project_val_rec_epe_vox"):
+            assert 0 < parity[key] < 1.5 * parity["zero_flow_epe_vox"]
+
+
+@pytest.mark.slow
+def test_cv_wallclock_projects_the_sweep_from_the_measured_throughput():
+    out = _bench("cv_wallclock.py", "--device", "cpu", "--grid", "16", "--batch", "2", "--channels", "4,8",
+                 "--folds-per-device", "1,2", "--steps", "2", "--warmup", "1", "--folds", "5", "--epochs", "3",
+                 "--recipe-batch", "2")
+    rec = out["recipe"]
+    assert rec["steps_per_epoch"] == math.ceil((5 - 1) / 2) == 2
+    assert rec["sweep_samples"] == 5 * 3 * 2 * 2
+    assert out["reference"]["recipe"].startswith("one fold at a time, fp32")
+    assert out["reference"]["recipe"] == "one fold at a time, fp32, contiguous, plain Adam"
+    assert [r["folds_per_device"] for r in out["packing"]] == [1, 2]
+    assert {r["recipe"] for r in out["packing"]} == {"project"}
+    for r in [out["reference"], *out["packing"]]:
+        assert r["measured_samples"] == r["folds_per_device"] * 2 * 2  # N folds × steps × batch
+        assert r["projected_sweep_h"] == pytest.approx(rec["sweep_samples"] / r["samples_per_s"] / 3600, abs=1e-3)
+    assert out["best"]["projected_sweep_h"] == min(r["projected_sweep_h"] for r in out["packing"])
+
+
+def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "cv_wallclock.py"), "--grid", "20",
+                           "--channels", "4,8,16"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "--grid 20 must be 3 sizes divisible by 2^3 = 8" in proc.stderr
