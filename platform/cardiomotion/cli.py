@@ -44,7 +44,8 @@ def _quiet_ray(args) -> None:
     import logging
     import os
 
-    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")  # read when ray is first imported
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")  # read when ray is first imported; Ray Train too
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
     import ray.data  # noqa: F401  (configures the 'ray.data' logger: console handler at INFO)
 
     for handler in logging.getLogger("ray.data").handlers:

@@ -33,3 +33,18 @@ def init_ray(cfg: RayConfig | None = None):
             **kwargs,
         )
     return ray
+
+
+def train_logging():
+    """Ray Train's own log level (controller and workers) as a ``RunConfig(logging_config=)``.
+
+    Follows ``RAY_LOGGER_LEVEL`` — the CLI and jobs/ set it to warning, so a run's console
+    shows the stage's progress rather than every worker-group start and checkpoint report —
+    and is INFO otherwise (Ray's default).
+    """
+    import logging
+
+    from ray.train import LoggingConfig
+
+    level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
+    return LoggingConfig(log_level=level if level in logging.getLevelNamesMapping() else "INFO")

@@ -308,7 +308,7 @@ def train_fold(
 
     from .. import tracking
     from ..config import storage_root
-    from ..raycluster import init_ray
+    from ..raycluster import init_ray, train_logging
 
     plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
     uri = tracking.setup(cfg)
@@ -337,7 +337,8 @@ def train_fold(
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=str(storage_root(cfg) / "ray_results"),
                                  failure_config=FailureConfig(max_failures=tc.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 logging_config=train_logging()),
         )
         with tracking.watch_metric(uri, run.info.run_id, "train_loss", on_epoch):
             result = trainer.fit()

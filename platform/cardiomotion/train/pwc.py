@@ -135,7 +135,7 @@ def train_pwcnet(
 
     from ..data.prepare import plain_rows
     from ..data.table import read_scan_table
-    from ..raycluster import init_ray
+    from ..raycluster import init_ray, train_logging
 
     init_ray(cfg.ray)
     ac = cfg.annotate
@@ -149,7 +149,7 @@ def train_pwcnet(
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=ac.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logging()),
     )
     result = trainer.fit()
     if result.checkpoint is None:
