@@ -110,7 +110,7 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
         with recipe.autocast(device):
             with torch.no_grad():
                 feats = pyramid(es)
-            out = model(flow, es, feats)
+            out = model(flow, es, feats, generator=gen)  # ε too: an epoch is a pure function of (seed, epoch, rank)
         mse = ((out.flow.float() - flow) ** 2).mean()
         kl = kl_standard_normal(out.mu.float(), out.logvar.float())
         loss = tc.w_rec * mse + w_kl * kl
