@@ -102,7 +102,7 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
                             zoom=tuple(tc.augment.zoom), p=tc.augment.p)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
     w_kl = kl_weight(cfg, epoch)
-    sums = {"train_loss": 0.0, "train_mse": 0.0, "train_kl": 0.0}
+    sums = torch.zeros(3, device=device)  # loss, mse, kl: summed on the device (no host sync per step)
     for _ in range(steps):
         idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen, device=device).to(es_all.device)
         es, flow = augment(es_all[idx].to(device), flow_all[idx].to(device), aug_cfg, gen)
@@ -119,10 +119,9 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
         if tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        sums["train_loss"] += float(loss.detach()) / steps
-        sums["train_mse"] += float(mse.detach()) / steps
-        sums["train_kl"] += float(kl.detach()) / steps
-    return {**sums, "kl_weight": w_kl}
+        sums += torch.stack([loss.detach(), mse.detach(), kl.detach()])
+    loss_mean, mse_mean, kl_mean = (sums / steps).tolist()
+    return {"train_loss": loss_mean, "train_mse": mse_mean, "train_kl": kl_mean, "kl_weight": w_kl}
 
 
 def _die(why: str) -> None:
