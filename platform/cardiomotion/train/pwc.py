@@ -90,7 +90,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start, ac.epochs):
         model.train()
         order = torch.randperm(len(fixed_all), generator=gen)
-        totals = {"loss": 0.0, "photometric": 0.0, "smoothness": 0.0}
+        sums = torch.zeros(3, device=device)  # loss, photometric, smoothness: no host sync per step
         for s in range(steps):
             idx = order[[(s * ac.batch_size + b) % len(order) for b in range(ac.batch_size)]]
             fixed = fixed_all[idx].to(device)
@@ -102,9 +102,9 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            totals["loss"] += float(loss.detach()) / steps
-            totals["photometric"] += float(parts["photometric"]) / steps
-            totals["smoothness"] += float(parts["smoothness"]) / steps
+            sums += torch.stack([loss.detach(), torch.as_tensor(parts["photometric"], device=device).detach(),
+                                 torch.as_tensor(parts["smoothness"], device=device).detach()]).float()
+        totals = dict(zip(("loss", "photometric", "smoothness"), (sums / steps).tolist()))
         metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
         if rank == 0:
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"),
