@@ -48,3 +48,20 @@ def train_logging():
 
     level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
     return LoggingConfig(log_level=level if level in logging.getLevelNamesMapping() else "INFO")
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: apply ``RAY_LOGGER_LEVEL`` to the one Ray Train logger that
+    :func:`train_logging` cannot reach. Ray 2.60 logs "Reporting training result …" (one line
+    per report) through ``logging.getLogger(__file__)`` of its execution context, a logger
+    outside ``ray.train``. A no-op when the level is INFO or lower, or on a Ray without it."""
+    import logging
+
+    level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
+    if logging.getLevelNamesMapping().get(level, 0) <= logging.INFO:
+        return
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(level)

@@ -149,6 +149,9 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     plan = FoldPlan(**{**config["plan"], "prepared": Path(config["plan"]["prepared"]),
                        "flows": Path(config["plan"]["flows"]), "scan_ids": tuple(config["plan"]["scan_ids"]),
                        "grid": tuple(config["plan"]["grid"])})
+    from ..raycluster import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -64,6 +64,9 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = Config.model_validate(config["cfg"])
     ac = cfg.annotate
+    from ..raycluster import quiet_train_worker
+
+    quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
