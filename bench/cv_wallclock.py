@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_candidates": [{k: c[k] for k in ("threads_per_fold", "samples_per_s", "step_s_per_fold")}
                                  for c in candidates],
         "packing": packing,
-        "project_recipe": StepRecipe.for_device(device).describe() if "bf16" in precisions else
-                          StepRecipe.for_device(device, bf16=False).describe(),
+        "project_recipe": StepRecipe.for_device(device, bf16="bf16" in precisions).describe(),
         "best": {"folds_per_device": best["folds_per_device"], "precision": best["precision"],
                  "projected_sweep_h": best["projected_sweep_h"], "speedup_vs_reference": best["speedup_vs_reference"]},
         "notes": [

@@ -35,6 +35,14 @@ def init_ray(cfg: RayConfig | None = None):
     return ray
 
 
+def _ray_log_level() -> str:
+    """``RAY_LOGGER_LEVEL`` as a logging level name ("WARNING"); INFO when unset or unknown."""
+    import logging
+
+    level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
+    return level if level in logging.getLevelNamesMapping() else "INFO"
+
+
 def train_logging():
     """Ray Train's own log level (controller and workers) as a ``RunConfig(logging_config=)``.
 
@@ -42,12 +50,9 @@ def train_logging():
     shows the stage's progress rather than every worker-group start and checkpoint report —
     and is INFO otherwise (Ray's default).
     """
-    import logging
-
     from ray.train import LoggingConfig
 
-    level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
-    return LoggingConfig(log_level=level if level in logging.getLevelNamesMapping() else "INFO")
+    return LoggingConfig(log_level=_ray_log_level())
 
 
 def quiet_train_worker() -> None:
@@ -57,8 +62,8 @@ def quiet_train_worker() -> None:
     outside ``ray.train``. A no-op when the level is INFO or lower, or on a Ray without it."""
     import logging
 
-    level = os.environ.get("RAY_LOGGER_LEVEL", "info").upper()
-    if logging.getLevelNamesMapping().get(level, 0) <= logging.INFO:
+    level = _ray_log_level()
+    if logging.getLevelNamesMapping()[level] <= logging.INFO:
         return
     try:
         from ray.train.v2._internal.execution import context as train_context

@@ -25,15 +25,16 @@ def load_state(checkpoint, map_location: Any = "cpu") -> dict[str, Any]:
         return torch.load(os.path.join(d, CKPT_FILE), map_location=map_location, weights_only=True)
 
 
-def latest_checkpoint():
-    """The newest readable checkpoint of this Ray Train run, or None.
+def latest_checkpoint(map_location: Any = "cpu") -> tuple[Any, dict[str, Any] | None]:
+    """The newest readable checkpoint of this Ray Train run and its loaded state, or (None, None).
 
     Ray Train hands a restarted worker group the last checkpoint its controller *registered*
     (``ray.train.get_checkpoint()``), and the controller learns of a report only when it next
     polls the workers: a checkpoint a worker had already written to storage is lost to it if the
     process dies hard (SIGKILL, OOM kill, node loss) before that poll. So the run's storage
     folder is searched too (``checkpoint_<timestamp>`` folders, newest first); a folder whose
-    ``state.pt`` does not load — a copy cut off by the crash — is skipped.
+    ``state.pt`` does not load — a copy cut off by the crash — is skipped. The state is loaded
+    once, to ``map_location``: the load that proves a folder readable is the one returned.
     """
     import ray.train
     from ray.train import Checkpoint
@@ -48,15 +49,14 @@ def latest_checkpoint():
         found = sorted((i.path for i in infos
                         if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
     except Exception:  # noqa: BLE001  (a storage the listing does not support: Ray's own answer)
-        return registered
+        found = []
     for path in found:
         ckpt = Checkpoint(path, filesystem=fs)
         try:
-            load_state(ckpt)
+            return ckpt, load_state(ckpt, map_location)
         except Exception:  # noqa: BLE001  (incomplete or corrupt: try the next older)
             continue
-        return ckpt
-    return registered
+    return (registered, load_state(registered, map_location)) if registered else (None, None)
 
 
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, Any]:
@@ -64,10 +64,9 @@ def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, device) -> tuple[
 
     Returns (first epoch to run, the checkpoint or None).
     """
-    ckpt = latest_checkpoint()
-    if not ckpt:
+    ckpt, state = latest_checkpoint(device)
+    if state is None:
         return 0, None
-    state = load_state(ckpt, device)
     unwrap(model).load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     return int(state["epoch"]) + 1, ckpt

@@ -105,8 +105,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.stack([loss.detach(), torch.as_tensor(parts["photometric"], device=device).detach(),
-                                 torch.as_tensor(parts["smoothness"], device=device).detach()]).float()
+            sums += torch.stack([loss.detach(), parts["photometric"], parts["smoothness"]]).float()  # parts: detached
         totals = dict(zip(("loss", "photometric", "smoothness"), (sums / steps).tolist()))
         metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
         if rank == 0:

@@ -7,7 +7,7 @@ fp32, eager, contiguous tensors, plain Adam), so a measured speed-up is the spee
 step that training actually runs.
 
 Measured (README, "Results"): channels_last_3d speeds the 3-D convolutions up on a CPU as well
-(1.46× at 32³ on 2 cores, equal EPE), so it is used on every device; bf16 autocast, fused Adam
+(1.96× at 32³ on 2 cores, equal held-out EPE), so it is used on every device; bf16 autocast, fused Adam
 and cuDNN autotuning apply on CUDA only.
 """
 from __future__ import annotations
