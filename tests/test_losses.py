@@ -105,3 +105,51 @@ def test_pwc_unsupervised_loss_components():
     assert all(f.grad is not None and torch.isfinite(f.grad).all() for f in flows)
     with pytest.raises(ValueError):
         pwc_unsupervised_loss(fixed, moving, flows, [1.0], smooth_weight=0.1)
+
+
+def test_cvae_loss_recipes_known_answers():
+    from cardiomotion.train.losses import cvae_loss, kl_elements, kl_per_sample
+
+    pred = torch.zeros(2, 3, 4, 4, 4)
+    flow = torch.full((2, 3, 4, 4, 4), 0.5)  # squared error 0.25 everywhere
+    mu = torch.zeros(2, 8, 1, 1, 2)
+    mu[:, 0] = 2.0  # KL 2 nats in channel 0's two elements, 0 elsewhere
+    logvar = torch.zeros_like(mu)
+    assert float(kl_elements(mu, logvar).sum()) == pytest.approx(2 * 2 * 2.0)
+    assert float(kl_per_sample(mu, logvar)) == pytest.approx(4.0)  # nats per sample
+    n_z, n_f = 16, 3 * 64
+    loss, mse, kl = cvae_loss("paper", pred, flow, mu, logvar, w_rec=0.95, w_kl=0.05)
+    assert float(mse) == pytest.approx(0.25) and float(kl) == pytest.approx(4.0 / n_z)
+    assert float(loss) == pytest.approx(0.95 * 0.25 + 0.05 * 4.0 / n_z)
+    loss, _, _ = cvae_loss("elbo", pred, flow, mu, logvar, beta=0.3)
+    assert float(loss) == pytest.approx((0.25 * n_f + 0.3 * 4.0) / n_f)
+    loss, _, _ = cvae_loss("elbo", pred, flow, mu, logvar, beta=0.3, kl_factor=0.5)
+    assert float(loss) == pytest.approx((0.25 * n_f + 0.15 * 4.0) / n_f)
+    # free bits: each of the 8 channels counts at least 1 nat: 4 + 7·1
+    assert float(kl_per_sample(mu, logvar, free_bits=1.0)) == pytest.approx(11.0)
+    loss, _, _ = cvae_loss("elbo", pred, flow, mu, logvar, beta=1.0, free_bits=1.0)
+    assert float(loss) == pytest.approx((0.25 * n_f + 11.0) / n_f)
+    with pytest.raises(ValueError, match="recipe"):
+        cvae_loss("nope", pred, flow, mu, logvar)
+
+
+def test_free_bits_stop_the_gradient_below_the_floor():
+    from cardiomotion.train.losses import kl_per_sample
+
+    mu = torch.full((1, 2, 1, 1, 1), 0.1, requires_grad=True)  # 0.005 nats per channel < 1
+    kl_per_sample(mu, torch.zeros_like(mu), free_bits=1.0).backward()
+    assert float(mu.grad.abs().max()) == 0.0
+
+
+def test_kl_schedules():
+    from cardiomotion.config import load_config
+    from cardiomotion.train.cvae import kl_factor, kl_weight
+
+    lin = load_config(None, {"train": {"epochs": 10, "kl_warmup_epochs": 4}})
+    assert [kl_factor(lin, e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kl_weight(lin, 0) == pytest.approx(0.05 * 0.25)
+    const = load_config(None, {"train": {"epochs": 10, "recipe": "elbo", "beta": 0.2}})
+    assert kl_factor(const, 0) == 1.0 and kl_weight(const, 3) == pytest.approx(0.2)
+    cyc = load_config(None, {"train": {"epochs": 8, "kl_schedule": "cyclical", "kl_cycles": 2}})
+    # two cycles of 4 epochs: ramp over the first half of each (0.5, 1), then hold
+    assert [kl_factor(cyc, e) for e in range(8)] == [0.5, 1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0]

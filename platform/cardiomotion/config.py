@@ -172,11 +172,30 @@ class AugmentSection(_Section):
         return v
 
 
+class LossRecipe(str, Enum):
+    """How the CVAE's reconstruction and KL terms are normalised (:func:`cardiomotion.train.losses.cvae_loss`)."""
+
+    PAPER = "paper"  # w_rec·mean(squared error) + w_kl·mean(KL per latent element)
+    ELBO = "elbo"  # [Σ squared error + β·Σ KL] per sample, / flow elements: β = 2σ² voxels², the decoder noise
+
+
+class KLSchedule(str, Enum):
+    """How the KL weight evolves over the epochs (a factor in [0, 1] on w_kl or β)."""
+
+    LINEAR = "linear"  # 0 → 1 over kl_warmup_epochs, then 1 (constant when kl_warmup_epochs = 0)
+    CYCLICAL = "cyclical"  # kl_cycles cycles; in each, 0 → 1 over its first half, then 1 (Fu et al. 2019)
+
+
 class TrainConfig(_Section):
     """CVAE training of one leave-one-out fold (``cardiomotion train``)."""
 
     model: CVAEModelConfig = CVAEModelConfig()
     augment: AugmentSection = AugmentSection()
+    recipe: LossRecipe = Field(LossRecipe.PAPER, description="loss normalisation: paper (mean MSE, mean KL, w_rec/w_kl) or elbo (summed terms, KL weight beta)")
+    beta: float = Field(0.1, gt=0, description="elbo recipe: KL weight in voxels² (= 2σ² of the decoder noise σ)")
+    kl_schedule: KLSchedule = Field(KLSchedule.LINEAR, description="KL weight schedule: linear warm-up over kl_warmup_epochs, or cyclical")
+    kl_cycles: int = Field(4, ge=1, description="cyclical schedule: number of cycles over the epochs")
+    free_bits: float = Field(0.0, ge=0, description="free bits: nats per latent channel (summed over its map) below which its KL costs nothing")
     epochs: int = Field(2000, ge=1, description="CVAE training epochs (the paper: 2000)")
     batch_size: int = Field(16, ge=1, description="samples per step per rank")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")

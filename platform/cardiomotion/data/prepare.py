@@ -3,7 +3,7 @@
 For every scan: read it (lazily, one phase at a time), choose ES/ED (manifest → phantom meta →
 detection), centre a ``grid`` box of ``spacing`` mm on the heart in the ED frame, resample ES
 and ED into it, and write ``DIR/<scan_id>/es.nii.gz``, ``ed.nii.gz`` (and for a phantom the
-truth flow and ED labels carried onto the same grid) plus a ``prepared.json`` record.
+truth flow and the ED and ES labels carried onto the same grid) plus a ``prepared.json`` record.
 ``DIR/scans.parquet`` indexes them. Each scan's folder appears atomically; a rerun skips
 finished scans; an input error in any scan is reported (first one, by name) and no table is
 written, so nothing downstream sees a half-prepared dataset.
@@ -89,6 +89,7 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
         "ed_path": f"{scan.scan_id}/ed.nii.gz",
         "truth_flow_path": None,
         "labels_path": None,
+        "es_labels_path": None,
     }
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:
@@ -102,7 +103,10 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
 
 
 def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, grid) -> dict:
-    """Truth flow and ED labels of a phantom, on the prepared grid (only for its own ES/ED)."""
+    """Truth flow and the ED and ES labels of a phantom, on the prepared grid (only for its own ES/ED).
+
+    The ES labels let an evaluation label a *synthetic* ED (pull them through a generated flow)
+    and measure its physiology (:mod:`cardiomotion.evaluate.physiology`)."""
     import nibabel as nib
 
     from ..flow.io import read_flow, write_flow
@@ -118,9 +122,11 @@ def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, gri
     flow, flow_aff = flow_to_canonical(flow, flow_aff)
     write_flow(tmp / "truth_flow.nii.gz", resample_flow(flow, flow_aff, out_aff, grid), out_aff)
     lab_img = nib.load(str(scan.source / LABELS))
-    labels, lab_aff = to_canonical(np.asarray(lab_img.dataobj[..., choice.ed_phase]), lab_img.affine)
-    write_nifti(tmp / "ed_labels.nii.gz", resample(labels, lab_aff, out_aff, grid, order=0, cval=0).astype(np.uint8), out_aff)
-    return {"truth_flow_path": f"{scan.scan_id}/truth_flow.nii.gz", "labels_path": f"{scan.scan_id}/ed_labels.nii.gz"}
+    for phase, name in ((choice.ed_phase, "ed_labels.nii.gz"), (choice.es_phase, "es_labels.nii.gz")):
+        labels, lab_aff = to_canonical(np.asarray(lab_img.dataobj[..., phase]), lab_img.affine)
+        write_nifti(tmp / name, resample(labels, lab_aff, out_aff, grid, order=0, cval=0).astype(np.uint8), out_aff)
+    return {"truth_flow_path": f"{scan.scan_id}/truth_flow.nii.gz", "labels_path": f"{scan.scan_id}/ed_labels.nii.gz",
+            "es_labels_path": f"{scan.scan_id}/es_labels.nii.gz"}
 
 
 def _prepare_row(row: dict) -> dict:

@@ -17,7 +17,7 @@ RECORD = "prepared.json"  # per-scan record, written last: its presence marks a 
 COLUMNS = [
     "scan_id", "source", "format", "es_phase", "ed_phase", "phases_from", "n_phases",
     "spacing_mm", "shape", "center_mm", "original_affine", "es_path", "ed_path",
-    "truth_flow_path", "labels_path",
+    "truth_flow_path", "labels_path", "es_labels_path",
 ]
 
 
@@ -49,7 +49,7 @@ def read_scan_table(prepared_dir: str | Path, check_files: bool = True) -> pd.Da
     if missing:
         raise InputError(path, f"scan table lacks columns {missing}")
     if check_files:
-        for col in ("es_path", "ed_path", "truth_flow_path", "labels_path"):
+        for col in ("es_path", "ed_path", "truth_flow_path", "labels_path", "es_labels_path"):
             if col not in df.columns:
                 continue
             for rel in df[col].dropna():
@@ -68,6 +68,7 @@ class PreparedPair:
     affine: np.ndarray
     truth_flow: np.ndarray | None = None  # (3, I, J, K) voxels, pull ED←ES (phantom only)
     ed_labels: np.ndarray | None = None  # (I, J, K) uint8 (phantom only)
+    es_labels: np.ndarray | None = None  # (I, J, K) uint8 (phantom only; older prepared sets lack them)
 
     @property
     def spacing_mm(self) -> float:
@@ -95,12 +96,14 @@ def load_pair(prepared_dir: str | Path, row: dict | pd.Series, with_truth: bool 
     ed, aff_ed = _read_volume(d / row["ed_path"])
     if es.shape != ed.shape or not np.allclose(aff, aff_ed, atol=1e-4):
         raise InputError(d / row["ed_path"], f"ED grid {ed.shape} does not match ES grid {es.shape} of {row['scan_id']}")
-    flow = labels = None
+    flow = labels = es_labels = None
     if with_truth and row.get("truth_flow_path"):
         flow, _ = read_flow(d / row["truth_flow_path"])
     if with_truth and row.get("labels_path"):
         labels = np.asarray(nib.load(str(d / row["labels_path"])).dataobj, dtype=np.uint8)
-    return PreparedPair(str(row["scan_id"]), es, ed, aff, flow, labels)
+    if with_truth and isinstance(row.get("es_labels_path"), str) and row.get("es_labels_path"):
+        es_labels = np.asarray(nib.load(str(d / row["es_labels_path"])).dataobj, dtype=np.uint8)
+    return PreparedPair(str(row["scan_id"]), es, ed, aff, flow, labels, es_labels)
 
 
 def read_record(scan_dir: Path) -> dict | None:

@@ -1,7 +1,9 @@
 """CVAE training of one leave-one-out fold as a Ray Train job, tracked in MLflow.
 
-Loss: w_rec · MSE(u_rec, u) + w_kl(epoch) · KL(q(z | u, ES) ‖ N(0, I)), KL the standard Gaussian
-KL averaged per latent element, w_kl ramping linearly over ``kl_warmup_epochs``. Each step
+Loss (:func:`cardiomotion.train.losses.cvae_loss`, ``train.recipe``): ``paper`` = w_rec · MSE +
+w_kl(epoch) · KL per latent element; ``elbo`` = [Σ squared error + β(epoch) · Σ KL] / flow elements
+(a Gaussian decoder of noise 2σ² = β voxels²); the KL weight follows ``train.kl_schedule``
+(linear warm-up over ``kl_warmup_epochs`` or cyclical) and ``train.free_bits``. Each step
 augments (ES, u) jointly, then computes the frozen pyramid of the augmented ES under no_grad.
 The step runs as :class:`~cardiomotion.train.recipe.StepRecipe` says: on GPU bf16 autocast,
 channels_last_3d, fused Adam; on CPU fp32 with channels_last_3d, gloo. Adam with gradient clipping.
@@ -38,17 +40,46 @@ def build_cvae(cfg: Config, pyramid_config: dict[str, Any]):
                       output=m.output.value, integration_steps=m.integration_steps)
 
 
-def kl_weight(cfg: Config, epoch: int) -> float:
+def kl_factor(cfg: Config, epoch: int) -> float:
+    """The KL schedule's factor in [0, 1] at ``epoch`` (0-based), applied to w_kl (paper) or β (elbo).
+
+    linear: min(1, (epoch + 1) / kl_warmup_epochs), 1 without warm-up. cyclical (Fu et al. 2019):
+    the epochs split into ``kl_cycles`` equal cycles; in each the factor ramps 0 → 1 over the first
+    half and stays at 1 for the second.
+    """
     t = cfg.train
+    if t.kl_schedule.value == "cyclical":
+        period = t.epochs / t.kl_cycles
+        pos = (epoch % period) / period if period > 0 else 1.0
+        return min(1.0, (pos + 1.0 / max(period, 1.0)) / 0.5)
     if t.kl_warmup_epochs <= 0:
-        return t.w_kl
-    return t.w_kl * min(1.0, (epoch + 1) / t.kl_warmup_epochs)
+        return 1.0
+    return min(1.0, (epoch + 1) / t.kl_warmup_epochs)
+
+
+def kl_weight(cfg: Config, epoch: int) -> float:
+    """The effective KL weight at ``epoch``: factor × w_kl (paper) or factor × β (elbo)."""
+    t = cfg.train
+    return kl_factor(cfg, epoch) * (t.w_kl if t.recipe.value == "paper" else t.beta)
+
+
+def step_loss(cfg: Config, flow_pred, flow, mu, logvar, factor: float):
+    """(loss, mse, kl) of one batch as ``train.recipe`` says (see :func:`~cardiomotion.train.losses.cvae_loss`)."""
+    from ..train.losses import cvae_loss
+
+    t = cfg.train
+    return cvae_loss(t.recipe.value, flow_pred, flow, mu, logvar, w_rec=t.w_rec, w_kl=t.w_kl, beta=t.beta,
+                     kl_factor=factor, free_bits=t.free_bits)
 
 
 @torch.no_grad()
 def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: float, n_prior: int,
              seed: int, device) -> dict[str, float]:
-    """Reconstruction (z = μ) and prior-sample errors on held-out pairs (es (N,1,…), flow (N,3,…))."""
+    """Held-out metrics of pairs (es (N,1,…), flow (N,3,…) voxels): the reconstruction (z = μ) and
+    ``n_prior`` prior samples (z ~ N(0, I), drawn from a CPU generator seeded ``seed``, so the same
+    on any device) scored as an ensemble against the annotated flow
+    (:func:`cardiomotion.evaluate.generative.ensemble_score`; means over the N pairs)."""
+    from ..evaluate.generative import ensemble_score
     from ..flow.metrics import folding_fraction
     from ..train.losses import kl_standard_normal
 
@@ -57,17 +88,17 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
     feats = pyramid(es)
     mu, logvar = model.encode(flow, es, feats)
     rec = model.decode(mu, es, feats).float()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    epe_prior, mag_prior, fold_prior, samples = [], [], [], []
-    for _ in range(n_prior):
-        sample = model.sample(es, feats, generator=gen).float()
-        samples.append(sample)
-        epe_prior.append(torch.linalg.vector_norm(sample - flow, dim=1).mean())
-        mag_prior.append(torch.linalg.vector_norm(sample, dim=1).mean())
-        fold_prior.append(folding_fraction(sample))
+    gen = torch.Generator().manual_seed(seed)
+    samples = torch.stack([model.sample(es, feats, generator=gen).float() for _ in range(n_prior)])  # (K, N, 3, …)
+    epe_p = float(torch.linalg.vector_norm(samples - flow[None], dim=2).mean())
+    scores = [ensemble_score(samples[:, n].cpu(), flow[n].cpu()) for n in range(flow.shape[0])]
+
+    def mean_of(key: str) -> float:
+        return float(sum(getattr(sc, key) for sc in scores) / len(scores))
+
     epe_rec = float(torch.linalg.vector_norm(rec - flow, dim=1).mean())
-    epe_p = float(torch.stack(epe_prior).mean())
     epe_zero = float(torch.linalg.vector_norm(flow, dim=1).mean())
+    energy = mean_of("energy_score")
     model.train()
     return {
         "val_epe_rec_vox": epe_rec, "val_epe_rec_mm": epe_rec * spacing_mm,
@@ -75,13 +106,27 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
         "val_epe_zero_vox": epe_zero, "val_epe_zero_mm": epe_zero * spacing_mm,
         "val_mse_rec": float(((rec - flow) ** 2).mean()),
         "val_kl": float(kl_standard_normal(mu.float(), logvar.float())),
-        "val_prior_magnitude_vox": float(torch.stack(mag_prior).mean()),
+        "val_prior_magnitude_vox": float(torch.linalg.vector_norm(samples, dim=2).mean()),
         "val_folding_rec": folding_fraction(rec),  # fraction of voxels with Jacobian det <= 0
-        "val_folding_prior": sum(fold_prior) / len(fold_prior),
+        "val_folding_prior": folding_fraction(samples.flatten(0, 1)),
         # diversity: mean distance of a prior sample's vector from the samples' mean vector
-        "val_prior_spread_vox": float(torch.linalg.vector_norm(
-            torch.stack(samples) - torch.stack(samples).mean(0, keepdim=True), dim=2).mean()),
+        "val_prior_spread_vox": float(torch.linalg.vector_norm(samples - samples.mean(0, keepdim=True), dim=2).mean()),
+        # the generator as a distribution (field norms, voxels): a proper score and calibration
+        "val_energy_vox": energy, "val_energy_mm": energy * spacing_mm,
+        "val_best_of_k_vox": mean_of("best_of_k"),
+        "val_spread_skill": mean_of("spread_skill"),
+        "val_magnitude_ratio": mean_of("magnitude_ratio"),
     }
+
+
+def validation_loss(cfg: Config, model, grid, mse: float, kl: float, epoch: int) -> float:
+    """The training objective on held-out numbers (plain means ``mse`` and ``kl`` per element)."""
+    t = cfg.train
+    w = kl_weight(cfg, epoch)
+    if t.recipe.value == "paper":
+        return t.w_rec * mse + w * kl
+    n_z = math.prod(unwrap(model).latent_shape(grid))
+    return mse + w * kl * n_z / (3 * math.prod(grid))
 
 
 def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config, epoch: int, *,
@@ -89,11 +134,10 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
     """One epoch: ``steps`` Adam steps on random batches of (es_all (N,1,I,J,K), flow_all (N,3,I,J,K)
     voxels; on the CPU or already on ``device``). Each batch moves to ``device`` first and is
     augmented there jointly (a CUDA generator on a GPU), then the frozen pyramid runs under
-    no_grad, loss w_rec·MSE + w_kl(epoch)·KL, clipping, the optimizer step — all as ``recipe``
+    no_grad, the loss of ``train.recipe`` (:func:`step_loss`), clipping, the optimizer step — all as ``recipe``
     says (default: the reference fp32 recipe). Returns the epoch means of train_loss, train_mse,
     train_kl and the KL weight used."""
     from ..train.augment import AugmentConfig, augment
-    from ..train.losses import kl_standard_normal
 
     recipe = recipe or StepRecipe.reference()
     tc = cfg.train
@@ -102,6 +146,7 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
                             zoom=tuple(tc.augment.zoom), p=tc.augment.p)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
     w_kl = kl_weight(cfg, epoch)
+    factor = kl_factor(cfg, epoch)
     sums = torch.zeros(3, device=device)  # loss, mse, kl: summed on the device (no host sync per step)
     for _ in range(steps):
         idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen, device=device).to(es_all.device)
@@ -111,9 +156,7 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
             with torch.no_grad():
                 feats = pyramid(es)
             out = model(flow, es, feats, generator=gen)  # ε too: an epoch is a pure function of (seed, epoch, rank)
-        mse = ((out.flow.float() - flow) ** 2).mean()
-        kl = kl_standard_normal(out.mu.float(), out.logvar.float())
-        loss = tc.w_rec * mse + w_kl * kl
+        loss, mse, kl = step_loss(cfg, out.flow, flow, out.mu, out.logvar, factor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -184,13 +227,12 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
             _die(f"injected failure at epoch {epoch} (test hook): the worker process kills itself")
         metrics = train_epoch(model, pyramid, opt, es_all, flow_all, cfg, epoch, steps=steps, device=device,
                               recipe=recipe, rank=rank)
-        w_kl = metrics["kl_weight"]
         last = epoch == tc.epochs - 1
         if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
             with recipe.autocast(device):
                 val = validate(unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
                                cfg.seed, device)
-            val["val_loss"] = tc.w_rec * val["val_mse_rec"] + w_kl * val["val_kl"]
+            val["val_loss"] = validation_loss(cfg, model, plan.grid, val["val_mse_rec"], val["val_kl"], epoch)
             metrics.update(val)
         if rank == 0:
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"), metrics, epoch)

@@ -1,0 +1,252 @@
+"""Compare CVAE training recipes as motion priors on the same leave-one-out folds and seeds.
+
+For every (setting, fold) the bench trains the fold's CVAE in this process with the library's
+own epoch (:func:`cardiomotion.train.cvae.train_epoch`, the step ``train``/``cv`` run on this
+device), then scores K prior samples of the held-out scan (:func:`cardiomotion.evaluate.prior.
+evaluate_prior`): energy score against the annotated flow and the exact truth, best-of-K,
+spread–skill and magnitude ratios, folding, and the physiology (EF, longitudinal shortening,
+myocardial volume change) of every synthetic ED next to the truth's. The held-out scan is seen
+by nothing but the evaluation — except the frozen pyramid of ``annotate``, which (as in ``cv``)
+was fitted on all pairs (issue 14 tracks per-fold pyramids).
+
+No Ray and no MLflow: a fold here is the fold ``cv`` trains, minus the orchestration, so many
+settings fit on a small machine. Results stream to ``--out`` (one JSON line per fold; a rerun
+skips finished ones), and the summary (JSON on stdout, a Markdown table in ``--table``)
+compares every setting with ``paper`` on the folds both finished.
+
+    python bench/prior_recipes.py --prepared P --flows A --config S --folds 0-7 --epochs 300 \\
+        --settings paper,elbo_b0.1 --out prior.jsonl --table prior.md --jobs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+# name → overrides of the ``train`` section (on top of --config)
+SETTINGS: dict[str, dict] = {
+    "paper": {"recipe": "paper"},
+    "elbo_b1": {"recipe": "elbo", "beta": 1.0},
+    "elbo_b0.3": {"recipe": "elbo", "beta": 0.3},
+    "elbo_b0.1": {"recipe": "elbo", "beta": 0.1},
+    "elbo_b0.03": {"recipe": "elbo", "beta": 0.03},
+    "elbo_b0.1_warmup": {"recipe": "elbo", "beta": 0.1, "kl_warmup_epochs": "third"},
+    "elbo_b0.1_cyclical": {"recipe": "elbo", "beta": 0.1, "kl_schedule": "cyclical", "kl_cycles": 4},
+    "elbo_b0.1_freebits": {"recipe": "elbo", "beta": 0.1, "free_bits": 4.0},
+    "elbo_b0.1_z8": {"recipe": "elbo", "beta": 0.1, "model": {"latent_channels": 8}},
+    "elbo_b0.1_z64": {"recipe": "elbo", "beta": 0.1, "model": {"latent_channels": 64}},
+    "paper_velocity": {"recipe": "paper", "model": {"output": "velocity"}},
+    "elbo_b0.1_velocity": {"recipe": "elbo", "beta": 0.1, "model": {"output": "velocity"}},
+    "elbo_b0.3_velocity": {"recipe": "elbo", "beta": 0.3, "model": {"output": "velocity"}},
+}
+
+
+def parse_folds(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def setting_config(base_path: str | None, name: str, epochs: int):
+    from cardiomotion.config import load_config
+
+    if name not in SETTINGS:
+        raise SystemExit(f"prior_recipes: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+    over = json.loads(json.dumps(SETTINGS[name]))
+    if over.get("kl_warmup_epochs") == "third":
+        over["kl_warmup_epochs"] = max(1, epochs // 3)
+    over["epochs"] = epochs
+    return load_config(base_path, {"train": over})
+
+
+def run_fold(args: dict) -> dict:
+    """Train one (setting, fold) in this process and evaluate its prior; returns the result row."""
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.evaluate.prior import evaluate_prior
+    from cardiomotion.flow.metrics import folding_fraction
+    from cardiomotion.models.pyramid import FeaturePyramid
+    from cardiomotion.train.cvae import build_cvae, train_epoch
+    from cardiomotion.train.fold import PYRAMID_FILE, load_samples, plan_fold
+    from cardiomotion.train.recipe import StepRecipe
+
+    cfg = setting_config(args["config"], args["setting"], args["epochs"])
+    tc = cfg.train
+    plan = plan_fold(args["prepared"], args["flows"], args["fold"])
+    device = torch.device("cpu")
+    recipe = StepRecipe.for_device(device, bf16=tc.bf16, channels_last=tc.channels_last)
+    torch.manual_seed(cfg.seed)
+    es_all, flow_all = load_samples(plan, list(plan.train_ids), cfg.intensity.window)
+    es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
+    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+    pyramid.requires_grad_(False)
+    recipe.place(pyramid, device)
+    model = recipe.place(build_cvae(cfg, pyramid.config()), device)
+    opt = recipe.optimizer(model.parameters(), tc.lr, device)
+    steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))
+    t0 = time.perf_counter()
+    last = {}
+    for epoch in range(tc.epochs):
+        last = train_epoch(model, pyramid, opt, es_all, flow_all, cfg, epoch, steps=steps, device=device,
+                           recipe=recipe)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    table = read_scan_table(plan.prepared)
+    row = table[table.scan_id.astype(str) == plan.val_id].iloc[0].to_dict()
+    pair = load_pair(plan.prepared, row, with_truth=True)
+    with torch.no_grad():
+        feats = pyramid(es_v)
+        mu, _ = model.encode(flow_v, es_v, feats)
+        rec = model.decode(mu, es_v, feats).float()
+    rep = evaluate_prior(model, pyramid, es_v, flow_v, plan.spacing_mm, k=args["k"], seed=cfg.seed + 7919,
+                         truth=pair.truth_flow, es_labels=pair.es_labels)
+    res = {"setting": args["setting"], "fold": plan.fold, "scan": plan.val_id, "epochs": tc.epochs,
+           "train_s": round(train_s, 1), "train_loss": last.get("train_loss"), "train_kl": last.get("train_kl"),
+           "rec_epe_vox": float(torch.linalg.vector_norm(rec - flow_v, dim=1).mean()),
+           "rec_folding": folding_fraction(rec), **rep.metrics,
+           "sample_ef": [p.ef for p in rep.samples_physiology]}
+    if pair.truth_flow is not None:
+        res["rec_truth_epe_vox"] = float(torch.linalg.vector_norm(rec[0] - torch.from_numpy(pair.truth_flow), dim=0).mean())
+    return res
+
+
+def cohort_ef(prepared: Path) -> list[float]:
+    """EF of every prepared phantom scan, measured the samples' way on its exact truth field."""
+    from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.evaluate.physiology import physiology
+
+    out = []
+    for _, row in read_scan_table(prepared).iterrows():
+        pair = load_pair(prepared, row.to_dict(), with_truth=True)
+        if pair.truth_flow is not None and pair.es_labels is not None:
+            out.append(physiology(pair.es_labels, pair.truth_flow, pair.spacing_mm)[0].ef)
+    return out
+
+
+def summarize(rows: list[dict], ef_cohort: list[float]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["setting"], []).append(r)
+    keys = ["prior_energy_score_vox", "prior_truth_energy_score_vox", "prior_best_of_k_vox", "prior_spread_skill",
+            "prior_magnitude_ratio", "rec_epe_vox", "rec_truth_epe_vox", "prior_folding", "prior_ef_mean",
+            "prior_ef_std", "truth_ef", "prior_longitudinal_shortening_mean", "truth_longitudinal_shortening",
+            "prior_myo_volume_change_mean", "truth_myo_volume_change", "train_s"]
+    lo, hi = (np.percentile(ef_cohort, [5, 95]) if ef_cohort else (float("nan"), float("nan")))
+    paper_folds = {r["fold"]: r for r in by.get("paper", [])}
+    out = {"cohort_ef_p5": float(lo), "cohort_ef_p95": float(hi), "settings": {}}
+    for name, rs in by.items():
+        s: dict = {"folds": sorted(r["fold"] for r in rs), "epochs": sorted({r["epochs"] for r in rs})}
+        for k in keys:
+            v = np.asarray([r[k] for r in rs if r.get(k) is not None], float)
+            if len(v):
+                s[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        efs = np.concatenate([np.asarray(r.get("sample_ef", []), float) for r in rs]) if rs else np.zeros(0)
+        if len(efs) and ef_cohort:
+            p5, p95 = np.percentile(efs, [5, 95])
+            s["ef_coverage"] = float(max(0.0, min(p95, hi) - max(p5, lo)) / (hi - lo)) if hi > lo else float("nan")
+            s["ef_samples_p5_p95"] = [float(p5), float(p95)]
+        s["ef_spread_per_scan_pts"] = float(np.mean([100 * (max(r["sample_ef"]) - min(r["sample_ef"]))
+                                                     for r in rs if r.get("sample_ef")])) if rs else float("nan")
+        common = [r for r in rs if r["fold"] in paper_folds and r["epochs"] == paper_folds[r["fold"]]["epochs"]]
+        if common and name != "paper":
+            es_a = np.mean([paper_folds[r["fold"]]["prior_energy_score_vox"] for r in common])
+            es_b = np.mean([r["prior_energy_score_vox"] for r in common])
+            rec_a = np.mean([paper_folds[r["fold"]]["rec_epe_vox"] for r in common])
+            rec_b = np.mean([r["rec_epe_vox"] for r in common])
+            s["vs_paper"] = {"folds": len(common), "energy_improvement": float(1 - es_b / es_a),
+                             "rec_epe_change": float(rec_b / rec_a - 1)}
+        out["settings"][name] = s
+    return out
+
+
+def markdown(summary: dict) -> str:
+    cols = [("ES annot. (vox)", "prior_energy_score_vox", "{:.3f}"), ("ES truth (vox)", "prior_truth_energy_score_vox", "{:.3f}"),
+            ("best-of-K", "prior_best_of_k_vox", "{:.3f}"), ("spread/skill", "prior_spread_skill", "{:.2f}"),
+            ("magnitude", "prior_magnitude_ratio", "{:.2f}"), ("rec EPE (vox)", "rec_epe_vox", "{:.3f}"),
+            ("EF samples (%)", "prior_ef_mean", "{:.1%}"), ("EF sd/scan", "prior_ef_std", "{:.1%}"),
+            ("folding", "prior_folding", "{:.4f}")]
+    head = "| setting | folds × epochs | " + " | ".join(c[0] for c in cols) + " | EF coverage | ES vs paper | rec vs paper |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in summary["settings"].items():
+        cells = [s[k]["mean"] if k in s else None for _, k, _ in cols]
+        txt = [("–" if v is None else f.format(v)) for v, (_, _, f) in zip(cells, cols)]
+        vp = s.get("vs_paper")
+        lines.append(f"| {name} | {len(s['folds'])} × {','.join(map(str, s['epochs']))} | " + " | ".join(txt)
+                     + f" | {s.get('ef_coverage', float('nan')):.0%} | "
+                     + (f"{vp['energy_improvement']:+.1%} | {vp['rec_epe_change']:+.1%} |" if vp else "– | – |"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepared", required=True)
+    ap.add_argument("--flows", required=True)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--folds", default="0-7")
+    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--settings", default="paper,elbo_b0.1")
+    ap.add_argument("--k", type=int, default=16, help="prior samples per held-out scan")
+    ap.add_argument("--jobs", type=int, default=1, help="folds trained at once (processes)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: cores / jobs)")
+    ap.add_argument("--out", required=True, help="JSON-lines results file (appended; finished folds skipped)")
+    ap.add_argument("--table", default=None, help="write the Markdown table here")
+    ap.add_argument("--summary-only", action="store_true", help="only summarise --out")
+    a = ap.parse_args(argv)
+
+    out = Path(a.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    done = {(r["setting"], r["fold"], r["epochs"]) for r in rows}
+    settings = [s for s in a.settings.split(",") if s]
+    for s in settings:
+        setting_config(a.config, s, a.epochs)  # unknown names and bad values fail before any work
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+    todo = [{"setting": s, "fold": f, "epochs": a.epochs, "prepared": a.prepared, "flows": a.flows, "config": a.config,
+             "k": a.k, "threads": threads}
+            for f in parse_folds(a.folds) for s in settings if (s, f, a.epochs) not in done]
+    if not a.summary_only and todo:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(run_fold, t): t for t in todo}
+            for i, fut in enumerate(as_completed(futs), 1):
+                t = futs[fut]
+                try:
+                    r = fut.result()
+                except Exception as exc:  # report and go on: the other folds are still worth having
+                    print(f"prior_recipes: {t['setting']} fold {t['fold']} failed: {exc}", file=sys.stderr)
+                    continue
+                rows.append(r)
+                with out.open("a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+                print(f"[{i}/{len(todo)}] {r['setting']} fold {r['fold']}: ES {r['prior_energy_score_vox']:.3f} "
+                      f"ratio {r['prior_spread_skill']:.2f} mag {r['prior_magnitude_ratio']:.2f} "
+                      f"rec {r['rec_epe_vox']:.3f} ({r['train_s']:.0f} s)", file=sys.stderr, flush=True)
+    cohort_file = out.with_suffix(".cohort.json")
+    if cohort_file.is_file():
+        ef = json.loads(cohort_file.read_text())
+    else:
+        ef = cohort_ef(Path(a.prepared))
+        cohort_file.write_text(json.dumps(ef))
+    summary = summarize([r for r in rows if r["setting"] in settings or a.summary_only], ef)
+    if a.table:
+        Path(a.table).write_text(markdown(summary))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
