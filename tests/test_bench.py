@@ -64,3 +64,28 @@ def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
                            "--channels", "4,8,16"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2
     assert "--grid 20 must be 3 sizes divisible by 2^3 = 8" in proc.stderr
+
+
+def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
+    """Two settings × one fold at a toy size: the rows carry the prior's scores and physiology,
+    the summary compares with the paper recipe on the shared fold, a rerun skips finished folds."""
+    from cv_cohort import cohort
+
+    prepared, flows = cohort(tmp_path_factory)
+    out = tmp_path / "prior.jsonl"
+    args = ("--prepared", str(prepared), "--flows", str(flows), "--folds", "0", "--epochs", "1",
+            "--settings", "paper,elbo_b0.1", "--k", "3", "--jobs", "1", "--threads", "1", "--out", str(out),
+            "--table", str(tmp_path / "prior.md"))
+    summary = _bench("prior_recipes.py", *args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["setting"] for r in rows) == ["elbo_b0.1", "paper"]
+    for r in rows:
+        assert r["prior_k"] == 3 and len(r["sample_ef"]) == 3
+        assert r["prior_energy_score_vox"] <= r["prior_mean_error_vox"]
+        assert 0.3 < r["truth_ef"] < 0.8  # the phantom's own EF through its exact field
+    s = summary["settings"]
+    assert s["elbo_b0.1"]["vs_paper"]["folds"] == 1 and "vs_paper" not in s["paper"]
+    assert 0.3 < summary["cohort_ef_p5"] <= summary["cohort_ef_p95"] < 0.8
+    assert "| paper |" in (tmp_path / "prior.md").read_text()
+    again = _bench("prior_recipes.py", *args)  # nothing left to train: the same summary
+    assert len(out.read_text().splitlines()) == 2 and again["settings"].keys() == s.keys()

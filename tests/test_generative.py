@@ -148,3 +148,18 @@ def test_energy_score_accepts_tensors():
     x[1] += 1.0
     s = ensemble_score(x, torch.zeros(3, *GRID))
     assert s.k == 2 and s.mean_pair_distance == pytest.approx(np.sqrt(3))
+
+
+def test_ejection_fraction_shortcut_matches_physiology(patient):
+    from cardiomotion.evaluate.physiology import ejection_fraction
+
+    lab_es = patient.labels[..., patient.meta["es_phase"]]
+    full = physiology(lab_es, patient.flow_ed_from_es)[0]
+    assert ejection_fraction(lab_es, patient.flow_ed_from_es) == pytest.approx(full.ef, abs=1e-9)
+
+
+def test_ef_histogram_figure(tmp_path):
+    from cardiomotion.evaluate.figures import plot_ef_histogram
+
+    p = plot_ef_histogram([0.55, 0.6, 0.62], [0.5, 0.58, 0.66], tmp_path / "ef.png", truth_ef=0.6, title="fold 0")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

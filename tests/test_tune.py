@@ -65,8 +65,7 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
     assert {t["status"] for t in trials} <= {"finished", "stopped early"}
     assert "finished" in {t["status"] for t in trials}
     assert res.best["score"] == pytest.approx(min(float(t["score"]) for t in trials if t["status"] == "finished"))
-    assert res.best["score"] == pytest.approx(res.best["score_rec"] + res.best["score_prior"]
-                                              + res.best["score_kl_penalty"])
+    assert res.best["score"] == pytest.approx(res.best["score_energy"] + res.best["score_kl_penalty"])
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     parent = client.get_run(res.parent_run_id)
@@ -116,22 +115,39 @@ def test_cli_rejects_zero_samples(inputs, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --samples: must be at least 1, got 0"
 
 
-def test_objective_known_answers_and_switching_the_kl_off_cannot_win():
+def test_objective_is_the_energy_score_and_collapse_cannot_win():
     from cardiomotion.config import TuneConfig
     from cardiomotion.train.tune import objective
 
-    tc = TuneConfig(prior_weight=1.0, kl_max=2.0, kl_penalty=1.0)
-    vae = {"val_epe_rec_vox": 0.6, "val_epe_prior_vox": 0.8, "val_kl": 0.5}
+    tc = TuneConfig()  # no KL penalty by default
+    vae = {"val_energy_vox": 0.5, "val_epe_rec_vox": 0.6, "val_kl": 0.5}
     assert objective(vae, tc) == pytest.approx(
-        {"score": 1.4, "score_rec": 0.6, "score_prior": 0.8, "score_kl_penalty": 0.0})
-    # KL off: a near-perfect autoencoder whose posteriors left N(0, I) (6 nats per element).
-    # Even granting it the VAE's prior-sample error, the KL penalty (6 - 2) * 1 makes it lose.
-    autoencoder = {"val_epe_rec_vox": 0.05, "val_epe_prior_vox": 0.8, "val_kl": 6.0}
-    assert objective(autoencoder, tc)["score_kl_penalty"] == pytest.approx(4.0)
-    assert objective(autoencoder, tc)["score"] > objective(vae, tc)["score"]
-    # posterior collapse: z ignored, both errors at the mean-motion error, KL 0
-    collapsed = {"val_epe_rec_vox": 0.94, "val_epe_prior_vox": 0.94, "val_kl": 0.0}
-    assert objective(collapsed, tc)["score"] == pytest.approx(1.88)
+        {"score": 0.5, "score_energy": 0.5, "score_kl_penalty": 0.0, "score_rec": 0.6})
+    # posterior collapse: every sample the mean motion. Its energy score is its error (no spread to
+    # pay back), even though its reconstruction EPE is what the old objective rewarded.
+    collapsed = {"val_energy_vox": 0.94, "val_epe_rec_vox": 0.94, "val_kl": 0.0}
     assert objective(collapsed, tc)["score"] > objective(vae, tc)["score"]
+    # the optional KL penalty still works when asked for
+    penal = TuneConfig(kl_max=2.0, kl_penalty=1.0)
+    assert objective({**vae, "val_kl": 6.0}, penal)["score"] == pytest.approx(0.5 + 4.0)
     # a diverged trial is ranked last, not NaN
     assert objective({**vae, "val_kl": float("nan")}, tc)["score"] == pytest.approx(1e9)
+    assert objective({**vae, "val_energy_vox": float("nan")}, tc)["score"] == pytest.approx(1e9)
+
+
+def test_energy_score_objective_ranks_real_samplers():
+    """The objective is fed by validate()'s energy score: an ensemble drawn from the held-out
+    flow's own distribution beats a collapsed one and a KL-off autoencoder's off-distribution one."""
+    import numpy as np
+
+    from cardiomotion.evaluate.generative import ensemble_score
+
+    rng = np.random.default_rng(3)
+    mean = rng.standard_normal((3, 6, 6, 6))
+    calibrated, collapsed, off = [], [], []
+    for _ in range(100):
+        y = mean + 0.5 * rng.standard_normal(mean.shape)
+        calibrated.append(ensemble_score(mean + 0.5 * rng.standard_normal((4, *mean.shape)), y).energy_score)
+        collapsed.append(ensemble_score(np.repeat(mean[None], 4, 0), y).energy_score)
+        off.append(ensemble_score(mean + 3.0 * rng.standard_normal((4, *mean.shape)), y).energy_score)
+    assert np.mean(calibrated) < np.mean(collapsed) < np.mean(off)

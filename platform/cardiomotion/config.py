@@ -212,7 +212,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     val_every: int = Field(1, ge=1, description="epochs between validations")
-    prior_samples: int = Field(4, ge=1, description="prior samples per validation scan")
+    prior_samples: int = Field(4, ge=1, description="prior samples per validation scan (each validation epoch)")
+    eval_samples: int = Field(16, ge=2, description="prior samples of the held-out scan scored after training (energy score, calibration, physiology)")
 
     @model_validator(mode="after")
     def _weights(self) -> "TrainConfig":
@@ -308,9 +309,9 @@ class CVConfig(_Section):
 class TuneConfig(_Section):
     """Ray Tune search over the loss weights, learning rate and KL warm-up (``cardiomotion tune``).
 
-    Objective (minimised, per epoch, mean over ``folds``): held-out reconstruction EPE (voxels)
-    + ``prior_weight`` · prior-sample EPE (voxels) + ``kl_penalty`` · max(0, KL per latent
-    element − ``kl_max``). See :mod:`cardiomotion.train.tune`.
+    Objective (minimised, per epoch, mean over ``folds``): the energy score (voxels) of
+    ``train.prior_samples`` prior samples against the held-out annotated flow + ``kl_penalty`` ·
+    max(0, KL per latent element − ``kl_max``). See :mod:`cardiomotion.train.tune`.
     """
 
     samples: int = Field(8, ge=1, description="number of trials")
@@ -319,17 +320,17 @@ class TuneConfig(_Section):
     max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; null → as many as resources hold")
     w_rec: tuple[float, float] = Field((0.5, 1.0), description="log-uniform range of train.w_rec")
     w_kl: tuple[float, float] = Field((1e-3, 0.5), description="log-uniform range of train.w_kl")
+    beta: tuple[float, float] = Field((0.01, 3.0), description="log-uniform range of train.beta (train.recipe: elbo)")
     lr: tuple[float, float] = Field((1e-4, 3e-3), description="log-uniform range of train.lr")
     kl_warmup_epochs: tuple[int, int] = Field(
         (0, 200), description="uniform integer range of train.kl_warmup_epochs (capped at the trial's epochs)")
     grace_period: int = Field(100, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung")
-    prior_weight: float = Field(1.0, gt=0, description="λ: weight of the prior-sample EPE in the objective")
     kl_max: float = Field(2.0, gt=0, description="nats per latent element above which the KL penalty applies")
-    kl_penalty: float = Field(1.0, ge=0, description="objective voxels per nat of KL above kl_max")
+    kl_penalty: float = Field(0.0, ge=0, description="objective voxels per nat of KL above kl_max (0: off; the energy score alone punishes a KL-off autoencoder)")
     seed: Optional[int] = Field(None, description="search seed; null → the config's seed")
 
-    @field_validator("w_rec", "w_kl", "lr")
+    @field_validator("w_rec", "w_kl", "beta", "lr")
     @classmethod
     def _log_range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] < v[1]:

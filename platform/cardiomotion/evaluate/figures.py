@@ -169,3 +169,40 @@ def plot_error_comparison(errors: dict[str, Sequence[float]], path: str | Path, 
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def plot_ef_histogram(sample_ef: Sequence[float], cohort_ef: Sequence[float], path: str | Path, *,
+                      truth_ef: float | None = None, title: str = "") -> Path:
+    """Histogram of the synthetic-ED ejection fractions of one ES frame's prior samples (%) over
+    the cohort's true EFs (shaded), with the held-out scan's own EF as a line.
+
+    Args:
+        sample_ef, cohort_ef: fractions (0.6 = 60 %).
+        path: output PNG (written atomically).
+    """
+    from ..fileio import atomic_path
+
+    plt = _matplotlib()
+    s = 100 * np.asarray(sample_ef, dtype=float)
+    c = 100 * np.asarray(cohort_ef, dtype=float)
+    both = np.concatenate([s[np.isfinite(s)], c[np.isfinite(c)]]) if len(s) + len(c) else np.zeros(1)
+    lo, hi = float(np.floor(both.min() - 2)), float(np.ceil(both.max() + 2))
+    bins = np.linspace(lo, hi, 25)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=120)
+    if len(c):
+        ax.hist(c, bins=bins, density=True, color="0.75", label=f"cohort truth (n={len(c)})")
+    if len(s):
+        ax.hist(s, bins=bins, density=True, histtype="step", lw=2, color="C0", label=f"prior samples (K={len(s)})")
+    if truth_ef is not None and np.isfinite(truth_ef):
+        ax.axvline(100 * truth_ef, color="C3", lw=1.5, ls="--", label="held-out scan truth")
+    ax.set_xlabel("ejection fraction of the (synthetic) ED (%)")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

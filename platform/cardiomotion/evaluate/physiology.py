@@ -84,6 +84,17 @@ def long_axis(es_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, vecs[:, -1]
 
 
+def ejection_fraction(es_labels: np.ndarray, flow: Any) -> float:
+    """EF of the ED one pull flow (3, I, J, K) implies, as :func:`physiology` measures it (cheap: no inverse)."""
+    from ..flow.warp import warp
+
+    blood = np.asarray(es_labels) == LV_BLOOD
+    if not blood.any():
+        raise ValueError("the ES labels hold no LV blood pool (label 1)")
+    edv = float(warp(torch.from_numpy(blood.astype(np.float32))[None, None], _flows(flow)[:1]).sum())
+    return 1.0 - float(blood.sum()) / edv if edv > 0 else float("nan")
+
+
 def physiology(es_labels: np.ndarray, flows: Any, spacing_mm: float = 1.0) -> list[Physiology]:
     """EF, longitudinal shortening and myocardial volume change of the ED each flow implies.
 
@@ -154,5 +165,5 @@ def summarize_physiology(items: list[Physiology]) -> dict[str, float]:
     return out
 
 
-__all__ = ["LV_BLOOD", "LV_MYO", "Physiology", "long_axis", "physiology", "summarize_physiology",
+__all__ = ["LV_BLOOD", "LV_MYO", "Physiology", "ejection_fraction", "long_axis", "physiology", "summarize_physiology",
            "synthetic_ed_labels"]

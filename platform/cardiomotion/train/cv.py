@@ -27,8 +27,11 @@ resumes the others: same Ray Train run name (Ray Train resumes from the last che
 
 At the end: ``OUT/folds.csv`` (one row per fold: fold, scan, status, run_id, reconstruction
 EPE, prior-sample EPE, zero-flow EPE (voxels and mm), KL per latent element, folding fraction
-of the prior samples and of the reconstruction, spread of the prior samples, epochs, seconds,
-attempts, error) and ``OUT/summary.json`` (counts; mean ± sample std, min, max per metric over
+of the prior samples and of the reconstruction, spread of the prior samples; the prior scored
+as a distribution on ``train.eval_samples`` samples — energy score against the annotated flow
+and the truth, best-of-K, spread–skill and magnitude ratios — and on phantoms the synthetic-ED
+ejection fraction (mean, sd, min, max over the samples, and the truth's), longitudinal
+shortening and myocardial volume change; epochs, seconds, attempts, error) and ``OUT/summary.json`` (counts; mean ± sample std, min, max per metric over
 finished folds), both logged to the parent run with the summary metrics ``cv_<metric>_mean`` /
 ``cv_<metric>_std``. The table covers every fold recorded under ``OUT`` (a sweep run in parts,
 ``--folds 0-21`` then ``--folds 22-43``, gives one table).
@@ -68,6 +71,22 @@ METRICS = {
     "folding_rec": "val_folding_rec",
     "prior_spread_vox": "val_prior_spread_vox",  # diversity of prior samples (0: collapsed)
     "mse_rec": "val_mse_rec",
+    # the prior as a distribution: train.eval_samples samples of the held-out scan after training
+    "energy_vox": "prior_energy_score_vox",  # energy score vs the annotated flow (proper: lower is better)
+    "energy_mm": "prior_energy_score_mm",
+    "energy_truth_vox": "prior_truth_energy_score_vox",  # vs the exact truth (phantom)
+    "best_of_k_vox": "prior_best_of_k_vox",
+    "spread_skill": "prior_spread_skill",  # 1 = calibrated
+    "magnitude_ratio": "prior_magnitude_ratio",  # 1 = samples as strong as the annotated motion
+    "ef_samples_mean": "prior_ef_mean",  # synthetic-ED physiology (phantom: ES labels)
+    "ef_samples_std": "prior_ef_std",
+    "ef_samples_min": "prior_ef_min",
+    "ef_samples_max": "prior_ef_max",
+    "ef_truth": "truth_ef",
+    "ls_samples_mean": "prior_longitudinal_shortening_mean",
+    "ls_truth": "truth_longitudinal_shortening",
+    "myo_dv_samples_mean": "prior_myo_volume_change_mean",
+    "myo_dv_truth": "truth_myo_volume_change",
 }
 COLUMNS = ["fold", "scan", "status", "run_id", *METRICS, "epochs", "seconds", "attempts", "error"]
 # settings that change where and how fast a fold runs, not what it learns: may differ between reruns
@@ -227,7 +246,10 @@ class CVSummary:
         """The fold table and the mean ± std line, as fixed-width text."""
         cols = [("fold", "fold", "{:d}"), ("scan", "scan", "{}"), ("status", "status", "{}"),
                 ("rec EPE vox", "epe_rec_vox", "{:.3f}"), ("rec EPE mm", "epe_rec_mm", "{:.3f}"),
-                ("prior EPE vox", "epe_prior_vox", "{:.3f}"), ("prior EPE mm", "epe_prior_mm", "{:.3f}"),
+                ("prior EPE vox", "epe_prior_vox", "{:.3f}"), ("energy vox", "energy_vox", "{:.3f}"),
+                ("spread/skill", "spread_skill", "{:.2f}"), ("magnitude", "magnitude_ratio", "{:.2f}"),
+                ("EF samples", "ef_samples_mean", "{:.3f}"), ("EF sd", "ef_samples_std", "{:.3f}"),
+                ("EF truth", "ef_truth", "{:.3f}"),
                 ("KL", "kl", "{:.4f}"), ("folding prior", "folding_prior", "{:.4f}"), ("run", "run_id", "{}")]
 
         def cell(row, key, fmt):

@@ -326,6 +326,39 @@ def fold_figure(model, plan, cfg: Config, dst: Path) -> Path:
                            title=f"fold {plan.fold}: held-out {plan.val_id}")
 
 
+def prior_report(model, plan, cfg: Config, dst_dir: Path):
+    """Score ``train.eval_samples`` prior samples of the held-out scan (:func:`cardiomotion.evaluate.
+    prior.evaluate_prior`: against its annotated flow and, on a phantom, its exact truth and the
+    physiology of every synthetic ED) and draw the EF histogram against the cohort's true EFs
+    (every prepared scan's truth field, measured the same way). Returns (metrics, figure or None)."""
+    from ..data.table import load_pair, read_scan_table
+    from ..evaluate.figures import plot_ef_histogram
+    from ..evaluate.physiology import ejection_fraction
+    from ..evaluate.prior import evaluate_prior
+    from ..models.pyramid import FeaturePyramid
+    from .fold import PYRAMID_FILE, load_samples
+
+    es, flow = load_samples(plan, [plan.val_id], cfg.intensity.window)
+    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+    table = read_scan_table(plan.prepared)
+    rows = {str(r["scan_id"]): r for r in table.to_dict("records")}
+    pair = load_pair(plan.prepared, rows[plan.val_id], with_truth=True)
+    rep = evaluate_prior(model.eval(), pyramid, es, flow, plan.spacing_mm, k=cfg.train.eval_samples,
+                         seed=cfg.seed, truth=pair.truth_flow, es_labels=pair.es_labels)
+    figure = None
+    if rep.samples_physiology:
+        cohort = []
+        for sid, row in rows.items():
+            p = load_pair(plan.prepared, row, with_truth=True)
+            if p.truth_flow is not None and p.es_labels is not None:
+                cohort.append(ejection_fraction(p.es_labels, p.truth_flow))
+        figure = plot_ef_histogram([p.ef for p in rep.samples_physiology], cohort,
+                                   dst_dir / f"fold_{plan.fold:03d}_ef.png",
+                                   truth_ef=rep.truth_physiology.ef if rep.truth_physiology else None,
+                                   title=f"fold {plan.fold}: held-out {plan.val_id}, synthetic-ED EF")
+    return rep.metrics, figure
+
+
 def train_fold(
     prepared_dir: str | Path,
     flows_dir: str | Path,
@@ -398,11 +431,17 @@ def train_fold(
 
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             figure = fold_figure(model, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
-            mlflow.log_artifact(str(figure), artifact_path="figures")
-            out_fig = storage_root(cfg) / "figures" / figure.name
-            out_fig.parent.mkdir(parents=True, exist_ok=True)
+            prior_metrics, ef_figure = prior_report(model, plan, cfg, Path(tmp))
+            metrics.update(prior_metrics)
             import shutil
 
-            shutil.copy2(figure, out_fig)
+            for fig in (figure, ef_figure):
+                if fig is None:
+                    continue
+                mlflow.log_artifact(str(fig), artifact_path="figures")
+                dst = storage_root(cfg) / "figures" / fig.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(fig, dst)
+            out_fig = storage_root(cfg) / "figures" / figure.name
         tracking.log_metrics({f"final_{k}": v for k, v in metrics.items() if k != "epoch"})
         return FoldResult(fold, plan.val_id, run.info.run_id, f"runs:/{run.info.run_id}/model", metrics, out_fig)

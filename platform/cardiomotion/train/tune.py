@@ -1,33 +1,38 @@
 """Ray Tune search over the CVAE's loss weights, learning rate and KL warm-up.
 
-Search space (``tune`` section of the config): ``train.w_rec``, ``train.w_kl`` and ``train.lr``
-log-uniform over (low, high) with 0 < low < high, ``train.kl_warmup_epochs`` a uniform integer
-in [low, high] (high capped at the trial's epochs; a low above them is refused); random search (seeded), ``tune.samples``
-trials, ASHA early stopping with ``time_attr="epoch"`` (epochs completed), ``max_t`` = the
-trial's epochs, ``tune.grace_period`` and ``tune.reduction_factor``.
+Search space (``tune`` section of the config): with ``train.recipe: paper`` ``train.w_rec`` and
+``train.w_kl``, with ``train.recipe: elbo`` ``train.beta`` (the decoder noise 2σ², voxels²), in both
+``train.lr`` — log-uniform over (low, high) with 0 < low < high — and ``train.kl_warmup_epochs`` a
+uniform integer in [low, high] (high capped at the trial's epochs; a low above them is refused);
+random search (seeded), ``tune.samples`` trials, ASHA early stopping with ``time_attr="epoch"``
+(epochs completed), ``max_t`` = the trial's epochs, ``tune.grace_period`` and ``tune.reduction_factor``.
 
-Objective (minimised; reported every epoch as ``score``; each term the mean over the trial's
-folds ``tune.folds``, all measured on the held-out scan of each fold)::
+Objective (minimised; reported every epoch as ``score``; the mean over the trial's folds
+``tune.folds``, measured on the held-out scan of each fold)::
 
-    score = EPE_rec + λ · EPE_prior + κ · max(0, KL − KL_max)
+    score = ES + κ · max(0, KL − KL_max)
 
-- EPE_rec: endpoint error (voxels) of the posterior reconstruction (z = μ) of the held-out
-  flow: how well the latent captures a motion it has not seen.
-- EPE_prior: mean endpoint error (voxels) of ``train.prior_samples`` prior samples
-  (z ~ N(0, I)) against the held-out flow: whether the generator, used as it will be in
-  ``generate``, produces the held-out patient's kind of motion. λ = ``tune.prior_weight``
-  (default 1, must be > 0).
-- KL: the held-out posterior's KL to N(0, I) per latent element (nats); above ``tune.kl_max``
-  (default 2 nats) each nat costs κ = ``tune.kl_penalty`` voxels (default 1).
+- ES: the energy score (voxels, field norm) of ``train.prior_samples`` prior samples (z ~ N(0, I))
+  against the held-out annotated flow (:func:`cardiomotion.evaluate.generative.ensemble_score`):
+  mean_k ‖X_k − y‖ − ½ mean_{k≠l} ‖X_k − X_l‖.
+- KL penalty: κ = ``tune.kl_penalty`` voxels per nat of KL per latent element above
+  ``tune.kl_max``. Off by default (κ = 0); see below.
 
-Why switching the KL off cannot win: with w_kl → 0 the encoder becomes a plain autoencoder, so
-EPE_rec drops, but its posteriors drift away from N(0, I) (σ → 0, μ anywhere): KL per element
-grows past KL_max (−log σ alone is 4.6 nats at σ = 0.01) and the prior samples decode
-off-distribution latents, so EPE_prior and the penalty rise. The opposite failure, posterior
-collapse (w_kl too high: the decoder ignores z), gives EPE_rec ≈ EPE_prior ≈ the error of the
-mean motion, which the EPE_rec term punishes. The search space itself excludes w_kl = 0 (a
-log-uniform range needs low > 0). Caveat: the folds a search tunes on should not be the ones a
-later cross-validation reports as unbiased.
+Why the energy score, and not the reconstruction error plus the prior samples' EPE (the objective
+before): the EPE of a prior sample, E‖X − y‖, is smallest for samples that all sit on the
+conditional mean, so that objective *rewards posterior collapse* — a prior whose samples are one
+motion. The energy score is strictly proper: its expectation is lowest only when the samples are
+distributed like the motions the held-out scan can have; the −½ E‖X − X'‖ term pays a collapsed
+prior back nothing for its missing spread and an over-dispersed one less than its extra error.
+Reconstruction EPE (z = μ) is still computed and reported (``score_rec``, ``val_epe_rec_vox``),
+but does not rank trials: it measures an autoencoder, not a generator.
+
+Why no KL penalty by default: with the KL switched (nearly) off the encoder's posteriors leave
+N(0, I), prior samples decode latents the decoder never saw, and their error *and* spread grow
+together; the energy score of such off-distribution samples is worse than a calibrated prior's
+without any extra term (tests/test_tune.py pins the known answers). ``tune.kl_penalty`` stays for
+searches that want the KL itself bounded. Caveat: the folds a search tunes on should not be the
+ones a later cross-validation reports as unbiased.
 
 How trials train (and why not ``Tuner(TorchTrainer)``): in Ray 2.60 (Train V2) a trainer can no
 longer be passed to a Tuner; the supported pattern is a function trainable that builds a
@@ -69,7 +74,13 @@ EXPERIMENT = "search"
 STATE_FILE = "tune.json"
 BEST_FILE = "best.yaml"
 TRIALS_FILE = "trials.csv"
-SEARCHED = ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
+SEARCHED_PAPER = ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
+SEARCHED_ELBO = ("beta", "lr", "kl_warmup_epochs")
+
+
+def searched(cfg: Config) -> tuple[str, ...]:
+    """The ``train`` keys a search varies under the config's loss recipe."""
+    return SEARCHED_PAPER if cfg.train.recipe.value == "paper" else SEARCHED_ELBO
 CKPT_FILE = "trial.pt"
 _BAD_SCORE = 1e9  # a diverged trial (NaN/inf) scores this instead
 
@@ -82,14 +93,14 @@ class TuneInterrupted(CardiomotionError):
 
 def objective(metrics: Mapping[str, float], tc: TuneConfig) -> dict[str, float]:
     """``score`` and its terms from (fold-averaged) validation metrics; see the module docstring."""
+    energy = float(metrics["val_energy_vox"])
     rec = float(metrics["val_epe_rec_vox"])
-    prior = float(metrics["val_epe_prior_vox"])
     kl = float(metrics["val_kl"])
     penalty = tc.kl_penalty * max(0.0, kl - tc.kl_max)
-    score = rec + tc.prior_weight * prior + penalty
-    if not all(math.isfinite(v) for v in (rec, prior, kl, score)):  # max(0, nan) is 0: test the terms
+    score = energy + penalty
+    if not all(math.isfinite(v) for v in (energy, kl, score)):  # max(0, nan) is 0: test the terms
         score = _BAD_SCORE
-    return {"score": score, "score_rec": rec, "score_prior": tc.prior_weight * prior, "score_kl_penalty": penalty}
+    return {"score": score, "score_energy": energy, "score_kl_penalty": penalty, "score_rec": rec}
 
 
 def search_space(cfg: Config, epochs: int) -> dict[str, Any]:
@@ -99,14 +110,18 @@ def search_space(cfg: Config, epochs: int) -> dict[str, Any]:
     t = cfg.tune
     hi = min(t.kl_warmup_epochs[1], epochs)
     lo = min(t.kl_warmup_epochs[0], hi)
-    return {"w_rec": tune.loguniform(*t.w_rec), "w_kl": tune.loguniform(*t.w_kl), "lr": tune.loguniform(*t.lr),
-            "kl_warmup_epochs": tune.randint(lo, hi + 1)}
+    space = {"lr": tune.loguniform(*t.lr), "kl_warmup_epochs": tune.randint(lo, hi + 1)}
+    if cfg.train.recipe.value == "paper":
+        space.update({"w_rec": tune.loguniform(*t.w_rec), "w_kl": tune.loguniform(*t.w_kl)})
+    else:
+        space["beta"] = tune.loguniform(*t.beta)
+    return space
 
 
 def apply_trial(cfg: Config, values: Mapping[str, Any]) -> Config:
     """A copy of ``cfg`` with a trial's values in ``train`` (validated)."""
     data = cfg.model_dump(mode="json")
-    for k in SEARCHED:
+    for k in searched(cfg):
         if k in values:
             v = values[k]
             data["train"][k] = int(v) if k == "kl_warmup_epochs" else float(v)
@@ -125,7 +140,7 @@ def _trial_run(client, setup: Mapping[str, Any], trial_id: str, values: Mapping[
 
     run = client.create_run(setup["experiment_id"], run_name=f"trial_{trial_id}",
                             tags={"mlflow.parentRunId": parent, "stage": "tune-trial", "trial_id": trial_id})
-    params = [Param(f"train.{k}", str(values[k])) for k in SEARCHED]
+    params = [Param(f"train.{k}", str(values[k])) for k in values if k in (*SEARCHED_PAPER, *SEARCHED_ELBO)]
     params += [Param("folds", ",".join(map(str, setup["folds"]))), Param("epochs", str(setup["epochs"]))]
     client.log_batch(run.info.run_id, params=params)
     return run.info.run_id
@@ -223,7 +238,7 @@ def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int])
     from .cv import _RESOURCE_KEYS
 
     train = cfg.train.model_dump(mode="json")
-    for k in (*_RESOURCE_KEYS, *SEARCHED):
+    for k in (*_RESOURCE_KEYS, *searched(cfg)):
         train.pop(k, None)
     tune_cfg = cfg.tune.model_dump(mode="json")
     tune_cfg.pop("max_concurrent", None)
@@ -244,8 +259,9 @@ def _trial_status(exp_path: Path) -> dict[str, str]:
 
 
 def _write_trials(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    cols = ["trial_id", "status", "epochs", *SEARCHED, "score", "score_rec", "score_prior", "score_kl_penalty",
-            "val_epe_rec_vox", "val_epe_prior_vox", "val_kl", "val_folding_prior", "run_id", "error"]
+    cols = ["trial_id", "status", "epochs", *SEARCHED_PAPER, "beta", "score", "score_energy", "score_kl_penalty", "score_rec",
+            "val_energy_vox", "val_spread_skill", "val_magnitude_ratio", "val_epe_rec_vox", "val_epe_prior_vox",
+            "val_kl", "val_folding_prior", "run_id", "error"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
@@ -266,7 +282,7 @@ def run_tune(
     log: Log = lambda _m: None,
     callbacks: Sequence[Any] = (),
 ) -> TuneSummary:
-    """Search ``train.w_rec``, ``w_kl``, ``lr`` and ``kl_warmup_epochs`` (see module docstring).
+    """Search the loss weights (``w_rec``/``w_kl`` or ``beta``), ``lr`` and ``kl_warmup_epochs`` (module docstring).
 
     Args:
         samples: number of trials (default ``tune.samples``).
@@ -357,7 +373,7 @@ def run_tune(
             tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            log(f"tune: {cfg.tune.samples} trials over {SEARCHED} on folds {folds}, {epochs} epochs each "
+            log(f"tune: {cfg.tune.samples} trials over {searched(cfg)} on folds {folds}, {epochs} epochs each "
                 f"(ASHA grace {grace}, factor {cfg.tune.reduction_factor}); each trial {bundle}; parent run {parent_id}")
             seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
             tuner = tune.Tuner(
@@ -392,8 +408,9 @@ def run_tune(
             m = dict(res.metrics or {})
             tid = m.get("trial_id") or (Path(res.path).name if res.path else None)
             row = {"trial_id": tid, "status": status.get(tid, "ERROR" if res.error else "TERMINATED"),
-                   "epochs": m.get("epoch"), **{k: res.config.get(k) for k in SEARCHED},
-                   **{k: m.get(k) for k in ("score", "score_rec", "score_prior", "score_kl_penalty", "val_epe_rec_vox",
+                   "epochs": m.get("epoch"), **{k: res.config.get(k) for k in searched(cfg)},
+                   **{k: m.get(k) for k in ("score", "score_energy", "score_kl_penalty", "score_rec", "val_energy_vox",
+                                            "val_spread_skill", "val_magnitude_ratio", "val_epe_rec_vox",
                                             "val_epe_prior_vox", "val_kl", "val_folding_prior")},
                    "run_id": runs.get(tid), "error": str(res.error).splitlines()[0][:300] if res.error else None}
             if row["status"] == "TERMINATED":
@@ -420,31 +437,34 @@ def run_tune(
         best_yaml = out / BEST_FILE
         with atomic_path(best_yaml) as tmp:
             tmp.write_text(f"# best of {len(rows)} trials (score {best['score']:.4f} = rec EPE + "
-                           f"{cfg.tune.prior_weight:g}·prior EPE + KL penalty), trial {best['trial_id']}, "
+                           f"energy score + KL penalty), trial {best['trial_id']}, "
                            f"MLflow run {best['run_id']}\n" + dump_config(best_cfg))
         trials_csv = _write_trials(out / TRIALS_FILE, rows)
-        best_out = {k: best[k] for k in (*SEARCHED, "score", "score_rec", "score_prior", "score_kl_penalty",
+        best_out = {k: best[k] for k in (*searched(cfg), "score", "score_energy", "score_kl_penalty", "score_rec",
                                          "trial_id", "run_id", "epochs")}
         write_json(out / STATE_FILE, {**(_read_json(out / STATE_FILE) or {}), "best": best_out,
                                       "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
                                       "stopped_early": sum(r["status"] == "stopped early" for r in rows),
                                       "errors": sum(r["status"] == "error" for r in rows),
                                       "wall_s": round(time.perf_counter() - t0, 1)})
-        tracking.log_metrics({f"best_{k}": float(best[k]) for k in (*SEARCHED, "score", "score_rec", "score_prior")})
+        tracking.log_metrics({f"best_{k}": float(best[k]) for k in (*searched(cfg), "score", "score_energy", "score_rec")})
         mlflow.set_tag("best_trial", str(best["trial_id"]))
         tracking.log_artifact(best_yaml)
         tracking.log_artifact(trials_csv)
     log(f"tune: best trial {best['trial_id']} score {best['score']:.4f} "
-        + " ".join(f"{k}={best[k]:.4g}" for k in SEARCHED) + f"; wrote {best_yaml}")
+        + " ".join(f"{k}={best[k]:.4g}" for k in searched(cfg)) + f"; wrote {best_yaml}")
     return TuneSummary(out, parent_id, best_out, best_yaml, trials_csv, rows, restored)
 
 
 def format_trials(rows: Sequence[Mapping[str, Any]]) -> str:
     """The trial table as fixed-width text (best first)."""
     cols = [("trial", "trial_id", "{}"), ("status", "status", "{}"), ("epochs", "epochs", "{:.0f}"),
-            ("w_rec", "w_rec", "{:.3g}"), ("w_kl", "w_kl", "{:.3g}"), ("lr", "lr", "{:.3g}"),
-            ("warmup", "kl_warmup_epochs", "{:.0f}"), ("score", "score", "{:.4f}"),
-            ("rec EPE", "val_epe_rec_vox", "{:.3f}"), ("prior EPE", "val_epe_prior_vox", "{:.3f}"), ("KL", "val_kl", "{:.4f}")]
+            ("w_rec", "w_rec", "{:.3g}"), ("w_kl", "w_kl", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("lr", "lr", "{:.3g}"),
+            ("warmup", "kl_warmup_epochs", "{:.0f}"), ("score (ES)", "score", "{:.4f}"),
+            ("spread/skill", "val_spread_skill", "{:.2f}"), ("magnitude", "val_magnitude_ratio", "{:.2f}"),
+            ("rec EPE", "val_epe_rec_vox", "{:.3f}"), ("KL", "val_kl", "{:.4f}")]
+    present = {k for r in rows for k, v in r.items() if v is not None}
+    cols = [c for c in cols if c[1] in present or c[1] in ("trial_id", "status", "score")]
     body = [[("-" if r.get(k) is None else fmt.format(r[k]) if not isinstance(r[k], str) else r[k])
              for _, k, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (h, _, _) in enumerate(cols)]
