@@ -79,7 +79,16 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     local = mlflow.artifacts.download_artifacts(f"{res.model_uri}/cvae.pt", tracking_uri=tracking_uri(cfg))
     model = MotionCVAE.load(local)  # rebuilds from the file alone, weights_only=True
     assert model.config()["channels"] == [8, 16, 32]
-    assert [a.path for a in client.list_artifacts(res.run_id, "figures")] == ["figures/fold_001.png"]
+    assert sorted(a.path for a in client.list_artifacts(res.run_id, "figures")) == [
+        "figures/fold_001.png", "figures/fold_001_ef.png"]  # slices, and the EF histogram of the samples
+    # the prior scored as a distribution after training (train.eval_samples samples), physiology too
+    m = res.metrics
+    assert m["prior_k"] == cfg.train.eval_samples
+    assert m["prior_energy_score_vox"] <= m["prior_mean_error_vox"] and m["prior_best_of_k_vox"] <= m["prior_mean_error_vox"]
+    assert m["prior_energy_score_mm"] == pytest.approx(4.0 * m["prior_energy_score_vox"])
+    assert 0.3 < m["truth_ef"] < 0.8 and m["prior_ef_min"] <= m["prior_ef_mean"] <= m["prior_ef_max"]
+    assert "final_prior_energy_score_vox" in run.data.metrics or "final_prior_energy_score_vox" in \
+        client.get_run(res.run_id).data.metrics
     # Training lowered the loss. The flow head starts at zero, so the untrained model's
     # reconstruction error on the training scans is exactly the zero-flow error; the trained
     # one's (z = μ, no sampling noise, unlike the logged per-epoch loss) must be clearly lower.

@@ -16,6 +16,12 @@ class InputError(CardiomotionError):
         self.problem = problem
         super().__init__(f"{self.where}: {problem}" if self.where else problem)
 
+    def __reduce__(self):
+        # Rebuild from the constructor's own arguments: the default (type, self.args) would call
+        # __init__ with the formatted message only, so an InputError raised inside a Ray worker
+        # could not cross back to the driver (TypeError: missing 'problem').
+        return (type(self), (self.where, self.problem))
+
 
 class ConfigError(InputError):
     """An invalid configuration file or value."""
