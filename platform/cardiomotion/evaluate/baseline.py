@@ -1,7 +1,7 @@
 """A classical registration baseline: multi-resolution demons (SimpleITK).
 
 :func:`demons_flow` registers ES to ED and returns the pull field ED←ES in the project's
-convention (DESIGN.md): a (3, I, J, K) float32 array in voxels of the input grid, channel c =
+convention (docs/design.md): a (3, I, J, K) float32 array in voxels of the input grid, channel c =
 displacement along array axis c, such that ``ED(x) ≈ ES(x + u(x))``, i.e. ``warp(ES, u) ≈ ED``.
 
 ITK's convention gives this directly: with fixed image = ED and moving image = ES, the demons

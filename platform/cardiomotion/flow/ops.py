@@ -1,7 +1,7 @@
 """Field algebra on pull flows: composition, inversion, velocity integration, resizing, smoothing.
 
 Every function takes and returns torch tensors of shape (B, 3, I, J, K) in voxels of their
-grid, channel c = displacement along array axis c (DESIGN.md), and is differentiable.
+grid, channel c = displacement along array axis c (docs/design.md), and is differentiable.
 
 A pull field ``u`` stands for the map ``φ_u(x) = x + u(x)`` and acts on an image by
 ``warp(img, u) = img ∘ φ_u``. Composition therefore reads right-to-left in maps but

@@ -1,4 +1,4 @@
-"""Warping by a pull field (DESIGN.md convention).
+"""Warping by a pull field (docs/design.md convention).
 
 A flow ``u`` of shape (B, 3, I, J, K), in voxels of the grid it lives on, channel c =
 displacement along array axis c, defines ``warp(src, u)(x) = src(x + u(x))``. With ``src`` the

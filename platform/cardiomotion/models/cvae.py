@@ -1,6 +1,6 @@
 """Systole-conditioned motion CVAE: a dense 3D flow generator conditioned on one ES frame.
 
-The model learns p(u | ES) for the ED←ES pull field u (DESIGN.md conventions: flows (B, 3, I, J, K)
+The model learns p(u | ES) for the ED←ES pull field u (docs/design.md conventions: flows (B, 3, I, J, K)
 in voxels of the ES/ED grid, channel c = displacement along array axis c, ED(x) ≈ ES(x + u(x))).
 Conditioning is multi-scale: the *frozen* PWC-Net feature pyramid of the ES frame
 (:class:`~cardiomotion.models.pyramid.FeaturePyramid`) is computed by the caller and passed to

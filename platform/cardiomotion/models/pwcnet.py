@@ -1,7 +1,7 @@
 """3D PWC-Net of the annotation stage: pyramid, warping, cost volume, coarse-to-fine flow.
 
 ``PWCNet3D()(fixed, moving)`` with fixed = ED and moving = ES returns the pull field u on the
-fixed grid with fixed(x) ≈ moving(x + u(x)), i.e. ``warp(moving, u) ≈ fixed`` (DESIGN.md).
+fixed grid with fixed(x) ≈ moving(x + u(x)), i.e. ``warp(moving, u) ≈ fixed`` (docs/design.md).
 
 Flows are (B, 3, I, J, K) in voxels of the grid they live on, channel c along array axis c. A
 level's flow is in voxels of that level's grid; moving between grids uses the voxel-centre

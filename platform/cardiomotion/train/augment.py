@@ -2,7 +2,7 @@
 
 Applied to the ES image and its flow together, *before* the frozen pyramid computes the
 conditioning features (so the features see the augmented image). Shapes: image (B, C, I, J, K)
-(C = 1 for CT), flow (B, 3, I, J, K) in voxels, channel c along array axis c (DESIGN.md).
+(C = 1 for CT), flow (B, 3, I, J, K) in voxels, channel c along array axis c (docs/design.md).
 
 Per sample b, in this order (each step is applied with probability ``p``, independently):
 

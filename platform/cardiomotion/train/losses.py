@@ -1,7 +1,7 @@
 """Losses: unsupervised PWC-Net losses (SSIM/L1 photometric, smoothness) and the CVAE's KL term.
 
 Volumes are (B, C, I, J, K) with intensities in [0, 1]; flows are (B, 3, I, J, K) in voxels of
-their grid (DESIGN.md conventions).
+their grid (docs/design.md conventions).
 """
 from __future__ import annotations
 
