@@ -60,10 +60,16 @@ def test_folds_run_concurrently_and_the_table_is_written(inputs, sweep):
         assert 0 <= r["folding_prior"] <= 1
         assert r["epe_rec_mm"] == pytest.approx(4.0 * r["epe_rec_vox"], rel=1e-5)  # 4 mm voxels
         assert r["epochs"] == 2
+        # the prior as a distribution, and the physiology of its synthetic EDs (phantom labels)
+        assert 0 < r["energy_vox"] and r["best_of_k_vox"] > 0 and r["spread_skill"] >= 0
+        assert r["magnitude_ratio"] > 0 and 0.3 < r["ef_truth"] < 0.8
+        assert r["ef_samples_min"] <= r["ef_samples_mean"] <= r["ef_samples_max"]
     with open(root / "sweep" / "folds.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [t["scan"] for t in table] == ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
-    assert {"epe_rec_vox", "epe_prior_mm", "kl", "folding_prior", "run_id", "error"} <= set(table[0])
+    assert {"epe_rec_vox", "epe_prior_mm", "kl", "folding_prior", "run_id", "error", "energy_vox", "spread_skill",
+            "magnitude_ratio", "ef_samples_mean", "ef_truth"} <= set(table[0])
+    assert "energy vox" in res.format_table() and "EF truth" in res.format_table()
     summary = json.loads((root / "sweep" / "summary.json").read_text())
     assert (summary["done"], summary["failed"], summary["failed_folds"]) == (3, 1, [2])
     rec = [r["epe_rec_vox"] for r in res.rows if r["status"] == "done"]
