@@ -33,6 +33,8 @@ import numpy as np
 # name → overrides of the ``train`` section (on top of --config)
 SETTINGS: dict[str, dict] = {
     "paper": {"recipe": "paper"},
+    "elbo_b10": {"recipe": "elbo", "beta": 10.0},
+    "elbo_b3": {"recipe": "elbo", "beta": 3.0},
     "elbo_b1": {"recipe": "elbo", "beta": 1.0},
     "elbo_b0.3": {"recipe": "elbo", "beta": 0.3},
     "elbo_b0.1": {"recipe": "elbo", "beta": 0.1},
@@ -43,6 +45,13 @@ SETTINGS: dict[str, dict] = {
     "elbo_b0.1_z8": {"recipe": "elbo", "beta": 0.1, "model": {"latent_channels": 8}},
     "elbo_b0.1_z64": {"recipe": "elbo", "beta": 0.1, "model": {"latent_channels": 64}},
     "paper_velocity": {"recipe": "paper", "model": {"output": "velocity"}},
+    "paper_z8": {"recipe": "paper", "model": {"latent_channels": 8}},
+    "paper_z4": {"recipe": "paper", "model": {"latent_channels": 4}},
+    "paper_cyclical": {"recipe": "paper", "kl_schedule": "cyclical", "kl_cycles": 4},
+    "paper_warmup": {"recipe": "paper", "kl_warmup_epochs": "third"},
+    "paper_freebits": {"recipe": "paper", "free_bits": 4.0},
+    "elbo_b3_z8": {"recipe": "elbo", "beta": 3.0, "model": {"latent_channels": 8}},
+    "elbo_b3_velocity": {"recipe": "elbo", "beta": 3.0, "model": {"output": "velocity"}},
     "elbo_b0.1_velocity": {"recipe": "elbo", "beta": 0.1, "model": {"output": "velocity"}},
     "elbo_b0.3_velocity": {"recipe": "elbo", "beta": 0.3, "model": {"output": "velocity"}},
 }
@@ -112,16 +121,24 @@ def run_fold(args: dict) -> dict:
         feats = pyramid(es_v)
         mu, _ = model.encode(flow_v, es_v, feats)
         rec = model.decode(mu, es_v, feats).float()
-    rep = evaluate_prior(model, pyramid, es_v, flow_v, plan.spacing_mm, k=args["k"], seed=cfg.seed + 7919,
-                         truth=pair.truth_flow, es_labels=pair.es_labels)
-    res = {"setting": args["setting"], "fold": plan.fold, "scan": plan.val_id, "epochs": tc.epochs,
-           "train_s": round(train_s, 1), "train_loss": last.get("train_loss"), "train_kl": last.get("train_kl"),
-           "rec_epe_vox": float(torch.linalg.vector_norm(rec - flow_v, dim=1).mean()),
-           "rec_folding": folding_fraction(rec), **rep.metrics,
-           "sample_ef": [p.ef for p in rep.samples_physiology]}
+    if args.get("models"):
+        Path(args["models"]).mkdir(parents=True, exist_ok=True)
+        model.save(Path(args["models"]) / f"{args['setting']}_fold{plan.fold:03d}_e{tc.epochs}.pt")
+    base = {"fold": plan.fold, "scan": plan.val_id, "epochs": tc.epochs,
+            "train_s": round(train_s, 1), "train_loss": last.get("train_loss"), "train_kl": last.get("train_kl"),
+            "rec_epe_vox": float(torch.linalg.vector_norm(rec - flow_v, dim=1).mean()),
+            "rec_folding": folding_fraction(rec)}
     if pair.truth_flow is not None:
-        res["rec_truth_epe_vox"] = float(torch.linalg.vector_norm(rec[0] - torch.from_numpy(pair.truth_flow), dim=0).mean())
-    return res
+        base["rec_truth_epe_vox"] = float(torch.linalg.vector_norm(rec[0] - torch.from_numpy(pair.truth_flow), dim=0).mean())
+    rows = []
+    for temp in args.get("temperatures", [1.0]):
+        # the same trained model, its prior drawn at z ~ N(0, T²·I) (generate.temperature)
+        rep = evaluate_prior(model, pyramid, es_v, flow_v, plan.spacing_mm, k=args["k"], seed=cfg.seed + 7919,
+                             truth=pair.truth_flow, es_labels=pair.es_labels, temperature=temp)
+        name = args["setting"] if temp == 1.0 else f"{args['setting']}@T{temp:g}"
+        rows.append({"setting": name, "temperature": temp, **base, **rep.metrics,
+                     "sample_ef": [p.ef for p in rep.samples_physiology]})
+    return rows
 
 
 def cohort_ef(prepared: Path) -> list[float]:
@@ -200,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--settings", default="paper,elbo_b0.1")
     ap.add_argument("--k", type=int, default=16, help="prior samples per held-out scan")
+    ap.add_argument("--temperatures", default="1", help="prior temperatures each trained model is scored at (comma list)")
+    ap.add_argument("--models", default=None, help="save every trained model here (cvae checkpoints)")
     ap.add_argument("--jobs", type=int, default=1, help="folds trained at once (processes)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: cores / jobs)")
     ap.add_argument("--out", required=True, help="JSON-lines results file (appended; finished folds skipped)")
@@ -209,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
-    done = {(r["setting"], r["fold"], r["epochs"]) for r in rows}
+    done = {(r["setting"].split("@")[0], r["fold"], r["epochs"]) for r in rows}
     settings = [s for s in a.settings.split(",") if s]
     for s in settings:
         setting_config(a.config, s, a.epochs)  # unknown names and bad values fail before any work
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     todo = [{"setting": s, "fold": f, "epochs": a.epochs, "prepared": a.prepared, "flows": a.flows, "config": a.config,
-             "k": a.k, "threads": threads}
+             "k": a.k, "threads": threads, "models": a.models,
+             "temperatures": [float(t) for t in a.temperatures.split(",") if t]}
             for f in parse_folds(a.folds) for s in settings if (s, f, a.epochs) not in done]
     if not a.summary_only and todo:
         import multiprocessing as mp
@@ -225,23 +245,24 @@ def main(argv: list[str] | None = None) -> int:
             for i, fut in enumerate(as_completed(futs), 1):
                 t = futs[fut]
                 try:
-                    r = fut.result()
+                    new = fut.result()
                 except Exception as exc:  # report and go on: the other folds are still worth having
                     print(f"prior_recipes: {t['setting']} fold {t['fold']} failed: {exc}", file=sys.stderr)
                     continue
-                rows.append(r)
+                rows.extend(new)
                 with out.open("a") as fh:
-                    fh.write(json.dumps(r) + "\n")
-                print(f"[{i}/{len(todo)}] {r['setting']} fold {r['fold']}: ES {r['prior_energy_score_vox']:.3f} "
-                      f"ratio {r['prior_spread_skill']:.2f} mag {r['prior_magnitude_ratio']:.2f} "
-                      f"rec {r['rec_epe_vox']:.3f} ({r['train_s']:.0f} s)", file=sys.stderr, flush=True)
+                    fh.write("".join(json.dumps(r) + "\n" for r in new))
+                for r in new:
+                    print(f"[{i}/{len(todo)}] {r['setting']} fold {r['fold']}: ES {r['prior_energy_score_vox']:.3f} "
+                          f"ratio {r['prior_spread_skill']:.2f} mag {r['prior_magnitude_ratio']:.2f} "
+                          f"rec {r['rec_epe_vox']:.3f} ({r['train_s']:.0f} s)", file=sys.stderr, flush=True)
     cohort_file = out.with_suffix(".cohort.json")
     if cohort_file.is_file():
         ef = json.loads(cohort_file.read_text())
     else:
         ef = cohort_ef(Path(a.prepared))
         cohort_file.write_text(json.dumps(ef))
-    summary = summarize([r for r in rows if r["setting"] in settings or a.summary_only], ef)
+    summary = summarize([r for r in rows if r["setting"].split("@")[0] in settings or a.summary_only], ef)
     if a.table:
         Path(a.table).write_text(markdown(summary))
     print(json.dumps(summary, indent=1))

@@ -195,6 +195,17 @@ def test_export_writes_nifti_simpleitk_reads_the_flow(corpus, inputs, tmp_path):
                                   s["ed_syn"])
 
 
+@pytest.mark.parametrize("index", ["-1", "100000"])
+def test_export_refuses_an_index_outside_the_corpus(corpus, tmp_path, capsys, index):
+    from cardiomotion.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", "--corpus", str(corpus[0]), "--index", index, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--index {index} is outside the corpus" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_resume_after_interrupted_run(corpus, inputs, capsys):
     """A run dies at shard 2 (a stale temp file left behind, shard 0 lost too); the CLI rerun
     writes only the missing shards, leaves the finished one untouched and gives the same bytes."""

@@ -268,6 +268,19 @@ def test_manifest_phase_out_of_range_is_bad_input(prepared, cohort, tmp_path, ca
     assert not (out / "scans.parquet").exists() and not (out / "phantom_002").exists()
 
 
+def test_manifest_row_naming_no_scan_is_refused_with_the_closest_ids(cohort, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("scan_id,es_phase,ed_phase\nphantom_02,3,0\n")  # a typo of phantom_002
+    out = tmp_path / "out"
+    rc = main(["prepare", "--scans", *map(str, cohort), "--out", str(out), "--manifest", str(manifest),
+               "--config", str(SMOKE)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "m.csv" in err[0] and "'phantom_02' matches none of the 3 scans given" in err[0]
+    assert "closest: phantom_002" in err[0]
+    assert not out.exists()
+
+
 def test_prepared_pairs_dataset(prepared, ray_session):
     ds = prepared_pairs(prepared)
     assert isinstance(ds, ray_session.data.Dataset)

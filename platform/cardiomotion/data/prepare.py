@@ -144,9 +144,11 @@ def _prepare_row(row: dict) -> dict:
                 "error": f"{row['path']}: internal error {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
 
 
-def _check_up_front(sid: str, path: Path, out: Path) -> None:
+def _check_up_front(sid: str, path: Path, out: Path, phases: tuple[int, int] | None = None,
+                    manifest: Path | None = None) -> None:
     """Cheap checks on the driver before any Ray work: the format, and for NIfTI inputs the
-    headers (shape, phases, truncation); a stray non-empty ``out/<sid>`` without a record.
+    headers (shape, phases, truncation) and the manifest's (es, ed) ``phases`` against the scan's
+    phase count; a stray non-empty ``out/<sid>`` without a record.
 
     DICOM folders are only recognised here: reading every slice header is the workers' job.
     """
@@ -158,7 +160,27 @@ def _check_up_front(sid: str, path: Path, out: Path) -> None:
                                  "delete it or use another --out")
     fmt = detect_format(path)
     if fmt is not ScanFormat.DICOM:
-        read_scan(path, fmt)
+        scan = read_scan(path, fmt)
+        if phases is not None:
+            for name, t in zip(("es_phase", "ed_phase"), phases):
+                if not 0 <= t < scan.n_phases:
+                    raise InputError(manifest, f"{sid}: {name} = {t} is outside the scan's phases "
+                                               f"0..{scan.n_phases - 1} ({path})")
+            if phases[0] == phases[1]:
+                raise InputError(manifest, f"{sid}: the same phase {phases[0]} for ES and ED")
+
+
+def check_manifest_ids(manifest: Path, ids: Iterable[str], known: Iterable[str]) -> None:
+    """Refuse manifest rows whose scan id names none of the scans given (a typo would otherwise
+    send that scan to ES/ED detection silently), naming the closest scan ids."""
+    import difflib
+
+    known = sorted(set(known))
+    for sid in sorted(ids):
+        if sid not in known:
+            close = difflib.get_close_matches(sid, known, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise InputError(manifest, f"scan id {sid!r} matches none of the {len(known)} scans given{hint}")
 
 
 def prepare_scans(
@@ -183,6 +205,8 @@ def prepare_scans(
     out = Path(out_dir).resolve()
     items = plan_scans(scans)
     man = read_manifest(manifest) if manifest else None
+    if man:
+        check_manifest_ids(Path(manifest), man, (sid for sid, _ in items))
     fingerprint = config_fingerprint(cfg.prepare)
     done: list[dict] = []
     todo: list[dict] = []
@@ -203,7 +227,8 @@ def prepare_scans(
             if on_skip:
                 on_skip(sid)
             continue
-        _check_up_front(sid, path, out)
+        _check_up_front(sid, path, out, tuple(man[sid]) if man and sid in man else None,
+                        Path(manifest) if manifest else None)
         todo.append({"scan_id": sid, "path": str(path), "out": str(out),
                      "cfg": cfg.prepare.model_dump_json(), "manifest": json.dumps(man) if man else ""})
     if todo:

@@ -56,7 +56,7 @@ def draw_prior_samples(model, pyramid, es: torch.Tensor, k: int, seed: int, batc
 
 @torch.no_grad()
 def evaluate_prior(model, pyramid, es: torch.Tensor, reference: torch.Tensor, spacing_mm: float, *, k: int = 16,
-                   seed: int = 0, truth: Any = None, es_labels: Any = None) -> PriorReport:
+                   seed: int = 0, truth: Any = None, es_labels: Any = None, temperature: float = 1.0) -> PriorReport:
     """Score K prior samples of a held-out scan.
 
     Args:
@@ -67,6 +67,7 @@ def evaluate_prior(model, pyramid, es: torch.Tensor, reference: torch.Tensor, sp
         k: number of prior samples (K ≥ 2 for the spread terms).
         truth: optional exact pull field (3, I, J, K) voxels (phantom).
         es_labels: optional (I, J, K) ES labels (phantom): physiology of each synthetic ED.
+        temperature: prior z ~ N(0, T²·I), as ``generate.temperature`` draws a corpus.
 
     Returns:
         :class:`PriorReport`. Metric keys: ``prior_<score>_vox`` / ``_mm`` against the annotated
@@ -76,7 +77,7 @@ def evaluate_prior(model, pyramid, es: torch.Tensor, reference: torch.Tensor, sp
     """
     from ..flow.metrics import folding_fraction
 
-    samples = draw_prior_samples(model, pyramid, es, k, seed)
+    samples = draw_prior_samples(model, pyramid, es, k, seed, temperature=temperature)
     ref = torch.as_tensor(np.asarray(reference)) if not isinstance(reference, torch.Tensor) else reference
     ref = ref.detach().float().cpu().reshape(3, *samples.shape[2:])
     metrics = ensemble_score(samples, ref).to_dict("prior_", spacing_mm)

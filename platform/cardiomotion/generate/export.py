@@ -19,8 +19,8 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
     whose hash must match).
 
     Raises:
-        InputError: not a complete corpus, or a model that is not the corpus' model.
-        IndexError: ``index`` outside the corpus.
+        InputError: not a complete corpus, a model that is not the corpus' model, or ``index``
+            outside 0 … N−1 (a negative index is refused: the CLI names samples by their number).
     """
     import numpy as np
 
@@ -31,6 +31,8 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
 
     cfg = cfg or load_config(None)
     corpus = open_corpus(corpus_dir)
+    if not 0 <= int(index) < len(corpus):
+        raise InputError(corpus_dir, f"--index {index} is outside the corpus: it holds samples 0 … {len(corpus) - 1}")
     s = corpus[index]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

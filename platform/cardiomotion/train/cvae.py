@@ -74,9 +74,9 @@ def step_loss(cfg: Config, flow_pred, flow, mu, logvar, factor: float):
 
 @torch.no_grad()
 def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: float, n_prior: int,
-             seed: int, device) -> dict[str, float]:
+             seed: int, device, temperature: float = 1.0) -> dict[str, float]:
     """Held-out metrics of pairs (es (N,1,…), flow (N,3,…) voxels): the reconstruction (z = μ) and
-    ``n_prior`` prior samples (z ~ N(0, I), drawn from a CPU generator seeded ``seed``, so the same
+    ``n_prior`` prior samples (z ~ N(0, T²·I), T = ``temperature`` as the corpus is drawn; drawn from a CPU generator seeded ``seed``, so the same
     on any device) scored as an ensemble against the annotated flow
     (:func:`cardiomotion.evaluate.generative.ensemble_score`; means over the N pairs)."""
     from ..evaluate.generative import ensemble_score
@@ -89,7 +89,8 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
     mu, logvar = model.encode(flow, es, feats)
     rec = model.decode(mu, es, feats).float()
     gen = torch.Generator().manual_seed(seed)
-    samples = torch.stack([model.sample(es, feats, generator=gen).float() for _ in range(n_prior)])  # (K, N, 3, …)
+    samples = torch.stack([model.sample(es, feats, temperature=temperature, generator=gen).float()
+                           for _ in range(n_prior)])  # (K, N, 3, …)
     epe_p = float(torch.linalg.vector_norm(samples - flow[None], dim=2).mean())
     scores = [ensemble_score(samples[:, n].cpu(), flow[n].cpu()) for n in range(flow.shape[0])]
 
@@ -231,7 +232,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0 and (last or (epoch + 1) % tc.val_every == 0):
             with recipe.autocast(device):
                 val = validate(unwrap(model), pyramid, es_val, flow_val, plan.spacing_mm, tc.prior_samples,
-                               cfg.seed, device)
+                               cfg.seed, device, temperature=cfg.generate.temperature)
             val["val_loss"] = validation_loss(cfg, model, plan.grid, val["val_mse_rec"], val["val_kl"], epoch)
             metrics.update(val)
         if rank == 0:
@@ -327,7 +328,8 @@ def fold_figure(model, plan, cfg: Config, dst: Path) -> Path:
 
 
 def prior_report(model, plan, cfg: Config, dst_dir: Path):
-    """Score ``train.eval_samples`` prior samples of the held-out scan (:func:`cardiomotion.evaluate.
+    """Score ``train.eval_samples`` prior samples of the held-out scan, drawn at the corpus'
+    ``generate.temperature`` (:func:`cardiomotion.evaluate.
     prior.evaluate_prior`: against its annotated flow and, on a phantom, its exact truth and the
     physiology of every synthetic ED) and draw the EF histogram against the cohort's true EFs
     (every prepared scan's truth field, measured the same way). Returns (metrics, figure or None)."""
@@ -344,7 +346,8 @@ def prior_report(model, plan, cfg: Config, dst_dir: Path):
     rows = {str(r["scan_id"]): r for r in table.to_dict("records")}
     pair = load_pair(plan.prepared, rows[plan.val_id], with_truth=True)
     rep = evaluate_prior(model.eval(), pyramid, es, flow, plan.spacing_mm, k=cfg.train.eval_samples,
-                         seed=cfg.seed, truth=pair.truth_flow, es_labels=pair.es_labels)
+                         seed=cfg.seed, truth=pair.truth_flow, es_labels=pair.es_labels,
+                         temperature=cfg.generate.temperature)
     figure = None
     if rep.samples_physiology:
         cohort = []

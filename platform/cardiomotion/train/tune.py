@@ -202,7 +202,7 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
                             device=device, recipe=recipe)
             with recipe.autocast(device):
                 m.update(validate(f["model"], pyramid, f["es_v"], f["flow_v"], f["plan"].spacing_mm,
-                                  tc.prior_samples, cfg.seed, device))
+                                  tc.prior_samples, cfg.seed, device, temperature=cfg.generate.temperature))
             per_fold.append(m)
         metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
         metrics.update(objective(metrics, tcfg))
