@@ -37,3 +37,21 @@ def test_all_project_exception_classes_are_covered():
     known = {InputError, ConfigError, TrackingError, TuneInterrupted}
     assert set(subclasses(CardiomotionError)) <= known | {c for c in subclasses(CardiomotionError)
                                                           if c.__module__.startswith("tests")}
+
+
+def test_exclusive_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
+    import subprocess
+    import sys
+
+    from cardiomotion.fileio import exclusive_lock
+
+    out = tmp_path / "prepared"
+    code = ("import sys; from cardiomotion.fileio import exclusive_lock\n"
+            "try:\n    exclusive_lock(sys.argv[1], 'prepare').__enter__()\nexcept Exception as e:\n"
+            "    print(e); sys.exit(2)\n")
+    with exclusive_lock(out, "prepare"):
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+        assert proc.returncode == 2 and "another `prepare` is writing this folder" in proc.stdout
+        assert not out.exists()  # the lock lives next to the folder: a refused call leaves it alone
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout  # released

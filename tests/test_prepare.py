@@ -193,6 +193,14 @@ def test_rerun_skips_finished_scans(prepared, cohort, cfg):
     pd.testing.assert_frame_equal(read_scan_table(prepared), before)
 
 
+def test_preparing_more_scans_into_a_folder_merges_its_table(prepared, cohort, cfg):
+    """Adding scans keeps the earlier ones in scans.parquet (a call with one scan used to rewrite
+    the table with that scan only)."""
+    before = read_scan_table(prepared)
+    prepare_scans(cohort[:1], prepared, cfg)  # nothing to do for it, but the table is rewritten
+    pd.testing.assert_frame_equal(read_scan_table(prepared), before)
+
+
 def test_rerun_with_other_settings_is_refused(prepared, cohort, cfg):
     other = cfg.model_copy(update={"prepare": cfg.prepare.model_copy(update={"spacing_mm": 3.0})})
     with pytest.raises(InputError, match="different prepare settings"):

@@ -113,3 +113,33 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, *, inten
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path
+
+
+@contextmanager
+def exclusive_lock(target: str | Path, stage: str) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on the output folder ``target`` of ``stage``.
+
+    The lock is an ``flock`` on the hidden file ``.<name>.<stage>.lock`` next to ``target`` (so a
+    refused call leaves ``target`` itself untouched); the kernel drops it when the process dies,
+    so a killed run never leaves a stale lock.
+
+    Raises:
+        InputError: another process holds the lock (a second run on the same folder).
+    """
+    import fcntl
+
+    from .errors import InputError
+
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.{stage}.lock"
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(target, f"another `{stage}` is writing this folder right now: wait for it, "
+                                     "or use another --out") from None
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -192,6 +192,26 @@ def prepare_scans(
 ) -> Path:
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
+    One ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`: a second
+    one is refused with one line). See :func:`_prepare_scans` for the rest.
+    """
+    from ..fileio import exclusive_lock
+
+    with exclusive_lock(out_dir, "prepare"):
+        return _prepare_scans(scans, out_dir, cfg, manifest, on_skip)
+
+
+def _prepare_scans(
+    scans: Iterable[str | Path],
+    out_dir: str | Path,
+    cfg: Config,
+    manifest: str | Path | None = None,
+    on_skip: Callable[[str], None] | None = None,
+) -> Path:
+    """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
+
+    Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges).
+
     Raises:
         InputError: bad input (first problem, by file). Duplicate ids, missing paths, unknown
             formats, unreadable/truncated NIfTI headers, 3-D or single-phase files and phase
@@ -244,7 +264,27 @@ def prepare_scans(
             more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
             raise InputError(None, first + more)
         done.extend(json.loads(r["record"]) for r in rows)
+    done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
     return write_scan_table(out, done)
+
+
+def _earlier_records(out: Path, fingerprint: str, given: set[str]) -> list[dict]:
+    """Records of scans an earlier ``prepare`` finished in ``out`` that this call was not given:
+    adding scans to a prepared folder merges them into its table instead of dropping the others.
+
+    Raises:
+        InputError: such a scan was prepared with other settings (one table, one grid).
+    """
+    found = []
+    for rec_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in given):
+        rec = read_record(rec_dir)
+        if rec is None:
+            continue
+        if rec.get("fingerprint") != fingerprint:
+            raise InputError(rec_dir, "was prepared with different prepare settings than the scans given now; "
+                                      "one prepared folder holds one setting: use another --out")
+        found.append(rec["record"])
+    return found
 
 
 def prepared_pairs(prepared_dir: str | Path, with_truth: bool = False):

@@ -381,7 +381,17 @@ def _epochs_logged(client, run_id: str) -> int:
         return 0
 
 
-def run_cv(
+def run_cv(prepared_dir, flows_dir, out_dir, cfg: Config, *args, **kwargs) -> "CVSummary":
+    """Leave-one-out cross-validation into ``out_dir``; one ``cv`` at a time per folder (a second
+    is refused with one line, :func:`~cardiomotion.fileio.exclusive_lock`). Arguments and
+    behaviour: :func:`_run_cv`."""
+    from ..fileio import exclusive_lock
+
+    with exclusive_lock(out_dir, "cv"):
+        return _run_cv(prepared_dir, flows_dir, out_dir, cfg, *args, **kwargs)
+
+
+def _run_cv(
     prepared_dir: str | Path,
     flows_dir: str | Path,
     out_dir: str | Path,
