@@ -80,10 +80,24 @@ def setting_config(base_path: str | None, name: str, epochs: int):
     return load_config(base_path, {"train": over})
 
 
-def run_fold(args: dict) -> dict:
-    """Train one (setting, fold) in this process and evaluate its prior; returns the result row."""
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGTERM when the bench process dies (a killed bench leaves no
+    orphaned workers training on)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_fold(args: dict) -> list[dict]:
+    """Train one (setting, fold) in this process and evaluate its prior at each temperature;
+    returns one result row per temperature."""
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(args["threads"])
     from cardiomotion.data.table import load_pair, read_scan_table
     from cardiomotion.evaluate.prior import evaluate_prior

@@ -182,3 +182,19 @@ def test_foreign_folder_in_the_output_is_refused_before_any_work(annotated, tmp_
     with pytest.raises(InputError, match="phantom_000: exists but holds no finished annotation"):
         annotate(root / "prepared", out, cfg)
     assert sorted(p.name for p in out.iterdir()) == ["phantom_000"]  # nothing else written
+
+
+def test_a_truncated_or_missing_network_is_trained_again_not_reused(tmp_path):
+    """Resume after a killed run or a full disk: only a network and pyramid that both load are reused."""
+    from cardiomotion.annotate import MODEL_FILE, PYRAMID_FILE, _unusable_model
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    net = PWCNet3D(channels=(4, 8), estimator_channels=(8,), search_range=1)
+    assert "missing" in _unusable_model(tmp_path)
+    net.save(tmp_path / MODEL_FILE)
+    assert _unusable_model(tmp_path) == f"{tmp_path / PYRAMID_FILE} is missing"
+    net.pyramid.save(tmp_path / PYRAMID_FILE)
+    assert _unusable_model(tmp_path) is None
+    data = (tmp_path / MODEL_FILE).read_bytes()
+    (tmp_path / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    assert "unreadable" in _unusable_model(tmp_path) and MODEL_FILE in _unusable_model(tmp_path)

@@ -94,6 +94,24 @@ def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) 
     return q
 
 
+def _unusable_model(out: Path) -> str | None:
+    """Why the trained PWC-Net in ``out`` cannot be reused (missing, truncated or unreadable
+    network or frozen pyramid), or None when both load. A killed run, a full disk or a copy cut
+    short leaves such files; a rerun then trains again instead of failing on them."""
+    from .models.pwcnet import PWCNet3D
+    from .models.pyramid import FeaturePyramid
+
+    for name, cls in ((MODEL_FILE, PWCNet3D), (PYRAMID_FILE, FeaturePyramid)):
+        path = out / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            cls.load(path)
+        except Exception as exc:
+            return f"{path} is unreadable ({exc.__class__.__name__})"
+    return None
+
+
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
     """Annotate one prepared pair (a Ray Data task); input errors come back as data."""
     from .data.intensity import hu_to_unit
@@ -181,7 +199,10 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
                                                       "intensity": cfg.intensity.model_dump(mode="json"),
                                                       "prepared": str(prepared), "n_scans": len(rows)},
                             tags={"stage": "annotate"}) as run:
-        if not model_path.is_file():
+        unusable = _unusable_model(out)
+        if unusable and model_path.exists():
+            log(f"annotate: {unusable}: training it again")
+        if unusable:
             log(f"annotate: training the PWC-Net on {len(rows)} pairs for {cfg.annotate.epochs} epochs (Ray Train)")
             with tracking.watch_metric(uri, run.info.run_id, "pwc_train_loss", on_epoch):
                 model = train_pwcnet(prepared, cfg, storage_path=out / "ray_train", rows=rows,
