@@ -351,6 +351,24 @@ def test_bad_inputs_are_refused_before_any_work(corpus, inputs, tmp_path):
     refuse("is not empty and holds no corpus", out=stray)
 
 
+def test_a_plan_without_shards_does_not_claim_the_folder(corpus, tmp_path):
+    """A run that stopped before its first shard (e.g. MLflow unreachable) leaves plan.json only:
+    another seed may then use the folder; a folder with shards still refuses another corpus."""
+    import json
+    import shutil
+
+    from cardiomotion.generate.job import PLAN, _check_out
+
+    plan = json.loads((corpus[0] / PLAN).read_text())
+    other = {**plan["identity"], "seed": plan["identity"].get("seed", 0) + 1}
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy2(corpus[0] / PLAN, lone / PLAN)
+    assert _check_out(lone, other, N, 4) is None
+    with pytest.raises(InputError, match="holds a corpus"):
+        _check_out(corpus[0], other, N, 4)
+
+
 def test_cli_reports_bad_input_in_one_line(inputs, capsys, tmp_path):
     from cardiomotion.cli import main
 

@@ -150,7 +150,11 @@ def _check_out(out: Path, identity: dict, n: int, shard_size: int) -> dict | Non
         except (ValueError, KeyError):
             raise InputError(plan_path, "unreadable corpus plan; use another --out") from None
         if found != identity:
-            _refuse_other_corpus(out, found, identity)
+            if any(out.glob("shard-*.tar")) or (out / MANIFEST).is_file():
+                _refuse_other_corpus(out, found, identity)
+            # A plan without a single shard is only an intention (a run that stopped before any
+            # work, e.g. MLflow unreachable): it does not make the folder another corpus.
+            plan = None
     else:
         others = sorted(p.name for p in out.iterdir() if not _is_temp(p) and p.name != LOCK)
         if others:
