@@ -280,7 +280,9 @@ def generate_corpus(
                 if (r := _finished_shard(out, k, n, g.shard_size, ident_sha, g.verify)) is not None}
         todo = [k for k in range(shards) if k not in done]
         if not todo and (out / MANIFEST).is_file() and read_manifest(out).get("n") == n:
-            log(f"generate: {out} already holds the complete {n}-sample corpus")
+            checked = ("every shard's sha256 matches the manifest" if g.verify == "sha256" else
+                       "shard sizes match the manifest; `generate.verify: sha256` (or Corpus.verify()) checks content")
+            log(f"generate: {out} already holds the complete {n}-sample corpus ({checked})")
             return out / MANIFEST
         (out / MANIFEST).unlink(missing_ok=True)  # the corpus is about to change
         log(f"generate: {n} samples in {shards} shards of {g.shard_size} → {out} "
