@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from cardiomotion.errors import CardiomotionError, ConfigError, InputError
+from cardiomotion.errors import CardiomotionError, ConfigError, InputError, StageFailed
 from cardiomotion.tracking import TrackingError
 from cardiomotion.train.tune import TuneInterrupted
 
@@ -17,6 +17,7 @@ from cardiomotion.train.tune import TuneInterrupted
     ConfigError("configs/x.yaml", "train.w_kl: unknown key"),
     TrackingError("MLflow at http://x:5000 is unreachable"),
     TuneInterrupted("tune: the search stopped; rerun to resume"),
+    StageFailed("generate: shard 1: cannot write (No space left on device); rerun to resume"),
 ])
 def test_exception_pickles_with_its_message_and_fields(exc):
     back = pickle.loads(pickle.dumps(exc))
@@ -34,7 +35,7 @@ def test_all_project_exception_classes_are_covered():
             yield s
             yield from subclasses(s)
 
-    known = {InputError, ConfigError, TrackingError, TuneInterrupted}
+    known = {InputError, ConfigError, TrackingError, TuneInterrupted, StageFailed}
     assert set(subclasses(CardiomotionError)) <= known | {c for c in subclasses(CardiomotionError)
                                                           if c.__module__.startswith("tests")}
 

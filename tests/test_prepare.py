@@ -524,3 +524,23 @@ def test_atomic_writes(tmp_path):
         (tmp / "a.txt").write_text("a")
     assert (empty / "a.txt").read_text() == "a" and empty.stat().st_mode & 0o777 == 0o777 & ~umask
     assert not _leftovers(tmp_path)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_partial(cohort, cfg, tmp_path, monkeypatch):
+    """ENOSPC while writing a prepared scan (injected at the write call, in-process): the worker
+    reports a resumable fault, not an internal error with a traceback, and no folder appears."""
+    import errno
+
+    import cardiomotion.data.prepare as prep
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(prep, "write_nifti", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    row = prep._prepare_row({"scan_id": "phantom_000", "path": str(cohort[0]), "out": str(out),
+                             "cfg": cfg.prepare.model_dump_json(), "manifest": ""})
+    assert row["os_error"] and not row["internal"] and "\n" not in row["error"]
+    assert "No space left on device" in row["error"] and "rerun the same command to resume" in row["error"]
+    assert list(out.iterdir()) == []  # the atomic folder was never renamed into place

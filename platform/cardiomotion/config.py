@@ -151,7 +151,7 @@ class FlowOutput(str, Enum):
 class CVAEModelConfig(_Section):
     """CVAE architecture; its levels and channels mirror the frozen pyramid of the annotation."""
 
-    latent_channels: Optional[int] = Field(None, ge=1, description="null → the coarsest pyramid channels")
+    latent_channels: Optional[int] = Field(8, ge=1, description="channels of the spatial latent map; null → the coarsest pyramid channels (the paper's). 8: measured better energy score (README, 'Which recipe')")
     output: FlowOutput = Field(FlowOutput.DISPLACEMENT, description="displacement (the paper) or velocity (diffeomorphic)")
     integration_steps: int = Field(7, ge=0, le=12, description="scaling-and-squaring steps (velocity)")
 

@@ -23,5 +23,11 @@ class InputError(CardiomotionError):
         return (type(self), (self.where, self.problem))
 
 
+class StageFailed(CardiomotionError):
+    """A stage stopped on a fault of its environment (disk full, read-only file system, a lost
+    worker) rather than on bad input: what it finished is kept, and rerunning the same command
+    resumes. The CLI prints it in one line and exits 2."""
+
+
 class ConfigError(InputError):
     """An invalid configuration file or value."""

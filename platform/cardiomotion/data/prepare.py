@@ -136,11 +136,16 @@ def _prepare_row(row: dict) -> dict:
     try:
         scan = read_scan(row["path"])
         rec = prepare_scan(scan, Path(row["out"]), cfg, manifest)
-        return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": "", "internal": False}
+        return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": "", "internal": False, "os_error": False}
     except CardiomotionError as exc:
-        return {"scan_id": row["scan_id"], "record": "", "error": str(exc), "internal": False}
+        return {"scan_id": row["scan_id"], "record": "", "error": str(exc), "internal": False, "os_error": False}
+    except OSError as exc:  # the file system refused (disk full, read-only, permissions): not a bug
+        where = exc.filename or row["out"]
+        return {"scan_id": row["scan_id"], "record": "", "internal": False, "os_error": True,
+                "error": f"{where}: cannot write ({exc.strerror or exc}); finished scans are kept: "
+                         "free space or fix permissions and rerun the same command to resume"}
     except Exception as exc:  # a bug, not bad input: keep the traceback
-        return {"scan_id": row["scan_id"], "record": "", "internal": True,
+        return {"scan_id": row["scan_id"], "record": "", "internal": True, "os_error": False,
                 "error": f"{row['path']}: internal error {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
 
 
@@ -262,6 +267,10 @@ def _prepare_scans(
         if errors:
             first = errors[0]["error"].splitlines()[0]
             more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
+            if errors[0].get("os_error"):
+                from ..errors import StageFailed
+
+                raise StageFailed(first + more)
             raise InputError(None, first + more)
         done.extend(json.loads(r["record"]) for r in rows)
     done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))

@@ -362,6 +362,11 @@ class ShardWorker:
                                      p["identity"], self.device_label, self.pool), "error": ""}
                 traced = tracemalloc.get_traced_memory() if self.trace else (0, 0)
                 rec["traced_mb"], rec["traced_peak_mb"] = traced[0] / 2**20, traced[1] / 2**20
+            except OSError as exc:  # the file system refused: one line for the user, no traceback
+                where = f" {exc.filename}" if exc.filename else ""
+                rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
+                       "retained_rss_mb": 0.0, "traced_mb": 0.0, "traced_peak_mb": 0.0,
+                       "error": f"OSERROR shard {k}: cannot write{where} ({exc.strerror or exc})"}
             except Exception as exc:  # reported by the driver, which stops the job (finished shards stay)
                 rec = {"index": k, "count": 0, "bytes": 0, "seconds": 0.0, "decode_seconds": 0.0, "rss_mb": 0.0,
                        "retained_rss_mb": 0.0, "traced_mb": 0.0, "traced_peak_mb": 0.0,

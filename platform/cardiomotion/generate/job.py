@@ -363,6 +363,11 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
     except Exception as exc:  # an actor died (out of memory, lost node) rather than a shard failing
         raise RuntimeError(f"generation failed ({_root_cause(exc)}); finished shards are kept: rerun the "
                            "same command to resume") from exc
+    if failed and failed.startswith("OSERROR "):
+        from ..errors import StageFailed
+
+        raise StageFailed(f"generate: {failed.removeprefix('OSERROR ')}; finished shards are kept (nothing "
+                          "partial): free space or fix permissions and rerun the same command to resume")
     if failed:
         first, _, trace = failed.partition("\n")
         raise RuntimeError(f"generation failed at {first}; finished shards are kept: rerun the same command "
