@@ -206,6 +206,23 @@ def test_export_refuses_an_index_outside_the_corpus(corpus, tmp_path, capsys, in
     assert not out.exists()
 
 
+def test_a_full_disk_during_generation_is_one_resumable_line(inputs):
+    """ENOSPC at a shard's write (injected in the actor): StageFailed, one line, no traceback, no
+    manifest and no partial shard; the shards written before it are kept for the rerun."""
+    from cardiomotion.errors import StageFailed
+    from cardiomotion.generate import generate_corpus
+
+    out = inputs["root"] / "full_disk"
+    with pytest.raises(StageFailed) as info:
+        generate_corpus(inputs["uri"], inputs["prepared"], out, N, seed=SEED, cfg=inputs["cfg"], track=False,
+                        _fail_at_shard=(1, "enospc"))
+    msg = str(info.value)
+    assert "\n" not in msg and "No space left on device" in msg and "shard-000001.tar" in msg
+    assert "rerun the same command to resume" in msg
+    assert not (out / "manifest.json").exists() and not (out / "shard-000001.tar").exists()
+    assert not list(out.glob(".*tmp*"))
+
+
 def test_resume_after_interrupted_run(corpus, inputs, capsys):
     """A run dies at shard 2 (a stale temp file left behind, shard 0 lost too); the CLI rerun
     writes only the missing shards, leaves the finished one untouched and gives the same bytes."""

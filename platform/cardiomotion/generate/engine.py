@@ -352,7 +352,14 @@ class ShardWorker:
         for k in batch["shard"]:
             k = int(k)
             try:
-                if p.get("fail_at_shard") is not None and k == p["fail_at_shard"]:
+                fail = p.get("fail_at_shard")  # test hook: shard index, or (index, "enospc")
+                at, kind = (fail, "error") if not isinstance(fail, (tuple, list)) else fail
+                if at is not None and k == at:
+                    if kind == "enospc":
+                        import errno
+                        import os
+
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(p["out"]) / f"shard-{k:06d}.tar"))
                     raise RuntimeError(f"injected failure at shard {k} (test hook)")
                 if self.trace:
                     import tracemalloc

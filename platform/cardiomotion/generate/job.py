@@ -224,7 +224,7 @@ def generate_corpus(
     temperature: float | None = None,
     track: bool = True,
     log: Log = lambda _m: None,
-    _fail_at_shard: int | None = None,
+    _fail_at_shard: int | tuple[int, str] | None = None,
     _trace_memory: bool = False,
 ) -> Path:
     """Generate (or finish) an N-sample corpus of (ES, ED_syn, flow) under ``out_dir``.
@@ -315,7 +315,7 @@ def _empty_stats() -> dict[str, Any]:
 
 def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, frames: dict, identity: dict,
                   ident_sha: str, seed: int, temperature: float, plan: dict, cfg: Config, log: Log,
-                  fail_at_shard: int | None, trace_memory: bool = False) -> dict[str, Any]:
+                  fail_at_shard: int | tuple[int, str] | None, trace_memory: bool = False) -> dict[str, Any]:
     from ..raycluster import init_ray
 
     g = cfg.generate
