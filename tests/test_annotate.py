@@ -198,3 +198,37 @@ def test_a_truncated_or_missing_network_is_trained_again_not_reused(tmp_path):
     data = (tmp_path / MODEL_FILE).read_bytes()
     (tmp_path / MODEL_FILE).write_bytes(data[: len(data) // 2])
     assert "unreadable" in _unusable_model(tmp_path) and MODEL_FILE in _unusable_model(tmp_path)
+
+
+def test_annotations_of_another_prepared_set_are_refused(tmp_path):
+    """Same scan ids and grid, other content: the recorded fingerprint tells them apart."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from cardiomotion.data.table import PREPARED_ID_FILE, check_prepared_identity, prepared_fingerprint, write_scan_table
+
+    def prepared(root, value):
+        root.mkdir()
+        recs = []
+        for sid in ("a", "b"):
+            (root / sid).mkdir()
+            for name in ("es", "ed"):
+                nib.save(nib.Nifti1Image(np.full((4, 4, 4), value, np.int16), np.eye(4)), str(root / sid / f"{name}.nii.gz"))
+            recs.append({"scan_id": sid, "es_path": f"{sid}/es.nii.gz", "ed_path": f"{sid}/ed.nii.gz"})
+        write_scan_table(root, recs)
+        return root
+
+    p1, p2 = prepared(tmp_path / "p1", 1), prepared(tmp_path / "p2", 2)
+    assert prepared_fingerprint(p1) != prepared_fingerprint(p2)
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    check_prepared_identity(p1, flows)  # no record (hand-made annotations): accepted
+    (flows / PREPARED_ID_FILE).write_text(prepared_fingerprint(p1) + "\n")
+    check_prepared_identity(p1, flows)
+    with pytest.raises(InputError, match="made from another prepared set"):
+        check_prepared_identity(p2, flows)
+    shutil.copy2(p2 / "a" / "es.nii.gz", p1 / "a" / "es.nii.gz")  # content changed in place
+    with pytest.raises(InputError, match="another prepared set"):
+        check_prepared_identity(p1, flows)

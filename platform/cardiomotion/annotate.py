@@ -182,6 +182,10 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     prepared = Path(prepared_dir).resolve()
     out = Path(out_dir).resolve()
     rows = check_prepared(prepared, cfg)
+    from .data.table import PREPARED_ID_FILE, check_prepared_identity, prepared_fingerprint
+
+    check_prepared_identity(prepared, out)  # a rerun into annotations of another prepared set
+    prepared_id = prepared_fingerprint(prepared)
     done, todo = [], []
     for row in rows:
         scan_dir = out / str(row["scan_id"])
@@ -194,6 +198,9 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
             todo.append(row)
     uri = tracking.setup(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / PREPARED_ID_FILE).is_file():
+        with atomic_path(out / PREPARED_ID_FILE) as tmp:
+            tmp.write_text(prepared_id + "\n")
     model_path = out / MODEL_FILE
     with tracking.start_run(cfg, "annotate", params={"annotate": cfg.annotate.model_dump(mode="json"),
                                                       "intensity": cfg.intensity.model_dump(mode="json"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -115,3 +116,47 @@ def read_record(scan_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except ValueError:
         return None
+
+
+def prepared_fingerprint(prepared_dir: str | Path) -> str:
+    """Content hash of a prepared set: sha256 over its scan ids and the bytes of every ES and ED
+    file. Annotations record it (``PREPARED_ID_FILE``), so flows made from another prepared set —
+    even one with the same scan ids and grid — are refused instead of trained on."""
+    prepared_dir = Path(prepared_dir).resolve()
+    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in sorted(prepared_dir.glob("*/*.nii.gz")) + [prepared_dir / TABLE] if p.is_file())
+    return _fingerprint(str(prepared_dir), stamp)
+
+
+@lru_cache(maxsize=16)
+def _fingerprint(prepared_dir: str, _stamp: tuple) -> str:
+    """prepared_fingerprint, cached on the files' (name, mtime, size): cv checks every fold."""
+    import hashlib
+
+    prepared_dir = Path(prepared_dir)
+    table = read_scan_table(prepared_dir, check_files=False)
+    h = hashlib.sha256()
+    for row in sorted(table.to_dict("records"), key=lambda r: str(r["scan_id"])):
+        h.update(str(row["scan_id"]).encode() + b"\0")
+        for col in ("es_path", "ed_path"):
+            with open(prepared_dir / row[col], "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+PREPARED_ID_FILE = "prepared.sha256"  # in an annotation folder: the fingerprint of its prepared set
+
+
+def check_prepared_identity(prepared_dir: str | Path, flows_dir: str | Path) -> None:
+    """Refuse annotations made from another prepared set (their recorded fingerprint differs).
+
+    Folders without a record (annotations written by hand or by older versions) are accepted.
+    """
+    path = Path(flows_dir) / PREPARED_ID_FILE
+    if not path.is_file():
+        return
+    want = path.read_text().strip()
+    if want != prepared_fingerprint(prepared_dir):
+        raise InputError(path, f"these annotations were made from another prepared set than {prepared_dir} "
+                               "(content differs): annotate this one, or pass its own --prepared")

@@ -42,7 +42,7 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
             without a flow or with a flow file of the wrong intent, shape or grid (checked from
             the headers), no pyramid, or a fold index outside 0..N−1.
     """
-    from ..data.table import read_scan_table
+    from ..data.table import check_prepared_identity, read_scan_table
     from ..flow.io import check_flow_header
 
     prepared = Path(prepared_dir).resolve()
@@ -55,6 +55,7 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
         raise InputError(None, f"fold {fold} is out of range: {prepared} has {len(ids)} scans (folds 0..{len(ids) - 1})")
     if not (flows / PYRAMID_FILE).is_file():
         raise InputError(flows / PYRAMID_FILE, "missing: run `cardiomotion annotate` to make the frozen pyramid")
+    check_prepared_identity(prepared, flows)
     rows = table.set_index(table.scan_id.astype(str))
     first = rows.loc[ids[0]]
     grid = tuple(int(n) for n in first["shape"])
