@@ -100,3 +100,22 @@ def test_a_users_tracking_uri_survives_setup(tmp_path, monkeypatch):
     cfg = load_config(None, {"storage_root": str(tmp_path / "a"), "tracking": {"uri": str(tmp_path / "cfgstore")}})
     tracking.setup(cfg)  # the config's URI wins for this stage …
     assert os.environ["MLFLOW_TRACKING_URI"] == user  # … and the user's variable is left as it was
+
+
+def test_a_killed_runs_mlflow_run_is_marked_killed_by_its_successor(tmp_path):
+    import mlflow
+
+    from cardiomotion.config import load_config
+    from cardiomotion.tracking import setup, supersede_running, tracking_uri
+
+    cfg = load_config(None, {"storage_root": str(tmp_path / "store")})
+    setup(cfg)
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    dead = client.create_run(exp, tags={"corpus_out": "/data/corpus"}).info.run_id  # never ended: SIGKILL
+    other = client.create_run(exp, tags={"corpus_out": "/data/other"}).info.run_id
+    done = client.create_run(exp, tags={"corpus_out": "/data/corpus"}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    assert supersede_running(cfg, "corpus_out", "/data/corpus") == [dead]
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING" and client.get_run(done).info.status == "FINISHED"

@@ -127,6 +127,26 @@ def start_run(cfg: Config, run_name: str, *, params: Mapping[str, Any] | None = 
         yield run
 
 
+def supersede_running(cfg: Config, key_tag: str, key: str) -> list[str]:
+    """Mark as KILLED every RUNNING run of the configured experiment whose tag ``key_tag`` is
+    ``key``: a run SIGKILLed mid-stage never ends itself, and the caller (holding the stage's lock
+    on that output) is the run that replaces it. Returns the run ids marked."""
+    import mlflow
+
+    uri = setup(cfg)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    safe = key.replace("'", "")
+    found = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`{key_tag}` = '{safe}' and attributes.status = 'RUNNING'"))
+    for r in found:
+        client.set_tag(r.info.run_id, "superseded", "true")
+        client.set_terminated(r.info.run_id, "KILLED")
+    return [r.info.run_id for r in found]
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 

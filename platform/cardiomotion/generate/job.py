@@ -461,9 +461,11 @@ def _mlflow_run(cfg: Config, out: Path, resolved: ResolvedModel, frames: dict, n
               "grid": [int(x) for x in frames["es"].shape[1:]]}
     params["generate"].pop("seed", None)
     params["generate"].pop("temperature", None)
-    tags = {"stage": "generate", "model_uri": resolved.uri}
+    tags = {"stage": "generate", "model_uri": resolved.uri, "corpus_out": str(out)}
     if resolved.uri.startswith("runs:/"):
         tags["source_run_id"] = resolved.uri.split("/")[1]
+    # we hold this corpus' lock: a RUNNING run for the same folder was killed mid-run
+    tracking.supersede_running(cfg, "corpus_out", str(out))
     with tracking.start_run(cfg, f"generate_{out.name}", params=params, tags=tags) as run:
         yield run
 

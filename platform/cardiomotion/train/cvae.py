@@ -404,8 +404,11 @@ def train_fold(
         import mlflow
 
         params = None if mlflow.MlflowClient(uri).get_run(run_id).data.params else params
-    with tracking.start_run(cfg, name, params=params, run_id=run_id,
-                            parent_run_id=parent_run_id, tags={"stage": "train", "fold": str(fold)}) as run:
+    train_key = str(storage_root(cfg) / "ray_results" / name)  # what a rerun resumes
+    if run_id is None:  # a standalone rerun: an earlier attempt killed outright never ended its run
+        tracking.supersede_running(cfg, "train_run", train_key)
+    with tracking.start_run(cfg, name, params=params, run_id=run_id, parent_run_id=parent_run_id,
+                            tags={"stage": "train", "fold": str(fold), "train_run": train_key}) as run:
         log(f"train: fold {fold} (held out {plan.val_id}), {len(plan.train_ids)} training scans, "
             f"{tc.epochs} epochs, run {run.info.run_id}")
         plan_dict = {**plan.__dict__, "prepared": str(plan.prepared), "flows": str(plan.flows),
