@@ -544,3 +544,24 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_partial(cohort, cfg, tmp_pat
     assert row["os_error"] and not row["internal"] and "\n" not in row["error"]
     assert "No space left on device" in row["error"] and "rerun the same command to resume" in row["error"]
     assert list(out.iterdir()) == []  # the atomic folder was never renamed into place
+
+
+def test_symlinked_scan_folders_keep_their_link_names(cohort, cfg, tmp_path):
+    """Two links to one phantom folder: each is prepared under its link's name (the plan's id),
+    not the target's, so the folders do not collide and a rerun resumes both."""
+    import cardiomotion.data.prepare as prep
+
+    links = []
+    for name in ("visit_a", "visit_b"):
+        link = tmp_path / name
+        link.symlink_to(cohort[0], target_is_directory=True)
+        links.append(link)
+    items = prep.plan_scans(links)
+    assert [sid for sid, _ in items] == ["visit_a", "visit_b"]
+    out = tmp_path / "out"
+    out.mkdir()
+    for sid, path in items:
+        row = prep._prepare_row({"scan_id": sid, "path": str(path), "out": str(out),
+                                 "cfg": cfg.prepare.model_dump_json(), "manifest": ""})
+        assert row["error"] == "" and json.loads(row["record"])["scan_id"] == sid
+    assert sorted(p.name for p in out.iterdir()) == ["visit_a", "visit_b"]

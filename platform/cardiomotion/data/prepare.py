@@ -135,6 +135,8 @@ def _prepare_row(row: dict) -> dict:
     manifest = {k: tuple(v) for k, v in json.loads(row["manifest"]).items()} if row["manifest"] else None
     try:
         scan = read_scan(row["path"])
+        # the id the plan chose (a symlinked folder is named by its link, not by its target)
+        scan.scan_id = row["scan_id"]
         rec = prepare_scan(scan, Path(row["out"]), cfg, manifest)
         return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": "", "internal": False, "os_error": False}
     except CardiomotionError as exc:
