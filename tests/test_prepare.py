@@ -261,6 +261,10 @@ def test_read_manifest_forms(tmp_path):
     bad.write_text("scan_id,es\na,3\n")
     with pytest.raises(InputError, match="bad.csv.*scan_id, es_phase, ed_phase"):
         read_manifest(bad)
+    dup = tmp_path / "dup.csv"
+    dup.write_text("scan_id,es_phase,ed_phase\na,3,0\nb,4,0\na,5,0\n")
+    with pytest.raises(InputError, match=r"dup.csv: scan id 'a' appears twice \(line 4"):
+        read_manifest(dup)
     with pytest.raises(InputError, match="missing.csv: manifest does not exist"):
         read_manifest(tmp_path / "missing.csv")
 

@@ -429,3 +429,18 @@ def test_folder_of_unrelated_files(tmp_path):
         read_scan(tmp_path, ScanFormat.DICOM)
     with pytest.raises(InputError, match=r"no NIfTI files"):
         read_scan(tmp_path, ScanFormat.NIFTI_PHASES)
+
+
+def test_a_phantom_folder_without_meta_json_says_so(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from cardiomotion.data.scan import read_scan
+    from cardiomotion.errors import InputError
+
+    folder = tmp_path / "phantom_000"
+    folder.mkdir()
+    for name in ("ct.nii.gz", "labels.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), str(folder / name))
+    with pytest.raises(InputError, match=r"meta.json: missing: the folder looks like a phantom patient"):
+        read_scan(folder)

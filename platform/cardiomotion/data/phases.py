@@ -95,8 +95,12 @@ def read_manifest(path: str | Path) -> dict[str, tuple[int, int]]:
             with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheet BOMs
                 reader = csv.DictReader(fh, skipinitialspace=True)
                 reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-                for row in reader:
-                    out[row["scan_id"].strip()] = (int(row["es_phase"]), int(row["ed_phase"]))
+                for line, row in enumerate(reader, start=2):
+                    sid = row["scan_id"].strip()
+                    if sid in out:
+                        raise InputError(path, f"scan id {sid!r} appears twice (line {line} repeats it): "
+                                               "give each scan one row")
+                    out[sid] = (int(row["es_phase"]), int(row["ed_phase"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(path, f"manifest needs scan_id, es_phase, ed_phase per scan ({exc.__class__.__name__}: {exc})") from None
     return out

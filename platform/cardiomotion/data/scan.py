@@ -125,6 +125,10 @@ def detect_format(path: str | Path) -> ScanFormat:
         raise InputError(path, "not a NIfTI file (.nii or .nii.gz) and not a scan folder")
     if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():
         return ScanFormat.PHANTOM
+    if (path / "ct.nii.gz").is_file() and ((path / "labels.nii.gz").is_file() or (path / "truth").is_dir()):
+        raise InputError(path / "meta.json", "missing: the folder looks like a phantom patient (ct.nii.gz with "
+                                             "labels/truth) but has no meta.json (ES/ED, parameters); "
+                                             "write it again with `cardiomotion phantom`")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if any(is_nifti(p) for p in files):
         return ScanFormat.NIFTI_PHASES
