@@ -65,7 +65,7 @@ def test_corpus_layout_manifest_and_reader(corpus, inputs):
 
     out, manifest = corpus
     man = json.loads(manifest.read_text())
-    assert (man["n"], man["n_shards"], man["shard_size"], man["seed"], man["temperature"]) == (N, 3, 4, SEED, 1.0)
+    assert (man["n"], man["n_shards"], man["shard_size"], man["seed"], man["temperature"]) == (N, 3, 4, SEED, inputs["cfg"].generate.temperature)
     assert [s["count"] for s in man["shards"]] == [4, 4, 2]
     assert man["model"]["uri"] == inputs["uri"]
     assert man["model"]["cvae_sha256"] == sha256_file(inputs["model_dir"] / "cvae.pt")

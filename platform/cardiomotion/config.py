@@ -226,7 +226,7 @@ class GenerateConfig(_Section):
     """Mass generation of (ES, ED_syn, flow) corpora (``cardiomotion generate``, docs/corpus.md)."""
 
     seed: Optional[int] = Field(None, description="corpus seed; null → the top-level seed")
-    temperature: float = Field(1.0, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean")
+    temperature: float = Field(2.0, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean. 2: measured best energy score and calibration (README, 'Which recipe'); 1 = the paper's")
     shard_size: int = Field(256, ge=1, description="samples per tar shard (shard k = samples [k·S, (k+1)·S))")
     batch_size: int = Field(16, ge=1, description="latents decoded together (fixed blocks inside a shard)")
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null → one per GPU share, else one per CPU")
