@@ -23,6 +23,17 @@ def _matplotlib():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary name, then rename) and close it."""
+    from ..fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **({"dpi": dpi} if dpi else {}))
+    _matplotlib().close(fig)
+    return path
+
+
 def orthogonal_slice(vol: np.ndarray, view: str, center: Sequence[int]) -> np.ndarray:
     """The 2-D slice of a RAS volume (I, J, K) for a view, oriented for display (rows, cols)."""
     i, j, k = (int(c) for c in center)
@@ -61,8 +72,6 @@ def plot_orthogonal(
         spacing: voxel size (mm) for correct aspect ratios.
         window: display window (HU) for rows without their own entry in ``windows``.
     """
-    from ..fileio import atomic_path
-
     plt = _matplotlib()
     shape = rows[0][1].shape
     center = center if center is not None else [n // 2 for n in shape]
@@ -83,11 +92,7 @@ def plot_orthogonal(
         fig.colorbar(im, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_pair(
@@ -143,8 +148,6 @@ def plot_error_comparison(errors: dict[str, Sequence[float]], path: str | Path, 
             each, so a line joins the values of one scan across methods.
         path: output PNG (written atomically).
     """
-    from ..fileio import atomic_path
-
     plt = _matplotlib()
     names = list(errors)
     values = [np.asarray(errors[n], dtype=float) for n in names]
@@ -164,11 +167,7 @@ def plot_error_comparison(errors: dict[str, Sequence[float]], path: str | Path, 
         ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ef_histogram(sample_ef: Sequence[float], cohort_ef: Sequence[float], path: str | Path, *,
@@ -180,8 +179,6 @@ def plot_ef_histogram(sample_ef: Sequence[float], cohort_ef: Sequence[float], pa
         sample_ef, cohort_ef: fractions (0.6 = 60 %).
         path: output PNG (written atomically).
     """
-    from ..fileio import atomic_path
-
     plt = _matplotlib()
     s = 100 * np.asarray(sample_ef, dtype=float)
     c = 100 * np.asarray(cohort_ef, dtype=float)
@@ -201,8 +198,4 @@ def plot_ef_histogram(sample_ef: Sequence[float], cohort_ef: Sequence[float], pa
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -75,8 +75,7 @@ def plot_traversal(es_hu: np.ndarray, flows: torch.Tensor | np.ndarray, alphas: 
     """Mosaic of a latent traversal: per direction a row of ED_syn = warp(ES, u(α)) and a row of
     |u(α)| (mm), one column per α (``flows`` (D, A, 3, I, J, K) voxels from
     :func:`~cardiomotion.generate.traversal.latent_traversal`)."""
-    from ..evaluate.figures import _aspect, _matplotlib
-    from ..fileio import atomic_path
+    from ..evaluate.figures import _aspect, _matplotlib, save_figure
     from ..flow.warp import warp
 
     plt = _matplotlib()
@@ -107,8 +106,4 @@ def plot_traversal(es_hu: np.ndarray, flows: torch.Tensor | np.ndarray, alphas: 
             if c == a - 1:
                 fig.colorbar(im, ax=axes[2 * r + 1, :].tolist(), fraction=0.02, pad=0.01)
     fig.suptitle(title or f"latent traversal ({view})")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
