@@ -159,19 +159,6 @@ def run_fold(args: dict) -> list[dict]:
     return rows
 
 
-def cohort_ef(prepared: Path) -> list[float]:
-    """EF of every prepared phantom scan, measured the samples' way on its exact truth field."""
-    from cardiomotion.data.table import load_pair, read_scan_table
-    from cardiomotion.evaluate.physiology import physiology
-
-    out = []
-    for _, row in read_scan_table(prepared).iterrows():
-        pair = load_pair(prepared, row.to_dict(), with_truth=True)
-        if pair.truth_flow is not None and pair.es_labels is not None:
-            out.append(physiology(pair.es_labels, pair.truth_flow, pair.spacing_mm)[0].ef)
-    return out
-
-
 def summarize(rows: list[dict], ef_cohort: list[float]) -> dict:
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -278,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if cohort_file.is_file():
         ef = json.loads(cohort_file.read_text())
     else:
-        ef = cohort_ef(Path(a.prepared))
+        from cardiomotion.evaluate.physiology import cohort_ejection_fractions
+
+        ef = cohort_ejection_fractions(a.prepared)
         cohort_file.write_text(json.dumps(ef))
     summary = summarize([r for r in rows if r["setting"].split("@")[0] in settings or a.summary_only], ef)
     if a.table:

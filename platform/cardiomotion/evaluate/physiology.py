@@ -54,23 +54,32 @@ def _flows(u: Any) -> torch.Tensor:
     return t
 
 
+def _pulled_indicators(lab: np.ndarray, u: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """(label values, each value's ES indicator pulled through each flow (K, L, I, J, K), trilinear)."""
+    from ..flow.warp import warp
+
+    values = [int(v) for v in np.unique(lab) if v != 0]
+    if not values:
+        return values, torch.zeros((u.shape[0], 0, *lab.shape))
+    onehot = torch.from_numpy(np.stack([(lab == v) for v in values]).astype(np.float32))[None]
+    return values, torch.cat([warp(onehot, u[i:i + 1]) for i in range(u.shape[0])])
+
+
+def _labels_from(values: list[int], pulled: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    """Argmax of pulled indicators (background where none exceeds 0.5) → (K, I, J, K) uint8."""
+    if not values:
+        return np.zeros((pulled.shape[0], *shape), np.uint8)
+    best, arg = pulled.max(dim=1)
+    return np.where(best.numpy() > 0.5, np.asarray(values, np.uint8)[arg.numpy()], 0).astype(np.uint8)
+
+
 def synthetic_ed_labels(es_labels: np.ndarray, flow: Any) -> np.ndarray:
     """Labels of the ED a pull flow implies: each label's indicator pulled through the flow
     (trilinear), the largest wins (background where none exceeds 0.5). (I, J, K) uint8 per flow
     of a (3, I, J, K) input, (K, I, J, K) for a batch."""
-    from ..flow.warp import warp
-
     batched = (flow.dim() if isinstance(flow, torch.Tensor) else np.ndim(flow)) == 5
-    u = _flows(flow)
     lab = np.asarray(es_labels)
-    values = [int(v) for v in np.unique(lab) if v != 0]
-    if not values:
-        out = np.zeros((u.shape[0], *lab.shape), np.uint8)
-    else:
-        onehot = torch.from_numpy(np.stack([(lab == v) for v in values]).astype(np.float32))[None]
-        pulled = torch.cat([warp(onehot, u[i:i + 1]) for i in range(u.shape[0])])  # (K, L, I, J, K)
-        best, arg = pulled.max(dim=1)
-        out = np.where(best.numpy() > 0.5, np.asarray(values, np.uint8)[arg.numpy()], 0).astype(np.uint8)
+    out = _labels_from(*_pulled_indicators(lab, _flows(flow)), lab.shape)
     return out if batched else out[0]
 
 
@@ -108,7 +117,6 @@ def physiology(es_labels: np.ndarray, flows: Any, spacing_mm: float = 1.0) -> li
     """
     from ..flow.metrics import jacobian_determinant
     from ..flow.ops import invert
-    from ..flow.warp import warp
 
     lab = np.asarray(es_labels)
     u = _flows(flows)
@@ -126,13 +134,14 @@ def physiology(es_labels: np.ndarray, flows: Any, spacing_mm: float = 1.0) -> li
     ends = np.stack([pts[t <= lo].mean(0), pts[t >= hi].mean(0)])  # (2, 3) ES voxel coordinates
     length_es = abs(float((ends[1] - ends[0]) @ axis))
 
-    blood_t = torch.from_numpy(blood.astype(np.float32))[None, None]
-    ed_labels = synthetic_ed_labels(lab, u)  # (K, I, J, K): u is batched
+    values, pulled = _pulled_indicators(lab, u)  # once: the synthetic-ED labels and the EDV
+    ed_labels = _labels_from(values, pulled, lab.shape)  # (K, I, J, K)
+    edvs = pulled[:, values.index(LV_BLOOD)].flatten(1).sum(1)  # partial-volume LV blood count
     det = jacobian_determinant(u)[:, 0].numpy()  # (K, I, J, K)
     w = invert(u)  # forward map ES → ED: p + w(p)
     out = []
     for i in range(u.shape[0]):
-        edv = float(warp(blood_t, u[i:i + 1]).sum())
+        edv = float(edvs[i])
         w_ends = _sample(w[i], ends)
         length_ed = abs(float(((ends[1] + w_ends[1]) - (ends[0] + w_ends[0])) @ axis))
         myo = ed_labels[i] == LV_MYO
@@ -152,6 +161,26 @@ def _sample(field: torch.Tensor, points: np.ndarray) -> np.ndarray:
     return np.stack([map_coordinates(f[c], points.T, order=1, mode="nearest") for c in range(3)], axis=1)
 
 
+def cohort_ejection_fractions(prepared_dir) -> list[float]:
+    """EF of every prepared scan that carries ES labels and an exact truth flow (phantoms),
+    measured as :func:`physiology` measures samples (reads only those two files per scan)."""
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from ..data.table import read_scan_table
+    from ..flow.io import read_flow
+
+    d = Path(prepared_dir)
+    out = []
+    for row in read_scan_table(d).to_dict("records"):
+        lab_rel, truth_rel = row.get("es_labels_path"), row.get("truth_flow_path")
+        if isinstance(lab_rel, str) and lab_rel and isinstance(truth_rel, str) and truth_rel:
+            lab = np.asarray(nib.load(str(d / lab_rel)).dataobj, dtype=np.uint8)
+            out.append(ejection_fraction(lab, read_flow(d / truth_rel)[0]))
+    return out
+
+
 def summarize_physiology(items: list[Physiology]) -> dict[str, float]:
     """Mean, std, min and max of each index over samples (keys ``<index>_mean`` …)."""
     out: dict[str, float] = {}
@@ -165,5 +194,5 @@ def summarize_physiology(items: list[Physiology]) -> dict[str, float]:
     return out
 
 
-__all__ = ["LV_BLOOD", "LV_MYO", "Physiology", "ejection_fraction", "long_axis", "physiology", "summarize_physiology",
+__all__ = ["LV_BLOOD", "LV_MYO", "Physiology", "cohort_ejection_fractions", "ejection_fraction", "long_axis", "physiology", "summarize_physiology",
            "synthetic_ed_labels"]

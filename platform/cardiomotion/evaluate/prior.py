@@ -8,7 +8,7 @@ by ``bench/prior_recipes.py``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ class PriorReport:
     metrics: dict[str, float]
     samples_physiology: tuple[Physiology, ...] = ()
     truth_physiology: Physiology | None = None
-    reference_physiology: Physiology | None = field(default=None)
+    reference_physiology: Physiology | None = None
 
 
 @torch.no_grad()

@@ -295,17 +295,14 @@ def save_model_dir(model, plan, pyramid_config: dict, cfg: Config, dst: Path) ->
     return dst
 
 
-def fold_figure(model, plan, cfg: Config, dst: Path) -> Path:
-    """Held-out ES, its annotated flow, the reconstruction and a prior sample (orthogonal slices)."""
+def fold_figure(model, pyramid, es: torch.Tensor, flow: torch.Tensor, plan, cfg: Config, dst: Path) -> Path:
+    """Held-out ES (1, 1, I, J, K), its annotated flow (1, 3, I, J, K), the reconstruction and a prior
+    sample (orthogonal slices)."""
     import numpy as np
 
     from ..evaluate.figures import plot_orthogonal
     from ..flow.warp import warp
-    from ..models.pyramid import FeaturePyramid
-    from .fold import PYRAMID_FILE, load_samples
 
-    es, flow = load_samples(plan, [plan.val_id], cfg.intensity.window)
-    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
     model = model.eval()
     with torch.no_grad():
         feats = pyramid(es)
@@ -327,35 +324,27 @@ def fold_figure(model, plan, cfg: Config, dst: Path) -> Path:
                            title=f"fold {plan.fold}: held-out {plan.val_id}")
 
 
-def prior_report(model, plan, cfg: Config, dst_dir: Path):
+def prior_report(model, pyramid, es: torch.Tensor, flow: torch.Tensor, plan, cfg: Config, dst_dir: Path):
     """Score ``train.eval_samples`` prior samples of the held-out scan, drawn at the corpus'
     ``generate.temperature`` (:func:`cardiomotion.evaluate.
     prior.evaluate_prior`: against its annotated flow and, on a phantom, its exact truth and the
     physiology of every synthetic ED) and draw the EF histogram against the cohort's true EFs
-    (every prepared scan's truth field, measured the same way). Returns (metrics, figure or None)."""
+    (every prepared scan's truth field, measured the same way). ``es``/``flow``: the held-out pair
+    as :func:`~cardiomotion.train.fold.load_samples` gives it. Returns (metrics, figure or None)."""
     from ..data.table import load_pair, read_scan_table
     from ..evaluate.figures import plot_ef_histogram
-    from ..evaluate.physiology import ejection_fraction
+    from ..evaluate.physiology import cohort_ejection_fractions
     from ..evaluate.prior import evaluate_prior
-    from ..models.pyramid import FeaturePyramid
-    from .fold import PYRAMID_FILE, load_samples
 
-    es, flow = load_samples(plan, [plan.val_id], cfg.intensity.window)
-    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
     table = read_scan_table(plan.prepared)
-    rows = {str(r["scan_id"]): r for r in table.to_dict("records")}
-    pair = load_pair(plan.prepared, rows[plan.val_id], with_truth=True)
+    row = next(r for r in table.to_dict("records") if str(r["scan_id"]) == plan.val_id)
+    pair = load_pair(plan.prepared, row, with_truth=True)
     rep = evaluate_prior(model.eval(), pyramid, es, flow, plan.spacing_mm, k=cfg.train.eval_samples,
                          seed=cfg.seed, truth=pair.truth_flow, es_labels=pair.es_labels,
                          temperature=cfg.generate.temperature)
     figure = None
     if rep.samples_physiology:
-        cohort = []
-        for sid, row in rows.items():
-            p = load_pair(plan.prepared, row, with_truth=True)
-            if p.truth_flow is not None and p.es_labels is not None:
-                cohort.append(ejection_fraction(p.es_labels, p.truth_flow))
-        figure = plot_ef_histogram([p.ef for p in rep.samples_physiology], cohort,
+        figure = plot_ef_histogram([p.ef for p in rep.samples_physiology], cohort_ejection_fractions(plan.prepared),
                                    dst_dir / f"fold_{plan.fold:03d}_ef.png",
                                    truth_ef=rep.truth_physiology.ef if rep.truth_physiology else None,
                                    title=f"fold {plan.fold}: held-out {plan.val_id}, synthetic-ED EF")
@@ -436,8 +425,13 @@ def train_fold(
             import mlflow
 
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
-            figure = fold_figure(model, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
-            prior_metrics, ef_figure = prior_report(model, plan, cfg, Path(tmp))
+            from ..models.pyramid import FeaturePyramid
+            from .fold import PYRAMID_FILE, load_samples
+
+            es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)  # once, for both
+            pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+            figure = fold_figure(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
+            prior_metrics, ef_figure = prior_report(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp))
             metrics.update(prior_metrics)
             import shutil
 
