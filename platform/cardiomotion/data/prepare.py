@@ -199,25 +199,8 @@ def prepare_scans(
 ) -> Path:
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
-    One ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`: a second
-    one is refused with one line). See :func:`_prepare_scans` for the rest.
-    """
-    from ..fileio import exclusive_lock
-
-    with exclusive_lock(out_dir, "prepare"):
-        return _prepare_scans(scans, out_dir, cfg, manifest, on_skip)
-
-
-def _prepare_scans(
-    scans: Iterable[str | Path],
-    out_dir: str | Path,
-    cfg: Config,
-    manifest: str | Path | None = None,
-    on_skip: Callable[[str], None] | None = None,
-) -> Path:
-    """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
-
-    Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges).
+    Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges). One
+    ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`).
 
     Raises:
         InputError: bad input (first problem, by file). Duplicate ids, missing paths, unknown
@@ -225,58 +208,62 @@ def _prepare_scans(
             files that disagree are found on the driver before Ray starts or anything is
             written; problems only the voxels show (NaN/inf, DICOM series, ES/ED detection)
             after the other scans finished (theirs are complete; no scans.parquet is written).
+        StageFailed: the file system refused a write (disk full, read-only); finished scans are kept.
         RuntimeError: a bug in a worker (with the worker's traceback), never reported as bad input.
     """
-    from ..raycluster import init_ray
+    from ..fileio import exclusive_lock
 
-    out = Path(out_dir).resolve()
-    items = plan_scans(scans)
-    man = read_manifest(manifest) if manifest else None
-    if man:
-        check_manifest_ids(Path(manifest), man, (sid for sid, _ in items))
-    fingerprint = config_fingerprint(cfg.prepare)
-    done: list[dict] = []
-    todo: list[dict] = []
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a folder; use another --out")
-    for sid, path in items:
-        rec = read_record(out / sid)
-        if rec is not None:
-            if rec.get("fingerprint") != fingerprint:
-                raise InputError(out / sid, "was prepared with different prepare settings; "
-                                            "use another --out or delete it")
-            record = rec["record"]
-            if man and sid in man and tuple(man[sid]) != (record["es_phase"], record["ed_phase"]):
-                raise InputError(out / sid, f"was prepared with (es_phase, ed_phase) = "
-                                            f"({record['es_phase']}, {record['ed_phase']}), the manifest says "
-                                            f"{tuple(man[sid])}; use another --out or delete it")
-            done.append(record)
-            if on_skip:
-                on_skip(sid)
-            continue
-        _check_up_front(sid, path, out, tuple(man[sid]) if man and sid in man else None,
-                        Path(manifest) if manifest else None)
-        todo.append({"scan_id": sid, "path": str(path), "out": str(out),
-                     "cfg": cfg.prepare.model_dump_json(), "manifest": json.dumps(man) if man else ""})
-    if todo:
-        ray = init_ray(cfg.ray)
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        rows = ds.map(_prepare_row, num_cpus=1).take_all()
-        errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
-        internal = [r for r in errors if r["internal"]]
-        if internal:  # a bug: surface the worker's traceback, not a one-line "bad input"
-            raise RuntimeError(f"prepare failed on {internal[0]['scan_id']}: {internal[0]['error']}")
-        if errors:
-            first = errors[0]["error"].splitlines()[0]
-            more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
-            if errors[0].get("os_error"):
-                from ..errors import StageFailed
+    with exclusive_lock(out_dir, "prepare"):  # one prepare per folder: a second is refused in one line
+        from ..raycluster import init_ray
 
-                raise StageFailed(first + more)
-            raise InputError(None, first + more)
-        done.extend(json.loads(r["record"]) for r in rows)
-    done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
-    return write_scan_table(out, done)
+        out = Path(out_dir).resolve()
+        items = plan_scans(scans)
+        man = read_manifest(manifest) if manifest else None
+        if man:
+            check_manifest_ids(Path(manifest), man, (sid for sid, _ in items))
+        fingerprint = config_fingerprint(cfg.prepare)
+        done: list[dict] = []
+        todo: list[dict] = []
+        if out.exists() and not out.is_dir():
+            raise InputError(out, "exists and is not a folder; use another --out")
+        for sid, path in items:
+            rec = read_record(out / sid)
+            if rec is not None:
+                if rec.get("fingerprint") != fingerprint:
+                    raise InputError(out / sid, "was prepared with different prepare settings; "
+                                                "use another --out or delete it")
+                record = rec["record"]
+                if man and sid in man and tuple(man[sid]) != (record["es_phase"], record["ed_phase"]):
+                    raise InputError(out / sid, f"was prepared with (es_phase, ed_phase) = "
+                                                f"({record['es_phase']}, {record['ed_phase']}), the manifest says "
+                                                f"{tuple(man[sid])}; use another --out or delete it")
+                done.append(record)
+                if on_skip:
+                    on_skip(sid)
+                continue
+            _check_up_front(sid, path, out, tuple(man[sid]) if man and sid in man else None,
+                            Path(manifest) if manifest else None)
+            todo.append({"scan_id": sid, "path": str(path), "out": str(out),
+                         "cfg": cfg.prepare.model_dump_json(), "manifest": json.dumps(man) if man else ""})
+        if todo:
+            ray = init_ray(cfg.ray)
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+            rows = ds.map(_prepare_row, num_cpus=1).take_all()
+            errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
+            internal = [r for r in errors if r["internal"]]
+            if internal:  # a bug: surface the worker's traceback, not a one-line "bad input"
+                raise RuntimeError(f"prepare failed on {internal[0]['scan_id']}: {internal[0]['error']}")
+            if errors:
+                first = errors[0]["error"].splitlines()[0]
+                more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
+                if errors[0].get("os_error"):
+                    from ..errors import StageFailed
+
+                    raise StageFailed(first + more)
+                raise InputError(None, first + more)
+            done.extend(json.loads(r["record"]) for r in rows)
+        done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
+        return write_scan_table(out, done)
 
 
 def _earlier_records(out: Path, fingerprint: str, given: set[str]) -> list[dict]:
