@@ -39,7 +39,6 @@ def _worker(rank: int, opts: dict, threads: int, barrier, queue) -> None:
     try:
         import torch
 
-        from cardiomotion.config import load_config
         from cardiomotion.models.pyramid import FeaturePyramid
         from cardiomotion.train.cvae import build_cvae, train_epoch
         from cardiomotion.train.recipe import StepRecipe
@@ -49,8 +48,7 @@ def _worker(rank: int, opts: dict, threads: int, barrier, queue) -> None:
         cuda = device.type == "cuda"
         bf16 = opts["precision"] == "bf16"
         grid = tuple(opts["grid"])
-        cfg = load_config(None, {"train": {"batch_size": opts["batch"], "bf16": bf16,
-                                           "augment": {"max_shift": max(1, min(grid) // 10)}}})
+        cfg = opts["settings"]  # StepSettings: no config (and so no pydantic) in the fold process
         # the reference recipe (fp32, contiguous, plain Adam) or the step `train` runs on this device
         recipe = (StepRecipe.reference() if opts["recipe"] == "reference"
                   else StepRecipe.for_device(device, bf16=bf16, channels_last=True))
@@ -100,6 +98,12 @@ def measure(n: int, opts: dict, threads: int) -> dict:
     return {"folds_per_device": n, "recipe": opts["recipe"], "precision": opts["precision"], "threads_per_fold": threads,
             "measured_wall_s": round(wall, 3), "measured_samples": samples,
             "samples_per_s": round(samples / wall, 3), "step_s_per_fold": round(sum(per_fold) / n, 4)}
+
+
+def sweep_samples(folds: int, epochs: int, batch: int) -> int:
+    """Training samples of a leave-one-out sweep: folds × epochs × ceil((folds − 1) / batch) × batch
+    (the fold loop's steps over its folds − 1 training scans)."""
+    return folds * epochs * math.ceil((folds - 1) / batch) * batch
 
 
 def _device_name(device: str) -> str:
@@ -162,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and "bf16" in precisions:
         p.error("bf16 is measured on CUDA only (the training code autocasts on CUDA)")
     cores = os.cpu_count() or 1
+    from cardiomotion.config import load_config
+    from cardiomotion.train.settings import StepSettings
+
+    settings = StepSettings.from_config(load_config(None, {"train": {
+        "batch_size": args.batch, "augment": {"max_shift": max(1, min(grid) // 10)}}}))
     base = {"device": device, "grid": grid, "batch": args.batch, "channels": channels, "steps": args.steps,
+            "settings": settings,
             "warmup": args.warmup, "volumes": args.volumes, "timeout": args.timeout}
 
     def threads(n: int) -> int:
@@ -181,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             for prec in precisions for n in ns]
 
     steps_per_epoch = math.ceil((args.folds - 1) / args.recipe_batch)
-    sweep_samples = args.folds * args.epochs * steps_per_epoch * args.recipe_batch
+    sweep = sweep_samples(args.folds, args.epochs, args.recipe_batch)
 
     def project(r: dict) -> dict:
         n = r["folds_per_device"]
-        compute_s = sweep_samples / r["samples_per_s"]
+        compute_s = sweep / r["samples_per_s"]
         startup_s = math.ceil(args.folds / n) * args.fold_startup_s
         return {**r, "projected_sweep_h": round((compute_s + startup_s) / 3600, 3),
                 "speedup_vs_reference": round(r["samples_per_s"] / reference["samples_per_s"], 3)}
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "measured_at": {"grid": grid, "batch": args.batch, "channels": channels,
                         "timed_steps_per_fold": args.steps},
         "recipe": {"folds": args.folds, "epochs": args.epochs, "scans": args.folds, "batch": args.recipe_batch,
-                   "steps_per_epoch": steps_per_epoch, "sweep_samples": sweep_samples,
+                   "steps_per_epoch": steps_per_epoch, "sweep_samples": sweep,
                    "fold_startup_s": args.fold_startup_s},
         "reference": project(reference) | {"recipe": "one fold at a time, fp32, contiguous, plain Adam"},
         "reference_candidates": [{k: c[k] for k in ("threads_per_fold", "samples_per_s", "step_s_per_fold")}

@@ -38,10 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cardiomotion.config import load_config  # noqa: E402
+# torch + numpy only at import: bench/gpu_suite.py reuses these paths where pydantic, Ray and nibabel are missing
 from cardiomotion.generate.engine import SampleEngine, npy_bytes, sample_seed, scan_indices, write_shard  # noqa: E402
-from cardiomotion.generate.job import load_frames  # noqa: E402
-from cardiomotion.generate.model import load_networks, resolve_model  # noqa: E402
+from cardiomotion.generate.model import load_networks  # noqa: E402
 
 
 def _sync(device):
@@ -117,6 +116,7 @@ def _child(args) -> None:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from cardiomotion.config import load_config
     from cardiomotion.generate import generate_corpus
 
     spec = json.loads(args.child)
@@ -176,6 +176,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return _child(args)
+    from cardiomotion.config import load_config
+    from cardiomotion.generate.job import load_frames
+    from cardiomotion.generate.model import resolve_model
+
     args.rss_sizes = [int(x) for x in args.rss_sizes.split(",")]
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if (args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))

@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from cardiomotion.config import load_config  # noqa: E402
 from cardiomotion.models.pyramid import FeaturePyramid  # noqa: E402
 from cardiomotion.train.cvae import build_cvae, train_epoch, validate  # noqa: E402
 from cardiomotion.train.recipe import StepRecipe  # noqa: E402
+from cardiomotion.train.settings import StepSettings  # noqa: E402
 
 
 def nearest_valid(n: int, levels: int) -> int:
@@ -60,16 +60,17 @@ def make_volumes(n: int, grid: tuple[int, int, int], seed: int, modes: int = 4) 
 
 
 class Run:
-    """One recipe's model, frozen pyramid and optimizer, built from the same seed."""
+    """One recipe's model, frozen pyramid and optimizer, built from the same seed (``cfg``: the
+    :class:`StepSettings` of the step, or a config)."""
 
-    def __init__(self, recipe: StepRecipe, cfg, channels, device, seed: int = 0):
+    def __init__(self, recipe: StepRecipe, cfg: StepSettings, channels, device, seed: int = 0):
         self.recipe, self.cfg, self.device = recipe, cfg, device
         recipe.setup()
         torch.manual_seed(seed)
         self.pyramid = recipe.place(FeaturePyramid(1, channels).eval(), device)
         self.pyramid.requires_grad_(False)
         self.model = recipe.place(build_cvae(cfg, self.pyramid.config()), device)
-        self.opt = recipe.optimizer(self.model.parameters(), cfg.train.lr, device)
+        self.opt = recipe.optimizer(self.model.parameters(), cfg.lr, device)
         self.epoch = 0
 
     def train(self, es, flow, steps: int) -> None:
@@ -97,7 +98,7 @@ def time_run(r: Run, es, flow, warmup: int, steps: int) -> dict:
     r.train(es, flow, steps)
     sync(r.device)
     dt = time.perf_counter() - t0
-    out = {"recipe": r.recipe.describe(), "samples_per_s": round(r.cfg.train.batch_size * steps / dt, 3),
+    out = {"recipe": r.recipe.describe(), "samples_per_s": round(r.cfg.batch_size * steps / dt, 3),
            "step_ms": round(1000 * dt / steps, 2)}
     if r.device.type == "cuda":
         out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
@@ -117,6 +118,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (train.lr)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    from cardiomotion.config import load_config
+
     device = torch.device(args.device)
     channels = tuple(int(c) for c in args.channels.split(","))
     levels = len(channels)
@@ -129,8 +132,8 @@ def main() -> None:
             grid = tuple(int(n) for n in spec.split("x"))
         else:
             grid = (int(spec),) * 3
-        cfg = load_config(None, {"train": {"batch_size": args.batch, "lr": args.lr,
-                                           "augment": {"max_shift": max(1, min(grid) // 10)}}})
+        cfg = StepSettings.from_config(load_config(None, {"train": {
+            "batch_size": args.batch, "lr": args.lr, "augment": {"max_shift": max(1, min(grid) // 10)}}}))
         es, flow = make_volumes(args.volumes, grid, seed=0)
         es_v, flow_v = make_volumes(args.val_volumes, grid, seed=1)
         if device.type == "cuda":  # as in training: a fold's data lives on the GPU

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import nibabel as nib
 import numpy as np
 
 
@@ -102,6 +101,8 @@ def _json_default(obj: Any) -> Any:
 
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, *, intent: int | None = None) -> Path:
     """Write a NIfTI-1 image atomically with ``affine`` as sform and qform (code 1, scanner)."""
+    import nibabel as nib  # here, not at import: the GPU suite imports fileio on machines without nibabel
+
     affine = np.asarray(affine, dtype=float)
     img = nib.Nifti1Image(np.asarray(data), affine)
     img.set_sform(affine, code=1)

@@ -6,19 +6,27 @@
 * :func:`export_sample` — NIfTI (flow as intent 1006), ES→ED GIF, latent-traversal mosaic.
 * :func:`latent_traversal` / :func:`latent_directions` — decoding along latent directions.
 
-The corpus format is described in docs/corpus.md.
+The corpus format is described in docs/corpus.md. The names load their modules on first use, so
+``cardiomotion.generate.engine`` (decode + warp + the shard writer) imports where only PyTorch
+and numpy are installed (the GPU suite's machines), without Ray, MLflow, nibabel or pydantic.
 """
 from __future__ import annotations
 
-from .corpus import Corpus, CorpusIterableDataset, open_corpus, read_manifest
-from .engine import sample_seed, scan_indices
-from .export import export_sample
-from .job import generate_corpus, load_frames, regenerate_sample
-from .model import ResolvedModel, resolve_model
-from .traversal import latent_directions, latent_traversal
+import importlib
 
-__all__ = [
-    "Corpus", "CorpusIterableDataset", "ResolvedModel", "export_sample", "generate_corpus", "latent_directions",
-    "latent_traversal", "load_frames", "open_corpus", "read_manifest", "regenerate_sample", "resolve_model",
-    "sample_seed", "scan_indices",
-]
+_WHERE = {
+    "Corpus": "corpus", "CorpusIterableDataset": "corpus", "open_corpus": "corpus", "read_manifest": "corpus",
+    "sample_seed": "engine", "scan_indices": "engine",
+    "export_sample": "export",
+    "generate_corpus": "job", "load_frames": "job", "regenerate_sample": "job",
+    "ResolvedModel": "model", "resolve_model": "model",
+    "latent_directions": "traversal", "latent_traversal": "traversal",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,14 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Config
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 MODEL_FILE = "cvae.pt"
 PYRAMID_FILE = "feature_pyramid.pt"

@@ -17,38 +17,40 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..config import Config
-
 from .checkpoint import load_state, report_with_checkpoint, resume, unwrap
 from .recipe import StepRecipe
+from .settings import StepSettings, step_settings
+
+if TYPE_CHECKING:  # the step functions need no config (and so no pydantic): StepSettings is enough
+    from ..config import Config
 
 MODEL_FILE = "cvae.pt"
 MODEL_META = "model.json"
 
 
-def build_cvae(cfg: Config, pyramid_config: dict[str, Any]):
+def build_cvae(cfg: Config | StepSettings, pyramid_config: dict[str, Any]):
     """The CVAE mirroring the frozen pyramid (its channels per level)."""
     from ..models.cvae import MotionCVAE
 
     chans = list(pyramid_config["channels"])
-    m = cfg.train.model
+    m = step_settings(cfg).model
     return MotionCVAE(channels=chans, cond_channels=chans, latent_channels=m.latent_channels,
-                      output=m.output.value, integration_steps=m.integration_steps)
+                      output=m.output, integration_steps=m.integration_steps)
 
 
-def kl_factor(cfg: Config, epoch: int) -> float:
+def kl_factor(cfg: Config | StepSettings, epoch: int) -> float:
     """The KL schedule's factor in [0, 1] at ``epoch`` (0-based), applied to w_kl (paper) or β (elbo).
 
     linear: min(1, (epoch + 1) / kl_warmup_epochs), 1 without warm-up. cyclical (Fu et al. 2019):
     the epochs split into ``kl_cycles`` equal cycles; in each the factor ramps 0 → 1 over the first
     half and stays at 1 for the second.
     """
-    t = cfg.train
-    if t.kl_schedule.value == "cyclical":
+    t = step_settings(cfg)
+    if t.kl_schedule == "cyclical":
         period = t.epochs / t.kl_cycles
         pos = (epoch % period) / period if period > 0 else 1.0
         return min(1.0, (pos + 1.0 / max(period, 1.0)) / 0.5)
@@ -57,18 +59,18 @@ def kl_factor(cfg: Config, epoch: int) -> float:
     return min(1.0, (epoch + 1) / t.kl_warmup_epochs)
 
 
-def kl_weight(cfg: Config, epoch: int) -> float:
+def kl_weight(cfg: Config | StepSettings, epoch: int) -> float:
     """The effective KL weight at ``epoch``: factor × w_kl (paper) or factor × β (elbo)."""
-    t = cfg.train
-    return kl_factor(cfg, epoch) * (t.w_kl if t.recipe.value == "paper" else t.beta)
+    t = step_settings(cfg)
+    return kl_factor(t, epoch) * (t.w_kl if t.recipe == "paper" else t.beta)
 
 
-def step_loss(cfg: Config, flow_pred, flow, mu, logvar, factor: float):
+def step_loss(cfg: Config | StepSettings, flow_pred, flow, mu, logvar, factor: float):
     """(loss, mse, kl) of one batch as ``train.recipe`` says (see :func:`~cardiomotion.train.losses.cvae_loss`)."""
     from ..train.losses import cvae_loss
 
-    t = cfg.train
-    return cvae_loss(t.recipe.value, flow_pred, flow, mu, logvar, w_rec=t.w_rec, w_kl=t.w_kl, beta=t.beta,
+    t = step_settings(cfg)
+    return cvae_loss(t.recipe, flow_pred, flow, mu, logvar, w_rec=t.w_rec, w_kl=t.w_kl, beta=t.beta,
                      kl_factor=factor, free_bits=t.free_bits)
 
 
@@ -120,34 +122,34 @@ def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: f
     }
 
 
-def validation_loss(cfg: Config, model, grid, mse: float, kl: float, epoch: int) -> float:
+def validation_loss(cfg: Config | StepSettings, model, grid, mse: float, kl: float, epoch: int) -> float:
     """The training objective on held-out numbers (plain means ``mse`` and ``kl`` per element)."""
-    t = cfg.train
-    w = kl_weight(cfg, epoch)
-    if t.recipe.value == "paper":
+    t = step_settings(cfg)
+    w = kl_weight(t, epoch)
+    if t.recipe == "paper":
         return t.w_rec * mse + w * kl
     n_z = math.prod(unwrap(model).latent_shape(grid))
     return mse + w * kl * n_z / (3 * math.prod(grid))
 
 
-def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config, epoch: int, *,
+def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config | StepSettings,
+                epoch: int, *,
                 steps: int, device, recipe: StepRecipe | None = None, rank: int = 0) -> dict[str, float]:
     """One epoch: ``steps`` Adam steps on random batches of (es_all (N,1,I,J,K), flow_all (N,3,I,J,K)
     voxels; on the CPU or already on ``device``). Each batch moves to ``device`` first and is
     augmented there jointly (a CUDA generator on a GPU), then the frozen pyramid runs under
     no_grad, the loss of ``train.recipe`` (:func:`step_loss`), clipping, the optimizer step — all as ``recipe``
     says (default: the reference fp32 recipe). Returns the epoch means of train_loss, train_mse,
-    train_kl and the KL weight used."""
-    from ..train.augment import AugmentConfig, augment
+    train_kl and the KL weight used. ``cfg`` may be the config or its :class:`StepSettings`."""
+    from ..train.augment import augment
 
     recipe = recipe or StepRecipe.reference()
-    tc = cfg.train
+    tc = step_settings(cfg)
     device = torch.device(device)
-    aug_cfg = AugmentConfig(noise_std=tc.augment.noise_std, max_shift=tc.augment.max_shift,
-                            zoom=tuple(tc.augment.zoom), p=tc.augment.p)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)
-    w_kl = kl_weight(cfg, epoch)
-    factor = kl_factor(cfg, epoch)
+    aug_cfg = tc.augment
+    gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + epoch * 101 + rank)
+    w_kl = kl_weight(tc, epoch)
+    factor = kl_factor(tc, epoch)
     sums = torch.zeros(3, device=device)  # loss, mse, kl: summed on the device (no host sync per step)
     for _ in range(steps):
         idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen, device=device).to(es_all.device)
@@ -157,7 +159,7 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
             with torch.no_grad():
                 feats = pyramid(es)
             out = model(flow, es, feats, generator=gen)  # ε too: an epoch is a pure function of (seed, epoch, rank)
-        loss, mse, kl = step_loss(cfg, out.flow, flow, out.mu, out.logvar, factor)
+        loss, mse, kl = step_loss(tc, out.flow, flow, out.mu, out.logvar, factor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip:
@@ -186,6 +188,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
+    from ..config import Config
     from ..train.fold import FoldPlan, load_samples
 
     cfg = Config.model_validate(config["cfg"])

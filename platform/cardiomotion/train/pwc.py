@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
-from ..config import Config
-
 from .checkpoint import load_state, report_with_checkpoint, resume
+
+if TYPE_CHECKING:  # the epoch itself (pwc_train_epoch) needs no config, so no pydantic
+    from ..config import Config
 
 
 def level_weights(cfg: Config, n_levels: int) -> list[float]:
@@ -54,13 +55,49 @@ def load_unit_pairs(prepared_dir: str | Path, rows: list[dict], window) -> tuple
     return torch.from_numpy(np.stack(es))[:, None], torch.from_numpy(np.stack(ed))[:, None]
 
 
+def pwc_train_epoch(model, opt, fixed_all: torch.Tensor, moving_all: torch.Tensor, order: torch.Tensor, *,
+                    steps: int, batch_size: int, weights: Sequence[float], smooth_weight: float,
+                    ssim_alpha: float, device) -> dict[str, float]:
+    """One unsupervised PWC-Net epoch: ``steps`` Adam steps over ``order`` (a permutation of the
+    pairs), batch b of step s taking pairs ``order[(s·batch_size + b) mod N]``.
+
+    Args:
+        fixed_all, moving_all: (N, 1, I, J, K) in [0, 1] (ED and ES, or both directions), on the
+            CPU or already on ``device``.
+        weights: loss weight per decoded level, coarse → fine, then the full-resolution flow.
+        device: the step autocasts to bf16 on CUDA (fp32 elsewhere).
+
+    Returns:
+        epoch means of ``loss``, ``photometric`` and ``smoothness``.
+    """
+    from ..train.losses import pwc_unsupervised_loss
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model.train()
+    sums = torch.zeros(3, device=device)  # loss, photometric, smoothness: no host sync per step
+    for s in range(steps):
+        idx = order[[(s * batch_size + b) % len(order) for b in range(batch_size)]]
+        fixed = fixed_all[idx].to(device)
+        moving = moving_all[idx].to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = model(fixed, moving)
+        flows = [f.float() for f in out.levels] + [out.flow.float()]
+        loss, parts = pwc_unsupervised_loss(fixed, moving, flows, weights, smooth_weight, ssim_alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sums += torch.stack([loss.detach(), parts["photometric"], parts["smoothness"]]).float()  # parts: detached
+    return dict(zip(("loss", "photometric", "smoothness"), (sums / steps).tolist()))
+
+
 def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker loop (``train_loop_per_worker``)."""
     import ray.train
     import ray.train.torch
 
+    from ..config import Config
     from ..tracking import log_metrics_to
-    from ..train.losses import pwc_unsupervised_loss
 
     cfg = Config.model_validate(config["cfg"])
     ac = cfg.annotate
@@ -70,7 +107,6 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
 
     rows = config["rows"]
@@ -91,22 +127,10 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     metrics: dict[str, float] = {}
     for epoch in range(start, ac.epochs):
-        model.train()
         order = torch.randperm(len(fixed_all), generator=gen)
-        sums = torch.zeros(3, device=device)  # loss, photometric, smoothness: no host sync per step
-        for s in range(steps):
-            idx = order[[(s * ac.batch_size + b) % len(order) for b in range(ac.batch_size)]]
-            fixed = fixed_all[idx].to(device)
-            moving = moving_all[idx].to(device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
-                out = model(fixed, moving)
-            flows = [f.float() for f in out.levels] + [out.flow.float()]
-            loss, parts = pwc_unsupervised_loss(fixed, moving, flows, weights, ac.smooth_weight, ac.ssim_alpha)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sums += torch.stack([loss.detach(), parts["photometric"], parts["smoothness"]]).float()  # parts: detached
-        totals = dict(zip(("loss", "photometric", "smoothness"), (sums / steps).tolist()))
+        totals = pwc_train_epoch(model, opt, fixed_all, moving_all, order, steps=steps, batch_size=ac.batch_size,
+                                 weights=weights, smooth_weight=ac.smooth_weight, ssim_alpha=ac.ssim_alpha,
+                                 device=device)
         metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
         if rank == 0:
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"),

@@ -58,9 +58,10 @@ class StepRecipe:
         return ", ".join(on) if on else "fp32, eager, contiguous"
 
     def setup(self) -> None:
-        """Process-wide switches (cuDNN autotuning)."""
-        if self.cudnn_benchmark and torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = True
+        """Process-wide switches: cuDNN autotuning on or off as the recipe says (so a reference
+        step built after a project step in the same process does not inherit its autotuning)."""
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
 
     def place(self, module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
         """Move ``module`` to ``device`` in the recipe's memory format (in place; returned)."""

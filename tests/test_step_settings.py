@@ -1,0 +1,55 @@
+"""StepSettings: the config's training-step values as a frozen dataclass (no pydantic needed).
+
+A step run from the settings must be the step run from the config: same batches, augmentation,
+noise, loss, hence bit-identical parameters afterwards.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cardiomotion.config import load_config
+from cardiomotion.models.pyramid import FeaturePyramid
+from cardiomotion.train.cvae import build_cvae, kl_factor, kl_weight, train_epoch
+from cardiomotion.train.settings import StepSettings, step_settings
+
+
+def _cfg():
+    return load_config(None, {"seed": 3, "train": {
+        "batch_size": 2, "lr": 1e-3, "recipe": "elbo", "beta": 0.7, "kl_schedule": "cyclical", "kl_cycles": 2,
+        "epochs": 8, "free_bits": 0.5, "model": {"latent_channels": 2, "output": "velocity"},
+        "augment": {"max_shift": 1, "noise_std": 0.05, "zoom": [0.95, 1.05]}}})
+
+
+def test_settings_copy_every_value_the_step_reads():
+    cfg = _cfg()
+    s = StepSettings.from_config(cfg)
+    assert (s.seed, s.recipe, s.beta, s.kl_schedule, s.kl_cycles, s.free_bits, s.batch_size) == (
+        3, "elbo", 0.7, "cyclical", 2, 0.5, 2)
+    assert (s.model.latent_channels, s.model.output, s.model.integration_steps) == (2, "velocity", 7)
+    assert (s.augment.max_shift, s.augment.noise_std, s.augment.zoom) == (1, 0.05, (0.95, 1.05))
+    assert step_settings(s) is s and step_settings(cfg) == s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 4  # type: ignore[misc]
+    assert [kl_factor(s, e) for e in range(8)] == [kl_factor(cfg, e) for e in range(8)]
+    assert kl_weight(s, 1) == kl_weight(cfg, 1) == pytest.approx(0.7 * kl_factor(cfg, 1))
+
+
+def test_an_epoch_from_the_settings_equals_an_epoch_from_the_config():
+    cfg = _cfg()
+    s = StepSettings.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    es, flow = torch.rand((3, 1, 8, 8, 8), generator=g), torch.randn((3, 3, 8, 8, 8), generator=g)
+    params, metrics = [], []
+    for c in (cfg, s):
+        torch.manual_seed(0)
+        pyramid = FeaturePyramid(1, (4, 8)).eval().requires_grad_(False)
+        model = build_cvae(c, pyramid.config())
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr if isinstance(c, StepSettings) else c.train.lr)
+        metrics.append(train_epoch(model, pyramid, opt, es, flow, c, 1, steps=2, device="cpu"))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert metrics[0] == metrics[1]
+    assert torch.equal(params[0], params[1])
+    assert metrics[0]["train_loss"] > 0
