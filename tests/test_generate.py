@@ -223,6 +223,37 @@ def test_a_full_disk_during_generation_is_one_resumable_line(inputs):
     assert not list(out.glob(".*tmp*"))
 
 
+def test_a_full_disk_while_writing_the_manifest_names_it_and_resumes(inputs, monkeypatch, capsys):
+    """ENOSPC at the manifest's write (the write call itself fails, as a full disk does): one
+    line naming manifest.json, exit 2, no manifest (nor a temporary one); the rerun writes it."""
+    import errno
+
+    from cardiomotion.cli import main
+
+    out = inputs["root"] / "full_disk_manifest"
+    cfg_file = inputs["root"] / "manifest_enospc.yaml"
+    cfg_file.write_text(dump_config(inputs["cfg"]))
+    real_write_text = Path.write_text
+
+    def full_disk(self, *a, **k):
+        if self.name.startswith(".manifest.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+        return real_write_text(self, *a, **k)
+
+    argv = ["generate", "--model", inputs["uri"], "--prepared", str(inputs["prepared"]), "--out", str(out),
+            "--n", str(N), "--seed", str(SEED), "--config", str(cfg_file), "--no-track"]
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert f"{out / 'manifest.json'}: No space left on device" in err[0] and "rerun the same command" in err[0]
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*tmp*"))
+    assert len(list(out.glob("shard-*.tar"))) > 0
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert main(argv) == 0
+    assert (out / "manifest.json").is_file()
+
+
 def test_resume_after_interrupted_run(corpus, inputs, capsys):
     """A run dies at shard 2 (a stale temp file left behind, shard 0 lost too); the CLI rerun
     writes only the missing shards, leaves the finished one untouched and gives the same bytes."""

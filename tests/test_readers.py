@@ -258,6 +258,23 @@ def test_dicom_duplicate_phase(tmp_path):
     assert str(tmp_path) in str(err.value)
 
 
+def test_dicom_duplicate_slice_positions_name_the_duplicates(tmp_path):
+    """A slice repeated mid-stack (same IPP, another instance): the error names both files."""
+    ipps = _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    mid = next(p for p in sorted(tmp_path.glob("*.dcm"))
+               if (d := pydicom.dcmread(p)).NominalPercentageOfCardiacPhase == 40
+               and np.allclose(d.ImagePositionPatient, ipps[2], atol=1e-4))
+    dup = pydicom.dcmread(mid)
+    dup.SOPInstanceUID = generate_uid()
+    dup.file_meta.MediaStorageSOPInstanceUID = dup.SOPInstanceUID
+    dup.save_as(tmp_path / "zz_duplicate.dcm")
+    with pytest.raises(InputError) as err:
+        read_scan(tmp_path, ScanFormat.DICOM)
+    msg = str(err.value)
+    assert "share ImagePositionPatient" in msg and "\n" not in msg
+    assert mid.name in msg and "zz_duplicate.dcm" in msg
+
+
 def test_dicom_series_without_phase(tmp_path):
     _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
     with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase"):

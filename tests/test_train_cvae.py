@@ -178,6 +178,25 @@ def test_bad_flow_file_is_refused_before_training(fold_inputs, tmp_path, damage,
     assert not (storage_root(cfg) / "ray_results" / "never_runs").exists()
 
 
+def test_truncated_flow_found_in_the_worker_is_one_input_error_not_a_retried_crash(fold_inputs, tmp_path):
+    """The header is intact (the driver's checks pass); the body is cut, so only the Ray Train
+    worker finds it. The loop returns the bad input instead of raising (Ray Train retries
+    exceptions, and a retry reads the same file), and the driver raises it as itself."""
+    import shutil
+
+    from cardiomotion.train.cvae import train_fold
+
+    root, cfg = fold_inputs
+    flows = tmp_path / "flows"
+    shutil.copytree(root / "flows", flows, ignore=shutil.ignore_patterns("ray_train"))
+    path = flows / "phantom_002" / "flow.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"phantom_002/flow.nii.gz: unreadable \((EOFError|OSError|error)") as info:
+        train_fold(root / "prepared", flows, 0, cfg, name="truncated_flow")
+    assert type(info.value) is InputError
+
+
 @pytest.mark.parametrize("override, message", [
     ({"train": {"w_kl": -0.1}}, "train.w_kl"),
     ({"train": {"epochs": 0}}, "train.epochs"),

@@ -44,7 +44,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it onto ``path`` when the block succeeds.
 
     The temporary name keeps the extension (nibabel and pyarrow pick the format from it). On
-    error the temporary file is removed and ``path`` is untouched.
+    error the temporary file is removed and ``path`` is untouched. A file-system error that names
+    no file (a write into a full disk: ``[Errno 28]`` alone) is re-raised naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         _publish_mode(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

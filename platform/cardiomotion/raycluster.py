@@ -1,7 +1,10 @@
 """Connecting to Ray: an embedded local instance by default, or a cluster address."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from typing import Iterator
 
 from .config import RayConfig
 
@@ -12,6 +15,15 @@ def init_ray(cfg: RayConfig | None = None):
     ``cfg.address`` null → an embedded local instance (``address="local"``, so a stale
     /tmp/ray/ray_current_cluster is never joined by accident); "auto" or ray://… → that
     cluster. Inside a Ray job (``RAY_ADDRESS`` set) the job's cluster is used.
+
+    An embedded instance pins its own address for every process it starts: its GCS gets a port
+    chosen here, and the GCS, raylet and dashboard — hence every worker, actor and Ray Train
+    controller, which inherit the raylet's environment — see ``RAY_ADDRESS`` set to it. Without
+    that, Ray code that locates "the" cluster by looking for running GCS processes (Ray Train's
+    placement-group cleaner queries the state API) fails with "Found multiple active Ray
+    instances" whenever a second experiment runs on the same machine. The driver's own
+    environment is left as it was (a later stage in this process or a child command must not
+    join this instance by accident).
     """
     import ray
 
@@ -25,14 +37,39 @@ def init_ray(cfg: RayConfig | None = None):
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address="local",
-            num_cpus=cfg.num_cpus,
-            object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
-            include_dashboard=cfg.dashboard,
-            **kwargs,
-        )
+        port = free_port()
+        with environ_pinned({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}):
+            ray.init(
+                address="local",
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
+                include_dashboard=cfg.dashboard,
+                **kwargs,
+            )
     return ray
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def environ_pinned(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (processes started inside it
+    inherit them), then restore what was there before."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _ray_log_level() -> str:

@@ -162,11 +162,17 @@ def _series_geometry(folder: Path, s: _Series) -> None:
     if n < 2:
         raise InputError(folder, f"{s.label()} has {n} slice: a phase needs at least 2 slices")
     positions = np.stack([sl.position for sl in s.slices])
+    gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    if (gaps < 1e-4).any():  # name the duplicates themselves, wherever they sit in the stack
+        i = int(np.flatnonzero(gaps < 1e-4)[0])
+        a, b = s.slices[i], s.slices[i + 1]
+        same = int((gaps < 1e-4).sum())
+        raise InputError(a.path, f"{s.label()}: {a.path.name} and {b.path.name} share ImagePositionPatient "
+                                 f"{np.round(a.position, 3).tolist()}"
+                                 + (f" ({same} duplicated positions in all)" if same > 1 else "")
+                                 + " (several phases in one series? one series per phase is needed)")
     step = positions[1] - positions[0]
     step_len = float(np.linalg.norm(step))
-    if step_len < 1e-4:
-        raise InputError(folder, f"{s.label()}: two slices share one ImagePositionPatient "
-                                 "(several phases in one series? one series per phase is needed)")
     expected = positions[0] + np.arange(n)[:, None] * step
     if not np.allclose(positions, expected, atol=1e-3 + 0.01 * step_len):
         raise InputError(folder, f"{s.label()}: slices are not evenly spaced along one line "

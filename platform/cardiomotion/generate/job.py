@@ -292,8 +292,15 @@ def generate_corpus(
         with run_ctx as run:
             stats = _run_pipeline(todo, out, n, resolved, frames, identity, ident_sha, seed, temperature, plan,
                                   cfg, log, _fail_at_shard, _trace_memory) if todo else _empty_stats()
-            manifest = _write_manifest(out, n, plan, resolved, frames, identity, ident_sha, seed, temperature, cfg,
-                                       stats, run.info.run_id if run is not None else None)
+            try:
+                manifest = _write_manifest(out, n, plan, resolved, frames, identity, ident_sha, seed, temperature,
+                                           cfg, stats, run.info.run_id if run is not None else None)
+            except OSError as exc:
+                from ..errors import StageFailed
+
+                raise StageFailed(f"generate: {exc.filename or out / MANIFEST}: {exc.strerror or exc}; every shard "
+                                  "is complete and kept: free space or fix permissions and rerun the same command to "
+                                  "write the manifest") from None
             log(f"generate: wrote {manifest} ({stats['generated']} samples this run, "
                 f"{stats['samples_per_s']:.1f} samples/s, {stats['mb_per_s']:.1f} MB/s)")
             previews = write_previews(out, resolved, cfg, log=log) if g.previews else []

@@ -85,3 +85,36 @@ def report_with_checkpoint(metrics: dict, model: torch.nn.Module, opt: torch.opt
                        os.path.join(d, CKPT_FILE))
             checkpoint = Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+INPUT_ERROR_KEY = "input_error"
+
+
+def input_error_on_any_rank(exc: Exception | None, world: int) -> tuple[str | None, str] | None:
+    """In a training loop: (where, problem) of the bad input any rank found, or None — the same
+    answer on every rank (a collective when ``world`` > 1, so no rank goes on alone into DDP).
+
+    Bad input is not a crash: a loop that finds it *returns* ``{INPUT_ERROR_KEY: (where,
+    problem)}`` instead of raising, so Ray Train does not restart the worker group on it (a
+    retry would read the same file again), and the driver re-raises it with
+    :func:`raise_input_error`.
+    """
+    mine = None if exc is None else (getattr(exc, "where", None), getattr(exc, "problem", str(exc)))
+    if world <= 1:
+        return mine
+    import torch.distributed as dist
+
+    found: list = [None] * world
+    dist.all_gather_object(found, mine)
+    return next((f for f in found if f is not None), None)
+
+
+def raise_input_error(result) -> None:
+    """On the driver: raise the :class:`~cardiomotion.errors.InputError` a training loop returned
+    (see :func:`input_error_on_any_rank`); nothing when it returned none."""
+    from ..errors import InputError
+
+    value = getattr(result, "return_value", None)
+    if isinstance(value, dict) and value.get(INPUT_ERROR_KEY):
+        where, problem = value[INPUT_ERROR_KEY]
+        raise InputError(where, problem)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .checkpoint import load_state, report_with_checkpoint, resume, unwrap
+from .checkpoint import load_state, raise_input_error, report_with_checkpoint, resume, unwrap
 from .recipe import StepRecipe
 from .settings import StepSettings, step_settings
 
@@ -189,7 +189,9 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
     from ..config import Config
+    from ..errors import InputError
     from ..train.fold import FoldPlan, load_samples
+    from .checkpoint import INPUT_ERROR_KEY, input_error_on_any_rank
 
     cfg = Config.model_validate(config["cfg"])
     tc = cfg.train
@@ -208,8 +210,15 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     train_ids = list(plan.train_ids)
     mine = [train_ids[i % len(train_ids)] for i in range(rank, max(len(train_ids), world), world)]
-    es_all, flow_all = load_samples(plan, mine, cfg.intensity.window)
-    es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)
+    bad: InputError | None = None
+    try:
+        es_all, flow_all = load_samples(plan, mine, cfg.intensity.window)
+        es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)
+    except InputError as exc:
+        bad = exc
+    found = input_error_on_any_rank(bad, world)
+    if found is not None:  # returned, not raised: Ray Train must not retry bad input
+        return {INPUT_ERROR_KEY: found}
 
     if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
         es_all, flow_all = es_all.to(device), flow_all.to(device)
@@ -417,6 +426,7 @@ def train_fold(
         )
         with tracking.watch_metric(uri, run.info.run_id, "train_loss", on_epoch):
             result = trainer.fit()
+        raise_input_error(result)
         if result.checkpoint is None:
             raise RuntimeError(f"fold {fold} finished without a checkpoint: {result.error}")
         model = build_cvae(cfg, pyr)

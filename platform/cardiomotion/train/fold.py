@@ -75,6 +75,19 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
     return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, spacing)
 
 
+def readable(path: Path, read):
+    """``read()``, with a damaged file (truncated gzip, corrupt NIfTI body) reported as the
+    :class:`InputError` naming ``path`` — not as a crash that Ray Train would retry."""
+    import zlib
+
+    try:
+        return read()
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(path, f"unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
 def load_samples(plan: FoldPlan, scan_ids: tuple[str, ...] | list[str], window) -> tuple[torch.Tensor, torch.Tensor]:
     """ES images (N, 1, I, J, K) in [0, 1] and their annotated flows (N, 3, I, J, K), voxels."""
     import nibabel as nib
@@ -84,8 +97,9 @@ def load_samples(plan: FoldPlan, scan_ids: tuple[str, ...] | list[str], window) 
 
     images, flows = [], []
     for sid in scan_ids:
-        es = np.asarray(nib.load(str(plan.prepared / sid / "es.nii.gz")).dataobj, dtype=np.float32)
-        flow, _ = read_flow(plan.flows / sid / FLOW_FILE)
+        es_path = plan.prepared / sid / "es.nii.gz"
+        es = readable(es_path, lambda: np.asarray(nib.load(str(es_path)).dataobj, dtype=np.float32))
+        flow, _ = readable(plan.flows / sid / FLOW_FILE, lambda: read_flow(plan.flows / sid / FLOW_FILE))
         if flow.shape[1:] != es.shape:
             raise InputError(plan.flows / sid / FLOW_FILE, f"flow grid {flow.shape[1:]} differs from ES grid {es.shape}")
         images.append(hu_to_unit(es, window))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_state, report_with_checkpoint, resume
+from .checkpoint import load_state, raise_input_error, report_with_checkpoint, resume
 
 if TYPE_CHECKING:  # the epoch itself (pwc_train_epoch) needs no config, so no pydantic
     from ..config import Config
@@ -97,7 +97,9 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from ..config import Config
+    from ..errors import InputError
     from ..tracking import log_metrics_to
+    from .checkpoint import INPUT_ERROR_KEY, input_error_on_any_rank
 
     cfg = Config.model_validate(config["cfg"])
     ac = cfg.annotate
@@ -111,7 +113,14 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     rows = config["rows"]
     mine = [rows[i % len(rows)] for i in range(rank, max(len(rows), world), world)]
-    es, ed = load_unit_pairs(config["prepared"], mine, cfg.intensity.window)
+    bad: InputError | None = None
+    try:
+        es, ed = load_unit_pairs(config["prepared"], mine, cfg.intensity.window)
+    except InputError as exc:
+        bad = exc
+    found = input_error_on_any_rank(bad, world)
+    if found is not None:  # returned, not raised: Ray Train must not retry bad input
+        return {INPUT_ERROR_KEY: found}
     fixed_all, moving_all = (torch.cat([ed, es]), torch.cat([es, ed])) if ac.both_directions else (ed, es)
 
     model = build_pwcnet(cfg)
@@ -178,6 +187,7 @@ def train_pwcnet(
                              checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logging()),
     )
     result = trainer.fit()
+    raise_input_error(result)
     if result.checkpoint is None:
         raise RuntimeError(f"PWC-Net training finished without a checkpoint ({result.error})")
     model = build_pwcnet(cfg)

@@ -1,0 +1,43 @@
+"""Two stages on one machine at the same time, each with its own embedded Ray instance.
+
+With two local Ray instances alive, anything in Ray that finds "the" cluster by looking for
+running GCS processes (Ray Train's placement-group cleaner queries the state API from the
+controller) gives up with "Found multiple active Ray instances" — that once killed a `train` with
+a traceback. Every embedded instance pins its own address for the processes it starts
+(:func:`cardiomotion.raycluster.init_ray`); both runs here must finish cleanly.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cv_cohort import TINY, cohort
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_trains_with_their_own_embedded_ray_both_succeed(tmp_path_factory, tmp_path):
+    prepared, flows = cohort(tmp_path_factory)
+    procs = []
+    for fold in (0, 1):
+        cfg = {**TINY, "train": {**TINY["train"], "epochs": 1, "checkpoint_every": 1},
+               # the dashboard on (the default): Ray's state API, which Train queries, lives there
+               "ray": {"num_cpus": 2, "dashboard": True}, "storage_root": str(tmp_path / f"store{fold}")}
+        path = tmp_path / f"cfg{fold}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cardiomotion.cli", "train", "--prepared", str(prepared), "--flows", str(flows),
+             "--fold", str(fold), "--config", str(path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for fold, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"fold {fold}:\n{err[-4000:]}"
+        assert "Found multiple active Ray instances" not in err, f"fold {fold}:\n{err[-4000:]}"
+        assert "Traceback" not in err, f"fold {fold}:\n{err[-4000:]}"
