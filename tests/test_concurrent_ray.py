@@ -40,4 +40,9 @@ def test_two_trains_with_their_own_embedded_ray_both_succeed(tmp_path_factory, t
     for fold, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"fold {fold}:\n{err[-4000:]}"
         assert "Found multiple active Ray instances" not in err, f"fold {fold}:\n{err[-4000:]}"
-        assert "Traceback" not in err, f"fold {fold}:\n{err[-4000:]}"
+        assert "finished without a checkpoint" not in err, f"fold {fold}:\n{err[-4000:]}"
+        # The one traceback allowed is Ray's own warning when a 5 s call to its autoscaling
+        # coordinator times out on an overloaded CPU ("safe to ignore", logged by the Train
+        # controller, the run goes on); any other traceback is a failure.
+        assert err.count("Traceback") <= err.count("Failed to send resource request"), f"fold {fold}:\n{err[-4000:]}"
+        assert "train: fold" in err or "train: fold" in out

@@ -37,6 +37,26 @@ def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
 
 ras_to_lps = lps_to_ras  # the flip is its own inverse
 
+# Anatomical world spaces of NRRD headers (``space:``), as the sign of each world axis relative to RAS.
+_SPACE_SIGNS = {"right-anterior-superior": (1, 1, 1), "ras": (1, 1, 1),
+                "left-posterior-superior": (-1, -1, 1), "lps": (-1, -1, 1),
+                "left-anterior-superior": (-1, 1, 1), "las": (-1, 1, 1)}
+
+
+def space_to_ras(affine: np.ndarray, space: str) -> np.ndarray:
+    """Turn a voxel→world affine in a named anatomical ``space`` (NRRD ``space:``: e.g.
+    ``left-posterior-superior``, 3D Slicer's default, or ``right-anterior-superior``) into a
+    voxel→RAS-world affine.
+
+    Raises:
+        ValueError: a space that is not one of RAS, LPS, LAS (their long or short names).
+    """
+    signs = _SPACE_SIGNS.get(str(space).strip().lower())
+    if signs is None:
+        raise ValueError(f"unsupported world space {space!r} (expected one of right-anterior-superior, "
+                         "left-posterior-superior, left-anterior-superior)")
+    return np.diag([*map(float, signs), 1.0]) @ np.asarray(affine, dtype=float)
+
 
 def _to_ras_transform(affine: np.ndarray) -> np.ndarray:
     return nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(RAS))

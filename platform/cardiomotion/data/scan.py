@@ -24,6 +24,8 @@ class ScanFormat(str, Enum):
     NIFTI_PHASES = "nifti_phases"  # a folder of 3-D NIfTI files, one per phase
     DICOM = "dicom"  # a folder of DICOM series, one series per phase
     PHANTOM = "phantom"  # a phantom patient folder (ct.nii.gz + meta.json)
+    NRRD = "nrrd"  # one 4-D NRRD (3D Slicer's .seq.nrrd, or .nrrd/.nhdr with a sequence axis)
+    METAIMAGE = "metaimage"  # one 4-D MetaImage (.mha, or .mhd + its data file)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def scan_id_of(path: str | Path) -> str:
     if path.is_dir():
         return path.name
     name = path.name
-    for suf in (".nii.gz", ".nii", ".dcm"):
+    for suf in (".seq.nrrd", ".nii.gz", ".nii", ".dcm", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name.split(".")[0] or name
@@ -120,9 +122,15 @@ def detect_format(path: str | Path) -> ScanFormat:
     if not path.exists():
         raise InputError(path, "does not exist")
     if path.is_file():
+        name = path.name.lower()
         if is_nifti(path):
             return ScanFormat.NIFTI_4D
-        raise InputError(path, "not a NIfTI file (.nii or .nii.gz) and not a scan folder")
+        if name.endswith((".nrrd", ".nhdr")):
+            return ScanFormat.NRRD
+        if name.endswith((".mha", ".mhd")):
+            return ScanFormat.METAIMAGE
+        raise InputError(path, "not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file "
+                               "and not a scan folder")
     if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():
         return ScanFormat.PHANTOM
     if (path / "ct.nii.gz").is_file() and ((path / "labels.nii.gz").is_file() or (path / "truth").is_dir()):
@@ -155,7 +163,7 @@ def read_scan(path: str | Path, fmt: ScanFormat | None = None) -> Scan:
     Raises:
         InputError: one line naming the file and the problem.
     """
-    from . import dicom, nifti, phantom_reader  # noqa: F401  (registers the readers)
+    from . import dicom, metaimage, nifti, nrrd, phantom_reader  # noqa: F401  (registers the readers)
 
     path = Path(path)
     fmt = fmt or detect_format(path)
