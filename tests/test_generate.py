@@ -436,3 +436,87 @@ def test_cli_reports_bad_input_in_one_line(inputs, capsys, tmp_path):
                "--out", str(inputs["root"] / "cli_bad"), "--n", "3", "--temperature", "-1", *conf])
     assert rc == 2 and "generate.temperature" in capsys.readouterr().err
     assert not (inputs["root"] / "cli_bad").exists()
+
+
+@pytest.mark.slow
+def test_generate_from_single_frames_of_any_format(inputs, ray_session, tmp_path, capsys):
+    """`generate --frames`: 3-D frames in NIfTI, NRRD and MetaImage, prepared on the model's grid as
+    `prepare` prepares an ES frame (known answer: a 2-phase study whose ED equals its ES prepares
+    its ES to the very array the lone frame prepares to), sources in the manifest, rerun resumes."""
+    import nibabel as nib
+    from test_nrrd_metaimage import write_metaimage, write_nrrd
+
+    from cardiomotion.cli import main
+    from cardiomotion.data.phantom import make_cohort
+    from cardiomotion.data.prepare import prepare_scan
+    from cardiomotion.data.scan import read_scan
+    from cardiomotion.orientation import lps_to_ras
+
+    folder = Path(make_cohort(tmp_path / "cohort", patients=1, grid=40, workers=1)[0])
+    meta = json.loads((folder / "meta.json").read_text())
+    img = nib.load(str(folder / "ct.nii.gz"))
+    es = np.asarray(img.dataobj[..., meta["es_phase"]]).astype(np.int16)
+    frames = tmp_path / "frames_in"
+    frames.mkdir()
+    nib.save(nib.Nifti1Image(es, img.affine), str(frames / "f_nifti.nii.gz"))
+    write_nrrd(frames / "f_nrrd.nrrd", es, lps_to_ras(img.affine), encoding="gzip")
+    write_metaimage(frames / "f_mha.mha", es, lps_to_ras(img.affine))
+    study = tmp_path / "study.nii.gz"  # ES twice: prepare centres on "ED" = the same frame
+    nib.save(nib.Nifti1Image(np.stack([es, es], -1), img.affine), str(study))
+
+    out = tmp_path / "corpus_frames"
+    cfg_file = tmp_path / "frames.yaml"
+    cfg_file.write_text(dump_config(inputs["cfg"]))
+    argv = ["generate", "--model", inputs["uri"], "--frames", *(str(p) for p in sorted(frames.iterdir())),
+            "--out", str(out), "--n", "6", "--seed", "3", "--config", str(cfg_file), "--no-track"]
+    assert main(argv) == 0, capsys.readouterr().err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["n"] == 6 and man["prepared"] == str(out / "frames")
+    by_id = {s["scan_id"]: s for s in man["scans"]}
+    assert set(by_id) == {"f_nifti", "f_nrrd", "f_mha"}
+    assert {(s["format"], s["phases_from"]) for s in man["scans"]} == {
+        ("nifti", "frame"), ("nrrd", "frame"), ("metaimage", "frame")}
+    assert by_id["f_nrrd"]["source"] == str((frames / "f_nrrd.nrrd").resolve())
+    prepared = {sid: np.asarray(nib.load(str(out / "frames" / sid / "es.nii.gz")).dataobj) for sid in by_id}
+    assert all(a.shape == (32, 32, 32) and a.dtype == np.int16 for a in prepared.values())
+    np.testing.assert_array_equal(prepared["f_nrrd"], prepared["f_nifti"])  # same frame, two formats
+    np.testing.assert_array_equal(prepared["f_mha"], prepared["f_nifti"])
+
+    pcfg = inputs["cfg"].prepare.model_copy(update={"grid": [32, 32, 32], "spacing_mm": 4.0})
+    scan = read_scan(study)
+    rec = prepare_scan(scan, tmp_path / "prep_study", pcfg, {"study": (0, 1)})
+    ref = nib.load(str(tmp_path / "prep_study" / rec["es_path"]))
+    np.testing.assert_array_equal(np.asarray(ref.dataobj), prepared["f_nifti"])
+    np.testing.assert_allclose(ref.affine, nib.load(str(out / "frames" / "f_nifti" / "es.nii.gz")).affine)
+
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun resumes: nothing to do
+    assert "already holds the complete 6-sample corpus" in capsys.readouterr().out
+
+    bad = ["generate", "--model", inputs["uri"], "--frames", str(tmp_path / "notes.txt"), "--out",
+           str(tmp_path / "c2"), "--n", "2", "--config", str(cfg_file), "--no-track"]
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt: not a 3-D frame" in err[0]
+    onto_prepared = ["generate", "--model", inputs["uri"], "--frames", str(frames / "f_nifti.nii.gz"),
+                     "--out", str(out.parent / "from_prepared"), "--n", "2", "--config", str(cfg_file), "--no-track"]
+    assert main(["generate", "--model", inputs["uri"], "--prepared", str(inputs["prepared"]), "--out",
+                 str(out.parent / "from_prepared"), "--n", "2", "--config", str(cfg_file), "--no-track"]) == 0
+    capsys.readouterr()
+    assert main(onto_prepared) == 2
+    assert "holds a corpus made from --prepared data" in capsys.readouterr().err
+
+
+def test_a_second_generate_on_the_same_corpus_is_refused(corpus, inputs):
+    """While one `generate` holds the corpus folder's lock, another is refused in one line."""
+    import fcntl
+
+    from cardiomotion.generate import generate_corpus
+
+    out, _ = corpus
+    with open(out / ".generate.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another `generate` is writing this corpus right now"):
+            generate_corpus(inputs["uri"], inputs["prepared"], out, N, seed=SEED, cfg=inputs["cfg"], track=False)
+        fcntl.flock(held, fcntl.LOCK_UN)

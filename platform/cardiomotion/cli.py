@@ -243,8 +243,14 @@ def cmd_generate(args) -> int:
 
     cfg = _load(args, {"generate": _given(seed=args.seed, temperature=args.temperature)})
     t0 = time.perf_counter()
-    manifest = generate_corpus(args.model, args.prepared, args.out, args.n, cfg=cfg, track=not args.no_track,
-                               log=_say)
+    if args.frames:
+        from .generate import generate_from_frames
+
+        manifest = generate_from_frames(args.model, args.frames, args.out, args.n, cfg=cfg, track=not args.no_track,
+                                        log=_say)
+    else:
+        manifest = generate_corpus(args.model, args.prepared, args.out, args.n, cfg=cfg, track=not args.no_track,
+                                   log=_say)
     _say(f"corpus {manifest.parent} complete ({args.n} samples) in {time.perf_counter() - t0:.0f} s")
     _say(f"  manifest {manifest}")
     return 0
@@ -333,7 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
     s = sub.add_parser("generate", help="generate a sharded (ES, ED_syn, flow) corpus from a trained CVAE (Ray Data)")
     s.add_argument("--model", required=True, help="model URI (runs:/<run_id>/model, models:/<name>@<alias>) or model folder")
-    s.add_argument("--prepared", required=True, help="prepared dataset folder (ES frames on the model's grid)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prepared", help="prepared dataset folder (ES frames on the model's grid)")
+    src.add_argument("--frames", nargs="+", metavar="PATH",
+                     help="single 3-D frames to condition on (NIfTI, NRRD, MetaImage, or a folder holding one DICOM "
+                          "series): prepared on the model's grid into OUT/frames, their sources kept in the manifest")
     s.add_argument("--out", required=True, help="corpus folder (new, or an unfinished corpus to resume)")
     s.add_argument("--n", type=int, required=True, help="number of samples")
     s.add_argument("--seed", type=int, help="corpus seed (config generate.seed, else seed)")

@@ -266,3 +266,26 @@ def read_dicom(path: Path) -> Scan:
                 affine=canon_affine, original_affine=original, shape=canon_shape,
                 n_phases=len(series), load_phase=load_phase,
                 phase_percent=[s.percent for s in series])
+
+
+def read_dicom_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One 3-D DICOM series (a folder holding exactly one series): (float32 HU (I, J, K) in
+    canonical RAS order, its affine, the original affine).
+
+    Raises:
+        InputError: no DICOM images, several series (name the phase to use), bad geometry.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder: expected a folder holding one DICOM series")
+    series = list(_collect(folder).values())
+    if not series:
+        raise InputError(folder, "no DICOM image files found (searched recursively)")
+    if len(series) > 1:
+        labels = "; ".join(s.label() for s in series[:3])
+        raise InputError(folder, f"{len(series)} DICOM series ({labels}{' …' if len(series) > 3 else ''}): "
+                                 "a single frame needs a folder holding exactly one series")
+    s = series[0]
+    _series_geometry(folder, s)
+    canon, affine = to_canonical(_load_series(s), s.affine)
+    return np.ascontiguousarray(canon), affine, s.affine

@@ -129,26 +129,55 @@ def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, gri
             "es_labels_path": f"{scan.scan_id}/es_labels.nii.gz"}
 
 
-def _prepare_row(row: dict) -> dict:
-    """Ray Data UDF: prepare one scan; input errors come back as data, not exceptions."""
-    cfg = PrepareConfig.model_validate_json(row["cfg"])
-    manifest = {k: tuple(v) for k, v in json.loads(row["manifest"]).items()} if row["manifest"] else None
+def guarded_row(row: dict, work: Callable[[], dict]) -> dict:
+    """Run ``work()`` (one item's preparation, returning its record) inside a Ray Data UDF, with
+    failures as data: bad input (one line), a file-system refusal (one resumable line) and a bug
+    (with its traceback) are told apart for :func:`raise_row_errors` on the driver."""
     try:
-        scan = read_scan(row["path"])
-        # the id the plan chose (a symlinked folder is named by its link, not by its target)
-        scan.scan_id = row["scan_id"]
-        rec = prepare_scan(scan, Path(row["out"]), cfg, manifest)
+        rec = work()
         return {"scan_id": row["scan_id"], "record": json.dumps(rec), "error": "", "internal": False, "os_error": False}
     except CardiomotionError as exc:
         return {"scan_id": row["scan_id"], "record": "", "error": str(exc), "internal": False, "os_error": False}
     except OSError as exc:  # the file system refused (disk full, read-only, permissions): not a bug
         where = exc.filename or row["out"]
         return {"scan_id": row["scan_id"], "record": "", "internal": False, "os_error": True,
-                "error": f"{where}: cannot write ({exc.strerror or exc}); finished scans are kept: "
+                "error": f"{where}: cannot write ({exc.strerror or exc}); finished items are kept: "
                          "free space or fix permissions and rerun the same command to resume"}
     except Exception as exc:  # a bug, not bad input: keep the traceback
         return {"scan_id": row["scan_id"], "record": "", "internal": True, "os_error": False,
                 "error": f"{row['path']}: internal error {exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"}
+
+
+def raise_row_errors(rows: list[dict], stage: str) -> None:
+    """On the driver: raise the first failure of :func:`guarded_row` rows (by id) — a bug as a
+    RuntimeError with the worker's traceback, a file-system refusal as StageFailed, bad input as
+    InputError — naming how many more failed; nothing when all succeeded."""
+    errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
+    internal = [r for r in errors if r["internal"]]
+    if internal:  # a bug: surface the worker's traceback, not a one-line "bad input"
+        raise RuntimeError(f"{stage} failed on {internal[0]['scan_id']}: {internal[0]['error']}")
+    if errors:
+        first = errors[0]["error"].splitlines()[0]
+        more = f" ({len(errors) - 1} more failed)" if len(errors) > 1 else ""
+        if errors[0].get("os_error"):
+            from ..errors import StageFailed
+
+            raise StageFailed(first + more)
+        raise InputError(None, first + more)
+
+
+def _prepare_row(row: dict) -> dict:
+    """Ray Data UDF: prepare one scan; input errors come back as data, not exceptions."""
+    cfg = PrepareConfig.model_validate_json(row["cfg"])
+    manifest = {k: tuple(v) for k, v in json.loads(row["manifest"]).items()} if row["manifest"] else None
+
+    def work() -> dict:
+        scan = read_scan(row["path"])
+        # the id the plan chose (a symlinked folder is named by its link, not by its target)
+        scan.scan_id = row["scan_id"]
+        return prepare_scan(scan, Path(row["out"]), cfg, manifest)
+
+    return guarded_row(row, work)
 
 
 def _check_up_front(sid: str, path: Path, out: Path, phases: tuple[int, int] | None = None,
@@ -249,18 +278,7 @@ def prepare_scans(
             ray = init_ray(cfg.ray)
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
             rows = ds.map(_prepare_row, num_cpus=1).take_all()
-            errors = sorted((r for r in rows if r["error"]), key=lambda r: r["scan_id"])
-            internal = [r for r in errors if r["internal"]]
-            if internal:  # a bug: surface the worker's traceback, not a one-line "bad input"
-                raise RuntimeError(f"prepare failed on {internal[0]['scan_id']}: {internal[0]['error']}")
-            if errors:
-                first = errors[0]["error"].splitlines()[0]
-                more = f" ({len(errors) - 1} more scans failed)" if len(errors) > 1 else ""
-                if errors[0].get("os_error"):
-                    from ..errors import StageFailed
-
-                    raise StageFailed(first + more)
-                raise InputError(None, first + more)
+            raise_row_errors(rows, "prepare")
             done.extend(json.loads(r["record"]) for r in rows)
         done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
         return write_scan_table(out, done)

@@ -1,6 +1,7 @@
 """Mass generation of flow-annotated (ES, ED_syn, flow) corpora and reading them back.
 
-* :func:`generate_corpus` — the Ray Data generation job (resumable, sharded, MLflow-tracked).
+* :func:`generate_corpus` — the Ray Data generation job (resumable, sharded, MLflow-tracked);
+  :func:`generate_from_frames` — the same, conditioned on single 3-D frames of any format.
 * :func:`open_corpus` — random access and a streaming PyTorch ``IterableDataset``.
 * :func:`regenerate_sample` — sample i again from (model, seed, i) alone (same bytes).
 * :func:`export_sample` — NIfTI (flow as intent 1006), ES→ED GIF, latent-traversal mosaic.
@@ -18,7 +19,7 @@ _WHERE = {
     "Corpus": "corpus", "CorpusIterableDataset": "corpus", "open_corpus": "corpus", "read_manifest": "corpus",
     "sample_seed": "engine", "scan_indices": "engine",
     "export_sample": "export",
-    "generate_corpus": "job", "load_frames": "job", "regenerate_sample": "job",
+    "generate_corpus": "job", "generate_from_frames": "job", "load_frames": "job", "regenerate_sample": "job",
     "ResolvedModel": "model", "resolve_model": "model",
     "latent_directions": "traversal", "latent_traversal": "traversal",
 }

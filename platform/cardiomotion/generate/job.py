@@ -36,6 +36,7 @@ from .model import ResolvedModel, load_networks, resolve_model
 
 PLAN = "plan.json"
 LOCK = ".generate.lock"
+FRAMES = "frames"  # generate --frames: the prepared single frames, inside the corpus folder
 PREVIEWS = "previews"
 Log = Callable[[str], None]
 
@@ -78,8 +79,10 @@ def load_frames(prepared_dir: str | Path) -> dict[str, Any]:
         affines.append(aff)
         shas.append(h.hexdigest())
     spacing = float(np.sqrt((affines[0][:3, :3] ** 2).sum(0))[0])
+    provenance = [{k: (None if row.get(k) is None or row.get(k) != row.get(k) else str(row[k]))
+                   for k in ("source", "format", "phases_from")} for row in rows]  # NaN → None
     return {"scan_ids": ids, "es": np.stack(frames), "affines": np.stack(affines), "es_sha256": shas,
-            "spacing_mm": spacing, "prepared": str(prepared)}
+            "spacing_mm": spacing, "prepared": str(prepared), "provenance": provenance}
 
 
 def _check_model_fits(resolved: ResolvedModel, frames: dict[str, Any], prepared: Path) -> None:
@@ -156,7 +159,8 @@ def _check_out(out: Path, identity: dict, n: int, shard_size: int) -> dict | Non
             # work, e.g. MLflow unreachable): it does not make the folder another corpus.
             plan = None
     else:
-        others = sorted(p.name for p in out.iterdir() if not _is_temp(p) and p.name != LOCK)
+        others = sorted(p.name for p in out.iterdir() if not _is_temp(p) and p.name != LOCK and p.name != FRAMES
+                        and not (p.name.startswith(".") and p.name.endswith(".lock")))
         if others:
             raise InputError(out, f"is not empty and holds no corpus (found {', '.join(others[:3])}"
                                   f"{' …' if len(others) > 3 else ''}); use an empty or new --out")
@@ -213,6 +217,37 @@ def _finished_shard(out: Path, k: int, n: int, shard_size: int, identity_sha: st
 
 
 # ---------------------------------------------------------------------------- the job
+def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_dir: str | Path, n: int,
+                         seed: int | None = None, cfg: Config | None = None, **kwargs: Any) -> Path:
+    """Generate a corpus conditioned on single 3-D frames (any single-phase cardiac CT).
+
+    Each frame is prepared as ``prepare`` prepares an ES frame, on the model's grid and voxel size
+    (:func:`cardiomotion.data.frames.prepare_frames`), into ``out_dir/frames`` — its table keeps
+    every frame's source path and format, and the manifest repeats them — then
+    :func:`generate_corpus` runs on that folder. A rerun resumes both. Keyword arguments go to
+    :func:`generate_corpus`.
+
+    Raises:
+        InputError: as :func:`generate_corpus`, and for unreadable frames or an ``out_dir``
+            holding a corpus made from other frames or from ``--prepared`` data.
+    """
+    from ..data.frames import prepare_frames
+
+    cfg = cfg or load_config(None)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder; use another --out")
+    if out.is_dir() and not (out / FRAMES).is_dir() and ((out / PLAN).is_file() or (out / MANIFEST).is_file()
+                                                          or any(out.glob("shard-*.tar"))):
+        raise InputError(out, "holds a corpus made from --prepared data, not from --frames; use another --out")
+    resolved = resolve_model(model, cfg)
+    spacing = resolved.meta.get("spacing_mm")
+    if spacing is None:
+        raise InputError(resolved.uri, "model.json has no spacing_mm: the frames' voxel size is unknown")
+    prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing), log=kwargs.get("log", lambda _m: None))
+    return generate_corpus(model, out / FRAMES, out, n, seed, cfg, **kwargs)
+
+
 def generate_corpus(
     model: str | Path,
     prepared_dir: str | Path,
@@ -443,8 +478,9 @@ def _write_manifest(out: Path, n: int, plan: dict, resolved: ResolvedModel, fram
         "members": list(MEMBERS), "key_format": "9-digit zero-padded sample index",
         "convention": "flow: pull field on the ED grid in voxels, channel c along array axis c; "
                       "ED_syn = round(warp(ES, flow)) in HU; affine = the grid's RAS affine (mm)",
-        "scans": [{"scan_id": s, "es_sha256": h, "affine": a.tolist(), "count": per_scan.get(s, 0)}
-                  for s, h, a in zip(frames["scan_ids"], frames["es_sha256"], frames["affines"])],
+        "scans": [{"scan_id": s, "es_sha256": h, "affine": a.tolist(), "count": per_scan.get(s, 0), **prov}
+                  for s, h, a, prov in zip(frames["scan_ids"], frames["es_sha256"], frames["affines"],
+                                           frames.get("provenance") or [{}] * len(frames["scan_ids"]))],
         "counts": {"samples": n, "shards": len(shards), "bytes": int(sum(s["bytes"] for s in shards)),
                    "per_scan": per_scan},
         "devices": sorted(devices),

@@ -1,0 +1,117 @@
+"""One 3-D CT frame from any supported format, as one small interface (array + geometry).
+
+``generate --frames`` conditions a trained model on single-phase scans: a 3-D NIfTI file, an
+NRRD or MetaImage file, or a folder holding one DICOM series. Each reader returns the voxels in
+canonical RAS+ order (float32 HU) with their affine; :func:`read_volume` picks the reader by
+the path. Orientation is handled by :mod:`cardiomotion.orientation` inside each reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+class VolumeFormat(str, Enum):
+    """On-disk formats of a single 3-D frame."""
+
+    NIFTI = "nifti"
+    NRRD = "nrrd"
+    METAIMAGE = "metaimage"
+    DICOM = "dicom"  # a folder holding exactly one series
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3-D frame.
+
+    Attributes:
+        frame_id: the file name without extensions, or the folder's name.
+        source: the path it was read from.
+        format: which reader read it.
+        array: (I, J, K) float32 HU, canonical RAS+ order.
+        affine: 4×4 voxel→RAS-mm affine of ``array``.
+        original_affine: the affine as stored on disk (before reorientation).
+    """
+
+    frame_id: str
+    source: Path
+    format: VolumeFormat
+    array: np.ndarray
+    affine: np.ndarray
+    original_affine: np.ndarray
+
+
+def volume_format(path: str | Path) -> VolumeFormat:
+    """The format of a frame path, from its name (or a folder: DICOM).
+
+    Raises:
+        InputError: the path does not exist or has no supported extension.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "does not exist")
+    if path.is_dir():
+        return VolumeFormat.DICOM
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return VolumeFormat.NIFTI
+    if name.endswith((".nrrd", ".nhdr")):
+        return VolumeFormat.NRRD
+    if name.endswith((".mha", ".mhd")):
+        return VolumeFormat.METAIMAGE
+    raise InputError(path, "not a 3-D frame: expected NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage "
+                           "(.mha, .mhd) or a folder holding one DICOM series")
+
+
+def frame_id_of(path: str | Path) -> str:
+    """``a/p12.nii.gz`` → ``p12``; ``a/p12.seq.nrrd`` → ``p12``; a folder → its name."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    name = path.name
+    for suf in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from ..orientation import to_canonical
+    from .nifti import _read_volume, load_nifti
+
+    img = load_nifti(path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(path, f"{len(img.shape)}-D image of shape {img.shape}: expected one 3-D frame")
+    vol = _read_volume(path, img, (0,) if len(img.shape) == 4 else ())
+    original = np.asarray(img.affine, dtype=float)
+    canon, affine = to_canonical(vol, original)
+    return np.ascontiguousarray(canon), affine, original
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read one 3-D frame (NIfTI, NRRD, MetaImage, or a one-series DICOM folder).
+
+    Raises:
+        InputError: one line naming the file and the problem (unreadable, not 3-D, no
+            orientation, NaN/inf voxels).
+    """
+    from .dicom import read_dicom_volume
+    from .metaimage import read_metaimage_volume
+    from .nrrd import read_nrrd_volume
+
+    path = Path(path)
+    fmt = volume_format(path)
+    reader = {VolumeFormat.NIFTI: _read_nifti, VolumeFormat.NRRD: read_nrrd_volume,
+              VolumeFormat.METAIMAGE: read_metaimage_volume, VolumeFormat.DICOM: read_dicom_volume}[fmt]
+    array, affine, original = reader(path)
+    if not np.all(np.isfinite(array)):
+        raise InputError(path, "holds NaN or inf values")
+    return Volume(frame_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original)
