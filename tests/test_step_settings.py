@@ -53,3 +53,34 @@ def test_an_epoch_from_the_settings_equals_an_epoch_from_the_config():
     assert metrics[0] == metrics[1]
     assert torch.equal(params[0], params[1])
     assert metrics[0]["train_loss"] > 0
+
+
+def test_epoch_generators_share_one_cpu_stream_on_the_cpu():
+    """On the CPU one generator serves everything (the stream every earlier CPU run used); the
+    parameter stream is a CPU generator whatever the device, so it is the same numbers on a GPU."""
+    from cardiomotion.train.cvae import epoch_generators
+
+    gen, noise = epoch_generators(3, 5, 1, "cpu")
+    assert gen is noise and gen.device.type == "cpu"
+    assert gen.initial_seed() == 3 * 100_003 + 5 * 101 + 1
+    a = torch.randint(0, 10**6, (8,), generator=epoch_generators(3, 5, 1, "cpu")[0])
+    b = torch.randint(0, 10**6, (8,), generator=epoch_generators(3, 5, 1, "cpu")[0])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, torch.randint(0, 10**6, (8,), generator=epoch_generators(3, 6, 1, "cpu")[0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_indices_augmentation_parameters_and_eps_match_the_cpu():
+    from cardiomotion.train.augment import AugmentConfig, draw_params
+    from cardiomotion.train.cvae import epoch_generators
+
+    streams = []
+    for device in ("cpu", "cuda"):
+        gen, noise = epoch_generators(0, 2, 0, device)
+        assert gen.device.type == "cpu" and noise.device.type == device
+        idx = torch.randint(0, 43, (16,), generator=gen)
+        p = draw_params(16, AugmentConfig(), gen)
+        eps = torch.randn((16, 8, 3, 3, 3), generator=gen)
+        streams.append((idx, p.zoom, p.shift, eps))
+    for a, b in zip(*streams):
+        assert torch.equal(a, b)

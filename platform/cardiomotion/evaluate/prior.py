@@ -38,7 +38,8 @@ def draw_prior_samples(model, pyramid, es: torch.Tensor, k: int, seed: int, batc
                        temperature: float = 1.0) -> torch.Tensor:
     """K prior samples for one ES frame es (1, 1, I, J, K) → (K, 3, I, J, K) voxels on the CPU.
 
-    z is drawn from a CPU ``torch.Generator`` seeded ``seed`` (the same samples on any device).
+    z is drawn from a CPU ``torch.Generator`` seeded ``seed`` (the same latents on any device; the
+    decoded flows agree to the device's floating-point precision).
     """
     device = next(model.parameters()).device
     model = model.eval()

@@ -32,7 +32,10 @@ the padding breaks this identity (content that came from outside the grid is inv
 
 Determinism: all random numbers are drawn from the caller's ``torch.Generator`` in a fixed order
 and count (independent of ``p``'s outcomes), on the generator's device, then moved to the data's
-device; the same seed and config give the same output on any device.
+device. The same generator state gives the same output; a CPU generator gives the same
+parameters on any device. CUDA and CPU generators give *different* streams for the same seed:
+training (:func:`cardiomotion.train.cvae.epoch_generators`) draws the parameters from a CPU
+generator and only the per-voxel noise field (``noise_generator``) on the GPU.
 """
 from __future__ import annotations
 
@@ -201,6 +204,7 @@ def augment(
     cfg: AugmentConfig,
     generator: torch.Generator,
     return_params: bool = False,
+    noise_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, AugmentParams]:
     """Augment (ES image, pull flow) jointly: zoom, then integer shift, then intensity noise.
 
@@ -210,6 +214,9 @@ def augment(
         cfg: :class:`AugmentConfig`.
         generator: source of all randomness; same state → same output.
         return_params: also return the :class:`AugmentParams` drawn.
+        noise_generator: draw the per-voxel intensity-noise field from this generator instead
+            (e.g. one on the data's GPU, while ``generator`` is a CPU generator whose stream is the
+            same on every device); the parameters always come from ``generator``.
 
     Returns:
         (image', flow') with the input shapes and dtypes (plus the params if asked). The image
@@ -219,7 +226,8 @@ def augment(
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     params = draw_params(image.shape[0], cfg, generator)
-    noise = torch.randn(image.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    ng = noise_generator if noise_generator is not None else generator
+    noise = torch.randn(image.shape, generator=ng, device=ng.device, dtype=torch.float32)
     image, flow = zoom_pair(image, flow, params.zoom)
     image, flow = shift_pair(image, flow, params.shift)
     if bool((params.noise_std > 0).any()):

@@ -78,8 +78,8 @@ def step_loss(cfg: Config | StepSettings, flow_pred, flow, mu, logvar, factor: f
 def validate(model, pyramid, es: torch.Tensor, flow: torch.Tensor, spacing_mm: float, n_prior: int,
              seed: int, device, temperature: float = 1.0) -> dict[str, float]:
     """Held-out metrics of pairs (es (N,1,…), flow (N,3,…) voxels): the reconstruction (z = μ) and
-    ``n_prior`` prior samples (z ~ N(0, T²·I), T = ``temperature`` as the corpus is drawn; drawn from a CPU generator seeded ``seed``, so the same
-    on any device) scored as an ensemble against the annotated flow
+    ``n_prior`` prior samples (z ~ N(0, T²·I), T = ``temperature`` as the corpus is drawn; z drawn from a CPU generator seeded ``seed``, so the same
+    latents on any device) scored as an ensemble against the annotated flow
     (:func:`cardiomotion.evaluate.generative.ensemble_score`; means over the N pairs)."""
     from ..evaluate.generative import ensemble_score
     from ..flow.metrics import folding_fraction
@@ -132,6 +132,22 @@ def validation_loss(cfg: Config | StepSettings, model, grid, mse: float, kl: flo
     return mse + w * kl * n_z / (3 * math.prod(grid))
 
 
+def epoch_generators(seed: int, epoch: int, rank: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """(gen, noise_gen) of one epoch of one rank, both seeded from (seed, epoch, rank).
+
+    ``gen`` is a CPU generator: the batch indices, the augmentation parameters and the
+    reparameterisation noise ε drawn from it are the same numbers on every device. ``noise_gen``
+    draws the per-voxel intensity-noise field on the training device: a (B, 1, I, J, K) field
+    drawn on the CPU every step would cost a host→device copy of the whole batch, and CUDA and
+    CPU generators give different streams, so on a GPU that one field differs from a CPU run
+    with the same seed. On the CPU both are the same generator (one stream, as before).
+    """
+    s = int(seed) * 100_003 + int(epoch) * 101 + int(rank)
+    gen = torch.Generator().manual_seed(s)
+    device = torch.device(device)
+    return gen, (gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(s))
+
+
 def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tensor, cfg: Config | StepSettings,
                 epoch: int, *,
                 steps: int, device, recipe: StepRecipe | None = None, rank: int = 0) -> dict[str, float]:
@@ -147,18 +163,19 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
     tc = step_settings(cfg)
     device = torch.device(device)
     aug_cfg = tc.augment
-    gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + epoch * 101 + rank)
+    gen, noise_gen = epoch_generators(tc.seed, epoch, rank, device)
     w_kl = kl_weight(tc, epoch)
     factor = kl_factor(tc, epoch)
     sums = torch.zeros(3, device=device)  # loss, mse, kl: summed on the device (no host sync per step)
     for _ in range(steps):
-        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen, device=device).to(es_all.device)
-        es, flow = augment(es_all[idx].to(device), flow_all[idx].to(device), aug_cfg, gen)
+        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen).to(es_all.device)
+        es, flow = augment(es_all[idx].to(device), flow_all[idx].to(device), aug_cfg, gen,
+                           noise_generator=noise_gen)
         es, flow = recipe.batch(es), recipe.batch(flow)
         with recipe.autocast(device):
             with torch.no_grad():
                 feats = pyramid(es)
-            out = model(flow, es, feats, generator=gen)  # ε too: an epoch is a pure function of (seed, epoch, rank)
+            out = model(flow, es, feats, generator=gen)  # ε from the CPU stream: a pure function of (seed, epoch, rank)
         loss, mse, kl = step_loss(tc, out.flow, flow, out.mu, out.logvar, factor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
