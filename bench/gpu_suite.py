@@ -20,6 +20,9 @@ Sections, in this order (each bounded by its own time budget; step counts shrink
    44-fold × 2000-epoch sweep projected from each.
 4. ``annotation`` — one PWC-Net training epoch at 96³ (the default configuration: 88 ordered
    pairs of 44 scans, batch 2) and the instance-optimisation refinement of one pair.
+   ``determinism`` — the training step's CPU-drawn streams (indices, augmentation parameters,
+   ε) are identical on the device and the CPU; the GPU-drawn noise field and a decoded flow are
+   compared and reported.
 5. ``projections`` — what the README marks unmeasured on GPU, projected from the sections above:
    the 44-fold sweep, the annotation stage (300 epochs + 44 refinements), a million-sample
    corpus, and the Ray generation pipeline (the engine's GPU rate × the pipeline overhead
@@ -61,7 +64,7 @@ import torch  # noqa: E402
 from cardiomotion.train.augment import AugmentConfig  # noqa: E402
 from cardiomotion.train.settings import CVAEShape, StepSettings  # noqa: E402
 
-SECTIONS = ("train_throughput", "generate_throughput", "cv_wallclock", "annotation", "projections")
+SECTIONS = ("train_throughput", "generate_throughput", "cv_wallclock", "annotation", "determinism", "projections")
 CPU_OVERHEAD_FILE = BENCH.parent / "docs" / "results" / "generate_throughput_cpu.json"
 
 # The default configuration's training step (configs/default.yaml, i.e. the config's defaults), for
@@ -116,15 +119,15 @@ FULL = Scale(
     pwc_grid=(96, 96, 96), pwc_channels=DEFAULT_PWC["channels"], pwc_estimator=DEFAULT_PWC["estimator_channels"],
     pwc_pairs=2 * PAPER["scans"], refine_steps=DEFAULT_ANNOTATE["refine_steps"],
     refine_levels=DEFAULT_ANNOTATE["refine_levels"],
-    budgets_s={"train_throughput": 120, "generate_throughput": 80, "cv_wallclock": 120, "annotation": 100,
-               "projections": 5})
+    budgets_s={"train_throughput": 120, "generate_throughput": 80, "cv_wallclock": 120, "annotation": 95,
+               "determinism": 5, "projections": 5})
 SMOKE = Scale(
     name="smoke", train_grids=((16, 16, 16), (16, 16, 8)), batch=2, channels=(4, 8), train_steps=2, warmup=1,
     parity_steps=3, gen_grid=(16, 16, 8), gen_batch=2, gen_n=6, gen_ref_n=3,
     cv_grid=(16, 16, 8), cv_folds_per_device=(1, 2), cv_steps=2,
     pwc_grid=(16, 16, 16), pwc_channels=(4, 8), pwc_estimator=(8, 8), pwc_pairs=4, refine_steps=3, refine_levels=2,
     budgets_s={"train_throughput": 60, "generate_throughput": 60, "cv_wallclock": 90, "annotation": 60,
-               "projections": 5})
+               "determinism": 5, "projections": 5})
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -364,6 +367,41 @@ def section_annotation(scale: Scale, device: torch.device, budget: Budget) -> di
     return {"measured": {"grid": list(grid), "channels": list(scale.pwc_channels), "epoch": epoch, "refine": refine}}
 
 
+def section_determinism(scale: Scale, device: torch.device, budget: Budget) -> dict:
+    """What is the same on this device as on the CPU: the training step's CPU-drawn streams
+    (batch indices, augmentation parameters, ε) must be identical; the per-voxel noise field
+    and a decoded flow (fp32, same weights and latent) are compared and reported."""
+    from cardiomotion.train.augment import AugmentConfig, draw_params
+    from cardiomotion.train.cvae import epoch_generators
+    from cardiomotion.models.cvae import MotionCVAE
+    from cardiomotion.models.pyramid import FeaturePyramid
+
+    streams, noise = [], []
+    for dev in ("cpu", device.type):
+        gen, noise_gen = epoch_generators(0, 2, 0, dev)
+        idx = torch.randint(0, 43, (scale.batch,), generator=gen)
+        p = draw_params(scale.batch, AugmentConfig(), gen)
+        eps = torch.randn((scale.batch, 8, 3, 3, 3), generator=gen)
+        streams.append((idx, p.zoom, p.shift, eps))
+        noise.append(torch.randn((4,), generator=noise_gen, device=noise_gen.device).cpu())
+    same = all(torch.equal(a, b) for a, b in zip(*streams))
+    grid = scale.gen_grid
+    torch.manual_seed(0)
+    pyramid = FeaturePyramid(1, scale.channels).eval()
+    model = MotionCVAE(channels=scale.channels, cond_channels=scale.channels, latent_channels=8).eval()
+    es = torch.rand((1, 1, *grid), generator=torch.Generator().manual_seed(1))
+    z = torch.randn((1, *model.latent_shape(grid)), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.decode(z, es, pyramid(es))
+        model.to(device), pyramid.to(device)
+        esd = es.to(device)
+        got = model.decode(z.to(device), esd, pyramid(esd)).cpu()
+    return {"measured": {"cpu_streams_identical": same, "noise_field_identical": bool(torch.equal(*noise)),
+                         "decode_fp32_max_abs_diff_vox": float((got - ref).abs().max()),
+                         "decode_abs_max_vox": float(ref.abs().max())},
+            "verdict": {"cpu_streams_identical": same}}
+
+
 def section_projections(results: dict, scale: Scale) -> dict:
     """What the README marks unmeasured on GPU, projected from the measured sections."""
     out: dict[str, Any] = {}
@@ -523,6 +561,12 @@ def markdown(doc: dict) -> str:
                   f"({e['steps_per_epoch']} steps of batch {e['batch']}, {e['timed_steps']} timed), peak "
                   f"{e['peak_gpu_mem_gb'] or '–'} GB; refinement of one pair: {r['seconds']} s "
                   f"({r['levels']} levels × {r['steps_per_level']} steps).", ""]
+    de = res.get("determinism", {}).get("measured")
+    if de:
+        lines += ["## Determinism (measured)", "", f"CPU-drawn training streams identical on this device: "
+                  f"{de['cpu_streams_identical']}; device noise field equal to the CPU's: {de['noise_field_identical']}; "
+                  f"fp32 decode max |device − CPU| = {de['decode_fp32_max_abs_diff_vox']:.2e} vox "
+                  f"(of {de['decode_abs_max_vox']:.2f}).", ""]
     pr = res.get("projections", {}).get("projected")
     if pr:
         lines += ["## Projections", "", "| figure | value | from |", "|---|---|---|"]
@@ -545,7 +589,7 @@ def write_outputs(out: Path, doc: dict) -> None:
 
 RUNNERS: dict[str, Callable[[Scale, torch.device, Budget], dict]] = {
     "train_throughput": section_train, "generate_throughput": section_generate, "cv_wallclock": section_cv,
-    "annotation": section_annotation}
+    "annotation": section_annotation, "determinism": section_determinism}
 
 
 def main(argv: list[str] | None = None) -> int:

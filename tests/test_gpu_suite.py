@@ -56,7 +56,10 @@ def test_smoke_runs_every_section_without_ray_mlflow_nibabel_pydantic(tmp_path):
     assert doc["status"] == "done" and doc["errors"] == {} and doc["scale"] == "smoke"
     assert json.loads(proc.stdout) == doc
     res = doc["results"]
-    assert list(res) == ["train_throughput", "generate_throughput", "cv_wallclock", "annotation", "projections"]
+    assert list(res) == ["train_throughput", "generate_throughput", "cv_wallclock", "annotation", "determinism",
+                         "projections"]
+    det = res["determinism"]["measured"]  # on the CPU against the CPU: identical by construction
+    assert det["cpu_streams_identical"] and det["noise_field_identical"] and det["decode_fp32_max_abs_diff_vox"] == 0
 
     tr = res["train_throughput"]["measured"]
     assert [g["grid"] for g in tr["grids"]] == [[16, 16, 16], [16, 16, 8]]
