@@ -50,6 +50,9 @@ SETTINGS: dict[str, dict] = {
     "paper_z2": {"recipe": "paper", "model": {"latent_channels": 2}},
     "paper_z16": {"recipe": "paper", "model": {"latent_channels": 16}},
     "paper_z8_velocity": {"recipe": "paper", "model": {"latent_channels": 8, "output": "velocity"}},
+    # the paper states an intensity-noise *variance* of 0.015: std sqrt(0.015) = 0.1225 ([0, 1] units)
+    "paper_z8_noisevar": {"recipe": "paper", "model": {"latent_channels": 8}, "augment": {"noise_std": 0.1225}},
+    "paper_noisevar": {"recipe": "paper", "augment": {"noise_std": 0.1225}},
     "paper_z4_velocity": {"recipe": "paper", "model": {"latent_channels": 4, "output": "velocity"}},
     "paper_cyclical": {"recipe": "paper", "kl_schedule": "cyclical", "kl_cycles": 4},
     "paper_warmup": {"recipe": "paper", "kl_warmup_epochs": "third"},
