@@ -520,3 +520,41 @@ def test_a_second_generate_on_the_same_corpus_is_refused(corpus, inputs):
         with pytest.raises(InputError, match="another `generate` is writing this corpus right now"):
             generate_corpus(inputs["uri"], inputs["prepared"], out, N, seed=SEED, cfg=inputs["cfg"], track=False)
         fcntl.flock(held, fcntl.LOCK_UN)
+
+
+def test_ray_dataset_reads_the_corpus_as_corpus_getitem(corpus):
+    """open_corpus(DIR).ray_dataset() (ray.data.read_webdataset) holds exactly Corpus[i], every i once."""
+    from cardiomotion.generate import open_corpus
+
+    out, _ = corpus
+    c = open_corpus(out)
+    rows = sorted(c.ray_dataset(shuffle_seed=0).take_all(), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(range(len(c)))
+    for r in rows:
+        s = c[r["index"]]
+        assert r["scan_id"] == s["scan_id"]
+        for k in ("es", "ed_syn", "flow", "affine"):
+            assert r[k].dtype == s[k].dtype and np.array_equal(r[k], s[k]), k
+
+
+def test_virtual_corpus_equals_the_materialised_corpus(corpus, inputs):
+    """On-the-fly generation yields the arrays `generate` wrote (CPU, same plan), by index and
+    through Ray Data."""
+    from cardiomotion.generate import open_corpus, open_virtual_corpus
+
+    out, _ = corpus
+    c = open_corpus(out)
+    v = open_virtual_corpus(inputs["uri"], inputs["prepared"], len(c), seed=SEED, cfg=inputs["cfg"])
+    assert len(v) == len(c) == N
+    for i in (0, 5, N - 1):
+        a, b = v[i], c[i]
+        assert a["scan_id"] == b["scan_id"]
+        for k in ("es", "ed_syn", "flow", "affine"):
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (i, k)
+    rows = sorted(v.ray_dataset(actors=1, shuffle_seed=1).take_all(), key=lambda r: r["index"])
+    assert [r["index"] for r in rows] == list(range(N))
+    for r in rows:
+        s = c[r["index"]]
+        assert r["scan_id"] == s["scan_id"]
+        for k in ("es", "ed_syn", "flow", "affine"):
+            assert np.array_equal(r[k], s[k]) and r[k].dtype == s[k].dtype, (r["index"], k)

@@ -2,7 +2,8 @@
 
 * :func:`generate_corpus` — the Ray Data generation job (resumable, sharded, MLflow-tracked);
   :func:`generate_from_frames` — the same, conditioned on single 3-D frames of any format.
-* :func:`open_corpus` — random access and a streaming PyTorch ``IterableDataset``.
+* :func:`open_corpus` — random access, a streaming PyTorch ``IterableDataset``, a Ray Dataset.
+* :func:`open_virtual_corpus` — the same samples decoded on the fly (never stored).
 * :func:`regenerate_sample` — sample i again from (model, seed, i) alone (same bytes).
 * :func:`export_sample` — NIfTI (flow as intent 1006), ES→ED GIF, latent-traversal mosaic.
 * :func:`latent_traversal` / :func:`latent_directions` — decoding along latent directions.
@@ -22,6 +23,7 @@ _WHERE = {
     "generate_corpus": "job", "generate_from_frames": "job", "load_frames": "job", "regenerate_sample": "job",
     "ResolvedModel": "model", "resolve_model": "model",
     "latent_directions": "traversal", "latent_traversal": "traversal",
+    "VirtualCorpus": "virtual", "open_virtual_corpus": "virtual",
 }
 
 __all__ = sorted(_WHERE)
