@@ -24,10 +24,7 @@ from .config import Config
 from .errors import CardiomotionError, InputError
 from .fileio import atomic_dir, atomic_path, write_json
 
-MODEL_FILE = "pwcnet.pt"
-PYRAMID_FILE = "feature_pyramid.pt"
-TABLE = "annotations.parquet"
-FLOW_FILE = "flow.nii.gz"
+from .layout import ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE, PYRAMID_FILE, SCAN_TABLE
 QUALITY_FILE = "quality.json"
 
 Log = Callable[[str], None]
@@ -44,7 +41,7 @@ def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
 
     rows = read_scan_table(prepared_dir).to_dict("records")
     if not rows:
-        raise InputError(prepared_dir / "scans.parquet", "scan table is empty")
+        raise InputError(prepared_dir / SCAN_TABLE, "scan table is empty")
     divisor = 2 ** len(cfg.annotate.pwc.channels)
     first_shape = None
     for row in rows:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Config
+from .layout import PREVIEWS
 from .tracking import check_reachable, tracking_uri
 
 Log = Callable[[str], None]
@@ -77,7 +78,7 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
     log(f"generate: {cfg.demo.samples} samples from {model_uri} → {out / 'corpus'}")
     manifest = generate_corpus(model_uri, table_path.parent, out / "corpus", n=cfg.demo.samples, cfg=cfg, log=log)
     result.corpus = manifest.parent
-    result.figures += sorted((manifest.parent / "previews").glob("*"))
+    result.figures += sorted((manifest.parent / PREVIEWS).glob("*"))
     return result
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from ..config import Config, PrepareConfig
 from ..errors import InputError
 from ..fileio import atomic_dir, exclusive_lock, write_json, write_nifti
+from ..layout import ES_FILE, scan_file
 from .prepare import _store, config_fingerprint, guarded_row, raise_row_errors
 from .preprocess import grid_affine, heart_center, resample
 from .table import RECORD, read_record, write_scan_table
@@ -47,11 +48,11 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "ed_phase": None, "phases_from": PHASES_FROM, "n_phases": 1, "spacing_mm": float(cfg.spacing_mm),
         "shape": list(grid), "center_mm": [float(c) for c in center],
         "original_affine": json.dumps(np.asarray(vol.original_affine).tolist()),
-        "es_path": f"{frame_id}/es.nii.gz", "ed_path": None, "truth_flow_path": None, "labels_path": None,
+        "es_path": scan_file(frame_id, ES_FILE), "ed_path": None, "truth_flow_path": None, "labels_path": None,
         "es_labels_path": None,
     }
     with atomic_dir(out_dir / frame_id) as tmp:
-        write_nifti(tmp / "es.nii.gz", _store(es, cfg.dtype), out_aff)
+        write_nifti(tmp / ES_FILE, _store(es, cfg.dtype), out_aff)
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg)})
     return record
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..config import Config, PrepareConfig
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, write_json, write_nifti
+from ..layout import ED_FILE, ED_LABELS_FILE, ES_FILE, ES_LABELS_FILE, TRUTH_FLOW_FILE, scan_file
 from .phases import choose_phases, read_manifest
 from .preprocess import grid_affine, heart_center, resample, resample_flow
 from .scan import Scan, ScanFormat, read_scan, scan_id_of
@@ -85,16 +86,16 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
         "shape": list(grid),
         "center_mm": [float(c) for c in center],
         "original_affine": json.dumps(np.asarray(scan.original_affine).tolist()),
-        "es_path": f"{scan.scan_id}/es.nii.gz",
-        "ed_path": f"{scan.scan_id}/ed.nii.gz",
+        "es_path": scan_file(scan.scan_id, ES_FILE),
+        "ed_path": scan_file(scan.scan_id, ED_FILE),
         "truth_flow_path": None,
         "labels_path": None,
         "es_labels_path": None,
     }
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:
-        write_nifti(tmp / "es.nii.gz", _store(es_out, cfg.dtype), out_aff)
-        write_nifti(tmp / "ed.nii.gz", _store(ed_out, cfg.dtype), out_aff)
+        write_nifti(tmp / ES_FILE, _store(es_out, cfg.dtype), out_aff)
+        write_nifti(tmp / ED_FILE, _store(ed_out, cfg.dtype), out_aff)
         if scan.format is ScanFormat.PHANTOM:
             record.update(_carry_phantom_truth(scan, choice, tmp, out_aff, grid))
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg),
@@ -120,13 +121,13 @@ def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, gri
     from ..orientation import flow_to_canonical, to_canonical
 
     flow, flow_aff = flow_to_canonical(flow, flow_aff)
-    write_flow(tmp / "truth_flow.nii.gz", resample_flow(flow, flow_aff, out_aff, grid), out_aff)
+    write_flow(tmp / TRUTH_FLOW_FILE, resample_flow(flow, flow_aff, out_aff, grid), out_aff)
     lab_img = nib.load(str(scan.source / LABELS))
-    for phase, name in ((choice.ed_phase, "ed_labels.nii.gz"), (choice.es_phase, "es_labels.nii.gz")):
+    for phase, name in ((choice.ed_phase, ED_LABELS_FILE), (choice.es_phase, ES_LABELS_FILE)):
         labels, lab_aff = to_canonical(np.asarray(lab_img.dataobj[..., phase]), lab_img.affine)
         write_nifti(tmp / name, resample(labels, lab_aff, out_aff, grid, order=0, cval=0).astype(np.uint8), out_aff)
-    return {"truth_flow_path": f"{scan.scan_id}/truth_flow.nii.gz", "labels_path": f"{scan.scan_id}/ed_labels.nii.gz",
-            "es_labels_path": f"{scan.scan_id}/es_labels.nii.gz"}
+    return {"truth_flow_path": scan_file(scan.scan_id, TRUTH_FLOW_FILE),
+            "labels_path": scan_file(scan.scan_id, ED_LABELS_FILE), "es_labels_path": scan_file(scan.scan_id, ES_LABELS_FILE)}
 
 
 def guarded_row(row: dict, work: Callable[[], dict]) -> dict:

@@ -13,8 +13,7 @@ import pandas as pd
 from ..errors import InputError
 from ..fileio import atomic_path
 
-TABLE = "scans.parquet"
-RECORD = "prepared.json"  # per-scan record, written last: its presence marks a finished scan
+from ..layout import SCAN_RECORD as RECORD, SCAN_TABLE as TABLE  # the record, written last, marks a finished scan
 COLUMNS = [
     "scan_id", "source", "format", "es_phase", "ed_phase", "phases_from", "n_phases",
     "spacing_mm", "shape", "center_mm", "original_affine", "es_path", "ed_path",

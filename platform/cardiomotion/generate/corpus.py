@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from .engine import FORMAT, MEMBERS, sample_key
 
-MANIFEST = "manifest.json"
+from ..layout import MANIFEST
 
 
 def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:

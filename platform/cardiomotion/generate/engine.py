@@ -31,6 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..layout import shard_name, sidecar_name  # re-exported: the corpus layout's names
+
 FORMAT = "cardiomotion-corpus"
 FORMAT_VERSION = 1
 KEY_DIGITS = 9  # member names "000000012.es.npy": up to 10^9 samples
@@ -86,12 +88,6 @@ def sample_key(index: int) -> str:
     return f"{int(index):0{KEY_DIGITS}d}"
 
 
-def shard_name(k: int) -> str:
-    return f"shard-{int(k):06d}.tar"
-
-
-def sidecar_name(k: int) -> str:
-    return f"shard-{int(k):06d}.json"
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -359,7 +355,7 @@ class ShardWorker:
                         import errno
                         import os
 
-                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(p["out"]) / f"shard-{k:06d}.tar"))
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(p["out"]) / shard_name(k)))
                     raise RuntimeError(f"injected failure at shard {k} (test hook)")
                 if self.trace:
                     import tracemalloc

@@ -32,12 +32,9 @@ from ..errors import InputError
 from .corpus import MANIFEST, open_corpus, read_manifest
 from .engine import (FORMAT, FORMAT_VERSION, MEMBERS, SampleEngine, ShardWorker, block_of, num_shards,
                      sample_key, shard_name, shard_range, sidecar_name)
+from ..layout import CORPUS_PLAN as PLAN, FRAMES, GENERATE_LOCK as LOCK, PREVIEWS, SCAN_TABLE, SHARD_GLOB
 from .model import ResolvedModel, load_networks, resolve_model
 
-PLAN = "plan.json"
-LOCK = ".generate.lock"
-FRAMES = "frames"  # generate --frames: the prepared single frames, inside the corpus folder
-PREVIEWS = "previews"
 Log = Callable[[str], None]
 
 
@@ -56,7 +53,7 @@ def load_frames(prepared_dir: str | Path) -> dict[str, Any]:
     prepared = Path(prepared_dir).resolve()
     table = read_scan_table(prepared)
     if len(table) == 0:
-        raise InputError(prepared / "scans.parquet", "holds no scans")
+        raise InputError(prepared / SCAN_TABLE, "holds no scans")
     rows = sorted(table.to_dict("records"), key=lambda r: str(r["scan_id"]))
     ids, frames, affines, shas = [], [], [], []
     for row in rows:
@@ -153,7 +150,7 @@ def _check_out(out: Path, identity: dict, n: int, shard_size: int) -> dict | Non
         except (ValueError, KeyError):
             raise InputError(plan_path, "unreadable corpus plan; use another --out") from None
         if found != identity:
-            if any(out.glob("shard-*.tar")) or (out / MANIFEST).is_file():
+            if any(out.glob(SHARD_GLOB)) or (out / MANIFEST).is_file():
                 _refuse_other_corpus(out, found, identity)
             # A plan without a single shard is only an intention (a run that stopped before any
             # work, e.g. MLflow unreachable): it does not make the folder another corpus.
@@ -175,7 +172,7 @@ def _check_out(out: Path, identity: dict, n: int, shard_size: int) -> dict | Non
             raise InputError(out, f"holds a complete corpus of {man['n']} samples, more than --n {n}; "
                                   "it is never cut down: use another --out")
     last = num_shards(n, shard_size)
-    extra = sorted(p.name for p in out.glob("shard-*.tar") if int(p.stem.split("-")[1]) >= last)
+    extra = sorted(p.name for p in out.glob(SHARD_GLOB) if int(p.stem.split("-")[1]) >= last)
     if extra:
         raise InputError(out, f"holds shards beyond --n {n} ({extra[0]} …); it is never cut down: use another --out")
     return plan
@@ -238,7 +235,7 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder; use another --out")
     if out.is_dir() and not (out / FRAMES).is_dir() and ((out / PLAN).is_file() or (out / MANIFEST).is_file()
-                                                          or any(out.glob("shard-*.tar"))):
+                                                          or any(out.glob(SHARD_GLOB))):
         raise InputError(out, "holds a corpus made from --prepared data, not from --frames; use another --out")
     resolved = resolve_model(model, cfg)
     spacing = resolved.meta.get("spacing_mm")

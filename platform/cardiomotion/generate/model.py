@@ -22,9 +22,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..config import Config
 
-MODEL_FILE = "cvae.pt"
-PYRAMID_FILE = "feature_pyramid.pt"
-MODEL_META = "model.json"
+from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE
 MODEL_FILES = (MODEL_FILE, PYRAMID_FILE, MODEL_META)
 
 

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..layout import CVAE_FILE, ED_FILE, ES_FILE, MODEL_META, PYRAMID_FILE
+
 
 def make_random_model_dir(dst: str | Path, grid: Sequence[int] = (32, 32, 32), channels: Sequence[int] = (8, 16, 32),
                           latent_channels: int | None = 4, spacing_mm: float = 4.0,
@@ -40,9 +42,9 @@ def make_random_model_dir(dst: str | Path, grid: Sequence[int] = (32, 32, 32), c
             scale = min(scale, 0.5 * flow_std / max(std, 1e-12))
         model.head.weight.mul_(scale)
         model.head.bias.mul_(scale)
-    model.save(dst / "cvae.pt")
-    pyramid.save(dst / "feature_pyramid.pt")
-    write_json(dst / "model.json", {
+    model.save(dst / CVAE_FILE)
+    pyramid.save(dst / PYRAMID_FILE)
+    write_json(dst / MODEL_META, {
         "kind": "cardiomotion-cvae", "fold": None, "val_scan": None, "train_scans": [],
         "grid": list(grid), "spacing_mm": float(spacing_mm), "intensity_window": list(window),
         "output": output, "pyramid": pyramid.config(), "cvae": model.config(), "seed": seed,
@@ -83,8 +85,8 @@ def make_synthetic_prepared(dst: str | Path, n_scans: int = 3, grid: Sequence[in
     for s in range(n_scans):
         sid = f"synthetic_{s:03d}"
         es = np.clip(np.round(_heart(grid, rng)), -1024, 3000).astype(np.int16)
-        write_nifti(dst / sid / "es.nii.gz", es, aff)
-        write_nifti(dst / sid / "ed.nii.gz", es, aff)
+        write_nifti(dst / sid / ES_FILE, es, aff)
+        write_nifti(dst / sid / ED_FILE, es, aff)
         records.append({"scan_id": sid, "source": "synthetic", "format": "synthetic", "es_phase": 0, "ed_phase": 0,
                         "phases_from": "synthetic", "n_phases": 1, "spacing_mm": float(spacing_mm),
                         "shape": list(grid), "center_mm": [0.0, 0.0, 0.0], "original_affine": "",

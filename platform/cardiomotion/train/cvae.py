@@ -28,8 +28,7 @@ from .settings import StepSettings, step_settings
 if TYPE_CHECKING:  # the step functions need no config (and so no pydantic): StepSettings is enough
     from ..config import Config
 
-MODEL_FILE = "cvae.pt"
-MODEL_META = "model.json"
+from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE
 
 
 def build_cvae(cfg: Config | StepSettings, pyramid_config: dict[str, Any]):
@@ -240,7 +239,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
         es_all, flow_all = es_all.to(device), flow_all.to(device)
 
-    pyramid = FeaturePyramid.load(plan.flows / "feature_pyramid.pt", map_location=device).eval()
+    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE, map_location=device).eval()
     pyramid.requires_grad_(False)
     recipe.place(pyramid, device)
     model = recipe.place(build_cvae(cfg, pyramid.config()), device)

@@ -13,8 +13,7 @@ import torch
 
 from ..errors import InputError
 
-PYRAMID_FILE = "feature_pyramid.pt"
-FLOW_FILE = "flow.nii.gz"
+from ..layout import ES_FILE, FLOW_FILE, PYRAMID_FILE, SCAN_TABLE
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
     table = read_scan_table(prepared)
     ids = tuple(sorted(str(s) for s in table.scan_id))
     if len(ids) < 2:
-        raise InputError(prepared / "scans.parquet", f"leave-one-out needs at least 2 scans, found {len(ids)}")
+        raise InputError(prepared / SCAN_TABLE, f"leave-one-out needs at least 2 scans, found {len(ids)}")
     if not 0 <= fold < len(ids):
         raise InputError(None, f"fold {fold} is out of range: {prepared} has {len(ids)} scans (folds 0..{len(ids) - 1})")
     if not (flows / PYRAMID_FILE).is_file():
@@ -63,7 +62,7 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
     for sid in ids:
         shape = tuple(int(n) for n in rows.loc[sid, "shape"])
         if shape != grid or float(rows.loc[sid, "spacing_mm"]) != spacing:
-            raise InputError(prepared / "scans.parquet", f"scan {sid} is on a {shape} grid at "
+            raise InputError(prepared / SCAN_TABLE, f"scan {sid} is on a {shape} grid at "
                              f"{float(rows.loc[sid, 'spacing_mm'])} mm, scan {ids[0]} on {grid} at {spacing} mm: "
                              "prepare every scan with the same settings")
         path = flows / sid / FLOW_FILE
@@ -97,7 +96,7 @@ def load_samples(plan: FoldPlan, scan_ids: tuple[str, ...] | list[str], window) 
 
     images, flows = [], []
     for sid in scan_ids:
-        es_path = plan.prepared / sid / "es.nii.gz"
+        es_path = plan.prepared / sid / ES_FILE
         es = readable(es_path, lambda: np.asarray(nib.load(str(es_path)).dataobj, dtype=np.float32))
         flow, _ = readable(plan.flows / sid / FLOW_FILE, lambda: read_flow(plan.flows / sid / FLOW_FILE))
         if flow.shape[1:] != es.shape:
