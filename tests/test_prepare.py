@@ -327,7 +327,7 @@ def _bad_truncated(tmp: Path, cohort) -> tuple[list[Path], str]:
 def _bad_not_nifti(tmp: Path, cohort) -> tuple[list[Path], str]:
     p = tmp / "notes.txt"
     p.write_text("not an image\n")
-    return [p], "not a NIfTI file"
+    return [p], "not a NIfTI (.nii, .nii.gz), NRRD"
 
 
 def _bad_garbage_nifti(tmp: Path, cohort) -> tuple[list[Path], str]:
@@ -417,7 +417,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, prepared, cohort, tmp_p
 
 def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path):
     inputs, _ = _bad_not_nifti(tmp_path, cohort)
-    with pytest.raises(InputError, match="not a NIfTI file"):
+    with pytest.raises(InputError, match=r"not a NIfTI \(.nii, .nii.gz\), NRRD"):
         main(["--debug", "prepare", "--scans", *map(str, inputs), "--out", str(tmp_path / "out")])
 
 

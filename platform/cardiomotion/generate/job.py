@@ -400,8 +400,10 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
             if len(rows) % max(1, len(todo) // 10) == 0 or len(rows) == len(todo):
                 log(f"generate: {len(rows)}/{len(todo)} shards written")
     except Exception as exc:  # an actor died (out of memory, lost node) rather than a shard failing
-        raise RuntimeError(f"generation failed ({_root_cause(exc)}); finished shards are kept: rerun the "
-                           "same command to resume") from exc
+        from ..errors import StageFailed
+
+        raise StageFailed(f"generate: an actor died ({_root_cause(exc)}); finished shards are kept: rerun the "
+                          "same command to resume") from exc
     if failed and failed.startswith("OSERROR "):
         from ..errors import StageFailed
 
