@@ -24,7 +24,7 @@ from ..config import Config, PrepareConfig
 from ..errors import InputError
 from ..fileio import atomic_dir, exclusive_lock, write_json, write_nifti
 from ..layout import ES_FILE, scan_file
-from .prepare import _store, config_fingerprint, guarded_row, raise_row_errors
+from .prepare import _store, config_fingerprint, guarded_row, plan_scans, raise_row_errors
 from .preprocess import grid_affine, heart_center, resample
 from .table import RECORD, read_record, write_scan_table
 from .volume import Volume, frame_id_of, read_volume, volume_format
@@ -66,19 +66,10 @@ def _frame_row(row: dict) -> dict:
 def plan_frames(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
     """(frame id, path) of each frame, checked on the driver: paths exist with a known format,
     ids are unique (two files named alike are refused, naming both)."""
-    items: list[tuple[str, Path]] = []
-    seen: dict[str, Path] = {}
-    for p in paths:
-        path = Path(p).expanduser()
-        volume_format(path)
-        fid = frame_id_of(path)
-        if fid in seen:
-            raise InputError(path, f"frame id {fid!r} is also the id of {seen[fid]}: rename one of them")
-        seen[fid] = path
-        items.append((fid, path.resolve()))
-    if not items:
-        raise InputError("--frames", "no frames given")
-    return items
+    paths = [Path(p).expanduser() for p in paths]
+    for path in paths:
+        volume_format(path)  # a missing path or an unknown format: refused before any work
+    return plan_scans(paths, id_of=frame_id_of)
 
 
 def prepare_frames(paths: Iterable[str | Path], out_dir: str | Path, cfg: Config, grid, spacing_mm: float,

@@ -34,21 +34,22 @@ def config_fingerprint(cfg: PrepareConfig) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def plan_scans(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
-    """(scan_id, path) per input, validated cheaply before any Ray work.
+def plan_scans(paths: Iterable[str | Path], id_of: Callable[[Path], str] = scan_id_of) -> list[tuple[str, Path]]:
+    """(id, path) per input (ids from ``id_of``: scan ids, or frame ids), validated cheaply
+    before any Ray work.
 
     Raises:
-        InputError: no inputs, a path that is missing, or two inputs with the same scan id.
+        InputError: no inputs, a path that is missing, or two inputs with the same id.
     """
     items: list[tuple[str, Path]] = []
     seen: dict[str, Path] = {}
     for p in paths:
-        path = Path(p)
+        path = Path(p).expanduser()
         if not path.exists():
             raise InputError(path, "does not exist")
         if path.name.startswith("."):
             continue  # temporary or hidden entries of a shell glob
-        sid = scan_id_of(path)
+        sid = id_of(path)
         if sid in seen:
             raise InputError(path, f"duplicate scan id {sid!r} (also {seen[sid]})")
         seen[sid] = path

@@ -100,6 +100,15 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def image_file_kind(path: Path) -> str | None:
+    """"nifti", "nrrd" or "metaimage" by the file name's extension; None for anything else."""
+    name = Path(path).name.lower()
+    for kind, suffixes in (("nifti", NIFTI_SUFFIXES), ("nrrd", (".nrrd", ".nhdr")), ("metaimage", (".mha", ".mhd"))):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
 def scan_id_of(path: str | Path) -> str:
     """A scan's id: its folder's name, or its file name without extensions."""
     path = Path(path)
@@ -122,13 +131,9 @@ def detect_format(path: str | Path) -> ScanFormat:
     if not path.exists():
         raise InputError(path, "does not exist")
     if path.is_file():
-        name = path.name.lower()
-        if is_nifti(path):
-            return ScanFormat.NIFTI_4D
-        if name.endswith((".nrrd", ".nhdr")):
-            return ScanFormat.NRRD
-        if name.endswith((".mha", ".mhd")):
-            return ScanFormat.METAIMAGE
+        kind = image_file_kind(path)
+        if kind is not None:
+            return {"nifti": ScanFormat.NIFTI_4D, "nrrd": ScanFormat.NRRD, "metaimage": ScanFormat.METAIMAGE}[kind]
         raise InputError(path, "not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file "
                                "and not a scan folder")
     if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .scan import image_file_kind
 
 
 class VolumeFormat(str, Enum):
@@ -57,13 +58,9 @@ def volume_format(path: str | Path) -> VolumeFormat:
         raise InputError(path, "does not exist")
     if path.is_dir():
         return VolumeFormat.DICOM
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return VolumeFormat.NIFTI
-    if name.endswith((".nrrd", ".nhdr")):
-        return VolumeFormat.NRRD
-    if name.endswith((".mha", ".mhd")):
-        return VolumeFormat.METAIMAGE
+    kind = image_file_kind(path)
+    if kind is not None:
+        return VolumeFormat(kind)
     raise InputError(path, "not a 3-D frame: expected NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage "
                            "(.mha, .mhd) or a folder holding one DICOM series")
 
