@@ -269,3 +269,38 @@ def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
     return plot_orthogonal(rows, out / "figures" / f"annotation_{row['scan_id']}.png", spacing=(s, s, s),
                            windows=windows, cmaps=cmaps, center=center,
                            title=f"{row['scan_id']}: annotation (pull field ED←ES)")
+
+
+def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out_id: str, cfg: Config,
+                       log: Log = lambda _m: None) -> Path:
+    """The frozen pyramid of a PWC-Net trained on every prepared pair except ``held_out_id``
+    (``cv.pyramid: per_fold``): strict leave-one-out, the held-out scan's images never fitted.
+
+    Trained like :func:`annotate`'s network (Ray Train, the same settings and seed), stored in
+    ``flows/fold_pyramids/<held_out_id>/feature_pyramid.pt``. A finished pyramid is reused; an
+    interrupted training resumes from its checkpoint (its Ray Train run lives beside it).
+    Returns the pyramid's path.
+
+    Raises:
+        InputError: ``held_out_id`` is not a prepared scan, or the prepared data are unusable.
+    """
+    from .layout import fold_pyramid_path
+    from .models.pyramid import FeaturePyramid
+    from .train.pwc import train_pwcnet
+
+    prepared = Path(prepared_dir).resolve()
+    dst = fold_pyramid_path(Path(flows_dir).resolve(), held_out_id)
+    if dst.is_file():
+        try:
+            FeaturePyramid.load(dst)
+            return dst
+        except Exception:  # a truncated file: train it again (as annotate does)
+            log(f"annotate: {dst} is unreadable: training it again")
+    rows = check_prepared(prepared, cfg)
+    keep = [r for r in rows if str(r["scan_id"]) != str(held_out_id)]
+    if len(keep) == len(rows):
+        raise InputError(prepared / SCAN_TABLE, f"no scan {held_out_id!r} to hold out")
+    log(f"annotate: PWC-Net without {held_out_id} ({len(keep)} pairs, {cfg.annotate.epochs} epochs) for its fold's pyramid")
+    model = train_pwcnet(prepared, cfg, storage_path=dst.parent / "ray_train", name="pwcnet", rows=keep)
+    model.pyramid.save(dst)
+    return dst

@@ -296,8 +296,20 @@ class TrackingConfig(_Section):
     experiment: str = Field("cardiomotion", description="MLflow experiment name")
 
 
+class PyramidProtocol(str, Enum):
+    """Which frozen feature pyramid conditions a fold's CVAE."""
+
+    SHARED = "shared"  # annotate's network, trained on every pair — including the held-out scan's (transductive)
+    PER_FOLD = "per_fold"  # a network trained without the held-out scan: strict leave-one-out
+
+
 class CVConfig(_Section):
     """Leave-one-out cross-validation (``cardiomotion cv``): every fold a single-fold training."""
+
+    pyramid: PyramidProtocol = Field(
+        PyramidProtocol.SHARED, description="frozen pyramid of each fold: shared (annotate's, fitted on every pair, "
+                                            "the held-out scan's too) or per_fold (a PWC-Net trained without the "
+                                            "held-out scan; strict leave-one-out); also used by train and tune")
 
     max_concurrent: Optional[int] = Field(
         None, ge=1, description="folds trained at once; null → as many as the cluster's resources hold")

@@ -17,6 +17,7 @@ name of another stage.
     <scan_id>/flow.nii.gz              FLOW_FILE (annotated pull flow, intent 1006, RAS mm)
     annotations.parquet                ANNOTATION_TABLE
     pwcnet.pt, feature_pyramid.pt      PWCNET_FILE, PYRAMID_FILE
+    fold_pyramids/<scan_id>/           FOLD_PYRAMIDS (cv.pyramid: per_fold — a network trained without that scan)
 
 a trained model (MLflow artifact ``model``, or a folder)::
 
@@ -48,6 +49,8 @@ ANNOTATION_TABLE = "annotations.parquet"
 PWCNET_FILE = "pwcnet.pt"
 PYRAMID_FILE = "feature_pyramid.pt"
 
+FOLD_PYRAMIDS = "fold_pyramids"  # per-fold protocol: fold_pyramids/<held-out scan>/feature_pyramid.pt
+
 # a trained model
 CVAE_FILE = "cvae.pt"
 MODEL_META = "model.json"
@@ -69,6 +72,11 @@ def scan_file(scan_id: str, name: str) -> str:
 def flow_path(flows_dir: str | Path, scan_id: str) -> Path:
     """The annotated flow of ``scan_id`` in an annotation folder."""
     return Path(flows_dir) / str(scan_id) / FLOW_FILE
+
+
+def fold_pyramid_path(flows_dir: str | Path, held_out_id: str) -> Path:
+    """The frozen pyramid of the annotation network trained without scan ``held_out_id``."""
+    return Path(flows_dir) / FOLD_PYRAMIDS / str(held_out_id) / PYRAMID_FILE
 
 
 def shard_name(k: int) -> str:

@@ -278,8 +278,11 @@ def _fingerprint(prepared: Path, flows: Path, cfg: Config) -> dict[str, Any]:
     train = cfg.train.model_dump(mode="json")
     for k in _RESOURCE_KEYS:
         train.pop(k, None)
-    return {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
-            "intensity": cfg.intensity.model_dump(mode="json"), "train": train}
+    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+          "intensity": cfg.intensity.model_dump(mode="json"), "train": train}
+    if cfg.cv.pyramid.value != "shared":  # (absent for shared: sweeps made before the setting existed resume)
+        fp["pyramid"] = cfg.cv.pyramid.value
+    return fp
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -558,7 +561,7 @@ def _run_cv(
         rows = [_row(recorded[k]) for k in sorted(recorded)]
         summary = {**summarize(rows), "parent_run_id": parent_id, "tracking_uri": uri,
                    "wall_s": round(time.perf_counter() - t_start, 1), "epochs": cfg.train.epochs,
-                   "scans": len(scan_ids)}
+                   "scans": len(scan_ids), "pyramid_protocol": cfg.cv.pyramid.value}
         csv_path = write_table(out / TABLE_FILE, rows)
         json_path = write_json(out / SUMMARY_FILE, summary)
         tracking.log_artifact(csv_path)

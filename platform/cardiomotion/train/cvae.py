@@ -213,7 +213,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     tc = cfg.train
     plan = FoldPlan(**{**config["plan"], "prepared": Path(config["plan"]["prepared"]),
                        "flows": Path(config["plan"]["flows"]), "scan_ids": tuple(config["plan"]["scan_ids"]),
-                       "grid": tuple(config["plan"]["grid"])})
+                       "grid": tuple(config["plan"]["grid"]), "pyramid": Path(config["plan"]["pyramid"])})
     from ..raycluster import quiet_train_worker
 
     quiet_train_worker()
@@ -239,7 +239,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
         es_all, flow_all = es_all.to(device), flow_all.to(device)
 
-    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE, map_location=device).eval()
+    pyramid = FeaturePyramid.load(plan.pyramid, map_location=device).eval()
     pyramid.requires_grad_(False)
     recipe.place(pyramid, device)
     model = recipe.place(build_cvae(cfg, pyramid.config()), device)
@@ -287,16 +287,21 @@ class FoldResult:
 
 
 def check_fold_inputs(prepared_dir, flows_dir, fold: int, cfg: Config):
-    """All checks that must pass before any Ray work; returns (plan, pyramid config)."""
+    """All checks that must pass before any Ray work; returns (plan, pyramid config). With
+    ``cv.pyramid: per_fold`` and the fold's pyramid not trained yet, the config is the one
+    ``annotate.pwc`` will give it."""
     from ..errors import InputError
     from ..models.pyramid import load_checkpoint
-    from .fold import PYRAMID_FILE, plan_fold
+    from .fold import plan_fold
 
-    plan = plan_fold(prepared_dir, flows_dir, fold)
-    try:
-        pyr = load_checkpoint(plan.flows / PYRAMID_FILE, "feature_pyramid")["config"]
-    except Exception as exc:
-        raise InputError(plan.flows / PYRAMID_FILE, f"not a feature-pyramid checkpoint ({exc})") from None
+    plan = plan_fold(prepared_dir, flows_dir, fold, cfg.cv.pyramid.value)
+    if not plan.pyramid.is_file() and plan.pyramid_protocol == "per_fold":
+        pyr = {"channels": list(cfg.annotate.pwc.channels)}
+    else:
+        try:
+            pyr = load_checkpoint(plan.pyramid, "feature_pyramid")["config"]
+        except Exception as exc:
+            raise InputError(plan.pyramid, f"not a feature-pyramid checkpoint ({exc})") from None
     div = 2 ** len(pyr["channels"])
     if any(n % div for n in plan.grid):
         raise InputError(plan.prepared, f"grid {plan.grid} is not divisible by 2^levels = {div} of the pyramid")
@@ -308,16 +313,15 @@ def save_model_dir(model, plan, pyramid_config: dict, cfg: Config, dst: Path) ->
     import shutil
 
     from ..fileio import write_json
-    from .fold import PYRAMID_FILE
 
     dst.mkdir(parents=True, exist_ok=True)
     model.save(dst / MODEL_FILE)
-    shutil.copy2(plan.flows / PYRAMID_FILE, dst / PYRAMID_FILE)
+    shutil.copy2(plan.pyramid, dst / PYRAMID_FILE)
     write_json(dst / MODEL_META, {
         "kind": "cardiomotion-cvae", "fold": plan.fold, "val_scan": plan.val_id,
         "train_scans": list(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
         "intensity_window": list(cfg.intensity.window), "output": cfg.train.model.output.value,
-        "pyramid": pyramid_config, "cvae": model.config(), "seed": cfg.seed,
+        "pyramid": pyramid_config, "pyramid_protocol": plan.pyramid_protocol, "cvae": model.config(), "seed": cfg.seed,
         "flow_convention": "pull field on the ED grid, voxels: ED(x) = ES(x + u(x))",
     })
     return dst
@@ -410,13 +414,20 @@ def train_fold(
     plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
     uri = tracking.setup(cfg)
     init_ray(cfg.ray)
+    if plan.pyramid_protocol == "per_fold":  # strict leave-one-out: a pyramid fitted without the held-out scan
+        from ..annotate import train_fold_pyramid
+        from ..models.pyramid import load_checkpoint
+
+        train_fold_pyramid(plan.prepared, plan.flows, plan.val_id, cfg, log=log)
+        pyr = load_checkpoint(plan.pyramid, "feature_pyramid")["config"]
     tc = cfg.train
     name = name or f"fold_{fold:03d}"
     use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
     params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
               "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
-              "prepared": str(plan.prepared), "flows": str(plan.flows), "seed": cfg.seed}
+              "prepared": str(plan.prepared), "flows": str(plan.flows), "seed": cfg.seed,
+              "pyramid_protocol": plan.pyramid_protocol}
     if run_id is not None:  # resuming: log params only into a run created empty (cv creates its fold runs)
         import mlflow
 
@@ -429,7 +440,7 @@ def train_fold(
         log(f"train: fold {fold} (held out {plan.val_id}), {len(plan.train_ids)} training scans, "
             f"{tc.epochs} epochs, run {run.info.run_id}")
         plan_dict = {**plan.__dict__, "prepared": str(plan.prepared), "flows": str(plan.flows),
-                     "scan_ids": list(plan.scan_ids), "grid": list(plan.grid)}
+                     "scan_ids": list(plan.scan_ids), "grid": list(plan.grid), "pyramid": str(plan.pyramid)}
         trainer = TorchTrainer(
             cvae_train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "run_id": run.info.run_id,
@@ -455,10 +466,10 @@ def train_fold(
 
             mlflow.log_artifacts(str(model_dir), artifact_path="model")
             from ..models.pyramid import FeaturePyramid
-            from .fold import PYRAMID_FILE, load_samples
+            from .fold import load_samples
 
             es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)  # once, for both
-            pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+            pyramid = FeaturePyramid.load(plan.pyramid).eval()
             figure = fold_figure(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
             prior_metrics, ef_figure = prior_report(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp))
             metrics.update(prior_metrics)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 
-from ..layout import ES_FILE, FLOW_FILE, PYRAMID_FILE, SCAN_TABLE
+from ..layout import ES_FILE, FLOW_FILE, PYRAMID_FILE, SCAN_TABLE, fold_pyramid_path
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,20 @@ class FoldPlan:
     val_id: str
     grid: tuple[int, int, int]
     spacing_mm: float
+    pyramid: Path  # the frozen pyramid that conditions this fold's CVAE (cv.pyramid)
+    pyramid_protocol: str = "shared"
 
     @property
     def train_ids(self) -> tuple[str, ...]:
         return tuple(s for s in self.scan_ids if s != self.val_id)
 
 
-def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> FoldPlan:
+def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int, pyramid: str = "shared") -> FoldPlan:
     """Check the inputs of fold ``fold`` and describe it.
+
+    ``pyramid``: ``"shared"`` — annotate's pyramid, which must exist; ``"per_fold"`` — the pyramid
+    of a network trained without the held-out scan (``flows/fold_pyramids/<scan>/``), made by
+    :func:`cardiomotion.annotate.train_fold_pyramid` if it is not there yet.
 
     Raises:
         InputError: missing/inconsistent prepared data (scans on different grids), a scan
@@ -52,7 +58,9 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
         raise InputError(prepared / SCAN_TABLE, f"leave-one-out needs at least 2 scans, found {len(ids)}")
     if not 0 <= fold < len(ids):
         raise InputError(None, f"fold {fold} is out of range: {prepared} has {len(ids)} scans (folds 0..{len(ids) - 1})")
-    if not (flows / PYRAMID_FILE).is_file():
+    if pyramid not in ("shared", "per_fold"):
+        raise InputError("cv.pyramid", f"must be shared or per_fold, got {pyramid!r}")
+    if pyramid == "shared" and not (flows / PYRAMID_FILE).is_file():
         raise InputError(flows / PYRAMID_FILE, "missing: run `cardiomotion annotate` to make the frozen pyramid")
     check_prepared_identity(prepared, flows)
     rows = table.set_index(table.scan_id.astype(str))
@@ -71,7 +79,8 @@ def plan_fold(prepared_dir: str | Path, flows_dir: str | Path, fold: int) -> Fol
         flow_grid = check_flow_header(path)  # header only: intent, 5-D shape
         if flow_grid != grid:
             raise InputError(path, f"flow grid {flow_grid} differs from the prepared grid {grid} of scan {sid}")
-    return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, spacing)
+    pyr = flows / PYRAMID_FILE if pyramid == "shared" else fold_pyramid_path(flows, ids[fold])
+    return FoldPlan(fold, prepared, flows, ids, ids[fold], grid, spacing, pyr, pyramid)
 
 
 def readable(path: Path, read):

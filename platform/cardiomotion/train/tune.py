@@ -155,7 +155,7 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
     from .cvae import build_cvae, train_epoch, validate
-    from .fold import PYRAMID_FILE, load_samples, plan_fold
+    from .fold import load_samples, plan_fold
     from .recipe import StepRecipe
 
     cfg = apply_trial(Config.model_validate(setup["cfg"]), values)
@@ -166,19 +166,21 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     recipe.setup()
     torch.manual_seed(cfg.seed)
 
-    pyramid = FeaturePyramid.load(Path(setup["flows"]) / PYRAMID_FILE, map_location=device).eval()
-    pyramid.requires_grad_(False)
-    recipe.place(pyramid, device)
+    pyramids: dict[Path, Any] = {}  # one per fold under cv.pyramid: per_fold, else the shared one
     folds = []
     for k in setup["folds"]:
-        plan = plan_fold(setup["prepared"], setup["flows"], k)
+        plan = plan_fold(setup["prepared"], setup["flows"], k, cfg.cv.pyramid.value)
+        if plan.pyramid not in pyramids:
+            pyramids[plan.pyramid] = recipe.place(
+                FeaturePyramid.load(plan.pyramid, map_location=device).eval().requires_grad_(False), device)
+        pyramid = pyramids[plan.pyramid]
         es, flow = load_samples(plan, plan.train_ids, cfg.intensity.window)
         es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
         model = recipe.place(build_cvae(cfg, pyramid.config()), device)
         opt = recipe.optimizer(model.parameters(), tc.lr, device)
         steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))
         folds.append({"plan": plan, "es": es, "flow": flow, "es_v": es_v, "flow_v": flow_v, "model": model,
-                      "opt": opt, "steps": steps})
+                      "opt": opt, "steps": steps, "pyramid": pyramid})
 
     client = mlflow.MlflowClient(setup["tracking_uri"])
     trial_id = tune.get_context().get_trial_id()
@@ -198,10 +200,10 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     for epoch in range(start, tc.epochs):
         per_fold = []
         for f in folds:
-            m = train_epoch(f["model"], pyramid, f["opt"], f["es"], f["flow"], cfg, epoch, steps=f["steps"],
+            m = train_epoch(f["model"], f["pyramid"], f["opt"], f["es"], f["flow"], cfg, epoch, steps=f["steps"],
                             device=device, recipe=recipe)
             with recipe.autocast(device):
-                m.update(validate(f["model"], pyramid, f["es_v"], f["flow_v"], f["plan"].spacing_mm,
+                m.update(validate(f["model"], f["pyramid"], f["es_v"], f["flow_v"], f["plan"].spacing_mm,
                                   tc.prior_samples, cfg.seed, device, temperature=cfg.generate.temperature))
             per_fold.append(m)
         metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
@@ -243,8 +245,11 @@ def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int])
     tune_cfg = cfg.tune.model_dump(mode="json")
     tune_cfg.pop("max_concurrent", None)
     tune_cfg["folds"] = list(folds)
-    return {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
-            "intensity": cfg.intensity.model_dump(mode="json"), "train": train, "tune": tune_cfg}
+    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+          "intensity": cfg.intensity.model_dump(mode="json"), "train": train, "tune": tune_cfg}
+    if cfg.cv.pyramid.value != "shared":
+        fp["pyramid"] = cfg.cv.pyramid.value
+    return fp
 
 
 def _trial_status(exp_path: Path) -> dict[str, str]:
@@ -326,6 +331,12 @@ def run_tune(
     folds = resolve_folds(cfg.tune.folds, scan_ids, where="tune.folds")
     for k in folds:
         check_fold_inputs(prepared, flows, k, cfg)
+    if cfg.cv.pyramid.value == "per_fold":  # every trial of fold k conditions on the same pyramid fitted without k
+        from ..annotate import train_fold_pyramid
+
+        init_ray(cfg.ray)
+        for k in folds:
+            train_fold_pyramid(prepared, flows, scan_ids[k], cfg)
     epochs = cfg.tune.epochs or cfg.train.epochs
     if cfg.tune.kl_warmup_epochs[0] > epochs:
         raise InputError("tune.kl_warmup_epochs", f"the range {list(cfg.tune.kl_warmup_epochs)} starts above the "

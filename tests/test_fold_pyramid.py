@@ -1,0 +1,50 @@
+"""cv.pyramid: per_fold — fold k's CVAE is conditioned on the pyramid of a PWC-Net trained
+without scan k (strict leave-one-out), cached and reused; shared stays annotate's pyramid."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cv_cohort import TINY, cohort
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_per_fold_pyramid_is_trained_without_the_held_out_scan_and_reused(tmp_path_factory, tmp_path, ray_session):
+    import mlflow
+
+    from cardiomotion.config import load_config
+    from cardiomotion.layout import PYRAMID_FILE, fold_pyramid_path
+    from cardiomotion.tracking import tracking_uri
+    from cardiomotion.train.cvae import train_fold
+    from cardiomotion.train.fold import plan_fold
+
+    prepared, flows = cohort(tmp_path_factory)
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"), "cv": {"pyramid": "per_fold"},
+                             "annotate": {**TINY["annotate"], "epochs": 1, "checkpoint_every": 1},
+                             "train": {**TINY["train"], "epochs": 1}})
+    shared = plan_fold(prepared, flows, 1)
+    assert shared.pyramid == flows / PYRAMID_FILE and shared.pyramid_protocol == "shared"
+    plan = plan_fold(prepared, flows, 1, "per_fold")
+    assert plan.pyramid == fold_pyramid_path(flows, plan.val_id) and not plan.pyramid.exists()
+
+    said: list[str] = []
+    res = train_fold(prepared, flows, 1, cfg, log=said.append)
+    assert plan.pyramid.is_file()
+    assert any(f"without {plan.val_id} (3 pairs" in m for m in said), said  # 4 scans, the held-out one left out
+    assert _sha(plan.pyramid) != _sha(flows / PYRAMID_FILE)
+    model_dir = mlflow.artifacts.download_artifacts(res.model_uri, tracking_uri=tracking_uri(cfg),
+                                                    dst_path=str(tmp_path / "model"))
+    assert _sha(Path(model_dir) / PYRAMID_FILE) == _sha(plan.pyramid)  # the model carries its fold's pyramid
+    assert json.loads((Path(model_dir) / "model.json").read_text())["pyramid_protocol"] == "per_fold"
+
+    stamp = plan.pyramid.stat().st_mtime_ns
+    said.clear()
+    train_fold(prepared, flows, 1, cfg, name="again", log=said.append)
+    assert plan.pyramid.stat().st_mtime_ns == stamp and not any("without" in m for m in said)  # reused
