@@ -39,6 +39,7 @@ def annotated(tmp_path_factory, ray_session):
     return root, cfg, table
 
 
+@pytest.mark.slow
 def test_annotations_table_and_flows(annotated):
     from cardiomotion.flow.io import read_flow
 
@@ -60,6 +61,7 @@ def test_annotations_table_and_flows(annotated):
     assert (df.folding_refined < 0.01).all()
 
 
+@pytest.mark.slow
 def test_flow_file_opens_in_simpleitk(annotated):
     sitk = pytest.importorskip("SimpleITK")
     root, _, table = annotated
@@ -69,6 +71,7 @@ def test_flow_file_opens_in_simpleitk(annotated):
     assert transform.GetDimension() == 3
 
 
+@pytest.mark.slow
 def test_pyramid_and_model_artifacts_load_safely(annotated):
     from cardiomotion.models.pwcnet import PWCNet3D
     from cardiomotion.models.pyramid import FeaturePyramid
@@ -84,6 +87,7 @@ def test_pyramid_and_model_artifacts_load_safely(annotated):
     assert set(raw) >= {"config", "state_dict", "kind"}
 
 
+@pytest.mark.slow
 def test_mlflow_run_records_training_and_artifacts(annotated):
     import mlflow
 
@@ -109,6 +113,7 @@ def test_mlflow_run_records_training_and_artifacts(annotated):
     FeaturePyramid.load(f"{local}/feature_pyramid.pt")
 
 
+@pytest.mark.slow
 def test_rerun_reuses_model_and_flows(annotated):
     from cardiomotion.annotate import annotate
 
@@ -120,6 +125,7 @@ def test_rerun_reuses_model_and_flows(annotated):
     assert (model.stat().st_mtime_ns, flow.stat().st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_bad_prepared_data_is_refused_before_any_work(annotated, tmp_path):
     from cardiomotion.annotate import annotate
 
@@ -172,6 +178,7 @@ def test_tiny_pwcnet_learns_on_a_phantom_pair():
     assert full_res_loss() < 0.8 * before
 
 
+@pytest.mark.slow
 def test_foreign_folder_in_the_output_is_refused_before_any_work(annotated, tmp_path):
     from cardiomotion.annotate import annotate
 

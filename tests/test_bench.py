@@ -66,6 +66,7 @@ def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
     assert "--grid 20 must be 3 sizes divisible by 2^3 = 8" in proc.stderr
 
 
+@pytest.mark.slow
 def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     """Two settings × one fold at a toy size: the rows carry the prior's scores and physiology,
     the summary compares with the paper recipe on the shared fold, a rerun skips finished folds."""

@@ -130,6 +130,7 @@ def test_rerun_skips_finished_folds_and_retries_the_failed_one(inputs, sweep, tm
     assert (summary["done"], summary["failed"]) == (4, 0)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused(inputs, sweep):
     from cardiomotion.train.cv import run_cv
 

@@ -254,6 +254,7 @@ def test_a_full_disk_while_writing_the_manifest_names_it_and_resumes(inputs, mon
     assert (out / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_run(corpus, inputs, capsys):
     """A run dies at shard 2 (a stale temp file left behind, shard 0 lost too); the CLI rerun
     writes only the missing shards, leaves the finished one untouched and gives the same bytes."""
@@ -293,6 +294,7 @@ def _anon_rss_mb() -> float:
     return current_rss_mb()
 
 
+@pytest.mark.slow
 def test_driver_and_actor_memory_stay_flat_as_n_grows(inputs, corpus):
     """8 vs 32 samples (1 vs 4 shards of 8; 24 more samples weigh 7.5 MiB): the driver never
     holds samples (its Python heap peak and RSS growth do not depend on N) and an actor's heap

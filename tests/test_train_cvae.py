@@ -42,6 +42,7 @@ def _history(cfg, run_id, key):
     return mlflow.MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, key)
 
 
+@pytest.mark.slow
 def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     from cardiomotion.models.cvae import MotionCVAE
     from cardiomotion.models.pyramid import FeaturePyramid
@@ -103,6 +104,7 @@ def test_two_worker_fold_trains_logs_and_survives_a_worker_failure(fold_inputs):
     assert mse_rec < 0.9 * float((flow ** 2).mean())
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_checkpoint(fold_inputs):
     from cardiomotion.train.cvae import train_fold
 
@@ -124,6 +126,7 @@ def test_rerun_resumes_from_the_checkpoint(fold_inputs):
     assert straight.metrics["val_epe_rec_vox"] == pytest.approx(second.metrics["val_epe_rec_vox"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fold", [-1, 3, 99])
 def test_fold_out_of_range_is_refused(fold_inputs, fold):
     from cardiomotion.train.cvae import train_fold
@@ -133,6 +136,7 @@ def test_fold_out_of_range_is_refused(fold_inputs, fold):
         train_fold(root / "prepared", root / "flows", fold, cfg)
 
 
+@pytest.mark.slow
 def test_missing_flow_is_refused(fold_inputs, tmp_path):
     import shutil
 
@@ -146,6 +150,7 @@ def test_missing_flow_is_refused(fold_inputs, tmp_path):
         train_fold(root / "prepared", flows, 0, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     ("intent", r"phantom_002/flow.nii.gz: flow file has intent code 0, expected 1006"),
     ("grid", r"phantom_002/flow.nii.gz: flow grid \(16, 16, 16\) differs from the prepared grid \(32, 32, 32\)"),
@@ -178,6 +183,7 @@ def test_bad_flow_file_is_refused_before_training(fold_inputs, tmp_path, damage,
     assert not (storage_root(cfg) / "ray_results" / "never_runs").exists()
 
 
+@pytest.mark.slow
 def test_truncated_flow_found_in_the_worker_is_one_input_error_not_a_retried_crash(fold_inputs, tmp_path):
     """The header is intact (the driver's checks pass); the body is cut, so only the Ray Train
     worker finds it. The loop returns the bad input instead of raising (Ray Train retries
