@@ -157,9 +157,10 @@ class CVAEModelConfig(_Section):
 
 
 class AugmentSection(_Section):
-    """Joint (ES, flow) augmentation before the frozen pyramid (the paper's values)."""
+    """Joint (ES, flow) augmentation before the frozen pyramid: the paper's shifts and zoom; the
+    intensity noise is a standard deviation (the paper states a variance of 0.015, i.e. std 0.1225)."""
 
-    noise_std: float = Field(0.015, ge=0, description="intensity noise std ([0, 1] image units)")
+    noise_std: float = Field(0.015, ge=0, description="intensity noise standard deviation ([0, 1] image units); the paper's variance 0.015 is std 0.1225")
     max_shift: int = Field(10, ge=0, description="largest integer shift per axis (voxels)")
     zoom: tuple[float, float] = Field((0.9, 1.1), description="isotropic zoom range")
     p: float = Field(1.0, ge=0, le=1, description="probability of each augmentation")
