@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         direct = _rate(n, time.perf_counter() - t0, bpp)
 
         t0, n = time.perf_counter(), 0
-        for batch in corpus.ray_dataset(shuffle_seed=0).iter_torch_batches(batch_size=args.batch):
+        for batch in corpus.ray_dataset(shuffle_seed=0).drop_columns(["scan_id"]).iter_torch_batches(batch_size=args.batch):
             n += int(batch["flow"].shape[0])
         ray_data = _rate(n, time.perf_counter() - t0, bpp)
 
         trainer = TorchTrainer(_train_loop, train_loop_config={"batch": args.batch, "buffer": args.buffer},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                               datasets={"train": corpus.ray_dataset(shuffle_seed=0)},
+                               datasets={"train": corpus.ray_dataset(shuffle_seed=0).drop_columns(["scan_id"])},
                                run_config=RunConfig(name="ingest", storage_path=str(tmp / "train")))
         t0 = time.perf_counter()
         res = trainer.fit()
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         virtual = open_virtual_corpus(str(model), prepared, args.n, seed=0, cfg=cfg)
         t0, n = time.perf_counter(), 0
-        for batch in virtual.ray_dataset(actors=1).iter_torch_batches(batch_size=args.batch):
+        for batch in virtual.ray_dataset(actors=1).drop_columns(["scan_id"]).iter_torch_batches(batch_size=args.batch):
             n += int(batch["flow"].shape[0])
         on_the_fly = _rate(n, time.perf_counter() - t0, bpp)
         ray.shutdown()

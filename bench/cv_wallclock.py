@@ -69,7 +69,7 @@ def _worker(rank: int, opts: dict, threads: int, barrier, queue) -> None:
                 torch.cuda.synchronize()
 
         run(opts["warmup"], 0)
-        barrier.wait()
+        barrier.wait(timeout=opts["timeout"])
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
         run(opts["steps"], 1)
         t1 = time.perf_counter()
@@ -86,9 +86,14 @@ def measure(n: int, opts: dict, threads: int) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, opts, threads, barrier, queue)) for r in range(n)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=opts["timeout"]) for _ in range(n)]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = [queue.get(timeout=opts["timeout"]) for _ in range(n)]
+    finally:  # a timeout or a dead fold process: never leave the others running (or blocking exit)
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=10)
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError(f"{n} folds per device: {errors[0]}")

@@ -292,13 +292,14 @@ def section_cv(scale: Scale, device: torch.device, budget: Budget) -> dict:
         return 1 if cuda else max(1, cores // n)
 
     runs: list[dict] = []
-    ref = cw.measure(1, {**base, "steps": scale.cv_steps, "precision": "fp32", "recipe": "reference"}, threads(1))
+    ref = cw.measure(1, {**base, "steps": scale.cv_steps, "precision": "fp32", "recipe": "reference",
+                         "timeout": max(30.0, budget.left())}, threads(1))
     for n in scale.cv_folds_per_device:
         if budget.left() < 5:
             runs.append({"folds_per_device": n, "skipped": "time budget spent"})
             continue
         runs.append(cw.measure(n, {**base, "steps": scale.cv_steps, "precision": "bf16" if cuda else "fp32",
-                                   "recipe": "project"}, threads(n)))
+                                   "recipe": "project", "timeout": max(30.0, budget.left())}, threads(n)))
     sweep = cw.sweep_samples(PAPER["scans"], PAPER["cvae_epochs"], DEFAULT_STEP.batch_size)
     projected = [{"folds_per_device": r["folds_per_device"],
                   "sweep_gpu_h": round(sweep / r["samples_per_s"] / 3600, 3),
@@ -368,9 +369,10 @@ def section_annotation(scale: Scale, device: torch.device, budget: Budget) -> di
 
 
 def section_determinism(scale: Scale, device: torch.device, budget: Budget) -> dict:
-    """What is the same on this device as on the CPU: the training step's CPU-drawn streams
-    (batch indices, augmentation parameters, ε) must be identical; the per-voxel noise field
-    and a decoded flow (fp32, same weights and latent) are compared and reported."""
+    """What is the same on this device as on the CPU: :func:`epoch_generators` must hand the
+    training step a CPU generator on this device too (so indices, augmentation parameters and ε
+    are the CPU's numbers — checked by drawing them); the per-voxel noise field and a decoded flow
+    (fp32 weights and latent; on CUDA the convolutions may use TF32) are compared and reported."""
     from cardiomotion.train.augment import AugmentConfig, draw_params
     from cardiomotion.train.cvae import epoch_generators
     from cardiomotion.models.cvae import MotionCVAE
@@ -379,6 +381,7 @@ def section_determinism(scale: Scale, device: torch.device, budget: Budget) -> d
     streams, noise = [], []
     for dev in ("cpu", device.type):
         gen, noise_gen = epoch_generators(0, 2, 0, dev)
+        assert gen.device.type == "cpu", f"epoch_generators gave a {gen.device} parameter generator"
         idx = torch.randint(0, 43, (scale.batch,), generator=gen)
         p = draw_params(scale.batch, AugmentConfig(), gen)
         eps = torch.randn((scale.batch, 8, 3, 3, 3), generator=gen)

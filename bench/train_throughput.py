@@ -61,7 +61,7 @@ def make_volumes(n: int, grid: tuple[int, int, int], seed: int, modes: int = 4) 
 
 class Run:
     """One recipe's model, frozen pyramid and optimizer, built from the same seed (``cfg``: the
-    :class:`StepSettings` of the step, or a config)."""
+    :class:`StepSettings` of the step)."""
 
     def __init__(self, recipe: StepRecipe, cfg: StepSettings, channels, device, seed: int = 0):
         self.recipe, self.cfg, self.device = recipe, cfg, device

@@ -37,6 +37,8 @@ def test_per_fold_pyramid_is_trained_without_the_held_out_scan_and_reused(tmp_pa
     said: list[str] = []
     res = train_fold(prepared, flows, 1, cfg, log=said.append)
     assert plan.pyramid.is_file()
+    made_with = json.loads((plan.pyramid.parent / "pyramid.json").read_text())  # what it was trained with
+    assert made_with["held_out"] == plan.val_id and made_with["annotate"]["epochs"] == 1
     assert any(f"without {plan.val_id} (3 pairs" in m for m in said), said  # 4 scans, the held-out one left out
     assert _sha(plan.pyramid) != _sha(flows / PYRAMID_FILE)
     model_dir = mlflow.artifacts.download_artifacts(res.model_uri, tracking_uri=tracking_uri(cfg),

@@ -494,6 +494,11 @@ def test_generate_from_single_frames_of_any_format(inputs, ray_session, tmp_path
     capsys.readouterr()
     assert main(argv) == 0  # a rerun resumes: nothing to do
     assert "already holds the complete 6-sample corpus" in capsys.readouterr().out
+    table = (out / "frames" / "scans.parquet").read_bytes()
+    more = argv[:4] + [str(study)] + argv[4:]  # one more frame into the same corpus: refused, nothing touched
+    assert main(more) == 2
+    assert "holds a corpus conditioned on other frames" in capsys.readouterr().err
+    assert (out / "frames" / "scans.parquet").read_bytes() == table and not (out / "frames" / "study").exists()
 
     bad = ["generate", "--model", inputs["uri"], "--frames", str(tmp_path / "notes.txt"), "--out",
            str(tmp_path / "c2"), "--n", "2", "--config", str(cfg_file), "--no-track"]
@@ -508,6 +513,21 @@ def test_generate_from_single_frames_of_any_format(inputs, ray_session, tmp_path
     capsys.readouterr()
     assert main(onto_prepared) == 2
     assert "holds a corpus made from --prepared data" in capsys.readouterr().err
+
+
+def test_only_a_lost_worker_is_a_resumable_stage_failure():
+    """An actor, worker or node lost (OOM, preemption) is the environment: StageFailed, one line.
+    Anything else (a bug, a bad blob) keeps its traceback as a RuntimeError."""
+    import ray.exceptions as rex
+
+    from cardiomotion.generate.job import _lost_worker
+
+    assert _lost_worker(rex.RayActorError())
+    try:
+        raise RuntimeError("wrapped by Ray Data") from rex.OutOfMemoryError("task killed: out of memory")
+    except RuntimeError as exc:
+        assert _lost_worker(exc)
+    assert not _lost_worker(ValueError("ES frames must be int16 HU"))
 
 
 def test_a_second_generate_on_the_same_corpus_is_refused(corpus, inputs):
@@ -532,6 +552,10 @@ def test_ray_dataset_reads_the_corpus_as_corpus_getitem(corpus):
     c = open_corpus(out)
     rows = sorted(c.ray_dataset(shuffle_seed=0).take_all(), key=lambda r: r["index"])
     assert [r["index"] for r in rows] == list(range(len(c)))
+    batches = list(c.ray_dataset().drop_columns(["scan_id"]).iter_torch_batches(batch_size=4))
+    assert sum(len(b["index"]) for b in batches) == len(c)
+    assert batches[0]["es"].dtype == torch.int16 and batches[0]["flow"].dtype == torch.float16
+    assert tuple(batches[0]["flow"].shape[1:]) == (3, 32, 32, 32)
     for r in rows:
         s = c[r["index"]]
         assert r["scan_id"] == s["scan_id"]

@@ -284,23 +284,40 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     Raises:
         InputError: ``held_out_id`` is not a prepared scan, or the prepared data are unusable.
     """
+    import shutil
+
+    from .fileio import exclusive_lock
     from .layout import fold_pyramid_path
     from .models.pyramid import FeaturePyramid
     from .train.pwc import train_pwcnet
 
     prepared = Path(prepared_dir).resolve()
     dst = fold_pyramid_path(Path(flows_dir).resolve(), held_out_id)
-    if dst.is_file():
-        try:
-            FeaturePyramid.load(dst)
-            return dst
-        except Exception:  # a truncated file: train it again (as annotate does)
-            log(f"annotate: {dst} is unreadable: training it again")
-    rows = check_prepared(prepared, cfg)
-    keep = [r for r in rows if str(r["scan_id"]) != str(held_out_id)]
-    if len(keep) == len(rows):
-        raise InputError(prepared / SCAN_TABLE, f"no scan {held_out_id!r} to hold out")
-    log(f"annotate: PWC-Net without {held_out_id} ({len(keep)} pairs, {cfg.annotate.epochs} epochs) for its fold's pyramid")
-    model = train_pwcnet(prepared, cfg, storage_path=dst.parent / "ray_train", name="pwcnet", rows=keep)
-    model.pyramid.save(dst)
+    made_with = {"prepared": str(prepared), "held_out": str(held_out_id), "seed": cfg.seed,
+                 "intensity": cfg.intensity.model_dump(mode="json"),
+                 "annotate": {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
+                              if k not in ("num_workers", "use_gpu", "checkpoint_every", "max_failures")}}
+    record = dst.parent / "pyramid.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(dst.parent, "pyramid"):  # one trainer per fold pyramid (cv and a `train --fold` at once)
+        if dst.is_file() and record.is_file():
+            try:
+                same = json.loads(record.read_text()) == made_with
+                FeaturePyramid.load(dst)
+                if same:
+                    return dst
+                log(f"annotate: {dst} was trained with other settings: training it again")
+            except Exception:  # a truncated file: train it again (as annotate does)
+                log(f"annotate: {dst} is unreadable: training it again")
+        shutil.rmtree(dst.parent / "ray_train", ignore_errors=True)  # never resume another setting's checkpoints
+        dst.unlink(missing_ok=True)
+        rows = check_prepared(prepared, cfg)
+        keep = [r for r in rows if str(r["scan_id"]) != str(held_out_id)]
+        if len(keep) == len(rows):
+            raise InputError(prepared / SCAN_TABLE, f"no scan {held_out_id!r} to hold out")
+        log(f"annotate: PWC-Net without {held_out_id} ({len(keep)} pairs, {cfg.annotate.epochs} epochs) "
+            "for its fold's pyramid")
+        model = train_pwcnet(prepared, cfg, storage_path=dst.parent / "ray_train", name="pwcnet", rows=keep)
+        model.pyramid.save(dst)
+        write_json(record, made_with)  # written last: a pyramid without it is trained again
     return dst

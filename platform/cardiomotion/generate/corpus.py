@@ -151,6 +151,8 @@ class Corpus:
         of a Ray Train loop that iterates its ``get_dataset_shard``), reproducibly from the seed;
         mix samples across shards with ``local_shuffle_buffer_size`` when iterating. Ray Train
         splits the dataset between DDP ranks (``DataConfig``). Members are decoded without pickle.
+        ``scan_id`` is a string column, which ``iter_torch_batches`` cannot turn into a tensor:
+        ``ds.drop_columns(["scan_id"])`` before it (``iter_batches`` keeps it as numpy).
         """
         import ray.data
         from ray.data import FileShuffleConfig

@@ -237,6 +237,15 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
     if out.is_dir() and not (out / FRAMES).is_dir() and ((out / PLAN).is_file() or (out / MANIFEST).is_file()
                                                           or any(out.glob(SHARD_GLOB))):
         raise InputError(out, "holds a corpus made from --prepared data, not from --frames; use another --out")
+    if (out / FRAMES / SCAN_TABLE).is_file():  # a corpus (or its start) exists: its frames never change
+        from ..data.frames import plan_frames
+        from ..data.table import read_scan_table
+
+        have = {(str(r["scan_id"]), str(r["source"])) for r in read_scan_table(out / FRAMES).to_dict("records")}
+        want = {(fid, str(path)) for fid, path in plan_frames(frame_paths)}
+        if have != want:
+            raise InputError(out, f"holds a corpus conditioned on other frames ({len(have)} frames, "
+                                  f"{len(have & want)} of them among the {len(want)} given); use another --out")
     resolved = resolve_model(model, cfg)
     spacing = resolved.meta.get("spacing_mm")
     if spacing is None:
@@ -399,11 +408,14 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
             rows.append(row)
             if len(rows) % max(1, len(todo) // 10) == 0 or len(rows) == len(todo):
                 log(f"generate: {len(rows)}/{len(todo)} shards written")
-    except Exception as exc:  # an actor died (out of memory, lost node) rather than a shard failing
-        from ..errors import StageFailed
+    except Exception as exc:
+        if _lost_worker(exc):  # an actor died (out of memory, lost node): the environment, not the code
+            from ..errors import StageFailed
 
-        raise StageFailed(f"generate: an actor died ({_root_cause(exc)}); finished shards are kept: rerun the "
-                          "same command to resume") from exc
+            raise StageFailed(f"generate: an actor died ({_root_cause(exc)}); finished shards are kept: rerun the "
+                              "same command to resume") from exc
+        raise RuntimeError(f"generation failed ({_root_cause(exc)}); finished shards are kept: rerun the "
+                           "same command to resume") from exc
     if failed and failed.startswith("OSERROR "):
         from ..errors import StageFailed
 
@@ -432,6 +444,22 @@ def _run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, f
                                              for r in sorted(rows, key=lambda r: r["index"])],
                 "actor_traced_peak_mb": float(max(r["traced_peak_mb"] for r in rows))} if trace_memory else {}),
             "shards": rows}
+
+
+def _lost_worker(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it wraps) says a Ray worker, actor or node was lost."""
+    import ray.exceptions as rex
+
+    lost = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "WorkerCrashedError", "NodeDiedError",
+                                           "OutOfMemoryError", "ObjectLostError") if hasattr(rex, n))
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, lost):
+            return True
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        exc = nxt if isinstance(nxt, BaseException) else None
+    return False
 
 
 def _root_cause(exc: BaseException) -> str:

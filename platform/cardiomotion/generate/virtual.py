@@ -151,7 +151,8 @@ class VirtualCorpus:
         """The samples as a Ray Dataset with the columns of :meth:`Corpus.ray_dataset`, decoded by
         an actor pool of ``actors`` (default ``generate.actors``, else one per GPU share or per
         ``generate.cpus_per_actor`` CPUs). ``shuffle_seed`` permutes the decode blocks (whole
-        blocks: a sample's bytes depend on its block)."""
+        blocks: a sample's bytes depend on its block). As with :meth:`Corpus.ray_dataset`, drop the
+        string column ``scan_id`` before ``iter_torch_batches``."""
         from ..raycluster import init_ray
 
         g = self.cfg.generate

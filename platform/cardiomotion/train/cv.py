@@ -434,7 +434,7 @@ def _run_cv(
     prepared = Path(prepared_dir).resolve()
     flows = Path(flows_dir).resolve()
     out = Path(out_dir).resolve()
-    scan_ids = plan_fold(prepared, flows, 0).scan_ids
+    scan_ids = plan_fold(prepared, flows, 0, cfg.cv.pyramid.value).scan_ids
     fold_list = resolve_folds(folds, scan_ids)
     for k in fold_list:
         check_fold_inputs(prepared, flows, k, cfg)

@@ -33,7 +33,8 @@ class CVAEShape:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """The training step's settings (``seed`` and the ``train`` section of the config).
+    """The training step's settings (``seed`` and the ``train`` section of the config); frozen
+    (its ``augment`` is an :class:`AugmentConfig` copy: do not mutate it).
 
     Units as in the config: ``grad_clip`` is a gradient norm, ``beta`` voxels², ``free_bits`` nats
     per latent channel; ``recipe`` is ``"paper"`` or ``"elbo"``, ``kl_schedule`` ``"linear"`` or

@@ -327,7 +327,7 @@ def run_tune(
     prepared = Path(prepared_dir).resolve()
     flows = Path(flows_dir).resolve()
     out = Path(out_dir).resolve()
-    scan_ids = plan_fold(prepared, flows, 0).scan_ids
+    scan_ids = plan_fold(prepared, flows, 0, cfg.cv.pyramid.value).scan_ids
     folds = resolve_folds(cfg.tune.folds, scan_ids, where="tune.folds")
     for k in folds:
         check_fold_inputs(prepared, flows, k, cfg)
