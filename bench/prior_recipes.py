@@ -6,8 +6,10 @@ device), then scores K prior samples of the held-out scan (:func:`cardiomotion.e
 evaluate_prior`): energy score against the annotated flow and the exact truth, best-of-K,
 spread–skill and magnitude ratios, folding, and the physiology (EF, longitudinal shortening,
 myocardial volume change) of every synthetic ED next to the truth's. The held-out scan is seen
-by nothing but the evaluation — except the frozen pyramid of ``annotate``, which (as in ``cv``)
-was fitted on all pairs (issue 14 tracks per-fold pyramids).
+by nothing but the evaluation — except the frozen pyramid of ``annotate``, which (as in ``cv``
+with ``cv.pyramid: shared``) was fitted on all pairs; ``--pyramid per_fold`` trains each fold's
+pyramid without its held-out scan (:func:`cardiomotion.annotate.train_fold_pyramid`, Ray Train)
+and labels the rows ``<setting>+fold_pyramid``.
 
 No Ray and no MLflow: a fold here is the fold ``cv`` trains, minus the orchestration, so many
 settings fit on a small machine. Results stream to ``--out`` (one JSON line per fold; a rerun
@@ -117,12 +119,22 @@ def run_fold(args: dict) -> list[dict]:
     cfg = setting_config(args["config"], args["setting"], args["epochs"])
     tc = cfg.train
     plan = plan_fold(args["prepared"], args["flows"], args["fold"])
+    pyramid_file = plan.flows / PYRAMID_FILE
+    if args.get("pyramid", "shared") == "per_fold":
+        from cardiomotion.annotate import train_fold_pyramid
+        from cardiomotion.raycluster import init_ray
+
+        ray = init_ray(cfg.ray)
+        try:
+            pyramid_file = train_fold_pyramid(plan.prepared, plan.flows, plan.val_id, cfg)
+        finally:
+            ray.shutdown()
     device = torch.device("cpu")
     recipe = StepRecipe.for_device(device, bf16=tc.bf16, channels_last=tc.channels_last)
     torch.manual_seed(cfg.seed)
     es_all, flow_all = load_samples(plan, list(plan.train_ids), cfg.intensity.window)
     es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
-    pyramid = FeaturePyramid.load(plan.flows / PYRAMID_FILE).eval()
+    pyramid = FeaturePyramid.load(pyramid_file).eval()
     pyramid.requires_grad_(False)
     recipe.place(pyramid, device)
     model = recipe.place(build_cvae(cfg, pyramid.config()), device)
@@ -156,8 +168,9 @@ def run_fold(args: dict) -> list[dict]:
         # the same trained model, its prior drawn at z ~ N(0, T²·I) (generate.temperature)
         rep = evaluate_prior(model, pyramid, es_v, flow_v, plan.spacing_mm, k=args["k"], seed=cfg.seed + 7919,
                              truth=pair.truth_flow, es_labels=pair.es_labels, temperature=temp)
-        name = args["setting"] if temp == 1.0 else f"{args['setting']}@T{temp:g}"
-        rows.append({"setting": name, "temperature": temp, **base, **rep.metrics,
+        label = args["setting"] + ("+fold_pyramid" if args.get("pyramid") == "per_fold" else "")
+        name = label if temp == 1.0 else f"{label}@T{temp:g}"
+        rows.append({"setting": name, "temperature": temp, "pyramid": args.get("pyramid", "shared"), **base, **rep.metrics,
                      "sample_ef": [p.ef for p in rep.samples_physiology]})
     return rows
 
@@ -229,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help="save every trained model here (cvae checkpoints)")
     ap.add_argument("--jobs", type=int, default=1, help="folds trained at once (processes)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per job (0: cores / jobs)")
+    ap.add_argument("--pyramid", choices=("shared", "per_fold"), default="shared",
+                    help="per_fold: each fold's frozen pyramid trained without its held-out scan (cv.pyramid)")
     ap.add_argument("--out", required=True, help="JSON-lines results file (appended; finished folds skipped)")
     ap.add_argument("--table", default=None, help="write the Markdown table here")
     ap.add_argument("--summary-only", action="store_true", help="only summarise --out")
@@ -240,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = [s for s in a.settings.split(",") if s]
     for s in settings:
         setting_config(a.config, s, a.epochs)  # unknown names and bad values fail before any work
+    suffix = "+fold_pyramid" if a.pyramid == "per_fold" else ""
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     todo = [{"setting": s, "fold": f, "epochs": a.epochs, "prepared": a.prepared, "flows": a.flows, "config": a.config,
-             "k": a.k, "threads": threads, "models": a.models,
+             "k": a.k, "threads": threads, "models": a.models, "pyramid": a.pyramid,
              "temperatures": [float(t) for t in a.temperatures.split(",") if t]}
-            for f in parse_folds(a.folds) for s in settings if (s, f, a.epochs) not in done]
+            for f in parse_folds(a.folds) for s in settings if (s + suffix, f, a.epochs) not in done]
     if not a.summary_only and todo:
         import multiprocessing as mp
 
@@ -272,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ef = cohort_ejection_fractions(a.prepared)
         cohort_file.write_text(json.dumps(ef))
-    summary = summarize([r for r in rows if r["setting"].split("@")[0] in settings or a.summary_only], ef)
+    summary = summarize([r for r in rows if r["setting"].split("@")[0] in settings
+                         or r["setting"].split("@")[0].removesuffix("+fold_pyramid") in settings or a.summary_only], ef)
     if a.table:
         Path(a.table).write_text(markdown(summary))
     print(json.dumps(summary, indent=1))

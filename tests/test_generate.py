@@ -561,6 +561,12 @@ def test_ray_dataset_reads_the_corpus_as_corpus_getitem(corpus):
         assert r["scan_id"] == s["scan_id"]
         for k in ("es", "ed_syn", "flow", "affine"):
             assert r[k].dtype == s[k].dtype and np.array_equal(r[k], s[k]), k
+    # limit: the first N samples only (a shard boundary and mid-shard), as the N-sample corpus
+    for limit in (c.shard_size, c.shard_size + 1):
+        got = sorted(r["index"] for r in c.ray_dataset(limit=limit).select_columns(["index"]).take_all())
+        assert got == list(range(limit))
+    with pytest.raises(ValueError, match="limit"):
+        c.ray_dataset(limit=len(c) + 1)
 
 
 def test_virtual_corpus_equals_the_materialised_corpus(corpus, inputs):
@@ -584,3 +590,47 @@ def test_virtual_corpus_equals_the_materialised_corpus(corpus, inputs):
         assert r["scan_id"] == s["scan_id"]
         for k in ("es", "ed_syn", "flow", "affine"):
             assert np.array_equal(r[k], s[k]) and r[k].dtype == s[k].dtype, (r["index"], k)
+
+
+def test_velocity_models_animate_along_exp_tv(inputs, ray_session, tmp_path):
+    """A velocity model's ES→ED path is exp(t·v): the sample's v is decoded again from (model, seed,
+    index), exp(v) is the stored flow, and the GIF's frames follow exp(t·v), which differs from the
+    straight line t·u for a non-constant field and equals it for a translation (exp(t·v) = t·v)."""
+    from PIL import Image
+
+    from cardiomotion.flow.ops import exp
+    from cardiomotion.generate import generate_corpus, open_corpus
+    from cardiomotion.generate.figures import transition_gif
+    from cardiomotion.generate.job import sample_velocity
+    from cardiomotion.generate.synthetic import make_random_model_dir
+
+    model = make_random_model_dir(tmp_path / "vel_model", grid=(32, 32, 32), channels=(8, 16, 32), latent_channels=4,
+                                  output="velocity", flow_std=2.0)
+    cfg = load_config(None, {**inputs["cfg"].model_dump(mode="json"),
+                             "generate": {**GEN, "previews": 0}})
+    out = tmp_path / "vel_corpus"
+    generate_corpus(model, inputs["prepared"], out, 3, seed=SEED, cfg=cfg, track=False)
+    s = open_corpus(out)[1]
+    v = sample_velocity(out, 1, cfg=cfg)
+    assert v.shape == (3, 32, 32, 32) and v.dtype == np.float32
+    u = exp(torch.from_numpy(v)[None])[0].numpy()
+    assert np.abs(u - s["flow"].astype(np.float32)).max() < 2e-2  # stored as float16
+    assert sample_velocity(inputs["root"] / "corpus", 0, cfg=cfg) is None  # a displacement model's corpus
+
+    def frames(path):
+        im = Image.open(path)
+        got = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            got.append(np.asarray(im.convert("L"), dtype=np.int16))
+        return got
+
+    lin = frames(transition_gif(s["es"], s["flow"], tmp_path / "lin.gif", frames=5))
+    vel = frames(transition_gif(s["es"], s["flow"], tmp_path / "vel.gif", frames=5, velocity=v))
+    assert np.array_equal(lin[0], vel[0]) and np.array_equal(lin[4], vel[4])  # t = 0 and t = 1 agree
+    assert any(not np.array_equal(a, b) for a, b in zip(lin[1:4], vel[1:4]))  # the path between differs
+    shift = np.zeros((3, 32, 32, 32), np.float32)
+    shift[0] = 2.0  # a translation: exp(t·v) = t·v, the same frames
+    a = frames(transition_gif(s["es"], shift, tmp_path / "a.gif", frames=5))
+    b = frames(transition_gif(s["es"], shift, tmp_path / "b.gif", frames=5, velocity=shift))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -358,6 +358,68 @@ class TuneConfig(_Section):
         return v
 
 
+class UtilityArm(str, Enum):
+    """What the estimator of one utility run is trained on (the same training scans every time)."""
+
+    CVAE = "cvae"  # a corpus of the fold's CVAE, conditioned on the training ES frames
+    RANDOM = "random"  # SynthMorph-style random smooth fields warping the training ES frames
+    ANNOTATED = "annotated"  # the real training pairs with their annotated flows
+    UNSUPERVISED = "unsupervised"  # the real training pairs, photometric loss (as ``annotate`` trains)
+    MIXED = "cvae+annotated"  # alternate batches: corpus, annotated pairs
+
+    @property
+    def synthetic(self) -> bool:
+        """Arms whose number of distinct samples is the corpus size N (the scaling curve)."""
+        return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED)
+
+    @property
+    def uses_corpus(self) -> bool:
+        return self in (UtilityArm.CVAE, UtilityArm.MIXED)
+
+
+class UtilityCorpus(str, Enum):
+    """How the corpus arms read the CVAE's samples."""
+
+    MATERIALIZED = "materialized"  # `generate` writes the corpus; Ray Data reads its shards
+    ON_THE_FLY = "on_the_fly"  # decoded inside the data pipeline from (model, seed, i), never stored
+
+
+class UtilityConfig(_Section):
+    """Downstream utility (``cardiomotion utility``): the same estimator trained on each data arm.
+
+    Every arm trains the ``annotate.pwc`` PWC-Net for ``steps`` Adam steps of ``batch_size``;
+    the corpus arms read the fold CVAE's samples through Ray Data (``corpus``). The fold CVAE is
+    trained with ``train`` and the pyramid protocol ``cv.pyramid``.
+    """
+
+    arms: list[UtilityArm] = Field(
+        [UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.ANNOTATED, UtilityArm.UNSUPERVISED, UtilityArm.MIXED],
+        min_length=1, description="data arms: cvae, random, annotated, unsupervised, cvae+annotated")
+    sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
+                             description="corpus sizes N of the synthetic arms (the scaling curve)")
+    seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
+    steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms)")
+    batch_size: int = Field(4, ge=1, description="pairs per step")
+    lr: Optional[float] = Field(None, gt=0, description="Adam learning rate; null → annotate.lr")
+    corpus: UtilityCorpus = Field(UtilityCorpus.MATERIALIZED,
+                                  description="materialized (generate writes it, Ray Data reads the shards) or "
+                                              "on_the_fly (decoded in the data pipeline, never stored)")
+    random_scales: list[int] = Field([8, 4], min_length=1,
+                                     description="random arm: noise grids at grid/s, summed (SynthMorph-style)")
+    shuffle_buffer: int = Field(64, ge=0, description="Ray Data local shuffle buffer (samples) of the corpus arms")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the 95 % intervals over test scans")
+    demons: bool = Field(True, description="score the demons baseline on every held-out pair")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="estimators trained at once; null → CPUs (GPUs)")
+    cpus_per_run: float = Field(1.0, gt=0, description="CPUs of each estimator's Ray Train worker")
+
+    @field_validator("sizes")
+    @classmethod
+    def _positive_sizes(cls, v: list[int]) -> list[int]:
+        if any(n <= 0 for n in v):
+            raise ValueError(f"corpus sizes must be positive, got {v}")
+        return sorted(set(int(n) for n in v))
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -374,6 +436,7 @@ class Config(_Section):
     cv: CVConfig = CVConfig()
     tune: TuneConfig = TuneConfig()
     generate: GenerateConfig = GenerateConfig()
+    utility: UtilityConfig = UtilityConfig()
 
     @field_validator("storage_root")
     @classmethod

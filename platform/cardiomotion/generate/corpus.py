@@ -140,7 +140,8 @@ class Corpus:
                 bad.append(rec["name"])
         return bad
 
-    def ray_dataset(self, *, shuffle_seed: int | None = None, override_num_blocks: int | None = None):
+    def ray_dataset(self, *, shuffle_seed: int | None = None, override_num_blocks: int | None = None,
+                    limit: int | None = None):
         """The corpus as a Ray Dataset, read by ``ray.data.read_webdataset`` (the format's own
         reader) over the manifest's shards, one row per sample:
 
@@ -153,16 +154,26 @@ class Corpus:
         splits the dataset between DDP ranks (``DataConfig``). Members are decoded without pickle.
         ``scan_id`` is a string column, which ``iter_torch_batches`` cannot turn into a tensor:
         ``ds.drop_columns(["scan_id"])`` before it (``iter_batches`` keeps it as numpy).
+
+        ``limit``: only samples 0 … limit − 1 (the corpus of that size with the same plan: sample
+        i depends on i alone), reading only the shards that hold them.
         """
         import ray.data
         from ray.data import FileShuffleConfig
 
-        paths = [str(self.shard_path(k)) for k in range(len(self.shards))]
+        if limit is not None and not 0 < int(limit) <= self.n:
+            raise ValueError(f"limit must be in 1 … {self.n}, got {limit}")
+        count = len(self.shards) if limit is None else -(-int(limit) // self.shard_size)
+        paths = [str(self.shard_path(k)) for k in range(count)]
         shuffle = FileShuffleConfig(seed=int(shuffle_seed), reseed_after_execution=True) \
             if shuffle_seed is not None else None
         ds = ray.data.read_webdataset(paths, decoder=_webdataset_decoder, shuffle=shuffle,
-                                      override_num_blocks=override_num_blocks)
-        return ds.map(_webdataset_row)
+                                      override_num_blocks=override_num_blocks).map(_webdataset_row)
+        if limit is not None and int(limit) < count * self.shard_size:
+            from ray.data.expressions import col
+
+            ds = ds.filter(expr=col("index") < int(limit))
+        return ds
 
     def torch_dataset(self, shuffle_buffer: int = 0, seed: int = 0, *, shuffle_shards: bool | None = None,
                       rank: int = 0, world_size: int = 1,

@@ -202,6 +202,23 @@ class SampleEngine:
         return {"es": self.es_i16[scans], "ed_syn": ed[:, 0].cpu().numpy(),
                 "flow": flow_q.contiguous().cpu().numpy(), "scan": scans}
 
+    @torch.no_grad()
+    def velocities(self, indices: Sequence[int]) -> np.ndarray:
+        """The stationary velocities v of samples ``indices`` of a velocity model ((B, 3, I, J, K)
+        float32 voxels; the stored flow is exp(v)): the sample's path is exp(t·v), t ∈ [0, 1]."""
+        from ..models.cvae import OutputKind
+
+        if self.model.output is not OutputKind.VELOCITY:
+            raise ValueError("the model predicts displacements, not velocities")
+        scans = scan_indices(self.seed, len(self.scan_ids), indices)
+        sel = torch.from_numpy(scans).to(self.device)
+        z = self.latents(indices).to(self.device)
+        feats = [f.index_select(0, sel) for f in self.feats]
+        with self._autocast():
+            v = self.model.decode(z.contiguous(memory_format=self.fmt), self.es_unit.index_select(0, sel), feats,
+                                  integrate=False)
+        return v.float().contiguous().cpu().numpy()
+
     def meta(self, index: int, scan: int) -> dict[str, Any]:
         return {
             "index": int(index), "scan_id": self.scan_ids[scan], "seed": self.seed,

@@ -37,14 +37,17 @@ def _frame(vol: np.ndarray, center: Sequence[int], window, scale: int) -> np.nda
 
 def transition_gif(es_hu: np.ndarray, flow_vox: np.ndarray, path: str | Path, frames: int = 12,
                    window: tuple[float, float] = HU_WINDOW, center: Sequence[int] | None = None,
-                   duration_ms: int = 120) -> Path:
-    """Animated GIF of ES → ED: warp(ES, t·u) for t = 0 … 1 (and back), axial/coronal/sagittal.
+                   duration_ms: int = 120, velocity: np.ndarray | None = None) -> Path:
+    """Animated GIF of ES → ED for t = 0 … 1 (and back), axial/coronal/sagittal: warp(ES, t·u)
+    for a displacement model, warp(ES, exp(t·v)) when the sample's stationary ``velocity`` v is
+    given (a velocity model's actual path; exp(v) is its flow ``flow_vox``).
 
-    ``es_hu`` (I, J, K), ``flow_vox`` (3, I, J, K) voxels (pull convention).
+    ``es_hu`` (I, J, K), ``flow_vox`` and ``velocity`` (3, I, J, K) voxels (pull convention).
     """
     from PIL import Image, ImageDraw
 
     from ..fileio import atomic_path
+    from ..flow.ops import exp
     from ..flow.warp import warp
 
     es = torch.from_numpy(np.asarray(es_hu, dtype=np.float32))[None, None]
@@ -53,9 +56,13 @@ def transition_gif(es_hu: np.ndarray, flow_vox: np.ndarray, path: str | Path, fr
     scale = max(1, int(np.ceil(160 / max(es.shape[2:]))))
     ts = np.linspace(0.0, 1.0, max(2, int(frames)))
     images = []
+    v = None if velocity is None else torch.from_numpy(np.asarray(velocity, dtype=np.float32))[None]
+    if v is not None and v.shape != u.shape:
+        raise ValueError(f"velocity {tuple(v.shape[1:])} and flow {tuple(u.shape[1:])} differ in shape")
     with torch.no_grad():
         for t in ts:
-            vol = warp(es, float(t) * u)[0, 0].numpy()
+            field = float(t) * u if v is None else (u if t == 1.0 else exp(v, float(t)))
+            vol = warp(es, field)[0, 0].numpy()
             img = Image.fromarray(_frame(vol, center, window, scale), mode="L")
             canvas = Image.new("L", (img.width, img.height + 16), 0)
             canvas.paste(img, (0, 16))

@@ -590,7 +590,8 @@ def write_previews(out: str | Path, resolved: ResolvedModel, cfg: Config, log: L
         paths.append(plot_sample(corpus[i], pdir / f"sample_{sample_key(i)}.png"))
     if g.previews:
         s0 = corpus[0]
-        paths.append(transition_gif(s0["es"], s0["flow"], pdir / f"transition_{sample_key(0)}.gif", frames=g.gif_frames))
+        paths.append(transition_gif(s0["es"], s0["flow"], pdir / f"transition_{sample_key(0)}.gif", frames=g.gif_frames,
+                                    velocity=sample_velocity(out, 0, model=resolved, cfg=cfg)))
         if g.traversal_directions:
             paths.append(traversal_figure(resolved, s0["es"], float(s0["meta"]["spacing_mm"]),
                                           pdir / f"traversal_{s0['scan_id']}.png", cfg,
@@ -598,6 +599,40 @@ def write_previews(out: str | Path, resolved: ResolvedModel, cfg: Config, log: L
     for p in paths:
         log(f"  preview {p}")
     return paths
+
+
+def _sample_engine(corpus_dir: str | Path, index: int, model, prepared, cfg: Config | None,
+                   device: str) -> tuple[SampleEngine, dict[str, Any]]:
+    """The engine that made a corpus (model and frames checked against its manifest) and the manifest."""
+    cfg = cfg or load_config(None)
+    man = read_manifest(corpus_dir)
+    n = int(man["n"])
+    if not 0 <= index < n:
+        raise IndexError(f"sample {index} out of range: the corpus has {n} samples")
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model or man["model"]["uri"], cfg)
+    if resolved.cvae_sha256 != man["model"]["cvae_sha256"] or resolved.pyramid_sha256 != man["model"]["pyramid_sha256"]:
+        raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
+    frames = load_frames(prepared or man["prepared"])
+    if frames["es_sha256"] != [s["es_sha256"] for s in man["identity"]["scans"]]:
+        raise InputError(frames["prepared"], "ES frames differ from those this corpus was made with")
+    ident = man["identity"]
+    spec = {"seed": man["seed"], "temperature": man["temperature"], "window": ident["window"],
+            "flow_dtype": ident["flow_dtype"], "model_uri": man["model"]["uri"],
+            "model_sha256": man["model"]["cvae_sha256"]}
+    engine = SampleEngine(resolved.blobs(), frames, spec, device, ident["precision"], man["config"]["channels_last"])
+    return engine, man
+
+
+def sample_velocity(corpus_dir: str | Path, index: int, *, model: str | Path | ResolvedModel | None = None,
+                    prepared: str | Path | None = None, cfg: Config | None = None) -> np.ndarray | None:
+    """The stationary velocity v of sample ``index`` ((3, I, J, K) float32 voxels; its flow is
+    exp(v)) when the corpus' model predicts velocities, else None. Decoded again from (model,
+    seed, index): the corpus stores exp(v) only."""
+    man = read_manifest(corpus_dir)
+    if (man.get("model", {}).get("meta") or {}).get("output") != "velocity":
+        return None
+    engine, _ = _sample_engine(corpus_dir, index, model, prepared, cfg, "cpu")
+    return engine.velocities([index])[0]
 
 
 def regenerate_sample(corpus_dir: str | Path, index: int, *, model: str | Path | None = None,
@@ -612,22 +647,8 @@ def regenerate_sample(corpus_dir: str | Path, index: int, *, model: str | Path |
     """
     from .corpus import _decode, _sample_dict
 
-    cfg = cfg or load_config(None)
-    man = read_manifest(corpus_dir)
+    engine, man = _sample_engine(corpus_dir, index, model, prepared, cfg, device)
     n = int(man["n"])
-    if not 0 <= index < n:
-        raise IndexError(f"sample {index} out of range: the corpus has {n} samples")
-    resolved = resolve_model(model or man["model"]["uri"], cfg)
-    if resolved.cvae_sha256 != man["model"]["cvae_sha256"] or resolved.pyramid_sha256 != man["model"]["pyramid_sha256"]:
-        raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
-    frames = load_frames(prepared or man["prepared"])
-    if frames["es_sha256"] != [s["es_sha256"] for s in man["identity"]["scans"]]:
-        raise InputError(frames["prepared"], "ES frames differ from those this corpus was made with")
-    ident = man["identity"]
-    spec = {"seed": man["seed"], "temperature": man["temperature"], "window": ident["window"],
-            "flow_dtype": ident["flow_dtype"], "model_uri": man["model"]["uri"],
-            "model_sha256": man["model"]["cvae_sha256"]}
-    engine = SampleEngine(resolved.blobs(), frames, spec, device, ident["precision"], man["config"]["channels_last"])
     start, stop = block_of(index, n, man["shard_size"], man["batch_size"])
     idx = list(range(start, stop))
     members = dict(engine.members(engine.decode_block(idx), idx))

@@ -239,11 +239,13 @@ class MotionCVAE(nn.Module):
         logvar = LOGVAR_BOUND * torch.tanh(self.logvar_head(x) / LOGVAR_BOUND)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor, es: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, es: torch.Tensor, feats: Sequence[torch.Tensor],
+               integrate: bool = True) -> torch.Tensor:
         """p(flow | z, ES): z (B, latent_channels, I/2^L, J/2^L, K/2^L) → flow (B, 3, I, J, K) voxels.
 
         For ``output='velocity'`` the head's stationary velocity is integrated (scaling and
-        squaring, ``integration_steps``) and the displacement exp(v) is returned.
+        squaring, ``integration_steps``) and the displacement exp(v) is returned; with
+        ``integrate=False`` the velocity v itself (the motion's path is exp(t·v), t ∈ [0, 1]).
         """
         self._check_inputs(es, feats)
         want = (es.shape[0], *self.latent_shape(es.shape[2:]))
@@ -254,7 +256,7 @@ class MotionCVAE(nn.Module):
         for level, cond in zip(self.decoder, conds):
             x = level(x, cond)
         out = self.head(x)
-        if self.output is OutputKind.VELOCITY:
+        if self.output is OutputKind.VELOCITY and integrate:
             # Integrate in fp32 even under autocast: the squaring compounds rounding errors.
             out = integrate_velocity(out.float(), steps=self.integration_steps)
         return out

@@ -1,0 +1,547 @@
+"""``cardiomotion utility``: train the same motion estimator on every data arm, on Ray.
+
+For each leave-one-out fold k (held-out scan s_k):
+
+1. the fold's generator: :func:`cardiomotion.train.cvae.train_fold` trains the CVAE on the other
+   scans (``cv.pyramid`` decides whose pyramid conditions it), resumable, its model URI kept in
+   ``OUT/folds/<s_k>/generator.json``;
+2. ``OUT/folds/<s_k>/frames``: a prepared view holding only the training scans (links), so that
+   the corpus is conditioned on them alone; with ``utility.corpus: materialized`` ``generate``
+   writes the largest corpus into ``OUT/folds/<s_k>/corpus`` (its first N samples are the
+   N-sample corpus of the same plan), with ``on_the_fly`` the samples are decoded inside the
+   estimator's data pipeline (:class:`~cardiomotion.generate.virtual.VirtualCorpus`);
+3. every (arm, N, seed) is one Ray Train run (:func:`estimator_train_loop`) of the
+   ``annotate.pwc`` PWC-Net, ``utility.steps`` steps: the corpus arms stream the corpus through
+   ``ray.train.get_dataset_shard`` (Ray Data, shuffled per pass), the others build their batches
+   in the worker; the worker then scores its estimate of the held-out pair against the exact
+   truth (:func:`~cardiomotion.evaluate.utility.score_estimate`) and reports the scores;
+4. zero flow and demons are scored on the same pair as references.
+
+Rows stream to ``OUT/runs.jsonl`` (a rerun skips finished rows); the summary — mean over seeds
+per scan, then the mean over scans with a bootstrap 95 % interval — goes to ``OUT/utility.csv``,
+``OUT/summary.json``, the figure ``OUT/utility.png`` (myocardium EPE against N per arm) and an
+MLflow run. What saw the held-out scan: nothing trained here; the annotated flows of the training
+scans come from ``annotate`` (a network fitted, unsupervised, on every pair) — see the README.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..config import Config, UtilityArm, UtilityCorpus
+from ..errors import InputError
+
+Log = Callable[[str], None]
+
+RUNS_FILE = "runs.jsonl"
+TABLE_FILE = "utility.csv"
+SUMMARY_FILE = "summary.json"
+FIGURE_FILE = "utility.png"
+FOLDS_DIR = "folds"
+GENERATOR_RECORD = "generator.json"
+FRAMES_DIR = "frames"
+CORPUS_DIR = "corpus"
+METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
+
+
+@dataclass(frozen=True)
+class UtilityRun:
+    """One estimator to train (what crosses into the Ray task and the Train worker)."""
+
+    fold: int
+    scan_id: str  # the held-out scan
+    arm: str  # UtilityArm value
+    n: int  # distinct training samples (corpus size; the number of training pairs for real arms)
+    seed: int
+    prepared: str
+    flows: str
+    train_ids: tuple[str, ...]
+    corpus_dir: str | None  # materialized corpus (corpus arms)
+    model_uri: str | None  # the fold CVAE (on_the_fly corpus arms)
+    frames_dir: str | None  # training-scan view the corpus is conditioned on
+    rms_vox: float  # RMS magnitude of the training scans' annotated flows (random arm)
+
+    @property
+    def key(self) -> str:
+        return f"{self.scan_id}|{self.arm}|{self.n}|{self.seed}"
+
+    @property
+    def name(self) -> str:
+        arm = self.arm.replace("+", "_")
+        return f"utility_{self.scan_id}_{arm}_n{self.n}_s{self.seed}"
+
+
+@dataclass(frozen=True)
+class UtilitySummary:
+    """What ``utility`` produced: the table rows (arm, N, metric, mean, interval) and the files."""
+
+    rows: tuple[dict, ...]
+    table: Path
+    summary: Path
+    figure: Path | None
+    runs: Path
+    folds: tuple[int, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------- data of a fold
+def _training_arrays(prepared: str, flows: str, train_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ES and ED (n, I, J, K) float32 HU and the annotated flows (n, 3, I, J, K) voxels."""
+    from ..data.table import load_pair, read_scan_table
+    from ..flow.io import read_flow
+    from ..layout import flow_path
+
+    table = read_scan_table(prepared).set_index("scan_id", drop=False)
+    es, ed, fl = [], [], []
+    for sid in train_ids:
+        pair = load_pair(prepared, table.loc[sid].to_dict(), with_truth=False)
+        path = flow_path(flows, sid)
+        flow, _ = read_flow(path)
+        if flow.shape[1:] != pair.es.shape:
+            raise InputError(path, f"flow grid {flow.shape[1:]} differs from the prepared grid {pair.es.shape}")
+        es.append(pair.es)
+        ed.append(pair.ed)
+        fl.append(flow)
+    return np.stack(es), np.stack(ed), np.stack(fl).astype(np.float32)
+
+
+def _held_out(prepared: str, scan_id: str):
+    from ..data.table import load_pair, read_scan_table
+
+    table = read_scan_table(prepared).set_index("scan_id", drop=False)
+    pair = load_pair(prepared, table.loc[scan_id].to_dict(), with_truth=True)
+    if pair.truth_flow is None:
+        raise InputError(Path(prepared) / scan_id, "has no exact truth flow: `utility` scores against the "
+                                                   "phantom's truth (prepare phantom scans)")
+    return pair
+
+
+def training_view(prepared: str | Path, train_ids: Sequence[str], dst: Path) -> Path:
+    """A prepared folder holding only ``train_ids`` (scan folders linked, the table filtered): what
+    the fold's corpus is conditioned on. Rebuilt when the set differs."""
+    from ..data.table import read_scan_table, write_scan_table
+
+    prepared = Path(prepared).resolve()
+    table = read_scan_table(prepared)
+    rows = [r for r in table.to_dict("records") if str(r["scan_id"]) in set(train_ids)]
+    from ..layout import SCAN_TABLE
+
+    if (dst / SCAN_TABLE).is_file():
+        have = sorted(read_scan_table(dst, check_files=False).scan_id.astype(str))
+        if have == sorted(train_ids):
+            return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        link = dst / str(r["scan_id"])
+        if not link.exists():
+            os.symlink(prepared / str(r["scan_id"]), link, target_is_directory=True)
+    write_scan_table(dst, rows)
+    return dst
+
+
+# --------------------------------------------------------------------------- the estimator run
+def estimator_settings(cfg: Config, n_levels: int):
+    from .utility import EstimatorSettings, level_weights_for
+
+    u, a = cfg.utility, cfg.annotate
+    return EstimatorSettings(steps=u.steps, batch_size=u.batch_size, lr=float(u.lr or a.lr),
+                             level_weights=level_weights_for(n_levels, a.level_weights),
+                             smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha)
+
+
+def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
+    """Endless batches of this worker's Ray Data shard ("train"), a new shuffled pass each time."""
+    import ray.train
+
+    from .utility import batch_from_columns
+
+    shard = ray.train.get_dataset_shard("train")
+    epoch = 0
+    while True:
+        got = 0
+        for cols in shard.iter_torch_batches(batch_size=batch_size, drop_last=False,
+                                             local_shuffle_buffer_size=buffer or None,
+                                             local_shuffle_seed=seed + epoch if buffer else None):
+            got += 1
+            yield batch_from_columns(cols, window)
+        if got == 0:
+            raise RuntimeError("the corpus dataset yielded no samples")
+        epoch += 1
+
+
+def run_estimator(run: UtilityRun, cfg: Config, batches=None) -> dict[str, float]:
+    """Train one estimator (this process) and score it on the held-out pair; ``batches``: an
+    iterator of corpus batches (the Ray Data shard inside a Train worker), or None to read the
+    corpus in-process. Returns the scores (:class:`~cardiomotion.evaluate.utility.EstimateScore`)
+    and the last training losses."""
+    import torch
+
+    from ..train.pwc import build_pwcnet
+    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, score_estimate,
+                          source_batches, train_estimator)
+
+    torch.manual_seed(run.seed)
+    window = cfg.intensity.window
+    arm = Arm(run.arm)
+    es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids)
+    if arm.uses_corpus and batches is None:
+        corpus = _open_corpus(run, cfg)
+        batches = source_batches(CorpusSource(corpus, window, run.n), cfg.utility.batch_size, run.seed)
+    bs = cfg.utility.batch_size
+    if arm is Arm.CVAE:
+        stream = batches
+    elif arm is Arm.MIXED:
+        stream = alternate(batches, source_batches(PairSource(es, ed, flows, window), bs, run.seed + 1))
+    elif arm is Arm.RANDOM:
+        stream = source_batches(RandomFieldSource(es, run.n, run.rms_vox, run.seed, window, cfg.utility.random_scales),
+                                bs, run.seed)
+    elif arm is Arm.ANNOTATED:
+        stream = source_batches(PairSource(es, ed, flows, window), bs, run.seed)
+    else:
+        stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
+    model = build_pwcnet(cfg)
+    settings = estimator_settings(cfg, len(model.channels))
+    t0 = time.perf_counter()
+    losses = train_estimator(model, stream, settings)
+    train_s = time.perf_counter() - t0
+    pair = _held_out(run.prepared, run.scan_id)
+    model.eval()
+    from ..data.intensity import hu_to_unit
+
+    with torch.no_grad():
+        fixed = hu_to_unit(torch.from_numpy(pair.ed)[None, None], window)
+        moving = hu_to_unit(torch.from_numpy(pair.es)[None, None], window)
+        pred = model(fixed, moving).flow[0].float()
+    score = score_estimate(pred, pair.truth_flow, pair.spacing_mm, pair.ed_labels, pair.es_labels)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2)}
+
+
+def _open_corpus(run: UtilityRun, cfg: Config):
+    if run.corpus_dir is not None:
+        from ..generate.corpus import open_corpus
+
+        return open_corpus(run.corpus_dir)
+    from ..generate.virtual import open_virtual_corpus
+
+    return open_virtual_corpus(run.model_uri, run.frames_dir, run.n, seed=cfg.seed, cfg=cfg)
+
+
+def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
+    """Ray Train worker loop: one estimator; the corpus arms read ``get_dataset_shard("train")``."""
+    import ray.train
+
+    from ..raycluster import quiet_train_worker
+
+    quiet_train_worker()
+    cfg = Config.model_validate(config["cfg"])
+    run = UtilityRun(**{**config["run"], "train_ids": tuple(config["run"]["train_ids"])})
+    batches = None
+    if UtilityArm(run.arm).uses_corpus:
+        batches = _dataset_batches(cfg.utility.batch_size, run.seed, min(cfg.utility.shuffle_buffer, run.n),
+                                   cfg.intensity.window)
+    return run_estimator(run, cfg, batches)  # Result.return_value (metrics without a checkpoint are not kept)
+
+
+def corpus_dataset(run: UtilityRun, cfg: Config):
+    """The Ray Dataset the corpus arms of ``run`` train on: the first N samples, tensors only."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # one estimator of hundreds: no bars in the log
+    if run.corpus_dir is not None:
+        from ..generate.corpus import open_corpus
+
+        ds = open_corpus(run.corpus_dir).ray_dataset(shuffle_seed=run.seed, limit=run.n)
+    else:
+        from ..generate.virtual import open_virtual_corpus
+
+        ds = open_virtual_corpus(run.model_uri, run.frames_dir, run.n, seed=cfg.seed, cfg=cfg).ray_dataset(
+            shuffle_seed=run.seed)
+    return ds.select_columns(["es", "ed_syn", "flow"])
+
+
+def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
+    """One estimator as a Ray Train run (one worker); returns its result row."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..config import storage_root
+    from ..raycluster import train_logging
+
+    datasets = {"train": corpus_dataset(run, cfg)} if UtilityArm(run.arm).uses_corpus else None
+    trainer = TorchTrainer(
+        estimator_train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(run)},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.utility.cpus_per_run}),
+        run_config=RunConfig(name=run.name, storage_path=str(storage_root(cfg) / "ray_results" / "utility"),
+                             logging_config=train_logging()),
+        datasets=datasets,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    metrics = getattr(result, "return_value", None)
+    if result.error is not None or not metrics:
+        raise RuntimeError(f"utility: {run.name} failed: {result.error}")
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
+            **{k: metrics[k] for k in (*METRICS, "final_loss", "train_s") if k in metrics},
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _ray_task(run_json: dict, cfg_json: dict) -> dict[str, Any]:
+    """Inside a Ray task (no resources of its own): one estimator's Ray Train run."""
+    cfg = Config.model_validate(cfg_json)
+    run = UtilityRun(**{**run_json, "train_ids": tuple(run_json["train_ids"])})
+    return train_estimator_on_ray(run, cfg)
+
+
+# --------------------------------------------------------------------------- the fold set-up
+def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
+    """The fold CVAE's model URI (trained once; kept in generator.json)."""
+    from ..fileio import write_json
+    from ..train.cvae import train_fold
+
+    record = fold_dir / GENERATOR_RECORD
+    want = {"train": cfg.train.model_dump(mode="json"), "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}
+    if record.is_file():
+        rec = json.loads(record.read_text())
+        if rec.get("settings") == want:
+            return rec["model_uri"]
+        log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
+    res = train_fold(prepared, flows, fold, cfg, name=f"utility_generator_{scan_id}", log=log)
+    write_json(record, {"model_uri": res.model_uri, "run_id": res.run_id, "settings": want})
+    return res.model_uri
+
+
+def _references(pair, cfg: Config) -> list[dict[str, Any]]:
+    from .utility import score_estimate
+
+    rows = [("zero", np.zeros((3, *pair.es.shape), np.float32))]
+    if cfg.utility.demons:
+        from .baseline import demons_flow
+
+        rows.append(("demons", demons_flow(pair.es, pair.ed, pair.spacing_mm, threads=1)))
+    return [{"arm": name, **score_estimate(f, pair.truth_flow, pair.spacing_mm, pair.ed_labels,
+                                           pair.es_labels).as_dict()} for name, f in rows]
+
+
+def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *, prepared: str, flows: str,
+              corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float) -> list[UtilityRun]:
+    """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs)."""
+    u = cfg.utility
+    runs = []
+    for arm in u.arms:
+        sizes = u.sizes if arm.synthetic else [len(train_ids)]
+        for n in sizes:
+            for s in range(u.seeds):
+                runs.append(UtilityRun(fold, scan_id, arm.value, int(n), cfg.seed + s, prepared, flows,
+                                       tuple(train_ids), corpus_dir if arm.uses_corpus else None,
+                                       model_uri if arm.uses_corpus else None,
+                                       frames_dir if arm.uses_corpus else None, float(rms_vox)))
+    return runs
+
+
+# --------------------------------------------------------------------------- summary
+def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
+    """Per (arm, N, metric): mean over seeds per test scan, then the mean over scans with a
+    bootstrap 95 % interval; references (zero, demons) as arms with N = 0."""
+    from .utility import bootstrap_ci
+
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
+    for r in refs:
+        groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
+    for (arm, n), by_scan in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        for m in METRICS:
+            per_scan = [float(np.nanmean([x[m] for x in xs])) if any(x.get(m) == x.get(m) for x in xs) else float("nan")
+                        for xs in by_scan.values()]
+            mean, lo, hi = bootstrap_ci(per_scan, cfg.utility.bootstrap, seed=cfg.seed)
+            out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
+                        "scans": len(by_scan), "runs": sum(len(xs) for xs in by_scan.values())})
+    return out
+
+
+def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("epe_myo_mm", "epe_mm", "dice", "folding")) -> str:
+    """The summary as a text table: one line per (arm, N), mean [95 % interval] per metric."""
+    keyed: dict[tuple[str, int], dict[str, dict]] = {}
+    for r in rows:
+        keyed.setdefault((r["arm"], r["n"]), {})[r["metric"]] = r
+    head = f"{'arm':<16}{'N':>6}  " + "".join(f"{m:>26}" for m in metrics) + f"{'scans':>7}"
+    lines = [head]
+    for (arm, n), by in sorted(keyed.items(), key=lambda kv: (kv[0][1] == 0, kv[0][0], kv[0][1])):
+        cells = []
+        for m in metrics:
+            r = by.get(m)
+            cells.append(f"{'–':>26}" if r is None or r["mean"] != r["mean"] else
+                         f"{r['mean']:>10.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]".rjust(26))
+        scans = next(iter(by.values()))["scans"]
+        lines.append(f"{arm:<16}{(str(n) if n else '–'):>6}  " + "".join(cells) + f"{scans:>7}")
+    return "\n".join(lines)
+
+
+def write_table(path: Path, rows: Sequence[dict]) -> Path:
+    import pandas as pd
+
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(list(rows), columns=["arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs"]).to_csv(
+            tmp, index=False)
+    return path
+
+
+def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm") -> Path:
+    """Held-out ``metric`` against corpus size N per arm (95 % bootstrap intervals); real arms and
+    references as horizontal lines."""
+    from .figures import _matplotlib, save_figure
+
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sel = [r for r in rows if r["metric"] == metric]
+    arms = sorted({r["arm"] for r in sel})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sizes = sorted({r["n"] for r in sel if UtilityArm._value2member_map_.get(r["arm"]) is not None
+                    and UtilityArm(r["arm"]).synthetic})
+    for i, arm in enumerate(arms):
+        pts = sorted((r for r in sel if r["arm"] == arm), key=lambda r: r["n"])
+        c = colors[i % len(colors)]
+        member = UtilityArm._value2member_map_.get(arm)
+        if member is not None and member.synthetic and sizes:
+            x = [r["n"] for r in pts]
+            y = [r["mean"] for r in pts]
+            err = [[r["mean"] - r["ci_low"] for r in pts], [r["ci_high"] - r["mean"] for r in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=c, label=arm)
+        else:
+            r = pts[0]
+            ax.axhline(r["mean"], color=c, ls="--" if member is None else "-.", lw=1.2, label=f"{arm}")
+            if sizes and r["ci_high"] > r["ci_low"]:
+                ax.axhspan(r["ci_low"], r["ci_high"], color=c, alpha=0.08)
+    if sizes:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("training samples N (synthetic arms)")
+    names = {"epe_myo_mm": "myocardium EPE (mm)", "epe_mm": "EPE (mm)", "dice": "Dice (LV blood, LV myo)",
+             "folding": "folding fraction"}
+    ax.set_ylabel(f"held-out {names.get(metric, metric)}")
+    ax.set_title("Downstream utility: the same estimator on each data arm")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- the stage
+def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | Path, cfg: Config,
+                folds: Sequence[int | str] | str | None = None, log: Log = lambda _m: None,
+                on_run: Callable[[int, int], None] | None = None) -> UtilitySummary:
+    """Run the utility experiment into ``out_dir`` (one run at a time per folder); see the module
+    docstring. ``folds``: indices/scan ids/ranges as ``cv --folds`` (default: all).
+    ``on_run(done, total)`` after every finished estimator (progress bars).
+
+    Raises:
+        InputError: before any work — bad inputs, a scan without exact truth.
+    """
+    from ..fileio import exclusive_lock
+
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out, "utility"):
+        return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run)
+
+
+def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run) -> UtilitySummary:
+    from .. import tracking
+    from ..data.table import check_prepared_identity, read_scan_table
+    from ..raycluster import init_ray
+    from ..train.cv import resolve_folds
+    from ..train.fold import plan_fold
+    from .utility import flow_rms
+
+    check_prepared_identity(prepared, flows)
+    ids = sorted(read_scan_table(prepared).scan_id.astype(str))
+    fold_list = resolve_folds(folds if folds is not None else "all", ids)
+    plans = [plan_fold(prepared, flows, k, pyramid=cfg.cv.pyramid.value) for k in fold_list]
+    for p in plans:  # every held-out pair must have exact truth: checked before any training
+        _held_out(str(prepared), p.val_id)
+    runs_file = out / RUNS_FILE
+    done_rows = [json.loads(ln) for ln in runs_file.read_text().splitlines() if ln.strip()] if runs_file.is_file() else []
+    u = cfg.utility
+    ray = init_ray(cfg.ray)
+    uri = tracking.setup(cfg)
+    refs: list[dict] = []
+    all_runs: list[UtilityRun] = []
+    for plan in plans:
+        fold_dir = out / FOLDS_DIR / plan.val_id
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        _, _, train_flows = _training_arrays(str(prepared), str(flows), plan.train_ids)
+        rms = flow_rms(train_flows)
+        corpus_dir = model_uri = frames_dir = None
+        if any(a.uses_corpus for a in u.arms):
+            model_uri = _fold_generator(prepared, flows, plan.fold, plan.val_id, fold_dir, cfg, log)
+            frames_dir = str(training_view(prepared, plan.train_ids, fold_dir / FRAMES_DIR))
+            if u.corpus is UtilityCorpus.MATERIALIZED:
+                from ..generate.job import generate_corpus
+
+                generate_corpus(model_uri, frames_dir, fold_dir / CORPUS_DIR, max(u.sizes), cfg=cfg, track=False, log=log)
+                corpus_dir = str(fold_dir / CORPUS_DIR)
+        pair = _held_out(str(prepared), plan.val_id)
+        refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(pair, cfg)]
+        all_runs += plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared), flows=str(flows),
+                              corpus_dir=corpus_dir, model_uri=model_uri, frames_dir=frames_dir, rms_vox=rms)
+    have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
+    todo = [r for r in all_runs if r.key not in have]
+    log(f"utility: {len(fold_list)} folds, {len(all_runs)} estimators ({len(all_runs) - len(todo)} already done), "
+        f"{u.steps} steps each, corpus {u.corpus.value}")
+    # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
+    slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.cpus_per_run))
+    task = ray.remote(num_cpus=0, max_retries=0)(_ray_task)
+    cfg_json = cfg.model_dump(mode="json")
+    pending: dict[Any, UtilityRun] = {}
+    queue = list(todo)
+    rows = [r for r in done_rows if r["scan"] in {p.val_id for p in plans}]
+    finished = len(all_runs) - len(todo)
+    with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
+                                                    "sizes": ",".join(map(str, u.sizes)), "seeds": u.seeds, "steps": u.steps,
+                                                    "corpus": u.corpus.value, "pyramid": cfg.cv.pyramid.value},
+                            tags={"stage": "utility"}) as mlrun:
+        while queue or pending:
+            while queue and len(pending) < slots:
+                r = queue.pop(0)
+                pending[task.remote(asdict(r), cfg_json)] = r
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            r = pending.pop(ready[0])
+            row = ray.get(ready[0])
+            rows.append(row)
+            with runs_file.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            finished += 1
+            log(f"utility: [{finished}/{len(all_runs)}] fold {r.fold} {r.arm} N {r.n} seed {r.seed}: "
+                f"EPE myo {row['epe_myo_mm']:.3f} mm, EPE {row['epe_mm']:.3f} mm, Dice {row['dice']:.3f}")
+            if on_run is not None:
+                on_run(finished, len(all_runs))
+        table_rows = summarize(rows, refs, cfg)
+        table = write_table(out / TABLE_FILE, table_rows)
+        from ..fileio import write_json
+
+        summary = write_json(out / SUMMARY_FILE, {"folds": fold_list, "scans": [p.val_id for p in plans],
+                                                  "settings": cfg.utility.model_dump(mode="json"),
+                                                  "pyramid": cfg.cv.pyramid.value, "references": refs,
+                                                  "table": table_rows})
+        figure = utility_figure(table_rows, out / FIGURE_FILE)
+        import mlflow
+
+        for tr in table_rows:
+            if tr["metric"] in ("epe_myo_mm", "epe_mm") and tr["mean"] == tr["mean"]:
+                mlflow.log_metric(f"{tr['arm'].replace('+', '_')}_n{tr['n']}_{tr['metric']}", tr["mean"])
+        mlflow.log_artifact(str(table))
+        mlflow.log_artifact(str(summary))
+        mlflow.log_artifact(str(figure))
+        log(f"utility: wrote {table} and {figure} (MLflow run {mlrun.info.run_id})")
+    return UtilitySummary(tuple(table_rows), table, summary, figure, runs_file, tuple(fold_list))

@@ -1,0 +1,230 @@
+"""Downstream utility (`cardiomotion utility`): its pieces with known answers, and one tiny run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cv_cohort import TINY, cohort
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return cohort(tmp_path_factory)
+
+
+def _pair(prepared, k=0):
+    from cardiomotion.data.table import load_pair, read_scan_table
+
+    rows = sorted(read_scan_table(prepared).to_dict("records"), key=lambda r: str(r["scan_id"]))
+    return load_pair(prepared, rows[k], with_truth=True)
+
+
+# --------------------------------------------------------------------------- random fields
+def test_random_fields_have_the_asked_magnitude_no_folding_and_depend_on_seed_and_index_only():
+    from cardiomotion.evaluate.utility import flow_rms, random_smooth_flow, random_smooth_flows
+    from cardiomotion.flow.metrics import folding_fraction
+
+    u = random_smooth_flows(3, (24, 24, 24), rms_vox=1.2, seed=5)
+    assert u.shape == (3, 3, 24, 24, 24) and u.dtype == torch.float32
+    for f in u:
+        assert flow_rms(f[None]) == pytest.approx(1.2, rel=0.02)
+        assert folding_fraction(f) == 0.0  # a diffeomorphism's displacement at this magnitude
+    assert torch.equal(random_smooth_flow((24, 24, 24), 1.2, 5, 2), u[2])  # field i alone
+    assert not torch.allclose(u[0], u[1])
+    assert not torch.allclose(random_smooth_flows(1, (24, 24, 24), 1.2, seed=6)[0], u[0])
+    # smooth: neighbouring voxels move nearly together (independent voxels would differ by ~1.1×|u|)
+    assert (u[:, :, 1:] - u[:, :, :-1]).abs().mean() < 0.4 * u.abs().mean()
+
+
+# --------------------------------------------------------------------------- the loss
+def test_supervised_loss_is_the_weighted_epe_of_every_level():
+    from cardiomotion.evaluate.utility import supervised_flow_loss
+
+    target = torch.zeros(2, 3, 16, 16, 16)
+    levels = [torch.zeros(2, 3, 4, 4, 4), torch.zeros(2, 3, 8, 8, 8), torch.zeros(2, 3, 16, 16, 16)]
+    assert float(supervised_flow_loss(levels, target, [0.25, 0.5, 1.0])) == 0.0
+    levels[2][:, 0] = 3.0
+    levels[2][:, 1] = 4.0  # EPE 5 voxels everywhere at full resolution
+    assert float(supervised_flow_loss(levels, target, [0.25, 0.5, 1.0])) == pytest.approx(5.0)
+    # a constant target flow of 2 voxels is 1 voxel at half resolution: a zero coarse flow misses by 1
+    target[:, 2] = 2.0
+    levels = [torch.zeros(2, 3, 8, 8, 8), target.clone()]
+    assert float(supervised_flow_loss(levels, target, [1.0, 1.0])) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="weights"):
+        supervised_flow_loss(levels, target, [1.0])
+
+
+# --------------------------------------------------------------------------- the scores
+def test_scores_of_the_truth_and_of_zero_flow(phantom):
+    from cardiomotion.evaluate.utility import score_estimate
+
+    prepared, _ = phantom
+    pair = _pair(prepared)
+    truth = pair.truth_flow
+    exact = score_estimate(truth, truth, pair.spacing_mm, pair.ed_labels, pair.es_labels)
+    assert exact.epe_mm == 0.0 and exact.epe_myo_mm == 0.0 and exact.folding == 0.0
+    zero = score_estimate(np.zeros_like(truth), truth, pair.spacing_mm, pair.ed_labels, pair.es_labels)
+    mag = np.linalg.norm(truth, axis=0)
+    assert zero.epe_mm == pytest.approx(float(mag.mean()) * pair.spacing_mm, rel=1e-5)
+    assert zero.epe_myo_mm == pytest.approx(float(mag[pair.ed_labels == 2].mean()) * pair.spacing_mm, rel=1e-5)
+    # pulling the ES labels through the true motion recovers the ED labels better than no motion
+    assert exact.dice > zero.dice and exact.dice > 0.8
+    with pytest.raises(ValueError, match="3, I, J, K"):
+        score_estimate(truth[None], truth, 4.0, None, None)
+
+
+def test_bootstrap_interval():
+    from cardiomotion.evaluate.utility import bootstrap_ci
+
+    assert bootstrap_ci([2.0]) == (2.0, 2.0, 2.0)
+    assert bootstrap_ci([3.0] * 8) == (3.0, 3.0, 3.0)
+    m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, float("nan")], n_boot=4000)
+    assert m == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
+    _, lo2, hi2 = bootstrap_ci([2.4, 2.5, 2.5, 2.6], n_boot=4000)
+    assert hi2 - lo2 < hi - lo  # less spread between scans, a narrower interval
+    assert all(np.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_summary_averages_seeds_per_scan_then_scans():
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import format_table, summarize
+
+    cfg = load_config(None)
+    rows = [{"scan": "a", "arm": "cvae", "n": 64, "seed": s, "epe_mm": v, "epe_myo_mm": v, "dice": 0.5, "folding": 0.0}
+            for s, v in ((0, 1.0), (1, 3.0))]
+    rows += [{"scan": "b", "arm": "cvae", "n": 64, "seed": 0, "epe_mm": 4.0, "epe_myo_mm": 4.0, "dice": 0.7,
+              "folding": 0.0}]
+    refs = [{"scan": "a", "arm": "zero", "epe_mm": 9.0, "epe_myo_mm": 9.0, "dice": 0.1, "folding": 0.0}]
+    table = summarize(rows, refs, cfg)
+    cv = {r["metric"]: r for r in table if r["arm"] == "cvae"}
+    assert cv["epe_mm"]["mean"] == pytest.approx(3.0)  # scan a: (1 + 3) / 2 = 2; scan b: 4 → 3
+    assert cv["epe_mm"]["scans"] == 2 and cv["epe_mm"]["runs"] == 3
+    assert cv["dice"]["mean"] == pytest.approx(0.6)
+    zero = [r for r in table if r["arm"] == "zero" and r["metric"] == "epe_mm"][0]
+    assert zero["n"] == 0 and zero["mean"] == 9.0
+    text = format_table(table)
+    assert "cvae" in text and "zero" in text and "3.000" in text
+
+
+# --------------------------------------------------------------------------- training
+def test_estimator_learns_a_known_translation_from_synthetic_pairs():
+    """Supervised on pairs that differ by a known constant shift, the estimator's error on a new
+    image with the same shift falls well below the zero-flow error."""
+    from cardiomotion.evaluate.utility import Batch, EstimatorSettings, level_weights_for, train_estimator
+    from cardiomotion.flow.warp import warp
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    torch.manual_seed(0)
+    grid = (16, 16, 16)
+    shift = torch.zeros(1, 3, *grid)
+    shift[:, 0] = 1.5
+
+    def pairs(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        es = torch.nn.functional.avg_pool3d(torch.rand((n, 1, *grid), generator=g), 3, 1, 1)
+        return es, warp(es, shift.expand(n, -1, -1, -1, -1))
+
+    es, ed = pairs(8, 1)
+
+    def stream():
+        while True:
+            yield Batch(es[:4], ed[:4], shift.expand(4, -1, -1, -1, -1))
+            yield Batch(es[4:], ed[4:], shift.expand(4, -1, -1, -1, -1))
+
+    model = PWCNet3D(channels=(8, 16), search_range=1, estimator_channels=(16, 16))
+    settings = EstimatorSettings(steps=60, batch_size=4, lr=3e-3, level_weights=level_weights_for(2, None),
+                                 smooth_weight=0.0, ssim_alpha=0.85)
+    losses = train_estimator(model, stream(), settings)
+    assert len(losses) == 60 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    es_t, ed_t = pairs(2, 2)
+    model.eval()
+    with torch.no_grad():
+        pred = model(ed_t, es_t).flow
+    err = torch.linalg.vector_norm(pred - shift, dim=1).mean()
+    assert err < 0.5 * 1.5  # zero flow errs by 1.5 voxels
+
+
+def test_sources_give_unit_images_and_voxel_flows(phantom):
+    from cardiomotion.evaluate.utility import PairSource, RandomFieldSource, flow_rms
+    from cardiomotion.flow.warp import warp
+
+    prepared, _ = phantom
+    pair = _pair(prepared)
+    window = (-200.0, 600.0)
+    es = pair.es[None]
+    src = RandomFieldSource(es, n=3, rms_vox=1.0, seed=0, window=window)
+    b = src.batch([0, 2])
+    assert b.es.shape == (2, 1, 32, 32, 32) and b.flow.shape == (2, 3, 32, 32, 32)
+    assert 0.0 <= float(b.es.min()) and float(b.ed.max()) <= 1.0
+    assert flow_rms(b.flow) == pytest.approx(1.0, rel=0.02)
+    # ED is the ES frame warped by the field (in HU, rounded as a corpus stores it)
+    from cardiomotion.data.intensity import hu_to_unit
+
+    ed_hu = warp(torch.from_numpy(es[None]).float(), b.flow[:1]).round()
+    assert torch.allclose(b.ed[:1], hu_to_unit(ed_hu, window))
+    real = PairSource(es, pair.ed[None], pair.truth_flow[None], window).batch([0, 0])
+    assert real.flow.shape == (2, 3, 32, 32, 32) and torch.equal(real.es[0], real.es[1])
+    assert PairSource(es, pair.ed[None], None, window).batch([0]).flow is None
+
+
+# --------------------------------------------------------------------------- the stage
+def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, capsys):
+    """Held-out pairs are scored against exact truth: a prepared set without it is one line, exit 2."""
+    import shutil
+
+    import pandas as pd
+
+    from cardiomotion.cli import main
+
+    prepared, flows = phantom
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    table = pd.read_parquet(copy / "scans.parquet")
+    table["truth_flow_path"] = None
+    table.to_parquet(copy / "scans.parquet")
+    rc = main(["utility", "--prepared", str(copy), "--flows", str(flows), "--out", str(tmp_path / "u"),
+               "--folds", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "exact truth" in err[0], err
+    assert not (tmp_path / "u" / "runs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phantom, tmp_path, ray_session):
+    import mlflow
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import run_utility
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
+                             "train": {**TINY["train"], "epochs": 1},
+                             "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
+                             "utility": {"arms": ["cvae", "random", "annotated"], "sizes": [4], "seeds": 1,
+                                         "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
+                                         "cpus_per_run": 0.5, "max_concurrent": 2}})
+    res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
+    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("random", 4)]
+    assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
+    import pandas as pd
+
+    table = pd.read_csv(res.table)
+    assert set(table.arm) == {"cvae", "random", "annotated", "zero"}
+    assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding"}
+    assert res.figure.is_file() and res.figure.stat().st_size > 0
+    # the corpus was conditioned on the training scans only
+    from cardiomotion import tracking
+    from cardiomotion.generate import open_corpus
+
+    corpus = open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")
+    assert len(corpus) == 4 and {corpus[i]["scan_id"] for i in range(4)} <= {"phantom_001", "phantom_002", "phantom_003"}
+    mlflow.set_tracking_uri(tracking.setup(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string="tags.stage = 'utility'")
+    assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
+    # a rerun trains nothing again
+    run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
+    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 3
