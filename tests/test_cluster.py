@@ -26,7 +26,7 @@ from cardiomotion.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LAUNCHER_FILES = [REPO / "cluster.yaml", REPO / "deploy" / "cluster-local.yaml"]
-JOBS = ["prepare", "annotate", "train", "cv", "tune", "generate", "pipeline"]
+JOBS = ["prepare", "annotate", "train", "cv", "tune", "generate", "utility", "pipeline"]
 
 # The smallest pipeline that still exercises every stage (cf. tests/test_annotate.py TINY).
 TINY = {
@@ -149,7 +149,7 @@ def test_every_job_has_help_and_requires_its_config(monkeypatch, capsys):
     assert "the following arguments are required: --config" in proc.stderr
 
 
-@pytest.mark.parametrize("stage", ["prepare", "annotate", "train", "cv", "tune", "generate", "demo"])
+@pytest.mark.parametrize("stage", ["prepare", "annotate", "train", "cv", "tune", "generate", "utility", "demo"])
 def test_the_command_each_job_runs_exists(stage):
     commands = {a.dest: a for a in build_parser()._actions}["command"].choices
     assert stage in commands
