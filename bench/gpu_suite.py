@@ -315,8 +315,8 @@ def section_cv(scale: Scale, device: torch.device, budget: Budget) -> dict:
 def section_annotation(scale: Scale, device: torch.device, budget: Budget) -> dict:
     from cardiomotion.flow.warp import warp
     from cardiomotion.models.pwcnet import PWCNet3D
-    from cardiomotion.train.pwc import pwc_train_epoch
-    from cardiomotion.train.refine import refine_flow
+    from cardiomotion.annotate.pwc import pwc_train_epoch
+    from cardiomotion.annotate.refine import refine_flow
     from train_throughput import make_volumes
 
     a = DEFAULT_ANNOTATE
@@ -464,7 +464,7 @@ def estimate(scale: Scale = FULL) -> dict:
 
     from cardiomotion.models.pwcnet import PWCNet3D
     from cardiomotion.train.recipe import StepRecipe
-    from cardiomotion.train.pwc import pwc_train_epoch
+    from cardiomotion.annotate.pwc import pwc_train_epoch
 
     small = (32, 32, 32)
     cpu = torch.device("cpu")

@@ -193,7 +193,7 @@ def test_foreign_folder_in_the_output_is_refused_before_any_work(annotated, tmp_
 
 def test_a_truncated_or_missing_network_is_trained_again_not_reused(tmp_path):
     """Resume after a killed run or a full disk: only a network and pyramid that both load are reused."""
-    from cardiomotion.annotate import MODEL_FILE, PYRAMID_FILE, _unusable_model
+    from cardiomotion.annotate.stage import MODEL_FILE, PYRAMID_FILE, _unusable_model
     from cardiomotion.models.pwcnet import PWCNet3D
 
     net = PWCNet3D(channels=(4, 8), estimator_channels=(8,), search_range=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cardiomotion.flow import warp
-from cardiomotion.train.refine import Similarity, refine_flow
+from cardiomotion.annotate.refine import Similarity, refine_flow
 
 N = 24
 

@@ -102,7 +102,7 @@ class PWCConfig(_Section):
 
 
 class RefineSimilarity(str, Enum):
-    """Image term of the per-pair refinement (mirrors :class:`cardiomotion.train.refine.Similarity`)."""
+    """Image term of the per-pair refinement (mirrors :class:`cardiomotion.annotate.refine.Similarity`)."""
 
     MSE = "mse"
     SSIM_L1 = "ssim_l1"

@@ -14,7 +14,6 @@ in [0, 1] (``intensity.window``). Errors are reported in mm.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -319,7 +318,3 @@ def level_weights_for(n_levels: int, configured: Sequence[float] | None) -> tupl
             raise ValueError(f"annotate.level_weights needs {n_levels + 1} values, got {len(configured)}")
         return tuple(float(w) for w in configured)
     return tuple([0.5 ** (n_levels - k) for k in range(n_levels)] + [1.0])
-
-
-def steps_per_pass(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))

@@ -20,13 +20,13 @@ For each leave-one-out fold k (held-out scan s_k):
 Rows stream to ``OUT/runs.jsonl`` (a rerun skips finished rows); the summary — mean over seeds
 per scan, then the mean over scans with a bootstrap 95 % interval — goes to ``OUT/utility.csv``,
 ``OUT/summary.json``, the figure ``OUT/utility.png`` (myocardium EPE against N per arm) and an
-MLflow run. What saw the held-out scan: nothing trained here; the annotated flows of the training
-scans come from ``annotate`` (a network fitted, unsupervised, on every pair) — see the README.
+MLflow run. What saw the held-out scan: nothing trained here; the training scans' annotated flows
+are ``annotate``'s per-pair refinements from zero flow (independent of its network), and the
+CVAE's pyramid follows ``cv.pyramid`` (docs/design.md, "Downstream utility").
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -182,7 +182,7 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None) -> dict[str, float
     and the last training losses."""
     import torch
 
-    from ..train.pwc import build_pwcnet
+    from ..annotate.pwc import build_pwcnet
     from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, score_estimate,
                           source_batches, train_estimator)
 

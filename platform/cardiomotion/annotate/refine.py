@@ -18,7 +18,7 @@ import torch
 from ..flow.ops import gaussian_smooth
 from ..flow.warp import warp
 from ..models.pwcnet import resize_flow
-from .losses import downsample_to, photometric_loss, smoothness_loss
+from ..train.losses import downsample_to, photometric_loss, smoothness_loss
 
 
 class Similarity(str, Enum):

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config
-from .errors import CardiomotionError, InputError
-from .fileio import atomic_dir, atomic_path, write_json
+from ..config import Config
+from ..errors import CardiomotionError, InputError
+from ..fileio import atomic_dir, atomic_path, write_json
 
-from .layout import ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE, PYRAMID_FILE, SCAN_TABLE
+from ..layout import ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE, PYRAMID_FILE, SCAN_TABLE
 QUALITY_FILE = "quality.json"
 
 Log = Callable[[str], None]
@@ -37,7 +37,7 @@ def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
         InputError: missing table or files, ES/ED grids that differ, a grid the networks cannot
             take, or grids that differ between scans.
     """
-    from .data.table import read_scan_table
+    from ..data.table import read_scan_table
 
     rows = read_scan_table(prepared_dir).to_dict("records")
     if not rows:
@@ -68,9 +68,9 @@ def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
 
 def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) -> dict:
     """Photometric error, folding and (with a truth flow) EPE of each candidate flow."""
-    from .flow.metrics import endpoint_error, folding_fraction
-    from .flow.warp import warp
-    from .train.losses import photometric_loss
+    from ..flow.metrics import endpoint_error, folding_fraction
+    from ..flow.warp import warp
+    from ..train.losses import photometric_loss
 
     q: dict[str, float] = {}
     s = pair.spacing_mm
@@ -95,8 +95,8 @@ def _unusable_model(out: Path) -> str | None:
     """Why the trained PWC-Net in ``out`` cannot be reused (missing, truncated or unreadable
     network or frozen pyramid), or None when both load. A killed run, a full disk or a copy cut
     short leaves such files; a rerun then trains again instead of failing on them."""
-    from .models.pwcnet import PWCNet3D
-    from .models.pyramid import FeaturePyramid
+    from ..models.pwcnet import PWCNet3D
+    from ..models.pyramid import FeaturePyramid
 
     for name, cls in ((MODEL_FILE, PWCNet3D), (PYRAMID_FILE, FeaturePyramid)):
         path = out / name
@@ -111,11 +111,11 @@ def _unusable_model(out: Path) -> str | None:
 
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
     """Annotate one prepared pair (a Ray Data task); input errors come back as data."""
-    from .data.intensity import hu_to_unit
-    from .data.table import load_pair
-    from .flow.io import write_flow
-    from .models.pwcnet import PWCNet3D
-    from .train.refine import refine_flow
+    from ..data.intensity import hu_to_unit
+    from ..data.table import load_pair
+    from ..flow.io import write_flow
+    from ..models.pwcnet import PWCNet3D
+    from .refine import refine_flow
 
     cfg = Config.model_validate_json(cfg_json)
     ac = cfg.annotate
@@ -171,15 +171,15 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     ``on_epoch(epoch, train_loss)`` is called once per finished PWC-Net training epoch (for
     progress bars; the epochs are read back from the MLflow run the workers log to).
     """
-    from . import tracking
-    from .data.prepare import plain_rows
-    from .raycluster import init_ray
-    from .train.pwc import train_pwcnet
+    from .. import tracking
+    from ..data.prepare import plain_rows
+    from ..raycluster import init_ray
+    from .pwc import train_pwcnet
 
     prepared = Path(prepared_dir).resolve()
     out = Path(out_dir).resolve()
     rows = check_prepared(prepared, cfg)
-    from .data.table import PREPARED_ID_FILE, check_prepared_identity, prepared_fingerprint
+    from ..data.table import PREPARED_ID_FILE, check_prepared_identity, prepared_fingerprint
 
     check_prepared_identity(prepared, out)  # a rerun into annotations of another prepared set
     prepared_id = prepared_fingerprint(prepared)
@@ -245,10 +245,10 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
 
 
 def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
-    from .data.table import load_pair
-    from .evaluate.figures import plot_orthogonal
-    from .flow.io import read_flow
-    from .flow.warp import warp
+    from ..data.table import load_pair
+    from ..evaluate.figures import plot_orthogonal
+    from ..flow.io import read_flow
+    from ..flow.warp import warp
 
     pair = load_pair(prepared, row)
     flow, _ = read_flow(out / str(row["scan_id"]) / FLOW_FILE)
@@ -286,10 +286,10 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     """
     import shutil
 
-    from .fileio import exclusive_lock
-    from .layout import fold_pyramid_path
-    from .models.pyramid import FeaturePyramid
-    from .train.pwc import train_pwcnet
+    from ..fileio import exclusive_lock
+    from ..layout import fold_pyramid_path
+    from ..models.pyramid import FeaturePyramid
+    from .pwc import train_pwcnet
 
     prepared = Path(prepared_dir).resolve()
     dst = fold_pyramid_path(Path(flows_dir).resolve(), held_out_id)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_state, raise_input_error, report_with_checkpoint, resume
+from ..train.checkpoint import load_state, raise_input_error, report_with_checkpoint, resume
 
 if TYPE_CHECKING:  # the epoch itself (pwc_train_epoch) needs no config, so no pydantic
     from ..config import Config
@@ -99,7 +99,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from ..config import Config
     from ..errors import InputError
     from ..tracking import log_metrics_to
-    from .checkpoint import INPUT_ERROR_KEY, input_error_on_any_rank
+    from ..train.checkpoint import INPUT_ERROR_KEY, input_error_on_any_rank
 
     cfg = Config.model_validate(config["cfg"])
     ac = cfg.annotate
