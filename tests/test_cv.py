@@ -184,7 +184,7 @@ def test_more_concurrent_folds_than_resources_is_refused(inputs, tmp_path):
 
 
 def test_gpu_fold_packing_capacity_and_rank_rule():
-    from cardiomotion.train.cv import capacity, check_capacity, fold_demand
+    from cardiomotion.train.sweep import capacity, check_capacity, fold_demand
 
     cfg = load_config(None, {"train": {"gpus_per_worker": 0.25, "cpus_per_worker": 2}})
     workers, bundle = fold_demand(cfg, use_gpu=True)

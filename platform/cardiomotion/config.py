@@ -456,7 +456,7 @@ class Config(_Section):
         return self
 
 
-def _format_validation(err: ValidationError) -> str:
+def format_validation(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
@@ -493,7 +493,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, _format_validation(exc)) from None
+        raise ConfigError(path, format_validation(exc)) from None
 
 
 def _empty_sections_to_defaults(data: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,13 @@ from typing import Iterator
 from .config import RayConfig
 
 
+def detect_gpu(setting: bool | None, ray) -> bool:
+    """Whether a stage uses GPUs: its ``use_gpu`` setting, or (null) whether the cluster has any."""
+    if setting is not None:
+        return bool(setting)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Initialise Ray once per process and return the module.
 

@@ -170,12 +170,12 @@ def train_pwcnet(
 
     from ..data.prepare import plain_rows
     from ..data.table import read_scan_table
-    from ..raycluster import init_ray, train_logging
+    from ..raycluster import detect_gpu, init_ray, train_logging
 
     init_ray(cfg.ray)
     ac = cfg.annotate
     rows = rows if rows is not None else read_scan_table(prepared_dir).to_dict("records")
-    use_gpu = ac.use_gpu if ac.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = detect_gpu(ac.use_gpu, ray)
     trainer = TorchTrainer(
         pwc_train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepared": str(Path(prepared_dir).resolve()),

@@ -460,7 +460,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     from .. import tracking
     from ..data.table import check_prepared_identity, read_scan_table
     from ..raycluster import init_ray
-    from ..train.cv import resolve_folds
+    from ..train.sweep import resolve_folds
     from ..train.fold import plan_fold
     from .utility import flow_rms
 

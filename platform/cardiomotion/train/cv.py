@@ -40,18 +40,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config
-from ..errors import InputError
 from ..fileio import atomic_path, write_json
+from .sweep import (alive_nodes, capacity, check_capacity, check_parent_run, fmt_resources, fold_demand, read_json,
+                    refuse_other_settings, resolve_folds, sweep_fingerprint)
 
 STATE_FILE = "cv.json"
 FOLD_DIR = "folds"
@@ -89,118 +88,7 @@ METRICS = {
     "myo_dv_truth": "truth_myo_volume_change",
 }
 COLUMNS = ["fold", "scan", "status", "run_id", *METRICS, "epochs", "seconds", "attempts", "error"]
-# settings that change where and how fast a fold runs, not what it learns: may differ between reruns
-_RESOURCE_KEYS = ("num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "max_failures")
-
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- fold selection
-def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str], where: str = "--folds") -> list[int]:
-    """Fold indices from ``"all"``, ``"0,3,7"``, ``"0-21"``, or a list of indices / scan ids
-    (scan-id order; a token that is a scan id is always read as one).
-
-    Raises:
-        InputError: an index outside 0..N−1, a scan id that is not in the prepared dataset, or
-            an empty list.
-    """
-    n = len(scan_ids)
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
-        return list(range(n))
-    items: list[int | str] = ([t.strip() for t in spec.split(",") if t.strip()] if isinstance(spec, str)
-                              else list(spec))
-    if not items:
-        raise InputError(where, "names no fold: give 'all', fold indices (0,3,7) or scan ids")
-    index = {sid: i for i, sid in enumerate(scan_ids)}
-    out: list[int] = []
-    bad: list[str] = []
-    expanded: list[int | str] = []
-    for item in items:  # ranges "a-b" (inclusive) of fold indices
-        m = re.fullmatch(r"(\d+)-(\d+)", item) if isinstance(item, str) and item not in index else None
-        expanded.extend(range(int(m[1]), int(m[2]) + 1) if m and int(m[1]) <= int(m[2]) else [item])
-    for item in expanded:
-        if isinstance(item, str) and item in index:
-            k = index[item]
-        else:
-            try:
-                k = int(item)
-            except (TypeError, ValueError):
-                bad.append(repr(item))
-                continue
-            if not 0 <= k < n:
-                bad.append(str(item))
-                continue
-        if k not in out:
-            out.append(k)
-    if bad:
-        shown = ", ".join(scan_ids[:4]) + (", ..." if n > 4 else "")
-        raise InputError(where, f"no such fold or scan: {', '.join(bad)} (the prepared dataset has {n} scans, "
-                                f"folds 0..{n - 1}: {shown})")
-    return out
-
-
-# --------------------------------------------------------------------------- resources
-def fold_demand(cfg: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
-    """(workers, resources per worker) one fold's trainer requests.
-
-    Raises:
-        InputError: several DDP ranks with a fraction of a GPU each (two ranks on one GPU fail
-            under NCCL: pack folds, not ranks).
-    """
-    tc = cfg.train
-    bundle = {"CPU": float(tc.cpus_per_worker)}
-    if use_gpu:
-        bundle["GPU"] = float(tc.gpus_per_worker)
-        if tc.gpus_per_worker < 1 and tc.num_workers > 1:
-            raise InputError("train.num_workers", f"{tc.num_workers} DDP ranks with gpus_per_worker "
-                             f"{tc.gpus_per_worker}: ranks of one fold could share a GPU, which NCCL refuses; "
-                             "with fractional GPUs (fold packing) use num_workers: 1")
-    return tc.num_workers, bundle
-
-
-def capacity(nodes: Iterable[Mapping[str, float]], workers: int, bundle: Mapping[str, float]) -> int:
-    """How many trainers of ``workers`` × ``bundle`` the nodes hold at once (bundles never span nodes)."""
-    bundles = 0
-    for res in nodes:
-        fits = [math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
-        bundles += min(fits) if fits else 0
-    return bundles // max(1, workers)
-
-
-def _fmt_res(res: Mapping[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
-
-
-def check_capacity(nodes: Sequence[Mapping[str, float]], workers: int, bundle: Mapping[str, float],
-                   max_concurrent: int | None, what: str = "fold", setting: str = "cv.max_concurrent") -> int:
-    """Capacity (see :func:`capacity`), or an InputError if the cluster can never hold one
-    ``what`` or ``max_concurrent`` of them at once."""
-    nodes = [{k: float(v) for k, v in n.items() if k in ("CPU", "GPU")} for n in nodes]
-    need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
-    if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
-        largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
-        raise InputError("train.cpus_per_worker" if "GPU" not in bundle or largest.get("GPU") else "train.gpus_per_worker",
-                         f"a {what} worker needs {{{need}}} but the largest node has {_fmt_res(largest) or '{}'}: "
-                         f"it can never be scheduled (lower train.cpus_per_worker / gpus_per_worker)")
-    cap = capacity(nodes, workers, bundle)
-    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
-    if cap < 1:
-        raise InputError("train.num_workers", f"a {what} needs {workers} workers × {{{need}}} but the cluster "
-                         f"has {_fmt_res(total)} in all: it can never be scheduled")
-    if max_concurrent is not None and max_concurrent > cap:
-        raise InputError(setting, f"{max_concurrent} concurrent {what}s requested but the cluster holds at most "
-                         f"{cap} at once (each {what}: {workers} × {{{need}}}; cluster {_fmt_res(total)})")
-    return cap
-
-
-def _alive_nodes(ray) -> list[dict[str, float]]:
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def _use_gpu(cfg: Config, ray) -> bool:
-    if cfg.train.use_gpu is not None:
-        return bool(cfg.train.use_gpu)
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 # --------------------------------------------------------------------------- results
@@ -272,34 +160,6 @@ class CVSummary:
         for r in self.failed:
             lines.append(f"fold {r['fold']} ({r['scan']}) failed: {r['error']}")
         return "\n".join(line.rstrip() for line in lines)
-
-
-def _fingerprint(prepared: Path, flows: Path, cfg: Config) -> dict[str, Any]:
-    train = cfg.train.model_dump(mode="json")
-    for k in _RESOURCE_KEYS:
-        train.pop(k, None)
-    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
-          "intensity": cfg.intensity.model_dump(mode="json"), "train": train}
-    if cfg.cv.pyramid.value != "shared":  # (absent for shared: sweeps made before the setting existed resume)
-        fp["pyramid"] = cfg.cv.pyramid.value
-    return fp
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix.rstrip('.')}: {json.dumps(a)} then, {json.dumps(b)} now"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _fold_path(out: Path, k: int) -> Path:
@@ -427,7 +287,7 @@ def _run_cv(
 
     from .. import tracking
     from ..config import storage_root
-    from ..raycluster import init_ray
+    from ..raycluster import detect_gpu, init_ray
     from .cvae import check_fold_inputs
     from .fold import plan_fold
 
@@ -438,27 +298,19 @@ def _run_cv(
     fold_list = resolve_folds(folds, scan_ids)
     for k in fold_list:
         check_fold_inputs(prepared, flows, k, cfg)
-    fingerprint = _fingerprint(prepared, flows, cfg)
-    state = _read_json(out / STATE_FILE) or {}
-    if state.get("fingerprint") and state["fingerprint"] != fingerprint:
-        diff = _first_difference(state["fingerprint"], fingerprint)
-        raise InputError(out / STATE_FILE, f"this sweep was run with other settings ({diff}): rerun it with "
-                                           "the same ones, or use another --out")
+    fingerprint = sweep_fingerprint(prepared, flows, cfg)
+    state = read_json(out / STATE_FILE) or {}
+    refuse_other_settings(out / STATE_FILE, state.get("fingerprint"), fingerprint, "sweep")
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     parent_id = state.get("parent_run_id")
-    if parent_id:
-        try:
-            client.get_run(parent_id)
-        except Exception:
-            raise InputError(out / STATE_FILE, f"its MLflow parent run {parent_id} is not in {uri}: use the same "
-                                               "tracking store, or another --out") from None
+    check_parent_run(client, out / STATE_FILE, parent_id, uri)
 
     ray = init_ray(cfg.ray)
-    use_gpu = _use_gpu(cfg, ray)
+    use_gpu = detect_gpu(cfg.train.use_gpu, ray)
     workers, bundle = fold_demand(cfg, use_gpu)
     if cfg.cv.check_resources:
-        check_capacity(_alive_nodes(ray), workers, bundle, cfg.cv.max_concurrent)
+        check_capacity(alive_nodes(ray), workers, bundle, cfg.cv.max_concurrent)
 
     # What the fold tasks see: absolute storage root and tracking URI (tasks run in other directories).
     task_cfg = cfg.model_copy(deep=True)
@@ -480,12 +332,12 @@ def _run_cv(
                                       "storage_root": task_cfg.storage_root})
         states: dict[int, dict[str, Any]] = {}
         for k in fold_list:
-            st = _read_json(_fold_path(out, k)) or {}
+            st = read_json(_fold_path(out, k)) or {}
             states[k] = {"fold": k, "scan": scan_ids[k], "status": "queued", "attempts": 0, **st}
         skipped = [k for k in fold_list if states[k]["status"] == "done"]
         queue = deque(k for k in fold_list if states[k]["status"] != "done")
         log(f"cv: {len(fold_list)} folds of {len(scan_ids)} scans, {len(skipped)} done earlier, {len(queue)} to train; "
-            f"each fold {workers} × {_fmt_res(bundle)}; parent run {parent_id}")
+            f"each fold {workers} × {fmt_resources(bundle)}; parent run {parent_id}")
         running: dict[Any, int] = {}
         remote = ray.remote(num_cpus=0, max_retries=2)(_train_fold_task)
         last_line = None
@@ -514,7 +366,7 @@ def _run_cv(
         while queue or running:
             limit = cfg.cv.max_concurrent or 10**9
             if cfg.cv.check_resources:
-                limit = min(limit, max(1, capacity(_alive_nodes(ray), workers, bundle)))
+                limit = min(limit, max(1, capacity(alive_nodes(ray), workers, bundle)))
             while queue and len(running) < limit:
                 k = queue.popleft()
                 st = states[k]
@@ -554,7 +406,7 @@ def _run_cv(
         # the table: every fold recorded under OUT, this invocation's and earlier ones'
         recorded = {}
         for path in sorted((out / FOLD_DIR).glob("*.json")):
-            st = _read_json(path)
+            st = read_json(path)
             if st and "fold" in st:
                 recorded[int(st["fold"])] = st
         recorded.update(states)

@@ -409,7 +409,7 @@ def train_fold(
 
     from .. import tracking
     from ..config import storage_root
-    from ..raycluster import init_ray, train_logging
+    from ..raycluster import detect_gpu, init_ray, train_logging
 
     plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
     uri = tracking.setup(cfg)
@@ -422,7 +422,7 @@ def train_fold(
         pyr = load_checkpoint(plan.pyramid, "feature_pyramid")["config"]
     tc = cfg.train
     name = name or f"fold_{fold:03d}"
-    use_gpu = tc.use_gpu if tc.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = detect_gpu(tc.use_gpu, ray)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
     params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
               "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,

@@ -237,19 +237,13 @@ class TuneSummary:
 
 
 def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int]) -> dict[str, Any]:
-    from .cv import _RESOURCE_KEYS
+    """The sweep fingerprint less the searched keys, plus the search's own settings."""
+    from .sweep import sweep_fingerprint
 
-    train = cfg.train.model_dump(mode="json")
-    for k in (*_RESOURCE_KEYS, *searched(cfg)):
-        train.pop(k, None)
     tune_cfg = cfg.tune.model_dump(mode="json")
     tune_cfg.pop("max_concurrent", None)
     tune_cfg["folds"] = list(folds)
-    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
-          "intensity": cfg.intensity.model_dump(mode="json"), "train": train, "tune": tune_cfg}
-    if cfg.cv.pyramid.value != "shared":
-        fp["pyramid"] = cfg.cv.pyramid.value
-    return fp
+    return sweep_fingerprint(prepared, flows, cfg, drop=searched(cfg), extra={"tune": tune_cfg})
 
 
 def _trial_status(exp_path: Path) -> dict[str, str]:
@@ -305,17 +299,18 @@ def run_tune(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .. import tracking
-    from ..config import _format_validation
+    from ..config import format_validation
     from ..errors import ConfigError
-    from ..raycluster import init_ray
-    from .cv import _alive_nodes, _read_json, _use_gpu, check_capacity, resolve_folds
+    from ..raycluster import detect_gpu, init_ray
+    from .sweep import (alive_nodes, check_capacity, check_parent_run, read_json, refuse_other_settings,
+                        resolve_folds)
     from .cvae import check_fold_inputs
     from .fold import plan_fold
 
     try:  # a config built in code (model_copy, update=) skips validators: check it whole
         cfg = Config.model_validate(cfg.model_dump(mode="json"))
     except ValidationError as exc:
-        raise ConfigError("config", _format_validation(exc)) from None
+        raise ConfigError("config", format_validation(exc)) from None
     if samples is not None:
         if samples < 1:
             raise InputError("--samples", f"must be at least 1, got {samples}")
@@ -343,27 +338,17 @@ def run_tune(
                                                   f"{epochs} epochs a trial trains: no trial could finish its warm-up")
     grace = min(cfg.tune.grace_period, epochs)
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
-    state = _read_json(out / STATE_FILE) or {}
-    if state.get("fingerprint") and state["fingerprint"] != fingerprint:
-        from .cv import _first_difference
-
-        raise InputError(out / STATE_FILE, f"this search was run with other settings "
-                                           f"({_first_difference(state['fingerprint'], fingerprint)}): rerun it with "
-                                           "the same ones, or use another --out")
+    state = read_json(out / STATE_FILE) or {}
+    refuse_other_settings(out / STATE_FILE, state.get("fingerprint"), fingerprint, "search")
 
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     parent_id = state.get("parent_run_id")
-    if parent_id:
-        try:
-            client.get_run(parent_id)
-        except Exception:
-            raise InputError(out / STATE_FILE, f"its MLflow parent run {parent_id} is not in {uri}: use the same "
-                                               "tracking store, or another --out") from None
+    check_parent_run(client, out / STATE_FILE, parent_id, uri)
     ray = init_ray(cfg.ray)
-    use_gpu = _use_gpu(cfg, ray)
+    use_gpu = detect_gpu(cfg.train.use_gpu, ray)
     bundle = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": float(cfg.train.gpus_per_worker)} if use_gpu else {})}
-    check_capacity(_alive_nodes(ray), 1, bundle, cfg.tune.max_concurrent, what="trial", setting="tune.max_concurrent")
+    check_capacity(alive_nodes(ray), 1, bundle, cfg.tune.max_concurrent, what="trial", setting="tune.max_concurrent")
 
     exp_path = out / EXPERIMENT
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +438,7 @@ def run_tune(
         trials_csv = _write_trials(out / TRIALS_FILE, rows)
         best_out = {k: best[k] for k in (*searched(cfg), "score", "score_energy", "score_kl_penalty", "score_rec",
                                          "trial_id", "run_id", "epochs")}
-        write_json(out / STATE_FILE, {**(_read_json(out / STATE_FILE) or {}), "best": best_out,
+        write_json(out / STATE_FILE, {**(read_json(out / STATE_FILE) or {}), "best": best_out,
                                       "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
                                       "stopped_early": sum(r["status"] == "stopped early" for r in rows),
                                       "errors": sum(r["status"] == "error" for r in rows),

@@ -1,0 +1,169 @@
+"""What the sweeps (``cv``, ``tune``, ``utility``) share: fold selection, cluster capacity, the
+fingerprint of their settings and the resume guard (docs/design.md, "Distributed design")."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..config import Config
+from ..errors import InputError
+
+# settings that change where and how fast a fold runs, not what it learns: may differ between reruns
+RESOURCE_KEYS = ("num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "max_failures")
+
+
+# --------------------------------------------------------------------------- fold selection
+def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str], where: str = "--folds") -> list[int]:
+    """Fold indices from ``"all"``, ``"0,3,7"``, ``"0-21"``, or a list of indices / scan ids
+    (scan-id order; a token that is a scan id is always read as one).
+
+    Raises:
+        InputError: an index outside 0..N−1, a scan id that is not in the prepared dataset, or
+            an empty list.
+    """
+    n = len(scan_ids)
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        return list(range(n))
+    items: list[int | str] = ([t.strip() for t in spec.split(",") if t.strip()] if isinstance(spec, str)
+                              else list(spec))
+    if not items:
+        raise InputError(where, "names no fold: give 'all', fold indices (0,3,7) or scan ids")
+    index = {sid: i for i, sid in enumerate(scan_ids)}
+    out: list[int] = []
+    bad: list[str] = []
+    expanded: list[int | str] = []
+    for item in items:  # ranges "a-b" (inclusive) of fold indices
+        m = re.fullmatch(r"(\d+)-(\d+)", item) if isinstance(item, str) and item not in index else None
+        expanded.extend(range(int(m[1]), int(m[2]) + 1) if m and int(m[1]) <= int(m[2]) else [item])
+    for item in expanded:
+        if isinstance(item, str) and item in index:
+            k = index[item]
+        else:
+            try:
+                k = int(item)
+            except (TypeError, ValueError):
+                bad.append(repr(item))
+                continue
+            if not 0 <= k < n:
+                bad.append(str(item))
+                continue
+        if k not in out:
+            out.append(k)
+    if bad:
+        shown = ", ".join(scan_ids[:4]) + (", ..." if n > 4 else "")
+        raise InputError(where, f"no such fold or scan: {', '.join(bad)} (the prepared dataset has {n} scans, "
+                                f"folds 0..{n - 1}: {shown})")
+    return out
+
+
+# --------------------------------------------------------------------------- resources
+def fold_demand(cfg: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
+    """(workers, resources per worker) one fold's trainer requests.
+
+    Raises:
+        InputError: several DDP ranks with a fraction of a GPU each (two ranks on one GPU fail
+            under NCCL: pack folds, not ranks).
+    """
+    tc = cfg.train
+    bundle = {"CPU": float(tc.cpus_per_worker)}
+    if use_gpu:
+        bundle["GPU"] = float(tc.gpus_per_worker)
+        if tc.gpus_per_worker < 1 and tc.num_workers > 1:
+            raise InputError("train.num_workers", f"{tc.num_workers} DDP ranks with gpus_per_worker "
+                             f"{tc.gpus_per_worker}: ranks of one fold could share a GPU, which NCCL refuses; "
+                             "with fractional GPUs (fold packing) use num_workers: 1")
+    return tc.num_workers, bundle
+
+
+def capacity(nodes: Iterable[Mapping[str, float]], workers: int, bundle: Mapping[str, float]) -> int:
+    """How many trainers of ``workers`` × ``bundle`` the nodes hold at once (bundles never span nodes)."""
+    bundles = 0
+    for res in nodes:
+        fits = [math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        bundles += min(fits) if fits else 0
+    return bundles // max(1, workers)
+
+
+def fmt_resources(res: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in res.items()) + "}"
+
+
+def check_capacity(nodes: Sequence[Mapping[str, float]], workers: int, bundle: Mapping[str, float],
+                   max_concurrent: int | None, what: str = "fold", setting: str = "cv.max_concurrent") -> int:
+    """Capacity (see :func:`capacity`), or an InputError if the cluster can never hold one
+    ``what`` or ``max_concurrent`` of them at once."""
+    nodes = [{k: float(v) for k, v in n.items() if k in ("CPU", "GPU")} for n in nodes]
+    need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
+        raise InputError("train.cpus_per_worker" if "GPU" not in bundle or largest.get("GPU") else "train.gpus_per_worker",
+                         f"a {what} worker needs {{{need}}} but the largest node has {fmt_resources(largest) or '{}'}: "
+                         f"it can never be scheduled (lower train.cpus_per_worker / gpus_per_worker)")
+    cap = capacity(nodes, workers, bundle)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
+    if cap < 1:
+        raise InputError("train.num_workers", f"a {what} needs {workers} workers × {{{need}}} but the cluster "
+                         f"has {fmt_resources(total)} in all: it can never be scheduled")
+    if max_concurrent is not None and max_concurrent > cap:
+        raise InputError(setting, f"{max_concurrent} concurrent {what}s requested but the cluster holds at most "
+                         f"{cap} at once (each {what}: {workers} × {{{need}}}; cluster {fmt_resources(total)})")
+    return cap
+
+
+def alive_nodes(ray) -> list[dict[str, float]]:
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[str] = (),
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a sweep's results depend on: inputs, seed, intensity and the ``train`` settings (less
+    :data:`RESOURCE_KEYS` and ``drop``, e.g. the keys a search varies), plus ``extra``. A rerun
+    with another fingerprint is refused (:func:`refuse_other_settings`)."""
+    train = cfg.train.model_dump(mode="json")
+    for k in (*RESOURCE_KEYS, *drop):
+        train.pop(k, None)
+    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+          "intensity": cfg.intensity.model_dump(mode="json"), "train": train, **(extra or {})}
+    if cfg.cv.pyramid.value != "shared":  # (absent for shared: sweeps made before the setting existed resume)
+        fp["pyramid"] = cfg.cv.pyramid.value
+    return fp
+
+
+def check_parent_run(client, state_file: Path, parent_id: str | None, uri: str) -> None:
+    """A resumed sweep's MLflow parent run must be in this tracking store (else one InputError)."""
+    if not parent_id:
+        return
+    try:
+        client.get_run(parent_id)
+    except Exception:
+        raise InputError(state_file, f"its MLflow parent run {parent_id} is not in {uri}: use the same "
+                                     "tracking store, or another --out") from None
+
+
+def refuse_other_settings(state_file: Path, recorded: Mapping[str, Any] | None, fingerprint: Mapping[str, Any],
+                          what: str) -> None:
+    """The resume guard: an InputError naming the first difference when ``state_file`` recorded
+    another fingerprint (``what``: "cross-validation", "search", …)."""
+    if recorded and recorded != fingerprint:
+        raise InputError(state_file, f"this {what} was run with other settings ({first_difference(recorded, fingerprint)}): "
+                                     "rerun it with the same ones, or use another --out")
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {json.dumps(a)} then, {json.dumps(b)} now"
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
