@@ -24,7 +24,7 @@ from ..config import Config, PrepareConfig
 from ..errors import InputError
 from ..fileio import atomic_dir, exclusive_lock, write_json, write_nifti
 from ..layout import ES_FILE, scan_file
-from .prepare import _store, config_fingerprint, guarded_row, plan_scans, raise_row_errors
+from .prepare import store_as, config_fingerprint, guarded_row, plan_scans, raise_row_errors
 from .preprocess import grid_affine, heart_center, resample
 from .table import RECORD, read_record, write_scan_table
 from .volume import Volume, frame_id_of, read_volume, volume_format
@@ -52,7 +52,7 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "es_labels_path": None,
     }
     with atomic_dir(out_dir / frame_id) as tmp:
-        write_nifti(tmp / ES_FILE, _store(es, cfg.dtype), out_aff)
+        write_nifti(tmp / ES_FILE, store_as(es, cfg.dtype), out_aff)
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg)})
     return record
 

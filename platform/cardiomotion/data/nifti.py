@@ -82,7 +82,7 @@ def _check_length(path: Path, expected: int) -> None:
         raise InputError(path, f"truncated NIfTI file: {total} bytes of data, header needs {expected}")
 
 
-def _read_volume(path: Path, img: nib.Nifti1Image, index: tuple = ()) -> np.ndarray:
+def read_nifti_data(path: Path, img: nib.Nifti1Image, index: tuple = ()) -> np.ndarray:
     """Voxels of ``img`` (optionally ``dataobj[(:, :, :) + index]``) as float32, scaled."""
     try:
         sl = (slice(None),) * 3 + index
@@ -113,7 +113,7 @@ def read_nifti_4d(path: Path) -> Scan:
     canon_shape, canon_affine = canonical_grid(shape, original)
 
     def load_phase(t: int) -> np.ndarray:
-        vol = _read_volume(path, img, (int(t),))
+        vol = read_nifti_data(path, img, (int(t),))
         return np.ascontiguousarray(to_canonical(vol, original)[0])
 
     return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_4D,
@@ -191,7 +191,7 @@ def read_nifti_phases(path: Path) -> Scan:
     def load_phase(t: int) -> np.ndarray:
         f = files[int(t)]
         img = first if t == 0 else load_nifti(f)
-        vol = _read_volume(f, img)
+        vol = read_nifti_data(f, img)
         return np.ascontiguousarray(to_canonical(vol, affine0)[0])
 
     return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_PHASES,

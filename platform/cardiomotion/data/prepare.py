@@ -59,7 +59,7 @@ def plan_scans(paths: Iterable[str | Path], id_of: Callable[[Path], str] = scan_
     return items
 
 
-def _store(vol: np.ndarray, dtype: str) -> np.ndarray:
+def store_as(vol: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "int16":
         return np.clip(np.rint(vol), -32768, 32767).astype(np.int16)
     return vol.astype(np.float32)
@@ -95,8 +95,8 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
     }
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:
-        write_nifti(tmp / ES_FILE, _store(es_out, cfg.dtype), out_aff)
-        write_nifti(tmp / ED_FILE, _store(ed_out, cfg.dtype), out_aff)
+        write_nifti(tmp / ES_FILE, store_as(es_out, cfg.dtype), out_aff)
+        write_nifti(tmp / ED_FILE, store_as(ed_out, cfg.dtype), out_aff)
         if scan.format is ScanFormat.PHANTOM:
             record.update(_carry_phantom_truth(scan, choice, tmp, out_aff, grid))
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg),

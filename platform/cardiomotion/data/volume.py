@@ -79,7 +79,7 @@ def frame_id_of(path: str | Path) -> str:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from ..orientation import to_canonical
-    from .nifti import _read_volume, load_nifti
+    from .nifti import read_nifti_data, load_nifti
 
     img = load_nifti(path)
     shape = img.shape
@@ -87,7 +87,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(path, f"{len(img.shape)}-D image of shape {img.shape}: expected one 3-D frame")
-    vol = _read_volume(path, img, (0,) if len(img.shape) == 4 else ())
+    vol = read_nifti_data(path, img, (0,) if len(img.shape) == 4 else ())
     original = np.asarray(img.affine, dtype=float)
     canon, affine = to_canonical(vol, original)
     return np.ascontiguousarray(canon), affine, original

@@ -14,7 +14,7 @@ import numpy as np
 VIEWS = ("axial", "coronal", "sagittal")
 
 
-def _matplotlib():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -30,7 +30,7 @@ def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", **({"dpi": dpi} if dpi else {}))
-    _matplotlib().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -48,7 +48,7 @@ def orthogonal_slice(vol: np.ndarray, view: str, center: Sequence[int]) -> np.nd
     return sl.T[::-1, ::-1]
 
 
-def _aspect(view: str, spacing: Sequence[float]) -> float:
+def view_aspect(view: str, spacing: Sequence[float]) -> float:
     sx, sy, sz = spacing
     return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
 
@@ -72,7 +72,7 @@ def plot_orthogonal(
         spacing: voxel size (mm) for correct aspect ratios.
         window: display window (HU) for rows without their own entry in ``windows``.
     """
-    plt = _matplotlib()
+    plt = pyplot()
     shape = rows[0][1].shape
     center = center if center is not None else [n // 2 for n in shape]
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3.0 * len(rows) + 0.4), squeeze=False)
@@ -82,7 +82,7 @@ def plot_orthogonal(
         for c, view in enumerate(VIEWS):
             ax = axes[r, c]
             im = ax.imshow(orthogonal_slice(vol, view, center), cmap=cmap, vmin=win[0], vmax=win[1],
-                           aspect=_aspect(view, spacing), interpolation="nearest")
+                           aspect=view_aspect(view, spacing), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -148,7 +148,7 @@ def plot_error_comparison(errors: dict[str, Sequence[float]], path: str | Path, 
             each, so a line joins the values of one scan across methods.
         path: output PNG (written atomically).
     """
-    plt = _matplotlib()
+    plt = pyplot()
     names = list(errors)
     values = [np.asarray(errors[n], dtype=float) for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4.0), dpi=120)
@@ -179,7 +179,7 @@ def plot_ef_histogram(sample_ef: Sequence[float], cohort_ef: Sequence[float], pa
         sample_ef, cohort_ef: fractions (0.6 = 60 %).
         path: output PNG (written atomically).
     """
-    plt = _matplotlib()
+    plt = pyplot()
     s = 100 * np.asarray(sample_ef, dtype=float)
     c = 100 * np.asarray(cohort_ef, dtype=float)
     both = np.concatenate([s[np.isfinite(s)], c[np.isfinite(c)]]) if len(s) + len(c) else np.zeros(1)

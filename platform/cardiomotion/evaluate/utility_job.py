@@ -402,9 +402,9 @@ def write_table(path: Path, rows: Sequence[dict]) -> Path:
 def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm") -> Path:
     """Held-out ``metric`` against corpus size N per arm (95 % bootstrap intervals); real arms and
     references as horizontal lines."""
-    from .figures import _matplotlib, save_figure
+    from .figures import pyplot, save_figure
 
-    plt = _matplotlib()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sel = [r for r in rows if r["metric"] == metric]
     arms = sorted({r["arm"] for r in sel})

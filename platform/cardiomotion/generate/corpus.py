@@ -43,13 +43,13 @@ def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
     return man
 
 
-def _decode(name: str, data: bytes) -> Any:
+def decode_member(name: str, data: bytes) -> Any:
     if name.endswith(".npy"):
         return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     return json.loads(data)
 
 
-def _sample_dict(index: int, parts: dict[str, Any]) -> dict[str, Any]:
+def sample_dict(index: int, parts: dict[str, Any]) -> dict[str, Any]:
     meta = parts["json"]
     return {"index": index, "scan_id": meta["scan_id"], "es": parts["es.npy"], "ed_syn": parts["ed_syn.npy"],
             "flow": parts["flow.npy"], "affine": np.asarray(meta["affine"], dtype=np.float64), "meta": meta}
@@ -122,7 +122,7 @@ class Corpus:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check(index)
         raw = self.raw(index)
-        return _sample_dict(index, {m: _decode(m, b) for m, b in raw.items()})
+        return sample_dict(index, {m: decode_member(m, b) for m, b in raw.items()})
 
     def verify(self) -> list[str]:
         """Names of shards whose size or sha256 differs from the manifest (empty: intact)."""
@@ -196,7 +196,7 @@ def _webdataset_decoder(sample: dict[str, Any]) -> dict[str, Any]:
             out["scan_id"] = str(meta["scan_id"])
             out["affine"] = np.asarray(meta["affine"], dtype=np.float64)
         else:
-            out[key] = _decode(key, bytes(value))
+            out[key] = decode_member(key, bytes(value))
     return out
 
 
@@ -214,13 +214,13 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
         for m in tar:
             k, _, member = m.name.partition(".")
             if key is not None and k != key:
-                yield _sample_dict(int(key), parts)
+                yield sample_dict(int(key), parts)
                 parts = {}
             key = k
             f = tar.extractfile(m)
-            parts[member] = _decode(member, f.read() if f else b"")
+            parts[member] = decode_member(member, f.read() if f else b"")
     if key is not None:
-        yield _sample_dict(int(key), parts)
+        yield sample_dict(int(key), parts)
 
 
 try:

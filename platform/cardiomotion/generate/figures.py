@@ -82,10 +82,10 @@ def plot_traversal(es_hu: np.ndarray, flows: torch.Tensor | np.ndarray, alphas: 
     """Mosaic of a latent traversal: per direction a row of ED_syn = warp(ES, u(α)) and a row of
     |u(α)| (mm), one column per α (``flows`` (D, A, 3, I, J, K) voxels from
     :func:`~cardiomotion.generate.traversal.latent_traversal`)."""
-    from ..evaluate.figures import _aspect, _matplotlib, save_figure
+    from ..evaluate.figures import view_aspect, pyplot, save_figure
     from ..flow.warp import warp
 
-    plt = _matplotlib()
+    plt = pyplot()
     flows = torch.as_tensor(flows, dtype=torch.float32)
     d, a = flows.shape[:2]
     es = torch.from_numpy(np.asarray(es_hu, dtype=np.float32))[None, None]
@@ -94,7 +94,7 @@ def plot_traversal(es_hu: np.ndarray, flows: torch.Tensor | np.ndarray, alphas: 
         eds = warp(es, flows.reshape(-1, *flows.shape[2:])).reshape(d, a, *es.shape[2:]).numpy()
     mags = (flows.norm(dim=2) * spacing_mm).numpy()
     hi = float(max(mags.max(), 1e-3)) if mags.size else 1.0
-    asp = _aspect(view, (spacing_mm,) * 3)
+    asp = view_aspect(view, (spacing_mm,) * 3)
     fig, axes = plt.subplots(2 * d, a, figsize=(1.9 * a + 0.6, 1.9 * 2 * d + 0.5), squeeze=False)
     for r in range(d):
         name = labels[r] if labels else f"direction {r}"

@@ -82,7 +82,7 @@ def load_frames(prepared_dir: str | Path) -> dict[str, Any]:
             "spacing_mm": spacing, "prepared": str(prepared), "provenance": provenance}
 
 
-def _check_model_fits(resolved: ResolvedModel, frames: dict[str, Any], prepared: Path) -> None:
+def check_model_fits(resolved: ResolvedModel, frames: dict[str, Any], prepared: Path) -> None:
     grid = tuple(int(n) for n in frames["es"].shape[1:])
     if tuple(resolved.grid) != grid:
         raise InputError(resolved.uri, f"model grid {list(resolved.grid)} does not match the prepared data's "
@@ -301,7 +301,7 @@ def generate_corpus(
     out = Path(out_dir).expanduser().resolve()
     resolved = resolve_model(model, cfg)
     frames = load_frames(prepared_dir)
-    _check_model_fits(resolved, frames, Path(prepared_dir))
+    check_model_fits(resolved, frames, Path(prepared_dir))
     identity = _identity(resolved, frames, seed, temperature, cfg)
     ident_sha = _digest(identity)
     plan = _check_out(out, identity, n, g.shard_size)
@@ -645,7 +645,7 @@ def regenerate_sample(corpus_dir: str | Path, index: int, *, model: str | Path |
     ``prepared``; hashes checked). On the same kind of device and precision the bytes equal the
     stored ones. Returns ``raw`` member bytes {"es.npy", …} or a dict like ``Corpus[i]``.
     """
-    from .corpus import _decode, _sample_dict
+    from .corpus import decode_member, sample_dict
 
     engine, man = _sample_engine(corpus_dir, index, model, prepared, cfg, device)
     n = int(man["n"])
@@ -654,4 +654,4 @@ def regenerate_sample(corpus_dir: str | Path, index: int, *, model: str | Path |
     members = dict(engine.members(engine.decode_block(idx), idx))
     key = sample_key(index)
     mine = {m: members[f"{key}.{m}"] for m in MEMBERS}
-    return mine if raw else _sample_dict(index, {m: _decode(m, b) for m, b in mine.items()})
+    return mine if raw else sample_dict(index, {m: decode_member(m, b) for m, b in mine.items()})

@@ -108,7 +108,7 @@ class VirtualCorpus:
     def __init__(self, model: str | Path, prepared_dir: str | Path, n: int, seed: int | None = None,
                  cfg=None, *, temperature: float | None = None):
         from ..config import load_config
-        from .job import _check_model_fits, load_frames
+        from .job import check_model_fits, load_frames
         from .model import resolve_model
 
         cfg = cfg or load_config(None)
@@ -118,7 +118,7 @@ class VirtualCorpus:
         self.cfg = cfg
         self.resolved = resolve_model(model, cfg)
         self.frames = load_frames(prepared_dir)
-        _check_model_fits(self.resolved, self.frames, Path(prepared_dir))
+        check_model_fits(self.resolved, self.frames, Path(prepared_dir))
         self.plan = VirtualPlan(
             n=int(n), shard_size=int(g.shard_size), batch_size=int(g.batch_size),
             seed=int(seed if seed is not None else (g.seed if g.seed is not None else cfg.seed)),
