@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # torch + numpy only at import: bench/gpu_suite.py reuses these paths where pydantic, Ray and nibabel are missing
-from cardiomotion.generate.engine import SampleEngine, npy_bytes, sample_seed, scan_indices, write_shard  # noqa: E402
+from cardiomotion.generate.engine import SampleEngine, npy_bytes, sample_seed, scan_indices  # noqa: E402
+from cardiomotion.generate.shards import write_shard  # noqa: E402
 from cardiomotion.generate.model import load_networks  # noqa: E402
 
 
@@ -177,7 +178,7 @@ def main() -> None:
     if args.child:
         return _child(args)
     from cardiomotion.config import load_config
-    from cardiomotion.generate.job import load_frames
+    from cardiomotion.generate.conditioning import load_frames
     from cardiomotion.generate.model import resolve_model
 
     args.rss_sizes = [int(x) for x in args.rss_sizes.split(",")]

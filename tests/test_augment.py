@@ -175,3 +175,18 @@ def test_config_from_yaml_like_values():
     cfg = AugmentConfig(zoom=[0.8, 1.2], max_shift=3.0)
     assert cfg.zoom == (0.8, 1.2) and cfg.max_shift == 3
     assert cfg.to_dict() == {"noise_std": 0.015, "max_shift": 3, "zoom": [0.8, 1.2], "p": 1.0}
+
+
+def test_augment_takes_the_config_section_directly():
+    """The config's train.augment section and its AugmentConfig copy draw the same augmentation."""
+    from cardiomotion.config import load_config
+    from cardiomotion.train.augment import augment_config
+
+    section = load_config(None, {"train": {"augment": {"noise_std": 0.05, "max_shift": 3, "zoom": [0.95, 1.05]}}}).train.augment
+    copy = augment_config(section)
+    assert copy == AugmentConfig(noise_std=0.05, max_shift=3, zoom=(0.95, 1.05), p=1.0)
+    assert augment_config(copy) is copy
+    image, flow = torch.rand(2, 1, 12, 12, 12), torch.randn(2, 3, 12, 12, 12)
+    a = augment(image, flow, section, torch.Generator().manual_seed(3))
+    b = augment(image, flow, copy, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

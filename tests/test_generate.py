@@ -116,7 +116,7 @@ def test_sample_regenerated_alone_is_byte_identical(corpus, inputs):
 
 def test_latents_are_a_function_of_seed_and_index_only(inputs):
     from cardiomotion.generate.engine import SampleEngine, sample_seed
-    from cardiomotion.generate.job import load_frames
+    from cardiomotion.generate.conditioning import load_frames
     from cardiomotion.generate.model import resolve_model
 
     resolved = resolve_model(inputs["model_dir"], inputs["cfg"])
@@ -288,7 +288,7 @@ def test_resume_after_interrupted_run(corpus, inputs, capsys):
 
 
 def _anon_rss_mb() -> float:
-    from cardiomotion.generate.engine import current_rss_mb, release_free_memory
+    from cardiomotion.generate.memory import current_rss_mb, release_free_memory
 
     release_free_memory()
     return current_rss_mb()
@@ -407,16 +407,16 @@ def test_a_plan_without_shards_does_not_claim_the_folder(corpus, tmp_path):
     import json
     import shutil
 
-    from cardiomotion.generate.job import PLAN, _check_out
+    from cardiomotion.generate.identity import PLAN, check_out
 
     plan = json.loads((corpus[0] / PLAN).read_text())
     other = {**plan["identity"], "seed": plan["identity"].get("seed", 0) + 1}
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy2(corpus[0] / PLAN, lone / PLAN)
-    assert _check_out(lone, other, N, 4) is None
+    assert check_out(lone, other, N, 4) is None
     with pytest.raises(InputError, match="holds a corpus"):
-        _check_out(corpus[0], other, N, 4)
+        check_out(corpus[0], other, N, 4)
 
 
 def test_cli_reports_bad_input_in_one_line(inputs, capsys, tmp_path):
@@ -520,14 +520,14 @@ def test_only_a_lost_worker_is_a_resumable_stage_failure():
     Anything else (a bug, a bad blob) keeps its traceback as a RuntimeError."""
     import ray.exceptions as rex
 
-    from cardiomotion.generate.job import _lost_worker
+    from cardiomotion.generate.run import lost_worker
 
-    assert _lost_worker(rex.RayActorError())
+    assert lost_worker(rex.RayActorError())
     try:
         raise RuntimeError("wrapped by Ray Data") from rex.OutOfMemoryError("task killed: out of memory")
     except RuntimeError as exc:
-        assert _lost_worker(exc)
-    assert not _lost_worker(ValueError("ES frames must be int16 HU"))
+        assert lost_worker(exc)
+    assert not lost_worker(ValueError("ES frames must be int16 HU"))
 
 
 def test_a_second_generate_on_the_same_corpus_is_refused(corpus, inputs):
@@ -601,7 +601,7 @@ def test_velocity_models_animate_along_exp_tv(inputs, ray_session, tmp_path):
     from cardiomotion.flow.ops import exp
     from cardiomotion.generate import generate_corpus, open_corpus
     from cardiomotion.generate.figures import transition_gif
-    from cardiomotion.generate.job import sample_velocity
+    from cardiomotion.generate.previews import sample_velocity
     from cardiomotion.generate.synthetic import make_random_model_dir
 
     model = make_random_model_dir(tmp_path / "vel_model", grid=(32, 32, 32), channels=(8, 16, 32), latent_channels=4,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .choices import OutputKind as FlowOutput, Similarity as RefineSimilarity
 from .errors import ConfigError
 
 
@@ -45,7 +46,7 @@ class PrepareConfig(_Section):
     spacing_mm: float = Field(1.5, gt=0, description="isotropic output voxel size")
     grid: tuple[int, int, int] = Field((96, 96, 96), description="output grid (I, J, K)")
     center: CenterMode = Field(CenterMode.HEART, description="crop centre: heart (blood centroid) or volume")
-    dtype: str = Field("int16", description="stored dtype of es/ed.nii.gz: int16 or float32")
+    dtype: Literal["int16", "float32"] = Field("int16", description="stored dtype of es/ed.nii.gz: int16 or float32")
     blood_hu: tuple[float, float] = Field((200.0, 800.0), description="HU range of contrast-enhanced blood")
     pad_hu: float = Field(-1000.0, description="HU used where the crop reaches outside the scan")
 
@@ -54,13 +55,6 @@ class PrepareConfig(_Section):
     def _positive_grid(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
         if any(n < 8 for n in v):
             raise ValueError(f"every grid size must be >= 8, got {v}")
-        return v
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in ("int16", "float32"):
-            raise ValueError(f"dtype must be int16 or float32, got {v!r}")
         return v
 
     @field_validator("blood_hu")
@@ -101,13 +95,6 @@ class PWCConfig(_Section):
         return v
 
 
-class RefineSimilarity(str, Enum):
-    """Image term of the per-pair refinement (mirrors :class:`cardiomotion.annotate.refine.Similarity`)."""
-
-    MSE = "mse"
-    SSIM_L1 = "ssim_l1"
-
-
 class RefineStart(str, Enum):
     """Where the per-pair refinement starts: the network's flow or zero flow."""
 
@@ -139,13 +126,6 @@ class AnnotateConfig(_Section):
     refine_similarity: RefineSimilarity = Field(RefineSimilarity.MSE, description="refinement image term: mse, or ssim_l1 (the training loss)")
     refine_sigma: float = Field(3.0, ge=0, description="Gaussian std of the refinement's correction, voxels of each level (0 = none)")
     refine_smooth_weight: float = Field(0.001, ge=0, description="first-order smoothness weight during refinement")
-
-
-class FlowOutput(str, Enum):
-    """What the CVAE decoder predicts (mirrors :class:`cardiomotion.models.cvae.OutputKind`)."""
-
-    DISPLACEMENT = "displacement"
-    VELOCITY = "velocity"
 
 
 class CVAEModelConfig(_Section):
@@ -234,36 +214,16 @@ class GenerateConfig(_Section):
     use_gpu: Optional[bool] = Field(None, description="null → GPU actors when the cluster has GPUs")
     gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per actor (<1 packs writers onto a GPU)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (torch threads of a CPU actor)")
-    precision: str = Field("bf16", description="decoder autocast on GPU: fp32, bf16 or fp16 (CPU: always fp32)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="decoder autocast on GPU: fp32, bf16 or fp16 (CPU: always fp32)")
     channels_last: bool = Field(True, description="channels_last_3d on GPU")
-    flow_dtype: str = Field("float16", description="stored flow dtype: float16 or float32")
-    verify: str = Field("size", description="how a rerun checks finished shards: size or sha256")
+    flow_dtype: Literal["float16", "float32"] = Field("float16", description="stored flow dtype: float16 or float32")
+    verify: Literal["size", "sha256"] = Field("size", description="how a rerun checks finished shards: size or sha256")
     previews: int = Field(2, ge=0, description="preview figures (samples) written and logged after a run")
     gif_frames: int = Field(12, ge=2, description="frames of the ES→ED transition GIF")
     traversal_directions: int = Field(3, ge=0, description="latent directions in the traversal mosaic (0 = none)")
     traversal_steps: int = Field(5, ge=2, description="points along each traversal direction")
     traversal_range: float = Field(2.5, gt=0, description="traversal from −range to +range prior std")
 
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v: str) -> str:
-        if v not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {v!r}")
-        return v
-
-    @field_validator("flow_dtype")
-    @classmethod
-    def _flow_dtype(cls, v: str) -> str:
-        if v not in ("float16", "float32"):
-            raise ValueError(f"flow_dtype must be float16 or float32, got {v!r}")
-        return v
-
-    @field_validator("verify")
-    @classmethod
-    def _verify(cls, v: str) -> str:
-        if v not in ("size", "sha256"):
-            raise ValueError(f"verify must be size or sha256, got {v!r}")
-        return v
 
 
 class DemoConfig(_Section):
@@ -271,14 +231,7 @@ class DemoConfig(_Section):
 
     folds: str = Field("0,1", description="cross-validation folds of the demo ('all' or a comma list)")
     samples: int = Field(16, ge=1, description="size of the demo's generated corpus")
-    through: str = Field("generate", description="last stage the demo runs: annotate, cv or generate")
-
-    @field_validator("through")
-    @classmethod
-    def _stage(cls, v: str) -> str:
-        if v not in ("annotate", "cv", "generate"):
-            raise ValueError(f"through must be annotate, cv or generate, got {v!r}")
-        return v
+    through: Literal["annotate", "cv", "generate"] = Field("generate", description="last stage the demo runs: annotate, cv or generate")
 
 
 class RayConfig(_Section):

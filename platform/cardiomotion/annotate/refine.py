@@ -11,21 +11,13 @@ the myocardium (README, results).
 """
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
+from ..choices import Similarity
 from ..flow.ops import gaussian_smooth
 from ..flow.warp import warp
 from ..models.pwcnet import resize_flow
 from ..train.losses import downsample_to, photometric_loss, smoothness_loss
-
-
-class Similarity(str, Enum):
-    """Image term of the refinement loss."""
-
-    MSE = "mse"  # mean squared intensity difference (intensities in [0, 1])
-    SSIM_L1 = "ssim_l1"  # the network's training loss: alpha·(1 − SSIM)/2 + (1 − alpha)·L1
 
 
 def _image_term(fixed, warped, similarity: Similarity, alpha: float, window: int) -> torch.Tensor:

@@ -315,7 +315,11 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
         if rec.get("settings") == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
-    res = train_fold(prepared, flows, fold, cfg, name=f"utility_generator_{scan_id}", log=log)
+    import hashlib
+
+    # the Ray Train run's name (what a rerun resumes) is this folder's and these settings' own
+    digest = hashlib.sha256(json.dumps([want, str(fold_dir.resolve())], sort_keys=True).encode()).hexdigest()[:10]
+    res = train_fold(prepared, flows, fold, cfg, name=f"utility_generator_{scan_id}_{digest}", log=log)
     write_json(record, {"model_uri": res.model_uri, "run_id": res.run_id, "settings": want})
     return res.model_uri
 
@@ -456,12 +460,41 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
         return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run)
 
 
+@dataclass(frozen=True)
+class FoldCorpus:
+    """What a fold's corpus arms read (returned by the fold's preparation task)."""
+
+    model_uri: str
+    frames_dir: str
+    corpus_dir: str | None  # None: on the fly
+
+
+def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train_ids: list[str], fold_dir: str,
+                       cfg_json: dict) -> FoldCorpus:
+    """Inside a Ray task (no resources of its own): the fold's CVAE (a Ray Train run), the
+    training-scan view and, when materialised, the largest corpus (the generate pipeline)."""
+    cfg = Config.model_validate(cfg_json)
+    d = Path(fold_dir)
+    model_uri = _fold_generator(Path(prepared), Path(flows), fold, scan_id, d, cfg, lambda _m: None)
+    frames_dir = str(training_view(prepared, train_ids, d / FRAMES_DIR))
+    corpus_dir = None
+    if cfg.utility.corpus is UtilityCorpus.MATERIALIZED:
+        from ..generate.job import generate_corpus
+
+        generate_corpus(model_uri, frames_dir, d / CORPUS_DIR, max(cfg.utility.sizes), cfg=cfg, track=False)
+        corpus_dir = str(d / CORPUS_DIR)
+    return FoldCorpus(model_uri, frames_dir, corpus_dir)
+
+
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run) -> UtilitySummary:
+    """Every fold's preparation (CVAE + corpus) is a Ray task; the estimators of the arms that
+    need no corpus start at once, a fold's corpus arms as soon as its corpus is ready."""
     from .. import tracking
+    from ..config import storage_root
     from ..data.table import check_prepared_identity, read_scan_table
     from ..raycluster import init_ray
-    from ..train.sweep import resolve_folds
     from ..train.fold import plan_fold
+    from ..train.sweep import resolve_folds
     from .utility import flow_rms
 
     check_prepared_identity(prepared, flows)
@@ -472,60 +505,72 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         _held_out(str(prepared), p.val_id)
     runs_file = out / RUNS_FILE
     done_rows = [json.loads(ln) for ln in runs_file.read_text().splitlines() if ln.strip()] if runs_file.is_file() else []
+    have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
     uri = tracking.setup(cfg)
+    task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
+    task_cfg.storage_root = str(storage_root(cfg))
+    task_cfg.tracking.uri = uri
+    cfg_json = task_cfg.model_dump(mode="json")
     refs: list[dict] = []
-    all_runs: list[UtilityRun] = []
+    queue: list[UtilityRun] = []
+    preparing: dict[Any, tuple[Any, float]] = {}  # prep task → (plan, rms)
+    total = 0
+    prep = ray.remote(num_cpus=0, max_retries=0)(_prepare_fold_task)
     for plan in plans:
         fold_dir = out / FOLDS_DIR / plan.val_id
         fold_dir.mkdir(parents=True, exist_ok=True)
         _, _, train_flows = _training_arrays(str(prepared), str(flows), plan.train_ids)
         rms = flow_rms(train_flows)
-        corpus_dir = model_uri = frames_dir = None
-        if any(a.uses_corpus for a in u.arms):
-            model_uri = _fold_generator(prepared, flows, plan.fold, plan.val_id, fold_dir, cfg, log)
-            frames_dir = str(training_view(prepared, plan.train_ids, fold_dir / FRAMES_DIR))
-            if u.corpus is UtilityCorpus.MATERIALIZED:
-                from ..generate.job import generate_corpus
-
-                generate_corpus(model_uri, frames_dir, fold_dir / CORPUS_DIR, max(u.sizes), cfg=cfg, track=False, log=log)
-                corpus_dir = str(fold_dir / CORPUS_DIR)
+        runs = plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared), flows=str(flows),
+                         corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=rms)
+        total += len(runs)
+        queue += [r for r in runs if not UtilityArm(r.arm).uses_corpus and r.key not in have]
+        if any(UtilityArm(r.arm).uses_corpus and r.key not in have for r in runs):
+            preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
+                                  str(fold_dir), cfg_json)] = (plan, rms)
         pair = _held_out(str(prepared), plan.val_id)
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(pair, cfg)]
-        all_runs += plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared), flows=str(flows),
-                              corpus_dir=corpus_dir, model_uri=model_uri, frames_dir=frames_dir, rms_vox=rms)
-    have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
-    todo = [r for r in all_runs if r.key not in have]
-    log(f"utility: {len(fold_list)} folds, {len(all_runs)} estimators ({len(all_runs) - len(todo)} already done), "
-        f"{u.steps} steps each, corpus {u.corpus.value}")
+    todo = len(queue) + sum(1 for plan, _ in preparing.values() for a in u.arms if a.uses_corpus
+                            for _n in u.sizes for _s in range(u.seeds))
+    log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
+        f"corpus {u.corpus.value}; {len(preparing)} fold CVAEs and corpora to make")
     # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
     slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.cpus_per_run))
     task = ray.remote(num_cpus=0, max_retries=0)(_ray_task)
-    cfg_json = cfg.model_dump(mode="json")
     pending: dict[Any, UtilityRun] = {}
-    queue = list(todo)
     rows = [r for r in done_rows if r["scan"] in {p.val_id for p in plans}]
-    finished = len(all_runs) - len(todo)
+    finished = total - todo
     with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
                                                     "sizes": ",".join(map(str, u.sizes)), "seeds": u.seeds, "steps": u.steps,
                                                     "corpus": u.corpus.value, "pyramid": cfg.cv.pyramid.value},
                             tags={"stage": "utility"}) as mlrun:
-        while queue or pending:
+        while queue or pending or preparing:
             while queue and len(pending) < slots:
                 r = queue.pop(0)
                 pending[task.remote(asdict(r), cfg_json)] = r
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending) + list(preparing), num_returns=1)
+            if ready[0] in preparing:
+                plan, rms = preparing.pop(ready[0])
+                fc: FoldCorpus = ray.get(ready[0])
+                log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, corpus "
+                    f"{fc.corpus_dir or 'on the fly'}")
+                queue += [r for r in plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared),
+                                               flows=str(flows), corpus_dir=fc.corpus_dir, model_uri=fc.model_uri,
+                                               frames_dir=fc.frames_dir, rms_vox=rms)
+                          if UtilityArm(r.arm).uses_corpus and r.key not in have]
+                continue
             r = pending.pop(ready[0])
             row = ray.get(ready[0])
             rows.append(row)
             with runs_file.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             finished += 1
-            log(f"utility: [{finished}/{len(all_runs)}] fold {r.fold} {r.arm} N {r.n} seed {r.seed}: "
+            log(f"utility: [{finished}/{total}] fold {r.fold} {r.arm} N {r.n} seed {r.seed}: "
                 f"EPE myo {row['epe_myo_mm']:.3f} mm, EPE {row['epe_mm']:.3f} mm, Dice {row['dice']:.3f}")
             if on_run is not None:
-                on_run(finished, len(all_runs))
+                on_run(finished, total)
         table_rows = summarize(rows, refs, cfg)
         table = write_table(out / TABLE_FILE, table_rows)
         from ..fileio import write_json

@@ -44,13 +44,13 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
         "meta": write_json(out / "sample.json", {**s["meta"], "corpus": str(corpus.dir)}),
     }
     if gif:
-        from .job import sample_velocity
+        from .previews import sample_velocity
 
         # a velocity model's path is exp(t·v), decoded again from (model, seed, index)
         paths["gif"] = transition_gif(s["es"], s["flow"], out / "transition.gif", frames=cfg.generate.gif_frames,
                                       velocity=sample_velocity(corpus_dir, index, model=model, cfg=cfg))
     if traversal:
-        from .job import traversal_figure
+        from .previews import traversal_figure
         from .model import resolve_model
 
         man = corpus.manifest

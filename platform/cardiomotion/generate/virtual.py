@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .engine import SampleEngine, block_of, blocks, num_shards, shard_range
+from .engine import SampleEngine, SampleSpec, block_of, blocks, num_shards, shard_range
 
 COLUMNS = ("index", "scan_id", "es", "ed_syn", "flow", "affine")
 
@@ -58,9 +58,9 @@ class VirtualPlan:
             out += blocks(*shard_range(k, self.n, self.shard_size), self.batch_size)
         return out
 
-    def engine_spec(self) -> dict[str, Any]:
-        return {"seed": self.seed, "temperature": self.temperature, "window": list(self.window),
-                "flow_dtype": self.flow_dtype, "model_uri": self.model_uri, "model_sha256": self.model_sha256}
+    def engine_spec(self) -> SampleSpec:
+        return SampleSpec(seed=self.seed, temperature=self.temperature, window=self.window,
+                          flow_dtype=self.flow_dtype, model_uri=self.model_uri, model_sha256=self.model_sha256)
 
 
 def _columns(engine: SampleEngine, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -108,7 +108,7 @@ class VirtualCorpus:
     def __init__(self, model: str | Path, prepared_dir: str | Path, n: int, seed: int | None = None,
                  cfg=None, *, temperature: float | None = None):
         from ..config import load_config
-        from .job import check_model_fits, load_frames
+        from .conditioning import check_model_fits, load_frames
         from .model import resolve_model
 
         cfg = cfg or load_config(None)

@@ -32,7 +32,6 @@ rebuilds from the file alone.
 """
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -40,18 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..choices import OutputKind
 from ..flow.ops import integrate_velocity
 from .pyramid import conv3, load_checkpoint, save_checkpoint
 
 CVAE_KIND = "motion_cvae"
 LOGVAR_BOUND = 16.0
-
-
-class OutputKind(str, Enum):
-    """What the decoder head predicts."""
-
-    DISPLACEMENT = "displacement"  # the pull displacement u itself (the paper)
-    VELOCITY = "velocity"  # a stationary velocity v; u = exp(v) (scaling and squaring)
 
 
 class CVAEOutput(NamedTuple):

@@ -39,7 +39,7 @@ generator and only the per-voxel noise field (``noise_generator``) on the GPU.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -101,6 +101,14 @@ class AugmentParams(NamedTuple):
     zoom: torch.Tensor
     shift: torch.Tensor
     noise_std: torch.Tensor
+
+
+def augment_config(settings: Any) -> AugmentConfig:
+    """An :class:`AugmentConfig`, or one copied from any object with its fields (the config's
+    ``train.augment`` section): the torch-only step never holds a pydantic model."""
+    if isinstance(settings, AugmentConfig):
+        return settings
+    return AugmentConfig(**{f.name: getattr(settings, f.name) for f in fields(AugmentConfig)})
 
 
 def _check_pair(image: torch.Tensor, flow: torch.Tensor) -> None:
@@ -187,8 +195,10 @@ def shift_pair(image: torch.Tensor, flow: torch.Tensor, shift: Sequence[Sequence
     return torch.cat(imgs), torch.cat(flows)
 
 
-def draw_params(batch: int, cfg: AugmentConfig, generator: torch.Generator) -> AugmentParams:
-    """Draw zoom, shift and noise std for ``batch`` samples (fixed order and count of draws)."""
+def draw_params(batch: int, cfg: Any, generator: torch.Generator) -> AugmentParams:
+    """Draw zoom, shift and noise std for ``batch`` samples (fixed order and count of draws);
+    ``cfg``: :class:`AugmentConfig` or the ``train.augment`` section."""
+    cfg = augment_config(cfg)
     dev = generator.device
     apply = torch.rand(batch, 3, generator=generator, device=dev).cpu() < cfg.p  # zoom, shift, noise
     u = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64).cpu()
@@ -203,7 +213,7 @@ def draw_params(batch: int, cfg: AugmentConfig, generator: torch.Generator) -> A
 def augment(
     image: torch.Tensor,
     flow: torch.Tensor,
-    cfg: AugmentConfig,
+    cfg: Any,
     generator: torch.Generator,
     return_params: bool = False,
     noise_generator: torch.Generator | None = None,
@@ -213,7 +223,7 @@ def augment(
     Args:
         image: (B, C, I, J, K) ES image(s), e.g. CT scaled to [0, 1].
         flow: (B, 3, I, J, K) ED←ES pull flow(s), voxels.
-        cfg: :class:`AugmentConfig`.
+        cfg: :class:`AugmentConfig`, or the config's ``train.augment`` section.
         generator: source of all randomness; same state → same output.
         return_params: also return the :class:`AugmentParams` drawn.
         noise_generator: draw the per-voxel intensity-noise field from this generator instead
@@ -238,4 +248,4 @@ def augment(
     return (image, flow, params) if return_params else (image, flow)
 
 
-__all__ = ["AugmentConfig", "AugmentParams", "augment", "draw_params", "shift_pair", "zoom_pair"]
+__all__ = ["AugmentConfig", "AugmentParams", "augment", "augment_config", "draw_params", "shift_pair", "zoom_pair"]

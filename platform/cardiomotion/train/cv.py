@@ -49,8 +49,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config
 from ..fileio import atomic_path, write_json
-from .sweep import (alive_nodes, capacity, check_capacity, check_parent_run, fmt_resources, fold_demand, read_json,
-                    refuse_other_settings, resolve_folds, sweep_fingerprint)
+from .sweep import (alive_nodes, capacity, check_capacity, fmt_resources, fold_demand, read_json, resolve_folds,
+                    resume_state, sweep_fingerprint)
 
 STATE_FILE = "cv.json"
 FOLD_DIR = "folds"
@@ -299,12 +299,7 @@ def _run_cv(
     for k in fold_list:
         check_fold_inputs(prepared, flows, k, cfg)
     fingerprint = sweep_fingerprint(prepared, flows, cfg)
-    state = read_json(out / STATE_FILE) or {}
-    refuse_other_settings(out / STATE_FILE, state.get("fingerprint"), fingerprint, "sweep")
-    uri = tracking.setup(cfg)
-    client = mlflow.MlflowClient(uri)
-    parent_id = state.get("parent_run_id")
-    check_parent_run(client, out / STATE_FILE, parent_id, uri)
+    state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "sweep", cfg)
 
     ray = init_ray(cfg.ray)
     use_gpu = detect_gpu(cfg.train.use_gpu, ray)

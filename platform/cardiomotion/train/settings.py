@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .augment import AugmentConfig
+from .augment import AugmentConfig, augment_config
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,7 @@ class StepSettings:
             seed=int(cfg.seed),
             model=CVAEShape(latent_channels=t.model.latent_channels, output=_value(t.model.output),
                             integration_steps=int(t.model.integration_steps)),
-            augment=AugmentConfig(noise_std=float(a.noise_std), max_shift=int(a.max_shift),
-                                  zoom=(float(a.zoom[0]), float(a.zoom[1])), p=float(a.p)),
+            augment=augment_config(a),
             recipe=_value(t.recipe), w_rec=float(t.w_rec), w_kl=float(t.w_kl), beta=float(t.beta),
             kl_schedule=_value(t.kl_schedule), kl_cycles=int(t.kl_cycles),
             kl_warmup_epochs=int(t.kl_warmup_epochs), free_bits=float(t.free_bits), epochs=int(t.epochs),

@@ -132,6 +132,23 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
     return fp
 
 
+def resume_state(state_file: Path, fingerprint: Mapping[str, Any], what: str, cfg: Config):
+    """Open a sweep's state for a (re)run: the recorded state (empty when new), refused with one
+    line if it was made with other settings or its MLflow parent run is not in this store.
+    Returns (state, tracking URI, MLflow client, parent run id or None)."""
+    import mlflow
+
+    from .. import tracking
+
+    state = read_json(state_file) or {}
+    refuse_other_settings(state_file, state.get("fingerprint"), fingerprint, what)
+    uri = tracking.setup(cfg)
+    client = mlflow.MlflowClient(uri)
+    parent_id = state.get("parent_run_id")
+    check_parent_run(client, state_file, parent_id, uri)
+    return state, uri, client, parent_id
+
+
 def check_parent_run(client, state_file: Path, parent_id: str | None, uri: str) -> None:
     """A resumed sweep's MLflow parent run must be in this tracking store (else one InputError)."""
     if not parent_id:

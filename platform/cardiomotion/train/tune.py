@@ -302,8 +302,7 @@ def run_tune(
     from ..config import format_validation
     from ..errors import ConfigError
     from ..raycluster import detect_gpu, init_ray
-    from .sweep import (alive_nodes, check_capacity, check_parent_run, read_json, refuse_other_settings,
-                        resolve_folds)
+    from .sweep import alive_nodes, check_capacity, read_json, resolve_folds, resume_state
     from .cvae import check_fold_inputs
     from .fold import plan_fold
 
@@ -338,13 +337,7 @@ def run_tune(
                                                   f"{epochs} epochs a trial trains: no trial could finish its warm-up")
     grace = min(cfg.tune.grace_period, epochs)
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
-    state = read_json(out / STATE_FILE) or {}
-    refuse_other_settings(out / STATE_FILE, state.get("fingerprint"), fingerprint, "search")
-
-    uri = tracking.setup(cfg)
-    client = mlflow.MlflowClient(uri)
-    parent_id = state.get("parent_run_id")
-    check_parent_run(client, out / STATE_FILE, parent_id, uri)
+    state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "search", cfg)
     ray = init_ray(cfg.ray)
     use_gpu = detect_gpu(cfg.train.use_gpu, ray)
     bundle = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": float(cfg.train.gpus_per_worker)} if use_gpu else {})}
