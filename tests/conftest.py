@@ -21,11 +21,17 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A session-scoped embedded Ray (2 CPUs, small object store)."""
+    """A session-scoped embedded Ray (2 CPUs, small object store), its address pinned for every
+    process it starts as `init_ray` pins it: with `make test`'s two pytest workers (xdist) two
+    such instances run side by side, and Ray code that looks for "the" cluster must find its own."""
     import ray
 
+    from cardiomotion.raycluster import environ_pinned, free_port
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2,
-                 include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        with environ_pinned({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}):
+            ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2,
+                     include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

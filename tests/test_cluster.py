@@ -330,6 +330,7 @@ def _stop(procs: list[subprocess.Popen], markers: list[str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.timeout(600)
 def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp_path):
     """`ray start --head` + a second `ray start --address` node on this machine, an `mlflow server`

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_trains_with_their_own_embedded_ray_both_succeed(tmp_path_factory, tmp_path):
     prepared, flows = cohort(tmp_path_factory)
     procs = []

@@ -415,6 +415,9 @@ def format_validation(err: ValidationError) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "literal_error":  # a closed choice: name the choices plainly
+        expected = str(first.get("ctx", {}).get("expected", "")).replace("'", "")
+        msg = f"must be {expected}, got {first.get('input')!r}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
 
