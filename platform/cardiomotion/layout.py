@@ -15,9 +15,25 @@ name of another stage.
 ``annotate`` → FLOWS/::
 
     <scan_id>/flow.nii.gz              FLOW_FILE (annotated pull flow, intent 1006, RAS mm)
+    <scan_id>/quality.json             ANNOTATION_QUALITY (per-pair quality of the annotation)
     annotations.parquet                ANNOTATION_TABLE
+    prepared.sha256                    PREPARED_ID_FILE (the fingerprint of the prepared set annotated)
     pwcnet.pt, feature_pyramid.pt      PWCNET_FILE, PYRAMID_FILE
     fold_pyramids/<scan_id>/           FOLD_PYRAMIDS (cv.pyramid: per_fold — a network trained without that scan)
+
+a Ray Train checkpoint (a folder)::
+
+    state.pt                           TRAIN_CHECKPOINT (state_dicts + epoch; torch.load(weights_only=True))
+
+``cv`` → OUT/::
+
+    cv.json, folds/<k>.json            CV_STATE, CV_FOLDS (per-fold state, written atomically)
+    folds.csv, summary.json            CV_TABLE, CV_SUMMARY
+
+``tune`` → OUT/::
+
+    tune.json, best.yaml, trials.csv   TUNE_STATE, TUNE_BEST, TUNE_TRIALS
+    search/                            TUNE_EXPERIMENT (Ray Tune's experiment; trial.pt: TRIAL_CHECKPOINT)
 
 a trained model (MLflow artifact ``model``, or a folder)::
 
@@ -29,6 +45,13 @@ a trained model (MLflow artifact ``model``, or a folder)::
     shard-KKKKKK.tar, shard-KKKKKK.json        shard_name(k), sidecar_name(k)
     previews/, frames/                 PREVIEWS, FRAMES (generate --frames: the prepared frames)
     .generate.lock                     GENERATE_LOCK
+
+``utility`` → OUT/::
+
+    runs.jsonl, utility.csv            UTILITY_RUNS (one row per estimator), UTILITY_TABLE
+    summary.json, utility.png          UTILITY_SUMMARY, UTILITY_FIGURE
+    folds/<scan_id>/                   utility_fold_dir(out, scan): generator.json (the fold CVAE),
+                                       frames/ (the training scans, linked), corpus/
 """
 from __future__ import annotations
 
@@ -49,7 +72,21 @@ ANNOTATION_TABLE = "annotations.parquet"
 PWCNET_FILE = "pwcnet.pt"
 PYRAMID_FILE = "feature_pyramid.pt"
 
+ANNOTATION_QUALITY = "quality.json"
+PREPARED_ID_FILE = "prepared.sha256"
 FOLD_PYRAMIDS = "fold_pyramids"  # per-fold protocol: fold_pyramids/<held-out scan>/feature_pyramid.pt
+
+# training checkpoints, cv, tune
+TRAIN_CHECKPOINT = "state.pt"
+CV_STATE = "cv.json"
+CV_FOLDS = "folds"
+CV_TABLE = "folds.csv"
+CV_SUMMARY = "summary.json"
+TUNE_STATE = "tune.json"
+TUNE_BEST = "best.yaml"
+TUNE_TRIALS = "trials.csv"
+TUNE_EXPERIMENT = "search"
+TRIAL_CHECKPOINT = "trial.pt"
 
 # a trained model
 CVAE_FILE = "cvae.pt"
@@ -62,6 +99,22 @@ GENERATE_LOCK = ".generate.lock"
 PREVIEWS = "previews"
 FRAMES = "frames"
 SHARD_GLOB = "shard-*.tar"
+
+
+# utility
+UTILITY_RUNS = "runs.jsonl"
+UTILITY_TABLE = "utility.csv"
+UTILITY_SUMMARY = "summary.json"
+UTILITY_FIGURE = "utility.png"
+UTILITY_FOLDS = "folds"
+UTILITY_GENERATOR = "generator.json"
+UTILITY_FRAMES = "frames"
+UTILITY_CORPUS = "corpus"
+
+
+def utility_fold_dir(out_dir: str | Path, scan_id: str) -> Path:
+    """Fold ``scan_id``'s folder of a utility experiment (its CVAE record, training view, corpus)."""
+    return Path(out_dir) / UTILITY_FOLDS / str(scan_id)
 
 
 def scan_file(scan_id: str, name: str) -> str:

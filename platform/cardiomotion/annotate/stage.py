@@ -23,9 +23,8 @@ import torch
 from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
-
-from ..layout import ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE, PYRAMID_FILE, SCAN_TABLE
-QUALITY_FILE = "quality.json"
+from ..layout import ANNOTATION_QUALITY as QUALITY_FILE, ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE
+from ..layout import PYRAMID_FILE, SCAN_TABLE
 
 Log = Callable[[str], None]
 

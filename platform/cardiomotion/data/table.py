@@ -13,6 +13,7 @@ import pandas as pd
 from ..errors import InputError
 from ..fileio import atomic_path
 
+from ..layout import PREPARED_ID_FILE  # in an annotation folder: the fingerprint of its prepared set
 from ..layout import SCAN_RECORD as RECORD, SCAN_TABLE as TABLE  # the record, written last, marks a finished scan
 COLUMNS = [
     "scan_id", "source", "format", "es_phase", "ed_phase", "phases_from", "n_phases",
@@ -142,9 +143,6 @@ def _fingerprint(prepared_dir: str, _stamp: tuple) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
-
-
-PREPARED_ID_FILE = "prepared.sha256"  # in an annotation folder: the fingerprint of its prepared set
 
 
 def check_prepared_identity(prepared_dir: str | Path, flows_dir: str | Path) -> None:

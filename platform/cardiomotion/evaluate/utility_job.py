@@ -40,14 +40,9 @@ from ..errors import InputError
 
 Log = Callable[[str], None]
 
-RUNS_FILE = "runs.jsonl"
-TABLE_FILE = "utility.csv"
-SUMMARY_FILE = "summary.json"
-FIGURE_FILE = "utility.png"
-FOLDS_DIR = "folds"
-GENERATOR_RECORD = "generator.json"
-FRAMES_DIR = "frames"
-CORPUS_DIR = "corpus"
+from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
+                      UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
+                      UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
 
 
@@ -519,7 +514,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     total = 0
     prep = ray.remote(num_cpus=0, max_retries=0)(_prepare_fold_task)
     for plan in plans:
-        fold_dir = out / FOLDS_DIR / plan.val_id
+        fold_dir = utility_fold_dir(out, plan.val_id)
         fold_dir.mkdir(parents=True, exist_ok=True)
         _, _, train_flows = _training_arrays(str(prepared), str(flows), plan.train_ids)
         rms = flow_rms(train_flows)

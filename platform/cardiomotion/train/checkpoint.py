@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-CKPT_FILE = "state.pt"
+from ..layout import TRAIN_CHECKPOINT as CKPT_FILE
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -49,13 +49,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config
 from ..fileio import atomic_path, write_json
+from ..layout import CV_FOLDS as FOLD_DIR, CV_STATE as STATE_FILE, CV_SUMMARY as SUMMARY_FILE, CV_TABLE as TABLE_FILE
 from .sweep import (alive_nodes, capacity, check_capacity, fmt_resources, fold_demand, read_json, resolve_folds,
                     resume_state, sweep_fingerprint)
-
-STATE_FILE = "cv.json"
-FOLD_DIR = "folds"
-TABLE_FILE = "folds.csv"
-SUMMARY_FILE = "summary.json"
 
 # table column -> validation metric of the final epoch
 METRICS = {

@@ -69,11 +69,9 @@ from typing import Any, Callable, Mapping, Sequence
 from ..config import Config, TuneConfig, dump_config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_path, write_json
+from ..layout import (TRIAL_CHECKPOINT as CKPT_FILE, TUNE_BEST as BEST_FILE, TUNE_EXPERIMENT as EXPERIMENT,
+                      TUNE_STATE as STATE_FILE, TUNE_TRIALS as TRIALS_FILE)
 
-EXPERIMENT = "search"
-STATE_FILE = "tune.json"
-BEST_FILE = "best.yaml"
-TRIALS_FILE = "trials.csv"
 SEARCHED_PAPER = ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
 SEARCHED_ELBO = ("beta", "lr", "kl_warmup_epochs")
 
@@ -81,7 +79,6 @@ SEARCHED_ELBO = ("beta", "lr", "kl_warmup_epochs")
 def searched(cfg: Config) -> tuple[str, ...]:
     """The ``train`` keys a search varies under the config's loss recipe."""
     return SEARCHED_PAPER if cfg.train.recipe.value == "paper" else SEARCHED_ELBO
-CKPT_FILE = "trial.pt"
 _BAD_SCORE = 1e9  # a diverged trial (NaN/inf) scores this instead
 
 Log = Callable[[str], None]
@@ -129,24 +126,39 @@ def apply_trial(cfg: Config, values: Mapping[str, Any]) -> Config:
 
 
 # --------------------------------------------------------------------------- the trainable
-def _trial_run(client, setup: Mapping[str, Any], trial_id: str, values: Mapping[str, Any]) -> str:
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search is built with (crosses into the Tune trainable)."""
+
+    cfg: dict[str, Any]  # the validated config, as JSON
+    prepared: str
+    flows: str
+    folds: tuple[int, ...]
+    epochs: int
+    use_gpu: bool
+    tracking_uri: str
+    parent_run_id: str
+    experiment_id: str
+
+
+def _trial_run(client, setup: "TrialSetup", trial_id: str, values: Mapping[str, Any]) -> str:
     """The trial's MLflow child run: found by its trial id (a restored trial keeps its run), else created."""
-    parent = setup["parent_run_id"]
-    found = client.search_runs([setup["experiment_id"]], filter_string=(
+    parent = setup.parent_run_id
+    found = client.search_runs([setup.experiment_id], filter_string=(
         f"tags.`mlflow.parentRunId` = '{parent}' and tags.trial_id = '{trial_id}'"), max_results=1)
     if found:
         return found[0].info.run_id
     from mlflow.entities import Param
 
-    run = client.create_run(setup["experiment_id"], run_name=f"trial_{trial_id}",
+    run = client.create_run(setup.experiment_id, run_name=f"trial_{trial_id}",
                             tags={"mlflow.parentRunId": parent, "stage": "tune-trial", "trial_id": trial_id})
     params = [Param(f"train.{k}", str(values[k])) for k in values if k in (*SEARCHED_PAPER, *SEARCHED_ELBO)]
-    params += [Param("folds", ",".join(map(str, setup["folds"]))), Param("epochs", str(setup["epochs"]))]
+    params += [Param("folds", ",".join(map(str, setup.folds))), Param("epochs", str(setup.epochs))]
     client.log_batch(run.info.run_id, params=params)
     return run.info.run_id
 
 
-def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
+def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
     """Tune function trainable: train the trial's folds in lock-step, report per epoch."""
     import mlflow
     import torch
@@ -158,18 +170,18 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
     from .fold import load_samples, plan_fold
     from .recipe import StepRecipe
 
-    cfg = apply_trial(Config.model_validate(setup["cfg"]), values)
-    cfg.train.epochs = int(setup["epochs"])
+    cfg = apply_trial(Config.model_validate(setup.cfg), values)
+    cfg.train.epochs = int(setup.epochs)
     tc = cfg.train
-    device = torch.device("cuda" if setup["use_gpu"] and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu")
     recipe = StepRecipe.for_device(device, bf16=tc.bf16, channels_last=tc.channels_last)
     recipe.setup()
     torch.manual_seed(cfg.seed)
 
     pyramids: dict[Path, Any] = {}  # one per fold under cv.pyramid: per_fold, else the shared one
     folds = []
-    for k in setup["folds"]:
-        plan = plan_fold(setup["prepared"], setup["flows"], k, cfg.cv.pyramid.value)
+    for k in setup.folds:
+        plan = plan_fold(setup.prepared, setup.flows, k, cfg.cv.pyramid.value)
         if plan.pyramid not in pyramids:
             pyramids[plan.pyramid] = recipe.place(
                 FeaturePyramid.load(plan.pyramid, map_location=device).eval().requires_grad_(False), device)
@@ -182,7 +194,7 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
         folds.append({"plan": plan, "es": es, "flow": flow, "es_v": es_v, "flow_v": flow_v, "model": model,
                       "opt": opt, "steps": steps, "pyramid": pyramid})
 
-    client = mlflow.MlflowClient(setup["tracking_uri"])
+    client = mlflow.MlflowClient(setup.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     run_id = _trial_run(client, setup, trial_id, values)
     start = 0
@@ -196,7 +208,7 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
         start = int(state["epoch"]) + 1
     from ray.tune import Checkpoint
 
-    tcfg = Config.model_validate(setup["cfg"]).tune
+    tcfg = Config.model_validate(setup.cfg).tune
     for epoch in range(start, tc.epochs):
         per_fold = []
         for f in folds:
@@ -208,7 +220,7 @@ def tune_trial(values: dict[str, Any], setup: dict[str, Any]) -> None:
             per_fold.append(m)
         metrics = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
         metrics.update(objective(metrics, tcfg))
-        log_metrics_to(setup["tracking_uri"], run_id, metrics, epoch)
+        log_metrics_to(setup.tracking_uri, run_id, metrics, epoch)
         metrics["epoch"] = epoch + 1  # ASHA's time attribute: epochs completed
         last = epoch == tc.epochs - 1
         if last or (epoch + 1) % tc.checkpoint_every == 0:
@@ -352,9 +364,9 @@ def run_tune(
         parent_id = parent.info.run_id
         write_json(out / STATE_FILE, {**state, "parent_run_id": parent_id, "tracking_uri": uri,
                                       "fingerprint": fingerprint, "experiment_path": str(exp_path)})
-        setup = {"cfg": cfg.model_dump(mode="json"), "prepared": str(prepared), "flows": str(flows), "folds": folds,
-                 "epochs": epochs, "use_gpu": use_gpu, "tracking_uri": uri, "parent_run_id": parent_id,
-                 "experiment_id": parent.info.experiment_id}
+        setup = TrialSetup(cfg=cfg.model_dump(mode="json"), prepared=str(prepared), flows=str(flows),
+                           folds=tuple(folds), epochs=epochs, use_gpu=use_gpu, tracking_uri=uri,
+                           parent_run_id=parent_id, experiment_id=parent.info.experiment_id)
         trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), bundle)
         restored = tune.Tuner.can_restore(str(exp_path))
         if restored:
