@@ -297,6 +297,12 @@ def _ray_task(run_json: dict, cfg_json: dict) -> dict[str, Any]:
     return train_estimator_on_ray(run, cfg)
 
 
+def _cause(exc: BaseException) -> str:
+    """The last line of a (Ray-wrapped) error: what went wrong, without the traceback."""
+    text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+    return (text[-1] if text else exc.__class__.__name__)[:300]
+
+
 # --------------------------------------------------------------------------- the fold set-up
 def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
     """The fold CVAE's model URI (trained once; kept in generator.json)."""
@@ -535,6 +541,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.cpus_per_run))
     task = ray.remote(num_cpus=0, max_retries=0)(_ray_task)
     pending: dict[Any, UtilityRun] = {}
+    failed: list[str] = []
     rows = [r for r in done_rows if r["scan"] in {p.val_id for p in plans}]
     finished = total - todo
     with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
@@ -548,7 +555,12 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
             ready, _ = ray.wait(list(pending) + list(preparing), num_returns=1)
             if ready[0] in preparing:
                 plan, rms = preparing.pop(ready[0])
-                fc: FoldCorpus = ray.get(ready[0])
+                try:
+                    fc: FoldCorpus = ray.get(ready[0])
+                except Exception as exc:  # the other folds go on; a rerun retries this one
+                    failed.append(f"fold {plan.fold} ({plan.val_id}) CVAE/corpus: {_cause(exc)}")
+                    log(f"utility: fold {plan.fold} ({plan.val_id}): its CVAE or corpus failed: {_cause(exc)}")
+                    continue
                 log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, corpus "
                     f"{fc.corpus_dir or 'on the fly'}")
                 queue += [r for r in plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared),
@@ -557,7 +569,12 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                           if UtilityArm(r.arm).uses_corpus and r.key not in have]
                 continue
             r = pending.pop(ready[0])
-            row = ray.get(ready[0])
+            try:
+                row = ray.get(ready[0])
+            except Exception as exc:  # recorded; the others go on, a rerun retries it
+                failed.append(f"{r.name}: {_cause(exc)}")
+                log(f"utility: fold {r.fold} {r.arm} N {r.n} seed {r.seed} failed: {_cause(exc)}")
+                continue
             rows.append(row)
             with runs_file.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -584,4 +601,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         mlflow.log_artifact(str(summary))
         mlflow.log_artifact(str(figure))
         log(f"utility: wrote {table} and {figure} (MLflow run {mlrun.info.run_id})")
+    if failed:
+        from ..errors import StageFailed
+
+        raise StageFailed(f"utility: {len(failed)} of {total} estimators or folds failed (first: {failed[0]}); the "
+                          f"table holds what finished; rerun the same command to retry the rest")
     return UtilitySummary(tuple(table_rows), table, summary, figure, runs_file, tuple(fold_list))
