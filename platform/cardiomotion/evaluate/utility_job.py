@@ -184,7 +184,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None) -> dict[str, float
     torch.manual_seed(run.seed)
     window = cfg.intensity.window
     arm = Arm(run.arm)
-    es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids)
+    # the real pairs: every arm but cvae (which reads only the corpus)
+    es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids) if arm is not Arm.CVAE else (None,) * 3
     if arm.uses_corpus and batches is None:
         corpus = _open_corpus(run, cfg)
         batches = source_batches(CorpusSource(corpus, window, run.n), cfg.utility.batch_size, run.seed)
@@ -502,8 +503,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     ids = sorted(read_scan_table(prepared).scan_id.astype(str))
     fold_list = resolve_folds(folds if folds is not None else "all", ids)
     plans = [plan_fold(prepared, flows, k, pyramid=cfg.cv.pyramid.value) for k in fold_list]
-    for p in plans:  # every held-out pair must have exact truth: checked before any training
-        _held_out(str(prepared), p.val_id)
+    held_out = {p.val_id: _held_out(str(prepared), p.val_id) for p in plans}  # exact truth: checked before any work
     runs_file = out / RUNS_FILE
     done_rows = [json.loads(ln) for ln in runs_file.read_text().splitlines() if ln.strip()] if runs_file.is_file() else []
     have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
@@ -531,8 +531,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         if any(UtilityArm(r.arm).uses_corpus and r.key not in have for r in runs):
             preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
                                   str(fold_dir), cfg_json)] = (plan, rms)
-        pair = _held_out(str(prepared), plan.val_id)
-        refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(pair, cfg)]
+        refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
     todo = len(queue) + sum(1 for plan, _ in preparing.values() for a in u.arms if a.uses_corpus
                             for _n in u.sizes for _s in range(u.seeds))
     log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
