@@ -42,6 +42,67 @@ def test_pyramid_default_channels_and_save_load(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed away
 
 
+def _ramp(grid, axis):
+    """x[..., i, j, k] = index along ``axis`` (float)."""
+    idx = torch.arange(grid[axis], dtype=torch.float32).view(*[-1 if a == axis else 1 for a in range(3)])
+    return idx.expand(*grid)[None, None].clone()
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_aligned_halving_centres_coarse_voxels_where_area_pooling_does(axis):
+    """Voxel-centre convention: coarse voxel i sits at fine 2i + 0.5 (area pooling). With box
+    weights the aligned halving *is* area pooling away from the border; a 3×3×3 stride-2
+    convolution's output i is centred on fine 2i (its centre tap reads exactly 2i)."""
+    from cardiomotion.models.pyramid import AlignedDown, downsample
+
+    x = _ramp((8, 10, 12), axis)
+    down = AlignedDown(1, 1)
+    with torch.no_grad():
+        down.conv.weight.zero_()
+        down.conv.weight[..., 1:3, 1:3, 1:3] = 1 / 8  # the 2×2×2 box inside the 4×4×4 kernel
+        down.conv.bias.zero_()
+    aligned = down(x)
+    pooled = torch.nn.functional.avg_pool3d(x, 2)
+    torch.testing.assert_close(aligned, pooled)
+    i = torch.arange(x.shape[2 + axis] // 2, dtype=torch.float32)
+    line = aligned[0, 0].movedim(axis, 0)[:, 1, 1]
+    torch.testing.assert_close(line, 2 * i + 0.5)
+    plain = downsample(1, 1, aligned=False)
+    with torch.no_grad():
+        plain.weight.zero_()
+        plain.weight[..., 1, 1, 1] = 1.0
+        plain.bias.zero_()
+    torch.testing.assert_close(plain(x)[0, 0].movedim(axis, 0)[:, 1, 1], 2 * i)
+
+
+@pytest.mark.parametrize("grid", [(32, 32, 32), (16, 24, 40), (15, 17, 9)])
+def test_aligned_pyramid_shapes_and_save_load(grid, tmp_path):
+    """Halvings round up like the plain pyramid's; ``aligned`` survives the file, and is absent
+    from a plain pyramid's config (so files written before the option read the same)."""
+    plain, aligned = FeaturePyramid(1, (4, 6, 8)), FeaturePyramid(1, (4, 6, 8), aligned=True)
+    x = torch.rand(1, 1, *grid)
+    assert [f.shape for f in aligned(x)] == [f.shape for f in plain(x)]
+    assert "aligned" not in plain.config() and aligned.config()["aligned"] is True
+    again = FeaturePyramid.load(aligned.save(tmp_path / "pyr.pt"))
+    assert again.aligned and torch.equal(again(x)[-1], aligned(x)[-1])
+    net = PWCNet3D(**TINY, aligned=True)
+    assert PWCNet3D(**net.config()).pyramid.aligned and "aligned" not in PWCNet3D(**TINY).config()
+
+
+def test_cvae_follows_an_aligned_pyramid():
+    from cardiomotion.config import load_config
+    from cardiomotion.train.cvae import build_cvae
+
+    cfg = load_config(None, {})
+    pyr = FeaturePyramid(1, (4, 6, 8), aligned=True)
+    model = build_cvae(cfg, pyr.config())
+    assert model.aligned and all(type(level.down).__name__ == "AlignedDown" for level in model.encoder)
+    assert not build_cvae(cfg, FeaturePyramid(1, (4, 6, 8)).config()).aligned
+    es, flow = torch.rand(1, 1, 16, 16, 16), torch.zeros(1, 3, 16, 16, 16)
+    out = model(flow, es, pyr(es))
+    assert out.flow.shape == flow.shape
+
+
 def test_pyramid_rejects_wrong_input():
     with pytest.raises(ValueError):
         FeaturePyramid(1, (4,))(torch.rand(1, 2, 8, 8, 8))

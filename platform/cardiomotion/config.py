@@ -86,6 +86,8 @@ class PWCConfig(_Section):
     estimator_channels: tuple[int, ...] = Field((64, 48, 32), description="hidden widths of each level's flow estimator")
     context: bool = Field(True, description="dilated context network on the finest level")
     cost_chunk: Optional[int] = Field(25, ge=1, description="cost-volume offsets per chunk (memory bound)")
+    aligned: bool = Field(False, description="pyramid halvings centred like the flow resizing and area pooling "
+                                             "(coarse voxel i at fine 2i + 0.5; README 'Grid alignment')")
 
     @field_validator("channels", "estimator_channels")
     @classmethod

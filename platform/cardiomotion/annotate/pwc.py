@@ -39,7 +39,8 @@ def build_pwcnet(cfg: Config):
 
     p = cfg.annotate.pwc
     return PWCNet3D(channels=p.channels, search_range=p.search_range,
-                    estimator_channels=p.estimator_channels, context=p.context, cost_chunk=p.cost_chunk)
+                    estimator_channels=p.estimator_channels, context=p.context, cost_chunk=p.cost_chunk,
+                    aligned=p.aligned)
 
 
 def load_unit_pairs(prepared_dir: str | Path, rows: list[dict], window) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..choices import OutputKind
 from ..flow.ops import integrate_velocity
-from .pyramid import conv3, load_checkpoint, save_checkpoint
+from .pyramid import conv3, downsample, load_checkpoint, save_checkpoint
 
 CVAE_KIND = "motion_cvae"
 LOGVAR_BOUND = 16.0
@@ -66,11 +66,11 @@ def _act() -> nn.LeakyReLU:
 
 
 class _EncoderLevel(nn.Module):
-    """conv3 stride 2 → act → concat(cond) → conv3 → act."""
+    """halve (:func:`~.pyramid.downsample`, as the pyramid halves) → act → concat(cond) → conv3 → act."""
 
-    def __init__(self, in_ch: int, cond_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, cond_ch: int, out_ch: int, aligned: bool = False):
         super().__init__()
-        self.down = conv3(in_ch, out_ch, stride=2)
+        self.down = downsample(in_ch, out_ch, aligned)
         self.fuse = conv3(out_ch + cond_ch, out_ch)
         self.act = _act()
 
@@ -107,6 +107,8 @@ class MotionCVAE(nn.Module):
             ``"velocity"``.
         integration_steps: scaling-and-squaring steps for the velocity output.
         in_channels: channels of the ES image (1 for CT scaled to [0, 1]).
+        aligned: the encoder halves as an ``aligned`` pyramid does (coarse voxel i at fine 2i + 0.5),
+            so its maps line up with the conditioning features; take it from the pyramid's config.
 
     Shapes: flow (B, 3, I, J, K) voxels; es (B, in_channels, I, J, K); feats = the pyramid's
     output for es, a list of L tensors, level l (B, cond_channels[l], I/2^(l+1), …);
@@ -121,8 +123,10 @@ class MotionCVAE(nn.Module):
         output: OutputKind | str = OutputKind.DISPLACEMENT,
         integration_steps: int = 7,
         in_channels: int = 1,
+        aligned: bool = False,
     ):
         super().__init__()
+        self.aligned = bool(aligned)
         self.channels = tuple(int(c) for c in channels)
         if not self.channels or min(self.channels) < 1:
             raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}")
@@ -147,7 +151,7 @@ class MotionCVAE(nn.Module):
         enc = []
         prev = 3 + self.in_channels
         for lvl in range(L):
-            enc.append(_EncoderLevel(prev, cond[lvl], ch[lvl]))
+            enc.append(_EncoderLevel(prev, cond[lvl], ch[lvl], self.aligned))
             prev = ch[lvl]
         self.encoder = nn.ModuleList(enc)
         self.mu_head = nn.Conv3d(ch[-1], self.latent_channels, kernel_size=1)
@@ -174,8 +178,9 @@ class MotionCVAE(nn.Module):
         return len(self.channels)
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments, primitive types only (the enum as its value)."""
-        return {
+        """Constructor arguments, primitive types only (the enum as its value); ``aligned`` only when
+        set (files written before the option read the same)."""
+        cfg: dict[str, Any] = {
             "channels": list(self.channels),
             "cond_channels": list(self.cond_channels),
             "latent_channels": self.latent_channels,
@@ -183,6 +188,9 @@ class MotionCVAE(nn.Module):
             "integration_steps": self.integration_steps,
             "in_channels": self.in_channels,
         }
+        if self.aligned:
+            cfg["aligned"] = True
+        return cfg
 
     def check_grid(self, grid: Sequence[int]) -> tuple[int, int, int]:
         """Return ``grid`` as a 3-tuple; ValueError unless each size is a positive multiple of 2^L."""

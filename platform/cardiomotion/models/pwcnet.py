@@ -117,6 +117,8 @@ class PWCNet3D(nn.Module):
             PWC-Net's 1/4 output at 1); the final flow is upsampled from it.
         context_channels: hidden widths of the context network (default: estimator_channels).
         in_channels: image channels (1).
+        aligned: the pyramid halves with coarse voxel i centred at fine 2i + 0.5, the convention of
+            :func:`resize_flow` and of the loss's area pooling (:class:`~.pyramid.AlignedDown`).
     """
 
     def __init__(
@@ -129,9 +131,11 @@ class PWCNet3D(nn.Module):
         finest_level: int = 0,
         context_channels: Sequence[int] | None = None,
         in_channels: int = 1,
+        aligned: bool = False,
     ):
         super().__init__()
         self.channels = tuple(int(c) for c in channels)
+        self.aligned = bool(aligned)
         self.search_range = int(search_range)
         self.estimator_channels = tuple(int(c) for c in estimator_channels)
         self.use_context = bool(context)
@@ -145,7 +149,7 @@ class PWCNet3D(nn.Module):
         if not self.estimator_channels:
             raise ValueError("estimator_channels must not be empty")
 
-        self.pyramid = FeaturePyramid(self.in_channels, self.channels)
+        self.pyramid = FeaturePyramid(self.in_channels, self.channels, aligned=self.aligned)
         self.cost = CostVolume(self.search_range, self.cost_chunk)
         n_cost = self.cost.out_channels
         # One estimator per decoded level, stored finest first (index = pyramid level).
@@ -158,8 +162,9 @@ class PWCNet3D(nn.Module):
                         if self.use_context else None)
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments (primitive types only): ``PWCNet3D(**net.config())`` rebuilds it."""
-        return {
+        """Constructor arguments (primitive types only): ``PWCNet3D(**net.config())`` rebuilds it.
+        ``aligned`` appears only when set (files written before the option read the same)."""
+        cfg: dict[str, Any] = {
             "channels": list(self.channels),
             "search_range": self.search_range,
             "estimator_channels": list(self.estimator_channels),
@@ -169,6 +174,9 @@ class PWCNet3D(nn.Module):
             "context_channels": list(self.context_channels),
             "in_channels": self.in_channels,
         }
+        if self.aligned:
+            cfg["aligned"] = True
+        return cfg
 
     @property
     def divisor(self) -> int:

@@ -1,8 +1,14 @@
 """PWC-Net style 3D feature pyramid, reusable on its own (the CVAE conditions on its frozen output).
 
-Each level halves the grid: conv3 (stride 2) + LeakyReLU(0.1) + conv3 + LeakyReLU(0.1). For an input
-(B, in_channels, I, J, K) level l (0 = finest) has shape (B, channels[l], I/2^(l+1), J/2^(l+1),
+Each level halves the grid: a stride-2 convolution + LeakyReLU(0.1) + conv3 + LeakyReLU(0.1). For an
+input (B, in_channels, I, J, K) level l (0 = finest) has shape (B, channels[l], I/2^(l+1), J/2^(l+1),
 K/2^(l+1)) when the grid is divisible by 2^levels (otherwise each halving rounds up).
+
+Where a coarse voxel sits (docs/design.md, "Grids between levels"): the rest of the project uses the
+voxel-centre convention, coarse voxel i at fine position 2i + 0.5 (area pooling, trilinear resizing
+with ``align_corners=False``). A 3×3×3 stride-2 convolution (padding 1) centres output i on fine
+voxel 2i, half a fine voxel off that convention at every halving (1.5 fine voxels at the 1/4 grid).
+``aligned=True`` halves with a 4×4×4 stride-2 convolution (padding 1) instead, centred on 2i + 0.5.
 
 Checkpoints are plain dicts ``{"kind", "config", "state_dict"}`` with only tensors and primitive
 types inside, so ``torch.load(path, weights_only=True)`` reads them and the module is rebuilt from
@@ -15,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..fileio import atomic_path
 
@@ -24,6 +31,31 @@ PYRAMID_KIND = "feature_pyramid"
 def conv3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
     """3×3×3 convolution that keeps the grid (stride 1) or halves it (stride 2, rounding up)."""
     return nn.Conv3d(in_ch, out_ch, kernel_size=3, stride=stride, padding=dilation, dilation=dilation)
+
+
+class AlignedDown(nn.Module):
+    """Halve the grid with output voxel i centred on input position 2i + 0.5 (voxel-centre convention).
+
+    A 4×4×4 convolution, stride 2, padding 1: output i sees inputs 2i − 1 … 2i + 2. An odd size is
+    first padded by one replicated voxel at its far end, so each halving rounds up like :func:`conv3`.
+    (B, in_ch, I, J, K) → (B, out_ch, ⌈I/2⌉, ⌈J/2⌉, ⌈K/2⌉).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv3d(in_ch, out_ch, kernel_size=4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        odd = [n % 2 for n in x.shape[2:]]
+        if any(odd):
+            x = F.pad(x, (0, odd[2], 0, odd[1], 0, odd[0]), mode="replicate")
+        return self.conv(x)
+
+
+def downsample(in_ch: int, out_ch: int, aligned: bool = False) -> nn.Module:
+    """The grid-halving convolution: :func:`conv3` stride 2 (output i at fine 2i), or
+    :class:`AlignedDown` (output i at fine 2i + 0.5, the voxel-centre convention) when ``aligned``."""
+    return AlignedDown(in_ch, out_ch) if aligned else conv3(in_ch, out_ch, stride=2)
 
 
 def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any], module: nn.Module) -> Path:
@@ -54,22 +86,26 @@ class FeaturePyramid(nn.Module):
     Args:
         in_channels: channels of the input volume (1 for CT scaled to [0, 1]).
         channels: output channels per level, finest first; ``len(channels)`` levels.
+        aligned: halve with :class:`AlignedDown` (coarse voxel i at fine 2i + 0.5) instead of a
+            3×3×3 stride-2 convolution (at fine 2i); see the module docstring.
 
     ``forward(x)`` with x (B, in_channels, I, J, K) returns a list of ``len(channels)`` tensors,
     finest first: level l is (B, channels[l], I/2^(l+1), J/2^(l+1), K/2^(l+1)).
     """
 
-    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 96, 128)):
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 96, 128),
+                 aligned: bool = False):
         super().__init__()
         if len(channels) < 1:
             raise ValueError("FeaturePyramid needs at least one level")
         self.in_channels = int(in_channels)
         self.channels = tuple(int(c) for c in channels)
+        self.aligned = bool(aligned)
         levels = []
         prev = self.in_channels
         for ch in self.channels:
             levels.append(nn.Sequential(
-                conv3(prev, ch, stride=2), nn.LeakyReLU(0.1, inplace=True),
+                downsample(prev, ch, self.aligned), nn.LeakyReLU(0.1, inplace=True),
                 conv3(ch, ch), nn.LeakyReLU(0.1, inplace=True),
             ))
             prev = ch
@@ -80,8 +116,12 @@ class FeaturePyramid(nn.Module):
         return len(self.channels)
 
     def config(self) -> dict[str, Any]:
-        """Constructor arguments (primitive types only)."""
-        return {"in_channels": self.in_channels, "channels": list(self.channels)}
+        """Constructor arguments (primitive types only); ``aligned`` only when set, so a file written
+        before the option existed and one written now with the default are the same."""
+        cfg: dict[str, Any] = {"in_channels": self.in_channels, "channels": list(self.channels)}
+        if self.aligned:
+            cfg["aligned"] = True
+        return cfg
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, in_channels, I, J, K) → [level 0 (finest, 1/2 grid), ..., coarsest (1/2^L grid)]."""

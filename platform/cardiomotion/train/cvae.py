@@ -32,13 +32,14 @@ from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE
 
 
 def build_cvae(cfg: Config | StepSettings, pyramid_config: dict[str, Any]):
-    """The CVAE mirroring the frozen pyramid (its channels per level)."""
+    """The CVAE mirroring the frozen pyramid (its channels per level and how it halves grids)."""
     from ..models.cvae import MotionCVAE
 
     chans = list(pyramid_config["channels"])
     m = step_settings(cfg).model
     return MotionCVAE(channels=chans, cond_channels=chans, latent_channels=m.latent_channels,
-                      output=m.output, integration_steps=m.integration_steps)
+                      output=m.output, integration_steps=m.integration_steps,
+                      aligned=bool(pyramid_config.get("aligned", False)))
 
 
 def kl_factor(cfg: Config | StepSettings, epoch: int) -> float:
