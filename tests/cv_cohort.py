@@ -14,7 +14,7 @@ TINY = {
     "prepare": {"spacing_mm": 4.0, "grid": [32, 32, 32]},
     "annotate": {"pwc": {"channels": [8, 16, 32], "estimator_channels": [16, 16], "search_range": 1}},
     "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "prior_samples": 2, "lr": 2e-3,
-              "num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1, "augment": {"max_shift": 1}},
+              "num_workers": 1, "resources": {"cpus": 0.5}, "max_failures": 1, "augment": {"max_shift": 1}},
     "cv": {"progress_every_s": 1.0},
     "ray": {"num_cpus": 2, "dashboard": False},
 }

@@ -157,8 +157,8 @@ def test_unknown_folds_are_refused_before_work(inputs, tmp_path, folds, message)
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"cpus_per_worker": 4.0}, r"a fold worker needs \{CPU: 4\} but the largest node has \{CPU: 2\}: it can never"),
-    ({"num_workers": 5, "cpus_per_worker": 0.5}, r"a fold needs 5 workers × \{CPU: 0.5\} but the cluster has"),
+    ({"resources": {"cpus": 4.0}}, r"a fold worker needs \{CPU: 4\} but the largest node has \{CPU: 2\}: it can never"),
+    ({"num_workers": 5, "resources": {"cpus": 0.5}}, r"a fold needs 5 workers × \{CPU: 0.5\} but the cluster has"),
 ])
 def test_folds_the_cluster_can_never_hold_are_refused(inputs, tmp_path, override, message):
     from cardiomotion.train.cv import run_cv
@@ -186,7 +186,7 @@ def test_more_concurrent_folds_than_resources_is_refused(inputs, tmp_path):
 def test_gpu_fold_packing_capacity_and_rank_rule():
     from cardiomotion.train.sweep import capacity, check_capacity, fold_demand
 
-    cfg = load_config(None, {"train": {"gpus_per_worker": 0.25, "cpus_per_worker": 2}})
+    cfg = load_config(None, {"train": {"resources": {"gpus": 0.25, "cpus": 2}}})
     workers, bundle = fold_demand(cfg, use_gpu=True)
     assert (workers, bundle) == (1, {"CPU": 2.0, "GPU": 0.25})
     node = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}
@@ -196,7 +196,7 @@ def test_gpu_fold_packing_capacity_and_rank_rule():
     with pytest.raises(InputError, match="the largest node has"):
         check_capacity([{"CPU": 16.0}], workers, bundle, None)  # no GPU anywhere
     cfg.train.num_workers = 2
-    with pytest.raises(InputError, match="train.num_workers: 2 DDP ranks with gpus_per_worker 0.25"):
+    with pytest.raises(InputError, match="train.num_workers: 2 DDP ranks with resources.gpus 0.25"):
         fold_demand(cfg, use_gpu=True)
     assert fold_demand(cfg, use_gpu=False) == (2, {"CPU": 2.0})  # CPU-only clusters: DDP ranks are fine
 

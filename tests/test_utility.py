@@ -205,7 +205,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
                              "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
                              "utility": {"arms": ["cvae", "random", "annotated"], "sizes": [4], "seeds": 1,
                                          "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
-                                         "cpus_per_run": 0.5, "max_concurrent": 2}})
+                                         "resources": {"cpus": 0.5}, "max_concurrent": 2}})
     res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("random", 4)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, storage_root
+from .config import Config, read_yaml, storage_root
 from .errors import CardiomotionError, ConfigError, InputError
 
 
@@ -171,15 +171,8 @@ def validate_cluster_file(path: str | Path) -> dict[str, Any]:
         ConfigError: missing file, not YAML, or the first schema violation as
             ``FILE: key.path: problem`` (an unknown key names its closest valid spelling).
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(path, "cluster file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path, "cluster file")
     if not isinstance(raw, dict) or "provider" not in raw or not isinstance(raw.get("provider"), dict):
         raise ConfigError(path, "not a Ray cluster-launcher file (needs a 'provider' mapping)")
     try:

@@ -18,6 +18,22 @@ from .choices import OutputKind as FlowOutput, Similarity as RefineSimilarity
 from .errors import ConfigError
 
 
+def _low_high(v: tuple[float, float], name: str) -> tuple[float, float]:
+    if v[0] >= v[1]:
+        raise ValueError(f"{name} must be (low, high) with low < high, got {v}")
+    return v
+
+
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The parsed YAML of ``path``; a missing or unparsable file is one :class:`ConfigError` line."""
+    if not path.is_file():
+        raise ConfigError(path, f"{what} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -60,9 +76,7 @@ class PrepareConfig(_Section):
     @field_validator("blood_hu")
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError(f"blood_hu must be (low, high) with low < high, got {v}")
-        return v
+        return _low_high(v, "blood_hu")
 
 
 class IntensityConfig(_Section):
@@ -73,9 +87,7 @@ class IntensityConfig(_Section):
     @field_validator("window")
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] >= v[1]:
-            raise ValueError(f"window must be (low, high) with low < high, got {v}")
-        return v
+        return _low_high(v, "window")
 
 
 class PWCConfig(_Section):
@@ -104,8 +116,42 @@ class RefineStart(str, Enum):
     ZERO = "zero"
 
 
+class Resources(_Section):
+    """What each Ray worker (or actor) of a stage asks the cluster for; one shape for every stage
+    (``annotate``, ``train``, ``generate``, ``utility``). ``bundle(use_gpu)`` is the request."""
+
+    use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
+    cpus: float = Field(1.0, gt=0, description="CPUs per worker (torch threads of a CPU worker)")
+    gpus: float = Field(1.0, gt=0, le=1, description="GPU share per worker when on GPU (<1 packs several onto one GPU)")
+
+    def bundle(self, use_gpu: bool) -> dict[str, float]:
+        """The Ray resource request of one worker: ``{"CPU": cpus}`` plus ``{"GPU": gpus}`` on GPU."""
+        return {"CPU": float(self.cpus), **({"GPU": float(self.gpus)} if use_gpu else {})}
+
+
+def _lift_resources(data: Any, section: str, legacy: dict[str, str]) -> Any:
+    """Accept a section's flat resource keys of configs written before :class:`Resources`
+    (e.g. ``train.cpus_per_worker``) as ``resources.<key>``; both spellings at once is an error."""
+    if not isinstance(data, dict) or not any(k in data for k in legacy):
+        return data
+    data = dict(data)
+    res = dict(data.get("resources") or {})
+    for old, new in legacy.items():
+        if old in data:
+            if new in res:
+                raise ValueError(f"{old} and resources.{new} both set: keep resources.{new}")
+            res[new] = data.pop(old)
+    data["resources"] = res
+    return data
+
+
 class AnnotateConfig(_Section):
     """Ground-truth flow annotation (``cardiomotion annotate``): PWC-Net training + refinement."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resources(cls, data: Any) -> Any:
+        return _lift_resources(data, "annotate", {"use_gpu": "use_gpu"})
 
     pwc: PWCConfig = PWCConfig()
     epochs: int = Field(300, ge=1, description="PWC-Net training epochs")
@@ -117,7 +163,7 @@ class AnnotateConfig(_Section):
         None, description="loss weight per decoded level, coarse→fine, then the full-res flow; null = 0.5^k schedule")
     both_directions: bool = Field(True, description="also train on (ES, ED) pairs: twice the data")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
+    resources: Resources = Field(Resources(), description="what each worker asks for (use_gpu, cpus, gpus)")
     checkpoint_every: int = Field(25, ge=1, description="epochs between checkpoints")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     refine: bool = Field(True, description="per-pair instance optimisation of the predicted flow")
@@ -172,6 +218,11 @@ class KLSchedule(str, Enum):
 class TrainConfig(_Section):
     """CVAE training of one leave-one-out fold (``cardiomotion train``)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resources(cls, data: Any) -> Any:
+        return _lift_resources(data, "train", {"use_gpu": "use_gpu", "cpus_per_worker": "cpus", "gpus_per_worker": "gpus"})
+
     model: CVAEModelConfig = CVAEModelConfig()
     augment: AugmentSection = AugmentSection()
     recipe: LossRecipe = Field(LossRecipe.PAPER, description="loss normalisation: paper (mean MSE, mean KL, w_rec/w_kl) or elbo (summed terms, KL weight beta)")
@@ -187,9 +238,7 @@ class TrainConfig(_Section):
     w_kl: float = Field(0.05, ge=0, description="weight of the KL term")
     kl_warmup_epochs: int = Field(0, ge=0, description="KL weight ramps linearly from 0 over these epochs")
     num_workers: int = Field(1, ge=1, description="DDP ranks of one fold")
-    use_gpu: Optional[bool] = Field(None, description="null → use a GPU when the cluster has one")
-    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="fraction of a GPU per rank (fold packing)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per rank")
+    resources: Resources = Field(Resources(), description="what each rank asks for; gpus < 1 packs folds onto a GPU")
     bf16: bool = Field(True, description="bf16 autocast on GPU")
     channels_last: bool = Field(True, description="channels_last_3d memory format (GPU and CPU: faster 3-D convolutions on both)")
     checkpoint_every: int = Field(50, ge=1, description="epochs between checkpoints")
@@ -208,14 +257,17 @@ class TrainConfig(_Section):
 class GenerateConfig(_Section):
     """Mass generation of (ES, ED_syn, flow) corpora (``cardiomotion generate``, docs/corpus.md)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resources(cls, data: Any) -> Any:
+        return _lift_resources(data, "generate", {"use_gpu": "use_gpu", "cpus_per_actor": "cpus", "gpus_per_actor": "gpus"})
+
     seed: Optional[int] = Field(None, description="corpus seed; null → the top-level seed")
     temperature: float = Field(2.0, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean. 2: measured best energy score and calibration (README, 'Which recipe'); 1 = the paper's")
     shard_size: int = Field(256, ge=1, description="samples per tar shard (shard k = samples [k·S, (k+1)·S))")
     batch_size: int = Field(16, ge=1, description="latents decoded together (fixed blocks inside a shard)")
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null → one per GPU share, else one per CPU")
-    use_gpu: Optional[bool] = Field(None, description="null → GPU actors when the cluster has GPUs")
-    gpus_per_actor: float = Field(1.0, gt=0, le=1, description="GPU share per actor (<1 packs writers onto a GPU)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (torch threads of a CPU actor)")
+    resources: Resources = Field(Resources(), description="what each actor asks for; gpus < 1 packs writers onto a GPU")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="decoder autocast on GPU: fp32, bf16 or fp16 (CPU: always fp32)")
     channels_last: bool = Field(True, description="channels_last_3d on GPU")
     flow_dtype: Literal["float16", "float32"] = Field("float16", description="stored flow dtype: float16 or float32")
@@ -347,6 +399,11 @@ class UtilityConfig(_Section):
     trained with ``train`` and the pyramid protocol ``cv.pyramid``.
     """
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_resources(cls, data: Any) -> Any:
+        return _lift_resources(data, "utility", {"cpus_per_run": "cpus"})
+
     arms: list[UtilityArm] = Field(
         [UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.ANNOTATED, UtilityArm.UNSUPERVISED, UtilityArm.MIXED],
         min_length=1, description="data arms: cvae, random, annotated, unsupervised, cvae+annotated")
@@ -365,7 +422,7 @@ class UtilityConfig(_Section):
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the 95 % intervals over test scans")
     demons: bool = Field(True, description="score the demons baseline on every held-out pair")
     max_concurrent: Optional[int] = Field(None, ge=1, description="estimators trained at once; null → CPUs (GPUs)")
-    cpus_per_run: float = Field(1.0, gt=0, description="CPUs of each estimator's Ray Train worker")
+    resources: Resources = Field(Resources(), description="what each estimator's Ray Train worker asks for")
 
     @field_validator("sizes")
     @classmethod
@@ -437,12 +494,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(path, "config file does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(path, "a config file must be a mapping of sections")
         data = _empty_sections_to_defaults(loaded or {})

@@ -176,13 +176,13 @@ def train_pwcnet(
     init_ray(cfg.ray)
     ac = cfg.annotate
     rows = rows if rows is not None else read_scan_table(prepared_dir).to_dict("records")
-    use_gpu = detect_gpu(ac.use_gpu, ray)
+    use_gpu = detect_gpu(ac.resources.use_gpu, ray)
     trainer = TorchTrainer(
         pwc_train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepared": str(Path(prepared_dir).resolve()),
                            "rows": plain_rows(rows), "run_id": run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(num_workers=ac.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+                                     resources_per_worker=ac.resources.bundle(use_gpu)),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=ac.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logging()),

@@ -295,7 +295,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     made_with = {"prepared": str(prepared), "held_out": str(held_out_id), "seed": cfg.seed,
                  "intensity": cfg.intensity.model_dump(mode="json"),
                  "annotate": {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
-                              if k not in ("num_workers", "use_gpu", "checkpoint_every", "max_failures")}}
+                              if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}}
     if not cfg.annotate.pwc.aligned:  # (absent at its default: pyramids recorded before the key still match)
         made_with["annotate"]["pwc"].pop("aligned", None)
     record = dst.parent / "pyramid.json"

@@ -170,10 +170,10 @@ def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
         epoch += 1
 
 
-def run_estimator(run: UtilityRun, cfg: Config, batches=None) -> dict[str, float]:
-    """Train one estimator (this process) and score it on the held-out pair; ``batches``: an
-    iterator of corpus batches (the Ray Data shard inside a Train worker), or None to read the
-    corpus in-process. Returns the scores (:class:`~cardiomotion.evaluate.utility.EstimateScore`)
+def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu") -> dict[str, float]:
+    """Train one estimator (this process, on ``device``) and score it on the held-out pair;
+    ``batches``: an iterator of corpus batches (the Ray Data shard inside a Train worker), or None
+    to read the corpus in-process. Returns the scores (:class:`~cardiomotion.evaluate.utility.EstimateScore`)
     and the last training losses."""
     import torch
 
@@ -201,19 +201,19 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None) -> dict[str, float
         stream = source_batches(PairSource(es, ed, flows, window), bs, run.seed)
     else:
         stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
-    model = build_pwcnet(cfg)
+    model = build_pwcnet(cfg).to(device)
     settings = estimator_settings(cfg, len(model.channels))
     t0 = time.perf_counter()
-    losses = train_estimator(model, stream, settings)
+    losses = train_estimator(model, stream, settings, device=device)
     train_s = time.perf_counter() - t0
     pair = _held_out(run.prepared, run.scan_id)
     model.eval()
     from ..data.intensity import hu_to_unit
 
     with torch.no_grad():
-        fixed = hu_to_unit(torch.from_numpy(pair.ed)[None, None], window)
-        moving = hu_to_unit(torch.from_numpy(pair.es)[None, None], window)
-        pred = model(fixed, moving).flow[0].float()
+        fixed = hu_to_unit(torch.from_numpy(pair.ed)[None, None], window).to(device)
+        moving = hu_to_unit(torch.from_numpy(pair.es)[None, None], window).to(device)
+        pred = model(fixed, moving).flow[0].float().cpu()
     score = score_estimate(pred, pair.truth_flow, pair.spacing_mm, pair.ed_labels, pair.es_labels)
     tail = losses[-max(1, len(losses) // 10):]
     return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2)}
@@ -232,6 +232,7 @@ def _open_corpus(run: UtilityRun, cfg: Config):
 def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
     """Ray Train worker loop: one estimator; the corpus arms read ``get_dataset_shard("train")``."""
     import ray.train
+    import ray.train.torch
 
     from ..raycluster import quiet_train_worker
 
@@ -242,7 +243,7 @@ def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
     if UtilityArm(run.arm).uses_corpus:
         batches = _dataset_batches(cfg.utility.batch_size, run.seed, min(cfg.utility.shuffle_buffer, run.n),
                                    cfg.intensity.window)
-    return run_estimator(run, cfg, batches)  # Result.return_value (metrics without a checkpoint are not kept)
+    return run_estimator(run, cfg, batches, ray.train.torch.get_device())  # Result.return_value (metrics without a checkpoint are not kept)
 
 
 def corpus_dataset(run: UtilityRun, cfg: Config):
@@ -264,18 +265,20 @@ def corpus_dataset(run: UtilityRun, cfg: Config):
 
 def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     """One estimator as a Ray Train run (one worker); returns its result row."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ..config import storage_root
-    from ..raycluster import train_logging
+    from ..raycluster import detect_gpu, train_logging
 
+    use_gpu = detect_gpu(cfg.utility.resources.use_gpu, ray)
     datasets = {"train": corpus_dataset(run, cfg)} if UtilityArm(run.arm).uses_corpus else None
     trainer = TorchTrainer(
         estimator_train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(run)},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
-                                     resources_per_worker={"CPU": cfg.utility.cpus_per_run}),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                     resources_per_worker=cfg.utility.resources.bundle(use_gpu)),
         run_config=RunConfig(name=run.name, storage_path=str(storage_root(cfg) / "ray_results" / "utility"),
                              logging_config=train_logging()),
         datasets=datasets,
@@ -311,7 +314,10 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     from ..train.cvae import train_fold
 
     record = fold_dir / GENERATOR_RECORD
-    want = {"train": cfg.train.model_dump(mode="json"), "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}
+    from ..train.sweep import RESOURCE_KEYS
+
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in RESOURCE_KEYS}
+    want = {"train": train, "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}
     if record.is_file():
         rec = json.loads(record.read_text())
         if rec.get("settings") == want:
@@ -494,7 +500,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     from .. import tracking
     from ..config import storage_root
     from ..data.table import check_prepared_identity, read_scan_table
-    from ..raycluster import init_ray
+    from ..raycluster import detect_gpu, init_ray
     from ..train.fold import plan_fold
     from ..train.sweep import resolve_folds
     from .utility import flow_rms
@@ -537,7 +543,10 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
         f"corpus {u.corpus.value}; {len(preparing)} fold CVAEs and corpora to make")
     # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
-    slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.cpus_per_run))
+    use_gpu = detect_gpu(u.resources.use_gpu, ray)
+    slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.resources.cpus))
+    if use_gpu:
+        slots = min(slots, max(1, int(ray.cluster_resources().get("GPU", 0) // u.resources.gpus)))
     task = ray.remote(num_cpus=0, max_retries=0)(_ray_task)
     pending: dict[Any, UtilityRun] = {}
     failed: list[str] = []

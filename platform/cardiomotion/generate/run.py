@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
-from ..errors import InputError
 from .engine import SampleSpec
 from .shards import ShardJob, ShardWorker
 from .model import ResolvedModel
@@ -28,37 +27,27 @@ def empty_stats() -> dict[str, Any]:
 def run_pipeline(todo: list[int], out: Path, n: int, resolved: ResolvedModel, frames: dict, identity: dict,
                   ident_sha: str, seed: int, temperature: float, plan: dict, cfg: Config, log: Log,
                   fail_at_shard: int | tuple[int, str] | None, trace_memory: bool = False) -> dict[str, Any]:
-    from ..raycluster import init_ray
+    from ..raycluster import actor_pool, init_ray
 
     g = cfg.generate
     ray = init_ray(cfg.ray)
     import ray.data
 
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0))
-    use_gpu = g.use_gpu if g.use_gpu is not None else gpus > 0
-    if use_gpu and gpus <= 0:
-        raise InputError("generate.use_gpu", "is true but the Ray cluster has no GPU")
-    if g.actors:
-        actors = g.actors
-    elif use_gpu:
-        actors = max(1, int(gpus / g.gpus_per_actor))
-    else:
-        actors = max(1, int(float(res.get("CPU", 1)) // g.cpus_per_actor))
+    use_gpu, actors = actor_pool(g.resources, g.actors, ray, "generate.resources.use_gpu")
     actors = max(1, min(actors, len(todo)))
     job = ShardJob(
         blobs_ref=ray.put(resolved.blobs()), frames_ref=ray.put({k: frames[k] for k in ("scan_ids", "es", "affines")}),
         spec=SampleSpec(seed=seed, temperature=temperature, window=resolved.window, flow_dtype=g.flow_dtype,
                         model_uri=plan["model_uri"], model_sha256=resolved.cvae_sha256),
         out=str(out), n=n, shard_size=g.shard_size, batch_size=g.batch_size, identity=ident_sha, use_gpu=use_gpu,
-        precision=g.precision, channels_last=g.channels_last, cpus_per_actor=g.cpus_per_actor,
+        precision=g.precision, channels_last=g.channels_last, cpus_per_actor=g.resources.cpus,
         fail_at_shard=fail_at_shard, trace_memory=trace_memory)
     log(f"generate: {actors} {'GPU' if use_gpu else 'CPU'} actor(s), batch {g.batch_size}")
     t0 = time.perf_counter()
     ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(ShardWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=g.cpus_per_actor,
-                        num_gpus=g.gpus_per_actor if use_gpu else 0)
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=g.resources.cpus,
+                        num_gpus=g.resources.gpus if use_gpu else 0)
     rows: list[dict[str, Any]] = []
     failed = None
     try:

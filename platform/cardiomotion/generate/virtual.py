@@ -150,18 +150,14 @@ class VirtualCorpus:
     def ray_dataset(self, *, actors: int | None = None, shuffle_seed: int | None = None):
         """The samples as a Ray Dataset with the columns of :meth:`Corpus.ray_dataset`, decoded by
         an actor pool of ``actors`` (default ``generate.actors``, else one per GPU share or per
-        ``generate.cpus_per_actor`` CPUs). ``shuffle_seed`` permutes the decode blocks (whole
+        ``generate.resources.cpus`` CPUs). ``shuffle_seed`` permutes the decode blocks (whole
         blocks: a sample's bytes depend on its block). As with :meth:`Corpus.ray_dataset`, drop the
         string column ``scan_id`` before ``iter_torch_batches``."""
-        from ..raycluster import init_ray
+        from ..raycluster import actor_pool, init_ray
 
         g = self.cfg.generate
         ray = init_ray(self.cfg.ray)
-        res = ray.cluster_resources()
-        gpus = float(res.get("GPU", 0))
-        use_gpu = g.use_gpu if g.use_gpu is not None else gpus > 0
-        size = actors or g.actors or (max(1, int(gpus / g.gpus_per_actor)) if use_gpu
-                                      else max(1, int(float(res.get("CPU", 1)) // g.cpus_per_actor)))
+        use_gpu, size = actor_pool(g.resources, actors or g.actors, ray, "generate.resources.use_gpu")
         items = [{"start": a, "stop": b} for a, b in self.plan.decode_blocks()]
         if shuffle_seed is not None:
             order = np.random.default_rng(int(shuffle_seed)).permutation(len(items))
@@ -172,8 +168,8 @@ class VirtualCorpus:
         return ds.map_batches(BlockDecoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
                               fn_constructor_kwargs={"blobs_ref": ray.put(self.resolved.blobs()),
                                                      "frames_ref": ray.put(frames), "plan": self.plan,
-                                                     "threads": int(g.cpus_per_actor)},
-                              num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor if use_gpu else 0)
+                                                     "threads": int(g.resources.cpus)},
+                              num_cpus=g.resources.cpus, num_gpus=g.resources.gpus if use_gpu else 0)
 
 
 def open_virtual_corpus(model: str | Path, prepared_dir: str | Path, n: int, seed: int | None = None, cfg=None,

@@ -2,9 +2,9 @@
 
 Each fold is one :func:`cardiomotion.train.cvae.train_fold` (a Ray Train TorchTrainer) called
 from its own driver task (``@ray.remote(num_cpus=0)``). The driver task holds no resources; the
-fold's trainer requests ``train.num_workers`` workers of ``{"CPU": train.cpus_per_worker,
-"GPU": train.gpus_per_worker}`` (GPU only when the cluster has one), so as many folds train at
-once as the cluster's resources hold: on a GPU node ``gpus_per_worker: 0.25`` packs four
+fold's trainer requests ``train.num_workers`` workers of ``{"CPU": train.resources.cpus,
+"GPU": train.resources.gpus}`` (GPU only when the cluster has one), so as many folds train at
+once as the cluster's resources hold: on a GPU node ``resources.gpus: 0.25`` packs four
 single-rank folds per GPU, and CPU-only clusters work the same way with CPUs. The sweep launches
 at most that many folds at a time (``cv.max_concurrent`` caps it further) and starts the next
 fold as one finishes, recomputing the capacity as nodes join.
@@ -38,8 +38,6 @@ finished folds), both logged to the parent run with the summary metrics ``cv_<me
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections import deque
@@ -48,10 +46,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config
-from ..fileio import atomic_path, write_json
+from ..fileio import write_json
 from ..layout import CV_FOLDS as FOLD_DIR, CV_STATE as STATE_FILE, CV_SUMMARY as SUMMARY_FILE, CV_TABLE as TABLE_FILE
 from .sweep import (alive_nodes, capacity, check_capacity, fmt_resources, fold_demand, read_json, resolve_folds,
-                    resume_state, sweep_fingerprint)
+                    resume_state, sweep_fingerprint, write_csv)
 
 # table column -> validation metric of the final epoch
 METRICS = {
@@ -190,14 +188,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    """The fold table ``folds.csv`` (:data:`COLUMNS`)."""
+    return write_csv(path, rows, COLUMNS)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -298,7 +290,7 @@ def _run_cv(
     state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "sweep", cfg)
 
     ray = init_ray(cfg.ray)
-    use_gpu = detect_gpu(cfg.train.use_gpu, ray)
+    use_gpu = detect_gpu(cfg.train.resources.use_gpu, ray)
     workers, bundle = fold_demand(cfg, use_gpu)
     if cfg.cv.check_resources:
         check_capacity(alive_nodes(ray), workers, bundle, cfg.cv.max_concurrent)

@@ -423,8 +423,8 @@ def train_fold(
         pyr = load_checkpoint(plan.pyramid, "feature_pyramid")["config"]
     tc = cfg.train
     name = name or f"fold_{fold:03d}"
-    use_gpu = detect_gpu(tc.use_gpu, ray)
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if use_gpu else {})}
+    use_gpu = detect_gpu(tc.resources.use_gpu, ray)
+    resources = tc.resources.bundle(use_gpu)
     params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
               "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,
               "prepared": str(plan.prepared), "flows": str(plan.flows), "seed": cfg.seed,

@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import InputError
 
 # settings that change where and how fast a fold runs, not what it learns: may differ between reruns
-RESOURCE_KEYS = ("num_workers", "use_gpu", "gpus_per_worker", "cpus_per_worker", "max_failures")
+RESOURCE_KEYS = ("num_workers", "resources", "max_failures")  # train keys that change where, not what, it learns
 
 
 # --------------------------------------------------------------------------- fold selection
@@ -59,6 +59,24 @@ def resolve_folds(spec: str | Sequence[int | str] | None, scan_ids: Sequence[str
     return out
 
 
+# --------------------------------------------------------------------------- tables
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with ``columns`` (missing or None → empty; other keys ignored), atomically."""
+    import csv
+    import io
+
+    from ..fileio import atomic_path
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+    return path
+
+
 # --------------------------------------------------------------------------- resources
 def fold_demand(cfg: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
     """(workers, resources per worker) one fold's trainer requests.
@@ -68,12 +86,11 @@ def fold_demand(cfg: Config, use_gpu: bool) -> tuple[int, dict[str, float]]:
             under NCCL: pack folds, not ranks).
     """
     tc = cfg.train
-    bundle = {"CPU": float(tc.cpus_per_worker)}
+    bundle = tc.resources.bundle(use_gpu)
     if use_gpu:
-        bundle["GPU"] = float(tc.gpus_per_worker)
-        if tc.gpus_per_worker < 1 and tc.num_workers > 1:
-            raise InputError("train.num_workers", f"{tc.num_workers} DDP ranks with gpus_per_worker "
-                             f"{tc.gpus_per_worker}: ranks of one fold could share a GPU, which NCCL refuses; "
+        if tc.resources.gpus < 1 and tc.num_workers > 1:
+            raise InputError("train.num_workers", f"{tc.num_workers} DDP ranks with resources.gpus "
+                             f"{tc.resources.gpus}: ranks of one fold could share a GPU, which NCCL refuses; "
                              "with fractional GPUs (fold packing) use num_workers: 1")
     return tc.num_workers, bundle
 
@@ -99,9 +116,9 @@ def check_capacity(nodes: Sequence[Mapping[str, float]], workers: int, bundle: M
     need = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
     if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
         largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
-        raise InputError("train.cpus_per_worker" if "GPU" not in bundle or largest.get("GPU") else "train.gpus_per_worker",
+        raise InputError("train.resources.cpus" if "GPU" not in bundle or largest.get("GPU") else "train.resources.gpus",
                          f"a {what} worker needs {{{need}}} but the largest node has {fmt_resources(largest) or '{}'}: "
-                         f"it can never be scheduled (lower train.cpus_per_worker / gpus_per_worker)")
+                         f"it can never be scheduled (lower train.resources.cpus / gpus)")
     cap = capacity(nodes, workers, bundle)
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in bundle}
     if cap < 1:

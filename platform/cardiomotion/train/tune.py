@@ -44,7 +44,7 @@ trainable that runs the same epoch and validation code as a fold's Ray Train loo
 (:func:`cardiomotion.train.cvae.train_epoch`, :func:`~cardiomotion.train.cvae.validate`) for all
 its folds in lock-step, reports ``tune.report`` per epoch and a checkpoint every
 ``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
-from it). Each trial requests ``{"CPU": train.cpus_per_worker, "GPU": train.gpus_per_worker}``
+from it). Each trial requests ``train.resources.bundle()`` (``{"CPU": cpus, "GPU": gpus}``)
 (GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
 
 Outputs under ``OUT``: ``search/`` (the Tune experiment: a rerun of the same command restores it
@@ -56,8 +56,6 @@ the parent gets the best values, ``best.yaml`` and ``trials.csv``.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import tempfile
@@ -273,14 +271,9 @@ def _write_trials(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     cols = ["trial_id", "status", "epochs", *SEARCHED_PAPER, "beta", "score", "score_energy", "score_kl_penalty", "score_rec",
             "val_energy_vox", "val_spread_skill", "val_magnitude_ratio", "val_epe_rec_vox", "val_epe_prior_vox",
             "val_kl", "val_folding_prior", "run_id", "error"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-    return path
+    from .sweep import write_csv
+
+    return write_csv(path, rows, cols)
 
 
 def run_tune(
@@ -351,8 +344,8 @@ def run_tune(
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
     state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "search", cfg)
     ray = init_ray(cfg.ray)
-    use_gpu = detect_gpu(cfg.train.use_gpu, ray)
-    bundle = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": float(cfg.train.gpus_per_worker)} if use_gpu else {})}
+    use_gpu = detect_gpu(cfg.train.resources.use_gpu, ray)
+    bundle = cfg.train.resources.bundle(use_gpu)
     check_capacity(alive_nodes(ray), 1, bundle, cfg.tune.max_concurrent, what="trial", setting="tune.max_concurrent")
 
     exp_path = out / EXPERIMENT
