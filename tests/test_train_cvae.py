@@ -23,16 +23,16 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def fold_inputs(tmp_path_factory, ray_session):
-    """A 3-patient phantom cohort, prepared and annotated (tiny settings)."""
-    from cardiomotion.annotate import annotate
-    from cardiomotion.data.phantom import make_cohort
-    from cardiomotion.data.prepare import prepare_scans
+    """The shared 4-patient 32³ phantom cohort (tests/cv_cohort.py: prepared, its exact flows as
+    the annotations, a seeded pyramid) and this module's settings. The annotate stage that would
+    make such inputs has its own tests; here only fold training is under test."""
+    from cv_cohort import cohort
 
+    prepared, flows = cohort(tmp_path_factory)
     root = tmp_path_factory.mktemp("cvae")
+    (root / "prepared").symlink_to(prepared, target_is_directory=True)
+    (root / "flows").symlink_to(flows, target_is_directory=True)
     cfg = load_config(None, {**TINY, "storage_root": str(root / "store")})
-    folders = make_cohort(root / "cohort", patients=3, grid=32, workers=1)
-    prepare_scans(folders, root / "prepared", cfg)
-    annotate(root / "prepared", root / "flows", cfg)
     return root, cfg
 
 
@@ -127,12 +127,12 @@ def test_rerun_resumes_from_the_checkpoint(fold_inputs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fold", [-1, 3, 99])
+@pytest.mark.parametrize("fold", [-1, 4, 99])
 def test_fold_out_of_range_is_refused(fold_inputs, fold):
     from cardiomotion.train.cvae import train_fold
 
     root, cfg = fold_inputs
-    with pytest.raises(InputError, match=rf"fold {fold} is out of range: .* has 3 scans"):
+    with pytest.raises(InputError, match=rf"fold {fold} is out of range: .* has 4 scans"):
         train_fold(root / "prepared", root / "flows", fold, cfg)
 
 

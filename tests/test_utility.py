@@ -170,6 +170,24 @@ def test_sources_give_unit_images_and_voxel_flows(phantom):
     assert PairSource(es, pair.ed[None], None, window).batch([0]).flow is None
 
 
+def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
+    """run_estimator (what each Ray Train worker runs) for the real-pair and random arms: finite
+    scores of the held-out pair, seeded (the same run twice gives the same numbers)."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import plan_runs, run_estimator
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated", "unsupervised"], "sizes": [4],
+                                                 "seeds": 1, "steps": 2, "batch_size": 2}})
+    runs = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
+                     flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
+    assert [(r.arm, r.n) for r in runs] == [("random", 4), ("annotated", 2), ("unsupervised", 2)]
+    scores = [run_estimator(run, cfg) for run in runs]
+    for run, a in zip(runs, scores):
+        assert np.isfinite(a["epe_mm"]) and a["epe_mm"] > 0 and 0 <= a["dice"] <= 1, (run.arm, a)
+    assert run_estimator(runs[0], cfg)["epe_mm"] == pytest.approx(scores[0]["epe_mm"], rel=1e-6)
+
+
 # --------------------------------------------------------------------------- the stage
 def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, capsys):
     """Held-out pairs are scored against exact truth: a prepared set without it is one line, exit 2."""
@@ -203,17 +221,17 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
                              "train": {**TINY["train"], "epochs": 1},
                              "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "random", "annotated"], "sizes": [4], "seeds": 1,
+                             "utility": {"arms": ["cvae", "annotated"], "sizes": [4], "seeds": 1,
                                          "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
                                          "resources": {"cpus": 0.5}, "max_concurrent": 2}})
     res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("random", 4)]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4)]
     assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
     import pandas as pd
 
     table = pd.read_csv(res.table)
-    assert set(table.arm) == {"cvae", "random", "annotated", "zero"}
+    assert set(table.arm) == {"cvae", "annotated", "zero"}
     assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding"}
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
@@ -227,4 +245,4 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
     # a rerun trains nothing again
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
-    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 2
