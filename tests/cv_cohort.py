@@ -15,7 +15,9 @@ TINY = {
     "annotate": {"pwc": {"channels": [8, 16, 32], "estimator_channels": [16, 16], "search_range": 1}},
     "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "prior_samples": 2, "lr": 2e-3,
               "num_workers": 1, "resources": {"cpus": 0.5}, "max_failures": 1, "augment": {"max_shift": 1}},
-    "cv": {"progress_every_s": 1.0},
+    # annotate's pyramid for every fold: these tiny sweeps test the sweep, not the protocol
+    # (tests/test_fold_pyramid.py tests the default, per_fold)
+    "cv": {"progress_every_s": 1.0, "pyramid": "shared"},
     "ray": {"num_cpus": 2, "dashboard": False},
 }
 

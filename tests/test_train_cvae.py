@@ -17,6 +17,7 @@ TINY = {
               # target's size more than 6 steps of training change the fit, and this test checks
               # that training lowers the loss (augmentation has its own tests).
               "num_workers": 2, "augment": {"max_shift": 1, "p": 0.0}},
+    "cv": {"pyramid": "shared"},  # the fold's pyramid protocol has its own tests (test_fold_pyramid.py)
     "ray": {"num_cpus": 2, "dashboard": False},
 }
 

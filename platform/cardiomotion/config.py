@@ -315,9 +315,10 @@ class CVConfig(_Section):
     """Leave-one-out cross-validation (``cardiomotion cv``): every fold a single-fold training."""
 
     pyramid: PyramidProtocol = Field(
-        PyramidProtocol.SHARED, description="frozen pyramid of each fold: shared (annotate's, fitted on every pair, "
-                                            "the held-out scan's too) or per_fold (a PWC-Net trained without the "
-                                            "held-out scan; strict leave-one-out); also used by train and tune")
+        PyramidProtocol.PER_FOLD, description="frozen pyramid of each fold: per_fold (a PWC-Net trained without the "
+                                              "held-out scan; strict leave-one-out, the default) or shared (annotate's, "
+                                              "fitted on every pair, the held-out scan's too: transductive, one "
+                                              "network fewer per fold); also used by train, tune and utility")
 
     max_concurrent: Optional[int] = Field(
         None, ge=1, description="folds trained at once; null → as many as the cluster's resources hold")
