@@ -53,3 +53,21 @@ def test_per_fold_pyramid_is_trained_without_the_held_out_scan_and_reused(tmp_pa
     said.clear()
     assert train_fold_pyramid(prepared, flows, plan.val_id, cfg, log=said.append) == plan.pyramid
     assert plan.pyramid.stat().st_mtime_ns == stamp and not any("without" in m for m in said)  # reused
+
+
+def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
+    """Each per_fold fold trains its own pyramid, so annotate's settings are part of what a sweep
+    is (a resumed sweep with another pyramid architecture is refused); with shared they are
+    annotate's business, recorded with its output."""
+    from cardiomotion.config import load_config
+    from cardiomotion.train.sweep import sweep_fingerprint
+
+    p, f = Path("/p"), Path("/f")
+
+    def fp(pyramid, **pwc):
+        return sweep_fingerprint(p, f, load_config(None, {"cv": {"pyramid": pyramid}, "annotate": {"pwc": pwc}}))
+
+    assert fp("per_fold") != fp("per_fold", aligned=True)
+    assert fp("per_fold") == fp("per_fold", aligned=False)  # the default, spelled out
+    assert fp("shared") == fp("shared", aligned=True)
+    assert "aligned" not in fp("per_fold")["pyramid_settings"]["pwc"]  # absent at its default

@@ -210,6 +210,37 @@ def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, 
     assert not (tmp_path / "u" / "runs.jsonl").exists()
 
 
+def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path):
+    """generator.json written before ``train.resources`` existed (flat resource keys in its
+    settings) names the same generator: it is reused, not trained again."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store")})
+    old_train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k != "resources"}
+    old_train.update(use_gpu=None, gpus_per_worker=1.0, cpus_per_worker=0.5)
+    (tmp_path / GENERATOR_RECORD).write_text(json.dumps({
+        "model_uri": "runs:/abc/model", "run_id": "abc",
+        "settings": {"train": old_train, "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}}))
+    said: list[str] = []
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, said.append) == "runs:/abc/model"
+    assert not said  # nothing trained, nothing said
+
+
+def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility_job import run_utility
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
+                             "utility": {"resources": {"use_gpu": True}}})
+    with pytest.raises(InputError, match="utility.resources.use_gpu: is true but the Ray cluster has no GPU"):
+        run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
+    assert not (tmp_path / "u" / "runs.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phantom, tmp_path, ray_session):
     import mlflow

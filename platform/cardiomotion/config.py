@@ -129,18 +129,21 @@ class Resources(_Section):
         return {"CPU": float(self.cpus), **({"GPU": float(self.gpus)} if use_gpu else {})}
 
 
-def _lift_resources(data: Any, section: str, legacy: dict[str, str]) -> Any:
+def _lift_resources(data: Any, legacy: dict[str, str]) -> Any:
     """Accept a section's flat resource keys of configs written before :class:`Resources`
-    (e.g. ``train.cpus_per_worker``) as ``resources.<key>``; both spellings at once is an error."""
+    (e.g. ``train.cpus_per_worker``) as ``resources.<key>``; both spellings at once with
+    different values is an error."""
     if not isinstance(data, dict) or not any(k in data for k in legacy):
         return data
     data = dict(data)
-    res = dict(data.get("resources") or {})
+    res = data.get("resources")
+    res = res.model_dump() if isinstance(res, BaseModel) else dict(res or {})
     for old, new in legacy.items():
         if old in data:
-            if new in res:
+            value = data.pop(old)
+            if new in res and res[new] != value:
                 raise ValueError(f"{old} and resources.{new} both set: keep resources.{new}")
-            res[new] = data.pop(old)
+            res[new] = value
     data["resources"] = res
     return data
 
@@ -151,7 +154,7 @@ class AnnotateConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _legacy_resources(cls, data: Any) -> Any:
-        return _lift_resources(data, "annotate", {"use_gpu": "use_gpu"})
+        return _lift_resources(data, {"use_gpu": "use_gpu"})
 
     pwc: PWCConfig = PWCConfig()
     epochs: int = Field(300, ge=1, description="PWC-Net training epochs")
@@ -221,7 +224,7 @@ class TrainConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _legacy_resources(cls, data: Any) -> Any:
-        return _lift_resources(data, "train", {"use_gpu": "use_gpu", "cpus_per_worker": "cpus", "gpus_per_worker": "gpus"})
+        return _lift_resources(data, {"use_gpu": "use_gpu", "cpus_per_worker": "cpus", "gpus_per_worker": "gpus"})
 
     model: CVAEModelConfig = CVAEModelConfig()
     augment: AugmentSection = AugmentSection()
@@ -260,7 +263,7 @@ class GenerateConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _legacy_resources(cls, data: Any) -> Any:
-        return _lift_resources(data, "generate", {"use_gpu": "use_gpu", "cpus_per_actor": "cpus", "gpus_per_actor": "gpus"})
+        return _lift_resources(data, {"use_gpu": "use_gpu", "cpus_per_actor": "cpus", "gpus_per_actor": "gpus"})
 
     seed: Optional[int] = Field(None, description="corpus seed; null → the top-level seed")
     temperature: float = Field(2.0, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean. 2: measured best energy score and calibration (README, 'Which recipe'); 1 = the paper's")
@@ -403,7 +406,7 @@ class UtilityConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _legacy_resources(cls, data: Any) -> Any:
-        return _lift_resources(data, "utility", {"cpus_per_run": "cpus"})
+        return _lift_resources(data, {"cpus_per_run": "cpus"})
 
     arms: list[UtilityArm] = Field(
         [UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.ANNOTATED, UtilityArm.UNSUPERVISED, UtilityArm.MIXED],

@@ -171,12 +171,16 @@ def train_pwcnet(
 
     from ..data.prepare import plain_rows
     from ..data.table import read_scan_table
+    from ..errors import InputError
     from ..raycluster import detect_gpu, init_ray, train_logging
 
     init_ray(cfg.ray)
     ac = cfg.annotate
     rows = rows if rows is not None else read_scan_table(prepared_dir).to_dict("records")
     use_gpu = detect_gpu(ac.resources.use_gpu, ray)
+    if use_gpu and ac.resources.gpus < 1 and ac.num_workers > 1:
+        raise InputError("annotate.num_workers", f"{ac.num_workers} DDP ranks with resources.gpus {ac.resources.gpus}: "
+                         "ranks could share a GPU, which NCCL refuses; use whole GPUs for several ranks")
     trainer = TorchTrainer(
         pwc_train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "prepared": str(Path(prepared_dir).resolve()),

@@ -270,6 +270,17 @@ def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
                            title=f"{row['scan_id']}: annotation (pull field ED←ES)")
 
 
+def pyramid_settings(cfg: Config) -> dict:
+    """The ``annotate`` settings a trained pyramid depends on: all but where it trains (workers,
+    resources) and how often it checkpoints; ``pwc.aligned`` only when set (so records written
+    before the key still match)."""
+    out = {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
+           if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
+    if not cfg.annotate.pwc.aligned:
+        out["pwc"].pop("aligned", None)
+    return out
+
+
 def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out_id: str, cfg: Config,
                        log: Log = lambda _m: None) -> Path:
     """The frozen pyramid of a PWC-Net trained on every prepared pair except ``held_out_id``
@@ -293,11 +304,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     prepared = Path(prepared_dir).resolve()
     dst = fold_pyramid_path(Path(flows_dir).resolve(), held_out_id)
     made_with = {"prepared": str(prepared), "held_out": str(held_out_id), "seed": cfg.seed,
-                 "intensity": cfg.intensity.model_dump(mode="json"),
-                 "annotate": {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
-                              if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}}
-    if not cfg.annotate.pwc.aligned:  # (absent at its default: pyramids recorded before the key still match)
-        made_with["annotate"]["pwc"].pop("aligned", None)
+                 "intensity": cfg.intensity.model_dump(mode="json"), "annotate": pyramid_settings(cfg)}
     record = dst.parent / "pyramid.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dst.parent, "pyramid"):  # one trainer per fold pyramid (cv and a `train --fold` at once)

@@ -308,19 +308,28 @@ def _cause(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- the fold set-up
+def _what_trains(train: dict) -> dict:
+    """A ``train`` dump less where it trains (:data:`~cardiomotion.train.sweep.RESOURCE_KEYS`, and
+    the flat resource keys records made before ``train.resources`` hold), so a generator trained
+    on another cluster shape, or recorded before that key existed, is the same generator."""
+    from ..train.sweep import RESOURCE_KEYS
+
+    legacy = ("use_gpu", "gpus_per_worker", "cpus_per_worker")
+    return {k: v for k, v in train.items() if k not in RESOURCE_KEYS and k not in legacy}
+
+
 def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
     """The fold CVAE's model URI (trained once; kept in generator.json)."""
     from ..fileio import write_json
     from ..train.cvae import train_fold
 
     record = fold_dir / GENERATOR_RECORD
-    from ..train.sweep import RESOURCE_KEYS
-
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in RESOURCE_KEYS}
-    want = {"train": train, "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}
+    want = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": cfg.cv.pyramid.value,
+            "seed": cfg.seed}
     if record.is_file():
         rec = json.loads(record.read_text())
-        if rec.get("settings") == want:
+        found = rec.get("settings") or {}
+        if {**found, "train": _what_trains(found.get("train") or {})} == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
     import hashlib
@@ -515,6 +524,8 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
+    if u.resources.use_gpu and not ray.cluster_resources().get("GPU", 0):
+        raise InputError("utility.resources.use_gpu", "is true but the Ray cluster has no GPU")
     uri = tracking.setup(cfg)
     task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
     task_cfg.storage_root = str(storage_root(cfg))

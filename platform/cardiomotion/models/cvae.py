@@ -9,7 +9,8 @@ every call as a list of features, finest first; the CVAE does not own (or train)
 Architecture (L = ``len(channels)`` levels, level l at grid /2^(l+1), like the pyramid):
 
 * Encoder q(z | u, ES): input concat(u, ES) (B, 3 + in_channels, I, J, K). Level l:
-  conv3 stride 2 → LeakyReLU(0.1) → concat(pyramid level l) → conv3 → LeakyReLU(0.1), giving
+  halve as the pyramid does (conv3 stride 2, or ``AlignedDown`` under an aligned pyramid) →
+  LeakyReLU(0.1) → concat(pyramid level l) → conv3 → LeakyReLU(0.1), giving
   channels[l] at grid /2^(l+1). At the coarsest level two 1×1×1 heads give μ and log σ² of a
   *spatial* latent map (B, latent_channels, I/2^L, J/2^L, K/2^L).
 * Decoder p(u | z, ES): concat(z, pyramid level L−1) → conv3 → LeakyReLU (grid /2^L); then for

@@ -137,7 +137,8 @@ def alive_nodes(ray) -> list[dict[str, float]]:
 def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[str] = (),
                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a sweep's results depend on: inputs, seed, intensity and the ``train`` settings (less
-    :data:`RESOURCE_KEYS` and ``drop``, e.g. the keys a search varies), plus ``extra``. A rerun
+    :data:`RESOURCE_KEYS` and ``drop``, e.g. the keys a search varies), with ``cv.pyramid:
+    per_fold`` the settings of the fold pyramids, plus ``extra``. A rerun
     with another fingerprint is refused (:func:`refuse_other_settings`)."""
     train = cfg.train.model_dump(mode="json")
     for k in (*RESOURCE_KEYS, *drop):
@@ -145,7 +146,10 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
     fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
           "intensity": cfg.intensity.model_dump(mode="json"), "train": train, **(extra or {})}
     if cfg.cv.pyramid.value != "shared":  # (absent for shared: sweeps made before the setting existed resume)
+        from ..annotate.stage import pyramid_settings
+
         fp["pyramid"] = cfg.cv.pyramid.value
+        fp["pyramid_settings"] = pyramid_settings(cfg)  # each fold trains its own: annotate's settings count
     return fp
 
 

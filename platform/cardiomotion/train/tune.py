@@ -44,7 +44,7 @@ trainable that runs the same epoch and validation code as a fold's Ray Train loo
 (:func:`cardiomotion.train.cvae.train_epoch`, :func:`~cardiomotion.train.cvae.validate`) for all
 its folds in lock-step, reports ``tune.report`` per epoch and a checkpoint every
 ``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
-from it). Each trial requests ``train.resources.bundle()`` (``{"CPU": cpus, "GPU": gpus}``)
+from it). Each trial requests ``train.resources.bundle(use_gpu)`` (``{"CPU": cpus}``, plus ``"GPU": gpus`` on GPU)
 (GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
 
 Outputs under ``OUT``: ``search/`` (the Tune experiment: a rerun of the same command restores it
