@@ -103,6 +103,14 @@ def test_cvae_follows_an_aligned_pyramid():
     assert out.flow.shape == flow.shape
 
 
+def test_a_checkpoint_is_the_same_bytes_wherever_it_is_written(tmp_path):
+    """Same weights → same file (the corpus identity and the demo's outputs hash model files)."""
+    pyr = FeaturePyramid(1, (4, 6))
+    a = pyr.save(tmp_path / "a.pt").read_bytes()
+    (tmp_path / "sub").mkdir()
+    assert pyr.save(tmp_path / "sub" / "b.pt").read_bytes() == a
+
+
 def test_pyramid_rejects_wrong_input():
     with pytest.raises(ValueError):
         FeaturePyramid(1, (4,))(torch.rand(1, 2, 8, 8, 8))

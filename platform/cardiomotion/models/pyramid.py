@@ -59,15 +59,18 @@ def downsample(in_ch: int, out_ch: int, aligned: bool = False) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any], module: nn.Module) -> Path:
-    """Write ``{"kind", "config", "state_dict"}`` atomically (temp sibling, then os.replace).
+    """Write ``{"kind", "config", "state_dict"}`` atomically (temp sibling, then os.replace);
+    the same module writes the same bytes wherever and whenever it is saved.
 
     The state dict is moved to CPU so the file loads on a machine without the training device.
     """
     state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     ckpt = {"kind": kind, "config": config, "state_dict": state}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # through a file object: torch names the archive "archive", not after the (random)
+        # temporary file, so the same weights always give the same bytes and sha256
+        torch.save(ckpt, fh)
     return path
 
 
