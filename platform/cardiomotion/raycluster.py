@@ -16,18 +16,25 @@ def detect_gpu(setting: bool | None, ray) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def stage_gpu(resources, ray, where: str) -> bool:
+    """:func:`detect_gpu` for a ``resources`` block, refusing ``use_gpu: true`` on a cluster
+    without a GPU (``where`` names the setting) instead of waiting forever for one."""
+    from .errors import InputError
+
+    use_gpu = detect_gpu(resources.use_gpu, ray)
+    if use_gpu and not ray.cluster_resources().get("GPU", 0):
+        raise InputError(where, "is true but the Ray cluster has no GPU")
+    return use_gpu
+
+
 def actor_pool(resources, actors: int | None, ray, where: str) -> tuple[bool, int]:
     """(use_gpu, pool size) of an actor pool whose actors each ask for ``resources``
     (:class:`~cardiomotion.config.Resources`): ``actors`` when set, else as many as the cluster's
     GPUs (on GPU) or CPUs hold. ``where`` names the setting in the error when ``use_gpu`` is true
     on a cluster without a GPU."""
-    from .errors import InputError
-
+    use_gpu = stage_gpu(resources, ray, where)
     res = ray.cluster_resources()
     gpus = float(res.get("GPU", 0))
-    use_gpu = detect_gpu(resources.use_gpu, ray)
-    if use_gpu and gpus <= 0:
-        raise InputError(where, "is true but the Ray cluster has no GPU")
     if actors:
         return use_gpu, int(actors)
     if use_gpu:

@@ -509,7 +509,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     from .. import tracking
     from ..config import storage_root
     from ..data.table import check_prepared_identity, read_scan_table
-    from ..raycluster import detect_gpu, init_ray
+    from ..raycluster import init_ray, stage_gpu
     from ..train.fold import plan_fold
     from ..train.sweep import resolve_folds
     from .utility import flow_rms
@@ -524,8 +524,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
-    if u.resources.use_gpu and not ray.cluster_resources().get("GPU", 0):
-        raise InputError("utility.resources.use_gpu", "is true but the Ray cluster has no GPU")
+    use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
     uri = tracking.setup(cfg)
     task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
     task_cfg.storage_root = str(storage_root(cfg))
@@ -554,7 +553,6 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
         f"corpus {u.corpus.value}; {len(preparing)} fold CVAEs and corpora to make")
     # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
-    use_gpu = detect_gpu(u.resources.use_gpu, ray)
     slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.resources.cpus))
     if use_gpu:
         slots = min(slots, max(1, int(ray.cluster_resources().get("GPU", 0) // u.resources.gpus)))
