@@ -4,6 +4,13 @@ Every stage writes one folder; the names inside it are defined here and only her
 helpers for the per-scan files. Modules import the names they use; nothing else spells a file
 name of another stage.
 
+``phantom`` → COHORT/<patient_id>/::
+
+    ct.nii.gz, labels.nii.gz           PHANTOM_CT, PHANTOM_LABELS (4-D: every phase)
+    truth/flow_ed_from_es.nii.gz       PHANTOM_TRUTH_FLOW (the exact ED←ES pull field)
+    meta.json                          PHANTOM_META (ES/ED phases, parameters, measured EF)
+    preview.png                        PHANTOM_PREVIEW
+
 ``prepare`` → PREPARED/::
 
     scans.parquet                      SCAN_TABLE (one row per scan; paths relative to PREPARED)
@@ -18,8 +25,10 @@ name of another stage.
     <scan_id>/quality.json             ANNOTATION_QUALITY (per-pair quality of the annotation)
     annotations.parquet                ANNOTATION_TABLE
     prepared.sha256                    PREPARED_ID_FILE (the fingerprint of the prepared set annotated)
+    summary.json                       ANNOTATION_SUMMARY (MLflow run, model URIs, EPE summary)
     pwcnet.pt, feature_pyramid.pt      PWCNET_FILE, PYRAMID_FILE
-    fold_pyramids/<scan_id>/           FOLD_PYRAMIDS (cv.pyramid: per_fold — a network trained without that scan)
+    fold_pyramids/<scan_id>/           FOLD_PYRAMIDS (cv.pyramid: per_fold — a network trained without that scan),
+                                       with FOLD_PYRAMID_RECORD (what it was trained with)
 
 a Ray Train checkpoint (a folder)::
 
@@ -43,8 +52,14 @@ a trained model (MLflow artifact ``model``, or a folder)::
 
     plan.json, manifest.json           CORPUS_PLAN, MANIFEST (the manifest is written last)
     shard-KKKKKK.tar, shard-KKKKKK.json        shard_name(k), sidecar_name(k)
+        <key>.es.npy, <key>.ed_syn.npy, <key>.flow.npy, <key>.json    SAMPLE_MEMBERS (tar members per sample)
     previews/, frames/                 PREVIEWS, FRAMES (generate --frames: the prepared frames)
     .generate.lock                     GENERATE_LOCK
+
+``export`` → OUT/::
+
+    es.nii.gz, ed_syn.nii.gz, flow.nii.gz, sample.json      EXPORT_ES, EXPORT_ED_SYN, EXPORT_FLOW, EXPORT_META
+    transition.gif, traversal.png                           EXPORT_GIF, EXPORT_TRAVERSAL
 
 ``utility`` → OUT/::
 
@@ -56,6 +71,13 @@ a trained model (MLflow artifact ``model``, or a folder)::
 from __future__ import annotations
 
 from pathlib import Path
+
+# phantom
+PHANTOM_CT = "ct.nii.gz"
+PHANTOM_LABELS = "labels.nii.gz"
+PHANTOM_TRUTH_FLOW = "truth/flow_ed_from_es.nii.gz"
+PHANTOM_META = "meta.json"
+PHANTOM_PREVIEW = "preview.png"
 
 # prepare
 SCAN_TABLE = "scans.parquet"
@@ -75,6 +97,8 @@ PYRAMID_FILE = "feature_pyramid.pt"
 ANNOTATION_QUALITY = "quality.json"
 PREPARED_ID_FILE = "prepared.sha256"
 FOLD_PYRAMIDS = "fold_pyramids"  # per-fold protocol: fold_pyramids/<held-out scan>/feature_pyramid.pt
+FOLD_PYRAMID_RECORD = "pyramid.json"
+ANNOTATION_SUMMARY = "summary.json"
 
 # training checkpoints, cv, tune
 TRAIN_CHECKPOINT = "state.pt"
@@ -99,7 +123,19 @@ GENERATE_LOCK = ".generate.lock"
 PREVIEWS = "previews"
 FRAMES = "frames"
 SHARD_GLOB = "shard-*.tar"
+SAMPLE_ES = "es.npy"
+SAMPLE_ED_SYN = "ed_syn.npy"
+SAMPLE_FLOW = "flow.npy"
+SAMPLE_META = "json"
+SAMPLE_MEMBERS = (SAMPLE_ES, SAMPLE_ED_SYN, SAMPLE_FLOW, SAMPLE_META)  # per sample, in this order
 
+# export
+EXPORT_ES = "es.nii.gz"
+EXPORT_ED_SYN = "ed_syn.nii.gz"
+EXPORT_FLOW = "flow.nii.gz"
+EXPORT_META = "sample.json"
+EXPORT_GIF = "transition.gif"
+EXPORT_TRAVERSAL = "traversal.png"
 
 # utility
 UTILITY_RUNS = "runs.jsonl"
@@ -130,6 +166,11 @@ def flow_path(flows_dir: str | Path, scan_id: str) -> Path:
 def fold_pyramid_path(flows_dir: str | Path, held_out_id: str) -> Path:
     """The frozen pyramid of the annotation network trained without scan ``held_out_id``."""
     return Path(flows_dir) / FOLD_PYRAMIDS / str(held_out_id) / PYRAMID_FILE
+
+
+def fold_ef_figure_name(fold: int) -> str:
+    """The per-fold histogram of the synthetic-ED ejection fractions (a validation figure)."""
+    return f"fold_{int(fold):03d}_ef.png"
 
 
 def shard_name(k: int) -> str:

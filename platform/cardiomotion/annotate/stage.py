@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
 from ..layout import ANNOTATION_QUALITY as QUALITY_FILE, ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE
-from ..layout import PYRAMID_FILE, SCAN_TABLE
+from ..layout import ANNOTATION_SUMMARY, FOLD_PYRAMID_RECORD, PYRAMID_FILE, SCAN_TABLE
 
 Log = Callable[[str], None]
 
@@ -237,7 +237,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
         tracking.log_checkpoint(out / PYRAMID_FILE, "feature_pyramid")
         fig = _figure(prepared, out, rows[0], cfg)
         tracking.log_artifact(fig, "figures")
-        write_json(out / "summary.json", {"run_id": run.info.run_id, "tracking_uri": uri,
+        write_json(out / ANNOTATION_SUMMARY, {"run_id": run.info.run_id, "tracking_uri": uri,
                                           "pyramid_uri": f"runs:/{run.info.run_id}/feature_pyramid/{PYRAMID_FILE}",
                                           "model_uri": f"runs:/{run.info.run_id}/model/{MODEL_FILE}", **summary})
     return table
@@ -305,7 +305,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     dst = fold_pyramid_path(Path(flows_dir).resolve(), held_out_id)
     made_with = {"prepared": str(prepared), "held_out": str(held_out_id), "seed": cfg.seed,
                  "intensity": cfg.intensity.model_dump(mode="json"), "annotate": pyramid_settings(cfg)}
-    record = dst.parent / "pyramid.json"
+    record = dst.parent / FOLD_PYRAMID_RECORD
     dst.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(dst.parent, "pyramid"):  # one trainer per fold pyramid (cv and a `train --fold` at once)
         if dst.is_file() and record.is_file():

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import erf
 
+from ..layout import PHANTOM_CT, PHANTOM_LABELS, PHANTOM_META, PHANTOM_TRUTH_FLOW
+
 # Labels of labels.nii.gz.
 BACKGROUND, LV_BLOOD, LV_MYO, RV_BLOOD, RV_WALL, LA_BLOOD, AORTA = 0, 1, 2, 3, 4, 5, 6
 LABEL_NAMES = {
@@ -318,10 +320,10 @@ def write_patient(patient: PhantomPatient, out_dir: str | Path) -> Path:
     final = Path(out_dir) / patient.patient_id
     with atomic_dir(final) as tmp:
         ct = np.clip(np.rint(patient.ct), -1024, 3071).astype(np.int16)
-        write_nifti(tmp / "ct.nii.gz", ct, patient.affine)
-        write_nifti(tmp / "labels.nii.gz", patient.labels, patient.affine)
-        write_flow(tmp / "truth" / "flow_ed_from_es.nii.gz", patient.flow_ed_from_es, patient.affine)
-        write_json(tmp / "meta.json", patient.meta)
+        write_nifti(tmp / PHANTOM_CT, ct, patient.affine)
+        write_nifti(tmp / PHANTOM_LABELS, patient.labels, patient.affine)
+        write_flow(tmp / PHANTOM_TRUTH_FLOW, patient.flow_ed_from_es, patient.affine)
+        write_json(tmp / PHANTOM_META, patient.meta)
     return final
 
 
@@ -331,8 +333,8 @@ def patient_id(index: int) -> str:
 
 def is_complete(folder: Path) -> bool:
     """A patient folder is complete when its last-written file exists (writes are atomic anyway)."""
-    return all((folder / f).is_file() for f in ("ct.nii.gz", "labels.nii.gz", "meta.json",
-                                                "truth/flow_ed_from_es.nii.gz"))
+
+    return all((folder / f).is_file() for f in (PHANTOM_CT, PHANTOM_LABELS, PHANTOM_META, PHANTOM_TRUTH_FLOW))
 
 
 def _make_and_write(args: tuple) -> str:
@@ -373,9 +375,9 @@ def make_cohort(
     for i, folder in enumerate(folders):
         if is_complete(folder):
             try:
-                meta = json.loads((folder / "meta.json").read_text())
+                meta = json.loads((folder / PHANTOM_META).read_text())
             except ValueError as exc:
-                raise InputError(folder / "meta.json", f"unreadable phantom meta.json ({exc}); "
+                raise InputError(folder / PHANTOM_META, f"unreadable phantom meta.json ({exc}); "
                                                        "delete the folder or choose another --out") from None
             found = {"seed": meta.get("seed"), "grid": meta.get("grid"),
                      "phases": len(meta.get("phase_percent", [])), "spacing_mm": meta.get("spacing_mm")}

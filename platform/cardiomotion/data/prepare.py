@@ -112,18 +112,18 @@ def _carry_phantom_truth(scan: Scan, choice, tmp: Path, out_aff: np.ndarray, gri
     import nibabel as nib
 
     from ..flow.io import read_flow, write_flow
-    from .phantom_reader import LABELS, TRUTH_FLOW
+    from ..layout import PHANTOM_LABELS, PHANTOM_META, PHANTOM_TRUTH_FLOW
 
-    meta = json.loads((scan.source / "meta.json").read_text())
+    meta = json.loads((scan.source / PHANTOM_META).read_text())
     if (choice.es_phase, choice.ed_phase) != (meta["es_phase"], meta["ed_phase"]):
         return {}
-    flow, flow_aff = read_flow(scan.source / TRUTH_FLOW)
+    flow, flow_aff = read_flow(scan.source / PHANTOM_TRUTH_FLOW)
     # The truth file lives on the stored grid; bring it to canonical RAS like the volumes.
     from ..orientation import flow_to_canonical, to_canonical
 
     flow, flow_aff = flow_to_canonical(flow, flow_aff)
     write_flow(tmp / TRUTH_FLOW_FILE, resample_flow(flow, flow_aff, out_aff, grid), out_aff)
-    lab_img = nib.load(str(scan.source / LABELS))
+    lab_img = nib.load(str(scan.source / PHANTOM_LABELS))
     for phase, name in ((choice.ed_phase, ED_LABELS_FILE), (choice.es_phase, ES_LABELS_FILE)):
         labels, lab_aff = to_canonical(np.asarray(lab_img.dataobj[..., phase]), lab_img.affine)
         write_nifti(tmp / name, resample(labels, lab_aff, out_aff, grid, order=0, cval=0).astype(np.uint8), out_aff)

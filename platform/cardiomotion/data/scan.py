@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import InputError
+from ..layout import PHANTOM_CT, PHANTOM_LABELS, PHANTOM_META, PHANTOM_TRUTH_FLOW
 
 
 class ScanFormat(str, Enum):
@@ -136,10 +137,10 @@ def detect_format(path: str | Path) -> ScanFormat:
             return {"nifti": ScanFormat.NIFTI_4D, "nrrd": ScanFormat.NRRD, "metaimage": ScanFormat.METAIMAGE}[kind]
         raise InputError(path, "not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file "
                                "and not a scan folder")
-    if (path / "ct.nii.gz").is_file() and (path / "meta.json").is_file():
+    if (path / PHANTOM_CT).is_file() and (path / PHANTOM_META).is_file():
         return ScanFormat.PHANTOM
-    if (path / "ct.nii.gz").is_file() and ((path / "labels.nii.gz").is_file() or (path / "truth").is_dir()):
-        raise InputError(path / "meta.json", "missing: the folder looks like a phantom patient (ct.nii.gz with "
+    if (path / PHANTOM_CT).is_file() and ((path / PHANTOM_LABELS).is_file() or (path / PHANTOM_TRUTH_FLOW).parent.is_dir()):
+        raise InputError(path / PHANTOM_META, "missing: the folder looks like a phantom patient (ct.nii.gz with "
                                              "labels/truth) but has no meta.json (ES/ED, parameters); "
                                              "write it again with `cardiomotion phantom`")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))

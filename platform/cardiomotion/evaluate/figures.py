@@ -124,17 +124,18 @@ def plot_phantom_preview(folder: str | Path) -> Path:
     import nibabel as nib
 
     from ..flow.io import read_flow
+    from ..layout import PHANTOM_CT, PHANTOM_LABELS, PHANTOM_META, PHANTOM_PREVIEW, PHANTOM_TRUTH_FLOW
 
     folder = Path(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    ct = nib.load(str(folder / "ct.nii.gz"))
+    meta = json.loads((folder / PHANTOM_META).read_text())
+    ct = nib.load(str(folder / PHANTOM_CT))
     es = np.asarray(ct.dataobj[..., meta["es_phase"]], dtype=np.float32)
     ed = np.asarray(ct.dataobj[..., meta["ed_phase"]], dtype=np.float32)
-    labels = np.asarray(nib.load(str(folder / "labels.nii.gz")).dataobj[..., meta["ed_phase"]])
-    flow, _ = read_flow(folder / "truth" / "flow_ed_from_es.nii.gz")
+    labels = np.asarray(nib.load(str(folder / PHANTOM_LABELS)).dataobj[..., meta["ed_phase"]])
+    flow, _ = read_flow(folder / PHANTOM_TRUTH_FLOW)
     center = np.argwhere(labels == 1).mean(0).astype(int).tolist() if (labels == 1).any() else None
     s = float(meta["spacing_mm"])
-    return plot_pair(es, ed, folder / "preview.png", flow=flow, spacing=(s, s, s), center=center,
+    return plot_pair(es, ed, folder / PHANTOM_PREVIEW, flow=flow, spacing=(s, s, s), center=center,
                      title=f"{meta['patient_id']}: ES (phase {meta['es_phase']}), ED (phase {meta['ed_phase']}), "
                            f"EF {100 * meta['ef_measured']:.0f} %")
 

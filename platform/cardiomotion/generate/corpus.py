@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from .engine import FORMAT, MEMBERS, sample_key
 
-from ..layout import MANIFEST
+from ..layout import MANIFEST, SAMPLE_ED_SYN, SAMPLE_ES, SAMPLE_FLOW, SAMPLE_META
 
 
 def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
@@ -50,9 +50,9 @@ def decode_member(name: str, data: bytes) -> Any:
 
 
 def sample_dict(index: int, parts: dict[str, Any]) -> dict[str, Any]:
-    meta = parts["json"]
-    return {"index": index, "scan_id": meta["scan_id"], "es": parts["es.npy"], "ed_syn": parts["ed_syn.npy"],
-            "flow": parts["flow.npy"], "affine": np.asarray(meta["affine"], dtype=np.float64), "meta": meta}
+    meta = parts[SAMPLE_META]
+    return {"index": index, "scan_id": meta["scan_id"], "es": parts[SAMPLE_ES], "ed_syn": parts[SAMPLE_ED_SYN],
+            "flow": parts[SAMPLE_FLOW], "affine": np.asarray(meta["affine"], dtype=np.float64), "meta": meta}
 
 
 class Corpus:
@@ -191,7 +191,7 @@ def _webdataset_decoder(sample: dict[str, Any]) -> dict[str, Any]:
     for key, value in sample.items():
         if key.startswith("__"):
             continue
-        if key == "json":
+        if key == SAMPLE_META:
             meta = json.loads(bytes(value))
             out["scan_id"] = str(meta["scan_id"])
             out["affine"] = np.asarray(meta["affine"], dtype=np.float64)
@@ -202,8 +202,8 @@ def _webdataset_decoder(sample: dict[str, Any]) -> dict[str, Any]:
 
 def _webdataset_row(row: dict[str, Any]) -> dict[str, Any]:
     """A decoded read_webdataset row → the columns of :meth:`Corpus.ray_dataset`."""
-    return {"index": int(row["__key__"]), "scan_id": str(row["scan_id"]), "es": row["es.npy"],
-            "ed_syn": row["ed_syn.npy"], "flow": row["flow.npy"], "affine": row["affine"]}
+    return {"index": int(row["__key__"]), "scan_id": str(row["scan_id"]), "es": row[SAMPLE_ES],
+            "ed_syn": row[SAMPLE_ED_SYN], "flow": row[SAMPLE_FLOW], "affine": row["affine"]}
 
 
 def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -27,11 +27,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..layout import SAMPLE_ED_SYN, SAMPLE_ES, SAMPLE_FLOW, SAMPLE_MEMBERS as MEMBERS, SAMPLE_META
+
 
 FORMAT = "cardiomotion-corpus"
 FORMAT_VERSION = 1
 KEY_DIGITS = 9  # member names "000000012.es.npy": up to 10^9 samples
-MEMBERS = ("es.npy", "ed_syn.npy", "flow.npy", "json")  # per sample, in this order
 CONVENTION = "pull field on the ED grid, voxels, channel c along array axis c: ED_syn(x) = ES(x + u(x))"
 _SCAN_SALT = 0x5CA75CA7
 
@@ -222,8 +223,8 @@ class SampleEngine:
         for j, i in enumerate(indices):
             key = sample_key(i)
             meta = json.dumps(self.meta(i, int(block["scan"][j])), sort_keys=True, separators=(",", ":"))
-            out += [(f"{key}.es.npy", npy_bytes(block["es"][j])),
-                    (f"{key}.ed_syn.npy", npy_bytes(block["ed_syn"][j])),
-                    (f"{key}.flow.npy", npy_bytes(block["flow"][j])),
-                    (f"{key}.json", meta.encode())]
+            out += [(f"{key}.{SAMPLE_ES}", npy_bytes(block["es"][j])),
+                    (f"{key}.{SAMPLE_ED_SYN}", npy_bytes(block["ed_syn"][j])),
+                    (f"{key}.{SAMPLE_FLOW}", npy_bytes(block["flow"][j])),
+                    (f"{key}.{SAMPLE_META}", meta.encode())]
         return out

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import Config, load_config
 from ..fileio import write_json, write_nifti
+from ..layout import EXPORT_ED_SYN, EXPORT_ES, EXPORT_FLOW, EXPORT_GIF, EXPORT_META, EXPORT_TRAVERSAL
 
 
 def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gif: bool = True,
@@ -38,16 +39,16 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
     out.mkdir(parents=True, exist_ok=True)
     aff = s["affine"]
     paths = {
-        "es": write_nifti(out / "es.nii.gz", s["es"], aff),
-        "ed_syn": write_nifti(out / "ed_syn.nii.gz", s["ed_syn"], aff),
-        "flow": write_flow(out / "flow.nii.gz", s["flow"].astype(np.float32), aff),
-        "meta": write_json(out / "sample.json", {**s["meta"], "corpus": str(corpus.dir)}),
+        "es": write_nifti(out / EXPORT_ES, s["es"], aff),
+        "ed_syn": write_nifti(out / EXPORT_ED_SYN, s["ed_syn"], aff),
+        "flow": write_flow(out / EXPORT_FLOW, s["flow"].astype(np.float32), aff),
+        "meta": write_json(out / EXPORT_META, {**s["meta"], "corpus": str(corpus.dir)}),
     }
     if gif:
         from .previews import sample_velocity
 
         # a velocity model's path is exp(t·v), decoded again from (model, seed, index)
-        paths["gif"] = transition_gif(s["es"], s["flow"], out / "transition.gif", frames=cfg.generate.gif_frames,
+        paths["gif"] = transition_gif(s["es"], s["flow"], out / EXPORT_GIF, frames=cfg.generate.gif_frames,
                                       velocity=sample_velocity(corpus_dir, index, model=model, cfg=cfg))
     if traversal:
         from .previews import traversal_figure
@@ -58,6 +59,6 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
         if resolved.cvae_sha256 != man["model"]["cvae_sha256"]:
             raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
         paths["traversal"] = traversal_figure(resolved, s["es"], float(s["meta"]["spacing_mm"]),
-                                              out / "traversal.png", cfg,
+                                              out / EXPORT_TRAVERSAL, cfg,
                                               title=f"latent traversal, {s['scan_id']} (sample {s['index']})")
     return paths

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..layout import CVAE_FILE, ED_FILE, ES_FILE, MODEL_META, PYRAMID_FILE
+from ..layout import CVAE_FILE, ED_FILE, ES_FILE, MODEL_META, PYRAMID_FILE, scan_file
 
 
 def make_random_model_dir(dst: str | Path, grid: Sequence[int] = (32, 32, 32), channels: Sequence[int] = (8, 16, 32),
@@ -90,7 +90,7 @@ def make_synthetic_prepared(dst: str | Path, n_scans: int = 3, grid: Sequence[in
         records.append({"scan_id": sid, "source": "synthetic", "format": "synthetic", "es_phase": 0, "ed_phase": 0,
                         "phases_from": "synthetic", "n_phases": 1, "spacing_mm": float(spacing_mm),
                         "shape": list(grid), "center_mm": [0.0, 0.0, 0.0], "original_affine": "",
-                        "es_path": f"{sid}/es.nii.gz", "ed_path": f"{sid}/ed.nii.gz",
+                        "es_path": scan_file(sid, ES_FILE), "ed_path": scan_file(sid, ED_FILE),
                         "truth_flow_path": None, "labels_path": None})
     write_scan_table(dst, records)
     return dst

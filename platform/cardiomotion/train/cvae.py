@@ -28,7 +28,7 @@ from .settings import StepSettings, step_settings
 if TYPE_CHECKING:  # the step functions need no config (and so no pydantic): StepSettings is enough
     from ..config import Config
 
-from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE
+from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE, fold_ef_figure_name
 
 
 def build_cvae(cfg: Config | StepSettings, pyramid_config: dict[str, Any]):
@@ -378,7 +378,7 @@ def prior_report(model, pyramid, es: torch.Tensor, flow: torch.Tensor, plan, cfg
     figure = None
     if rep.samples_physiology:
         figure = plot_ef_histogram([p.ef for p in rep.samples_physiology], cohort_ejection_fractions(plan.prepared),
-                                   dst_dir / f"fold_{plan.fold:03d}_ef.png",
+                                   dst_dir / fold_ef_figure_name(plan.fold),
                                    truth_ef=rep.truth_physiology.ef if rep.truth_physiology else None,
                                    title=f"fold {plan.fold}: held-out {plan.val_id}, synthetic-ED EF")
     return rep.metrics, figure

@@ -1,0 +1,48 @@
+"""`layout` owns every on-disk name: no other module of the package spells a file name."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import cardiomotion
+from cardiomotion import layout
+
+PACKAGE = Path(cardiomotion.__file__).parent
+FILE_NAME = re.compile(r"[\w./-]+\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)")
+NOT_OURS = {"ray-schema.json"}  # the Ray autoscaler's own schema file inside the ray package
+
+
+def _file_name_literals(source: str) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and FILE_NAME.fullmatch(node.value):
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_the_detector_finds_a_spelled_file_name():
+    src = 'x = 1\npath = root / "meta.json"\nmsg = "meta.json is missing"\n'
+    assert _file_name_literals(src) == [(2, "meta.json")]
+
+
+def test_no_module_but_layout_spells_an_on_disk_name():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == Path(layout.__file__):
+            continue
+        for line, name in _file_name_literals(path.read_text()):
+            if name not in NOT_OURS:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{line}: {name!r}")
+    assert offenders == [], "file names belong in cardiomotion/layout.py:\n" + "\n".join(offenders)
+
+
+def test_phantom_names_are_what_the_cohort_writer_writes(tmp_path):
+    from cardiomotion.data.phantom import is_complete, make_patient, write_patient
+
+    folder = write_patient(make_patient(0, seed=0, grid=16, phases=4), tmp_path)
+    for name in (layout.PHANTOM_CT, layout.PHANTOM_LABELS, layout.PHANTOM_TRUTH_FLOW, layout.PHANTOM_META):
+        assert (folder / name).is_file(), name
+    assert is_complete(folder)
+    (folder / layout.PHANTOM_TRUTH_FLOW).unlink()
+    assert not is_complete(folder)
