@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=2, help="epochs over the corpus per path; the last one is reported "
                                                            "(the first, with Ray Data's start-up, as first_pass)")
     args = ap.parse_args(argv)
+    if args.passes < 1:
+        ap.error("--passes must be at least 1")
 
     import numpy as np
     import ray

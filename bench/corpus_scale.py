@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64, help="latents decoded together")
     ap.add_argument("--actors", type=int, help="actor pool size (default: one per CPU)")
-    ap.add_argument("--work", help="scratch folder (corpora are written here; ~60 KB per sample at 16³)")
+    ap.add_argument("--work", help="scratch folder (corpora are written here; ~46 KB per sample at 16³)")
     ap.add_argument("--keep", action="store_true", help="keep the corpora (default: each is deleted after its read)")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

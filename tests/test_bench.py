@@ -91,18 +91,3 @@ def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     again = _bench("prior_recipes.py", *args)  # nothing left to train: the same summary
     assert len(out.read_text().splitlines()) == 2 and again["settings"].keys() == s.keys()
 
-
-@pytest.mark.slow
-def test_corpus_scale_generates_reads_back_every_sample_once_and_verifies_the_shards(tmp_path):
-    out = _bench("corpus_scale.py", "--sizes", "40", "--grid", "16", "--shard-size", "16", "--batch", "8",
-                 "--scans", "3", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "scale.json"))
-    assert json.loads((tmp_path / "scale.json").read_text()) == out
-    (run,) = out["runs"]
-    gen, read = run["generate"], run["read"]
-    assert run["n"] == 40 and gen["shards"] == 3  # 16 + 16 + 8
-    assert read["rows"] == 40 and read["unique"] == 40 and read["duplicates"] == read["missing"] == 0
-    assert read["exactly_n_unique"] is True
-    assert read["shards_verified"] == 3 and read["shards_bad"] == []
-    assert gen["bytes"] > 40 * 16**3 * (2 + 2 + 2 * 3)  # int16 ES, ED_syn, float16 flow, plus tar headers
-    assert gen["driver_peak_rss_mb"] > 0 and gen["actor_peak_rss_mb"] > 0
-    assert not (tmp_path / "work" / "corpus_40").exists()  # deleted after its read unless --keep

@@ -10,20 +10,31 @@ from cardiomotion import layout
 
 PACKAGE = Path(cardiomotion.__file__).parent
 FILE_NAME = re.compile(r"[\w./-]+\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)")
+FILE_SUFFIX = re.compile(r"[\w./-]*\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)")
 NOT_OURS = {"ray-schema.json"}  # the Ray autoscaler's own schema file inside the ray package
 
 
 def _file_name_literals(source: str) -> list[tuple[int, str]]:
+    """String constants that are file names, and f-strings that build one (their last part ends
+    in a file extension: ``f"fold_{k:03d}.png"``)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and FILE_NAME.fullmatch(node.value):
+    tree = ast.parse(source)
+    parts = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            last = node.values[-1] if node.values else None
+            if isinstance(last, ast.Constant) and isinstance(last.value, str) and FILE_SUFFIX.fullmatch(last.value):
+                found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Constant) and id(node) not in parts and isinstance(node.value, str)
+              and FILE_NAME.fullmatch(node.value)):
             found.append((node.lineno, node.value))
-    return found
+    return sorted(found)
 
 
 def test_the_detector_finds_a_spelled_file_name():
-    src = 'x = 1\npath = root / "meta.json"\nmsg = "meta.json is missing"\n'
-    assert _file_name_literals(src) == [(2, "meta.json")]
+    src = ('x = 1\npath = root / "meta.json"\nmsg = "meta.json is missing"\n'
+           'fig = f"fold_{k:03d}.png"\nsay = f"{path}: not a .png file"\n')
+    assert _file_name_literals(src) == [(2, "meta.json"), (4, "f'fold_{k:03d}.png'")]
 
 
 def test_no_module_but_layout_spells_an_on_disk_name():

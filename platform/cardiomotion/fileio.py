@@ -139,7 +139,9 @@ def exclusive_lock(target: str | Path, stage: str) -> Iterator[Path]:
 
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.{stage}.lock"
+    from .layout import lock_name
+
+    path = target.parent / lock_name(target.name, stage)
     with open(path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -168,6 +168,42 @@ def fold_pyramid_path(flows_dir: str | Path, held_out_id: str) -> Path:
     return Path(flows_dir) / FOLD_PYRAMIDS / str(held_out_id) / PYRAMID_FILE
 
 
+def lock_name(target_name: str, stage: str) -> str:
+    """The advisory lock file next to ``target_name`` that one ``stage`` run holds (``fileio.exclusive_lock``)."""
+    return f".{target_name}.{stage}.lock"
+
+
+def cv_fold_state_name(k: int) -> str:
+    """Fold ``k``'s state file inside ``CV_FOLDS``."""
+    return f"{int(k):03d}.json"
+
+
+def fold_figure_name(fold: int) -> str:
+    """A fold's validation figure (slices of the held-out pair, reconstruction, prior samples)."""
+    return f"fold_{int(fold):03d}.png"
+
+
+def annotation_figure_name(scan_id: str) -> str:
+    return f"annotation_{scan_id}.png"
+
+
+def prepared_figure_name(scan_id: str) -> str:
+    return f"prepared_{scan_id}.png"
+
+
+def preview_sample_name(key: str) -> str:
+    """Corpus preview of the sample with tar key ``key`` (inside ``PREVIEWS``)."""
+    return f"sample_{key}.png"
+
+
+def preview_transition_name(key: str) -> str:
+    return f"transition_{key}.gif"
+
+
+def preview_traversal_name(scan_id: str) -> str:
+    return f"traversal_{scan_id}.png"
+
+
 def fold_ef_figure_name(fold: int) -> str:
     """The per-fold histogram of the synthetic-ED ejection fractions (a validation figure)."""
     return f"fold_{int(fold):03d}_ef.png"

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Config
-from .layout import PREVIEWS
+from .layout import PREVIEWS, prepared_figure_name
 from .tracking import check_reachable, tracking_uri
 
 Log = Callable[[str], None]
@@ -55,7 +55,7 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
     table = read_scan_table(table_path.parent)
     row = table.iloc[0]
     pair = load_pair(table_path.parent, row)
-    figure = plot_pair(pair.es, pair.ed, out / "figures" / f"prepared_{row['scan_id']}.png",
+    figure = plot_pair(pair.es, pair.ed, out / "figures" / prepared_figure_name(row['scan_id']),
                        flow=pair.truth_flow, spacing=[pair.spacing_mm] * 3,
                        title=f"{row['scan_id']}: prepared ES/ED and the true ED←ES flow",
                        center=_lv_center(pair.ed_labels))

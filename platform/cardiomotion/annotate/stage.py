@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
 from ..layout import ANNOTATION_QUALITY as QUALITY_FILE, ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE
-from ..layout import ANNOTATION_SUMMARY, FOLD_PYRAMID_RECORD, PYRAMID_FILE, SCAN_TABLE
+from ..layout import ANNOTATION_SUMMARY, FOLD_PYRAMID_RECORD, PYRAMID_FILE, SCAN_TABLE, annotation_figure_name
 
 Log = Callable[[str], None]
 
@@ -265,7 +265,7 @@ def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
     center = None
     if pair.ed_labels is not None and (pair.ed_labels == 1).any():
         center = np.argwhere(pair.ed_labels == 1).mean(0).astype(int).tolist()
-    return plot_orthogonal(rows, out / "figures" / f"annotation_{row['scan_id']}.png", spacing=(s, s, s),
+    return plot_orthogonal(rows, out / "figures" / annotation_figure_name(row['scan_id']), spacing=(s, s, s),
                            windows=windows, cmaps=cmaps, center=center,
                            title=f"{row['scan_id']}: annotation (pull field ED←ES)")
 

@@ -333,7 +333,6 @@ def patient_id(index: int) -> str:
 
 def is_complete(folder: Path) -> bool:
     """A patient folder is complete when its last-written file exists (writes are atomic anyway)."""
-
     return all((folder / f).is_file() for f in (PHANTOM_CT, PHANTOM_LABELS, PHANTOM_META, PHANTOM_TRUTH_FLOW))
 
 

@@ -10,7 +10,6 @@ from ..layout import PHANTOM_CT, PHANTOM_META
 from .scan import Scan, ScanFormat, read_scan, register_reader
 
 
-
 @register_reader(ScanFormat.PHANTOM)
 def read_phantom(path: Path) -> Scan:
     """A phantom patient folder as a :class:`Scan` with ``es_phase``/``ed_phase`` from meta.json."""

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..layout import SAMPLE_ED_SYN, SAMPLE_ES, SAMPLE_FLOW, SAMPLE_MEMBERS as MEMBERS, SAMPLE_META
+from ..layout import SAMPLE_ED_SYN, SAMPLE_ES, SAMPLE_FLOW, SAMPLE_META
 
 
 FORMAT = "cardiomotion-corpus"

@@ -16,8 +16,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import InputError
-from ..layout import CORPUS_PLAN as PLAN, FRAMES, GENERATE_LOCK as LOCK, SHARD_GLOB, shard_name, sidecar_name
-from .corpus import MANIFEST
+from ..layout import CORPUS_PLAN as PLAN, FRAMES, GENERATE_LOCK as LOCK, MANIFEST, SHARD_GLOB, shard_name, sidecar_name
 from .engine import FORMAT, FORMAT_VERSION, num_shards, shard_range
 from .model import ResolvedModel
 

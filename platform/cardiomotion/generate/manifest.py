@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from .corpus import MANIFEST
-from .engine import FORMAT, FORMAT_VERSION, MEMBERS, num_shards
+from ..layout import MANIFEST, SAMPLE_MEMBERS
+from .engine import FORMAT, FORMAT_VERSION, num_shards
 from .identity import finished_shard, now_utc
 from .model import ResolvedModel
 
@@ -39,7 +39,7 @@ def write_manifest(out: Path, n: int, plan: dict, resolved: ResolvedModel, frame
         "prepared": plan["prepared"],
         "grid": identity["grid"], "spacing_mm": frames["spacing_mm"], "intensity_window": list(resolved.window),
         "dtypes": {"es": "int16", "ed_syn": "int16", "flow": g.flow_dtype},
-        "members": list(MEMBERS), "key_format": "9-digit zero-padded sample index",
+        "members": list(SAMPLE_MEMBERS), "key_format": "9-digit zero-padded sample index",
         "convention": "flow: pull field on the ED grid in voxels, channel c along array axis c; "
                       "ED_syn = round(warp(ES, flow)) in HU; affine = the grid's RAS affine (mm)",
         "scans": [{"scan_id": s, "es_sha256": h, "affine": a.tolist(), "count": per_scan.get(s, 0), **prov}

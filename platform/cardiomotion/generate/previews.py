@@ -9,9 +9,9 @@ import numpy as np
 
 from ..config import Config, load_config
 from ..errors import InputError
-from ..layout import PREVIEWS
+from ..layout import PREVIEWS, SAMPLE_MEMBERS, preview_sample_name, preview_traversal_name, preview_transition_name
 from .conditioning import load_frames
-from .corpus import MEMBERS, open_corpus, read_manifest
+from .corpus import open_corpus, read_manifest
 from .engine import SampleEngine, SampleSpec, block_of, sample_key
 from .model import ResolvedModel, load_networks, resolve_model
 
@@ -48,14 +48,14 @@ def write_previews(out: str | Path, resolved: ResolvedModel, cfg: Config, log: L
     pdir = Path(out) / PREVIEWS
     paths = []
     for i in range(min(g.previews, len(corpus))):
-        paths.append(plot_sample(corpus[i], pdir / f"sample_{sample_key(i)}.png"))
+        paths.append(plot_sample(corpus[i], pdir / preview_sample_name(sample_key(i))))
     if g.previews:
         s0 = corpus[0]
-        paths.append(transition_gif(s0["es"], s0["flow"], pdir / f"transition_{sample_key(0)}.gif", frames=g.gif_frames,
+        paths.append(transition_gif(s0["es"], s0["flow"], pdir / preview_transition_name(sample_key(0)), frames=g.gif_frames,
                                     velocity=sample_velocity(out, 0, model=resolved, cfg=cfg)))
         if g.traversal_directions:
             paths.append(traversal_figure(resolved, s0["es"], float(s0["meta"]["spacing_mm"]),
-                                          pdir / f"traversal_{s0['scan_id']}.png", cfg,
+                                          pdir / preview_traversal_name(s0['scan_id']), cfg,
                                           title=f"latent traversal, {s0['scan_id']} (T-independent, z0 = 0)"))
     for p in paths:
         log(f"  preview {p}")
@@ -114,5 +114,5 @@ def regenerate_sample(corpus_dir: str | Path, index: int, *, model: str | Path |
     idx = list(range(start, stop))
     members = dict(engine.members(engine.decode_block(idx), idx))
     key = sample_key(index)
-    mine = {m: members[f"{key}.{m}"] for m in MEMBERS}
+    mine = {m: members[f"{key}.{m}"] for m in SAMPLE_MEMBERS}
     return mine if raw else sample_dict(index, {m: decode_member(m, b) for m, b in mine.items()})

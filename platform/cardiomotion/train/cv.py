@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import Config
 from ..fileio import write_json
-from ..layout import CV_FOLDS as FOLD_DIR, CV_STATE as STATE_FILE, CV_SUMMARY as SUMMARY_FILE, CV_TABLE as TABLE_FILE
+from ..layout import CV_FOLDS as FOLD_DIR, CV_STATE as STATE_FILE, CV_SUMMARY as SUMMARY_FILE, CV_TABLE as TABLE_FILE, cv_fold_state_name
 from .sweep import (alive_nodes, capacity, check_capacity, fmt_resources, fold_demand, read_json, resolve_folds,
                     resume_state, sweep_fingerprint, write_csv)
 
@@ -157,7 +157,7 @@ class CVSummary:
 
 
 def _fold_path(out: Path, k: int) -> Path:
-    return out / FOLD_DIR / f"{k:03d}.json"
+    return out / FOLD_DIR / cv_fold_state_name(k)
 
 
 def _row(state: Mapping[str, Any]) -> dict[str, Any]:

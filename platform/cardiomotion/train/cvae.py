@@ -28,7 +28,7 @@ from .settings import StepSettings, step_settings
 if TYPE_CHECKING:  # the step functions need no config (and so no pydantic): StepSettings is enough
     from ..config import Config
 
-from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE, fold_ef_figure_name
+from ..layout import CVAE_FILE as MODEL_FILE, MODEL_META, PYRAMID_FILE, fold_ef_figure_name, fold_figure_name
 
 
 def build_cvae(cfg: Config | StepSettings, pyramid_config: dict[str, Any]):
@@ -471,7 +471,7 @@ def train_fold(
 
             es_val, flow_val = load_samples(plan, [plan.val_id], cfg.intensity.window)  # once, for both
             pyramid = FeaturePyramid.load(plan.pyramid).eval()
-            figure = fold_figure(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp) / f"fold_{fold:03d}.png")
+            figure = fold_figure(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp) / fold_figure_name(fold))
             prior_metrics, ef_figure = prior_report(model, pyramid, es_val, flow_val, plan, cfg, Path(tmp))
             metrics.update(prior_metrics)
             import shutil
