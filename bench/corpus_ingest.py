@@ -36,19 +36,15 @@ def _rate(n: int, seconds: float, bytes_per_sample: int) -> dict:
 
 
 def _train_loop(config: dict) -> dict:
-    import time as _t
-
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    passes = []
-    for _ in range(config["passes"]):  # one pass = one epoch; the shard order is reshuffled each time
-        t0, n = _t.perf_counter(), 0
-        for batch in shard.iter_torch_batches(batch_size=config["batch"], local_shuffle_buffer_size=config["buffer"]):
-            n += int(batch["flow"].shape[0])
-        passes.append((n, _t.perf_counter() - t0))
-    ray.train.report({"passes": len(passes)})
-    return {"passes": passes}
+    # one pass = one epoch; the shard order is reshuffled each time
+    rates = _passes(lambda: shard.iter_torch_batches(batch_size=config["batch"],
+                                                     local_shuffle_buffer_size=config["buffer"]),
+                    config["passes"], config["bytes_per_sample"])
+    ray.train.report({"passes": rates["passes"]})
+    return rates
 
 
 def _passes(make_iter, passes: int, bytes_per_sample: int) -> dict:
@@ -60,10 +56,6 @@ def _passes(make_iter, passes: int, bytes_per_sample: int) -> dict:
         for batch in make_iter():
             n += int(batch["flow"].shape[0])
         rates.append(_rate(n, time.perf_counter() - t0, bytes_per_sample))
-    return _summary(rates)
-
-
-def _summary(rates: list[dict]) -> dict:
     return {**rates[-1], "first_pass": rates[0], "passes": len(rates)}
 
 
@@ -117,16 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         ray_data = _passes(lambda: dataset.iter_torch_batches(batch_size=args.batch), args.passes, bpp)
 
         trainer = TorchTrainer(_train_loop, train_loop_config={"batch": args.batch, "buffer": args.buffer,
-                                                                  "passes": args.passes},
+                                                                  "passes": args.passes, "bytes_per_sample": bpp},
                                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
                                datasets={"train": corpus.ray_dataset(shuffle_seed=0).drop_columns(["scan_id"])},
                                run_config=RunConfig(name="ingest", storage_path=str(tmp / "train")))
         t0 = time.perf_counter()
         res = trainer.fit()
         wall = time.perf_counter() - t0
-        rv = res.return_value or {"passes": [(0, float("nan"))]}
-        ray_train = {**_summary([_rate(int(n), float(sec), bpp) for n, sec in rv["passes"]]),
-                     "fit_wall_s_incl_startup": round(wall, 2)}
+        ray_train = {**res.return_value, "fit_wall_s_incl_startup": round(wall, 2)}
 
         virtual = open_virtual_corpus(str(model), prepared, args.n, seed=0, cfg=cfg)
         virtual_ds = virtual.ray_dataset(actors=1).drop_columns(["scan_id"])

@@ -90,4 +90,3 @@ def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     assert "| paper |" in (tmp_path / "prior.md").read_text()
     again = _bench("prior_recipes.py", *args)  # nothing left to train: the same summary
     assert len(out.read_text().splitlines()) == 2 and again["settings"].keys() == s.keys()
-

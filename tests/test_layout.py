@@ -9,8 +9,9 @@ import cardiomotion
 from cardiomotion import layout
 
 PACKAGE = Path(cardiomotion.__file__).parent
-FILE_NAME = re.compile(r"[\w./-]+\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)")
-FILE_SUFFIX = re.compile(r"[\w./-]*\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)")
+EXTENSIONS = r"\.(json|jsonl|nii|nii\.gz|parquet|csv|png|gif|pt|yaml|tar|sha256|lock|npy)"
+FILE_NAME = re.compile(r"[\w./-]+" + EXTENSIONS)  # a whole string constant: "meta.json"
+FILE_SUFFIX = re.compile(r"[\w./-]*" + EXTENSIONS)  # the tail of an f-string: f"fold_{k:03d}.png"
 NOT_OURS = {"ray-schema.json"}  # the Ray autoscaler's own schema file inside the ray package
 
 

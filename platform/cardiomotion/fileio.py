@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .layout import lock_name
+
 
 def _read_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux /proc)."""
@@ -139,8 +141,6 @@ def exclusive_lock(target: str | Path, stage: str) -> Iterator[Path]:
 
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    from .layout import lock_name
-
     path = target.parent / lock_name(target.name, stage)
     with open(path, "w") as fh:
         try:

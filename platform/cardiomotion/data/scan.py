@@ -139,8 +139,8 @@ def detect_format(path: str | Path) -> ScanFormat:
                                "and not a scan folder")
     if (path / PHANTOM_CT).is_file() and (path / PHANTOM_META).is_file():
         return ScanFormat.PHANTOM
-    looks_like_phantom = (path / PHANTOM_LABELS).is_file() or (path / PHANTOM_TRUTH_FLOW).parent.is_dir()
-    if (path / PHANTOM_CT).is_file() and looks_like_phantom:
+    if (path / PHANTOM_CT).is_file() and ((path / PHANTOM_LABELS).is_file()
+                                          or (path / PHANTOM_TRUTH_FLOW).parent.is_dir()):
         raise InputError(path / PHANTOM_META, "missing: the folder looks like a phantom patient (ct.nii.gz with "
                                              "labels/truth) but has no meta.json (ES/ED, parameters); "
                                              "write it again with `cardiomotion phantom`")

@@ -24,8 +24,7 @@ import numpy as np
 
 from ..config import Config, load_config
 from ..errors import InputError
-from ..layout import CORPUS_PLAN as PLAN, FRAMES, SCAN_TABLE, SHARD_GLOB
-from ..layout import MANIFEST
+from ..layout import CORPUS_PLAN as PLAN, FRAMES, MANIFEST, SCAN_TABLE, SHARD_GLOB
 from .corpus import read_manifest
 from .identity import check_out, corpus_identity, corpus_lock, digest, finished_shard, is_temp, now_utc
 from .conditioning import check_model_fits, load_frames
