@@ -66,6 +66,23 @@ def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
     assert "--grid 20 must be 3 sizes divisible by 2^3 = 8" in proc.stderr
 
 
+def test_prior_recipes_settings_are_relative_to_the_papers_model():
+    """The settings are defined against the paper's model (latent = the coarsest pyramid's
+    channels), whatever the project's default latent size is: "paper" must not train "paper_z8"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    paper = bench.setting_config(smoke, "paper", 7).train
+    assert paper.model.latent_channels is None and paper.recipe.value == "paper" and paper.epochs == 7
+    assert bench.setting_config(smoke, "paper_z8", 7).train.model.latent_channels == 8
+    vel = bench.setting_config(smoke, "paper_z8_velocity", 7).train.model
+    assert vel.latent_channels == 8 and vel.output.value == "velocity"
+    assert bench.setting_config(smoke, "elbo_b1", 7).train.model.latent_channels is None
+
+
 @pytest.mark.slow
 def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     """Two settings × one fold at a toy size: the rows carry the prior's scores and physiology,
