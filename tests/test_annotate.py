@@ -239,3 +239,15 @@ def test_annotations_of_another_prepared_set_are_refused(tmp_path):
     shutil.copy2(p2 / "a" / "es.nii.gz", p1 / "a" / "es.nii.gz")  # content changed in place
     with pytest.raises(InputError, match="another prepared set"):
         check_prepared_identity(p1, flows)
+
+
+def test_a_gpu_asked_of_a_cluster_without_one_is_refused_not_waited_for(tmp_path, ray_session):
+    """``annotate.resources.use_gpu: true`` on a GPU-less cluster: one clear error before Ray
+    Train is started (Ray would otherwise wait for a GPU forever)."""
+    from cardiomotion.annotate.pwc import train_pwcnet
+
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
+                             "annotate": {**TINY["annotate"], "resources": {"use_gpu": True}}})
+    with pytest.raises(InputError, match="annotate.resources.use_gpu: is true but the Ray cluster has no GPU"):
+        train_pwcnet(tmp_path / "prepared", cfg, tmp_path / "runs", rows=[])
+    assert not (tmp_path / "runs").exists()

@@ -172,12 +172,12 @@ def train_pwcnet(
     from ..data.prepare import plain_rows
     from ..data.table import read_scan_table
     from ..errors import InputError
-    from ..raycluster import detect_gpu, init_ray, train_logging
+    from ..raycluster import init_ray, stage_gpu, train_logging
 
     init_ray(cfg.ray)
     ac = cfg.annotate
     rows = rows if rows is not None else read_scan_table(prepared_dir).to_dict("records")
-    use_gpu = detect_gpu(ac.resources.use_gpu, ray)
+    use_gpu = stage_gpu(ac.resources, ray, "annotate.resources.use_gpu")  # refused, not waited for
     if use_gpu and ac.resources.gpus < 1 and ac.num_workers > 1:
         raise InputError("annotate.num_workers", f"{ac.num_workers} DDP ranks with resources.gpus {ac.resources.gpus}: "
                          "ranks could share a GPU, which NCCL refuses; use whole GPUs for several ranks")
