@@ -162,6 +162,9 @@ def run_fold(args: dict) -> list[dict]:
         Path(args["models"]).mkdir(parents=True, exist_ok=True)
         model.save(Path(args["models"]) / f"{args['setting']}_fold{plan.fold:03d}_e{tc.epochs}.pt")
     base = {"fold": plan.fold, "scan": plan.val_id, "epochs": tc.epochs,
+            # what was trained, so a row describes itself whatever the defaults are later
+            "latent_elements": int(np.prod(model.latent_shape(es_v.shape[2:]))), "output": tc.model.output.value,
+            "recipe": tc.recipe.value,
             "train_s": round(train_s, 1), "train_loss": last.get("train_loss"), "train_kl": last.get("train_kl"),
             "rec_epe_vox": float(torch.linalg.vector_norm(rec - flow_v, dim=1).mean()),
             "rec_folding": folding_fraction(rec)}

@@ -98,7 +98,7 @@ def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["setting"] for r in rows) == ["elbo_b0.1", "paper"]
     for r in rows:
-        assert r["prior_k"] == 3 and len(r["sample_ef"]) == 3
+        assert r["prior_k"] == 3 and len(r["sample_ef"]) == 3 and r["output"] == "displacement"
         assert r["prior_energy_score_vox"] <= r["prior_mean_error_vox"]
         assert 0.3 < r["truth_ef"] < 0.8  # the phantom's own EF through its exact field
     s = summary["settings"]
