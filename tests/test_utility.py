@@ -147,6 +147,42 @@ def test_estimator_learns_a_known_translation_from_synthetic_pairs():
     assert err < 0.5 * 1.5  # zero flow errs by 1.5 voxels
 
 
+def test_estimator_steps_on_clipped_gradients(monkeypatch):
+    """``grad_clip``: every Adam step sees a gradient of norm ≤ the clip (and > it without one)."""
+    from cardiomotion.evaluate.utility import Batch, EstimatorSettings, level_weights_for, train_estimator
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    torch.manual_seed(0)
+    grid = (16, 16, 16)
+    es = torch.rand(2, 1, *grid)
+    batch = Batch(es, es.roll(1, 2), torch.full((2, 3, *grid), 2.0))
+
+    def stream():
+        while True:
+            yield batch
+
+    for clip in (None, 1e-3):
+        seen.clear()
+        model = PWCNet3D(channels=(8, 16), search_range=1, estimator_channels=(16, 16))
+        settings = EstimatorSettings(steps=3, batch_size=2, lr=1e-3, level_weights=level_weights_for(2, None),
+                                     smooth_weight=0.0, ssim_alpha=0.85, grad_clip=clip)
+        train_estimator(model, stream(), settings)
+        assert len(seen) == 3
+        if clip is None:
+            assert min(seen) > 1e-2  # a 2-voxel target: the raw gradient is far above the clip below
+        else:
+            assert max(seen) <= clip * (1 + 1e-4)
+
+
 def test_sources_give_unit_images_and_voxel_flows(phantom):
     from cardiomotion.evaluate.utility import PairSource, RandomFieldSource, flow_rms
     from cardiomotion.flow.warp import warp

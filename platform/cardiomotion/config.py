@@ -417,6 +417,7 @@ class UtilityConfig(_Section):
     steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms)")
     batch_size: int = Field(4, ge=1, description="pairs per step")
     lr: Optional[float] = Field(None, gt=0, description="Adam learning rate; null → annotate.lr")
+    grad_clip: Optional[float] = Field(None, gt=0, description="gradient-norm clipping of every estimator step; null = off")
     corpus: UtilityCorpus = Field(UtilityCorpus.MATERIALIZED,
                                   description="materialized (generate writes it, Ray Data reads the shards) or "
                                               "on_the_fly (decoded in the data pipeline, never stored)")

@@ -42,6 +42,7 @@ class EstimatorSettings:
     level_weights: tuple[float, ...]  # per decoded level coarse → fine, then the full-resolution flow
     smooth_weight: float  # unsupervised arm only (annotate.smooth_weight)
     ssim_alpha: float  # unsupervised arm only (annotate.ssim_alpha)
+    grad_clip: float | None = None  # gradient-norm clipping of every step; None = off
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ def train_estimator(model: torch.nn.Module, batches: Iterator[Batch], settings: 
                                             settings.ssim_alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
         if on_step is not None:

@@ -147,7 +147,7 @@ def estimator_settings(cfg: Config, n_levels: int):
     u, a = cfg.utility, cfg.annotate
     return EstimatorSettings(steps=u.steps, batch_size=u.batch_size, lr=float(u.lr or a.lr),
                              level_weights=level_weights_for(n_levels, a.level_weights),
-                             smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha)
+                             smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip)
 
 
 def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
