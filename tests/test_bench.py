@@ -107,3 +107,31 @@ def test_prior_recipes_trains_scores_and_resumes(tmp_path_factory, tmp_path):
     assert "| paper |" in (tmp_path / "prior.md").read_text()
     again = _bench("prior_recipes.py", *args)  # nothing left to train: the same summary
     assert len(out.read_text().splitlines()) == 2 and again["settings"].keys() == s.keys()
+
+
+@pytest.mark.slow
+def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory, tmp_path):
+    """Learning curves at a toy size. The test cohort's "annotated" flows *are* the exact fields,
+    so the annotated and truth arms (same seed, same batches) must give the same curve."""
+    import yaml
+    from cv_cohort import TINY, cohort
+
+    prepared, flows = cohort(tmp_path_factory)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"prepare": TINY["prepare"], "annotate": TINY["annotate"]}))
+    out = tmp_path / "curve.jsonl"
+    summary = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(flows), "--config", str(cfg),
+                     "--fold", "1", "--arms", "annotated,truth,random", "--steps", "3", "--every", "2", "--n", "5",
+                     "--out", str(out))
+    runs = {r["arm"]: r for r in summary["runs"]}
+    assert set(runs) == {"annotated", "truth", "random"}
+    assert {r["scan"] for r in runs.values()} == {"phantom_001"} and runs["random"]["n"] == 5
+    assert runs["annotated"]["n"] == runs["truth"]["n"] == 3  # the fold's training scans
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    curves = {arm: [r for r in rows if r["arm"] == arm and "step" in r] for arm in runs}
+    assert all([r["step"] for r in c] == [2, 3] for c in curves.values())  # every 2 steps and the last
+    for a, b in zip(curves["annotated"], curves["truth"]):
+        assert a["epe_myo_mm"] == pytest.approx(b["epe_myo_mm"]) and a["loss"] == pytest.approx(b["loss"])
+    zero = runs["truth"]["zero"]
+    assert zero["epe_myo_mm"] > 0 and zero["folding"] == 0 and runs["random"]["zero"] == zero
+    assert runs["truth"]["last"] == curves["truth"][-1]

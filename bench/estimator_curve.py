@@ -1,0 +1,141 @@
+"""Learning curves of the utility estimator: how many Adam steps before it learns anything?
+
+``cardiomotion utility`` trains every arm for one step budget (``utility.steps``) and one
+learning rate. This bench chooses them by measurement: it trains the same estimator (the
+``annotate.pwc`` PWC-Net, :func:`cardiomotion.evaluate.utility.train_estimator`, in this process,
+no Ray) on one leave-one-out fold's training scans and scores it on the held-out scan's real
+rendered (ES, ED) pair against the exact phantom truth every ``--every`` steps
+(:func:`~cardiomotion.evaluate.utility.score_estimate`, the scores of ``utility``), next to zero
+flow. Arms (data of the training scans only):
+
+* ``annotated`` — the real pairs with their annotated flows (``--flows``), as ``utility`` trains it;
+* ``truth`` — the real pairs with the phantom's exact fields: the ceiling of supervised training
+  on these pairs (not a ``utility`` arm: no real dataset has it);
+* ``random`` — SynthMorph-style random smooth fields warping the training ES frames
+  (:class:`~cardiomotion.evaluate.utility.RandomFieldSource`, RMS matched to the annotated flows).
+
+One JSON line per evaluation streams to ``--out`` (a header line per run first); the summary
+(JSON on stdout) gives per run the zero-flow scores, the best and the last evaluation.
+
+    python bench/estimator_curve.py --prepared P --flows A --config S --fold 0 --arms truth,random \\
+        --steps 1000 --every 100 --out curve.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+ARMS = ("annotated", "truth", "random")
+
+
+def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
+    import torch
+
+    from cardiomotion.annotate.pwc import build_pwcnet
+    from cardiomotion.config import load_config
+    from cardiomotion.data.intensity import hu_to_unit
+    from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.evaluate.utility import (PairSource, RandomFieldSource, flow_rms, score_estimate,
+                                               source_batches, train_estimator)
+    from cardiomotion.evaluate.utility_job import estimator_settings
+    from cardiomotion.flow.io import read_flow
+    from cardiomotion.layout import flow_path
+    from cardiomotion.train.fold import plan_fold
+
+    over = {"utility": {"steps": args.steps, **({"lr": args.lr} if args.lr else {}),
+                        **({"grad_clip": args.grad_clip} if args.grad_clip else {})}}
+    cfg = load_config(args.config, over)
+    plan = plan_fold(args.prepared, args.flows, args.fold)  # the fold's scans, checked as ``utility`` checks them
+    table = read_scan_table(args.prepared).set_index("scan_id", drop=False)
+    pairs = [load_pair(args.prepared, table.loc[s].to_dict(), with_truth=True) for s in plan.train_ids]
+    es = np.stack([p.es for p in pairs]).astype(np.float32)
+    ed = np.stack([p.ed for p in pairs]).astype(np.float32)
+    truth = np.stack([p.truth_flow for p in pairs]).astype(np.float32)
+    annotated = np.stack([read_flow(flow_path(args.flows, s))[0] for s in plan.train_ids]).astype(np.float32)
+    window = cfg.intensity.window
+    if arm == "annotated":
+        source = PairSource(es, ed, annotated, window)
+    elif arm == "truth":
+        source = PairSource(es, ed, truth, window)
+    else:
+        source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
+    torch.manual_seed(args.seed)
+    model = build_pwcnet(cfg)
+    settings = estimator_settings(cfg, len(model.channels))
+    held = load_pair(args.prepared, table.loc[plan.val_id].to_dict(), with_truth=True)
+    fixed = hu_to_unit(torch.from_numpy(held.ed)[None, None].float(), window)
+    moving = hu_to_unit(torch.from_numpy(held.es)[None, None].float(), window)
+
+    def score(flow) -> dict:
+        return score_estimate(flow, held.truth_flow, held.spacing_mm, held.ed_labels, held.es_labels).as_dict()
+
+    zero = score(np.zeros((3, *held.es.shape), np.float32))
+    header = {"arm": arm, "fold": plan.fold, "scan": plan.val_id, "n": len(source), "lr": settings.lr,
+              "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero}
+    out.write(json.dumps(header) + "\n")
+    out.flush()
+    curve: list[dict] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if (step + 1) % args.every and step + 1 != settings.steps:
+            return
+        model.eval()
+        with torch.no_grad():
+            pred = model(fixed, moving).flow[0].float()
+        model.train()
+        row = {"arm": arm, "step": step + 1, "seconds": round(time.perf_counter() - t0, 1),
+               "loss": float(np.mean(losses[-args.every:])), **score(pred)}
+        curve.append(row)
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        print(f"{arm} step {step + 1}: loss {row['loss']:.3f}, myocardium EPE {row['epe_myo_mm']:.2f} mm "
+              f"(zero flow {zero['epe_myo_mm']:.2f})", file=sys.stderr, flush=True)
+
+    train_estimator(model, source_batches(source, settings.batch_size, args.seed), settings, on_step=on_step)
+    best = min(curve, key=lambda r: r["epe_myo_mm"])
+    return {**header, "best": best, "last": curve[-1]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepared", required=True, help="prepared phantom dataset (held-out scans need exact truth)")
+    ap.add_argument("--flows", required=True, help="annotation folder (the annotated arm; the random arm's RMS)")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--arms", default="annotated,random", help=f"comma list of {', '.join(ARMS)}")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
+    ap.add_argument("--n", type=int, default=256, help="random arm: number of distinct fields")
+    ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (default utility.lr / annotate.lr)")
+    ap.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clipping (default utility.grad_clip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--out", required=True, help="JSON-lines file (appended)")
+    a = ap.parse_args(argv)
+    arms = [x for x in a.arms.split(",") if x]
+    bad = [x for x in arms if x not in ARMS]
+    if bad:
+        ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+    if a.every < 1 or a.steps < 1:
+        ap.error("--steps and --every must be positive")
+    import torch
+
+    torch.set_num_threads(a.threads)
+    with open(a.out, "a") as out:
+        runs = [run_curve(arm, a, out) for arm in arms]
+    print(json.dumps({"runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
