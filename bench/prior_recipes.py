@@ -214,6 +214,12 @@ def summarize(rows: list[dict], ef_cohort: list[float]) -> dict:
             rec_b = np.mean([r["rec_epe_vox"] for r in common])
             s["vs_paper"] = {"folds": len(common), "energy_improvement": float(1 - es_b / es_a),
                              "rec_epe_change": float(rec_b / rec_a - 1)}
+            truth = [r for r in common if r.get("rec_truth_epe_vox") is not None
+                     and paper_folds[r["fold"]].get("rec_truth_epe_vox") is not None]
+            if truth:  # reconstruction against the exact phantom field (annotation noise is not motion)
+                rt_a = np.mean([paper_folds[r["fold"]]["rec_truth_epe_vox"] for r in truth])
+                rt_b = np.mean([r["rec_truth_epe_vox"] for r in truth])
+                s["vs_paper"]["rec_truth_epe_change"] = float(rt_b / rt_a - 1)
         out["settings"][name] = s
     return out
 
@@ -222,18 +228,39 @@ def markdown(summary: dict) -> str:
     cols = [("ES annot. (vox)", "prior_energy_score_vox", "{:.3f}"), ("ES truth (vox)", "prior_truth_energy_score_vox", "{:.3f}"),
             ("best-of-K", "prior_best_of_k_vox", "{:.3f}"), ("spread/skill", "prior_spread_skill", "{:.2f}"),
             ("magnitude", "prior_magnitude_ratio", "{:.2f}"), ("rec EPE (vox)", "rec_epe_vox", "{:.3f}"),
+            ("rec EPE truth (vox)", "rec_truth_epe_vox", "{:.3f}"),
             ("EF samples (%)", "prior_ef_mean", "{:.1%}"), ("EF sd/scan", "prior_ef_std", "{:.1%}"),
             ("folding", "prior_folding", "{:.4f}")]
-    head = "| setting | folds × epochs | " + " | ".join(c[0] for c in cols) + " | EF coverage | ES vs paper | rec vs paper |"
+    head = ("| setting | folds × epochs | " + " | ".join(c[0] for c in cols)
+            + " | EF coverage | EF range/scan (pts) | ES vs paper | rec vs paper | rec truth vs paper |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in summary["settings"].items():
         cells = [s[k]["mean"] if k in s else None for _, k, _ in cols]
         txt = [("–" if v is None else f.format(v)) for v, (_, _, f) in zip(cells, cols)]
         vp = s.get("vs_paper")
+        rt = vp.get("rec_truth_epe_change") if vp else None
         lines.append(f"| {name} | {len(s['folds'])} × {','.join(map(str, s['epochs']))} | " + " | ".join(txt)
-                     + f" | {s.get('ef_coverage', float('nan')):.0%} | "
-                     + (f"{vp['energy_improvement']:+.1%} | {vp['rec_epe_change']:+.1%} |" if vp else "– | – |"))
+                     + f" | {s.get('ef_coverage', float('nan')):.0%} | {s.get('ef_spread_per_scan_pts', float('nan')):.1f} | "
+                     + (f"{vp['energy_improvement']:+.1%} | {vp['rec_epe_change']:+.1%} | " if vp else "– | – | ")
+                     + ("–" if rt is None else f"{rt:+.1%}") + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_ef_figures(rows: list[dict], ef_cohort: list[float], summary: dict, folder: Path) -> list[Path]:
+    """One EF histogram per summarised setting: the synthetic-ED EFs of all its samples (every
+    fold) over the cohort's true EFs."""
+    from cardiomotion.evaluate.figures import plot_ef_histogram
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, s in summary["settings"].items():
+        efs = [e for r in rows if r["setting"] == name for e in r.get("sample_ef", [])]
+        if not efs:
+            continue
+        title = (f"{name}: {len(s['folds'])} folds × {','.join(map(str, s['epochs']))} epochs, "
+                 f"EF coverage {s.get('ef_coverage', float('nan')):.0%}")
+        paths.append(plot_ef_histogram(efs, ef_cohort, folder / f"ef_{name.replace('@', '_')}.png", title=title))
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON-lines results file (appended; finished folds skipped)")
     ap.add_argument("--table", default=None, help="write the Markdown table here")
     ap.add_argument("--summary-only", action="store_true", help="only summarise --out")
+    ap.add_argument("--figures", default=None,
+                    help="write ef_<setting>.png here: every sample's synthetic-ED EF over the cohort's true EFs")
     a = ap.parse_args(argv)
 
     out = Path(a.out)
@@ -299,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                          or r["setting"].split("@")[0].removesuffix("+fold_pyramid") in settings or a.summary_only], ef)
     if a.table:
         Path(a.table).write_text(markdown(summary))
+    if a.figures:
+        write_ef_figures(rows, ef, summary, Path(a.figures))
     print(json.dumps(summary, indent=1))
     return 0
 

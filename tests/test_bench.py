@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,38 @@ def test_prior_recipes_settings_are_relative_to_the_papers_model():
     vel = bench.setting_config(smoke, "paper_z8_velocity", 7).train.model
     assert vel.latent_channels == 8 and vel.output.value == "velocity"
     assert bench.setting_config(smoke, "elbo_b1", 7).train.model.latent_channels is None
+
+
+def test_prior_recipes_summary_compares_with_the_paper_on_shared_folds(tmp_path):
+    """Known numbers in, known ratios out: ES and reconstruction (annotated and exact truth) are
+    compared with the paper's recipe on the folds both ran; EF coverage is the overlap of the
+    samples' 5th–95th percentiles with the cohort's, over the cohort's range."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(setting, fold, es, rec, rec_truth, efs):
+        return {"setting": setting, "fold": fold, "epochs": 5, "prior_energy_score_vox": es, "rec_epe_vox": rec,
+                "rec_truth_epe_vox": rec_truth, "sample_ef": efs}
+
+    rows = [row("paper", 0, 0.4, 0.2, 0.5, [0.55] * 4), row("paper", 1, 0.4, 0.2, 0.5, [0.55] * 4),
+            row("z", 0, 0.3, 0.25, 0.55, list(np.linspace(0.50, 0.60, 101))),
+            row("z", 2, 9.9, 9.9, 9.9, [0.55])]  # fold 2: the paper never ran it, so it is not compared
+    cohort = list(np.linspace(0.50, 0.70, 201))
+    summary = bench.summarize(rows, cohort)
+    vs = summary["settings"]["z"]["vs_paper"]
+    assert vs["folds"] == 1
+    assert vs["energy_improvement"] == pytest.approx(0.25)
+    assert vs["rec_epe_change"] == pytest.approx(0.25) and vs["rec_truth_epe_change"] == pytest.approx(0.10)
+    assert summary["cohort_ef_p5"] == pytest.approx(0.51) and summary["cohort_ef_p95"] == pytest.approx(0.69)
+    assert summary["settings"]["paper"]["ef_coverage"] == 0.0  # every sample at one EF covers nothing
+    assert summary["settings"]["paper"]["ef_spread_per_scan_pts"] == pytest.approx(0.0)
+    table = bench.markdown(summary)
+    assert "| +25.0% | +25.0% | +10.0% |" in table
+    figs = bench.write_ef_figures(rows, cohort, summary, tmp_path / "figs")
+    assert sorted(p.name for p in figs) == ["ef_paper.png", "ef_z.png"] and all(p.stat().st_size > 0 for p in figs)
 
 
 @pytest.mark.slow
