@@ -42,34 +42,37 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     from cardiomotion.config import load_config
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.errors import InputError
     from cardiomotion.evaluate.utility import (PairSource, RandomFieldSource, flow_rms, score_estimate,
                                                source_batches, train_estimator)
-    from cardiomotion.evaluate.utility_job import estimator_settings
-    from cardiomotion.flow.io import read_flow
-    from cardiomotion.layout import flow_path
+    from cardiomotion.evaluate.utility_job import _held_out, _training_arrays, estimator_settings
     from cardiomotion.train.fold import plan_fold
 
     over = {"utility": {"steps": args.steps, **({"lr": args.lr} if args.lr else {}),
                         **({"grad_clip": args.grad_clip} if args.grad_clip else {})}}
     cfg = load_config(args.config, over)
     plan = plan_fold(args.prepared, args.flows, args.fold)  # the fold's scans, checked as ``utility`` checks them
-    table = read_scan_table(args.prepared).set_index("scan_id", drop=False)
-    pairs = [load_pair(args.prepared, table.loc[s].to_dict(), with_truth=True) for s in plan.train_ids]
-    es = np.stack([p.es for p in pairs]).astype(np.float32)
-    ed = np.stack([p.ed for p in pairs]).astype(np.float32)
-    truth = np.stack([p.truth_flow for p in pairs]).astype(np.float32)
-    annotated = np.stack([read_flow(flow_path(args.flows, s))[0] for s in plan.train_ids]).astype(np.float32)
+    held = _held_out(str(args.prepared), plan.val_id)  # exact truth or one clear error, before any training
+    # the training data exactly as ``utility`` loads it (annotated flows checked against the grid)
+    es, ed, annotated = _training_arrays(str(args.prepared), str(args.flows), plan.train_ids)
+    es, ed = es.astype(np.float32), ed.astype(np.float32)
     window = cfg.intensity.window
     if arm == "annotated":
         source = PairSource(es, ed, annotated, window)
-    elif arm == "truth":
-        source = PairSource(es, ed, truth, window)
+    elif arm == "truth":  # only this arm needs the training scans' exact fields
+        table = read_scan_table(args.prepared).set_index("scan_id", drop=False)
+        truth = []
+        for sid in plan.train_ids:
+            pair = load_pair(args.prepared, table.loc[sid].to_dict(), with_truth=True)
+            if pair.truth_flow is None:
+                raise InputError(Path(args.prepared) / sid, "has no exact truth flow: the truth arm needs phantom scans")
+            truth.append(pair.truth_flow)
+        source = PairSource(es, ed, np.stack(truth).astype(np.float32), window)
     else:
         source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
     torch.manual_seed(args.seed)
     model = build_pwcnet(cfg)
     settings = estimator_settings(cfg, len(model.channels))
-    held = load_pair(args.prepared, table.loc[plan.val_id].to_dict(), with_truth=True)
     fixed = hu_to_unit(torch.from_numpy(held.ed)[None, None].float(), window)
     moving = hu_to_unit(torch.from_numpy(held.es)[None, None].float(), window)
 
@@ -82,7 +85,8 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     out.write(json.dumps(header) + "\n")
     out.flush()
     curve: list[dict] = []
-    losses: list[float] = []
+    losses: list[float] = []  # since the last evaluation
+    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed")}  # every row says which run
     t0 = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
@@ -93,8 +97,9 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
         with torch.no_grad():
             pred = model(fixed, moving).flow[0].float()
         model.train()
-        row = {"arm": arm, "step": step + 1, "seconds": round(time.perf_counter() - t0, 1),
-               "loss": float(np.mean(losses[-args.every:])), **score(pred)}
+        row = {**run, "step": step + 1, "seconds": round(time.perf_counter() - t0, 1),
+               "loss": float(np.mean(losses)), **score(pred)}
+        losses.clear()
         curve.append(row)
         out.write(json.dumps(row) + "\n")
         out.flush()
@@ -131,8 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    with open(a.out, "a") as out:
-        runs = [run_curve(arm, a, out) for arm in arms]
+    from cardiomotion.errors import InputError
+
+    try:
+        with open(a.out, "a") as out:
+            runs = [run_curve(arm, a, out) for arm in arms]
+    except InputError as exc:
+        print(f"estimator_curve: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"runs": runs}, indent=1))
     return 0
 

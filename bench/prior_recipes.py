@@ -263,6 +263,18 @@ def write_ef_figures(rows: list[dict], ef_cohort: list[float], summary: dict, fo
     return paths
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The finished rows of ``path``: a truncated last line (a run killed mid-write) is dropped
+    with a warning and its fold trained again; damage elsewhere stops with the file and line."""
+    from cardiomotion.errors import InputError
+    from cardiomotion.fileio import read_json_lines
+
+    try:
+        return read_json_lines(path, log=lambda m: print(f"prior_recipes: {m}", file=sys.stderr))
+    except InputError as exc:
+        raise SystemExit(f"prior_recipes: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepared", required=True)
@@ -285,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="write ef_<setting>.png here: every sample's synthetic-ED EF over the cohort's true EFs")
     a = ap.parse_args(argv)
 
+    from cardiomotion.fileio import append_json_lines
+
     out = Path(a.out)
-    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.is_file() else []
+    rows = read_rows(out)
     done = {(r["setting"].split("@")[0], r["fold"], r["epochs"]) for r in rows}
     settings = [s for s in a.settings.split(",") if s]
     for s in settings:
@@ -310,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"prior_recipes: {t['setting']} fold {t['fold']} failed: {exc}", file=sys.stderr)
                     continue
                 rows.extend(new)
-                with out.open("a") as fh:
-                    fh.write("".join(json.dumps(r) + "\n" for r in new))
+                append_json_lines(out, new)
                 for r in new:
                     print(f"[{i}/{len(todo)}] {r['setting']} fold {r['fold']}: ES {r['prior_energy_score_vox']:.3f} "
                           f"ratio {r['prior_spread_skill']:.2f} mag {r['prior_magnitude_ratio']:.2f} "
@@ -323,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         from cardiomotion.evaluate.physiology import cohort_ejection_fractions
 
         ef = cohort_ejection_fractions(a.prepared)
-        cohort_file.write_text(json.dumps(ef))
+        tmp = cohort_file.with_name(cohort_file.name + ".tmp")
+        tmp.write_text(json.dumps(ef))
+        os.replace(tmp, cohort_file)
     summary = summarize([r for r in rows if r["setting"].split("@")[0] in settings
                          or r["setting"].split("@")[0].removesuffix("+fold_pyramid") in settings or a.summary_only], ef)
     if a.table:

@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A session-scoped embedded Ray (2 CPUs, small object store), its address pinned for every
+    """A session-scoped embedded Ray (2 CPUs, no GPU even on a GPU host: the tests model the
+    CPU-only CI cluster; small object store), its address pinned for every
     process it starts as `init_ray` pins it: with `make test`'s two pytest workers (xdist) two
     such instances run side by side, and Ray code that looks for "the" cluster must find its own."""
     import ray
@@ -31,7 +32,7 @@ def ray_session():
     if not ray.is_initialized():
         port = free_port()
         with environ_pinned({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}):
-            ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2,
+            ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
                      include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -110,10 +110,32 @@ def test_prior_recipes_summary_compares_with_the_paper_on_shared_folds(tmp_path)
     assert summary["cohort_ef_p5"] == pytest.approx(0.51) and summary["cohort_ef_p95"] == pytest.approx(0.69)
     assert summary["settings"]["paper"]["ef_coverage"] == 0.0  # every sample at one EF covers nothing
     assert summary["settings"]["paper"]["ef_spread_per_scan_pts"] == pytest.approx(0.0)
+    z = summary["settings"]["z"]
+    assert z["ef_spread_per_scan_pts"] == pytest.approx((10.0 + 0.0) / 2)  # fold 0 spans 50–60 %, fold 2 one sample
+    assert z["ef_coverage"] == pytest.approx((0.595 - 0.51) / 0.18, abs=0.01)  # samples' 5–95 % ≈ 50.5–59.5 %
     table = bench.markdown(summary)
     assert "| +25.0% | +25.0% | +10.0% |" in table
     figs = bench.write_ef_figures(rows, cohort, summary, tmp_path / "figs")
     assert sorted(p.name for p in figs) == ["ef_paper.png", "ef_z.png"] and all(p.stat().st_size > 0 for p in figs)
+
+
+def test_prior_recipes_resumes_after_a_run_killed_mid_write(tmp_path, capsys):
+    """A truncated last line (a kill during the append) is dropped with a warning and the file
+    rewritten so later appends stay valid JSON lines; a bad line elsewhere names file and line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    out.write_text('{"setting": "paper", "fold": 0}\n{"setting": "paper", "fo')
+    assert bench.read_rows(out) == [{"setting": "paper", "fold": 0}]
+    assert "line 2 is truncated" in capsys.readouterr().err
+    assert out.read_text() == '{"setting": "paper", "fold": 0}\n'
+    out.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(SystemExit, match=r"rows.jsonl: line 2 is not JSON"):
+        bench.read_rows(out)
+    assert bench.read_rows(tmp_path / "absent.jsonl") == []
 
 
 @pytest.mark.slow
@@ -168,3 +190,22 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     zero = runs["truth"]["zero"]
     assert zero["epe_myo_mm"] > 0 and zero["folding"] == 0 and runs["random"]["zero"] == zero
     assert runs["truth"]["last"] == curves["truth"][-1]
+    assert all(r["lr"] == runs["truth"]["lr"] and r["fold"] == 1 for r in curves["truth"])  # rows name their run
+
+    # The annotated arm reads --flows, the truth arm the phantom: halve the annotations and only
+    # the annotated curve moves.
+    import shutil
+
+    from cardiomotion.flow.io import read_flow, write_flow
+
+    halved = tmp_path / "halved"
+    shutil.copytree(flows, halved, ignore=shutil.ignore_patterns("ray_train"))
+    for f in halved.glob("*/flow.nii.gz"):
+        flow, affine = read_flow(f)
+        write_flow(f, 0.5 * flow, affine)
+    out2 = tmp_path / "curve2.jsonl"
+    again = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(halved), "--config", str(cfg),
+                   "--fold", "1", "--arms", "annotated,truth", "--steps", "3", "--every", "2", "--out", str(out2))
+    runs2 = {r["arm"]: r for r in again["runs"]}
+    assert runs2["truth"]["last"]["loss"] == pytest.approx(runs["truth"]["last"]["loss"])
+    assert runs2["annotated"]["last"]["loss"] != pytest.approx(runs["annotated"]["last"]["loss"])

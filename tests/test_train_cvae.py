@@ -167,6 +167,21 @@ def test_fold_out_of_range_is_refused(fold_inputs, fold):
 
 
 @pytest.mark.slow
+def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_training(fold_inputs, tmp_path):
+    """``train.resources.use_gpu: true`` on a GPU-less cluster: one clear error, no Ray Train
+    run started (Ray would otherwise wait for a GPU forever)."""
+    from cardiomotion.train.cvae import train_fold
+
+    root, cfg = fold_inputs
+    gpu = cfg.model_copy(deep=True)
+    gpu.train.resources.use_gpu = True
+    gpu.storage_root = str(tmp_path / "store")
+    with pytest.raises(InputError, match="train.resources.use_gpu: is true but the Ray cluster has no GPU"):
+        train_fold(root / "prepared", root / "flows", 1, gpu, name="gpu_refused")
+    assert not list((tmp_path / "store").rglob("gpu_refused*"))
+
+
+@pytest.mark.slow
 def test_missing_flow_is_refused(fold_inputs, tmp_path):
     import shutil
 

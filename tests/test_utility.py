@@ -313,3 +313,13 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     # a rerun trains nothing again
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 2
+    assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 for r in rows)
+    # a rerun with another step budget would mix estimators trained two ways: refused before any work
+    from cardiomotion.errors import InputError
+
+    longer = cfg.model_copy(deep=True)
+    longer.utility.steps = 3
+    before = (tmp_path / "u" / "runs.jsonl").read_text()
+    with pytest.raises(InputError, match=r"runs.jsonl: row 1 .* other estimator settings \(steps 2 → 3\)"):
+        run_utility(prepared, flows, tmp_path / "u", longer, folds=[0])
+    assert (tmp_path / "u" / "runs.jsonl").read_text() == before

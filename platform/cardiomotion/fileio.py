@@ -97,6 +97,46 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
+def read_json_lines(path: str | Path, log=None) -> list[dict]:
+    """The rows of an append-only JSON-lines results file (``[]`` when absent).
+
+    A process killed while appending leaves a truncated last line: it is dropped (``log`` is told)
+    and the file rewritten atomically without it, so the next append starts a valid line and that
+    row is simply made again. A bad line anywhere else is damage, not an interrupted append:
+    :class:`~cardiomotion.errors.InputError` naming the file and line.
+    """
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows: list[dict] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i < len(lines):
+                raise InputError(path, f"line {i} is not JSON ({exc.msg})") from None
+            if log is not None:
+                log(f"{path}: line {i} is truncated ({exc.msg}); dropped, that row is made again")
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    return rows
+
+
+def append_json_lines(path: str | Path, rows: list[dict]) -> Path:
+    """Append ``rows`` to a JSON-lines file in one write, first closing a line a killed writer
+    left without its newline (so the new rows never glue onto it)."""
+    path = Path(path)
+    gap = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a") as fh:
+        fh.write(("\n" if gap else "") + "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    return path
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -150,6 +150,26 @@ def estimator_settings(cfg: Config, n_levels: int):
                              smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip)
 
 
+def estimator_identity(cfg: Config) -> dict:
+    """What makes two estimators of the same (scan, arm, N, seed) comparable: the training budget
+    and optimiser, the network and the random arm's field scales. Every row of ``runs.jsonl``
+    carries it; a rerun into the same folder with other values is refused, not mixed."""
+    u, a = cfg.utility, cfg.annotate
+    return {"steps": u.steps, "batch_size": u.batch_size, "lr": float(u.lr or a.lr), "grad_clip": u.grad_clip,
+            "random_scales": list(u.random_scales), "pwc": a.pwc.model_dump(mode="json"),
+            "corpus_temperature": cfg.generate.temperature}
+
+
+def _check_identity(runs_file: Path, done_rows: list[dict], ident: dict) -> None:
+    for i, r in enumerate(done_rows, 1):
+        if r.get("estimator") != ident:
+            have = r.get("estimator")
+            diff = ("no settings record (an older version)" if have is None else
+                    ", ".join(f"{k} {have.get(k)!r} → {v!r}" for k, v in ident.items() if have.get(k) != v))
+            raise InputError(runs_file, f"row {i} ({r.get('arm')} N {r.get('n')} seed {r.get('seed')}) was trained with "
+                                        f"other estimator settings ({diff}); use another --out or the same settings")
+
+
 def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
     """Endless batches of this worker's Ray Data shard ("train"), a new shuffled pass each time."""
     import ray.train
@@ -270,9 +290,9 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from ..config import storage_root
-    from ..raycluster import detect_gpu, train_logging
+    from ..raycluster import stage_gpu, train_logging
 
-    use_gpu = detect_gpu(cfg.utility.resources.use_gpu, ray)
+    use_gpu = stage_gpu(cfg.utility.resources, ray, "utility.resources.use_gpu")
     datasets = {"train": corpus_dataset(run, cfg)} if UtilityArm(run.arm).uses_corpus else None
     trainer = TorchTrainer(
         estimator_train_loop,
@@ -520,7 +540,11 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     plans = [plan_fold(prepared, flows, k, pyramid=cfg.cv.pyramid.value) for k in fold_list]
     held_out = {p.val_id: _held_out(str(prepared), p.val_id) for p in plans}  # exact truth: checked before any work
     runs_file = out / RUNS_FILE
-    done_rows = [json.loads(ln) for ln in runs_file.read_text().splitlines() if ln.strip()] if runs_file.is_file() else []
+    from ..fileio import append_json_lines, read_json_lines
+
+    done_rows = read_json_lines(runs_file, log=log)
+    ident = estimator_identity(cfg)
+    _check_identity(runs_file, done_rows, ident)  # before any work: finished rows are only reused if comparable
     have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
@@ -563,6 +587,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     finished = total - todo
     with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
                                                     "sizes": ",".join(map(str, u.sizes)), "seeds": u.seeds, "steps": u.steps,
+                                                    "batch_size": u.batch_size, "lr": ident["lr"], "grad_clip": u.grad_clip,
                                                     "corpus": u.corpus.value, "pyramid": cfg.cv.pyramid.value},
                             tags={"stage": "utility"}) as mlrun:
         while queue or pending or preparing:
@@ -592,9 +617,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                 failed.append(f"{r.name}: {_cause(exc)}")
                 log(f"utility: fold {r.fold} {r.arm} N {r.n} seed {r.seed} failed: {_cause(exc)}")
                 continue
+            row = {**row, "estimator": ident}
             rows.append(row)
-            with runs_file.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            append_json_lines(runs_file, [row])
             finished += 1
             log(f"utility: [{finished}/{total}] fold {r.fold} {r.arm} N {r.n} seed {r.seed}: "
                 f"EPE myo {row['epe_myo_mm']:.3f} mm, EPE {row['epe_mm']:.3f} mm, Dice {row['dice']:.3f}")

@@ -275,7 +275,7 @@ def _run_cv(
 
     from .. import tracking
     from ..config import storage_root
-    from ..raycluster import detect_gpu, init_ray
+    from ..raycluster import init_ray, stage_gpu
     from .cvae import check_fold_inputs
     from .fold import plan_fold
 
@@ -290,7 +290,7 @@ def _run_cv(
     state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "sweep", cfg)
 
     ray = init_ray(cfg.ray)
-    use_gpu = detect_gpu(cfg.train.resources.use_gpu, ray)
+    use_gpu = stage_gpu(cfg.train.resources, ray, "train.resources.use_gpu")
     workers, bundle = fold_demand(cfg, use_gpu)
     if cfg.cv.check_resources:
         check_capacity(alive_nodes(ray), workers, bundle, cfg.cv.max_concurrent)

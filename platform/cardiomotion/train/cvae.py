@@ -410,11 +410,12 @@ def train_fold(
 
     from .. import tracking
     from ..config import storage_root
-    from ..raycluster import detect_gpu, init_ray, train_logging
+    from ..raycluster import init_ray, stage_gpu, train_logging
 
     plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
     uri = tracking.setup(cfg)
     init_ray(cfg.ray)
+    use_gpu = stage_gpu(cfg.train.resources, ray, "train.resources.use_gpu")  # refused before any work
     if plan.pyramid_protocol == "per_fold":  # strict leave-one-out: a pyramid fitted without the held-out scan
         from ..annotate import train_fold_pyramid
         from ..models.pyramid import load_checkpoint
@@ -423,7 +424,6 @@ def train_fold(
         pyr = load_checkpoint(plan.pyramid, "feature_pyramid")["config"]
     tc = cfg.train
     name = name or f"fold_{fold:03d}"
-    use_gpu = detect_gpu(tc.resources.use_gpu, ray)
     resources = tc.resources.bundle(use_gpu)
     params = {"train": tc.model_dump(mode="json"), "fold": fold, "val_scan": plan.val_id,
               "n_train": len(plan.train_ids), "grid": list(plan.grid), "spacing_mm": plan.spacing_mm,

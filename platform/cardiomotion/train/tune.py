@@ -306,7 +306,7 @@ def run_tune(
     from .. import tracking
     from ..config import format_validation
     from ..errors import ConfigError
-    from ..raycluster import detect_gpu, init_ray
+    from ..raycluster import init_ray, stage_gpu
     from .sweep import alive_nodes, check_capacity, read_json, resolve_folds, resume_state
     from .cvae import check_fold_inputs
     from .fold import plan_fold
@@ -344,7 +344,7 @@ def run_tune(
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
     state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "search", cfg)
     ray = init_ray(cfg.ray)
-    use_gpu = detect_gpu(cfg.train.resources.use_gpu, ray)
+    use_gpu = stage_gpu(cfg.train.resources, ray, "train.resources.use_gpu")
     bundle = cfg.train.resources.bundle(use_gpu)
     check_capacity(alive_nodes(ray), 1, bundle, cfg.tune.max_concurrent, what="trial", setting="tune.max_concurrent")
 
