@@ -78,6 +78,9 @@ def test_prior_recipes_settings_are_relative_to_the_papers_model():
     smoke = str(REPO / "configs" / "smoke.yaml")
     paper = bench.setting_config(smoke, "paper", 7).train
     assert paper.model.latent_channels is None and paper.recipe.value == "paper" and paper.epochs == 7
+    assert paper.free_bits == 0.0
+    fb = bench.setting_config(smoke, "paper_z8_freebits6", 7).train
+    assert (fb.free_bits, fb.model.latent_channels) == (6.0, 8)
     assert bench.setting_config(smoke, "paper_z8", 7).train.model.latent_channels == 8
     vel = bench.setting_config(smoke, "paper_z8_velocity", 7).train.model
     assert vel.latent_channels == 8 and vel.output.value == "velocity"
