@@ -92,10 +92,10 @@ def setting_config(base_path: str | None, name: str, epochs: int):
         raise SystemExit(f"prior_recipes: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
     over = json.loads(json.dumps(SETTINGS[name]))
     # every setting is relative to the paper's model: its latent has the coarsest pyramid's
-    # channels and its KL no free bits unless the setting says otherwise (the project's default is 8 since this bench
-    # chose it; without this, "paper" would silently be "paper_z8")
+    # channels and its KL no free bits unless the setting says otherwise (the project's default
+    # latent is 8 since this bench chose it; without this, "paper" would silently be "paper_z8")
     over.setdefault("model", {}).setdefault("latent_channels", None)
-    over.setdefault("free_bits", 0.0)  # likewise the paper's KL has no free bits
+    over.setdefault("free_bits", 0.0)
     if over.get("kl_warmup_epochs") == "third":
         over["kl_warmup_epochs"] = max(1, epochs // 3)
     over["epochs"] = epochs

@@ -67,7 +67,7 @@ def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
     assert "--grid 20 must be 3 sizes divisible by 2^3 = 8" in proc.stderr
 
 
-def test_prior_recipes_settings_are_relative_to_the_papers_model():
+def test_prior_recipes_settings_are_relative_to_the_papers_model(tmp_path):
     """The settings are defined against the paper's model (latent = the coarsest pyramid's
     channels), whatever the project's default latent size is: "paper" must not train "paper_z8"."""
     import importlib.util
@@ -78,7 +78,11 @@ def test_prior_recipes_settings_are_relative_to_the_papers_model():
     smoke = str(REPO / "configs" / "smoke.yaml")
     paper = bench.setting_config(smoke, "paper", 7).train
     assert paper.model.latent_channels is None and paper.recipe.value == "paper" and paper.epochs == 7
-    assert paper.free_bits == 0.0
+    # a base config with free bits must not leak into the paper's recipe
+    base = tmp_path / "fb.yaml"
+    base.write_text("train:\n  free_bits: 6.0\n")
+    assert bench.setting_config(str(base), "paper", 7).train.free_bits == 0.0
+    assert bench.setting_config(str(base), "paper_z8_freebits10", 7).train.free_bits == 10.0
     fb = bench.setting_config(smoke, "paper_z8_freebits6", 7).train
     assert (fb.free_bits, fb.model.latent_channels) == (6.0, 8)
     assert bench.setting_config(smoke, "paper_z8", 7).train.model.latent_channels == 8
