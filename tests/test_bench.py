@@ -89,6 +89,11 @@ def test_prior_recipes_settings_are_relative_to_the_papers_model(tmp_path):
     vel = bench.setting_config(smoke, "paper_z8_velocity", 7).train.model
     assert vel.latent_channels == 8 and vel.output.value == "velocity"
     assert bench.setting_config(smoke, "elbo_b1", 7).train.model.latent_channels is None
+    # nor the project's default cyclical KL schedule: the paper's KL weight is constant
+    paper_default = bench.setting_config(None, "paper", 7).train
+    assert (paper_default.kl_schedule.value, paper_default.kl_warmup_epochs) == ("linear", 0)
+    cyc = bench.setting_config(None, "paper_z8_cyclical_velocity", 7).train
+    assert (cyc.kl_schedule.value, cyc.kl_cycles, cyc.model.output.value) == ("cyclical", 4, "velocity")
 
 
 def test_prior_recipes_summary_compares_with_the_paper_on_shared_folds(tmp_path):

@@ -145,10 +145,10 @@ def test_kl_schedules():
     from cardiomotion.config import load_config
     from cardiomotion.train.cvae import kl_factor, kl_weight
 
-    lin = load_config(None, {"train": {"epochs": 10, "kl_warmup_epochs": 4}})
+    lin = load_config(None, {"train": {"epochs": 10, "kl_schedule": "linear", "kl_warmup_epochs": 4}})
     assert [kl_factor(lin, e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert kl_weight(lin, 0) == pytest.approx(0.05 * 0.25)
-    const = load_config(None, {"train": {"epochs": 10, "recipe": "elbo", "beta": 0.2}})
+    const = load_config(None, {"train": {"epochs": 10, "recipe": "elbo", "beta": 0.2, "kl_schedule": "linear"}})
     assert kl_factor(const, 0) == 1.0 and kl_weight(const, 3) == pytest.approx(0.2)
     cyc = load_config(None, {"train": {"epochs": 8, "kl_schedule": "cyclical", "kl_cycles": 2}})
     # two cycles of 4 epochs: ramp over the first half of each (0.5, 1), then hold

@@ -97,8 +97,10 @@ def test_the_paper_preset_is_the_papers_recipe_and_differs_from_the_defaults_whe
     default = load_config(None)
     assert paper.train.recipe is LossRecipe.PAPER and (paper.train.w_rec, paper.train.w_kl) == (0.95, 0.05)
     assert paper.train.model.latent_channels is None and paper.generate.temperature == 1.0
+    assert paper.train.kl_schedule.value == "linear" and paper.train.kl_warmup_epochs == 0  # constant KL weight
+    assert default.train.kl_schedule.value == "cyclical"
     assert paper.train.augment.noise_std ** 2 == pytest.approx(0.015, rel=1e-3)
-    assert default.train.model.latent_channels == 8 and default.generate.temperature == 2.0
+    assert default.train.model.latent_channels == 8 and default.generate.temperature == 2.5
     assert default.train.augment.noise_std == 0.015
     # everything else is the default cluster setting
     assert paper.prepare == load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").prepare

@@ -14,7 +14,7 @@ from ray import tune
 from cardiomotion.config import load_config
 from cardiomotion.errors import ConfigError, InputError
 
-SEARCH = {"samples": 4, "folds": [0], "grace_period": 1, "reduction_factor": 2, "kl_warmup_epochs": [0, 2]}
+SEARCH = {"samples": 4, "folds": [0], "grace_period": 1, "reduction_factor": 2, "kl_cycles": [1, 2]}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
     best = load_config(out / "best.yaml")  # a full config that train / cv accept
     assert best.train.w_rec == pytest.approx(res.best["w_rec"]) and best.train.lr == pytest.approx(res.best["lr"])
     assert cfg.tune.w_kl[0] <= best.train.w_kl <= cfg.tune.w_kl[1]
-    assert 0 <= best.train.kl_warmup_epochs <= 2
+    assert 1 <= best.train.kl_cycles <= 2  # the default cyclical schedule searches its cycle count
     assert best.prepare == cfg.prepare and best.train.epochs == cfg.train.epochs
     with open(out / "trials.csv") as fh:
         trials = list(csv.DictReader(fh))
@@ -83,8 +83,9 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
                                         r"with 0 < low < high, got \[0.01, 0.001\]"),
     ({"w_kl": (-0.1, 0.5)}, ConfigError, "tune.w_kl: a log-uniform range"),
     ({"kl_warmup_epochs": (5, 1)}, ConfigError, "tune.kl_warmup_epochs: must be"),
-    ({"kl_warmup_epochs": (50, 100)}, InputError, r"tune.kl_warmup_epochs: the range \[50, 100\] starts above "
-                                                  r"the 2 epochs a trial trains"),
+    ({"kl_cycles": (0, 2)}, ConfigError, "tune.kl_cycles: must be"),
+    ({"kl_cycles": (50, 100)}, InputError, r"tune.kl_cycles: the range \[50, 100\] starts above "
+                                           r"the 2 epochs a trial trains: no trial could run that many KL cycles"),
     ({"folds": [0, "phantom_042"]}, InputError, "tune.folds: no such fold or scan: 'phantom_042'"),
     ({"max_concurrent": 5}, InputError, "tune.max_concurrent: 5 concurrent trials requested but the cluster "
                                         "holds at most 4"),
@@ -98,6 +99,24 @@ def test_bad_search_is_refused_before_work(inputs, tmp_path, tune_override, erro
     with pytest.raises(error, match=message):
         run_tune(prepared, flows, tmp_path / "out", bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_search_varies_the_knob_of_the_configured_kl_schedule():
+    """A linear schedule searches its warm-up, a cyclical one its cycle count (the other would have no
+    effect); both ranges are capped at the trial's epochs and applied as integers."""
+    from cardiomotion.train.tune import apply_trial, search_space, searched
+
+    lin = load_config(None, {"train": {"kl_schedule": "linear"}, "tune": {"kl_warmup_epochs": [0, 50]}})
+    cyc = load_config(None, {"train": {"kl_schedule": "cyclical"}, "tune": {"kl_cycles": [2, 50]}})
+    assert searched(lin) == ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
+    assert searched(cyc) == ("w_rec", "w_kl", "lr", "kl_cycles")
+    assert "kl_cycles" not in search_space(lin, 10) and "kl_warmup_epochs" not in search_space(cyc, 10)
+    cycles = search_space(cyc, 10)["kl_cycles"]
+    drawn = {cycles.sample() for _ in range(200)}
+    assert drawn <= set(range(2, 11)) and max(drawn) == 10  # capped at 10 epochs, high end inclusive
+    best = apply_trial(cyc, {"kl_cycles": 3.0, "lr": 1e-3, "kl_warmup_epochs": 7})
+    assert best.train.kl_cycles == 3 and isinstance(best.train.kl_cycles, int)
+    assert best.train.kl_warmup_epochs == 0  # not searched under this schedule: left as configured
 
 
 def test_bad_search_space_in_a_config_file_is_refused():

@@ -2,8 +2,10 @@
 
 Search space (``tune`` section of the config): with ``train.recipe: paper`` ``train.w_rec`` and
 ``train.w_kl``, with ``train.recipe: elbo`` ``train.beta`` (the decoder noise 2σ², voxels²), in both
-``train.lr`` — log-uniform over (low, high) with 0 < low < high — and ``train.kl_warmup_epochs`` a
-uniform integer in [low, high] (high capped at the trial's epochs; a low above them is refused);
+``train.lr`` — log-uniform over (low, high) with 0 < low < high — and the KL schedule's knob, a
+uniform integer in [low, high] (high capped at the trial's epochs; a low above them is refused):
+``train.kl_warmup_epochs`` with ``train.kl_schedule: linear``, ``train.kl_cycles`` with ``cyclical``
+(the default; the other knob would have no effect);
 random search (seeded), ``tune.samples`` trials, ASHA early stopping with ``time_attr="epoch"``
 (epochs completed), ``max_t`` = the trial's epochs, ``tune.grace_period`` and ``tune.reduction_factor``.
 
@@ -70,13 +72,17 @@ from ..fileio import atomic_path, write_json
 from ..layout import (TRIAL_CHECKPOINT as CKPT_FILE, TUNE_BEST as BEST_FILE, TUNE_EXPERIMENT as EXPERIMENT,
                       TUNE_STATE as STATE_FILE, TUNE_TRIALS as TRIALS_FILE)
 
-SEARCHED_PAPER = ("w_rec", "w_kl", "lr", "kl_warmup_epochs")
-SEARCHED_ELBO = ("beta", "lr", "kl_warmup_epochs")
+SEARCHED_PAPER = ("w_rec", "w_kl", "lr")
+SEARCHED_ELBO = ("beta", "lr")
+SCHEDULE_KEY = {"linear": "kl_warmup_epochs", "cyclical": "kl_cycles"}  # the KL schedule's one searched knob
+_INT_KEYS = frozenset(SCHEDULE_KEY.values())
+ALL_SEARCHED = (*SEARCHED_PAPER, "beta", *SCHEDULE_KEY.values())
 
 
 def searched(cfg: Config) -> tuple[str, ...]:
-    """The ``train`` keys a search varies under the config's loss recipe."""
-    return SEARCHED_PAPER if cfg.train.recipe.value == "paper" else SEARCHED_ELBO
+    """The ``train`` keys a search varies under the config's loss recipe and KL schedule."""
+    base = SEARCHED_PAPER if cfg.train.recipe.value == "paper" else SEARCHED_ELBO
+    return (*base, SCHEDULE_KEY[cfg.train.kl_schedule.value])
 _BAD_SCORE = 1e9  # a diverged trial (NaN/inf) scores this instead
 
 Log = Callable[[str], None]
@@ -103,9 +109,11 @@ def search_space(cfg: Config, epochs: int) -> dict[str, Any]:
     from ray import tune
 
     t = cfg.tune
-    hi = min(t.kl_warmup_epochs[1], epochs)
-    lo = min(t.kl_warmup_epochs[0], hi)
-    space = {"lr": tune.loguniform(*t.lr), "kl_warmup_epochs": tune.randint(lo, hi + 1)}
+    key = SCHEDULE_KEY[cfg.train.kl_schedule.value]
+    rng = getattr(t, key)
+    hi = min(rng[1], epochs)  # neither a warm-up nor a cycle count can exceed the epochs
+    lo = min(rng[0], hi)
+    space = {"lr": tune.loguniform(*t.lr), key: tune.randint(lo, hi + 1)}
     if cfg.train.recipe.value == "paper":
         space.update({"w_rec": tune.loguniform(*t.w_rec), "w_kl": tune.loguniform(*t.w_kl)})
     else:
@@ -119,7 +127,7 @@ def apply_trial(cfg: Config, values: Mapping[str, Any]) -> Config:
     for k in searched(cfg):
         if k in values:
             v = values[k]
-            data["train"][k] = int(v) if k == "kl_warmup_epochs" else float(v)
+            data["train"][k] = int(v) if k in _INT_KEYS else float(v)
     return Config.model_validate(data)
 
 
@@ -150,7 +158,7 @@ def _trial_run(client, setup: "TrialSetup", trial_id: str, values: Mapping[str, 
 
     run = client.create_run(setup.experiment_id, run_name=f"trial_{trial_id}",
                             tags={"mlflow.parentRunId": parent, "stage": "tune-trial", "trial_id": trial_id})
-    params = [Param(f"train.{k}", str(values[k])) for k in values if k in (*SEARCHED_PAPER, *SEARCHED_ELBO)]
+    params = [Param(f"train.{k}", str(values[k])) for k in values if k in ALL_SEARCHED]
     params += [Param("folds", ",".join(map(str, setup.folds))), Param("epochs", str(setup.epochs))]
     client.log_batch(run.info.run_id, params=params)
     return run.info.run_id
@@ -268,7 +276,7 @@ def _trial_status(exp_path: Path) -> dict[str, str]:
 
 
 def _write_trials(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    cols = ["trial_id", "status", "epochs", *SEARCHED_PAPER, "beta", "score", "score_energy", "score_kl_penalty", "score_rec",
+    cols = ["trial_id", "status", "epochs", *ALL_SEARCHED, "score", "score_energy", "score_kl_penalty", "score_rec",
             "val_energy_vox", "val_spread_skill", "val_magnitude_ratio", "val_epe_rec_vox", "val_epe_prior_vox",
             "val_kl", "val_folding_prior", "run_id", "error"]
     from .sweep import write_csv
@@ -286,7 +294,8 @@ def run_tune(
     log: Log = lambda _m: None,
     callbacks: Sequence[Any] = (),
 ) -> TuneSummary:
-    """Search the loss weights (``w_rec``/``w_kl`` or ``beta``), ``lr`` and ``kl_warmup_epochs`` (module docstring).
+    """Search the loss weights (``w_rec``/``w_kl`` or ``beta``), ``lr`` and the KL schedule's knob
+    (``kl_warmup_epochs`` or ``kl_cycles``; module docstring).
 
     Args:
         samples: number of trials (default ``tune.samples``).
@@ -337,9 +346,11 @@ def run_tune(
         for k in folds:
             train_fold_pyramid(prepared, flows, scan_ids[k], cfg)
     epochs = cfg.tune.epochs or cfg.train.epochs
-    if cfg.tune.kl_warmup_epochs[0] > epochs:
-        raise InputError("tune.kl_warmup_epochs", f"the range {list(cfg.tune.kl_warmup_epochs)} starts above the "
-                                                  f"{epochs} epochs a trial trains: no trial could finish its warm-up")
+    key = SCHEDULE_KEY[cfg.train.kl_schedule.value]
+    if getattr(cfg.tune, key)[0] > epochs:
+        what = "finish its warm-up" if key == "kl_warmup_epochs" else "run that many KL cycles"
+        raise InputError(f"tune.{key}", f"the range {list(getattr(cfg.tune, key))} starts above the "
+                                        f"{epochs} epochs a trial trains: no trial could {what}")
     grace = min(cfg.tune.grace_period, epochs)
     fingerprint = _fingerprint(prepared, flows, cfg, folds)
     state, uri, client, parent_id = resume_state(out / STATE_FILE, fingerprint, "search", cfg)
@@ -454,7 +465,7 @@ def format_trials(rows: Sequence[Mapping[str, Any]]) -> str:
     """The trial table as fixed-width text (best first)."""
     cols = [("trial", "trial_id", "{}"), ("status", "status", "{}"), ("epochs", "epochs", "{:.0f}"),
             ("w_rec", "w_rec", "{:.3g}"), ("w_kl", "w_kl", "{:.3g}"), ("beta", "beta", "{:.3g}"), ("lr", "lr", "{:.3g}"),
-            ("warmup", "kl_warmup_epochs", "{:.0f}"), ("score (ES)", "score", "{:.4f}"),
+            ("warmup", "kl_warmup_epochs", "{:.0f}"), ("KL cycles", "kl_cycles", "{:.0f}"), ("score (ES)", "score", "{:.4f}"),
             ("spread/skill", "val_spread_skill", "{:.2f}"), ("magnitude", "val_magnitude_ratio", "{:.2f}"),
             ("rec EPE", "val_epe_rec_vox", "{:.3f}"), ("KL", "val_kl", "{:.4f}")]
     present = {k for r in rows for k, v in r.items() if v is not None}
