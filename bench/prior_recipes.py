@@ -271,7 +271,7 @@ def write_ef_figures(rows: list[dict], ef_cohort: list[float], summary: dict, fo
         efs = [e for r in rows if r["setting"] == name for e in r.get("sample_ef", [])]
         if not efs:
             continue
-        title = (f"{name}: {len(s['folds'])} folds × {','.join(map(str, s['epochs']))} epochs, "
+        title = (f"{name}\n{len(s['folds'])} folds × {','.join(map(str, s['epochs']))} epochs, "
                  f"EF coverage {s.get('ef_coverage', float('nan')):.0%}")
         paths.append(plot_ef_histogram(efs, ef_cohort, folder / f"ef_{name.replace('@', '_')}.png", title=title))
     return paths
