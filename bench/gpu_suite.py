@@ -73,7 +73,7 @@ CPU_OVERHEAD_FILE = BENCH.parent / "docs" / "results" / "generate_throughput_cpu
 DEFAULT_STEP = StepSettings(
     seed=0, model=CVAEShape(latent_channels=8, output="displacement", integration_steps=7),
     augment=AugmentConfig(noise_std=0.015, max_shift=10, zoom=(0.9, 1.1), p=1.0),
-    recipe="paper", w_rec=0.95, w_kl=0.05, beta=0.1, kl_schedule="linear", kl_cycles=4, kl_warmup_epochs=0,
+    recipe="paper", w_rec=0.95, w_kl=0.05, beta=0.1, kl_schedule="cyclical", kl_cycles=4, kl_warmup_epochs=0,
     free_bits=0.0, epochs=2000, batch_size=16, lr=1e-3, grad_clip=0.75)
 # The default configuration's annotation network and stage (annotate.*), likewise pinned by the test.
 DEFAULT_PWC = {"channels": (16, 32, 64, 96, 128), "search_range": 2, "estimator_channels": (64, 48, 32),
