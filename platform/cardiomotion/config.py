@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .choices import OutputKind as FlowOutput, Similarity as RefineSimilarity
 from .errors import ConfigError
@@ -363,18 +363,12 @@ class TuneConfig(_Section):
             raise ValueError(f"a log-uniform range must be (low, high) with 0 < low < high, got {list(v)}")
         return v
 
-    @field_validator("kl_warmup_epochs")
+    @field_validator("kl_warmup_epochs", "kl_cycles")
     @classmethod
-    def _int_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= v[0] <= v[1]:
-            raise ValueError(f"must be (low, high) with 0 <= low <= high, got {list(v)}")
-        return v
-
-    @field_validator("kl_cycles")
-    @classmethod
-    def _cycles_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= v[0] <= v[1]:
-            raise ValueError(f"must be (low, high) with 1 <= low <= high, got {list(v)}")
+    def _int_range(cls, v: tuple[int, int], info: ValidationInfo) -> tuple[int, int]:
+        least = 1 if info.field_name == "kl_cycles" else 0  # a schedule has at least one cycle
+        if not least <= v[0] <= v[1]:
+            raise ValueError(f"must be (low, high) with {least} <= low <= high, got {list(v)}")
         return v
 
 
