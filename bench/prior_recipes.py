@@ -95,8 +95,9 @@ def setting_config(base_path: str | None, name: str, epochs: int):
         raise SystemExit(f"prior_recipes: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
     over = json.loads(json.dumps(SETTINGS[name]))
     # every setting is relative to the paper's model: its latent has the coarsest pyramid's
-    # channels and its KL no free bits unless the setting says otherwise (the project's default
-    # latent is 8 since this bench chose it; without this, "paper" would silently be "paper_z8")
+    # channels and its KL no free bits and a constant weight unless the setting says otherwise (the
+    # project's defaults are latent 8 and a cyclical schedule since this bench chose them; without
+    # this, "paper" would silently be "paper_z8_cyclical")
     over.setdefault("model", {}).setdefault("latent_channels", None)
     over.setdefault("free_bits", 0.0)
     over.setdefault("kl_schedule", "linear")

@@ -79,10 +79,15 @@ _INT_KEYS = frozenset(SCHEDULE_KEY.values())
 ALL_SEARCHED = (*SEARCHED_PAPER, "beta", *SCHEDULE_KEY.values())
 
 
+def schedule_knob(cfg: Config) -> str:
+    """The ``train`` key of the configured KL schedule that a search varies (also its ``tune`` range's name)."""
+    return SCHEDULE_KEY[cfg.train.kl_schedule.value]
+
+
 def searched(cfg: Config) -> tuple[str, ...]:
     """The ``train`` keys a search varies under the config's loss recipe and KL schedule."""
     base = SEARCHED_PAPER if cfg.train.recipe.value == "paper" else SEARCHED_ELBO
-    return (*base, SCHEDULE_KEY[cfg.train.kl_schedule.value])
+    return (*base, schedule_knob(cfg))
 _BAD_SCORE = 1e9  # a diverged trial (NaN/inf) scores this instead
 
 Log = Callable[[str], None]
@@ -109,7 +114,7 @@ def search_space(cfg: Config, epochs: int) -> dict[str, Any]:
     from ray import tune
 
     t = cfg.tune
-    key = SCHEDULE_KEY[cfg.train.kl_schedule.value]
+    key = schedule_knob(cfg)
     rng = getattr(t, key)
     hi = min(rng[1], epochs)  # neither a warm-up nor a cycle count can exceed the epochs
     lo = min(rng[0], hi)
@@ -346,7 +351,7 @@ def run_tune(
         for k in folds:
             train_fold_pyramid(prepared, flows, scan_ids[k], cfg)
     epochs = cfg.tune.epochs or cfg.train.epochs
-    key = SCHEDULE_KEY[cfg.train.kl_schedule.value]
+    key = schedule_knob(cfg)
     if getattr(cfg.tune, key)[0] > epochs:
         what = "finish its warm-up" if key == "kl_warmup_epochs" else "run that many KL cycles"
         raise InputError(f"tune.{key}", f"the range {list(getattr(cfg.tune, key))} starts above the "
