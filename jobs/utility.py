@@ -5,7 +5,7 @@ Example:
       --folds 0-7 --sizes 64,256,1024,4096 --seeds 3
 
 Per fold: the fold's CVAE and its corpus (training scans only), then one Ray Train run per
-(arm, N, seed); utility.csv, summary.json and utility.png in --out, an MLflow run.
+(arm, N, seed); utility.csv, utility_paired.csv, summary.json and utility.png in --out, an MLflow run.
 A rerun trains only the estimators that are missing.
 """
 import sys

@@ -109,6 +109,43 @@ def test_summary_averages_seeds_per_scan_then_scans():
     assert "cvae" in text and "zero" in text and "3.000" in text
 
 
+def test_paired_differences_compare_arms_scan_by_scan():
+    """A corpus arm exactly 0.5 mm better than the annotated arm on every scan: delta −0.5 with a
+    zero-width interval and every scan a win, even though the scans' own spread (1–4 mm) makes
+    the two arms' marginal intervals overlap. Against an arm it ties with on average (±1 per
+    scan) the interval covers 0."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import format_paired, paired_differences, summarize
+
+    cfg = load_config(None)
+    base = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    noise = {"a": 1.0, "b": -1.0, "c": 1.0, "d": -1.0}
+
+    def row(scan, arm, n, v, seed=0):
+        return {"scan": scan, "arm": arm, "n": n, "seed": seed, "epe_mm": v, "epe_myo_mm": v, "dice": 1 - v / 10,
+                "folding": 0.0}
+
+    rows = [row(s, "annotated", 43, v + 0.5) for s, v in base.items()]
+    rows += [row(s, "cvae", 256, v - 0.2, seed=0) for s, v in base.items()]  # seeds 0, 1 average to v
+    rows += [row(s, "cvae", 256, v + 0.2, seed=1) for s, v in base.items()]
+    rows += [row(s, "random", 256, v + noise[s]) for s, v in base.items()]
+    rows += [row(s, "random", 64, 0.0) for s in base]  # another N: never compared with cvae at 256
+    refs = [{"scan": s, "arm": "zero", "epe_mm": 9.0, "epe_myo_mm": 9.0, "dice": 0.1, "folding": 0.0} for s in base]
+    paired = {(r["vs_arm"], r["vs_n"], r["metric"]): r for r in paired_differences(rows, refs, cfg)}
+    assert {(a, n) for a, n, _ in paired} == {("annotated", 43), ("random", 256), ("zero", 0)}
+    ann = paired[("annotated", 43, "epe_myo_mm")]
+    assert ann["arm"] == "cvae" and ann["n"] == 256
+    assert ann["delta"] == pytest.approx(-0.5) and ann["ci_low"] == pytest.approx(-0.5) and ann["ci_high"] == pytest.approx(-0.5)
+    assert ann["wins"] == 4 and ann["scans"] == 4
+    dice = paired[("annotated", 43, "dice")]
+    assert dice["delta"] == pytest.approx(0.05) and dice["wins"] == 4  # higher Dice is the better one
+    marginal = {(r["arm"], r["metric"]): r for r in summarize(rows, refs, cfg)}
+    assert marginal[("cvae", "epe_myo_mm")]["ci_high"] > marginal[("annotated", "epe_myo_mm")]["ci_low"]  # overlap
+    rnd = paired[("random", 256, "epe_myo_mm")]
+    assert rnd["delta"] == pytest.approx(0.0) and rnd["ci_low"] < 0 < rnd["ci_high"] and rnd["wins"] == 2
+    assert "annotated" in format_paired(list(paired.values())) and "4/4" in format_paired(list(paired.values()))
+
+
 # --------------------------------------------------------------------------- training
 def test_estimator_learns_a_known_translation_from_synthetic_pairs():
     """Supervised on pairs that differ by a known constant shift, the estimator's error on a new
@@ -300,6 +337,8 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     table = pd.read_csv(res.table)
     assert set(table.arm) == {"cvae", "annotated", "zero"}
     assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding"}
+    paired = pd.read_csv(res.paired_file)  # cvae against annotated and zero flow on the held-out scan
+    assert {(r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {("annotated", 1), ("zero", 1)}
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
     from cardiomotion import tracking

@@ -195,7 +195,7 @@ def cmd_tune(args) -> int:
 
 # ---------------------------------------------------------------------------- utility
 def cmd_utility(args) -> int:
-    from .evaluate.utility_job import format_table, run_utility
+    from .evaluate.utility_job import format_paired, format_table, run_utility
 
     try:
         sizes = [int(x) for x in args.sizes.split(",") if x.strip()] if args.sizes else None
@@ -227,7 +227,11 @@ def cmd_utility(args) -> int:
             bar.close()
     _say(f"utility: {len(res.folds)} folds in {time.perf_counter() - t0:.0f} s")
     _say(format_table(res.rows))
+    if res.paired:
+        _say("paired, scan by scan (delta = corpus arm - other; < 0: the corpus arm has the lower EPE):")
+        _say(format_paired(res.paired))
     _say(f"  table    {res.table}")
+    _say(f"  paired   {res.paired_file}")
     _say(f"  figure   {res.figure}")
     _say(f"  runs     {res.runs}")
     return 0

@@ -41,7 +41,7 @@ from ..errors import InputError
 Log = Callable[[str], None]
 
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
-                      UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
+                      UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
                       UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
 
@@ -83,6 +83,8 @@ class UtilitySummary:
     figure: Path | None
     runs: Path
     folds: tuple[int, ...] = field(default_factory=tuple)
+    paired: tuple[dict, ...] = field(default_factory=tuple)  # corpus arms against the others, scan by scan
+    paired_file: Path | None = None
 
 
 # --------------------------------------------------------------------------- data of a fold
@@ -411,6 +413,79 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
     return out
 
 
+LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "dice": False, "folding": True}
+
+
+def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
+    """Each corpus arm at each N against the other arms, scan by scan.
+
+    Arms are scored on the same held-out scans, so the question "does the corpus arm beat arm B"
+    is answered by the per-scan difference (seed means), not by whether two marginal intervals
+    overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
+    bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
+    subject is better (lower EPE and folding, higher Dice). Compared: every corpus arm (cvae,
+    cvae+annotated) at N against each arm without a corpus — the real-data arms, the references
+    (zero, demons), and ``random`` at the same N — and cvae+annotated against cvae at the same N.
+    """
+    from .utility import bootstrap_ci
+
+    per: dict[tuple[str, int], dict[str, dict[str, float]]] = {}  # (arm, n) → scan → metric → seed mean
+    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
+    for r in refs:
+        groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
+    for key, by_scan in groups.items():
+        per[key] = {scan: {m: float(np.nanmean([x[m] for x in xs])) for m in METRICS
+                           if any(x.get(m) == x.get(m) for x in xs)} for scan, xs in by_scan.items()}
+
+    def arm_of(name: str) -> UtilityArm | None:
+        try:
+            return UtilityArm(name)
+        except ValueError:  # a reference (zero, demons)
+            return None
+
+    pairs: list[tuple[tuple[str, int], tuple[str, int]]] = []
+    for subj in sorted(per):
+        sa = arm_of(subj[0])
+        if sa is None or not sa.uses_corpus:
+            continue
+        for other in sorted(per):
+            oa = arm_of(other[0])
+            if other == subj:
+                continue
+            if oa is not None and oa.synthetic and other[1] != subj[1]:
+                continue  # synthetic arms are compared at the same corpus size
+            if oa is not None and oa.uses_corpus and not (sa is UtilityArm.MIXED and oa is UtilityArm.CVAE):
+                continue  # among corpus arms only mixed against corpus-only, once
+            pairs.append((subj, other))
+    out: list[dict[str, Any]] = []
+    for subj, other in pairs:
+        for m in METRICS:
+            scans = sorted(s for s in per[subj] if s in per[other] and m in per[subj][s] and m in per[other][s])
+            if not scans:
+                continue
+            d = [per[subj][s][m] - per[other][s][m] for s in scans]
+            mean, lo, hi = bootstrap_ci(d, cfg.utility.bootstrap, seed=cfg.seed)
+            better = [(x < 0) if LOWER_IS_BETTER[m] else (x > 0) for x in d]
+            out.append({"arm": subj[0], "n": subj[1], "vs_arm": other[0], "vs_n": other[1], "metric": m,
+                        "delta": mean, "ci_low": lo, "ci_high": hi, "wins": int(sum(better)), "scans": len(scans)})
+    return out
+
+
+def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm") -> str:
+    """The paired comparison of ``metric`` as a text table: subject − other [95 % interval], wins."""
+    picked = [r for r in rows if r["metric"] == metric]
+    if not picked:
+        return ""
+    lines = [f"{'arm':<16}{'N':>6}  {'vs':<16}{'N':>6}  {'delta ' + metric:>32}{'wins':>9}"]
+    for r in picked:
+        cell = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        lines.append(f"{r['arm']:<16}{r['n']:>6}  {r['vs_arm']:<16}{(str(r['vs_n']) if r['vs_n'] else '–'):>6}  "
+                     f"{cell:>32}{str(r['wins']) + '/' + str(r['scans']):>9}")
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("epe_myo_mm", "epe_mm", "dice", "folding")) -> str:
     """The summary as a text table: one line per (arm, N), mean [95 % interval] per metric."""
     keyed: dict[tuple[str, int], dict[str, dict]] = {}
@@ -437,6 +512,17 @@ def write_table(path: Path, rows: Sequence[dict]) -> Path:
     with atomic_path(path) as tmp:
         pd.DataFrame(list(rows), columns=["arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs"]).to_csv(
             tmp, index=False)
+    return path
+
+
+def write_paired(path: Path, rows: Sequence[dict]) -> Path:
+    import pandas as pd
+
+    from ..fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(list(rows), columns=["arm", "n", "vs_arm", "vs_n", "metric", "delta", "ci_low", "ci_high",
+                                          "wins", "scans"]).to_csv(tmp, index=False)
     return path
 
 
@@ -627,12 +713,14 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                 on_run(finished, total)
         table_rows = summarize(rows, refs, cfg)
         table = write_table(out / TABLE_FILE, table_rows)
+        paired_rows = paired_differences(rows, refs, cfg)
+        paired = write_paired(out / PAIRED_FILE, paired_rows)
         from ..fileio import write_json
 
         summary = write_json(out / SUMMARY_FILE, {"folds": fold_list, "scans": [p.val_id for p in plans],
                                                   "settings": cfg.utility.model_dump(mode="json"),
                                                   "pyramid": cfg.cv.pyramid.value, "references": refs,
-                                                  "table": table_rows})
+                                                  "table": table_rows, "paired": paired_rows})
         figure = utility_figure(table_rows, out / FIGURE_FILE)
         import mlflow
 
@@ -641,6 +729,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                 mlflow.log_metric(f"{tr['arm'].replace('+', '_')}_n{tr['n']}_{tr['metric']}", tr["mean"])
         mlflow.log_artifact(str(table))
         mlflow.log_artifact(str(summary))
+        mlflow.log_artifact(str(paired))
         mlflow.log_artifact(str(figure))
         log(f"utility: wrote {table} and {figure} (MLflow run {mlrun.info.run_id})")
     if failed:
@@ -648,4 +737,5 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
 
         raise StageFailed(f"utility: {len(failed)} of {total} estimators or folds failed (first: {failed[0]}); the "
                           f"table holds what finished; rerun the same command to retry the rest")
-    return UtilitySummary(tuple(table_rows), table, summary, figure, runs_file, tuple(fold_list))
+    return UtilitySummary(tuple(table_rows), table, summary, figure, runs_file, tuple(fold_list), tuple(paired_rows),
+                          paired)
