@@ -413,6 +413,23 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
     return out
 
 
+def per_scan_means(rows: Sequence[dict], refs: Sequence[dict]) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+    """(arm, N) → held-out scan → metric → mean over the estimator seeds (references: N = 0)."""
+    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
+    for r in refs:
+        groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
+    return {key: {scan: {m: float(np.nanmean([x[m] for x in xs])) for m in METRICS
+                         if any(x.get(m) == x.get(m) for x in xs)} for scan, xs in by_scan.items()}
+            for key, by_scan in groups.items()}
+
+
+def arm_of(name: str) -> UtilityArm | None:
+    """The data arm named ``name``; None for a reference (zero, demons)."""
+    return UtilityArm._value2member_map_.get(name)
+
+
 LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "dice": False, "folding": True}
 
 
@@ -429,22 +446,7 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
     """
     from .utility import bootstrap_ci
 
-    per: dict[tuple[str, int], dict[str, dict[str, float]]] = {}  # (arm, n) → scan → metric → seed mean
-    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
-    for r in rows:
-        groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
-    for r in refs:
-        groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
-    for key, by_scan in groups.items():
-        per[key] = {scan: {m: float(np.nanmean([x[m] for x in xs])) for m in METRICS
-                           if any(x.get(m) == x.get(m) for x in xs)} for scan, xs in by_scan.items()}
-
-    def arm_of(name: str) -> UtilityArm | None:
-        try:
-            return UtilityArm(name)
-        except ValueError:  # a reference (zero, demons)
-            return None
-
+    per = per_scan_means(rows, refs)
     pairs: list[tuple[tuple[str, int], tuple[str, int]]] = []
     for subj in sorted(per):
         sa = arm_of(subj[0])
@@ -526,22 +528,34 @@ def write_paired(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm") -> Path:
+def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
+                   per_scan: dict[tuple[str, int], dict[str, dict[str, float]]] | None = None) -> Path:
     """Held-out ``metric`` against corpus size N per arm (95 % bootstrap intervals); real arms and
-    references as horizontal lines."""
+    references as horizontal lines. With ``per_scan`` (:func:`per_scan_means`) and a corpus arm,
+    a second panel pairs the held-out scans: the corpus arm at its largest N against each other
+    arm, one point per scan (below the diagonal: the corpus arm's error is lower)."""
     from .figures import pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    subject = None
+    if per_scan:
+        corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a is UtilityArm.CVAE), key=lambda k: k[1])
+        corpus = corpus or sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.uses_corpus),
+                                  key=lambda k: k[1])
+        subject = corpus[-1] if corpus else None
+    if subject is None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    else:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4), gridspec_kw={"width_ratios": [1.35, 1]})
     sel = [r for r in rows if r["metric"] == metric]
     arms = sorted({r["arm"] for r in sel})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    sizes = sorted({r["n"] for r in sel if UtilityArm._value2member_map_.get(r["arm"]) is not None
+    sizes = sorted({r["n"] for r in sel if arm_of(r["arm"]) is not None
                     and UtilityArm(r["arm"]).synthetic})
     for i, arm in enumerate(arms):
         pts = sorted((r for r in sel if r["arm"] == arm), key=lambda r: r["n"])
         c = colors[i % len(colors)]
-        member = UtilityArm._value2member_map_.get(arm)
+        member = arm_of(arm)
         if member is not None and member.synthetic and sizes:
             x = [r["n"] for r in pts]
             y = [r["mean"] for r in pts]
@@ -554,12 +568,45 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm")
                 ax.axhspan(r["ci_low"], r["ci_high"], color=c, alpha=0.08)
     if sizes:
         ax.set_xscale("log", base=2)
+    rest = [r for r in sel if r["arm"] != "zero" and r["mean"] == r["mean"]]
+    zero = [r for r in sel if r["arm"] == "zero" and r["mean"] == r["mean"]]
+    if metric != "dice" and rest and zero:
+        top = max(max(r["ci_high"], r["mean"]) for r in rest)
+        bottom = min(min(r["ci_low"], r["mean"]) for r in rest)
+        if zero[0]["mean"] > top + (top - bottom) + 0.5:  # zero flow would squash the arms: note it instead
+            ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom + 0.1)), top + 0.3 * (top - bottom + 0.1))
+            ax.text(0.02, 0.97, f"zero flow: {zero[0]['mean']:.2f} (above the plot)", transform=ax.transAxes,
+                    va="top", fontsize=8, color="0.3")
     ax.set_xlabel("training samples N (synthetic arms)")
     names = {"epe_myo_mm": "myocardium EPE (mm)", "epe_mm": "EPE (mm)", "dice": "Dice (LV blood, LV myo)",
              "folding": "folding fraction"}
     ax.set_ylabel(f"held-out {names.get(metric, metric)}")
     ax.set_title("Downstream utility: the same estimator on each data arm")
     ax.legend(fontsize=8, ncol=2)
+    if subject is not None:
+        mine = per_scan[subject]
+        lo, hi = np.inf, -np.inf
+        for i, arm in enumerate(arms):
+            others = [k for k in per_scan if k[0] == arm and k != subject and k[0] != "zero"
+                      and not ((a := arm_of(arm)) is not None and a.synthetic and k[1] != subject[1])]
+            for k in others:
+                pts = [(per_scan[k][sc][metric], mine[sc][metric]) for sc in sorted(mine)
+                       if sc in per_scan[k] and metric in per_scan[k][sc] and metric in mine[sc]]
+                if not pts:
+                    continue
+                x, y = np.asarray(pts).T
+                lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+                bx.scatter(x, y, s=22, color=colors[i % len(colors)], label=f"vs {arm}" + (f" (N {k[1]})" if k[1] else ""))
+        if np.isfinite(lo):
+            pad = 0.05 * (hi - lo or 1.0)
+            bx.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1, ls=":")
+            bx.set_xlim(lo - pad, hi + pad)
+            bx.set_ylim(lo - pad, hi + pad)
+            bx.set_aspect("equal")
+        bx.set_xlabel(f"other arm: {names.get(metric, metric)}")
+        bx.set_ylabel(f"{subject[0]} (N {subject[1]}): {names.get(metric, metric)}")
+        bx.set_title(f"Per held-out scan ({len(mine)}): below the diagonal\n{subject[0]} is better", fontsize=10)
+        bx.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -721,7 +768,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                                                   "settings": cfg.utility.model_dump(mode="json"),
                                                   "pyramid": cfg.cv.pyramid.value, "references": refs,
                                                   "table": table_rows, "paired": paired_rows})
-        figure = utility_figure(table_rows, out / FIGURE_FILE)
+        figure = utility_figure(table_rows, out / FIGURE_FILE, per_scan=per_scan_means(rows, refs))
         import mlflow
 
         for tr in table_rows:
