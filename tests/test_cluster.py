@@ -350,7 +350,10 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
     tracking = f"http://127.0.0.1:{mlflow_port}"
     dashboard = f"http://127.0.0.1:{dash}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}")
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{env.get('PATH', '')}",
+               # `ray start` gives the dashboard 60 s to register, then aborts the head: a loaded
+               # 2-core machine (another experiment running) once took longer
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S=env.get("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240"))
     # What cluster.yaml's start commands give every node: the storage root and the MLflow server.
     node_env = dict(env, CARDIOMOTION_STORAGE=str(store), MLFLOW_TRACKING_URI=tracking)
     procs: list[subprocess.Popen] = []
@@ -374,7 +377,7 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
                       f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                       f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
                       f"--temp-dir={head_tmp}", *common], head_log, node_env)
-        _wait("ray head", lambda: _http_ok(f"{dashboard}/api/version"), 120, head, head_log)
+        _wait("ray head", lambda: _http_ok(f"{dashboard}/api/version"), 300, head, head_log)
         worker_log = tmp_path / "ray-worker.log"
         start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}",
                f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={worker_tmp}", *common],
