@@ -395,21 +395,18 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
 def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
     """Per (arm, N, metric): mean over seeds per test scan, then the mean over scans with a
     bootstrap 95 % interval; references (zero, demons) as arms with N = 0."""
+    from collections import Counter
+
     from .utility import bootstrap_ci
 
+    runs = Counter((r["arm"], int(r["n"])) for r in rows) + Counter((r["arm"], 0) for r in refs)
     out: list[dict[str, Any]] = []
-    groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
-    for r in rows:
-        groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
-    for r in refs:
-        groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
-    for (arm, n), by_scan in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (arm, n), by_scan in sorted(per_scan_means(rows, refs).items()):
         for m in METRICS:
-            per_scan = [float(np.nanmean([x[m] for x in xs])) if any(x.get(m) == x.get(m) for x in xs) else float("nan")
-                        for xs in by_scan.values()]
-            mean, lo, hi = bootstrap_ci(per_scan, cfg.utility.bootstrap, seed=cfg.seed)
+            mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
+                                        seed=cfg.seed)
             out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
-                        "scans": len(by_scan), "runs": sum(len(xs) for xs in by_scan.values())})
+                        "scans": len(by_scan), "runs": runs[(arm, n)]})
     return out
 
 
@@ -506,26 +503,8 @@ def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("epe_myo_mm", "
     return "\n".join(lines)
 
 
-def write_table(path: Path, rows: Sequence[dict]) -> Path:
-    import pandas as pd
-
-    from ..fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        pd.DataFrame(list(rows), columns=["arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs"]).to_csv(
-            tmp, index=False)
-    return path
-
-
-def write_paired(path: Path, rows: Sequence[dict]) -> Path:
-    import pandas as pd
-
-    from ..fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        pd.DataFrame(list(rows), columns=["arm", "n", "vs_arm", "vs_n", "metric", "delta", "ci_low", "ci_high",
-                                          "wins", "scans"]).to_csv(tmp, index=False)
-    return path
+TABLE_COLUMNS = ("arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs")
+PAIRED_COLUMNS = ("arm", "n", "vs_arm", "vs_n", "metric", "delta", "ci_low", "ci_high", "wins", "scans")
 
 
 def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
@@ -539,9 +518,9 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     plt = pyplot()
     subject = None
     if per_scan:
-        corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a is UtilityArm.CVAE), key=lambda k: k[1])
-        corpus = corpus or sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.uses_corpus),
-                                  key=lambda k: k[1])
+        # cvae at its largest N, else the mixed arm at its largest N
+        corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.uses_corpus),
+                        key=lambda k: (arm_of(k[0]) is UtilityArm.CVAE, k[1]))
         subject = corpus[-1] if corpus else None
     if subject is None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -550,8 +529,7 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     sel = [r for r in rows if r["metric"] == metric]
     arms = sorted({r["arm"] for r in sel})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    sizes = sorted({r["n"] for r in sel if arm_of(r["arm"]) is not None
-                    and UtilityArm(r["arm"]).synthetic})
+    sizes = sorted({r["n"] for r in sel if (a := arm_of(r["arm"])) is not None and a.synthetic})
     for i, arm in enumerate(arms):
         pts = sorted((r for r in sel if r["arm"] == arm), key=lambda r: r["n"])
         c = colors[i % len(colors)]
@@ -664,7 +642,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     from ..data.table import check_prepared_identity, read_scan_table
     from ..raycluster import init_ray, stage_gpu
     from ..train.fold import plan_fold
-    from ..train.sweep import resolve_folds
+    from ..train.sweep import resolve_folds, write_csv
     from .utility import flow_rms
 
     check_prepared_identity(prepared, flows)
@@ -759,9 +737,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
             if on_run is not None:
                 on_run(finished, total)
         table_rows = summarize(rows, refs, cfg)
-        table = write_table(out / TABLE_FILE, table_rows)
+        table = write_csv(out / TABLE_FILE, table_rows, TABLE_COLUMNS)
         paired_rows = paired_differences(rows, refs, cfg)
-        paired = write_paired(out / PAIRED_FILE, paired_rows)
+        paired = write_csv(out / PAIRED_FILE, paired_rows, PAIRED_COLUMNS)
         from ..fileio import write_json
 
         summary = write_json(out / SUMMARY_FILE, {"folds": fold_list, "scans": [p.val_id for p in plans],
