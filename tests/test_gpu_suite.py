@@ -29,13 +29,14 @@ class _Missing:
         if name.split('.')[0] in {MISSING_ON_GPU_MACHINE!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (not on the GPU machine)")
 sys.meta_path.insert(0, _Missing())
-sys.argv = [{str(SUITE)!r}] + sys.argv[1:]
-runpy.run_path({str(SUITE)!r}, run_name='__main__')
+script = sys.argv[1]
+sys.argv = [script] + sys.argv[2:]
+runpy.run_path(script, run_name='__main__')
 """
 
 
-def _suite(*args: str, blocked: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", BLOCKER, *args] if blocked else [sys.executable, str(SUITE), *args]
+def _suite(*args: str, blocked: bool = True, script: Path = SUITE) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", BLOCKER, str(script), *args] if blocked else [sys.executable, str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
@@ -137,3 +138,19 @@ def test_budgets_bound_the_full_run_under_eight_minutes():
     assert set(gs.FULL.budgets_s) == set(gs.SECTIONS)
     assert sum(gs.FULL.budgets_s.values()) + 30 <= 8 * 60  # + start-up; every section fits its steps to its budget
     assert gs.fit_steps(20, 0.5, 5.0) == 10 and gs.fit_steps(20, 0.1, 5.0) == 20 and gs.fit_steps(20, 9.0, 5.0, 2) == 2
+
+
+@pytest.mark.slow
+def test_gpu_profile_smoke_splits_generation_and_profiles_the_step(tmp_path):
+    """bench/gpu_profile.py (where the GPU time goes) runs where only PyTorch exists, too."""
+    proc = _suite("--smoke", "--out", str(tmp_path), script=REPO / "bench" / "gpu_profile.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu_profile.json").read_text())
+    blocks = doc["generate"]["blocks"]
+    assert [b["batch"] for b in blocks] == [2, 4]
+    for b in blocks:  # the block's parts are each a positive time, and no part outlasts the whole by far
+        parts = ("decode_block_s", "device_work_s", "latents_cpu_s", "copy_pageable_s")
+        assert all(b[k] > 0 for k in parts)
+        assert b["latents_cpu_s"] < b["decode_block_s"]
+    train = doc["train"]
+    assert train["steps"] == 2 and train["step_s_plain"] > 0 and train["top_device_ops"]

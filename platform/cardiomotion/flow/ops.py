@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .warp import Padding, warp
+from ..transfer import small_tensor
 
 
 def _check_flow(u: torch.Tensor, name: str = "flow") -> None:
@@ -138,7 +139,7 @@ def upsample_flow(u: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     ratio = [(n - 1) / (o - 1) if o > 1 and n > 1 else 1.0 for n, o in zip(size, old)]
     if all(r == 1.0 for r in ratio):
         return out
-    scale = torch.tensor(ratio, dtype=u.dtype, device=u.device).view(1, 3, 1, 1, 1)
+    scale = small_tensor(ratio, u).view(1, 3, 1, 1, 1)
     return out * scale
 
 

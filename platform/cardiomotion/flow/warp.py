@@ -11,6 +11,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
+from ..transfer import small_tensor
+
 
 class Interp(str, Enum):
     """Interpolation modes of :func:`warp`."""
@@ -37,7 +39,7 @@ def _normalised_grid(flow: torch.Tensor) -> torch.Tensor:
     """Absolute sample positions x + u(x) in grid_sample's [-1, 1] (x, y, z) = (K, J, I) order."""
     shape = flow.shape[2:]
     pos = identity_grid(tuple(shape), device=flow.device, dtype=flow.dtype) + flow
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=flow.device, dtype=flow.dtype)
+    scale = small_tensor([2.0 / max(n - 1, 1) for n in shape], flow)
     pos = pos * scale.view(1, 3, 1, 1, 1) - 1.0
     # (B, 3, I, J, K) -> (B, I, J, K, 3) with the last axis reversed to (k, j, i).
     return pos.permute(0, 2, 3, 4, 1).flip(-1)

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..choices import OutputKind
+from ..transfer import to_device
 from ..flow.ops import integrate_velocity
 from .pyramid import conv3, downsample, load_checkpoint, save_checkpoint
 
@@ -326,7 +327,7 @@ def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator 
     if generator is None:
         return torch.randn(tuple(shape), device=like.device, dtype=like.dtype)
     eps = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32)
-    return eps.to(device=like.device, dtype=like.dtype)
+    return to_device(eps, like.device, like.dtype)
 
 
 __all__ = ["CVAEOutput", "CVAE_KIND", "MotionCVAE", "OutputKind"]

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..flow.warp import warp
+from ..transfer import small_tensor
 from .costvolume import CostVolume
 from .pyramid import FeaturePyramid, conv3, load_checkpoint, save_checkpoint
 
@@ -37,7 +38,7 @@ def resize_flow(flow: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if old == size:
         return flow
     out = F.interpolate(flow, size=size, mode="trilinear", align_corners=False)
-    scale = torch.tensor([n / o for n, o in zip(size, old)], dtype=flow.dtype, device=flow.device)
+    scale = small_tensor([n / o for n, o in zip(size, old)], flow)
     return out * scale.view(1, 3, 1, 1, 1)
 
 

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 
 from ..flow.warp import Padding, identity_grid, warp
+from ..transfer import to_device
 
 
 @dataclass
@@ -142,7 +143,7 @@ def zoom_pair(image: torch.Tensor, flow: torch.Tensor, zoom: Sequence[float] | t
     grid = tuple(image.shape[2:])
     dtype = flow.dtype if flow.is_floating_point() else torch.float32
     x = identity_grid(grid, device=flow.device, dtype=dtype)
-    c = torch.tensor([(n - 1) / 2 for n in grid], device=flow.device, dtype=dtype).view(1, 3, 1, 1, 1)
+    c = to_device(torch.tensor([(n - 1) / 2 for n in grid], dtype=dtype), flow.device).view(1, 3, 1, 1, 1)
     imgs, flows = [], []
     for b in range(image.shape[0]):
         sb = float(s[b])
@@ -243,8 +244,8 @@ def augment(
     image, flow = zoom_pair(image, flow, params.zoom)
     image, flow = shift_pair(image, flow, params.shift)
     if bool((params.noise_std > 0).any()):
-        std = params.noise_std.to(device=image.device, dtype=image.dtype).view(-1, *([1] * (image.dim() - 1)))
-        image = image + std * noise.to(device=image.device, dtype=image.dtype)
+        std = to_device(params.noise_std, image.device, image.dtype).view(-1, *([1] * (image.dim() - 1)))
+        image = image + std * to_device(noise, image.device, image.dtype)
     return (image, flow, params) if return_params else (image, flow)
 
 

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_state, raise_input_error, report_with_checkpoint, resume, unwrap
 from .recipe import StepRecipe
 from .settings import StepSettings, step_settings
+from ..transfer import to_device
 
 if TYPE_CHECKING:  # the step functions need no config (and so no pydantic): StepSettings is enough
     from ..config import Config
@@ -168,8 +169,8 @@ def train_epoch(model, pyramid, opt, es_all: torch.Tensor, flow_all: torch.Tenso
     factor = kl_factor(tc, epoch)
     sums = torch.zeros(3, device=device)  # loss, mse, kl: summed on the device (no host sync per step)
     for _ in range(steps):
-        idx = torch.randint(0, len(es_all), (tc.batch_size,), generator=gen).to(es_all.device)
-        es, flow = augment(es_all[idx].to(device), flow_all[idx].to(device), aug_cfg, gen,
+        idx = to_device(torch.randint(0, len(es_all), (tc.batch_size,), generator=gen), es_all.device)
+        es, flow = augment(to_device(es_all[idx], device), to_device(flow_all[idx], device), aug_cfg, gen,
                            noise_generator=noise_gen)
         es, flow = recipe.batch(es), recipe.batch(flow)
         with recipe.autocast(device):
