@@ -49,25 +49,6 @@ def _timed(fn, device, repeat: int) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def _device_part(engine, indices):
-    """decode_block's device work without the copy to the host: (ed int16, flow) on the device."""
-    from cardiomotion.flow.warp import warp
-    from cardiomotion.generate.engine import scan_indices
-
-    scans = scan_indices(engine.seed, len(engine.scan_ids), indices)
-    sel = torch.from_numpy(scans).to(engine.device)
-    z = engine.latents(indices).to(engine.device)
-    with torch.no_grad():
-        es_unit = engine.es_unit.index_select(0, sel)
-        feats = [f.index_select(0, sel) for f in engine.feats]
-        with engine._autocast():
-            flow = engine.model.decode(z.contiguous(memory_format=engine.fmt), es_unit, feats)
-        flow_q = flow.float().to(engine.flow_dtype)
-        ed = warp(engine.es_hu.index_select(0, sel), flow_q.float())
-        ed = ed.round_().clamp_(-32768, 32767).to(torch.int16)
-    return ed, flow_q.contiguous()
-
-
 def section_generate(scale, device, repeat: int) -> dict:
     from cardiomotion.generate.engine import SampleEngine
 
@@ -83,9 +64,9 @@ def section_generate(scale, device, repeat: int) -> dict:
         idx = list(range(batch))
         row: dict = {"batch": batch}
         row["decode_block_s"] = _timed(lambda: engine.decode_block(idx), device, repeat)
-        row["device_work_s"] = _timed(lambda: _device_part(engine, idx), device, repeat)
+        row["device_work_s"] = _timed(lambda: engine.decode_on_device(idx), device, repeat)
         row["latents_cpu_s"] = _timed(lambda: engine.latents(idx), device, repeat)
-        ed, flow = _device_part(engine, idx)
+        _, ed, flow = engine.decode_on_device(idx)
         row["copy_pageable_s"] = _timed(lambda: (ed.cpu().numpy(), flow.cpu().numpy()), device, repeat)
         if device.type == "cuda":
             ed_h = torch.empty(ed.shape, dtype=ed.dtype, pin_memory=True)
@@ -99,7 +80,7 @@ def section_generate(scale, device, repeat: int) -> dict:
             det, bench = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
             try:
-                row["device_work_autotuned_s"] = _timed(lambda: _device_part(engine, idx), device, repeat)
+                row["device_work_autotuned_s"] = _timed(lambda: engine.decode_on_device(idx), device, repeat)
             finally:
                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
         gb = batch * bpp / 1e9
