@@ -65,6 +65,7 @@ from cardiomotion.train.augment import AugmentConfig  # noqa: E402
 from cardiomotion.train.settings import CVAEShape, StepSettings  # noqa: E402
 
 SECTIONS = ("train_throughput", "generate_throughput", "cv_wallclock", "annotation", "determinism", "projections")
+PARITY_LR = 3e-3  # the parity check's learning rate (the CPU check's, README)
 CPU_OVERHEAD_FILE = BENCH.parent / "docs" / "results" / "generate_throughput_cpu.json"
 
 # The default configuration's training step (configs/default.yaml, i.e. the config's defaults), for
@@ -113,13 +114,13 @@ class Scale:
 
 FULL = Scale(
     name="paper", train_grids=((96, 96, 64), (96, 96, 96)), batch=16, channels=DEFAULT_PWC["channels"],
-    train_steps=20, warmup=5, parity_steps=150,
+    train_steps=20, warmup=5, parity_steps=300,
     gen_grid=(96, 96, 64), gen_batch=16, gen_n=512, gen_ref_n=48,
     cv_grid=(96, 96, 64), cv_folds_per_device=(1, 2, 4), cv_steps=15,
     pwc_grid=(96, 96, 96), pwc_channels=DEFAULT_PWC["channels"], pwc_estimator=DEFAULT_PWC["estimator_channels"],
     pwc_pairs=2 * PAPER["scans"], refine_steps=DEFAULT_ANNOTATE["refine_steps"],
     refine_levels=DEFAULT_ANNOTATE["refine_levels"],
-    budgets_s={"train_throughput": 120, "generate_throughput": 80, "cv_wallclock": 120, "annotation": 95,
+    budgets_s={"train_throughput": 150, "generate_throughput": 80, "cv_wallclock": 100, "annotation": 95,
                "determinism": 5, "projections": 5})
 SMOKE = Scale(
     name="smoke", train_grids=((16, 16, 16), (16, 16, 8)), batch=2, channels=(4, 8), train_steps=2, warmup=1,
@@ -203,8 +204,10 @@ def section_train(scale: Scale, device: torch.device, budget: Budget) -> dict:
         rows.append(row)
     out: dict[str, Any] = {"measured": {"grids": rows}, "target": "project step >= 2x the reference at equal accuracy"}
     # parity: both recipes from the same initialisation on the same data, held-out reconstruction EPE
+    # lr 3e-3 as in the CPU parity check (README): at the default 1e-3, 150 steps on an H200 left both
+    # recipes at the zero flow's EPE, which showed nothing about accuracy
     grid = scale.train_grids[0]
-    cfg = step_settings_for(grid, scale.batch)
+    cfg = step_settings_for(grid, scale.batch).with_(lr=PARITY_LR)
     es, flow = make_volumes(32 if scale.name == "paper" else 8, grid, seed=0)
     es_v, flow_v = make_volumes(4 if scale.name == "paper" else 2, grid, seed=1)
     if device.type == "cuda":
@@ -223,8 +226,10 @@ def section_train(scale: Scale, device: torch.device, budget: Budget) -> dict:
         parity["project_val_rec_epe_vox"] / max(parity["reference_val_rec_epe_vox"], 1e-12), 3)
     out["measured"]["parity"] = parity
     best = min(r["speedup"] for r in rows)
-    out["verdict"] = {"min_speedup": best, "meets_2x": best >= 2.0,
-                      "equal_accuracy": parity["epe_ratio_project_over_reference"] <= 1.05}
+    # equal accuracy is only shown when both recipes learned something (EPE well under the zero flow's)
+    learned = max(parity["reference_val_rec_epe_vox"], parity["project_val_rec_epe_vox"]) < 0.9 * parity["zero_flow_epe_vox"]
+    out["verdict"] = {"min_speedup": best, "meets_2x": best >= 2.0, "parity_learned": learned,
+                      "equal_accuracy": (parity["epe_ratio_project_over_reference"] <= 1.05) if learned else None}
     return out
 
 
@@ -540,7 +545,9 @@ def markdown(doc: dict) -> str:
                          f" / {r['project']['peak_gpu_mem_gb'] or '–'} |")
         p = tr["parity"]
         lines += ["", f"Parity after {p['steps']} steps: held-out rec EPE reference {p['reference_val_rec_epe_vox']} vox, "
-                      f"project {p['project_val_rec_epe_vox']} vox (zero flow {p['zero_flow_epe_vox']}).", ""]
+                      f"project {p['project_val_rec_epe_vox']} vox (zero flow {p['zero_flow_epe_vox']})"
+                      + ("." if res["train_throughput"]["verdict"].get("parity_learned", True)
+                         else "; neither learned enough to compare accuracy."), ""]
     ge = res.get("generate_throughput", {}).get("measured")
     if ge:
         lines += ["## Generation (measured)", "", "| path | samples/s | MB/s |", "|---|---|---|"]
