@@ -668,7 +668,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     refs: list[dict] = []
     queue: list[UtilityRun] = []
     preparing: dict[Any, tuple[Any, float]] = {}  # prep task → (plan, rms)
-    total = 0
+    total = corpus_runs_todo = 0
     prep = ray.remote(num_cpus=0, max_retries=0)(_prepare_fold_task)
     for plan in plans:
         fold_dir = utility_fold_dir(out, plan.val_id)
@@ -679,14 +679,15 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                          corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=rms)
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).uses_corpus and r.key not in have]
-        if any(UtilityArm(r.arm).uses_corpus and r.key not in have for r in runs):
+        corpus_todo = sum(1 for r in runs if UtilityArm(r.arm).uses_corpus and r.key not in have)
+        if corpus_todo:
+            corpus_runs_todo += corpus_todo
             preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
                                   str(fold_dir), cfg_json)] = (plan, rms)
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
-    todo = len(queue) + sum(1 for plan, _ in preparing.values() for a in u.arms if a.uses_corpus
-                            for _n in u.sizes for _s in range(u.seeds))
+    todo = len(queue) + corpus_runs_todo
     log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
-        f"corpus {u.corpus.value}; {len(preparing)} fold CVAEs and corpora to make")
+        f"corpus {u.corpus.value}; {len(preparing)} folds need their CVAE and corpus (made, or reused if present)")
     # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
     slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.resources.cpus))
     if use_gpu:
