@@ -41,6 +41,7 @@ and ``DIR/gpu_suite.md`` (the same as tables), and prints the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -135,6 +136,18 @@ SMOKE = Scale(
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def cudnn_flags_restored():
+    """cuDNN's process-wide ``deterministic`` and ``benchmark`` flags as they were, afterwards
+    (``SampleEngine`` pins deterministic algorithms for byte-identical corpora; a section timed
+    after it must not inherit that)."""
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def reset_peak(device: torch.device) -> None:
@@ -646,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "projections":
                 res = section_projections(doc["results"], scale)
             else:
-                res = RUNNERS[name](scale, device, Budget(scale.budgets_s[name]))
+                with cudnn_flags_restored():  # the engine pins deterministic cuDNN for the process
+                    res = RUNNERS[name](scale, device, Budget(scale.budgets_s[name]))
             doc["results"][name] = {**res, "wall_s": round(time.perf_counter() - t, 2)}
         except Exception:  # noqa: BLE001  (one failed section must not lose the others' figures)
             doc["errors"][name] = traceback.format_exc(limit=8)
