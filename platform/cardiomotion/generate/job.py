@@ -17,6 +17,7 @@ writes the others; a different model, seed or setting is refused.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,6 +77,19 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
         raise InputError(resolved.uri, "model.json has no spacing_mm: the frames' voxel size is unknown")
     prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing), log=kwargs.get("log", lambda _m: None))
     return generate_corpus(model, out / FRAMES, out, n, seed, cfg, **kwargs)
+
+
+def _sweep_temps(out: Path, settle_s: float = 5.0) -> None:
+    """Remove the temporary files of shards whose writers were stopped when the run failed (the
+    dataset's actors are shut down asynchronously): sweep until two passes in a row find none, for
+    at most ``settle_s``. A rerun sweeps again before it starts (we hold the corpus lock)."""
+    deadline, quiet = time.monotonic() + settle_s, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        found = [p for p in out.iterdir() if is_temp(p)]
+        for p in found:
+            p.unlink(missing_ok=True)
+        quiet = 0 if found else quiet + 1
+        time.sleep(0.25)
 
 
 def generate_corpus(
@@ -155,8 +169,12 @@ def generate_corpus(
 
         run_ctx = _mlflow_run(cfg, out, resolved, frames, n, seed, temperature) if track else contextlib.nullcontext()
         with run_ctx as run:
-            stats = run_pipeline(todo, out, n, resolved, frames, identity, ident_sha, seed, temperature, plan,
-                                  cfg, log, _fail_at_shard, _trace_memory) if todo else empty_stats()
+            try:
+                stats = run_pipeline(todo, out, n, resolved, frames, identity, ident_sha, seed, temperature, plan,
+                                      cfg, log, _fail_at_shard, _trace_memory) if todo else empty_stats()
+            except BaseException:  # another actor may have been stopped mid-shard: leave nothing half-written
+                _sweep_temps(out)
+                raise
             try:
                 manifest = write_manifest(out, n, plan, resolved, frames, identity, ident_sha, seed, temperature,
                                            cfg, stats, run.info.run_id if run is not None else None)
