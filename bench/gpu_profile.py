@@ -77,12 +77,9 @@ def section_generate(scale, device, repeat: int) -> dict:
                 flow_h.copy_(flow, non_blocking=True)
                 torch.cuda.current_stream().synchronize()
             row["copy_pinned_s"] = _timed(pinned, device, repeat)
-            det, bench = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
-            try:
+            with gs.cudnn_flags_restored():
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
                 row["device_work_autotuned_s"] = _timed(lambda: engine.decode_on_device(idx), device, repeat)
-            finally:
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
         gb = (ed.numel() * ed.element_size() + flow.numel() * flow.element_size()) / 1e9  # what is copied
         row["samples_per_s"] = {k[:-2]: round(batch / v, 1) for k, v in row.items() if k.endswith("_s")}
         row["copy_gb_per_s"] = {k: round(gb / row[k + "_s"], 2) for k in ("copy_pageable", "copy_pinned") if k + "_s" in row}
