@@ -131,8 +131,14 @@ def test_paired_differences_compare_arms_scan_by_scan():
     rows += [row(s, "random", 256, v + noise[s]) for s, v in base.items()]
     rows += [row(s, "random", 64, 0.0) for s in base]  # another N: never compared with cvae at 256
     refs = [{"scan": s, "arm": "zero", "epe_mm": 9.0, "epe_myo_mm": 9.0, "dice": 0.1, "folding": 0.0} for s in base]
-    paired = {(r["vs_arm"], r["vs_n"], r["metric"]): r for r in paired_differences(rows, refs, cfg)}
+    everything = paired_differences(rows, refs, cfg)
+    paired = {(r["vs_arm"], r["vs_n"], r["metric"]): r for r in everything if r["arm"] == "cvae"}
     assert {(a, n) for a, n, _ in paired} == {("annotated", 43), ("random", 256), ("zero", 0)}
+    # the scaling pair: random at its largest N (256) against itself at 64, and never the other way
+    scaling = [r for r in everything if r["arm"] == "random"]
+    assert {(r["n"], r["vs_arm"], r["vs_n"]) for r in scaling} == {(256, "random", 64)}
+    rs = [r for r in scaling if r["metric"] == "epe_myo_mm"][0]
+    assert rs["delta"] == pytest.approx(np.mean([v + noise[s] for s, v in base.items()])) and rs["wins"] == 0
     ann = paired[("annotated", 43, "epe_myo_mm")]
     assert ann["arm"] == "cvae" and ann["n"] == 256
     assert ann["delta"] == pytest.approx(-0.5) and ann["ci_low"] == pytest.approx(-0.5) and ann["ci_high"] == pytest.approx(-0.5)

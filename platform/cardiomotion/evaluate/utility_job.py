@@ -430,34 +430,52 @@ def arm_of(name: str) -> UtilityArm | None:
 LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "dice": False, "folding": True}
 
 
-def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
-    """Each corpus arm at each N against the other arms, scan by scan.
-
-    Arms are scored on the same held-out scans, so the question "does the corpus arm beat arm B"
-    is answered by the per-scan difference (seed means), not by whether two marginal intervals
-    overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
-    bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
-    subject is better (lower EPE and folding, higher Dice). Compared: every corpus arm (cvae,
-    cvae+annotated) at N against each arm without a corpus — the real-data arms, the references
-    (zero, demons), and ``random`` at the same N — and cvae+annotated against cvae at the same N.
-    """
-    from .utility import bootstrap_ci
-
-    per = per_scan_means(rows, refs)
+def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """The (subject, other) pairs of (arm, N) keys that :func:`paired_differences` compares (and
+    the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated) at N against each
+    arm without a corpus — the real-data arms, the references (zero, demons), and ``random`` at the
+    same N —, cvae+annotated against cvae at the same N, and the scaling question: every synthetic
+    arm at its largest N against the same arm at each smaller N."""
+    keys = sorted(set(keys))
+    largest: dict[str, int] = {}
+    for arm, n in keys:
+        largest[arm] = max(n, largest.get(arm, n))
     pairs: list[tuple[tuple[str, int], tuple[str, int]]] = []
-    for subj in sorted(per):
+    for subj in keys:
         sa = arm_of(subj[0])
-        if sa is None or not sa.uses_corpus:
+        if sa is None:
             continue
-        for other in sorted(per):
+        for other in keys:
             oa = arm_of(other[0])
             if other == subj:
+                continue
+            if oa is sa and sa.synthetic:
+                if subj[1] == largest[subj[0]] and other[1] < subj[1]:
+                    pairs.append((subj, other))  # scaling: does a larger corpus of the same arm help?
+                continue
+            if not sa.uses_corpus:
                 continue
             if oa is not None and oa.synthetic and other[1] != subj[1]:
                 continue  # synthetic arms are compared at the same corpus size
             if oa is not None and oa.uses_corpus and not (sa is UtilityArm.MIXED and oa is UtilityArm.CVAE):
                 continue  # among corpus arms only mixed against corpus-only, once
             pairs.append((subj, other))
+    return pairs
+
+
+def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
+    """The arms of :func:`comparison_pairs`, scan by scan.
+
+    Arms are scored on the same held-out scans, so the question "does the corpus arm beat arm B"
+    is answered by the per-scan difference (seed means), not by whether two marginal intervals
+    overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
+    bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
+    subject is better (lower EPE and folding, higher Dice).
+    """
+    from .utility import bootstrap_ci
+
+    per = per_scan_means(rows, refs)
+    pairs = comparison_pairs(list(per))
     out: list[dict[str, Any]] = []
     for subj, other in pairs:
         for m in METRICS:
@@ -511,8 +529,9 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
                    per_scan: dict[tuple[str, int], dict[str, dict[str, float]]] | None = None) -> Path:
     """Held-out ``metric`` against corpus size N per arm (95 % bootstrap intervals); real arms and
     references as horizontal lines. With ``per_scan`` (:func:`per_scan_means`) and a corpus arm,
-    a second panel pairs the held-out scans: the corpus arm at its largest N against each other
-    arm, one point per scan (below the diagonal: the corpus arm's error is lower)."""
+    a second panel pairs the held-out scans: the corpus arm at its largest N against each arm
+    :func:`comparison_pairs` compares it with (its own smaller N included), one point per scan
+    (below the diagonal: the corpus arm's error is lower)."""
     from .figures import pyplot, save_figure
 
     plt = pyplot()
@@ -564,9 +583,10 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     if subject is not None:
         mine = per_scan[subject]
         lo, hi = np.inf, -np.inf
+        paired_with = {o for s, o in comparison_pairs(list(per_scan)) if s == subject} | \
+            {s for s, o in comparison_pairs(list(per_scan)) if o == subject}
         for i, arm in enumerate(arms):
-            others = [k for k in per_scan if k[0] == arm and k != subject and k[0] != "zero"
-                      and not ((a := arm_of(arm)) is not None and a.synthetic and k[1] != subject[1])]
+            others = sorted(k for k in paired_with if k[0] == arm and k[0] != "zero")
             for k in others:
                 pts = [(per_scan[k][sc][metric], mine[sc][metric]) for sc in sorted(mine)
                        if sc in per_scan[k] and metric in per_scan[k][sc] and metric in mine[sc]]
