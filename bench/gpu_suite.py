@@ -141,8 +141,8 @@ def sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def cudnn_flags_restored():
     """cuDNN's process-wide ``deterministic`` and ``benchmark`` flags as they were, afterwards
-    (``SampleEngine`` pins deterministic algorithms for byte-identical corpora; a section timed
-    after it must not inherit that)."""
+    (the training recipe's ``setup`` turns autotuning on for the process; a section timed after
+    it must not inherit that — ``SampleEngine`` scopes its own deterministic algorithms)."""
     flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     try:
         yield
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "projections":
                 res = section_projections(doc["results"], scale)
             else:
-                with cudnn_flags_restored():  # the engine pins deterministic cuDNN for the process
+                with cudnn_flags_restored():  # a section's recipe may switch cuDNN autotuning for the process
                     res = RUNNERS[name](scale, device, Budget(scale.budgets_s[name]))
             doc["results"][name] = {**res, "wall_s": round(time.perf_counter() - t, 2)}
         except Exception:  # noqa: BLE001  (one failed section must not lose the others' figures)

@@ -132,6 +132,49 @@ def test_latents_are_a_function_of_seed_and_index_only(inputs):
     assert not torch.equal(other.latents([4]), eng.latents([4]))
 
 
+def test_deterministic_cudnn_holds_only_inside_the_block():
+    """The engine's deterministic cuDNN is scoped: the process's flags (autotuning on, as the
+    training recipe sets them) hold again after the block, also after an error inside it."""
+    from cardiomotion.generate.engine import deterministic_cudnn
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        with deterministic_cudnn(True):
+            assert (cudnn.deterministic, cudnn.benchmark) == (True, False)
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with pytest.raises(RuntimeError), deterministic_cudnn(True):
+            raise RuntimeError("inside")
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        with deterministic_cudnn(False):  # a CPU engine touches nothing
+            assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_engine_leaves_the_process_cudnn_flags_alone(inputs):
+    from cardiomotion.generate.conditioning import load_frames
+    from cardiomotion.generate.engine import SampleEngine
+    from cardiomotion.generate.model import resolve_model
+
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    try:
+        cudnn.deterministic, cudnn.benchmark = False, True
+        resolved = resolve_model(inputs["model_dir"], inputs["cfg"])
+        spec = {"seed": SEED, "temperature": 1.0, "window": list(resolved.window), "flow_dtype": "float32",
+                "model_uri": "x", "model_sha256": "y"}
+        eng = SampleEngine(resolved.blobs(), load_frames(inputs["prepared"]), spec, device="cuda")
+        a = eng.decode_block([0, 1])
+        assert (cudnn.deterministic, cudnn.benchmark) == (False, True)
+        b = eng.decode_block([0, 1])
+        assert np.array_equal(a["flow"], b["flow"]) and np.array_equal(a["ed_syn"], b["ed_syn"])
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 def test_torch_dataset_shards_across_workers_and_shuffles(corpus, monkeypatch):
     import torch.utils.data as tud
 

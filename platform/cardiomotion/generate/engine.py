@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -116,6 +117,23 @@ class SampleSpec:
         return spec if isinstance(spec, SampleSpec) else cls(**spec)
 
 
+@contextmanager
+def deterministic_cudnn(active: bool = True):
+    """cuDNN's deterministic algorithms, without autotuning, inside the block only (``active``);
+    the process's own ``deterministic`` and ``benchmark`` flags are restored afterwards, so a
+    training step in the same process keeps the recipe's autotuning."""
+    if not active:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+
+
 class SampleEngine:
     """Decodes and warps blocks of samples for one corpus plan; holds the model, the pyramid,
     the ES frames and their (frozen) pyramid features on one device.
@@ -136,9 +154,9 @@ class SampleEngine:
         cuda = self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
         self.fmt = torch.channels_last_3d if (cuda and channels_last) else torch.contiguous_format
-        if cuda:  # same bytes for the same block on every run
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        # deterministic cuDNN inside the engine's own calls (the corpus's bytes); False only to time
+        # what determinism costs (bench/gpu_profile.py)
+        self.deterministic = True
         self.spec = spec = SampleSpec.of(spec)
         self.seed = int(spec.seed)
         self.temperature = float(spec.temperature)
@@ -156,11 +174,15 @@ class SampleEngine:
         self.es_hu = torch.from_numpy(es.astype(np.float32))[:, None].to(self.device)  # (n, 1, I, J, K)
         self.es_i16 = es
         es_unit = hu_to_unit(self.es_hu, spec.window).contiguous(memory_format=self.fmt)
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._deterministic(), self._autocast():
             per_scan = [self.pyramid(es_unit[s:s + 1]) for s in range(len(self.scan_ids))]
         self.es_unit = es_unit
         self.feats = [torch.cat([f[lvl] for f in per_scan]) for lvl in range(len(per_scan[0]))]
         self.spacing = [float(np.sqrt((a[:3, :3] ** 2).sum(0))[0]) for a in self.affines]
+
+    def _deterministic(self):
+        """Same bytes for the same block on every run: deterministic cuDNN while the engine computes."""
+        return deterministic_cudnn(self.device.type == "cuda" and self.deterministic)
 
     def _autocast(self):
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype or torch.float32,
@@ -183,10 +205,11 @@ class SampleEngine:
         z = to_device(self.latents(indices), self.device)
         es_unit = self.es_unit.index_select(0, sel)
         feats = [f.index_select(0, sel) for f in self.feats]
-        with self._autocast():
-            flow = self.model.decode(z.contiguous(memory_format=self.fmt), es_unit, feats)
-        flow_q = flow.float().to(self.flow_dtype)
-        ed = warp(self.es_hu.index_select(0, sel), flow_q.float())
+        with self._deterministic():
+            with self._autocast():
+                flow = self.model.decode(z.contiguous(memory_format=self.fmt), es_unit, feats)
+            flow_q = flow.float().to(self.flow_dtype)
+            ed = warp(self.es_hu.index_select(0, sel), flow_q.float())
         ed = ed.round_().clamp_(-32768, 32767).to(torch.int16)
         return scans, ed[:, 0].contiguous(), flow_q.contiguous()
 
@@ -209,7 +232,7 @@ class SampleEngine:
         sel = to_device(torch.from_numpy(scans), self.device)
         z = to_device(self.latents(indices), self.device)
         feats = [f.index_select(0, sel) for f in self.feats]
-        with self._autocast():
+        with self._deterministic(), self._autocast():
             v = self.model.decode(z.contiguous(memory_format=self.fmt), self.es_unit.index_select(0, sel), feats,
                                   integrate=False)
         return to_host(v.float())[0]
