@@ -568,12 +568,18 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     rest = [r for r in sel if r["arm"] != "zero" and r["mean"] == r["mean"]]
     zero = [r for r in sel if r["arm"] == "zero" and r["mean"] == r["mean"]]
     if metric != "dice" and rest and zero:
-        top = max(max(r["ci_high"], r["mean"]) for r in rest)
-        bottom = min(min(r["ci_low"], r["mean"]) for r in rest)
-        if zero[0]["mean"] > top + (top - bottom) + 0.5:  # zero flow would squash the arms: note it instead
+        z = zero[0]
+        # arms no better than zero flow (e.g. random fields on their plateau) join it in the note
+        flat = [r for r in rest if r["mean"] >= z["ci_low"]]
+        learned = [r for r in rest if r["mean"] < z["ci_low"]] or rest
+        top = max(max(r["ci_high"], r["mean"]) for r in learned)
+        bottom = min(min(r["ci_low"], r["mean"]) for r in learned)
+        if z["mean"] > top + (top - bottom) + 0.5:  # zero flow would squash the arms: note it instead
             ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom + 0.1)), top + 0.3 * (top - bottom + 0.1))
-            ax.text(0.02, 0.97, f"zero flow: {zero[0]['mean']:.2f} (above the plot)", transform=ax.transAxes,
-                    va="top", fontsize=8, color="0.3")
+            above = [f"zero flow {z['mean']:.2f}"] + [
+                r["arm"] + (f" (N {r['n']})" if r["n"] else "") + f" {r['mean']:.2f}" for r in flat]
+            ax.text(0.02, 0.03, "above the plot: " + ", ".join(above), transform=ax.transAxes,
+                    va="bottom", fontsize=8, color="0.3")
     ax.set_xlabel("training samples N (synthetic arms)")
     names = {"epe_myo_mm": "myocardium EPE (mm)", "epe_mm": "EPE (mm)", "dice": "Dice (LV blood, LV myo)",
              "folding": "folding fraction"}
