@@ -56,7 +56,15 @@ def _rate(n: int, seconds: float, bytes_per_sample: int) -> dict:
 
 @torch.no_grad()
 def reference(blobs, frames, window, seed: int, n: int, device, writer: bool, tmp: Path, bpp: int) -> dict:
-    """One sample at a time, fp32, no batching, no overlap (optionally + serialise + tar)."""
+    """One sample at a time, fp32, no batching, no overlap (optionally + serialise + tar), with the
+    engine's deterministic cuDNN (like for like: the engine scopes it to its own calls)."""
+    from cardiomotion.generate.engine import deterministic_cudnn
+
+    with deterministic_cudnn(torch.device(device).type == "cuda"):
+        return _reference(blobs, frames, window, seed, n, device, writer, tmp, bpp)
+
+
+def _reference(blobs, frames, window, seed: int, n: int, device, writer: bool, tmp: Path, bpp: int) -> dict:
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.flow.warp import warp
 

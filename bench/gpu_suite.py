@@ -652,8 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in sections:
         t = time.perf_counter()
         print(f"gpu_suite: {name} …", file=sys.stderr, flush=True)
-        # every section starts from PyTorch's cuDNN defaults (generation switches on determinism,
-        # the project's training step autotuning; each recipe sets what it needs itself)
+        # every section starts from PyTorch's cuDNN defaults (the project's training step switches
+        # on autotuning; generation scopes determinism to its own calls; each sets what it needs)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False
         try:
             if name == "projections":

@@ -153,6 +153,48 @@ def test_deterministic_cudnn_holds_only_inside_the_block():
         cudnn.deterministic, cudnn.benchmark = saved
 
 
+def test_the_engine_runs_its_networks_inside_its_deterministic_scope(inputs, monkeypatch):
+    """Every network call of the engine (the ES pyramid at construction, the decoder per block)
+    happens inside ``_deterministic`` (on CUDA: deterministic cuDNN), and only there."""
+    from contextlib import contextmanager
+
+    import cardiomotion.generate.model as model_mod
+    from cardiomotion.generate.conditioning import load_frames
+    from cardiomotion.generate.engine import SampleEngine
+    from cardiomotion.generate.model import resolve_model
+
+    depth: list[int] = [0]
+    seen: list[tuple[str, int]] = []
+
+    @contextmanager
+    def recording(self):
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real_load = model_mod.load_networks
+
+    def load_recorded(blobs, device="cpu"):
+        model, pyramid = real_load(blobs, device)
+        decode, forward = model.decode, pyramid.forward
+        model.decode = lambda *a, **k: (seen.append(("decode", depth[0])), decode(*a, **k))[1]
+        pyramid.forward = lambda *a, **k: (seen.append(("pyramid", depth[0])), forward(*a, **k))[1]
+        return model, pyramid
+
+    resolved = resolve_model(inputs["model_dir"], inputs["cfg"])
+    monkeypatch.setattr(SampleEngine, "_deterministic", recording)
+    monkeypatch.setattr(model_mod, "load_networks", load_recorded)
+    spec = {"seed": SEED, "temperature": 1.0, "window": list(resolved.window), "flow_dtype": "float32",
+            "model_uri": "x", "model_sha256": "y"}
+    eng = SampleEngine(resolved.blobs(), load_frames(inputs["prepared"]), spec)
+    eng.decode_block([0, 1])
+    assert {name for name, _ in seen} == {"pyramid", "decode"}
+    assert all(d == 1 for _, d in seen), seen
+    assert depth[0] == 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_engine_leaves_the_process_cudnn_flags_alone(inputs):
     from cardiomotion.generate.conditioning import load_frames

@@ -152,6 +152,58 @@ def test_paired_differences_compare_arms_scan_by_scan():
     assert "annotated" in format_paired(list(paired.values())) and "4/4" in format_paired(list(paired.values()))
 
 
+def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pairs():
+    from cardiomotion.evaluate.utility_job import comparison_pairs
+
+    keys = [("annotated", 43), ("unsupervised", 43), ("zero", 0), ("demons", 0)]
+    keys += [(a, n) for a in ("cvae", "random", "cvae+annotated") for n in (64, 256, 4096)]
+    pairs = comparison_pairs(keys)
+    assert len(pairs) == len(set(pairs)) and not any((o, s) in pairs for s, o in pairs)  # once, one way
+    scaling = {(s, o) for s, o in pairs if s[0] == o[0]}
+    assert scaling == {((a, 4096), (a, n)) for a in ("cvae", "random", "cvae+annotated") for n in (64, 256)}
+    rest = set(pairs) - scaling
+    real = [("annotated", 43), ("unsupervised", 43), ("zero", 0), ("demons", 0)]
+    want = {((a, n), o) for a in ("cvae", "cvae+annotated") for n in (64, 256, 4096) for o in real + [("random", n)]}
+    want |= {(("cvae+annotated", n), ("cvae", n)) for n in (64, 256, 4096)}
+    assert rest == want
+
+
+def _utility_axes(monkeypatch, rows, refs, tmp_path):
+    """The figure's axes (saving replaced by capturing the figure)."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate import figures
+    from cardiomotion.evaluate.utility_job import per_scan_means, summarize, utility_figure
+
+    got = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi=None: got.setdefault("fig", fig) and path)
+    utility_figure(summarize(rows, refs, load_config(None)), tmp_path / "u.png", per_scan=per_scan_means(rows, refs))
+    return got["fig"].axes
+
+
+def test_utility_figure_notes_what_zero_flow_would_squash_and_pairs_the_scans(monkeypatch, tmp_path):
+    scans = {"a": 0.0, "b": 0.1, "c": -0.1, "d": 0.05}
+
+    def row(scan, arm, n, v):
+        return {"scan": scan, "arm": arm, "n": n, "seed": 0, "epe_mm": v, "epe_myo_mm": v, "dice": 0.9, "folding": 0.0}
+
+    rows = [row(s, "annotated", 43, 2.5 + d) for s, d in scans.items()]
+    rows += [row(s, "cvae", 64, 2.6 + d) for s, d in scans.items()] + [row(s, "cvae", 256, 2.4 + d) for s, d in scans.items()]
+    rows += [row(s, "random", 256, 9.1 + d) for s, d in scans.items()]  # on the zero-flow plateau
+    refs = [{"scan": s, "arm": "zero", "epe_mm": 9.0 + d, "epe_myo_mm": 9.0 + d, "dice": 0.6, "folding": 0.0}
+            for s, d in scans.items()]
+    ax, bx = _utility_axes(monkeypatch, rows, refs, tmp_path)
+    note = " ".join(t.get_text() for t in ax.texts)
+    assert "zero flow 9.0" in note and "random (N 256) 9.1" in note and "cvae" not in note
+    assert 2.4 < ax.get_ylim()[1] < 9.0  # the learned arms set the scale
+    labels = {t.get_text() for t in bx.get_legend().get_texts()}
+    assert labels == {"vs annotated (N 43)", "vs cvae (N 64)", "vs random (N 256)"}  # subject: cvae at N 256
+
+    # zero flow's interval so wide that no arm is below it: no note, nothing claimed to be off the axis
+    wide = [{**r, "epe_myo_mm": v} for r, v in zip(refs, (2.0, 16.0, 2.0, 16.0))]
+    ax, _ = _utility_axes(monkeypatch, [r for r in rows if r["arm"] != "random"], wide, tmp_path)
+    assert not ax.texts
+
+
 # --------------------------------------------------------------------------- training
 def test_estimator_learns_a_known_translation_from_synthetic_pairs():
     """Supervised on pairs that differ by a known constant shift, the estimator's error on a new

@@ -464,10 +464,10 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
 
 
 def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
-    """The arms of :func:`comparison_pairs`, scan by scan.
+    """The pairs of :func:`comparison_pairs`, scan by scan.
 
-    Arms are scored on the same held-out scans, so the question "does the corpus arm beat arm B"
-    is answered by the per-scan difference (seed means), not by whether two marginal intervals
+    Arms are scored on the same held-out scans, so the question "does arm A beat arm B" (a corpus
+    arm against another arm; an arm's largest N against its smaller N) is answered by the per-scan difference (seed means), not by whether two marginal intervals
     overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
     bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
     subject is better (lower EPE and folding, higher Dice).
@@ -569,17 +569,19 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     zero = [r for r in sel if r["arm"] == "zero" and r["mean"] == r["mean"]]
     if metric != "dice" and rest and zero:
         z = zero[0]
-        # arms no better than zero flow (e.g. random fields on their plateau) join it in the note
-        flat = [r for r in rest if r["mean"] >= z["ci_low"]]
-        learned = [r for r in rest if r["mean"] < z["ci_low"]] or rest
-        top = max(max(r["ci_high"], r["mean"]) for r in learned)
-        bottom = min(min(r["ci_low"], r["mean"]) for r in learned)
-        if z["mean"] > top + (top - bottom) + 0.5:  # zero flow would squash the arms: note it instead
-            ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom + 0.1)), top + 0.3 * (top - bottom + 0.1))
-            above = [f"zero flow {z['mean']:.2f}"] + [
-                r["arm"] + (f" (N {r['n']})" if r["n"] else "") + f" {r['mean']:.2f}" for r in flat]
-            ax.text(0.02, 0.03, "above the plot: " + ", ".join(above), transform=ax.transAxes,
-                    va="bottom", fontsize=8, color="0.3")
+        # arms no better than zero flow (random fields on their plateau) must not set the scale
+        learned = [r for r in rest if r["mean"] < z["ci_low"]]
+        if learned:
+            top = max(max(r["ci_high"], r["mean"]) for r in learned)
+            bottom = min(min(r["ci_low"], r["mean"]) for r in learned)
+            if z["mean"] > top + (top - bottom) + 0.5:  # zero flow would squash the arms: note it instead
+                y_top = top + 0.3 * (top - bottom + 0.1)
+                ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom + 0.1)), y_top)
+                above = [f"zero flow {z['mean']:.2f}"] + [  # exactly what the axis leaves out
+                    r["arm"] + (f" (N {r['n']})" if r["n"] else "") + f" {r['mean']:.2f}"
+                    for r in rest if r["mean"] > y_top]
+                ax.text(0.02, 0.03, "above the plot: " + ", ".join(above), transform=ax.transAxes,
+                        va="bottom", fontsize=8, color="0.3")
     ax.set_xlabel("training samples N (synthetic arms)")
     names = {"epe_myo_mm": "myocardium EPE (mm)", "epe_mm": "EPE (mm)", "dice": "Dice (LV blood, LV myo)",
              "folding": "folding fraction"}
@@ -589,18 +591,22 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     if subject is not None:
         mine = per_scan[subject]
         lo, hi = np.inf, -np.inf
-        paired_with = {o for s, o in comparison_pairs(list(per_scan)) if s == subject} | \
-            {s for s, o in comparison_pairs(list(per_scan)) if o == subject}
+        # the pairs the table compares with the subject; (mixed, cvae) drawn with the subject cvae
+        # on y, so its delta has the table's opposite sign
+        pairs = comparison_pairs(list(per_scan))
+        paired_with = {o for s, o in pairs if s == subject} | {s for s, o in pairs if o == subject}
+        markers = "osD^vP*X"
         for i, arm in enumerate(arms):
             others = sorted(k for k in paired_with if k[0] == arm and k[0] != "zero")
-            for k in others:
+            for j, k in enumerate(others):  # the subject's own smaller N: one marker per N
                 pts = [(per_scan[k][sc][metric], mine[sc][metric]) for sc in sorted(mine)
                        if sc in per_scan[k] and metric in per_scan[k][sc] and metric in mine[sc]]
                 if not pts:
                     continue
                 x, y = np.asarray(pts).T
                 lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
-                bx.scatter(x, y, s=22, color=colors[i % len(colors)], label=f"vs {arm}" + (f" (N {k[1]})" if k[1] else ""))
+                bx.scatter(x, y, s=22, color=colors[i % len(colors)], marker=markers[j % len(markers)],
+                           label=f"vs {arm}" + (f" (N {k[1]})" if k[1] else ""))
         if np.isfinite(lo):
             pad = 0.05 * (hi - lo or 1.0)
             bx.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1, ls=":")

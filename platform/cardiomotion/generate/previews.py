@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..layout import PREVIEWS, SAMPLE_MEMBERS, preview_sample_name, preview_traversal_name, preview_transition_name
 from .conditioning import load_frames
 from .corpus import open_corpus, read_manifest
-from .engine import SampleEngine, SampleSpec, block_of, sample_key
+from .engine import SampleEngine, SampleSpec, block_of, deterministic_cudnn, sample_key
 from .model import ResolvedModel, load_networks, resolve_model
 
 Log = Callable[[str], None]
@@ -32,7 +32,8 @@ def traversal_figure(resolved: ResolvedModel, es_hu: np.ndarray, spacing_mm: flo
     grid = tuple(int(x) for x in es_hu.shape[-3:])
     dirs = latent_directions(model.latent_shape(grid), max(1, g.traversal_directions), "channels")
     alphas = list(np.linspace(-g.traversal_range, g.traversal_range, g.traversal_steps))
-    flows = latent_traversal(model, pyramid, es_hu, resolved.window, dirs, alphas)
+    with deterministic_cudnn(torch.cuda.is_available()):  # the same mosaic on every run, as the corpus
+        flows = latent_traversal(model, pyramid, es_hu, resolved.window, dirs, alphas)
     return plot_traversal(es_hu, flows, alphas, path, spacing_mm=spacing_mm, view=view, title=title,
                           labels=[f"latent channel {c}" if c < model.latent_channels else f"random {c}"
                                   for c in range(len(dirs))])
