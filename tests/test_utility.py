@@ -420,3 +420,13 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     with pytest.raises(InputError, match=r"runs.jsonl: row 1 .* other estimator settings \(steps 2 → 3\)"):
         run_utility(prepared, flows, tmp_path / "u", longer, folds=[0])
     assert (tmp_path / "u" / "runs.jsonl").read_text() == before
+    # a smaller N later reads the first N samples of the fold's larger corpus, which stays whole
+    from cardiomotion.config import UtilityArm
+
+    smaller = cfg.model_copy(deep=True)
+    smaller.utility.sizes = [2]
+    smaller.utility.arms = [UtilityArm.CVAE]
+    run_utility(prepared, flows, tmp_path / "u", smaller, folds=[0])
+    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4)]
+    assert len(open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")) == 4

@@ -649,6 +649,16 @@ class FoldCorpus:
     corpus_dir: str | None  # None: on the fly
 
 
+def _corpus_size(corpus_dir: Path) -> int:
+    """Samples of the complete corpus in ``corpus_dir`` (0: none, or unfinished)."""
+    from ..generate.corpus import read_manifest
+
+    try:
+        return int(read_manifest(corpus_dir).get("n", 0))
+    except InputError:
+        return 0
+
+
 def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train_ids: list[str], fold_dir: str,
                        cfg_json: dict) -> FoldCorpus:
     """Inside a Ray task (no resources of its own): the fold's CVAE (a Ray Train run), the
@@ -661,7 +671,10 @@ def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train
     if cfg.utility.corpus is UtilityCorpus.MATERIALIZED:
         from ..generate.job import generate_corpus
 
-        generate_corpus(model_uri, frames_dir, d / CORPUS_DIR, max(cfg.utility.sizes), cfg=cfg, track=False)
+        # a corpus is never cut down: one made for a larger N (an earlier run's sizes) serves every
+        # smaller N (the arms read its first N samples); generate still checks it is this model's
+        n = max(max(cfg.utility.sizes), _corpus_size(d / CORPUS_DIR))
+        generate_corpus(model_uri, frames_dir, d / CORPUS_DIR, n, cfg=cfg, track=False)
         corpus_dir = str(d / CORPUS_DIR)
     return FoldCorpus(model_uri, frames_dir, corpus_dir)
 
