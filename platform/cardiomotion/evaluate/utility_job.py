@@ -467,8 +467,8 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
     """The pairs of :func:`comparison_pairs`, scan by scan.
 
     Arms are scored on the same held-out scans, so the question "does arm A beat arm B" (a corpus
-    arm against another arm; an arm's largest N against its smaller N) is answered by the per-scan difference (seed means), not by whether two marginal intervals
-    overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
+    arm against another arm; an arm's largest N against its smaller N) is answered by the per-scan
+    difference (seed means), not by whether two marginal intervals overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
     bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
     subject is better (lower EPE and folding, higher Dice).
     """
