@@ -319,6 +319,38 @@ def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
     assert run_estimator(runs[0], cfg)["epe_mm"] == pytest.approx(scores[0]["epe_mm"], rel=1e-6)
 
 
+def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, monkeypatch):
+    """utility.epochs: a synthetic arm at N trains max(steps, ceil(epochs·N / batch)) steps, the real
+    arms the largest N's; the worker trains exactly its run's steps; without epochs nothing changes."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate import utility as ut
+    from cardiomotion.evaluate.utility_job import estimator_identity, plan_runs, run_estimator
+
+    fixed = load_config(None, {"utility": {"sizes": [64, 256, 4096], "steps": 1000, "batch_size": 4}}).utility
+    assert [fixed.steps_for(n) for n in (64, 256, 4096, None)] == [1000, 1000, 1000, 1000]
+    scaled = fixed.model_copy(update={"epochs": 16.0})
+    assert [scaled.steps_for(n) for n in (64, 256, 4096, None)] == [1000, 1024, 16384, 16384]
+    assert scaled.model_copy(update={"epochs": 0.5}).steps_for(4096) == 1000  # the floor: steps
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated"], "sizes": [2, 6], "seeds": 1,
+                                                 "steps": 1, "epochs": 1, "batch_size": 2}})
+    runs = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
+                     flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
+    assert [(r.arm, r.n, r.steps) for r in runs] == [("random", 2, 1), ("random", 6, 3), ("annotated", 2, 3)]
+    trained, real = [], ut.train_estimator
+
+    def counting(model, batches, settings, **kw):  # the steps the worker really took
+        losses = real(model, batches, settings, **kw)
+        trained.append(len(losses))
+        return losses
+
+    monkeypatch.setattr(ut, "train_estimator", counting)
+    assert [run_estimator(r, cfg)["steps"] for r in runs] == [1, 3, 3] and trained == [1, 3, 3]
+    # the rows of a fixed budget are not those of a scaling one: the identity tells them apart
+    assert "epochs" not in estimator_identity(load_config(None, TINY)) and estimator_identity(cfg)["epochs"] == 1
+
+
 # --------------------------------------------------------------------------- the stage
 def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, capsys):
     """Held-out pairs are scored against exact truth: a prepared set without it is one line, exit 2."""

@@ -6,6 +6,7 @@ Later stages add their own sections here.
 """
 from __future__ import annotations
 
+import math
 import os
 from enum import Enum
 from pathlib import Path
@@ -417,7 +418,11 @@ class UtilityConfig(_Section):
     sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
                              description="corpus sizes N of the synthetic arms (the scaling curve)")
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
-    steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms)")
+    steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms); with "
+                                               "`epochs`, the least any estimator gets")
+    epochs: Optional[float] = Field(None, gt=0, description="a budget that scales with N: a synthetic arm at corpus "
+                                                            "size N trains max(steps, ceil(epochs·N / batch_size)) "
+                                                            "steps, the real arms the largest N's; null = steps for all")
     batch_size: int = Field(4, ge=1, description="pairs per step")
     lr: Optional[float] = Field(None, gt=0, description="Adam learning rate; null → annotate.lr")
     grad_clip: Optional[float] = Field(None, gt=0, description="gradient-norm clipping of every estimator step; null = off")
@@ -438,6 +443,15 @@ class UtilityConfig(_Section):
         if any(n <= 0 for n in v):
             raise ValueError(f"corpus sizes must be positive, got {v}")
         return sorted(set(int(n) for n in v))
+
+    def steps_for(self, n: int | None = None) -> int:
+        """Adam steps of an estimator of a synthetic arm at corpus size ``n`` (None: the real
+        arms, which train the largest N's budget so that every arm at the largest N has one budget).
+        ``steps`` alone: the same for all; with ``epochs``: max(steps, ceil(epochs·N / batch_size))."""
+        if self.epochs is None:
+            return self.steps
+        n = max(self.sizes) if n is None else int(n)
+        return max(self.steps, math.ceil(self.epochs * n / self.batch_size - 1e-9))
 
 
 class Config(_Section):

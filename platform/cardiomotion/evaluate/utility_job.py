@@ -11,10 +11,11 @@ For each leave-one-out fold k (held-out scan s_k):
    N-sample corpus of the same plan), with ``on_the_fly`` the samples are decoded inside the
    estimator's data pipeline (:class:`~cardiomotion.generate.virtual.VirtualCorpus`);
 3. every (arm, N, seed) is one Ray Train run (:func:`estimator_train_loop`) of the
-   ``annotate.pwc`` PWC-Net, ``utility.steps`` steps: the corpus arms stream the corpus through
-   ``ray.train.get_dataset_shard`` (Ray Data, shuffled per pass), the others build their batches
-   in the worker; the worker then scores its estimate of the held-out pair against the exact
-   truth (:func:`~cardiomotion.evaluate.utility.score_estimate`) and reports the scores;
+   ``annotate.pwc`` PWC-Net, ``utility.steps`` steps (``utility.epochs``: a budget that grows
+   with N): the corpus arms stream the corpus through ``ray.train.get_dataset_shard`` (Ray Data,
+   shuffled per pass), the others build their batches in the worker; the worker then scores its
+   estimate of the held-out pair against the exact truth
+   (:func:`~cardiomotion.evaluate.utility.score_estimate`) and reports the scores;
 4. zero flow and demons are scored on the same pair as references.
 
 Rows stream to ``OUT/runs.jsonl`` (a rerun skips finished rows); the summary — mean over seeds
@@ -62,6 +63,7 @@ class UtilityRun:
     model_uri: str | None  # the fold CVAE (on_the_fly corpus arms)
     frames_dir: str | None  # training-scan view the corpus is conditioned on
     rms_vox: float  # RMS magnitude of the training scans' annotated flows (random arm)
+    steps: int | None = None  # Adam steps (``utility.steps_for``); None: ``utility.steps``
 
     @property
     def key(self) -> str:
@@ -143,11 +145,12 @@ def training_view(prepared: str | Path, train_ids: Sequence[str], dst: Path) -> 
 
 
 # --------------------------------------------------------------------------- the estimator run
-def estimator_settings(cfg: Config, n_levels: int):
+def estimator_settings(cfg: Config, n_levels: int, steps: int | None = None):
+    """The settings of one estimator; ``steps`` its budget (None: ``utility.steps``)."""
     from .utility import EstimatorSettings, level_weights_for
 
     u, a = cfg.utility, cfg.annotate
-    return EstimatorSettings(steps=u.steps, batch_size=u.batch_size, lr=float(u.lr or a.lr),
+    return EstimatorSettings(steps=int(steps or u.steps), batch_size=u.batch_size, lr=float(u.lr or a.lr),
                              level_weights=level_weights_for(n_levels, a.level_weights),
                              smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip)
 
@@ -155,11 +158,15 @@ def estimator_settings(cfg: Config, n_levels: int):
 def estimator_identity(cfg: Config) -> dict:
     """What makes two estimators of the same (scan, arm, N, seed) comparable: the training budget
     and optimiser, the network and the random arm's field scales. Every row of ``runs.jsonl``
-    carries it; a rerun into the same folder with other values is refused, not mixed."""
+    carries it; a rerun into the same folder with other values is refused, not mixed. A budget that
+    scales with N (``utility.epochs``) enters as ``epochs``; absent when off, as in rows made before it."""
     u, a = cfg.utility, cfg.annotate
-    return {"steps": u.steps, "batch_size": u.batch_size, "lr": float(u.lr or a.lr), "grad_clip": u.grad_clip,
-            "random_scales": list(u.random_scales), "pwc": a.pwc.model_dump(mode="json"),
-            "corpus_temperature": cfg.generate.temperature}
+    ident = {"steps": u.steps, "batch_size": u.batch_size, "lr": float(u.lr or a.lr), "grad_clip": u.grad_clip,
+             "random_scales": list(u.random_scales), "pwc": a.pwc.model_dump(mode="json"),
+             "corpus_temperature": cfg.generate.temperature}
+    if u.epochs is not None:
+        ident["epochs"] = u.epochs
+    return ident
 
 
 def _check_identity(runs_file: Path, done_rows: list[dict], ident: dict) -> None:
@@ -224,7 +231,7 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     else:
         stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
     model = build_pwcnet(cfg).to(device)
-    settings = estimator_settings(cfg, len(model.channels))
+    settings = estimator_settings(cfg, len(model.channels), run.steps)
     t0 = time.perf_counter()
     losses = train_estimator(model, stream, settings, device=device)
     train_s = time.perf_counter() - t0
@@ -238,7 +245,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
         pred = model(fixed, moving).flow[0].float().cpu()
     score = score_estimate(pred, pair.truth_flow, pair.spacing_mm, pair.ed_labels, pair.es_labels)
     tail = losses[-max(1, len(losses) // 10):]
-    return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2)}
+    return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2),
+            "steps": settings.steps}
 
 
 def _open_corpus(run: UtilityRun, cfg: Config):
@@ -313,6 +321,7 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
             **{k: metrics[k] for k in (*METRICS, "final_loss", "train_s") if k in metrics},
+            **({"steps": int(metrics["steps"])} if "steps" in metrics else {}),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -377,17 +386,19 @@ def _references(pair, cfg: Config) -> list[dict[str, Any]]:
 
 def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *, prepared: str, flows: str,
               corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float) -> list[UtilityRun]:
-    """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs)."""
+    """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs);
+    each with its step budget (:meth:`~cardiomotion.config.UtilityConfig.steps_for`)."""
     u = cfg.utility
     runs = []
     for arm in u.arms:
         sizes = u.sizes if arm.synthetic else [len(train_ids)]
         for n in sizes:
+            steps = u.steps_for(n if arm.synthetic else None)
             for s in range(u.seeds):
                 runs.append(UtilityRun(fold, scan_id, arm.value, int(n), cfg.seed + s, prepared, flows,
                                        tuple(train_ids), corpus_dir if arm.uses_corpus else None,
                                        model_uri if arm.uses_corpus else None,
-                                       frames_dir if arm.uses_corpus else None, float(rms_vox)))
+                                       frames_dir if arm.uses_corpus else None, float(rms_vox), steps))
     return runs
 
 
@@ -731,7 +742,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                                   str(fold_dir), cfg_json)] = (plan, rms)
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
     todo = len(queue) + corpus_runs_todo
-    log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {u.steps} steps each, "
+    budget = (f"{u.steps} steps each" if u.epochs is None else
+              f"{u.steps_for(min(u.sizes))}–{u.steps_for()} steps ({u.epochs:g} epochs of N, at least {u.steps})")
+    log(f"utility: {len(fold_list)} folds, {total} estimators ({total - todo} already done), {budget}, "
         f"corpus {u.corpus.value}; {len(preparing)} folds need their CVAE and corpus (made, or reused if present)")
     # leave a CPU to Ray Data (a trainer whose workers hold every CPU starves its dataset)
     slots = u.max_concurrent or max(1, int((ray.cluster_resources().get("CPU", 1) - 1) // u.resources.cpus))
@@ -744,6 +757,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     finished = total - todo
     with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
                                                     "sizes": ",".join(map(str, u.sizes)), "seeds": u.seeds, "steps": u.steps,
+                                                    "epochs": u.epochs,
                                                     "batch_size": u.batch_size, "lr": ident["lr"], "grad_clip": u.grad_clip,
                                                     "corpus": u.corpus.value, "pyramid": cfg.cv.pyramid.value},
                             tags={"stage": "utility"}) as mlrun:
