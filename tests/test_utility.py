@@ -348,7 +348,8 @@ def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, mon
     monkeypatch.setattr(ut, "train_estimator", counting)
     assert [run_estimator(r, cfg)["steps"] for r in runs] == [1, 3, 3] and trained == [1, 3, 3]
     # the rows of a fixed budget are not those of a scaling one: the identity tells them apart
-    assert "epochs" not in estimator_identity(load_config(None, TINY)) and estimator_identity(cfg)["epochs"] == 1
+    assert "epochs" not in estimator_identity(load_config(None, TINY))
+    assert (estimator_identity(cfg)["epochs"], estimator_identity(cfg)["real_arm_steps"]) == (1, 3)
 
 
 # --------------------------------------------------------------------------- the stage

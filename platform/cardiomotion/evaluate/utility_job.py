@@ -159,13 +159,14 @@ def estimator_identity(cfg: Config) -> dict:
     """What makes two estimators of the same (scan, arm, N, seed) comparable: the training budget
     and optimiser, the network and the random arm's field scales. Every row of ``runs.jsonl``
     carries it; a rerun into the same folder with other values is refused, not mixed. A budget that
-    scales with N (``utility.epochs``) enters as ``epochs``; absent when off, as in rows made before it."""
+    scales with N (``utility.epochs``) enters as ``epochs`` and the real arms' budget (the largest
+    N's, so a larger ``sizes`` later is refused too); both absent when off, as in rows made before."""
     u, a = cfg.utility, cfg.annotate
     ident = {"steps": u.steps, "batch_size": u.batch_size, "lr": float(u.lr or a.lr), "grad_clip": u.grad_clip,
              "random_scales": list(u.random_scales), "pwc": a.pwc.model_dump(mode="json"),
              "corpus_temperature": cfg.generate.temperature}
     if u.epochs is not None:
-        ident["epochs"] = u.epochs
+        ident.update(epochs=u.epochs, real_arm_steps=u.steps_for())
     return ident
 
 
