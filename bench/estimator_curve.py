@@ -12,7 +12,10 @@ flow. Arms (data of the training scans only):
 * ``truth`` — the real pairs with the phantom's exact fields: the ceiling of supervised training
   on these pairs (not a ``utility`` arm: no real dataset has it);
 * ``random`` — SynthMorph-style random smooth fields warping the training ES frames
-  (:class:`~cardiomotion.evaluate.utility.RandomFieldSource`, RMS matched to the annotated flows).
+  (:class:`~cardiomotion.evaluate.utility.RandomFieldSource`, RMS matched to the annotated flows);
+* ``cvae`` — the first ``--n`` samples of a materialised corpus (``--corpus``: the fold's, e.g.
+  ``utility``'s ``OUT/folds/<scan>/corpus``), read as ``utility`` reads it; refused when any sample
+  was conditioned on the held-out scan.
 
 One JSON line per evaluation streams to ``--out`` (a header line per run first); the summary
 (JSON on stdout) gives per run the zero-flow scores, the best and the last evaluation.
@@ -32,7 +35,45 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-ARMS = ("annotated", "truth", "random")
+ARMS = ("annotated", "truth", "random", "cvae")
+
+
+class _Lines:
+    """``--out``, opened for appending at the first line: a run refused before training leaves no file."""
+
+    def __init__(self, path: Path):
+        self.path, self._f = path, None
+
+    def write(self, text: str) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a")
+        self._f.write(text)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _corpus_source(args: argparse.Namespace, plan, window):
+    """The cvae arm: the first ``--n`` samples of ``--corpus``, none conditioned on the held-out scan."""
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility import CorpusSource
+    from cardiomotion.generate.corpus import open_corpus, read_manifest
+
+    if args.corpus is None:
+        raise InputError(Path("--corpus"), "the cvae arm needs a materialised corpus (--corpus DIR)")
+    corpus = open_corpus(args.corpus)
+    if len(corpus) < args.n:
+        raise InputError(Path(args.corpus), f"holds {len(corpus)} samples, fewer than --n {args.n}")
+    seen = {str(s["scan_id"]) for s in read_manifest(args.corpus)["scans"]}  # every conditioning ES frame
+    if plan.val_id in seen:
+        raise InputError(Path(args.corpus), f"was conditioned on the held-out scan {plan.val_id}: use fold "
+                                            f"{plan.fold}'s own corpus")
+    return CorpusSource(corpus, window, args.n)
 
 
 def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
@@ -68,8 +109,10 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
                 raise InputError(Path(args.prepared) / sid, "has no exact truth flow: the truth arm needs phantom scans")
             truth.append(pair.truth_flow)
         source = PairSource(es, ed, np.stack(truth).astype(np.float32), window)
-    else:
+    elif arm == "random":
         source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
+    else:
+        source = _corpus_source(args, plan, window)
     torch.manual_seed(args.seed)
     model = build_pwcnet(cfg)
     settings = estimator_settings(cfg, len(model.channels))
@@ -120,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="annotated,random", help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
-    ap.add_argument("--n", type=int, default=256, help="random arm: number of distinct fields")
+    ap.add_argument("--n", type=int, default=256, help="random and cvae arms: number of distinct samples")
+    ap.add_argument("--corpus", default=None, help="cvae arm: the fold's materialised corpus (its first --n samples)")
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (default utility.lr / annotate.lr)")
     ap.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clipping (default utility.grad_clip)")
     ap.add_argument("--seed", type=int, default=0)
@@ -138,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     from cardiomotion.errors import InputError
 
+    out = _Lines(Path(a.out))
     try:
-        with open(a.out, "a") as out:
-            runs = [run_curve(arm, a, out) for arm in arms]
+        runs = [run_curve(arm, a, out) for arm in arms]
     except InputError as exc:
         print(f"estimator_curve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        out.close()
     print(json.dumps({"runs": runs}, indent=1))
     return 0
 

@@ -221,3 +221,37 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     runs2 = {r["arm"]: r for r in again["runs"]}
     assert runs2["truth"]["last"]["loss"] == pytest.approx(runs["truth"]["last"]["loss"])
     assert runs2["annotated"]["last"]["loss"] != pytest.approx(runs["annotated"]["last"]["loss"])
+
+
+@pytest.mark.slow
+def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_held_out_scan(
+        tmp_path_factory, tmp_path, ray_session):
+    """The cvae arm reads the first --n samples of a corpus conditioned on the fold's training
+    scans; the same corpus is refused for a fold whose held-out scan conditioned it."""
+    import yaml
+    from cv_cohort import TINY, cohort
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import training_view
+    from cardiomotion.generate import generate_corpus
+    from cardiomotion.generate.synthetic import make_random_model_dir
+
+    prepared, flows = cohort(tmp_path_factory)
+    train_ids = ["phantom_000", "phantom_002", "phantom_003"]  # fold 1 holds out phantom_001
+    view = training_view(prepared, train_ids, tmp_path / "frames")
+    model = make_random_model_dir(tmp_path / "model", grid=(32, 32, 32), channels=(8, 16, 32), latent_channels=4)
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
+                             "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0}})
+    generate_corpus(model, view, tmp_path / "corpus", 6, cfg=cfg, track=False)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump({"prepare": TINY["prepare"], "annotate": TINY["annotate"]}))
+    args = ["--prepared", str(prepared), "--flows", str(flows), "--config", str(conf), "--arms", "cvae",
+            "--corpus", str(tmp_path / "corpus"), "--steps", "2", "--every", "2", "--n", "5"]
+    summary = _bench("estimator_curve.py", *args, "--fold", "1", "--out", str(tmp_path / "c.jsonl"))
+    (run,) = summary["runs"]
+    assert (run["arm"], run["scan"], run["n"], run["last"]["step"]) == ("cvae", "phantom_001", 5, 2)
+    assert np.isfinite(run["last"]["epe_myo_mm"]) and run["last"]["epe_myo_mm"] > 0
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "estimator_curve.py"), *args, "--fold", "0",
+                           "--out", str(tmp_path / "c0.jsonl")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 2 and "conditioned on the held-out scan phantom_000" in proc.stderr
+    assert not (tmp_path / "c0.jsonl").exists()  # refused before anything was written
