@@ -64,8 +64,6 @@ def _corpus_source(args: argparse.Namespace, plan, window):
     from cardiomotion.evaluate.utility import CorpusSource
     from cardiomotion.generate.corpus import open_corpus, read_manifest
 
-    if args.corpus is None:
-        raise InputError(Path("--corpus"), "the cvae arm needs a materialised corpus (--corpus DIR)")
     corpus = open_corpus(args.corpus)
     if len(corpus) < args.n:
         raise InputError(Path(args.corpus), f"holds {len(corpus)} samples, fewer than --n {args.n}")
@@ -175,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in arms if x not in ARMS]
     if bad:
         ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+    if "cvae" in arms and a.corpus is None:
+        ap.error("the cvae arm needs --corpus DIR (a materialised corpus of the fold)")
     if a.every < 1 or a.steps < 1:
         ap.error("--steps and --every must be positive")
     import torch
