@@ -19,6 +19,8 @@ flow. Arms (data of the training scans only):
 
 One JSON line per evaluation streams to ``--out`` (a header line per run first); the summary
 (JSON on stdout) gives per run the zero-flow scores, the best and the last evaluation.
+``--figure PNG`` draws every run of the ``--out`` file (myocardium EPE against step, zero flow as a
+line); with ``--arms ''`` it only draws.
 
     python bench/estimator_curve.py --prepared P --flows A --config S --fold 0 --arms truth,random \\
         --steps 1000 --every 100 --out curve.jsonl
@@ -56,6 +58,42 @@ class _Lines:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def curve_figure(rows: list[dict], path: Path) -> Path:
+    """Held-out myocardium EPE against Adam step, one line per run of ``rows`` (a ``--out`` file:
+    a header row, then its evaluations), zero flow dashed; written atomically."""
+    from cardiomotion.evaluate.figures import pyplot, save_figure
+
+    runs: list[tuple[dict, list[dict]]] = []
+    for r in rows:
+        if "step" not in r:
+            runs.append((r, []))
+        elif runs:
+            runs[-1][1].append(r)
+    if not runs:
+        raise ValueError("no runs to draw")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    zeros = set()
+    for head, curve in runs:
+        label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random") else "") + \
+            f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g})"
+        ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label)
+        zeros.add((head["scan"], round(head["zero"]["epe_myo_mm"], 3)))
+    top = max(c["epe_myo_mm"] for _, curve in runs for c in curve) if any(c for _, c in runs) else 1.0
+    for scan, z in sorted(zeros):
+        if z <= 1.5 * top:
+            ax.axhline(z, color="grey", ls="--", lw=1, label=f"zero flow ({scan})")
+        else:  # zero flow would squash the curves: named, not drawn
+            ax.text(0.99, 0.98, f"zero flow ({scan}): {z:.2f} mm (off the axis)", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("Adam step")
+    ax.set_ylabel("held-out myocardium EPE (mm)")
+    ax.set_title("Learning curves of the utility estimator", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=130)
 
 
 def _corpus_source(args: argparse.Namespace, plan, window):
@@ -168,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file (appended)")
+    ap.add_argument("--figure", default=None, help="PNG of every run in --out (written after the runs)")
     a = ap.parse_args(argv)
     arms = [x for x in a.arms.split(",") if x]
     bad = [x for x in arms if x not in ARMS]
@@ -190,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         out.close()
+    if a.figure:
+        rows = [json.loads(line) for line in Path(a.out).read_text().splitlines() if line.strip()] \
+            if Path(a.out).is_file() else []
+        if not any("step" in r for r in rows):
+            print(f"estimator_curve: {a.out}: no evaluations to draw", file=sys.stderr)
+            return 2
+        curve_figure(rows, Path(a.figure))
     print(json.dumps({"runs": runs}, indent=1))
     return 0
 

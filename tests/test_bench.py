@@ -189,7 +189,8 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     out = tmp_path / "curve.jsonl"
     summary = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(flows), "--config", str(cfg),
                      "--fold", "1", "--arms", "annotated,truth,random", "--steps", "3", "--every", "2", "--n", "5",
-                     "--out", str(out))
+                     "--out", str(out), "--figure", str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     runs = {r["arm"]: r for r in summary["runs"]}
     assert set(runs) == {"annotated", "truth", "random"}
     assert {r["scan"] for r in runs.values()} == {"phantom_001"} and runs["random"]["n"] == 5
@@ -259,9 +260,14 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     import torch
 
     threads = torch.get_num_threads()  # main() sets its own
+    fig_args = [*args[:6], "--arms", "", "--fold", "1"]  # no training: only the figure of --out's runs
     try:
         assert bench.main([*args, "--fold", "0", "--out", str(tmp_path / "c0.jsonl")]) == 2
+        assert "conditioned on the held-out scan phantom_000" in capsys.readouterr().err
+        assert not (tmp_path / "c0.jsonl").exists()  # refused before anything was written
+        assert bench.main([*fig_args, "--out", str(tmp_path / "c0.jsonl"), "--figure", str(tmp_path / "no.png")]) == 2
+        assert "no evaluations to draw" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
+        assert bench.main([*fig_args, "--out", str(tmp_path / "c.jsonl"), "--figure", str(tmp_path / "c.png")]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert "conditioned on the held-out scan phantom_000" in capsys.readouterr().err
-    assert not (tmp_path / "c0.jsonl").exists()  # refused before anything was written
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
