@@ -14,8 +14,9 @@ flow. Arms (data of the training scans only):
 * ``random`` — SynthMorph-style random smooth fields warping the training ES frames
   (:class:`~cardiomotion.evaluate.utility.RandomFieldSource`, RMS matched to the annotated flows);
 * ``cvae`` — the first ``--n`` samples of a materialised corpus (``--corpus``: the fold's, e.g.
-  ``utility``'s ``OUT/folds/<scan>/corpus``), read as ``utility`` reads it; refused when any sample
-  was conditioned on the held-out scan.
+  ``utility``'s ``OUT/folds/<scan>/corpus``), in this process's shuffled order (``utility`` streams
+  the same samples through Ray Data's shuffle, so the batches differ); refused when the held-out
+  scan conditioned any sample or trained the corpus's generator.
 
 One JSON line per evaluation streams to ``--out`` (a header line per run first); the summary
 (JSON on stdout) gives per run the zero-flow scores, the best and the last evaluation.
@@ -62,7 +63,8 @@ class _Lines:
 
 def curve_figure(rows: list[dict], path: Path) -> Path:
     """Held-out myocardium EPE against Adam step, one line per run of ``rows`` (a ``--out`` file:
-    a header row, then its evaluations), zero flow dashed; written atomically."""
+    a header row, then its evaluations); zero flow dashed, or named in a corner when it would
+    squash the curves; written atomically."""
     from cardiomotion.evaluate.figures import pyplot, save_figure
 
     runs: list[tuple[dict, list[dict]]] = []
@@ -81,7 +83,8 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
             f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g})"
         ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label)
         zeros.add((head["scan"], round(head["zero"]["epe_myo_mm"], 3)))
-    top = max(c["epe_myo_mm"] for _, curve in runs for c in curve) if any(c for _, c in runs) else 1.0
+    finite = [c["epe_myo_mm"] for _, curve in runs for c in curve if np.isfinite(c["epe_myo_mm"])]
+    top = max(finite) if finite else 1.0
     for scan, z in sorted(zeros):
         if z <= 1.5 * top:
             ax.axhline(z, color="grey", ls="--", lw=1, label=f"zero flow ({scan})")
@@ -105,10 +108,13 @@ def _corpus_source(args: argparse.Namespace, plan, window):
     corpus = open_corpus(args.corpus)
     if len(corpus) < args.n:
         raise InputError(Path(args.corpus), f"holds {len(corpus)} samples, fewer than --n {args.n}")
-    seen = {str(s["scan_id"]) for s in read_manifest(args.corpus)["scans"]}  # every conditioning ES frame
-    if plan.val_id in seen:
-        raise InputError(Path(args.corpus), f"was conditioned on the held-out scan {plan.val_id}: use fold "
-                                            f"{plan.fold}'s own corpus")
+    man = read_manifest(args.corpus)
+    seen = {str(s["scan_id"]) for s in man["scans"]}  # every conditioning ES frame
+    trained = {str(s) for s in ((man.get("model") or {}).get("meta") or {}).get("train_scans", ())}
+    for what, scans in (("was conditioned on", seen), ("comes from a generator trained on", trained)):
+        if plan.val_id in scans:
+            raise InputError(Path(args.corpus), f"{what} the held-out scan {plan.val_id}: use fold "
+                                                f"{plan.fold}'s own corpus")
     return CorpusSource(corpus, window, args.n)
 
 
@@ -160,7 +166,8 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
 
     zero = score(np.zeros((3, *held.es.shape), np.float32))
     header = {"arm": arm, "fold": plan.fold, "scan": plan.val_id, "n": len(source), "lr": settings.lr,
-              "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero}
+              "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero,
+              **({"corpus": str(Path(args.corpus).resolve())} if arm == "cvae" else {})}
     out.write(json.dumps(header) + "\n")
     out.flush()
     curve: list[dict] = []

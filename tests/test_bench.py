@@ -251,6 +251,7 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     summary = _bench("estimator_curve.py", *args, "--fold", "1", "--out", str(tmp_path / "c.jsonl"))
     (run,) = summary["runs"]
     assert (run["arm"], run["scan"], run["n"], run["last"]["step"]) == ("cvae", "phantom_001", 5, 2)
+    assert run["corpus"] == str((tmp_path / "corpus").resolve())  # the header names what it trained on
     assert np.isfinite(run["last"]["epe_myo_mm"]) and run["last"]["epe_myo_mm"] > 0
     import importlib.util
 
@@ -268,6 +269,13 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
         assert bench.main([*fig_args, "--out", str(tmp_path / "c0.jsonl"), "--figure", str(tmp_path / "no.png")]) == 2
         assert "no evaluations to draw" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
         assert bench.main([*fig_args, "--out", str(tmp_path / "c.jsonl"), "--figure", str(tmp_path / "c.png")]) == 0
+        # a generator trained on the held-out scan is a leak too, whatever conditioned the samples
+        man_path = tmp_path / "corpus" / "manifest.json"
+        man = json.loads(man_path.read_text())
+        man["model"].setdefault("meta", {})["train_scans"] = ["phantom_001", "phantom_002"]
+        man_path.write_text(json.dumps(man))
+        assert bench.main([*args, "--fold", "1", "--out", str(tmp_path / "c1.jsonl")]) == 2
+        assert "comes from a generator trained on the held-out scan phantom_001" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -405,7 +405,9 @@ def test_driver_and_actor_memory_stay_flat_as_n_grows(inputs, corpus):
     keys = ("heap_peak", "rss_growth", "actor_traced_mb_by_shard", "actor_traced_peak_mb", "actor_peak_rss_mb")
     summary = {n: {k: r[k] for k in keys} for n, r in runs.items()}
     assert runs[32]["heap_peak"] < runs[8]["heap_peak"] + leak_mb / 4, summary
-    assert runs[32]["rss_growth"] < runs[8]["rss_growth"] + leak_mb / 2, summary
+    # RSS can also shrink during a run (the allocator returns memory held from before it): a
+    # negative growth at N 8 is no lower baseline for N 32, so it counts as 0
+    assert runs[32]["rss_growth"] < max(runs[8]["rss_growth"], 0.0) + leak_mb / 2, summary
     kept = runs[32]["actor_traced_mb_by_shard"]  # live heap after each of the 4 shards
     assert len(kept) == 4 and max(kept) - kept[0] < 0.25, summary  # one shard is 2.5 MiB
     assert runs[32]["actor_traced_peak_mb"] < runs[8]["actor_traced_peak_mb"] + 0.5, summary

@@ -331,6 +331,12 @@ def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, mon
     scaled = fixed.model_copy(update={"epochs": 16.0})
     assert [scaled.steps_for(n) for n in (64, 256, 4096, None)] == [1000, 1024, 16384, 16384]
     assert scaled.model_copy(update={"epochs": 0.5}).steps_for(4096) == 1000  # the floor: steps
+    odd = load_config(None, {"utility": {"sizes": [90], "steps": 1, "batch_size": 3, "epochs": 1.1}}).utility
+    assert odd.steps_for(90) == 33  # 1.1·90/3 is 33.00000000000001 in floats: no extra step
+    from cardiomotion.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(None, {"utility": {"epochs": float("inf")}})
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated"], "sizes": [2, 6], "seeds": 1,
@@ -347,9 +353,28 @@ def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, mon
 
     monkeypatch.setattr(ut, "train_estimator", counting)
     assert [run_estimator(r, cfg)["steps"] for r in runs] == [1, 3, 3] and trained == [1, 3, 3]
-    # the rows of a fixed budget are not those of a scaling one: the identity tells them apart
-    assert "epochs" not in estimator_identity(load_config(None, TINY))
-    assert (estimator_identity(cfg)["epochs"], estimator_identity(cfg)["real_arm_steps"]) == (1, 3)
+    # the rows of a fixed budget are not those of a scaling one: the identity tells them apart, both ways
+    from pathlib import Path
+
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility_job import _check_budgets, _check_identity
+
+    fixed_cfg = load_config(None, TINY)
+    assert "epochs" not in estimator_identity(fixed_cfg) and estimator_identity(cfg)["epochs"] == 1
+    scaled_row = {"arm": "random", "n": 2, "seed": 0, "estimator": estimator_identity(cfg)}
+    with pytest.raises(InputError, match=r"other estimator settings \(.*epochs 1\.0 → None"):
+        _check_identity(Path("runs.jsonl"), [scaled_row], estimator_identity(fixed_cfg))
+    # a finished row is reused only with the steps its plan gives it now: a larger largest N moves
+    # the real arms' budget (3 → 4 steps), not the synthetic arms' at the same N
+    rows = [{"scan": "phantom_000", "arm": r.arm, "n": r.n, "seed": r.seed, "steps": r.steps} for r in runs]
+    _check_budgets(Path("runs.jsonl"), rows, runs, cfg)
+    larger = cfg.model_copy(deep=True)
+    larger.utility.sizes = [2, 8]
+    replanned = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], larger, prepared=str(prepared),
+                          flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
+    with pytest.raises(InputError, match=r"annotated N 2 seed 0 of phantom_000 was trained for 3 steps, this plan gives it 4"):
+        _check_budgets(Path("runs.jsonl"), rows, replanned, larger)
+    _check_budgets(Path("runs.jsonl"), rows, [r for r in replanned if r.arm == "random" and r.n == 2], larger)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -443,7 +468,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     # a rerun trains nothing again
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 2
-    assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 for r in rows)
+    assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 and r["steps"] == 2 for r in rows)
     # a rerun with another step budget would mix estimators trained two ways: refused before any work
     from cardiomotion.errors import InputError
 

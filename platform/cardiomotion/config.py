@@ -402,7 +402,8 @@ class UtilityCorpus(str, Enum):
 class UtilityConfig(_Section):
     """Downstream utility (``cardiomotion utility``): the same estimator trained on each data arm.
 
-    Every arm trains the ``annotate.pwc`` PWC-Net for ``steps`` Adam steps of ``batch_size``;
+    Every arm trains the ``annotate.pwc`` PWC-Net for ``steps`` Adam steps of ``batch_size`` (with
+    ``epochs``, a budget that grows with the corpus size N: :meth:`steps_for`);
     the corpus arms read the fold CVAE's samples through Ray Data (``corpus``). The fold CVAE is
     trained with ``train`` and the pyramid protocol ``cv.pyramid``.
     """
@@ -420,7 +421,7 @@ class UtilityConfig(_Section):
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
     steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms); with "
                                                "`epochs`, the least any estimator gets")
-    epochs: Optional[float] = Field(None, gt=0, description="a budget that scales with N: a synthetic arm at corpus "
+    epochs: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="a budget that scales with N: a synthetic arm at corpus "
                                                             "size N trains max(steps, ceil(epochs·N / batch_size)) "
                                                             "steps, the real arms the largest N's; null = steps for all")
     batch_size: int = Field(4, ge=1, description="pairs per step")
@@ -451,6 +452,7 @@ class UtilityConfig(_Section):
         if self.epochs is None:
             return self.steps
         n = max(self.sizes) if n is None else int(n)
+        # the tolerance keeps an exact multiple from gaining a step on float error (1.1·90 / 3 = 33.00000000000001)
         return max(self.steps, math.ceil(self.epochs * n / self.batch_size - 1e-9))
 
 

@@ -150,7 +150,7 @@ def estimator_settings(cfg: Config, n_levels: int, steps: int | None = None):
     from .utility import EstimatorSettings, level_weights_for
 
     u, a = cfg.utility, cfg.annotate
-    return EstimatorSettings(steps=int(steps or u.steps), batch_size=u.batch_size, lr=float(u.lr or a.lr),
+    return EstimatorSettings(steps=u.steps if steps is None else int(steps), batch_size=u.batch_size, lr=float(u.lr or a.lr),
                              level_weights=level_weights_for(n_levels, a.level_weights),
                              smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip)
 
@@ -159,14 +159,14 @@ def estimator_identity(cfg: Config) -> dict:
     """What makes two estimators of the same (scan, arm, N, seed) comparable: the training budget
     and optimiser, the network and the random arm's field scales. Every row of ``runs.jsonl``
     carries it; a rerun into the same folder with other values is refused, not mixed. A budget that
-    scales with N (``utility.epochs``) enters as ``epochs`` and the real arms' budget (the largest
-    N's, so a larger ``sizes`` later is refused too); both absent when off, as in rows made before."""
+    scales with N (``utility.epochs``) enters as ``epochs`` (absent when off, as in rows made before
+    it); each row's own steps are checked against its plan by :func:`_check_budgets`."""
     u, a = cfg.utility, cfg.annotate
     ident = {"steps": u.steps, "batch_size": u.batch_size, "lr": float(u.lr or a.lr), "grad_clip": u.grad_clip,
              "random_scales": list(u.random_scales), "pwc": a.pwc.model_dump(mode="json"),
              "corpus_temperature": cfg.generate.temperature}
     if u.epochs is not None:
-        ident.update(epochs=u.epochs, real_arm_steps=u.steps_for())
+        ident["epochs"] = u.epochs
     return ident
 
 
@@ -175,9 +175,24 @@ def _check_identity(runs_file: Path, done_rows: list[dict], ident: dict) -> None
         if r.get("estimator") != ident:
             have = r.get("estimator")
             diff = ("no settings record (an older version)" if have is None else
-                    ", ".join(f"{k} {have.get(k)!r} → {v!r}" for k, v in ident.items() if have.get(k) != v))
+                    ", ".join(f"{k} {have.get(k)!r} → {ident.get(k)!r}" for k in sorted(set(ident) | set(have))
+                              if have.get(k) != ident.get(k)))
             raise InputError(runs_file, f"row {i} ({r.get('arm')} N {r.get('n')} seed {r.get('seed')}) was trained with "
                                         f"other estimator settings ({diff}); use another --out or the same settings")
+
+
+def _check_budgets(runs_file: Path, done_rows: list[dict], planned: Sequence[UtilityRun], cfg: Config) -> None:
+    """A finished row is reused only if its steps are those its run would get now: with
+    ``utility.epochs`` the real arms train the largest N's budget, so another largest N changes
+    them (rows made before ``steps`` was recorded trained ``utility.steps``)."""
+    by_key = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}": r for r in done_rows}
+    for run in planned:
+        row = by_key.get(run.key)
+        want = cfg.utility.steps if run.steps is None else run.steps
+        if row is not None and int(row.get("steps", (row.get("estimator") or {}).get("steps", want))) != want:
+            raise InputError(runs_file, f"{run.arm} N {run.n} seed {run.seed} of {run.scan_id} was trained for "
+                                        f"{row.get('steps')} steps, this plan gives it {want} (utility.epochs with "
+                                        f"another largest N); use another --out or the same sizes")
 
 
 def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
@@ -322,7 +337,7 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
             **{k: metrics[k] for k in (*METRICS, "final_loss", "train_s") if k in metrics},
-            **({"steps": int(metrics["steps"])} if "steps" in metrics else {}),
+            "steps": int(metrics.get("steps", cfg.utility.steps if run.steps is None else run.steps)),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -713,6 +728,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     done_rows = read_json_lines(runs_file, log=log)
     ident = estimator_identity(cfg)
     _check_identity(runs_file, done_rows, ident)  # before any work: finished rows are only reused if comparable
+    _check_budgets(runs_file, done_rows, [r for p in plans for r in plan_runs(
+        p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
+        model_uri=None, frames_dir=None, rms_vox=0.0)], cfg)
     have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
