@@ -78,19 +78,27 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     zeros = set()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    data_of = sorted({(h["arm"], h["n"]) for h, _ in runs})  # one colour per training data, one line style per fold
+    folds = sorted({h["fold"] for h, _ in runs})
     for head, curve in runs:
         label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random") else "") + \
             f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g})"
-        ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label)
+        ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label,
+                color=colors[data_of.index((head["arm"], head["n"])) % len(colors)],
+                ls=("-", "--", ":", "-.")[folds.index(head["fold"]) % 4])
         zeros.add((head["scan"], round(head["zero"]["epe_myo_mm"], 3)))
     finite = [c["epe_myo_mm"] for _, curve in runs for c in curve if np.isfinite(c["epe_myo_mm"])]
     top = max(finite) if finite else 1.0
+    off = []
     for scan, z in sorted(zeros):
         if z <= 1.5 * top:
             ax.axhline(z, color="grey", ls="--", lw=1, label=f"zero flow ({scan})")
         else:  # zero flow would squash the curves: named, not drawn
-            ax.text(0.99, 0.98, f"zero flow ({scan}): {z:.2f} mm (off the axis)", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8, color="grey")
+            off.append(f"{scan} {z:.2f} mm")
+    if off:
+        ax.text(0.99, 0.98, f"zero flow (off the axis): {', '.join(off)}", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8, color="grey")
     ax.set_xlabel("Adam step")
     ax.set_ylabel("held-out myocardium EPE (mm)")
     ax.set_title("Learning curves of the utility estimator", fontsize=10)
