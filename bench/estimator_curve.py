@@ -63,7 +63,7 @@ class _Lines:
 
 def curve_figure(rows: list[dict], path: Path) -> Path:
     """Held-out myocardium EPE against Adam step, one line per run of ``rows`` (a ``--out`` file:
-    a header row, then its evaluations); zero flow dashed, or named in a corner when it would
+    a header row, then its evaluations); zero flow dashed, or named under the title when it would
     squash the curves; written atomically."""
     from cardiomotion.evaluate.figures import pyplot, save_figure
 
@@ -96,12 +96,10 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
             ax.axhline(z, color="grey", ls="--", lw=1, label=f"zero flow ({scan})")
         else:  # zero flow would squash the curves: named, not drawn
             off.append(f"{scan} {z:.2f} mm")
-    if off:
-        ax.text(0.99, 0.98, f"zero flow (off the axis): {', '.join(off)}", transform=ax.transAxes,
-                ha="right", va="top", fontsize=8, color="grey")
     ax.set_xlabel("Adam step")
     ax.set_ylabel("held-out myocardium EPE (mm)")
-    ax.set_title("Learning curves of the utility estimator", fontsize=10)
+    title = "Learning curves of the utility estimator"  # zero flow off the axis is named under it, clear of the legend
+    ax.set_title(title + (f"\nzero flow (off the axis): {', '.join(off)}" if off else ""), fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
