@@ -243,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         out.close()
     if a.figure:
-        rows = [json.loads(line) for line in Path(a.out).read_text().splitlines() if line.strip()] \
-            if Path(a.out).is_file() else []
+        from cardiomotion.fileio import read_json_lines
+
+        try:
+            rows = read_json_lines(a.out)
+        except InputError as exc:
+            print(f"estimator_curve: {exc}", file=sys.stderr)
+            return 2
         if not any("step" in r for r in rows):
             print(f"estimator_curve: {a.out}: no evaluations to draw", file=sys.stderr)
             return 2

@@ -421,9 +421,10 @@ class UtilityConfig(_Section):
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
     steps: int = Field(1000, ge=1, description="Adam steps of every estimator (one budget for all arms); with "
                                                "`epochs`, the least any estimator gets")
-    epochs: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="a budget that scales with N: a synthetic arm at corpus "
-                                                            "size N trains max(steps, ceil(epochs·N / batch_size)) "
-                                                            "steps, the real arms the largest N's; null = steps for all")
+    epochs: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                    description="a budget that scales with N: a synthetic arm at corpus size N trains "
+                                                "max(steps, ceil(epochs·N / batch_size)) steps, the real arms the "
+                                                "largest N's; null = steps for all")
     batch_size: int = Field(4, ge=1, description="pairs per step")
     lr: Optional[float] = Field(None, gt=0, description="Adam learning rate; null → annotate.lr")
     grad_clip: Optional[float] = Field(None, gt=0, description="gradient-norm clipping of every estimator step; null = off")

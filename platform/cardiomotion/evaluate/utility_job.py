@@ -47,6 +47,15 @@ from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FIL
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
 
 
+def run_key(scan: str, arm: str, n: int, seed: int) -> str:
+    """What identifies an estimator in ``runs.jsonl``: held-out scan, arm, N, seed."""
+    return f"{scan}|{arm}|{n}|{seed}"
+
+
+def _row_key(row: dict) -> str:
+    return run_key(row["scan"], row["arm"], row["n"], row["seed"])
+
+
 @dataclass(frozen=True)
 class UtilityRun:
     """One estimator to train (what crosses into the Ray task and the Train worker)."""
@@ -67,7 +76,7 @@ class UtilityRun:
 
     @property
     def key(self) -> str:
-        return f"{self.scan_id}|{self.arm}|{self.n}|{self.seed}"
+        return run_key(self.scan_id, self.arm, self.n, self.seed)
 
     @property
     def name(self) -> str:
@@ -185,14 +194,22 @@ def _check_budgets(runs_file: Path, done_rows: list[dict], planned: Sequence[Uti
     """A finished row is reused only if its steps are those its run would get now: with
     ``utility.epochs`` the real arms train the largest N's budget, so another largest N changes
     them (rows made before ``steps`` was recorded trained ``utility.steps``)."""
-    by_key = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}": r for r in done_rows}
+    by_key = {_row_key(r): r for r in done_rows}
     for run in planned:
         row = by_key.get(run.key)
-        want = cfg.utility.steps if run.steps is None else run.steps
-        if row is not None and int(row.get("steps", (row.get("estimator") or {}).get("steps", want))) != want:
+        if row is None:
+            continue
+        want = _planned_steps(run, cfg)
+        had = int(row.get("steps", (row.get("estimator") or {}).get("steps", want)))
+        if had != want:
             raise InputError(runs_file, f"{run.arm} N {run.n} seed {run.seed} of {run.scan_id} was trained for "
-                                        f"{row.get('steps')} steps, this plan gives it {want} (utility.epochs with "
+                                        f"{had} steps, this plan gives it {want} (utility.epochs with "
                                         f"another largest N); use another --out or the same sizes")
+
+
+def _planned_steps(run: UtilityRun, cfg: Config) -> int:
+    """The steps ``run`` trains (``utility.steps`` for a run planned before runs carried them)."""
+    return cfg.utility.steps if run.steps is None else run.steps
 
 
 def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
@@ -337,7 +354,7 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
             **{k: metrics[k] for k in (*METRICS, "final_loss", "train_s") if k in metrics},
-            "steps": int(metrics.get("steps", cfg.utility.steps if run.steps is None else run.steps)),
+            "steps": int(metrics.get("steps", _planned_steps(run, cfg))),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -495,9 +512,10 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
 
     Arms are scored on the same held-out scans, so the question "does arm A beat arm B" (a corpus
     arm against another arm; an arm's largest N against its smaller N) is answered by the per-scan
-    difference (seed means), not by whether two marginal intervals overlap: ``delta`` = subject − other, its mean over the scans both were scored on with a
-    bootstrap 95 % interval (the scans resampled, pairs kept), and ``wins`` = scans where the
-    subject is better (lower EPE and folding, higher Dice).
+    difference (seed means), not by whether two marginal intervals overlap: ``delta`` = subject −
+    other, its mean over the scans both were scored on with a bootstrap 95 % interval (the scans
+    resampled, pairs kept), and ``wins`` = scans where the subject is better (lower EPE and
+    folding, higher Dice).
     """
     from .utility import bootstrap_ci
 
@@ -731,7 +749,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     _check_budgets(runs_file, done_rows, [r for p in plans for r in plan_runs(
         p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
         model_uri=None, frames_dir=None, rms_vox=0.0)], cfg)
-    have = {f"{r['scan']}|{r['arm']}|{r['n']}|{r['seed']}" for r in done_rows}
+    have = {_row_key(r) for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
     use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
