@@ -103,6 +103,11 @@ def test_mlflow_run_records_training_and_artifacts(annotated):
     assert [m.step for m in history] == list(range(4))
     # The progress callback saw each epoch once, in order, with the logged loss.
     assert EPOCHS_SEEN == [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+    # The default cosine schedule drove the optimiser: epoch e of 4 ran at lr·(1 + cos(πe/4))/2.
+    lrs = sorted(client.get_metric_history(run.info.run_id, "pwc_train_lr"), key=lambda m: m.step)
+    assert cfg.annotate.lr_schedule.value == "cosine"
+    np.testing.assert_allclose([m.value for m in lrs], [1e-3 * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)],
+                               rtol=1e-6)
     assert "mean_epe_myo_mm_refined" in run.data.metrics
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "feature_pyramid", "figures", "annotations.parquet"} <= arts
@@ -146,6 +151,30 @@ def test_bad_prepared_data_is_refused_before_any_work(annotated, tmp_path):
     with pytest.raises(InputError, match="phantom_001/ed.nii.gz: listed in scans.parquet but missing"):
         annotate(bad, tmp_path / "out3", cfg)
     assert not (tmp_path / "out3").exists()
+
+
+def test_epoch_lr_known_values():
+    """Constant keeps lr; cosine starts at lr, halves at mid-training, decreases every epoch and
+    stays above 0 at the last; a name outside the two is refused."""
+    from cardiomotion.annotate.pwc import epoch_lr
+
+    assert [epoch_lr(1e-3, "constant", e, 40) for e in (0, 20, 39)] == [1e-3] * 3
+    cos = [epoch_lr(2e-3, "cosine", e, 40) for e in range(40)]
+    assert cos[0] == pytest.approx(2e-3) and cos[20] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(cos, cos[1:])) and 0 < cos[-1] < 2e-3 * 0.01
+    with pytest.raises(ValueError, match="step"):
+        epoch_lr(1e-3, "step", 0, 40)
+
+
+def test_a_network_worse_than_zero_flow_is_named():
+    """The 44-patient run whose training diverged: network 0.305 against zero flow's 0.063."""
+    from cardiomotion.annotate.stage import network_warning
+
+    said = network_warning({"mean_photometric_net": 0.3054, "mean_photometric_zero": 0.0633})
+    assert said is not None and "0.3054" in said and "0.0633" in said and "diverged" in said
+    assert network_warning({"mean_photometric_net": 0.006, "mean_photometric_zero": 0.063}) is None
+    assert network_warning({"mean_photometric_zero": 0.063}) is None  # no network figure
+    assert network_warning({"mean_photometric_net": float("nan"), "mean_photometric_zero": 0.063}) is None
 
 
 def test_tiny_pwcnet_learns_on_a_phantom_pair():

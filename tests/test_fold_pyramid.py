@@ -71,3 +71,11 @@ def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
     assert fp("per_fold") == fp("per_fold", aligned=False)  # the default, spelled out
     assert fp("shared") == fp("shared", aligned=True)
     assert "aligned" not in fp("per_fold")["pyramid_settings"]["pwc"]  # absent at its default
+
+    def fp_lr(schedule):
+        return sweep_fingerprint(p, f, load_config(None, {"cv": {"pyramid": "per_fold"},
+                                                          "annotate": {"lr_schedule": schedule}}))
+
+    assert fp_lr("cosine") == fp("per_fold") != fp_lr("constant")  # cosine: the default
+    # constant (every record before the key) is recorded without it, so those records still match
+    assert "lr_schedule" not in fp_lr("constant")["pyramid_settings"]

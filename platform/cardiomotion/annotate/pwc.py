@@ -56,6 +56,17 @@ def load_unit_pairs(prepared_dir: str | Path, rows: list[dict], window) -> tuple
     return torch.from_numpy(np.stack(es))[:, None], torch.from_numpy(np.stack(ed))[:, None]
 
 
+def epoch_lr(lr: float, schedule: str, epoch: int, epochs: int) -> float:
+    """The Adam learning rate of ``epoch`` (0-based) of ``epochs``: ``lr`` for ``constant``;
+    for ``cosine`` lr·(1 + cos(π·epoch/epochs))/2 — ``lr`` at epoch 0, lr/2 half-way, above 0 at the
+    last epoch. A function of the epoch alone, so a resumed training continues the same schedule."""
+    if schedule == "constant":
+        return float(lr)
+    if schedule == "cosine":
+        return float(lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant or cosine)")
+
+
 def pwc_train_epoch(model, opt, fixed_all: torch.Tensor, moving_all: torch.Tensor, order: torch.Tensor, *,
                     steps: int, batch_size: int, weights: Sequence[float], smooth_weight: float,
                     ssim_alpha: float, device) -> dict[str, float]:
@@ -137,6 +148,9 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     metrics: dict[str, float] = {}
     for epoch in range(start, ac.epochs):
+        lr = epoch_lr(ac.lr, ac.lr_schedule.value, epoch, ac.epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
         order = torch.randperm(len(fixed_all), generator=gen)
         totals = pwc_train_epoch(model, opt, fixed_all, moving_all, order, steps=steps, batch_size=ac.batch_size,
                                  weights=weights, smooth_weight=ac.smooth_weight, ssim_alpha=ac.ssim_alpha,
@@ -144,7 +158,7 @@ def pwc_train_loop(config: dict[str, Any]) -> dict[str, Any]:
         metrics = {"epoch": epoch, **{f"pwc_train_{k}": v for k, v in totals.items()}}
         if rank == 0:
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"),
-                        {f"pwc_train_{k}": v for k, v in totals.items()}, epoch)
+                           {**{f"pwc_train_{k}": v for k, v in totals.items()}, "pwc_train_lr": lr}, epoch)
         # Per-epoch curves go to MLflow above; Ray Train gets a report (a barrier on every rank)
         # only with each checkpoint.
         if epoch == ac.epochs - 1 or (epoch + 1) % ac.checkpoint_every == 0:

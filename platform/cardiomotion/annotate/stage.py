@@ -163,6 +163,19 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def network_warning(summary: dict[str, float]) -> str | None:
+    """A truth-free check of the trained network: its mean photometric loss (``summarize``'s
+    ``mean_photometric_net``) above zero flow's means it aligns the pairs worse than not moving
+    them — a diverged training (README, "Annotation network: a cosine learning rate"). None when
+    it is better or was not measured."""
+    net, zero = summary.get("mean_photometric_net"), summary.get("mean_photometric_zero")
+    if net is None or zero is None or not net > zero:
+        return None
+    return (f"the PWC-Net's mean photometric loss {net:.4f} is above zero flow's {zero:.4f}: its training "
+            f"probably diverged (see pwc_train_loss in MLflow); the refined flows start from zero and do not "
+            f"depend on it, its pyramid (cv.pyramid: shared, refine_start: network) does")
+
+
 def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
              on_epoch: Callable[[int, float], None] | None = None) -> Path:
     """Run the annotation stage; returns the path of ``annotations.parquet``.
@@ -231,6 +244,8 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
         with atomic_path(table) as tmp:
             df.to_parquet(tmp, index=False)
         summary = summarize(df)
+        if (warning := network_warning(summary)) is not None:
+            log(f"annotate: warning: {warning}")
         tracking.log_metrics(summary)
         tracking.log_artifact(table)
         tracking.log_checkpoint(model_path, "model")
@@ -272,12 +287,14 @@ def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
 
 def pyramid_settings(cfg: Config) -> dict:
     """The ``annotate`` settings a trained pyramid depends on: all but where it trains (workers,
-    resources) and how often it checkpoints; ``pwc.aligned`` only when set (so records written
-    before the key still match)."""
+    resources) and how often it checkpoints; ``pwc.aligned`` only when set and ``lr_schedule`` only
+    when not constant (so records written before those keys still match the settings they had)."""
     out = {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
            if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
     if not cfg.annotate.pwc.aligned:
         out["pwc"].pop("aligned", None)
+    if cfg.annotate.lr_schedule.value == "constant":
+        out.pop("lr_schedule", None)
     return out
 
 
