@@ -279,3 +279,57 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _load(name: str):
+    """A bench script as a module (its main() called in this process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _runs(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
+    """A's cvae is exactly 0.1 mm better than B's on the three shared scans (two seeds averaged on
+    one); a scan only A scored is left out; Dice counts higher as better; other estimator settings
+    and a missing arm are one-line refusals."""
+    mod = _load("utility_compare")
+    est = {"steps": 1000, "lr": 0.001}
+
+    def row(scan, arm, n, seed, myo, dice=0.9, e=est):
+        return {"scan": scan, "arm": arm, "n": n, "seed": seed, "epe_myo_mm": myo, "epe_mm": myo,
+                "dice": dice, "folding": 0.0, "estimator": e}
+
+    b = _runs(tmp_path / "old", [row("s0", "cvae", 256, 0, 2.5), row("s1", "cvae", 256, 0, 2.0),
+                                 row("s2", "cvae", 256, 0, 3.0), row("s0", "annotated", 43, 0, 2.3)])
+    a = _runs(tmp_path / "new", [row("s0", "cvae", 256, 0, 2.3, 0.95), row("s0", "cvae", 256, 1, 2.5, 0.95),
+                                 row("s1", "cvae", 256, 0, 1.9), row("s2", "cvae", 256, 0, 2.9, 0.8),
+                                 row("s3", "cvae", 256, 0, 9.0)])
+    assert mod.main(["--a", str(a), "--b", str(b)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scans"] == ["s0", "s1", "s2"] and out["rows_a"] == 4 and out["rows_b"] == 3
+    assert out["per_scan"]["s0"]["a"] == pytest.approx(2.4)
+    assert out["mean"] == pytest.approx(-0.1) and out["ci_low"] == pytest.approx(-0.1)
+    assert out["ci_high"] == pytest.approx(-0.1) and out["a_won"] == 3
+    assert mod.main(["--a", str(a), "--b", str(b), "--metric", "dice"]) == 0
+    dice = json.loads(capsys.readouterr().out)
+    assert dice["mean"] == pytest.approx((0.05 + 0 - 0.1) / 3) and dice["a_won"] == 1
+    # against another arm of B
+    assert mod.main(["--a", str(a), "--b", str(b), "--b-arm", "annotated", "--b-n", "43"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_scan"]["s0"]["delta"] == pytest.approx(0.1)
+    other = _runs(tmp_path / "other", [row("s0", "cvae", 256, 0, 2.0, e={"steps": 3000, "lr": 0.001})])
+    assert mod.main(["--a", str(a), "--b", str(other)]) == 2
+    assert "other estimator settings" in capsys.readouterr().err
+    assert mod.main(["--a", str(a), "--b", str(b), "--arm", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "no row of arm random at N 256" in err and "runs.jsonl" in err
+    assert mod.main(["--a", str(tmp_path / "nothing"), "--b", str(b)]) == 2
+    assert "not a utility output folder" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Compare two ``cardiomotion utility`` folders scan by scan: one arm of folder A against one arm
+of folder B on the held-out scans both scored.
+
+``utility``'s own paired table compares the arms of *one* folder. A question such as "does a
+generator trained another way give a better corpus?" needs two folders (each with its own fold
+generators) whose estimators met the same held-out scans: the per-scan difference (seed means
+first, as ``utility`` does) with a bootstrap 95 % interval over the shared scans and the scans won.
+Rows trained with other estimator settings (steps, lr, network, …) are not comparable and are
+refused, as ``utility`` refuses mixing them in one folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..layout import UTILITY_RUNS
+
+LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "folding": True, "dice": False}
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a utility folder's ``runs.jsonl`` and the (arm, N) read from it."""
+
+    folder: Path
+    arm: str
+    n: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.folder.name}:{self.arm}@{self.n}"
+
+
+def _scan_means(rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
+    picked = [r for r in rows if r.get("arm") == side.arm and int(r.get("n", -1)) == side.n]
+    per: dict[str, list[float]] = {}
+    for r in picked:
+        per.setdefault(r["scan"], []).append(float(r[metric]))
+    return {s: float(np.mean(v)) for s, v in per.items()}, picked
+
+
+def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 2000) -> dict:
+    """A − B per held-out scan scored in both, seed means first.
+
+    Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
+    ``per_scan`` ({scan: {"a", "b", "delta"}}), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
+    over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
+    ``seeds_a``/``seeds_b`` (rows read per side).
+
+    Raises:
+        InputError: a folder has no ``runs.jsonl`` or no row of the asked arm and N, the two share
+            no scan, the metric is unknown, or the compared rows were trained with other
+            estimator settings.
+    """
+    from ..fileio import read_json_lines
+    from .utility import bootstrap_ci
+
+    if metric not in LOWER_IS_BETTER:
+        raise InputError(None, f"unknown metric {metric!r}; one of {', '.join(LOWER_IS_BETTER)}")
+    means, picked = {}, {}
+    for key, side in (("a", a), ("b", b)):
+        runs = Path(side.folder) / UTILITY_RUNS
+        if not runs.is_file():
+            raise InputError(runs, "missing: not a utility output folder (or nothing finished yet)")
+        means[key], picked[key] = _scan_means(read_json_lines(runs), side, metric)
+        if not picked[key]:
+            raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}")
+    idents = {key: {repr(r.get("estimator")) for r in picked[key]} for key in ("a", "b")}
+    if len(idents["a"] | idents["b"]) > 1:
+        raise InputError(Path(b.folder) / UTILITY_RUNS,
+                         f"its {b.arm} N {b.n} rows were trained with other estimator settings than "
+                         f"{a.label}'s: their scores are not comparable")
+    scans = sorted(set(means["a"]) & set(means["b"]))
+    if not scans:
+        raise InputError(Path(b.folder) / UTILITY_RUNS, f"shares no held-out scan with {a.label}")
+    deltas = [means["a"][s] - means["b"][s] for s in scans]
+    mean, lo, hi = bootstrap_ci(deltas, n_boot=n_boot)
+    better = (lambda d: d < 0) if LOWER_IS_BETTER[metric] else (lambda d: d > 0)
+    return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
+            "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d} for s, d in zip(scans, deltas)},
+            "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(better(d) for d in deltas),
+            "rows_a": len([r for r in picked["a"] if r["scan"] in scans]),
+            "rows_b": len([r for r in picked["b"] if r["scan"] in scans])}
+
+
+__all__ = ["Side", "compare_folders"]
