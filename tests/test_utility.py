@@ -399,6 +399,25 @@ def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, 
     assert not (tmp_path / "u" / "runs.jsonl").exists()
 
 
+def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
+    """inputs.json pins a folder to its prepared and flows folders: the same ones pass, other
+    annotations are one error naming the difference, a folder without the record adopts."""
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, record_inputs
+
+    out, p, a, b = tmp_path / "u", tmp_path / "P", tmp_path / "A", tmp_path / "A_cos"
+    want = check_inputs(out, p, a)
+    assert want == {"prepared": str(p.resolve()), "flows": str(a.resolve())} and not (out / INPUTS_FILE).exists()
+    record_inputs(out, want)
+    assert json.loads((out / INPUTS_FILE).read_text()) == want
+    assert check_inputs(out, p, a) == want
+    with pytest.raises(InputError, match=r"inputs.json: .*other inputs \(flows: .*/A\" then, .*/A_cos\" now\)"):
+        check_inputs(out, p, b)
+    assert check_inputs(tmp_path / "older", p, b)["flows"] == str(b.resolve())  # no record yet: adopts
+    record_inputs(out, {"prepared": "x", "flows": "y"})  # an existing record is never overwritten
+    assert json.loads((out / INPUTS_FILE).read_text()) == want
+
+
 def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path):
     """generator.json written before ``train.resources`` existed (flat resource keys in its
     settings) names the same generator: it is reused, not trained again."""
@@ -428,6 +447,7 @@ def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom
     with pytest.raises(InputError, match="utility.resources.use_gpu: is true but the Ray cluster has no GPU"):
         run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     assert not (tmp_path / "u" / "runs.jsonl").exists()
+    assert not (tmp_path / "u" / "inputs.json").exists()  # a refused run pins the folder to nothing
 
 
 @pytest.mark.slow
@@ -477,6 +497,14 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     before = (tmp_path / "u" / "runs.jsonl").read_text()
     with pytest.raises(InputError, match=r"runs.jsonl: row 1 .* other estimator settings \(steps 2 → 3\)"):
         run_utility(prepared, flows, tmp_path / "u", longer, folds=[0])
+    assert (tmp_path / "u" / "runs.jsonl").read_text() == before
+    # so would a rerun from other annotations (its generators and rows were made from these)
+    import shutil
+
+    other = tmp_path / "flows_again"
+    shutil.copytree(flows, other)
+    with pytest.raises(InputError, match=r"inputs.json: .*made from other inputs \(flows: "):
+        run_utility(prepared, other, tmp_path / "u", cfg, folds=[0])
     assert (tmp_path / "u" / "runs.jsonl").read_text() == before
     # a smaller N later reads the first N samples of the fold's larger corpus, which stays whole
     from cardiomotion.config import UtilityArm

@@ -66,6 +66,7 @@ a trained model (MLflow artifact ``model``, or a folder)::
     runs.jsonl, utility.csv            UTILITY_RUNS (one row per estimator), UTILITY_TABLE
     summary.json, utility.png          UTILITY_SUMMARY, UTILITY_FIGURE
     utility_paired.csv                 UTILITY_PAIRED (corpus arms against the others, scan by scan)
+    inputs.json                        UTILITY_INPUTS (the prepared and flows folders its rows came from)
     folds/<scan_id>/                   utility_fold_dir(out, scan): generator.json (the fold CVAE),
                                        frames/ (the training scans, linked), corpus/
 """
@@ -144,6 +145,7 @@ UTILITY_TABLE = "utility.csv"
 UTILITY_SUMMARY = "summary.json"
 UTILITY_FIGURE = "utility.png"
 UTILITY_PAIRED = "utility_paired.csv"
+UTILITY_INPUTS = "inputs.json"
 UTILITY_FOLDS = "folds"
 UTILITY_GENERATOR = "generator.json"
 UTILITY_FRAMES = "frames"

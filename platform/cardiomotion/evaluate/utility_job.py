@@ -42,7 +42,7 @@ from ..errors import InputError
 Log = Callable[[str], None]
 
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
-                      UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
+                      UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
                       UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
 
@@ -205,6 +205,32 @@ def _check_budgets(runs_file: Path, done_rows: list[dict], planned: Sequence[Uti
             raise InputError(runs_file, f"{run.arm} N {run.n} seed {run.seed} of {run.scan_id} was trained for "
                                         f"{had} steps, this plan gives it {want} (utility.epochs with "
                                         f"another largest N); use another --out or the same sizes")
+
+
+def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
+    """One utility folder, one pair of inputs: its rows, fold generators and corpora were made
+    from ``OUT/inputs.json``'s prepared and flows folders (resolved paths, as ``cv`` and ``tune``
+    record theirs), and a rerun pointed at others is refused before any work — it would reuse them
+    as if made from the new ones (e.g. annotations made again with another pyramid). Returns the
+    record to write (:func:`record_inputs`) once the run is past its refusals; a folder without one
+    (made before it) adopts the inputs of its next run."""
+    from ..train.sweep import first_difference, read_json
+
+    want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve())}
+    record = out / INPUTS_FILE
+    have = read_json(record) if record.is_file() else None
+    if have is not None and have != want:
+        raise InputError(record, f"this folder's estimators and generators were made from other inputs "
+                                 f"({first_difference(have, want)}); use another --out")
+    return want
+
+
+def record_inputs(out: Path, inputs: dict[str, str]) -> None:
+    from ..fileio import write_json
+
+    if not (out / INPUTS_FILE).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / INPUTS_FILE, inputs)
 
 
 def _planned_steps(run: UtilityRun, cfg: Config) -> int:
@@ -746,6 +772,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     done_rows = read_json_lines(runs_file, log=log)
     ident = estimator_identity(cfg)
     _check_identity(runs_file, done_rows, ident)  # before any work: finished rows are only reused if comparable
+    inputs = check_inputs(out, prepared, flows)
     _check_budgets(runs_file, done_rows, [r for p in plans for r in plan_runs(
         p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
         model_uri=None, frames_dir=None, rms_vox=0.0)], cfg)
@@ -753,6 +780,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     u = cfg.utility
     ray = init_ray(cfg.ray)
     use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
+    record_inputs(out, inputs)  # past the refusals: what this folder is made from
     uri = tracking.setup(cfg)
     task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
     task_cfg.storage_root = str(storage_root(cfg))
