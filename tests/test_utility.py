@@ -197,6 +197,14 @@ def test_utility_figure_notes_what_zero_flow_would_squash_and_pairs_the_scans(mo
     assert 2.4 < ax.get_ylim()[1] < 9.0  # the learned arms set the scale
     labels = {t.get_text() for t in bx.get_legend().get_texts()}
     assert labels == {"vs annotated (N 43)", "vs cvae (N 64)", "vs random (N 256)"}  # subject: cvae at N 256
+    assert "off the axis" not in bx.get_xlabel() and bx.get_xlim()[1] < 10  # random on the plateau is drawn, nothing is off the axis
+
+    # a diverged random estimator on scan b (32 mm, far above zero flow's worst 9.1) is named, not drawn
+    diverged = [{**r, "epe_myo_mm": 32.0} if (r["arm"], r["scan"]) == ("random", "b") else r for r in rows]
+    _, bx = _utility_axes(monkeypatch, diverged, refs, tmp_path)
+    assert bx.get_xlabel().splitlines()[1:] == ["off the axis (worse than zero flow):", "random (N 256) on b: 32.00"]
+    assert bx.get_xlim()[1] < 10
+    assert sum(len(c.get_offsets()) for c in bx.collections) == 11  # 3 arms × 4 scans less the one named
 
     # zero flow's interval so wide that no arm is below it: no note, nothing claimed to be off the axis
     wide = [{**r, "epe_myo_mm": v} for r, v in zip(refs, (2.0, 16.0, 2.0, 16.0))]
