@@ -49,7 +49,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
     ``per_scan`` ({scan: {"a", "b", "delta"}}), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
     over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
-    ``seeds_a``/``seeds_b`` (rows read per side).
+    ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans).
 
     Raises:
         InputError: a folder has no ``runs.jsonl`` or no row of the asked arm and N, the two share

@@ -667,20 +667,18 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
         pairs = comparison_pairs(list(per_scan))
         paired_with = {o for s, o in pairs if s == subject} | {s for s, o in pairs if o == subject}
         markers = "osD^vP*X"
-        # a scan where another arm did worse than zero flow did on any scan (a diverged estimator)
-        # would stretch the axis over nothing: it is named under the axis instead
+        # another arm worse than zero flow on its worst scan (a diverged estimator) would stretch the
+        # axis over nothing: it is named under the axis instead
         zero_vals = [v[metric] for v in per_scan.get(("zero", 0), {}).values() if metric in v]
         cap = 1.05 * max(zero_vals) if zero_vals and metric in ("epe_mm", "epe_myo_mm") else np.inf
         off: list[str] = []
         for i, arm in enumerate(arms):
             others = sorted(k for k in paired_with if k[0] == arm and k[0] != "zero")
             for j, k in enumerate(others):  # the subject's own smaller N: one marker per N
-                pts = [(per_scan[k][sc][metric], mine[sc][metric]) for sc in sorted(mine)
-                       if sc in per_scan[k] and metric in per_scan[k][sc] and metric in mine[sc]]
-                off += [f"{arm}" + (f" (N {k[1]})" if k[1] else "") + f" on {sc}: {per_scan[k][sc][metric]:.2f}"
-                        for sc in sorted(mine) if sc in per_scan[k] and metric in per_scan[k][sc]
-                        and metric in mine[sc] and max(per_scan[k][sc][metric], mine[sc][metric]) > cap]
-                pts = [(x, y) for x, y in pts if max(x, y) <= cap]
+                both = [(sc, per_scan[k][sc][metric], mine[sc][metric]) for sc in sorted(mine)
+                        if sc in per_scan[k] and metric in per_scan[k][sc] and metric in mine[sc]]
+                off += [f"{arm}" + (f" (N {k[1]})" if k[1] else "") + f" on {sc}: {x:.2f}" for sc, x, _ in both if x > cap]
+                pts = [(x, y) for _, x, y in both if x <= cap]  # the subject's own scores always set the scale
                 if not pts:
                     continue
                 x, y = np.asarray(pts).T
