@@ -170,11 +170,17 @@ def test_a_network_worse_than_zero_flow_is_named():
     """The 44-patient run whose training diverged: network 0.305 against zero flow's 0.063."""
     from cardiomotion.annotate.stage import network_warning
 
-    said = network_warning({"mean_photometric_net": 0.3054, "mean_photometric_zero": 0.0633})
+    cfg = load_config(None, {})
+    bad = {"mean_photometric_net": 0.3054, "mean_photometric_zero": 0.0633}
+    said = network_warning(bad, cfg)
     assert said is not None and "0.3054" in said and "0.0633" in said and "diverged" in said
-    assert network_warning({"mean_photometric_net": 0.006, "mean_photometric_zero": 0.063}) is None
-    assert network_warning({"mean_photometric_zero": 0.063}) is None  # no network figure
-    assert network_warning({"mean_photometric_net": float("nan"), "mean_photometric_zero": 0.063}) is None
+    assert "refined from zero flow and do not depend on it" in said  # the default refinement
+    # what depends on the network follows the settings
+    assert "are its predictions" in network_warning(bad, load_config(None, {"annotate": {"refine": False}}))
+    assert "refined from its predictions" in network_warning(bad, load_config(None, {"annotate": {"refine_start": "network"}}))
+    assert network_warning({"mean_photometric_net": 0.006, "mean_photometric_zero": 0.063}, cfg) is None
+    assert network_warning({"mean_photometric_zero": 0.063}, cfg) is None  # no network figure
+    assert network_warning({"mean_photometric_net": float("nan"), "mean_photometric_zero": 0.063}, cfg) is None
 
 
 def test_tiny_pwcnet_learns_on_a_phantom_pair():

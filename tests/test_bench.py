@@ -333,3 +333,14 @@ def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     assert "no row of arm random at N 256" in err and "runs.jsonl" in err
     assert mod.main(["--a", str(tmp_path / "nothing"), "--b", str(b)]) == 2
     assert "not a utility output folder" in capsys.readouterr().err
+    # a row a live run is still appending (truncated last line) is skipped and the file left alone
+    live = b / "runs.jsonl"
+    torn = live.read_text() + '{"scan": "s3", "arm": "cvae"'
+    live.write_text(torn)
+    assert mod.main(["--a", str(a), "--b", str(b)]) == 0 and live.read_text() == torn
+    assert json.loads(capsys.readouterr().out)["scans"] == ["s0", "s1", "s2"]
+    # a row without the score is one line, not a traceback
+    _runs(tmp_path / "broken", [{**row("s0", "cvae", 256, 0, 2.0), "epe_myo_mm": None}])
+    assert mod.main(["--a", str(a), "--b", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no epe_myo_mm score" in err[0] and "broken/runs.jsonl" in err[0]

@@ -424,6 +424,9 @@ def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
     assert check_inputs(tmp_path / "older", p, b)["flows"] == str(b.resolve())  # no record yet: adopts
     record_inputs(out, {"prepared": "x", "flows": "y"})  # an existing record is never overwritten
     assert json.loads((out / INPUTS_FILE).read_text()) == want
+    (out / INPUTS_FILE).write_text("{not json")  # a damaged record is one error, never re-adopted
+    with pytest.raises(InputError, match="inputs.json: is unreadable"):
+        check_inputs(out, p, a)
 
 
 def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path):
@@ -442,6 +445,51 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     said: list[str] = []
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, said.append) == "runs:/abc/model"
     assert not said  # nothing trained, nothing said
+
+
+def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, monkeypatch):
+    """With per-fold pyramids the generator depends on annotate's settings: a record made before
+    they were recorded (every pyramid then trained at the constant rate) is reused by a constant
+    plan only; the cosine default, or a record with other pyramid settings, trains a new one."""
+    from cardiomotion.annotate.stage import pyramid_settings
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _what_trains
+
+    prepared, flows = phantom
+    trained: list[str] = []
+    said: list[str] = []
+
+    class _Res:
+        model_uri, run_id = "runs:/new/model", "new"
+
+    def fake_train_fold(*args, name, **kw):  # what would be trained, not a training
+        trained.append(name)
+        return _Res()
+
+    import cardiomotion.train.cvae as cvae_mod
+
+    monkeypatch.setattr(cvae_mod, "train_fold", fake_train_fold)
+
+    def cfg_for(schedule):
+        return load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
+                                  "cv": {**TINY["cv"], "pyramid": "per_fold"}, "annotate": {"lr_schedule": schedule}})
+
+    def write_record(settings):
+        (tmp_path / GENERATOR_RECORD).write_text(json.dumps({"model_uri": "runs:/old/model", "run_id": "old",
+                                                              "settings": settings}))
+
+    constant = cfg_for("constant")
+    legacy = {"train": _what_trains(constant.train.model_dump(mode="json")), "pyramid": "per_fold", "seed": constant.seed}
+    write_record(legacy)
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, constant, said.append) == "runs:/old/model"
+    assert not trained and not said
+    write_record(legacy)
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/new/model"
+    assert len(trained) == 1 and "trained with other settings" in said[0]
+    recorded = json.loads((tmp_path / GENERATOR_RECORD).read_text())["settings"]
+    assert recorded["pyramid_settings"] == pyramid_settings(cfg_for("cosine"))  # the new record names them
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/new/model"
+    assert len(trained) == 1  # and is reused by the same plan
 
 
 def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):

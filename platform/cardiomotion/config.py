@@ -121,7 +121,7 @@ class LrSchedule(str, Enum):
     """How the PWC-Net's Adam learning rate moves over the epochs (``annotate.lr_schedule``)."""
 
     CONSTANT = "constant"  # ``annotate.lr`` throughout
-    COSINE = "cosine"  # lr·(1 + cos(π·epoch/epochs))/2: from lr at the first epoch towards 0 at the last
+    COSINE = "cosine"  # lr·(1 + cos(π·epoch/epochs))/2: lr at the first epoch, near 0 (never 0) at the last
 
 
 class Resources(_Section):
@@ -168,7 +168,7 @@ class AnnotateConfig(_Section):
     epochs: int = Field(300, ge=1, description="PWC-Net training epochs")
     batch_size: int = Field(2, ge=1, description="pairs per step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    lr_schedule: LrSchedule = Field(LrSchedule.COSINE, description="constant lr, or cosine decay to 0 over the epochs. cosine: at constant lr the 44-patient cohort's training diverged at epoch 37 of 40 (network EPE 83 mm; README, 'Annotation network: a cosine learning rate')")
+    lr_schedule: LrSchedule = Field(LrSchedule.COSINE, description="constant lr, or cosine decay towards 0 over the epochs (the last epoch's rate is small, not 0). cosine: at constant lr a rebuild of the 44-patient cohort diverged at epoch 37 of 40 (network EPE 83 mm; earlier constant-rate builds were healthy; README, 'Annotation network: a cosine learning rate')")
     smooth_weight: float = Field(0.1, ge=0, description="first-order smoothness weight")
     ssim_alpha: float = Field(0.85, ge=0, le=1, description="photometric mix: α·(1−SSIM)/2 + (1−α)·L1")
     level_weights: Optional[tuple[float, ...]] = Field(

@@ -97,13 +97,14 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def read_json_lines(path: str | Path, log=None) -> list[dict]:
+def read_json_lines(path: str | Path, log=None, repair: bool = True) -> list[dict]:
     """The rows of an append-only JSON-lines results file (``[]`` when absent).
 
     A process killed while appending leaves a truncated last line: it is dropped (``log`` is told)
-    and the file rewritten atomically without it, so the next append starts a valid line and that
-    row is simply made again. A bad line anywhere else is damage, not an interrupted append:
-    :class:`~cardiomotion.errors.InputError` naming the file and line.
+    and, with ``repair`` (the writer's view), the file rewritten atomically without it, so the next
+    append starts a valid line and that row is simply made again; readers that must not touch a
+    folder another process may be appending to pass ``repair=False``. A bad line anywhere else is
+    damage, not an interrupted append: :class:`~cardiomotion.errors.InputError` naming the file and line.
     """
     from .errors import InputError
 
@@ -122,8 +123,9 @@ def read_json_lines(path: str | Path, log=None) -> list[dict]:
                 raise InputError(path, f"line {i} is not JSON ({exc.msg})") from None
             if log is not None:
                 log(f"{path}: line {i} is truncated ({exc.msg}); dropped, that row is made again")
-            with atomic_path(path) as tmp:
-                tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+            if repair:
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
     return rows
 
 

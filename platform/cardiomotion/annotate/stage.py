@@ -163,17 +163,21 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def network_warning(summary: dict[str, float]) -> str | None:
+def network_warning(summary: dict[str, float], cfg: Config) -> str | None:
     """A truth-free check of the trained network: its mean photometric loss (``summarize``'s
     ``mean_photometric_net``) above zero flow's means it aligns the pairs worse than not moving
-    them — a diverged training (README, "Annotation network: a cosine learning rate"). None when
-    it is better or was not measured."""
+    them — a diverged training (README, "Annotation network: a cosine learning rate"). Says what
+    depends on the network under ``cfg``. None when it is better or was not measured."""
     net, zero = summary.get("mean_photometric_net"), summary.get("mean_photometric_zero")
     if net is None or zero is None or not net > zero:
         return None
+    a = cfg.annotate
+    flows = ("the delivered flows are its predictions" if not a.refine else
+             "the delivered flows were refined from its predictions" if a.refine_start.value == "network" else
+             "the delivered flows were refined from zero flow and do not depend on it")
     return (f"the PWC-Net's mean photometric loss {net:.4f} is above zero flow's {zero:.4f}: its training "
-            f"probably diverged (see pwc_train_loss in MLflow); the refined flows start from zero and do not "
-            f"depend on it, its pyramid (cv.pyramid: shared, refine_start: network) does")
+            f"probably diverged (see pwc_train_loss in MLflow); {flows}; its frozen pyramid conditions "
+            f"the CVAE with cv.pyramid: shared")
 
 
 def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
@@ -244,7 +248,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
         with atomic_path(table) as tmp:
             df.to_parquet(tmp, index=False)
         summary = summarize(df)
-        if (warning := network_warning(summary)) is not None:
+        if (warning := network_warning(summary, cfg)) is not None:
             log(f"annotate: warning: {warning}")
         tracking.log_metrics(summary)
         tracking.log_artifact(table)

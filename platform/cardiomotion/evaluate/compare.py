@@ -10,6 +10,7 @@ refused, as ``utility`` refuses mixing them in one folder.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,11 +36,15 @@ class Side:
         return f"{self.folder.name}:{self.arm}@{self.n}"
 
 
-def _scan_means(rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
-    picked = [r for r in rows if r.get("arm") == side.arm and int(r.get("n", -1)) == side.n]
+def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
+    picked = [r for r in rows if r.get("arm") == side.arm and r.get("n") == side.n]
     per: dict[str, list[float]] = {}
     for r in picked:
-        per.setdefault(r["scan"], []).append(float(r[metric]))
+        value = r.get(metric)
+        if not isinstance(value, (int, float)) or "scan" not in r:
+            raise InputError(runs, f"a {side.arm} N {side.n} row has no {metric} score or no scan "
+                                   f"(seed {r.get('seed')}): not a finished utility row")
+        per.setdefault(r["scan"], []).append(float(value))
     return {s: float(np.mean(v)) for s, v in per.items()}, picked
 
 
@@ -66,11 +71,16 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         runs = Path(side.folder) / UTILITY_RUNS
         if not runs.is_file():
             raise InputError(runs, "missing: not a utility output folder (or nothing finished yet)")
-        means[key], picked[key] = _scan_means(read_json_lines(runs), side, metric)
+        # read only: a utility run may be appending to this folder
+        means[key], picked[key] = _scan_means(runs, read_json_lines(runs, repair=False), side, metric)
         if not picked[key]:
             raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}")
-    idents = {key: {repr(r.get("estimator")) for r in picked[key]} for key in ("a", "b")}
-    if len(idents["a"] | idents["b"]) > 1:
+    idents = {key: {json.dumps(r.get("estimator"), sort_keys=True) for r in picked[key]} for key in ("a", "b")}
+    for key, side in (("a", a), ("b", b)):
+        if len(idents[key]) > 1:
+            raise InputError(Path(side.folder) / UTILITY_RUNS, f"its {side.arm} N {side.n} rows were trained "
+                                                               f"with different estimator settings among themselves")
+    if idents["a"] != idents["b"]:
         raise InputError(Path(b.folder) / UTILITY_RUNS,
                          f"its {b.arm} N {b.n} rows were trained with other estimator settings than "
                          f"{a.label}'s: their scores are not comparable")

@@ -219,9 +219,13 @@ def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve())}
     record = out / INPUTS_FILE
     have = read_json(record) if record.is_file() else None
+    if record.is_file() and not isinstance(have, dict):  # never silently re-adopted: the guard would be off for good
+        raise InputError(record, "is unreadable; restore it, or remove it only if the folder's rows were made from "
+                                 f"--prepared {want['prepared']} and --flows {want['flows']}")
     if have is not None and have != want:
         raise InputError(record, f"this folder's estimators and generators were made from other inputs "
-                                 f"({first_difference(have, want)}); use another --out")
+                                 f"({first_difference(have, want)}); use another --out (a folder that was "
+                                 f"moved: edit the record)")
     return want
 
 
@@ -416,10 +420,20 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     record = fold_dir / GENERATOR_RECORD
     want = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": cfg.cv.pyramid.value,
             "seed": cfg.seed}
+    if cfg.cv.pyramid.value == "per_fold":  # the fold trains its own pyramid: annotate's settings make it
+        from ..annotate.stage import pyramid_settings
+
+        want["pyramid_settings"] = pyramid_settings(cfg)
     if record.is_file():
         rec = json.loads(record.read_text())
-        found = rec.get("settings") or {}
-        if {**found, "train": _what_trains(found.get("train") or {})} == want:
+        found = dict(rec.get("settings") or {})
+        found["train"] = _what_trains(found.get("train") or {})
+        if ("pyramid_settings" in want and "pyramid_settings" not in found
+                and cfg.annotate.lr_schedule.value == "constant"):
+            # recorded before the key, when every pyramid trained at the constant rate: only a
+            # constant-rate plan may reuse it (a cosine one trains its own generator)
+            found["pyramid_settings"] = want["pyramid_settings"]
+        if found == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
     import hashlib
