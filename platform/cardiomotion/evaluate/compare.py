@@ -19,8 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import UTILITY_RUNS
-
-LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "folding": True, "dice": False}
+from .utility_job import LOWER_IS_BETTER, subject_better
 
 
 @dataclass(frozen=True)
@@ -89,10 +88,9 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         raise InputError(Path(b.folder) / UTILITY_RUNS, f"shares no held-out scan with {a.label}")
     deltas = [means["a"][s] - means["b"][s] for s in scans]
     mean, lo, hi = bootstrap_ci(deltas, n_boot=n_boot)
-    better = (lambda d: d < 0) if LOWER_IS_BETTER[metric] else (lambda d: d > 0)
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
             "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d} for s, d in zip(scans, deltas)},
-            "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(better(d) for d in deltas),
+            "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(subject_better(metric, d) for d in deltas),
             "rows_a": len([r for r in picked["a"] if r["scan"] in scans]),
             "rows_b": len([r for r in picked["b"] if r["scan"] in scans])}
 

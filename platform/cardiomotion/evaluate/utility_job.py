@@ -514,6 +514,12 @@ def arm_of(name: str) -> UtilityArm | None:
 LOWER_IS_BETTER = {"epe_mm": True, "epe_myo_mm": True, "dice": False, "folding": True}
 
 
+def subject_better(metric: str, delta: float) -> bool:
+    """Whether a per-scan difference subject − other favours the subject: lower EPE and folding,
+    higher Dice (the scans-won count of the paired tables)."""
+    return delta < 0 if LOWER_IS_BETTER[metric] else delta > 0
+
+
 def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The (subject, other) pairs of (arm, N) keys that :func:`paired_differences` compares (and
     the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated) at N against each
@@ -569,9 +575,9 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
                 continue
             d = [per[subj][s][m] - per[other][s][m] for s in scans]
             mean, lo, hi = bootstrap_ci(d, cfg.utility.bootstrap, seed=cfg.seed)
-            better = [(x < 0) if LOWER_IS_BETTER[m] else (x > 0) for x in d]
+            wins = sum(subject_better(m, x) for x in d)
             out.append({"arm": subj[0], "n": subj[1], "vs_arm": other[0], "vs_n": other[1], "metric": m,
-                        "delta": mean, "ci_low": lo, "ci_high": hi, "wins": int(sum(better)), "scans": len(scans)})
+                        "delta": mean, "ci_low": lo, "ci_high": hi, "wins": int(wins), "scans": len(scans)})
     return out
 
 
