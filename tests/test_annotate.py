@@ -1,6 +1,7 @@
 """The annotation stage: PWC-Net training on Ray Train, flows, quality table, MLflow, resume."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import nibabel as nib
@@ -128,6 +129,54 @@ def test_rerun_reuses_model_and_flows(annotated):
     before = (model.stat().st_mtime_ns, flow.stat().st_mtime_ns)
     annotate(root / "prepared", root / "annotations", cfg)
     assert (model.stat().st_mtime_ns, flow.stat().st_mtime_ns) == before
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_annotate_settings_is_refused_before_any_work(annotated):
+    from cardiomotion.annotate import annotate
+    from cardiomotion.annotate.stage import annotation_settings
+
+    root, cfg, _ = annotated
+    out = root / "annotations"
+    assert json.loads((out / "settings.json").read_text()) == annotation_settings(cfg)
+    model = out / "pwcnet.pt"
+    before = model.stat().st_mtime_ns
+    other = load_config(None, {**TINY, "storage_root": str(root / "store"),
+                               "annotate": {**TINY["annotate"], "epochs": 5}})
+    with pytest.raises(InputError, match=r"settings.json.*annotate.epochs: 4 then, 5 now"):
+        annotate(root / "prepared", out, other)
+    assert model.stat().st_mtime_ns == before
+
+
+def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_path):
+    """Fresh folder: record before training; same settings: nothing to write; other settings or an
+    unreadable record: refused; a folder with a finished network and no record (made before records
+    were kept): reused unchecked; an interrupted training beside no record: discarded."""
+    from cardiomotion.annotate.stage import MODEL_FILE, PYRAMID_FILE, _start_record, annotation_settings, check_settings
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    cfg = load_config(None, TINY)
+    fresh = tmp_path / "fresh"
+    assert check_settings(fresh, cfg) == annotation_settings(cfg)
+    fresh.mkdir()
+    (fresh / "ray_train" / "pwcnet").mkdir(parents=True)  # an interrupted training of unknown settings
+    seen = []
+    _start_record(fresh, annotation_settings(cfg), seen.append)
+    assert not (fresh / "ray_train").exists() and "training from the start" in seen[0]
+    assert check_settings(fresh, cfg) is None
+    cosine_to_constant = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "lr_schedule": "constant"}})
+    with pytest.raises(InputError, match='annotation was run with other settings .annotate.lr_schedule: "cosine" then, "constant" now'):
+        check_settings(fresh, cosine_to_constant)
+    (fresh / "settings.json").write_text('{"seed": ')
+    with pytest.raises(InputError, match="unreadable settings record"):
+        check_settings(fresh, cfg)
+
+    older = tmp_path / "older"
+    older.mkdir()
+    net = PWCNet3D(channels=(4, 8), estimator_channels=(8,), search_range=1)
+    net.save(older / MODEL_FILE)
+    net.pyramid.save(older / PYRAMID_FILE)
+    assert check_settings(older, cfg) is None and check_settings(older, cosine_to_constant) is None
 
 
 @pytest.mark.slow

@@ -26,6 +26,9 @@ name of another stage.
     annotations.parquet                ANNOTATION_TABLE
     prepared.sha256                    PREPARED_ID_FILE (the fingerprint of the prepared set annotated)
     summary.json                       ANNOTATION_SUMMARY (MLflow run, model URIs, EPE summary)
+    settings.json                      ANNOTATION_SETTINGS (what the network was trained with; a rerun
+                                       with other settings is refused)
+    ray_train/                         ANNOTATE_TRAIN_DIR (the network's Ray Train run: its checkpoints)
     pwcnet.pt, feature_pyramid.pt      PWCNET_FILE, PYRAMID_FILE
     fold_pyramids/<scan_id>/           FOLD_PYRAMIDS (cv.pyramid: per_fold — a network trained without that scan),
                                        with FOLD_PYRAMID_RECORD (what it was trained with)
@@ -101,6 +104,8 @@ PREPARED_ID_FILE = "prepared.sha256"
 FOLD_PYRAMIDS = "fold_pyramids"  # per-fold protocol: fold_pyramids/<held-out scan>/feature_pyramid.pt
 FOLD_PYRAMID_RECORD = "pyramid.json"
 ANNOTATION_SUMMARY = "summary.json"
+ANNOTATION_SETTINGS = "settings.json"
+ANNOTATE_TRAIN_DIR = "ray_train"
 
 # training checkpoints, cv, tune
 TRAIN_CHECKPOINT = "state.pt"

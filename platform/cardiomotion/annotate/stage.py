@@ -24,7 +24,8 @@ from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
 from ..layout import ANNOTATION_QUALITY as QUALITY_FILE, ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE
-from ..layout import ANNOTATION_SUMMARY, FOLD_PYRAMID_RECORD, PYRAMID_FILE, SCAN_TABLE, annotation_figure_name
+from ..layout import ANNOTATE_TRAIN_DIR, ANNOTATION_SETTINGS, ANNOTATION_SUMMARY, FOLD_PYRAMID_RECORD, PYRAMID_FILE
+from ..layout import SCAN_TABLE, annotation_figure_name
 
 Log = Callable[[str], None]
 
@@ -106,6 +107,51 @@ def _unusable_model(out: Path) -> str | None:
         except Exception as exc:
             return f"{path} is unreadable ({exc.__class__.__name__})"
     return None
+
+
+def annotation_settings(cfg: Config) -> dict:
+    """What an annotation folder's network and flows depend on besides the prepared set (which
+    ``prepared.sha256`` pins): the seed, the intensity window and every ``annotate`` setting but
+    where the network trains (workers, resources) and how often it checkpoints."""
+    return {"seed": cfg.seed, "intensity": cfg.intensity.model_dump(mode="json"), "annotate": _trained_with(cfg)}
+
+
+def check_settings(out: Path, cfg: Config) -> dict | None:
+    """The resume guard of an annotation folder, before any work.
+
+    Returns the settings to record before training starts, or None when nothing is to be written:
+    the folder's ``settings.json`` already holds these settings, or the folder predates the record
+    and holds a finished network (reused unchecked, as before records were kept).
+
+    Raises:
+        InputError: ``settings.json`` records other settings (named by their first difference), or
+            is unreadable.
+    """
+    from ..train.sweep import refuse_other_settings
+
+    record = out / ANNOTATION_SETTINGS
+    settings = annotation_settings(cfg)
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); "
+                                     "remove it only if you know what this folder was annotated with") from None
+        refuse_other_settings(record, recorded, settings, "annotation")
+        return None
+    return None if _unusable_model(out) is None else settings
+
+
+def _start_record(out: Path, settings: dict, log: Log) -> None:
+    """Record ``settings`` in a folder without a record, before its network trains. An interrupted
+    training found beside no record was started with unknown settings: it starts again."""
+    import shutil
+
+    if (out / ANNOTATE_TRAIN_DIR).exists():
+        log(f"annotate: {out / ANNOTATE_TRAIN_DIR} holds an interrupted training with no settings record: "
+            "training from the start")
+        shutil.rmtree(out / ANNOTATE_TRAIN_DIR)
+    write_json(out / ANNOTATION_SETTINGS, settings)
 
 
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
@@ -198,6 +244,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     from ..data.table import PREPARED_ID_FILE, check_prepared_identity, prepared_fingerprint
 
     check_prepared_identity(prepared, out)  # a rerun into annotations of another prepared set
+    to_record = check_settings(out, cfg)  # a rerun with other annotate settings
     prepared_id = prepared_fingerprint(prepared)
     done, todo = [], []
     for row in rows:
@@ -214,6 +261,10 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     if not (out / PREPARED_ID_FILE).is_file():
         with atomic_path(out / PREPARED_ID_FILE) as tmp:
             tmp.write_text(prepared_id + "\n")
+    if to_record is not None:
+        _start_record(out, to_record, log)
+    elif not (out / ANNOTATION_SETTINGS).is_file():
+        log(f"annotate: {out} predates settings records: its network is reused unchecked")
     model_path = out / MODEL_FILE
     with tracking.start_run(cfg, "annotate", params={"annotate": cfg.annotate.model_dump(mode="json"),
                                                       "intensity": cfg.intensity.model_dump(mode="json"),
@@ -225,7 +276,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
         if unusable:
             log(f"annotate: training the PWC-Net on {len(rows)} pairs for {cfg.annotate.epochs} epochs (Ray Train)")
             with tracking.watch_metric(uri, run.info.run_id, "pwc_train_loss", on_epoch):
-                model = train_pwcnet(prepared, cfg, storage_path=out / "ray_train", rows=rows,
+                model = train_pwcnet(prepared, cfg, storage_path=out / ANNOTATE_TRAIN_DIR, rows=rows,
                                      run_id=run.info.run_id, tracking_uri=uri)
             model.pyramid.save(out / PYRAMID_FILE)
             model.save(model_path)  # written last: its presence marks a finished training
@@ -289,12 +340,16 @@ def _figure(prepared: Path, out: Path, row: dict, cfg: Config) -> Path:
                            title=f"{row['scan_id']}: annotation (pull field ED←ES)")
 
 
+def _trained_with(cfg: Config) -> dict:
+    return {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
+            if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
+
+
 def pyramid_settings(cfg: Config) -> dict:
     """The ``annotate`` settings a trained pyramid depends on: all but where it trains (workers,
     resources) and how often it checkpoints; ``pwc.aligned`` only when set and ``lr_schedule`` only
     when not constant (so records written before those keys still match the settings they had)."""
-    out = {k: v for k, v in cfg.annotate.model_dump(mode="json").items()
-           if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
+    out = _trained_with(cfg)
     if not cfg.annotate.pwc.aligned:
         out["pwc"].pop("aligned", None)
     if cfg.annotate.lr_schedule.value == "constant":
@@ -338,7 +393,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
                 log(f"annotate: {dst} was trained with other settings: training it again")
             except Exception:  # a truncated file: train it again (as annotate does)
                 log(f"annotate: {dst} is unreadable: training it again")
-        shutil.rmtree(dst.parent / "ray_train", ignore_errors=True)  # never resume another setting's checkpoints
+        shutil.rmtree(dst.parent / ANNOTATE_TRAIN_DIR, ignore_errors=True)  # never resume another setting's checkpoints
         dst.unlink(missing_ok=True)
         rows = check_prepared(prepared, cfg)
         keep = [r for r in rows if str(r["scan_id"]) != str(held_out_id)]
@@ -346,7 +401,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
             raise InputError(prepared / SCAN_TABLE, f"no scan {held_out_id!r} to hold out")
         log(f"annotate: PWC-Net without {held_out_id} ({len(keep)} pairs, {cfg.annotate.epochs} epochs) "
             "for its fold's pyramid")
-        model = train_pwcnet(prepared, cfg, storage_path=dst.parent / "ray_train", name="pwcnet", rows=keep)
+        model = train_pwcnet(prepared, cfg, storage_path=dst.parent / ANNOTATE_TRAIN_DIR, name="pwcnet", rows=keep)
         model.pyramid.save(dst)
         write_json(record, made_with)  # written last: a pyramid without it is trained again
     return dst
