@@ -492,6 +492,36 @@ def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, mo
     assert len(trained) == 1  # and is reused by the same plan
 
 
+def test_a_shared_pyramid_generator_follows_the_pyramid_file(phantom, tmp_path, monkeypatch):
+    """With ``cv.pyramid: shared`` annotate's pyramid file conditions the generator: a record naming
+    another file's hash trains a new generator; one made before the hash was recorded is reused."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _what_trains
+    from cardiomotion.generate.model import sha256_file
+
+    prepared, flows = phantom
+    trained: list[str] = []
+
+    class _Res:
+        model_uri, run_id = "runs:/new/model", "new"
+
+    import cardiomotion.train.cvae as cvae_mod
+
+    monkeypatch.setattr(cvae_mod, "train_fold", lambda *a, name, **kw: trained.append(name) or _Res())
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"), "cv": {**TINY["cv"], "pyramid": "shared"}})
+    base = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": "shared", "seed": cfg.seed}
+
+    def reuses(extra):
+        (tmp_path / GENERATOR_RECORD).write_text(json.dumps({"model_uri": "runs:/old/model", "run_id": "old",
+                                                              "settings": {**base, **extra}}))
+        return _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, lambda _m: None) == "runs:/old/model"
+
+    here = sha256_file(flows / "feature_pyramid.pt")
+    assert reuses({}) and reuses({"pyramid_sha256": here}) and not trained
+    assert not reuses({"pyramid_sha256": "0" * 64}) and len(trained) == 1
+    assert json.loads((tmp_path / GENERATOR_RECORD).read_text())["settings"]["pyramid_sha256"] == here
+
+
 def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError

@@ -43,7 +43,7 @@ Log = Callable[[str], None]
 
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
-                      UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
+                      UTILITY_TABLE as TABLE_FILE, PYRAMID_FILE, utility_fold_dir)
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
 
 
@@ -424,6 +424,10 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
         from ..annotate.stage import pyramid_settings
 
         want["pyramid_settings"] = pyramid_settings(cfg)
+    elif (flows / PYRAMID_FILE).is_file():  # shared: annotate's pyramid conditions the generator
+        from ..generate.model import sha256_file
+
+        want["pyramid_sha256"] = sha256_file(flows / PYRAMID_FILE)
     if record.is_file():
         rec = json.loads(record.read_text())
         found = dict(rec.get("settings") or {})
@@ -433,6 +437,8 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
             # recorded before the key, when every pyramid trained at the constant rate: only a
             # constant-rate plan may reuse it (a cosine one trains its own generator)
             found["pyramid_settings"] = want["pyramid_settings"]
+        if "pyramid_sha256" in want and "pyramid_sha256" not in found:
+            found["pyramid_sha256"] = want["pyramid_sha256"]  # recorded before the key: adopted as it was
         if found == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
