@@ -103,8 +103,10 @@ def test_summary_averages_seeds_per_scan_then_scans():
     assert cv["epe_mm"]["mean"] == pytest.approx(3.0)  # scan a: (1 + 3) / 2 = 2; scan b: 4 → 3
     assert cv["epe_mm"]["scans"] == 2 and cv["epe_mm"]["runs"] == 3
     assert cv["dice"]["mean"] == pytest.approx(0.6)
+    assert cv["epe_mm"]["seed_sd"] == pytest.approx(np.sqrt(2.0))  # scan a's seeds 1 and 3; b has one seed
+    assert cv["dice"]["seed_sd"] == 0.0
     zero = [r for r in table if r["arm"] == "zero" and r["metric"] == "epe_mm"][0]
-    assert zero["n"] == 0 and zero["mean"] == 9.0
+    assert zero["n"] == 0 and zero["mean"] == 9.0 and np.isnan(zero["seed_sd"])
     text = format_table(table)
     assert "cvae" in text and "zero" in text and "3.000" in text
 

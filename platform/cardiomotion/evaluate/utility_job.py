@@ -484,19 +484,27 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
 # --------------------------------------------------------------------------- summary
 def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
     """Per (arm, N, metric): mean over seeds per test scan, then the mean over scans with a
-    bootstrap 95 % interval; references (zero, demons) as arms with N = 0."""
+    bootstrap 95 % interval; references (zero, demons) as arms with N = 0. ``seed_sd`` is the
+    seed-to-seed spread the interval does not show: per scan the standard deviation over the
+    estimator seeds (ddof 1), averaged over the scans with two or more seeds (NaN with one)."""
     from collections import Counter
 
     from .utility import bootstrap_ci
 
     runs = Counter((r["arm"], int(r["n"])) for r in rows) + Counter((r["arm"], 0) for r in refs)
+    seeds: dict[tuple[str, int, str], list[dict]] = {}
+    for r in rows:
+        seeds.setdefault((r["arm"], int(r["n"]), r["scan"]), []).append(r)
     out: list[dict[str, Any]] = []
     for (arm, n), by_scan in sorted(per_scan_means(rows, refs).items()):
         for m in METRICS:
             mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
                                         seed=cfg.seed)
+            sds = [float(np.std(v, ddof=1)) for scan in by_scan
+                   if len(v := [x[m] for x in seeds.get((arm, n, scan), []) if x.get(m) == x.get(m)]) > 1]
             out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
-                        "scans": len(by_scan), "runs": runs[(arm, n)]})
+                        "scans": len(by_scan), "runs": runs[(arm, n)],
+                        "seed_sd": float(np.mean(sds)) if sds else float("nan")})
     return out
 
 
@@ -618,7 +626,7 @@ def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("epe_myo_mm", "
     return "\n".join(lines)
 
 
-TABLE_COLUMNS = ("arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs")
+TABLE_COLUMNS = ("arm", "n", "metric", "mean", "ci_low", "ci_high", "scans", "runs", "seed_sd")
 PAIRED_COLUMNS = ("arm", "n", "vs_arm", "vs_n", "metric", "delta", "ci_low", "ci_high", "wins", "scans")
 
 
