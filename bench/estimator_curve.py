@@ -83,7 +83,8 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
     folds = sorted({h["fold"] for h, _ in runs})
     for head, curve in runs:
         label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random") else "") + \
-            f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g})"
+            f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g}" + \
+            (f" {head['lr_schedule']}" if head.get("lr_schedule") else "") + ")"
         ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label,
                 color=colors[data_of.index((head["arm"], head["n"])) % len(colors)],
                 ls=("-", "--", ":", "-.")[folds.index(head["fold"]) % 4])
@@ -138,7 +139,8 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     from cardiomotion.train.fold import plan_fold
 
     over = {"utility": {"steps": args.steps, **({"lr": args.lr} if args.lr else {}),
-                        **({"grad_clip": args.grad_clip} if args.grad_clip else {})}}
+                        **({"grad_clip": args.grad_clip} if args.grad_clip else {}),
+                        **({"lr_schedule": args.lr_schedule} if args.lr_schedule else {})}}
     cfg = load_config(args.config, over)
     plan = plan_fold(args.prepared, args.flows, args.fold)  # the fold's scans, checked as ``utility`` checks them
     held = _held_out(str(args.prepared), plan.val_id)  # exact truth or one clear error, before any training
@@ -173,12 +175,13 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     zero = score(np.zeros((3, *held.es.shape), np.float32))
     header = {"arm": arm, "fold": plan.fold, "scan": plan.val_id, "n": len(source), "lr": settings.lr,
               "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero,
-              **({"corpus": str(Path(args.corpus).resolve())} if arm == "cvae" else {})}
+              **({"corpus": str(Path(args.corpus).resolve())} if arm == "cvae" else {}),
+              **({"lr_schedule": settings.lr_schedule} if settings.lr_schedule != "constant" else {})}
     out.write(json.dumps(header) + "\n")
     out.flush()
     curve: list[dict] = []
     losses: list[float] = []  # since the last evaluation
-    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed")}  # every row says which run
+    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed", "lr_schedule") if k in header}  # every row says which run
     t0 = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=None, help="cvae arm: the fold's materialised corpus (its first --n samples)")
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (default utility.lr / annotate.lr)")
     ap.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clipping (default utility.grad_clip)")
+    ap.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"),
+                    help="the rate over the --steps (default utility.lr_schedule)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file (appended)")

@@ -222,6 +222,12 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     runs2 = {r["arm"]: r for r in again["runs"]}
     assert runs2["truth"]["last"]["loss"] == pytest.approx(runs["truth"]["last"]["loss"])
     assert runs2["annotated"]["last"]["loss"] != pytest.approx(runs["annotated"]["last"]["loss"])
+    # --lr-schedule cosine: the same batches at decaying rates, a run that says so
+    cosine = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(flows), "--config", str(cfg),
+                    "--fold", "1", "--arms", "truth", "--steps", "3", "--every", "2", "--lr-schedule", "cosine",
+                    "--out", str(tmp_path / "curve3.jsonl"))["runs"][0]
+    assert cosine["lr_schedule"] == "cosine" and "lr_schedule" not in runs["truth"]
+    assert cosine["last"]["loss"] != pytest.approx(runs["truth"]["last"]["loss"])
 
 
 @pytest.mark.slow

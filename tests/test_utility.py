@@ -288,6 +288,40 @@ def test_estimator_steps_on_clipped_gradients(monkeypatch):
             assert max(seen) <= clip * (1 + 1e-4)
 
 
+def test_estimator_rate_follows_its_schedule(monkeypatch):
+    """``utility.lr_schedule``: the rate each Adam step uses is lr for constant and
+    lr·(1 + cos(π·s/steps))/2 for cosine; the estimator identity names the schedule only when not
+    constant (rows made before the key stay comparable)."""
+    import math
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility import Batch, EstimatorSettings, level_weights_for, train_estimator
+    from cardiomotion.evaluate.utility_job import estimator_identity, estimator_settings
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    rates: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    grid = (16, 16, 16)
+    es = torch.rand(1, 1, *grid)
+    batch = Batch(es, es, torch.zeros(1, 3, *grid))
+    for schedule, want in (("constant", [1e-3] * 4), ("cosine", [1e-3 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)])):
+        rates.clear()
+        settings = EstimatorSettings(steps=4, batch_size=1, lr=1e-3, level_weights=level_weights_for(2, None),
+                                     smooth_weight=0.0, ssim_alpha=0.85, lr_schedule=schedule)
+        train_estimator(PWCNet3D(channels=(8, 16), search_range=1, estimator_channels=(16, 16)),
+                        iter(lambda: batch, None), settings)
+        assert rates == pytest.approx(want)
+    cosine = load_config(None, {"utility": {"lr_schedule": "cosine"}})
+    assert estimator_settings(cosine, 3).lr_schedule == "cosine" and estimator_identity(cosine)["lr_schedule"] == "cosine"
+    assert "lr_schedule" not in estimator_identity(load_config(None))
+
+
 def test_sources_give_unit_images_and_voxel_flows(phantom):
     from cardiomotion.evaluate.utility import PairSource, RandomFieldSource, flow_rms
     from cardiomotion.flow.warp import warp

@@ -436,6 +436,10 @@ class UtilityConfig(_Section):
     batch_size: int = Field(4, ge=1, description="pairs per step")
     lr: Optional[float] = Field(None, gt=0, description="Adam learning rate; null → annotate.lr")
     grad_clip: Optional[float] = Field(None, gt=0, description="gradient-norm clipping of every estimator step; null = off")
+    lr_schedule: LrSchedule = Field(LrSchedule.CONSTANT,
+                                    description="the estimator's Adam rate over its steps: constant, or cosine decay "
+                                                "(annotate's formula with steps for epochs). constant: every measured "
+                                                "utility row trained so; cosine is not yet measured on the utility folds")
     corpus: UtilityCorpus = Field(UtilityCorpus.MATERIALIZED,
                                   description="materialized (generate writes it, Ray Data reads the shards) or "
                                               "on_the_fly (decoded in the data pipeline, never stored)")

@@ -43,6 +43,7 @@ class EstimatorSettings:
     smooth_weight: float  # unsupervised arm only (annotate.smooth_weight)
     ssim_alpha: float  # unsupervised arm only (annotate.ssim_alpha)
     grad_clip: float | None = None  # gradient-norm clipping of every step; None = off
+    lr_schedule: str = "constant"  # constant, or cosine over the steps (annotate's epoch_lr with step for epoch)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,9 @@ def train_estimator(model: torch.nn.Module, batches: Iterator[Batch], settings: 
                     device: Any = "cpu", on_step=None) -> list[float]:
     """``settings.steps`` Adam steps of ``model`` (a PWC-Net, ``model(fixed, moving)``) over
     ``batches``: EPE to the target flow when a batch has one, else the unsupervised photometric
-    loss of ``annotate``. Returns the loss of every step."""
+    loss of ``annotate``. The rate of step s is ``epoch_lr(lr, lr_schedule, s, steps)``. Returns
+    the loss of every step."""
+    from ..annotate.pwc import epoch_lr
     from ..train.losses import pwc_unsupervised_loss
 
     device = torch.device(device)
@@ -218,6 +221,8 @@ def train_estimator(model: torch.nn.Module, batches: Iterator[Batch], settings: 
                                             settings.ssim_alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = epoch_lr(settings.lr, settings.lr_schedule, step, settings.steps)
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         opt.step()

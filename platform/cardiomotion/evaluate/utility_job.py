@@ -161,7 +161,8 @@ def estimator_settings(cfg: Config, n_levels: int, steps: int | None = None):
     u, a = cfg.utility, cfg.annotate
     return EstimatorSettings(steps=u.steps if steps is None else int(steps), batch_size=u.batch_size, lr=float(u.lr or a.lr),
                              level_weights=level_weights_for(n_levels, a.level_weights),
-                             smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip)
+                             smooth_weight=a.smooth_weight, ssim_alpha=a.ssim_alpha, grad_clip=u.grad_clip,
+                             lr_schedule=u.lr_schedule.value)
 
 
 def estimator_identity(cfg: Config) -> dict:
@@ -176,6 +177,8 @@ def estimator_identity(cfg: Config) -> dict:
              "corpus_temperature": cfg.generate.temperature}
     if u.epochs is not None:
         ident["epochs"] = u.epochs
+    if u.lr_schedule.value != "constant":  # absent when constant, as in rows made before the key
+        ident["lr_schedule"] = u.lr_schedule.value
     return ident
 
 
@@ -865,7 +868,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     with tracking.start_run(cfg, "utility", params={"folds": ",".join(map(str, fold_list)), "arms": ",".join(a.value for a in u.arms),
                                                     "sizes": ",".join(map(str, u.sizes)), "seeds": u.seeds, "steps": u.steps,
                                                     "epochs": u.epochs,
-                                                    "batch_size": u.batch_size, "lr": ident["lr"], "grad_clip": u.grad_clip,
+                                                    "batch_size": u.batch_size, "lr": ident["lr"], "grad_clip": u.grad_clip, "lr_schedule": u.lr_schedule.value,
                                                     "corpus": u.corpus.value, "pyramid": cfg.cv.pyramid.value},
                             tags={"stage": "utility"}) as mlrun:
         while queue or pending or preparing:
