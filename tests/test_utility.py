@@ -444,22 +444,44 @@ def test_utility_refuses_scans_without_truth_before_any_work(phantom, tmp_path, 
 
 
 def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
-    """inputs.json pins a folder to its prepared and flows folders: the same ones pass, other
-    annotations are one error naming the difference, a folder without the record adopts."""
+    """inputs.json pins a folder to its prepared and flows folders and to the flows' content: the
+    same ones pass, other annotations — another folder, or the same folder annotated again — are
+    one error naming the difference; a folder without the record, or with one made before the
+    content hash, adopts."""
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, record_inputs
+    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, flows_fingerprint, record_inputs
 
     out, p, a, b = tmp_path / "u", tmp_path / "P", tmp_path / "A", tmp_path / "A_cos"
+    (a / "s1").mkdir(parents=True)
+    (a / "s1" / "flow.nii.gz").write_bytes(b"flow one")
+    (a / "feature_pyramid.pt").write_bytes(b"pyramid")
     want = check_inputs(out, p, a)
-    assert want == {"prepared": str(p.resolve()), "flows": str(a.resolve())} and not (out / INPUTS_FILE).exists()
+    assert want == {"prepared": str(p.resolve()), "flows": str(a.resolve()), "flows_sha256": flows_fingerprint(a)}
+    assert not (out / INPUTS_FILE).exists()
     record_inputs(out, want)
     assert json.loads((out / INPUTS_FILE).read_text()) == want
     assert check_inputs(out, p, a) == want
     with pytest.raises(InputError, match=r"inputs.json: .*other inputs \(flows: .*/A\" then, .*/A_cos\" now\)"):
         check_inputs(out, p, b)
     assert check_inputs(tmp_path / "older", p, b)["flows"] == str(b.resolve())  # no record yet: adopts
-    record_inputs(out, {"prepared": "x", "flows": "y"})  # an existing record is never overwritten
+    record_inputs(out, {"prepared": "x", "flows": "y"})  # an existing complete record is never overwritten
     assert json.loads((out / INPUTS_FILE).read_text()) == want
+    (a / "feature_pyramid.pt").write_bytes(b"another pyramid")  # annotated again in place
+    with pytest.raises(InputError, match=r"content changed since"):
+        check_inputs(out, p, a)
+    (a / "feature_pyramid.pt").write_bytes(b"pyramid")
+    (a / "s1" / "flow.nii.gz").write_bytes(b"flow two")
+    with pytest.raises(InputError, match=r"content changed since"):
+        check_inputs(out, p, a)
+    (a / "s1" / "flow.nii.gz").write_bytes(b"flow one")
+    (a / "fold_pyramids" / "s1").mkdir(parents=True)  # what utility itself trains inside the folder
+    (a / "fold_pyramids" / "s1" / "feature_pyramid.pt").write_bytes(b"fold")
+    assert check_inputs(out, p, a) == want
+    paths_only = {"prepared": want["prepared"], "flows": want["flows"]}  # recorded before the content hash
+    (out / INPUTS_FILE).write_text(json.dumps(paths_only))
+    assert check_inputs(out, p, a) == want
+    record_inputs(out, want)
+    assert json.loads((out / INPUTS_FILE).read_text()) == want  # adopted: pinned from now on
     (out / INPUTS_FILE).write_text("{not json")  # a damaged record is one error, never re-adopted
     with pytest.raises(InputError, match="inputs.json: is unreadable"):
         check_inputs(out, p, a)
@@ -526,36 +548,6 @@ def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, mo
     assert recorded["pyramid_settings"] == pyramid_settings(cfg_for("cosine"))  # the new record names them
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/new/model"
     assert len(trained) == 1  # and is reused by the same plan
-
-
-def test_a_shared_pyramid_generator_follows_the_pyramid_file(phantom, tmp_path, monkeypatch):
-    """With ``cv.pyramid: shared`` annotate's pyramid file conditions the generator: a record naming
-    another file's hash trains a new generator; one made before the hash was recorded is reused."""
-    from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _what_trains
-    from cardiomotion.generate.model import sha256_file
-
-    prepared, flows = phantom
-    trained: list[str] = []
-
-    class _Res:
-        model_uri, run_id = "runs:/new/model", "new"
-
-    import cardiomotion.train.cvae as cvae_mod
-
-    monkeypatch.setattr(cvae_mod, "train_fold", lambda *a, name, **kw: trained.append(name) or _Res())
-    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"), "cv": {**TINY["cv"], "pyramid": "shared"}})
-    base = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": "shared", "seed": cfg.seed}
-
-    def reuses(extra):
-        (tmp_path / GENERATOR_RECORD).write_text(json.dumps({"model_uri": "runs:/old/model", "run_id": "old",
-                                                              "settings": {**base, **extra}}))
-        return _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, lambda _m: None) == "runs:/old/model"
-
-    here = sha256_file(flows / "feature_pyramid.pt")
-    assert reuses({}) and reuses({"pyramid_sha256": here}) and not trained
-    assert not reuses({"pyramid_sha256": "0" * 64}) and len(trained) == 1
-    assert json.loads((tmp_path / GENERATOR_RECORD).read_text())["settings"]["pyramid_sha256"] == here
 
 
 def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):

@@ -210,32 +210,60 @@ def _check_budgets(runs_file: Path, done_rows: list[dict], planned: Sequence[Uti
                                         f"another largest N); use another --out or the same sizes")
 
 
+def flows_fingerprint(flows: Path) -> str:
+    """Content hash of what an annotation folder gives ``utility``: the bytes of every scan's
+    annotated flow (the real arms' labels, the generators' training targets) and of annotate's
+    frozen pyramid (what conditions the generators with ``cv.pyramid: shared``); the per-fold
+    pyramids ``utility`` trains inside the folder are not part of it."""
+    import hashlib
+
+    from ..layout import FLOW_FILE
+
+    h = hashlib.sha256()
+    for path in sorted(Path(flows).glob(f"*/{FLOW_FILE}")) + [Path(flows) / PYRAMID_FILE]:
+        if path.is_file():
+            h.update(f"{path.parent.name}/{path.name}".encode() + b"\0")
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     """One utility folder, one pair of inputs: its rows, fold generators and corpora were made
     from ``OUT/inputs.json``'s prepared and flows folders (resolved paths, as ``cv`` and ``tune``
-    record theirs), and a rerun pointed at others is refused before any work — it would reuse them
-    as if made from the new ones (e.g. annotations made again with another pyramid). Returns the
-    record to write (:func:`record_inputs`) once the run is past its refusals; a folder without one
-    (made before it) adopts the inputs of its next run."""
+    record theirs, and the flows folder's content: :func:`flows_fingerprint`), and a rerun pointed
+    at others — or at the same folder annotated again with other flows or another pyramid — is
+    refused before any work: it would reuse them as if made from the new ones. Returns the record
+    to write (:func:`record_inputs`) once the run is past its refusals; a folder without one (made
+    before it), or whose record predates the fingerprint, adopts the inputs of its next run."""
     from ..train.sweep import first_difference, read_json
 
-    want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve())}
+    want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve()),
+            "flows_sha256": flows_fingerprint(Path(flows))}
     record = out / INPUTS_FILE
     have = read_json(record) if record.is_file() else None
     if record.is_file() and not isinstance(have, dict):  # never silently re-adopted: the guard would be off for good
         raise InputError(record, "is unreadable; restore it, or remove it only if the folder's rows were made from "
                                  f"--prepared {want['prepared']} and --flows {want['flows']}")
+    if have is not None and "flows_sha256" not in have:  # recorded before the fingerprint: paths only
+        have = {**have, "flows_sha256": want["flows_sha256"]}
     if have is not None and have != want:
+        what = ("the flows folder's content changed since (annotated again?)"
+                if {k: v for k, v in have.items() if k != "flows_sha256"} == {k: v for k, v in want.items() if k != "flows_sha256"}
+                else first_difference(have, want))
         raise InputError(record, f"this folder's estimators and generators were made from other inputs "
-                                 f"({first_difference(have, want)}); use another --out (a folder that was "
-                                 f"moved: edit the record)")
+                                 f"({what}); use another --out (a folder that was moved: edit the record)")
     return want
 
 
 def record_inputs(out: Path, inputs: dict[str, str]) -> None:
+    """Write ``inputs.json`` when missing or when it predates a key of ``inputs`` (adopted)."""
     from ..fileio import write_json
+    from ..train.sweep import read_json
 
-    if not (out / INPUTS_FILE).is_file():
+    have = read_json(out / INPUTS_FILE) if (out / INPUTS_FILE).is_file() else None
+    if have is None or not set(inputs) <= set(have):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / INPUTS_FILE, inputs)
 
@@ -427,10 +455,6 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
         from ..annotate.stage import pyramid_settings
 
         want["pyramid_settings"] = pyramid_settings(cfg)
-    elif (flows / PYRAMID_FILE).is_file():  # shared: annotate's pyramid conditions the generator
-        from ..generate.model import sha256_file
-
-        want["pyramid_sha256"] = sha256_file(flows / PYRAMID_FILE)
     if record.is_file():
         rec = json.loads(record.read_text())
         found = dict(rec.get("settings") or {})
@@ -440,8 +464,6 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
             # recorded before the key, when every pyramid trained at the constant rate: only a
             # constant-rate plan may reuse it (a cosine one trains its own generator)
             found["pyramid_settings"] = want["pyramid_settings"]
-        if "pyramid_sha256" in want and "pyramid_sha256" not in found:
-            found["pyramid_sha256"] = want["pyramid_sha256"]  # recorded before the key: adopted as it was
         if found == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
