@@ -149,23 +149,30 @@ def test_a_rerun_with_other_annotate_settings_is_refused_before_any_work(annotat
 
 
 def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_path):
-    """Fresh folder: record before training; same settings: nothing to write; other settings or an
-    unreadable record: refused; a folder with a finished network and no record (made before records
-    were kept): reused unchecked; an interrupted training beside no record: discarded."""
-    from cardiomotion.annotate.stage import MODEL_FILE, PYRAMID_FILE, _start_record, annotation_settings, check_settings
+    """Fresh folder: settings to record before training; a record with the same settings: nothing
+    to write; other settings or an unreadable record: refused; a key the record lacks matches at
+    its default only; a finished network with no record (made before records were kept): reused
+    unchecked; an interrupted training beside no record: refused, neither resumed nor deleted."""
+    from cardiomotion.annotate.stage import MODEL_FILE, PYRAMID_FILE, annotation_settings, check_settings
     from cardiomotion.models.pwcnet import PWCNet3D
 
     cfg = load_config(None, TINY)
     fresh = tmp_path / "fresh"
     assert check_settings(fresh, cfg) == annotation_settings(cfg)
     fresh.mkdir()
-    (fresh / "ray_train" / "pwcnet").mkdir(parents=True)  # an interrupted training of unknown settings
-    seen = []
-    _start_record(fresh, annotation_settings(cfg), seen.append)
-    assert not (fresh / "ray_train").exists() and "training from the start" in seen[0]
+    (fresh / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
     assert check_settings(fresh, cfg) is None
     cosine_to_constant = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "lr_schedule": "constant"}})
     with pytest.raises(InputError, match='annotation was run with other settings .annotate.lr_schedule: "cosine" then, "constant" now'):
+        check_settings(fresh, cosine_to_constant)
+    older_record = annotation_settings(cfg)
+    del older_record["annotate"]["lr_schedule"], older_record["annotate"]["pwc"]["aligned"]  # keys added later
+    (fresh / "settings.json").write_text(json.dumps(older_record))
+    assert check_settings(fresh, cfg) is None  # both at their defaults: the same settings
+    aligned = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "pwc": {**TINY["annotate"]["pwc"], "aligned": True}}})
+    with pytest.raises(InputError, match='annotate.pwc.aligned: null then, true now'):
+        check_settings(fresh, aligned)
+    with pytest.raises(InputError, match="lr_schedule: null then"):
         check_settings(fresh, cosine_to_constant)
     (fresh / "settings.json").write_text('{"seed": ')
     with pytest.raises(InputError, match="unreadable settings record"):
@@ -173,10 +180,15 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
 
     older = tmp_path / "older"
     older.mkdir()
+    (older / "ray_train" / "pwcnet").mkdir(parents=True)  # an interrupted training of unknown settings
+    with pytest.raises(InputError, match=r"ray_train: holds an interrupted training with no settings record"):
+        check_settings(older, cfg)
+    assert (older / "ray_train" / "pwcnet").is_dir()  # not thrown away unasked
     net = PWCNet3D(channels=(4, 8), estimator_channels=(8,), search_range=1)
     net.save(older / MODEL_FILE)
     net.pyramid.save(older / PYRAMID_FILE)
     assert check_settings(older, cfg) is None and check_settings(older, cosine_to_constant) is None
+    assert not (older / "settings.json").exists()
 
 
 @pytest.mark.slow

@@ -105,8 +105,13 @@ def test_summary_averages_seeds_per_scan_then_scans():
     assert cv["dice"]["mean"] == pytest.approx(0.6)
     assert cv["epe_mm"]["seed_sd"] == pytest.approx(np.sqrt(2.0))  # scan a's seeds 1 and 3; b has one seed
     assert cv["dice"]["seed_sd"] == 0.0
+    partial = summarize(rows + [{"scan": "b", "arm": "cvae", "n": 64, "seed": 1, "epe_mm": float("nan"), "dice": 0.9,
+                                 "folding": 0.0}], refs, cfg)  # a row without one score, another with a NaN
+    cvp = {r["metric"]: r for r in partial if r["arm"] == "cvae"}
+    assert cvp["epe_myo_mm"]["mean"] == pytest.approx(3.0) and cvp["epe_mm"]["mean"] == pytest.approx(3.0)
+    assert cvp["dice"]["mean"] == pytest.approx((0.5 + 0.8) / 2)  # scan b: seeds 0.7 and 0.9
     zero = [r for r in table if r["arm"] == "zero" and r["metric"] == "epe_mm"][0]
-    assert zero["n"] == 0 and zero["mean"] == 9.0 and np.isnan(zero["seed_sd"])
+    assert zero["n"] == 0 and zero["mean"] == 9.0 and zero["seed_sd"] is None
     text = format_table(table)
     assert "cvae" in text and "zero" in text and "3.000" in text
 

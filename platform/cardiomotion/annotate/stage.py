@@ -121,11 +121,13 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
 
     Returns the settings to record before training starts, or None when nothing is to be written:
     the folder's ``settings.json`` already holds these settings, or the folder predates the record
-    and holds a finished network (reused unchecked, as before records were kept).
+    and holds a finished network (reused unchecked, as before records were kept). A key the record
+    lacks (added to ``annotate`` after it was written) matches when it is at its default.
 
     Raises:
         InputError: ``settings.json`` records other settings (named by their first difference), or
-            is unreadable.
+            is unreadable; or ``ray_train/`` holds an interrupted training beside no record (its
+            settings unknown: it is neither resumed nor thrown away unasked).
     """
     from ..train.sweep import refuse_other_settings
 
@@ -135,23 +137,35 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
         try:
             recorded = json.loads(record.read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); "
-                                     "remove it only if you know what this folder was annotated with") from None
-        refuse_other_settings(record, recorded, settings, "annotation")
+            raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); restore it, or rewrite "
+                                     "it with the settings this folder was annotated with (its MLflow run's "
+                                     "parameters)") from None
+        defaults = annotation_settings(Config())
+        refuse_other_settings(record, _with_defaults(recorded, settings, defaults), settings, "annotation")
         return None
-    return None if _unusable_model(out) is None else settings
-
-
-def _start_record(out: Path, settings: dict, log: Log) -> None:
-    """Record ``settings`` in a folder without a record, before its network trains. An interrupted
-    training found beside no record was started with unknown settings: it starts again."""
-    import shutil
-
+    if _unusable_model(out) is None:
+        return None
     if (out / ANNOTATE_TRAIN_DIR).exists():
-        log(f"annotate: {out / ANNOTATE_TRAIN_DIR} holds an interrupted training with no settings record: "
-            "training from the start")
-        shutil.rmtree(out / ANNOTATE_TRAIN_DIR)
-    write_json(out / ANNOTATION_SETTINGS, settings)
+        raise InputError(out / ANNOTATE_TRAIN_DIR, "holds an interrupted training with no settings record (started "
+                                                   "before records were kept), so it cannot be resumed safely; "
+                                                   "remove this folder to train from the start")
+    return settings
+
+
+def _with_defaults(recorded, current, defaults):
+    """``recorded`` with every key it lacks filled from ``current`` where ``current`` holds the
+    key's default (nested dicts alike): a setting added after the record was written."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded
+    out = dict(recorded)
+    for k, v in current.items():
+        d = defaults.get(k) if isinstance(defaults, dict) else None
+        if k not in out:
+            if v == d:
+                out[k] = v
+        else:
+            out[k] = _with_defaults(out[k], v, d)
+    return out
 
 
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
@@ -262,7 +276,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
         with atomic_path(out / PREPARED_ID_FILE) as tmp:
             tmp.write_text(prepared_id + "\n")
     if to_record is not None:
-        _start_record(out, to_record, log)
+        write_json(out / ANNOTATION_SETTINGS, to_record)  # before the network trains: what it resumes with
     elif not (out / ANNOTATION_SETTINGS).is_file():
         log(f"annotate: {out} predates settings records: its network is reused unchecked")
     model_path = out / MODEL_FILE

@@ -511,7 +511,7 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
     """Per (arm, N, metric): mean over seeds per test scan, then the mean over scans with a
     bootstrap 95 % interval; references (zero, demons) as arms with N = 0. ``seed_sd`` is the
     seed-to-seed spread the interval does not show: per scan the standard deviation over the
-    estimator seeds (ddof 1), averaged over the scans with two or more seeds (NaN with one)."""
+    estimator seeds (ddof 1), averaged over the scans with two or more seeds (None with one)."""
     from collections import Counter
 
     from .utility import bootstrap_ci
@@ -526,10 +526,11 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
             mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
                                         seed=cfg.seed)
             sds = [float(np.std(v, ddof=1)) for scan in by_scan
-                   if len(v := [x[m] for x in seeds.get((arm, n, scan), []) if x.get(m) == x.get(m)]) > 1]
+                   if len(v := [float(x[m]) for x in seeds.get((arm, n, scan), [])
+                                if x.get(m) is not None and x[m] == x[m]]) > 1]
             out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
                         "scans": len(by_scan), "runs": runs[(arm, n)],
-                        "seed_sd": float(np.mean(sds)) if sds else float("nan")})
+                        "seed_sd": float(np.mean(sds)) if sds else None})
     return out
 
 
@@ -540,8 +541,11 @@ def per_scan_means(rows: Sequence[dict], refs: Sequence[dict]) -> dict[tuple[str
         groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
     for r in refs:
         groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
-    return {key: {scan: {m: float(np.nanmean([x[m] for x in xs])) for m in METRICS
-                         if any(x.get(m) == x.get(m) for x in xs)} for scan, xs in by_scan.items()}
+    def scores(xs: list[dict], m: str) -> list[float]:  # the seeds that scored m (a NaN or missing score: none)
+        return [float(x[m]) for x in xs if x.get(m) is not None and x[m] == x[m]]
+
+    return {key: {scan: {m: float(np.mean(scores(xs, m))) for m in METRICS if scores(xs, m)}
+                  for scan, xs in by_scan.items()}
             for key, by_scan in groups.items()}
 
 
