@@ -217,15 +217,13 @@ def flows_fingerprint(flows: Path) -> str:
     pyramids ``utility`` trains inside the folder are not part of it."""
     import hashlib
 
+    from ..generate.model import sha256_file
     from ..layout import FLOW_FILE
 
     h = hashlib.sha256()
     for path in sorted(Path(flows).glob(f"*/{FLOW_FILE}")) + [Path(flows) / PYRAMID_FILE]:
         if path.is_file():
-            h.update(f"{path.parent.name}/{path.name}".encode() + b"\0")
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            h.update(f"{path.parent.name}/{path.name} {sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -249,9 +247,10 @@ def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     if have is not None and "flows_sha256" not in have:  # recorded before the fingerprint: paths only
         have = {**have, "flows_sha256": want["flows_sha256"]}
     if have is not None and have != want:
-        what = ("the flows folder's content changed since (annotated again?)"
-                if {k: v for k, v in have.items() if k != "flows_sha256"} == {k: v for k, v in want.items() if k != "flows_sha256"}
-                else first_difference(have, want))
+        def paths(d: dict) -> dict:
+            return {k: v for k, v in d.items() if k != "flows_sha256"}
+
+        what = first_difference(paths(have), paths(want)) or "the flows folder's content changed since (annotated again?)"
         raise InputError(record, f"this folder's estimators and generators were made from other inputs "
                                  f"({what}); use another --out (a folder that was moved: edit the record)")
     return want
@@ -517,17 +516,13 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
     from .utility import bootstrap_ci
 
     runs = Counter((r["arm"], int(r["n"])) for r in rows) + Counter((r["arm"], 0) for r in refs)
-    seeds: dict[tuple[str, int, str], list[dict]] = {}
-    for r in rows:
-        seeds.setdefault((r["arm"], int(r["n"]), r["scan"]), []).append(r)
+    groups = _per_scan_rows(rows, refs)
     out: list[dict[str, Any]] = []
-    for (arm, n), by_scan in sorted(per_scan_means(rows, refs).items()):
+    for (arm, n), by_scan in sorted(_means(groups).items()):
         for m in METRICS:
             mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
                                         seed=cfg.seed)
-            sds = [float(np.std(v, ddof=1)) for scan in by_scan
-                   if len(v := [float(x[m]) for x in seeds.get((arm, n, scan), [])
-                                if x.get(m) is not None and x[m] == x[m]]) > 1]
+            sds = [float(np.std(v, ddof=1)) for xs in groups[(arm, n)].values() if len(v := _scores(xs, m)) > 1]
             out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
                         "scans": len(by_scan), "runs": runs[(arm, n)],
                         "seed_sd": float(np.mean(sds)) if sds else None})
@@ -536,16 +531,26 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
 
 def per_scan_means(rows: Sequence[dict], refs: Sequence[dict]) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
     """(arm, N) → held-out scan → metric → mean over the estimator seeds (references: N = 0)."""
+    return _means(_per_scan_rows(rows, refs))
+
+
+def _per_scan_rows(rows: Sequence[dict], refs: Sequence[dict]) -> dict[tuple[str, int], dict[str, list[dict]]]:
+    """(arm, N) → held-out scan → its rows, one per estimator seed (references: N = 0)."""
     groups: dict[tuple[str, int], dict[str, list[dict]]] = {}
     for r in rows:
         groups.setdefault((r["arm"], int(r["n"])), {}).setdefault(r["scan"], []).append(r)
     for r in refs:
         groups.setdefault((r["arm"], 0), {}).setdefault(r["scan"], []).append(r)
-    def scores(xs: list[dict], m: str) -> list[float]:  # the seeds that scored m (a NaN or missing score: none)
-        return [float(x[m]) for x in xs if x.get(m) is not None and x[m] == x[m]]
+    return groups
 
-    return {key: {scan: {m: float(np.mean(scores(xs, m))) for m in METRICS if scores(xs, m)}
-                  for scan, xs in by_scan.items()}
+
+def _scores(xs: Sequence[dict], m: str) -> list[float]:
+    """The scores ``m`` of the rows ``xs`` (a missing or NaN score: left out)."""
+    return [float(x[m]) for x in xs if x.get(m) is not None and x[m] == x[m]]
+
+
+def _means(groups: dict[tuple[str, int], dict[str, list[dict]]]) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
+    return {key: {scan: {m: float(np.mean(v)) for m in METRICS if (v := _scores(xs, m))} for scan, xs in by_scan.items()}
             for key, by_scan in groups.items()}
 
 
