@@ -90,7 +90,7 @@ def test_bootstrap_interval():
 
 def test_summary_averages_seeds_per_scan_then_scans():
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import format_table, summarize
+    from cardiomotion.evaluate.utility_report import format_table, summarize
 
     cfg = load_config(None)
     rows = [{"scan": "a", "arm": "cvae", "n": 64, "seed": s, "epe_mm": v, "epe_myo_mm": v, "dice": 0.5, "folding": 0.0}
@@ -122,7 +122,7 @@ def test_paired_differences_compare_arms_scan_by_scan():
     the two arms' marginal intervals overlap. Against an arm it ties with on average (±1 per
     scan) the interval covers 0."""
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import format_paired, paired_differences, summarize
+    from cardiomotion.evaluate.utility_report import format_paired, paired_differences, summarize
 
     cfg = load_config(None)
     base = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
@@ -160,7 +160,7 @@ def test_paired_differences_compare_arms_scan_by_scan():
 
 
 def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pairs():
-    from cardiomotion.evaluate.utility_job import comparison_pairs
+    from cardiomotion.evaluate.utility_report import comparison_pairs
 
     keys = [("annotated", 43), ("unsupervised", 43), ("zero", 0), ("demons", 0)]
     keys += [(a, n) for a in ("cvae", "random", "cvae+annotated") for n in (64, 256, 4096)]
@@ -179,7 +179,7 @@ def _utility_axes(monkeypatch, rows, refs, tmp_path):
     """The figure's axes (saving replaced by capturing the figure)."""
     from cardiomotion.config import load_config
     from cardiomotion.evaluate import figures
-    from cardiomotion.evaluate.utility_job import per_scan_means, summarize, utility_figure
+    from cardiomotion.evaluate.utility_report import per_scan_means, summarize, utility_figure
 
     got = {}
     monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi=None: got.setdefault("fig", fig) and path)

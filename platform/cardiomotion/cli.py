@@ -195,7 +195,8 @@ def cmd_tune(args) -> int:
 
 # ---------------------------------------------------------------------------- utility
 def cmd_utility(args) -> int:
-    from .evaluate.utility_job import format_paired, format_table, run_utility
+    from .evaluate.utility_job import run_utility
+    from .evaluate.utility_report import format_paired, format_table
 
     try:
         sizes = [int(x) for x in args.sizes.split(",") if x.strip()] if args.sizes else None

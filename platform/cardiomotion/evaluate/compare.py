@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..layout import UTILITY_RUNS
-from .utility_job import LOWER_IS_BETTER, subject_better
+from .utility_report import LOWER_IS_BETTER, subject_better
 
 
 @dataclass(frozen=True)
