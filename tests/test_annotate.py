@@ -60,6 +60,8 @@ def test_annotations_table_and_flows(annotated):
     assert (df.photometric_refined < 0.5 * df.photometric_zero).all()
     assert (df.epe_myo_mm_refined < df.epe_myo_mm_zero).all()
     assert (df.folding_refined < 0.01).all()
+    # the refined flows move the myocardium, not as much as the truth nor far more
+    assert ((df.magnitude_myo_refined > 0.3) & (df.magnitude_myo_refined < 1.5)).all()
 
 
 @pytest.mark.slow

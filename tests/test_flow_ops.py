@@ -223,6 +223,26 @@ def test_flow_mse_known_values():
     assert flow_mse(pred[0].numpy(), true[0].numpy()) == pytest.approx(25.0 / 9)
 
 
+
+def test_magnitude_ratio_known_values():
+    from cardiomotion.flow import magnitude_ratio
+
+    shape = (4, 4, 4)
+    truth = const_field([3.0, 4.0, 0.0], shape=shape)  # |truth| = 5 everywhere
+    assert magnitude_ratio(0.9 * truth, truth) == pytest.approx(0.9)
+    # a rotated field of the same length is as strong, though every end point is wrong
+    assert magnitude_ratio(const_field([0.0, 0.0, 5.0], shape=shape), truth) == pytest.approx(1.0)
+    mask = np.zeros(shape, dtype=bool)
+    mask[0] = True
+    half = truth.clone()
+    half[:, :, 1:] = 0  # only the first slab moves: inside the mask it is the truth's full motion
+    assert magnitude_ratio(half, truth, mask=mask) == pytest.approx(1.0)
+    assert magnitude_ratio(half, truth) == pytest.approx(0.25)
+    assert magnitude_ratio(half[0].numpy(), truth[0].numpy()) == pytest.approx(0.25)
+    assert np.isnan(magnitude_ratio(truth, torch.zeros_like(truth)))  # the reference does not move
+    with pytest.raises(ValueError):
+        magnitude_ratio(truth, truth[:, :, :2])
+
 # --------------------------------------------------------------------------- gaussian_smooth
 def test_gaussian_smooth_keeps_constant_and_linear_fields():
     const = torch.full((1, 3, 12, 10, 9), 2.5)

@@ -128,7 +128,8 @@ def cmd_annotate(args) -> int:
         table = annotate(args.prepared, args.out, cfg, log=_say, on_epoch=on_epoch)
     summary = summarize(pd.read_parquet(table))
     _say(f"wrote {table} in {time.perf_counter() - t0:.0f} s")
-    for key in ("mean_epe_myo_mm_zero", "mean_epe_myo_mm_net", "mean_epe_myo_mm_refined"):
+    for key in ("mean_epe_myo_mm_zero", "mean_epe_myo_mm_net", "mean_epe_myo_mm_refined",
+                "mean_magnitude_myo_net", "mean_magnitude_myo_refined"):
         if key in summary:
             _say(f"  {key:28s} {summary[key]:.3f}")
     return 0

@@ -67,8 +67,10 @@ def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
 
 
 def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) -> dict:
-    """Photometric error, folding and (with a truth flow) EPE of each candidate flow."""
-    from ..flow.metrics import endpoint_error, folding_fraction
+    """Photometric error, folding and (with a truth flow) EPE of each candidate flow, and its
+    magnitude against the truth's in the heart and the myocardium (``magnitude_myo_<name>``:
+    mean ‖u‖ / mean ‖truth‖; below 1 the flow under-states the motion)."""
+    from ..flow.metrics import endpoint_error, folding_fraction, magnitude_ratio
     from ..flow.warp import warp
     from ..train.losses import photometric_loss
 
@@ -88,6 +90,8 @@ def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) 
             for mname, m in masks.items():
                 if m.any():
                     q[f"epe_{mname}_mm_{name}"] = endpoint_error(un, truth, spacing_mm=(s, s, s), mask=m).epe_mm
+                    if name != "zero":
+                        q[f"magnitude_{mname}_{name}"] = magnitude_ratio(un, truth, mask=m)
     return q
 
 
@@ -218,7 +222,7 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     """Mean figures over scans (zero flow, network, refined, delivered)."""
     out: dict[str, float] = {}
     for col in df.columns:
-        if col.startswith(("epe_", "photometric_", "folding_")) and df[col].notna().any():
+        if col.startswith(("epe_", "photometric_", "folding_", "magnitude_")) and df[col].notna().any():
             out[f"mean_{col}"] = float(df[col].mean())
     return out
 

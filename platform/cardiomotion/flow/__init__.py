@@ -1,7 +1,7 @@
 """Flow fields: warping, flow files (NIfTI intent 1006), field algebra and quality measures."""
 from __future__ import annotations
 
-from .metrics import EndpointError, endpoint_error, flow_mse, folding_fraction, jacobian_determinant
+from .metrics import EndpointError, endpoint_error, flow_mse, folding_fraction, jacobian_determinant, magnitude_ratio
 from .ops import compose, exp, gaussian_smooth, integrate_velocity, invert, upsample_flow, velocity_sequence
 from .warp import Interp, Padding, identity_grid, warp
 
@@ -20,6 +20,7 @@ __all__ = [
     "integrate_velocity",
     "invert",
     "jacobian_determinant",
+    "magnitude_ratio",
     "read_flow",
     "upsample_flow",
     "velocity_sequence",

@@ -145,3 +145,30 @@ def flow_mse(u_pred: Any, u_true: Any, mask: Any = None) -> float:
         return float(sq.mean())
     m = _mask(mask, (sq.shape[0], *sq.shape[2:]), sq.device)
     return float(sq.mean(dim=1)[m].mean())
+
+
+def magnitude_ratio(u: Any, reference: Any, mask: Any = None) -> float:
+    """How strong a flow is against a reference: mean_x ‖u(x)‖₂ / mean_x ‖ref(x)‖₂ (over ``mask``).
+
+    1 = as much motion as the reference; an annotation with 0.9 moves the myocardium 10 % less
+    than the truth. Unitless: both fields in the same units (voxels of the same grid).
+
+    Args:
+        u, reference: (B, 3, I, J, K) or (3, I, J, K), tensors or numpy arrays.
+        mask: optional boolean (I, J, K), (B, I, J, K) or (B, 1, I, J, K).
+
+    Returns:
+        The ratio; NaN where the reference does not move (or the mask is empty).
+    """
+    p, _, _ = _as_tensor(u, "u")
+    q, _, _ = _as_tensor(reference, "reference")
+    q = q.to(device=p.device)
+    if p.shape != q.shape:
+        raise ValueError(f"u {tuple(p.shape)} and reference {tuple(q.shape)} differ in shape")
+    a = torch.linalg.vector_norm(p.double(), dim=1)
+    b = torch.linalg.vector_norm(q.double(), dim=1)
+    if mask is not None:
+        m = _mask(mask, a.shape, a.device)
+        a, b = a[m], b[m]
+    den = float(b.mean()) if b.numel() else 0.0
+    return float(a.mean()) / den if den > 0 else float("nan")
