@@ -350,6 +350,33 @@ def test_sources_give_unit_images_and_voxel_flows(phantom):
     assert PairSource(es, pair.ed[None], None, window).batch([0]).flow is None
 
 
+def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_per_scan(phantom, tmp_path):
+    import shutil
+
+    from cardiomotion.evaluate.utility import flow_rms
+    from cardiomotion.evaluate.utility_job import _training_arrays, annotated_flow_rms
+    from cardiomotion.errors import InputError
+    from cardiomotion.flow.io import read_flow, write_flow
+
+    prepared, flows = phantom
+    ids = ["phantom_001", "phantom_002"]
+    want = flow_rms(_training_arrays(str(prepared), str(flows), ids)[2])  # the stack's RMS
+    cache: dict = {}
+    assert annotated_flow_rms(str(prepared), str(flows), ids, cache) == pytest.approx(want, rel=1e-5)
+    assert sorted(cache) == ids
+    # a second fold sharing a scan reads only the new one: the cached scan's file is not opened again
+    copy = tmp_path / "flows"
+    shutil.copytree(flows, copy)
+    (copy / "phantom_001" / "flow.nii.gz").unlink()
+    both = flow_rms(_training_arrays(str(prepared), str(flows), ["phantom_001", "phantom_000"])[2])
+    assert annotated_flow_rms(str(prepared), str(copy), ["phantom_001", "phantom_000"], cache) == pytest.approx(both, rel=1e-5)
+    # a flow on another grid is refused, naming the file
+    u, affine = read_flow(copy / "phantom_002" / "flow.nii.gz")
+    write_flow(copy / "phantom_002" / "flow.nii.gz", u[:, :16], affine)
+    with pytest.raises(InputError, match="phantom_002.*flow grid"):
+        annotated_flow_rms(str(prepared), str(copy), ["phantom_002"])
+
+
 def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
     """run_estimator (what each Ray Train worker runs) for the real-pair and random arms: finite
     scores of the held-out pair, seeded (the same run twice gives the same numbers)."""

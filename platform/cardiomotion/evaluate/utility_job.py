@@ -120,6 +120,38 @@ def _training_arrays(prepared: str, flows: str, train_ids: Sequence[str]) -> tup
     return np.stack(es), np.stack(ed), np.stack(fl).astype(np.float32)
 
 
+def annotated_flow_rms(prepared: str, flows: str, train_ids: Sequence[str],
+                       cache: dict[str, tuple[float, int]] | None = None) -> float:
+    """RMS magnitude (voxels) of the annotated flows of ``train_ids`` — what the random arm's
+    fields are scaled to: sqrt of the mean over scans and voxels of ‖u(x)‖², as
+    :func:`~cardiomotion.evaluate.utility.flow_rms` of their stack (float64 sums). ``cache`` maps
+    a scan to (Σ‖u‖², voxels) so that a sweep reads each flow file once, not once per fold.
+
+    Raises:
+        InputError: a flow's grid is not the scan's prepared grid.
+    """
+    from ..data.table import read_scan_table
+    from ..flow.io import read_flow
+    from ..layout import flow_path
+
+    cache = {} if cache is None else cache
+    table = None
+    for sid in train_ids:
+        if sid in cache:
+            continue
+        if table is None:
+            table = read_scan_table(prepared).set_index("scan_id", drop=False)
+        path = flow_path(flows, sid)
+        flow, _ = read_flow(path)
+        grid = tuple(int(x) for x in table.loc[sid, "shape"])
+        if tuple(flow.shape[1:]) != grid:
+            raise InputError(path, f"flow grid {tuple(flow.shape[1:])} differs from the prepared grid {grid}")
+        cache[sid] = (float(np.square(flow, dtype=np.float64).sum()), int(np.prod(flow.shape[1:])))
+    total = sum(cache[sid][0] for sid in train_ids)
+    voxels = sum(cache[sid][1] for sid in train_ids)
+    return float(np.sqrt(total / voxels)) if voxels else 0.0
+
+
 def _held_out(prepared: str, scan_id: str):
     from ..data.table import load_pair, read_scan_table
 
@@ -573,7 +605,6 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     from ..raycluster import init_ray, stage_gpu
     from ..train.fold import plan_fold
     from ..train.sweep import resolve_folds, write_csv
-    from .utility import flow_rms
 
     check_prepared_identity(prepared, flows)
     ids = sorted(read_scan_table(prepared).scan_id.astype(str))
@@ -603,13 +634,13 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     refs: list[dict] = []
     queue: list[UtilityRun] = []
     preparing: dict[Any, tuple[Any, float]] = {}  # prep task → (plan, rms)
+    sumsq: dict[str, tuple[float, int]] = {}  # each scan's flow read once for the whole sweep
     total = corpus_runs_todo = 0
     prep = ray.remote(num_cpus=0, max_retries=0)(_prepare_fold_task)
     for plan in plans:
         fold_dir = utility_fold_dir(out, plan.val_id)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        _, _, train_flows = _training_arrays(str(prepared), str(flows), plan.train_ids)
-        rms = flow_rms(train_flows)
+        rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
         runs = plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared), flows=str(flows),
                          corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=rms)
         total += len(runs)
