@@ -72,6 +72,11 @@ def test_scores_of_the_truth_and_of_zero_flow(phantom):
     assert zero.epe_myo_mm == pytest.approx(float(mag[pair.ed_labels == 2].mean()) * pair.spacing_mm, rel=1e-5)
     # pulling the ES labels through the true motion recovers the ED labels better than no motion
     assert exact.dice > zero.dice and exact.dice > 0.8
+    # the estimate's motion against the truth's, in the myocardium
+    assert exact.magnitude_myo == pytest.approx(1.0) and zero.magnitude_myo == 0.0
+    half = score_estimate(0.5 * truth, truth, pair.spacing_mm, pair.ed_labels, pair.es_labels)
+    assert half.magnitude_myo == pytest.approx(0.5) and half.as_dict()["magnitude_myo"] == pytest.approx(0.5)
+    assert np.isnan(score_estimate(truth, truth, pair.spacing_mm, None, None).magnitude_myo)
     with pytest.raises(ValueError, match="3, I, J, K"):
         score_estimate(truth[None], truth, 4.0, None, None)
 
@@ -114,6 +119,10 @@ def test_summary_averages_seeds_per_scan_then_scans():
     assert zero["n"] == 0 and zero["mean"] == 9.0 and zero["seed_sd"] is None
     text = format_table(table)
     assert "cvae" in text and "zero" in text and "3.000" in text
+    # the magnitude score is summarised where rows hold it, left out where none does (older rows)
+    assert not any(r["metric"] == "magnitude_myo" for r in table)
+    mag = summarize([{**r, "magnitude_myo": 0.8 if r["scan"] == "a" else 0.9} for r in rows], refs, cfg)
+    assert [r["mean"] for r in mag if r["metric"] == "magnitude_myo"] == [pytest.approx(0.85)]
 
 
 def test_paired_differences_compare_arms_scan_by_scan():
@@ -618,9 +627,13 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
 
     table = pd.read_csv(res.table)
     assert set(table.arm) == {"cvae", "annotated", "zero"}
-    assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding"}
+    assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding", "magnitude_myo"}
+    assert all(r["magnitude_myo"] >= 0 for r in rows)  # every row records its estimate's motion
+    zero_mag = table[(table.arm == "zero") & (table.metric == "magnitude_myo")]["mean"]
+    assert list(zero_mag) == [0.0]
     paired = pd.read_csv(res.paired_file)  # cvae against annotated and zero flow on the held-out scan
     assert {(r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {("annotated", 1), ("zero", 1)}
+    assert "magnitude_myo" not in set(paired.metric)  # a calibration: summarised, not paired
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
     from cardiomotion import tracking

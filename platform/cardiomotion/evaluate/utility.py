@@ -263,23 +263,27 @@ class EstimateScore:
     epe_mm / epe_myo_mm: mean end-point error over the grid / over the ED myocardium (mm);
     dice: mean Dice of the ED labels pulled from the ES labels through the flow against the
     true ED labels, over the LV blood pool and LV myocardium (NaN without labels);
-    folding: fraction of voxels with det J ≤ 0.
+    folding: fraction of voxels with det J ≤ 0;
+    magnitude_myo: mean ‖u‖ / mean ‖truth‖ over the ED myocardium (1: as much motion as the truth;
+    below 1 the estimate under-states it; NaN without labels).
     """
 
     epe_mm: float
     epe_myo_mm: float
     dice: float
     folding: float
+    magnitude_myo: float = float("nan")
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": float(getattr(self, k)) for k in ("epe_mm", "epe_myo_mm", "dice", "folding")}
+        return {f"{prefix}{k}": float(getattr(self, k))
+                for k in ("epe_mm", "epe_myo_mm", "dice", "folding", "magnitude_myo")}
 
 
 def score_estimate(flow: Any, truth: Any, spacing_mm: float | Sequence[float], ed_labels: np.ndarray | None,
                    es_labels: np.ndarray | None) -> EstimateScore:
     """Score a (3, I, J, K) voxel flow against the truth (same shape), see :class:`EstimateScore`."""
     from ..data.phantom import LV_BLOOD, LV_MYO
-    from ..flow.metrics import endpoint_error, folding_fraction
+    from ..flow.metrics import endpoint_error, folding_fraction, magnitude_ratio
     from .physiology import synthetic_ed_labels
 
     u = torch.as_tensor(np.asarray(flow, np.float32) if not isinstance(flow, torch.Tensor) else flow).float()
@@ -288,11 +292,12 @@ def score_estimate(flow: Any, truth: Any, spacing_mm: float | Sequence[float], e
         raise ValueError(f"flow {tuple(u.shape)} and truth {tuple(t.shape)} must both be (3, I, J, K)")
     spacing = [float(spacing_mm)] * 3 if np.ndim(spacing_mm) == 0 else [float(x) for x in spacing_mm]
     epe = float(endpoint_error(u, t, spacing).epe_mm)
-    epe_myo, dice = float("nan"), float("nan")
+    epe_myo, dice, magnitude = float("nan"), float("nan"), float("nan")
     if ed_labels is not None:
         myo = np.asarray(ed_labels) == LV_MYO
         if myo.any():
             epe_myo = float(endpoint_error(u, t, spacing, mask=myo).epe_mm)
+            magnitude = magnitude_ratio(u, t, mask=myo)
         if es_labels is not None:
             pulled = synthetic_ed_labels(es_labels, u)
             scores = []
@@ -301,7 +306,7 @@ def score_estimate(flow: Any, truth: Any, spacing_mm: float | Sequence[float], e
                 if a.any() or b.any():
                     scores.append(2.0 * float((a & b).sum()) / float(a.sum() + b.sum()))
             dice = float(np.mean(scores)) if scores else float("nan")
-    return EstimateScore(epe, epe_myo, dice, folding_fraction(u))
+    return EstimateScore(epe, epe_myo, dice, folding_fraction(u), magnitude)
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:

@@ -44,7 +44,7 @@ Log = Callable[[str], None]
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
                       UTILITY_TABLE as TABLE_FILE, PYRAMID_FILE, utility_fold_dir)
-from .utility_report import (METRICS, PAIRED_COLUMNS, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
+from .utility_report import (PAIRED_COLUMNS, SCORES, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
                              utility_figure)
 
 
@@ -446,7 +446,7 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
         raise RuntimeError(f"utility: {run.name} failed: {result.error}")
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
-            **{k: metrics[k] for k in (*METRICS, "final_loss", "train_s") if k in metrics},
+            **{k: metrics[k] for k in (*SCORES, "final_loss", "train_s") if k in metrics},
             "steps": int(metrics.get("steps", _planned_steps(run, cfg))),
             "wall_s": round(time.perf_counter() - t0, 2)}
 

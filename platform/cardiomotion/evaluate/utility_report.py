@@ -15,7 +15,10 @@ import numpy as np
 
 from ..config import Config, UtilityArm
 
-METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")
+METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")  # the scores arms are compared on, scan by scan
+# every score a row holds: the metrics and the estimate's motion against the truth's in the
+# myocardium (a calibration, not better when lower or higher: summarised, never paired)
+SCORES = (*METRICS, "magnitude_myo")
 
 
 def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
@@ -31,7 +34,9 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
     groups = _per_scan_rows(rows, refs)
     out: list[dict[str, Any]] = []
     for (arm, n), by_scan in sorted(_means(groups).items()):
-        for m in METRICS:
+        for m in SCORES:
+            if m not in METRICS and not any(m in v for v in by_scan.values()):
+                continue  # a score added later: rows made before it lack it
             mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
                                         seed=cfg.seed)
             sds = [float(np.std(v, ddof=1)) for xs in groups[(arm, n)].values() if len(v := _scores(xs, m)) > 1]
@@ -62,7 +67,7 @@ def _scores(xs: Sequence[dict], m: str) -> list[float]:
 
 
 def _means(groups: dict[tuple[str, int], dict[str, list[dict]]]) -> dict[tuple[str, int], dict[str, dict[str, float]]]:
-    return {key: {scan: {m: float(np.mean(v)) for m in METRICS if (v := _scores(xs, m))} for scan, xs in by_scan.items()}
+    return {key: {scan: {m: float(np.mean(v)) for m in SCORES if (v := _scores(xs, m))} for scan, xs in by_scan.items()}
             for key, by_scan in groups.items()}
 
 
