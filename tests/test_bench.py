@@ -350,3 +350,29 @@ def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     assert mod.main(["--a", str(a), "--b", str(tmp_path / "broken")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no epe_myo_mm score" in err[0] and "broken/runs.jsonl" in err[0]
+
+
+def test_flow_magnitude_measures_the_annotations_against_the_truth(tmp_path_factory, tmp_path):
+    """The test cohort's annotated flows are the exact fields: ratio 1 on every scan; the same
+    flows scaled by 0.8 give 0.8 and are below one on every scan; a missing flow is one line, exit 2."""
+    import shutil
+
+    from cv_cohort import cohort
+
+    from cardiomotion.flow.io import read_flow, write_flow
+
+    prepared, flows = cohort(tmp_path_factory)
+    exact = _bench("flow_magnitude.py", "--prepared", str(prepared), "--flows", str(flows))
+    assert exact["annotated_vs_truth"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["annotated_vs_truth"]["count"] == 4 and exact["corpora"] == {}
+    short = tmp_path / "short"
+    shutil.copytree(flows, short)
+    for f in short.glob("*/flow.nii.gz"):
+        u, affine = read_flow(f)
+        write_flow(f, 0.8 * u, affine)
+    scaled = _bench("flow_magnitude.py", "--prepared", str(prepared), "--flows", str(short))["annotated_vs_truth"]
+    assert scaled["mean"] == pytest.approx(0.8, abs=1e-5) and scaled["below_one"] == scaled["count"] == exact["annotated_vs_truth"]["count"]
+    next(short.glob("*/flow.nii.gz")).unlink()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "flow_magnitude.py"), "--prepared", str(prepared),
+                           "--flows", str(short)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("flow_magnitude:") and "flow.nii.gz" in proc.stderr
