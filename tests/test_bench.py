@@ -306,7 +306,7 @@ def _runs(folder: Path, rows: list[dict]) -> Path:
 def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     """A's cvae is exactly 0.1 mm better than B's on the three shared scans (two seeds averaged on
     one); a scan only A scored is left out; Dice counts higher as better; other estimator settings
-    and a missing arm are one-line refusals."""
+    and a missing arm are one-line refusals; another corpus temperature is compared, and reported."""
     mod = _load("utility_compare")
     est = {"steps": 1000, "lr": 0.001}
 
@@ -334,6 +334,14 @@ def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     other = _runs(tmp_path / "other", [row("s0", "cvae", 256, 0, 2.0, e={"steps": 3000, "lr": 0.001})])
     assert mod.main(["--a", str(a), "--b", str(other)]) == 2
     assert "other estimator settings" in capsys.readouterr().err
+    # a generator sampled at another temperature is what a comparison of two folders is for: compared,
+    # and the corpus settings of each side reported
+    warm = _runs(tmp_path / "warm", [row("s0", "cvae", 256, 0, 2.0, e={**est, "corpus_temperature": 2.5})])
+    cool = _runs(tmp_path / "cool", [row("s0", "cvae", 256, 0, 2.2, e={**est, "corpus_temperature": 2.0})])
+    assert mod.main(["--a", str(warm), "--b", str(cool)]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["mean"] == pytest.approx(-0.2)
+    assert both["corpus_settings"] == {"a": [{"corpus_temperature": 2.5}], "b": [{"corpus_temperature": 2.0}]}
     assert mod.main(["--a", str(a), "--b", str(b), "--arm", "random"]) == 2
     err = capsys.readouterr().err
     assert "no row of arm random at N 256" in err and "runs.jsonl" in err

@@ -6,7 +6,9 @@ generator trained another way give a better corpus?" needs two folders (each wit
 generators) whose estimators met the same held-out scans: the per-scan difference (seed means
 first, as ``utility`` does) with a bootstrap 95 % interval over the shared scans and the scans won.
 Rows trained with other estimator settings (steps, lr, network, …) are not comparable and are
-refused, as ``utility`` refuses mixing them in one folder.
+refused, as ``utility`` refuses mixing them in one folder; the settings of the folders' corpora
+(``generate.temperature``, recorded in each row beside the estimator's) may differ — that is what
+two generators' folders are compared for — and are reported (``corpus_settings``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,20 @@ class Side:
         return f"{self.folder.name}:{self.arm}@{self.n}"
 
 
+# what a folder's corpora were made with, recorded beside the estimator settings of every row:
+# two folders whose generators differ (the question this module answers) may differ in these
+CORPUS_KEYS = ("corpus_temperature",)
+
+
+def _training(ident: dict | None) -> dict | None:
+    """The estimator settings of a row, less what its folder's corpora were made with."""
+    return None if ident is None else {k: v for k, v in ident.items() if k not in CORPUS_KEYS}
+
+
+def _corpus_settings(ident: dict | None) -> dict:
+    return {k: (ident or {}).get(k) for k in CORPUS_KEYS}
+
+
 def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
     picked = [r for r in rows if r.get("arm") == side.arm and r.get("n") == side.n]
     per: dict[str, list[float]] = {}
@@ -53,12 +69,13 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
     ``per_scan`` ({scan: {"a", "b", "delta"}}), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
     over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
-    ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans).
+    ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans),
+    ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows).
 
     Raises:
         InputError: a folder has no ``runs.jsonl`` or no row of the asked arm and N, the two share
             no scan, the metric is unknown, or the compared rows were trained with other
-            estimator settings.
+            estimator settings (corpus settings aside).
     """
     from ..fileio import read_json_lines
     from .utility import bootstrap_ci
@@ -74,7 +91,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         means[key], picked[key] = _scan_means(runs, read_json_lines(runs, repair=False), side, metric)
         if not picked[key]:
             raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}")
-    idents = {key: {json.dumps(r.get("estimator"), sort_keys=True) for r in picked[key]} for key in ("a", "b")}
+    idents = {key: {json.dumps(_training(r.get("estimator")), sort_keys=True) for r in picked[key]} for key in ("a", "b")}
     for key, side in (("a", a), ("b", b)):
         if len(idents[key]) > 1:
             raise InputError(Path(side.folder) / UTILITY_RUNS, f"its {side.arm} N {side.n} rows were trained "
@@ -83,6 +100,8 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         raise InputError(Path(b.folder) / UTILITY_RUNS,
                          f"its {b.arm} N {b.n} rows were trained with other estimator settings than "
                          f"{a.label}'s: their scores are not comparable")
+    corpus = {key: sorted({json.dumps(_corpus_settings(r.get("estimator")), sort_keys=True) for r in picked[key]})
+              for key in ("a", "b")}
     scans = sorted(set(means["a"]) & set(means["b"]))
     if not scans:
         raise InputError(Path(b.folder) / UTILITY_RUNS, f"shares no held-out scan with {a.label}")
@@ -91,6 +110,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
             "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d} for s, d in zip(scans, deltas)},
             "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(subject_better(metric, d) for d in deltas),
+            "corpus_settings": {key: [json.loads(x) for x in corpus[key]] for key in ("a", "b")},
             "rows_a": len([r for r in picked["a"] if r["scan"] in scans]),
             "rows_b": len([r for r in picked["b"] if r["scan"] in scans])}
 
