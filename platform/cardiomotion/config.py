@@ -239,7 +239,7 @@ class TrainConfig(_Section):
     augment: AugmentSection = AugmentSection()
     recipe: LossRecipe = Field(LossRecipe.PAPER, description="loss normalisation: paper (mean MSE, mean KL, w_rec/w_kl) or elbo (summed terms, KL weight beta)")
     beta: float = Field(0.1, gt=0, description="elbo recipe: KL weight in voxels² (= 2σ² of the decoder noise σ)")
-    kl_schedule: KLSchedule = Field(KLSchedule.CYCLICAL, description="KL weight schedule: linear warm-up over kl_warmup_epochs, or cyclical (kl_cycles cycles, each ramping 0 → 1 over its first half). cyclical: with latent 8 and T = 2.5 the one measured setting that meets every target of issue 12 (README, 'Which recipe'); the paper's: linear with no warm-up")
+    kl_schedule: KLSchedule = Field(KLSchedule.CYCLICAL, description="KL weight schedule: linear warm-up over kl_warmup_epochs, or cyclical (kl_cycles cycles, each ramping 0 → 1 over its first half). cyclical: with latent 8 and T = 2.5 the one measured setting that meets every target of issue 12 (README, 'Which recipe'); the paper's: linear with no warm-up. Downstream (folds 0-3, 150-epoch CVAEs) linear at T = 2 trained the better motion estimator (README, 'The default generator recipe downstream')")
     kl_cycles: int = Field(4, ge=1, description="cyclical schedule: number of cycles over the epochs")
     free_bits: float = Field(0.0, ge=0, description="free bits: nats per latent channel (summed over its map) below which its KL costs nothing. 6 keeps reconstruction of the annotated flows within 10 % of the paper's at a cost in spread and energy score (README, 'Which recipe')")
     epochs: int = Field(2000, ge=1, description="CVAE training epochs (the paper: 2000)")
@@ -275,7 +275,7 @@ class GenerateConfig(_Section):
         return _lift_resources(data, {"use_gpu": "use_gpu", "cpus_per_actor": "cpus", "gpus_per_actor": "gpus"})
 
     seed: Optional[int] = Field(None, description="corpus seed; null → the top-level seed")
-    temperature: float = Field(2.5, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean. 2.5: with the cyclical KL schedule calibrated (spread–skill 0.92) and the cohort's EF range covered (README, 'Which recipe'); 1 = the paper's")
+    temperature: float = Field(2.5, ge=0, description="prior z ~ N(0, T²·I); 0 decodes the prior mean. 2.5: with the cyclical KL schedule calibrated (spread–skill 0.92) and the cohort's EF range covered (README, 'Which recipe'); 1 = the paper's. Downstream, 2.0 trained a better estimator than 2.5 from the same CVAEs (folds 0-3)")
     shard_size: int = Field(256, ge=1, description="samples per tar shard (shard k = samples [k·S, (k+1)·S))")
     batch_size: int = Field(16, ge=1, description="latents decoded together (fixed blocks inside a shard)")
     actors: Optional[int] = Field(None, ge=1, description="actor pool size; null → one per GPU share, else one per CPU")
