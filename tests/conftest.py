@@ -27,11 +27,11 @@ def ray_session():
     such instances run side by side, and Ray code that looks for "the" cluster must find its own."""
     import ray
 
-    from cardiomotion.raycluster import environ_pinned, free_port
+    from cardiomotion.raycluster import embedded_environment, environ_pinned, free_port
 
     if not ray.is_initialized():
         port = free_port()
-        with environ_pinned({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}):
+        with environ_pinned(embedded_environment(port)):
             ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
                      include_dashboard=False, log_to_driver=False)
     yield ray

@@ -42,6 +42,24 @@ def actor_pool(resources, actors: int | None, ray, where: str) -> tuple[bool, in
     return use_gpu, max(1, int(float(res.get("CPU", 1)) // resources.cpus))
 
 
+# Ray Train stops waiting for a run's worker resources after 60 s, logs "Error in control loop
+# iteration" with a traceback, and tries again — every minute, per waiting run, forever (the
+# controller's retries are unlimited). On an autoscaling cluster the minute is when nodes are asked
+# for; on an embedded instance nothing scales and a run waiting for CPUs waits for this process's own
+# other runs (utility's fold CVAEs beside its estimators, a sweep's folds): the plan, not a fault.
+TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+EMBEDDED_TRAIN_START_TIMEOUT_S = 7 * 24 * 3600
+
+
+def embedded_environment(port: int) -> dict[str, str]:
+    """What every process of an embedded instance whose GCS listens on ``port`` inherits: its own
+    address (see :func:`init_ray`) and, unless the caller's environment sets it, a Ray Train
+    worker-group start timeout of a week, so a run queued behind the instance's own work waits
+    quietly instead of logging a traceback each minute."""
+    return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}",
+            TRAIN_START_TIMEOUT_ENV: os.environ.get(TRAIN_START_TIMEOUT_ENV, str(EMBEDDED_TRAIN_START_TIMEOUT_S))}
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Initialise Ray once per process and return the module.
 
@@ -56,7 +74,8 @@ def init_ray(cfg: RayConfig | None = None):
     placement-group cleaner queries the state API) fails with "Found multiple active Ray
     instances" whenever a second experiment runs on the same machine. The driver's own
     environment is left as it was (a later stage in this process or a child command must not
-    join this instance by accident).
+    join this instance by accident). The same processes get a long Ray Train start timeout
+    (:func:`embedded_environment`); a cluster keeps Ray's.
     """
     import ray
 
@@ -71,7 +90,7 @@ def init_ray(cfg: RayConfig | None = None):
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         port = free_port()
-        with environ_pinned({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}):
+        with environ_pinned(embedded_environment(port)):
             ray.init(
                 address="local",
                 num_cpus=cfg.num_cpus,
