@@ -8,6 +8,7 @@ a traceback. Every embedded instance pins its own address for the processes it s
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_unless_the_ca
         proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path, env={**base, **extra})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        seen[name] = yaml.safe_load(proc.stdout.strip().splitlines()[-1])
+        seen[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     week = str(EMBEDDED_TRAIN_START_TIMEOUT_S)
     assert seen["default"] == {"task": week, "actor": week, "driver": None}, seen
     assert seen["caller"] == {"task": "5", "actor": "5", "driver": "5"}, seen
