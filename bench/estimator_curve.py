@@ -13,6 +13,11 @@ flow. Arms (data of the training scans only):
   on these pairs (not a ``utility`` arm: no real dataset has it);
 * ``random`` — SynthMorph-style random smooth fields warping the training ES frames
   (:class:`~cardiomotion.evaluate.utility.RandomFieldSource`, RMS matched to the annotated flows);
+* ``warped`` / ``truth_warped`` — a corpus without a generator: each training ES frame warped by
+  its own annotated (``warped``) or exact (``truth_warped``) field, ED := round(warp(ES, u)) as a
+  corpus stores it, labelled by that field. Against ``annotated`` / ``truth`` (the same fields
+  with the real rendered ED) it measures what training on warped rather than rendered images
+  costs; against ``cvae`` what the generator's sampled fields cost beyond that;
 * ``cvae`` — the first ``--n`` samples of a materialised corpus (``--corpus``: the fold's, e.g.
   ``utility``'s ``OUT/folds/<scan>/corpus``), in this process's shuffled order (``utility`` streams
   the same samples through Ray Data's shuffle, so the batches differ); refused when the held-out
@@ -20,7 +25,9 @@ flow. Arms (data of the training scans only):
 
 One JSON line per evaluation streams to ``--out`` (a header line per run first); the summary
 (JSON on stdout) gives per run the zero-flow scores, the best and the last evaluation.
-``--figure PNG`` draws every run of the ``--out`` file (myocardium EPE against step, zero flow as a
+``--noise-hu S`` adds independent Gaussian noise of S HU to both frames of every training batch
+(any arm; seeded by ``--seed``): an augmentation that breaks the noise a warped ED copies from its
+ES. ``--figure PNG`` draws every run of the ``--out`` file (myocardium EPE against step, zero flow as a
 line); with ``--arms ''`` it only draws.
 
     python bench/estimator_curve.py --prepared P --flows A --config S --fold 0 --arms truth,random \\
@@ -38,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-ARMS = ("annotated", "truth", "random", "cvae")
+ARMS = ("annotated", "truth", "random", "cvae", "warped", "truth_warped")
 
 
 class _Lines:
@@ -79,14 +86,15 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     zeros = set()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    data_of = sorted({(h["arm"], h["n"]) for h, _ in runs})  # one colour per training data, one line style per fold
+    data_of = sorted({(h["arm"], h["n"], h.get("noise_hu", 0.0)) for h, _ in runs})  # one colour per training data, one line style per fold
     folds = sorted({h["fold"] for h, _ in runs})
     for head, curve in runs:
         label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random") else "") + \
             f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g}" + \
-            (f" {head['lr_schedule']}" if head.get("lr_schedule") else "") + ")"
+            (f" {head['lr_schedule']}" if head.get("lr_schedule") else "") + \
+            (f", noise {head['noise_hu']:g} HU" if head.get("noise_hu") else "") + ")"
         ax.plot([c["step"] for c in curve], [c["epe_myo_mm"] for c in curve], marker="o", ms=3, label=label,
-                color=colors[data_of.index((head["arm"], head["n"])) % len(colors)],
+                color=colors[data_of.index((head["arm"], head["n"], head.get("noise_hu", 0.0))) % len(colors)],
                 ls=("-", "--", ":", "-.")[folds.index(head["fold"]) % 4])
         zeros.add((head["scan"], round(head["zero"]["epe_myo_mm"], 3)))
     finite = [c["epe_myo_mm"] for _, curve in runs for c in curve if np.isfinite(c["epe_myo_mm"])]
@@ -125,6 +133,29 @@ def _corpus_source(args: argparse.Namespace, plan, window):
     return CorpusSource(corpus, window, args.n)
 
 
+def warped_ed(es_hu: np.ndarray, flows: np.ndarray) -> np.ndarray:
+    """ED frames made as a corpus makes them: round(warp(ES, u)) in HU, (n, I, J, K) float32 from
+    ES (n, I, J, K) HU and pull fields (n, 3, I, J, K) voxels."""
+    import torch
+
+    from cardiomotion.flow.warp import warp
+
+    ed = warp(torch.from_numpy(es_hu)[:, None], torch.from_numpy(flows)).round_().clamp_(-32768, 32767)
+    return ed[:, 0].numpy()
+
+
+def noisy(batches, sd_unit: float, seed: int):
+    """``batches`` with independent N(0, sd_unit²) added to ES and ED (images in [0, 1] units)."""
+    import torch
+
+    from cardiomotion.evaluate.utility import Batch
+
+    gen = torch.Generator().manual_seed(int(seed) + 1000)
+    for b in batches:
+        yield Batch(b.es + sd_unit * torch.randn(b.es.shape, generator=gen),
+                    b.ed + sd_unit * torch.randn(b.ed.shape, generator=gen), b.flow)
+
+
 def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     import torch
 
@@ -150,15 +181,18 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     window = cfg.intensity.window
     if arm == "annotated":
         source = PairSource(es, ed, annotated, window)
-    elif arm == "truth":  # only this arm needs the training scans' exact fields
+    elif arm in ("truth", "truth_warped"):  # only these arms need the training scans' exact fields
         table = read_scan_table(args.prepared).set_index("scan_id", drop=False)
         truth = []
         for sid in plan.train_ids:
             pair = load_pair(args.prepared, table.loc[sid].to_dict(), with_truth=True)
             if pair.truth_flow is None:
-                raise InputError(Path(args.prepared) / sid, "has no exact truth flow: the truth arm needs phantom scans")
+                raise InputError(Path(args.prepared) / sid, f"has no exact truth flow: the {arm} arm needs phantom scans")
             truth.append(pair.truth_flow)
-        source = PairSource(es, ed, np.stack(truth).astype(np.float32), window)
+        truth = np.stack(truth).astype(np.float32)
+        source = PairSource(es, warped_ed(es, truth) if arm == "truth_warped" else ed, truth, window)
+    elif arm == "warped":
+        source = PairSource(es, warped_ed(es, annotated), annotated, window)
     elif arm == "random":
         source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
     else:
@@ -176,12 +210,13 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     header = {"arm": arm, "fold": plan.fold, "scan": plan.val_id, "n": len(source), "lr": settings.lr,
               "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero,
               **({"corpus": str(Path(args.corpus).resolve())} if arm == "cvae" else {}),
+              **({"noise_hu": args.noise_hu} if args.noise_hu else {}),
               **({"lr_schedule": settings.lr_schedule} if settings.lr_schedule != "constant" else {})}
     out.write(json.dumps(header) + "\n")
     out.flush()
     curve: list[dict] = []
     losses: list[float] = []  # since the last evaluation
-    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed", "lr_schedule") if k in header}  # every row says which run
+    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed", "lr_schedule", "noise_hu") if k in header}  # every row says which run
     t0 = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
@@ -201,7 +236,10 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
         print(f"{arm} step {step + 1}: loss {row['loss']:.3f}, myocardium EPE {row['epe_myo_mm']:.2f} mm "
               f"(zero flow {zero['epe_myo_mm']:.2f})", file=sys.stderr, flush=True)
 
-    train_estimator(model, source_batches(source, settings.batch_size, args.seed), settings, on_step=on_step)
+    batches = source_batches(source, settings.batch_size, args.seed)
+    if args.noise_hu:
+        batches = noisy(batches, args.noise_hu / (window[1] - window[0]), args.seed)
+    train_estimator(model, batches, settings, on_step=on_step)
     best = min(curve, key=lambda r: r["epe_myo_mm"])
     return {**header, "best": best, "last": curve[-1]}
 
@@ -221,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clipping (default utility.grad_clip)")
     ap.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"),
                     help="the rate over the --steps (default utility.lr_schedule)")
+    ap.add_argument("--noise-hu", type=float, default=0.0,
+                    help="independent Gaussian noise (HU) added to ES and ED of every training batch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file (appended)")
@@ -232,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
     if "cvae" in arms and a.corpus is None:
         ap.error("the cvae arm needs --corpus DIR (a materialised corpus of the fold)")
+    if a.noise_hu < 0:
+        ap.error("--noise-hu must be >= 0")
     if a.every < 1 or a.steps < 1:
         ap.error("--steps and --every must be positive")
     import torch

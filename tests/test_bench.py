@@ -188,18 +188,19 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     cfg.write_text(yaml.safe_dump({"prepare": TINY["prepare"], "annotate": TINY["annotate"]}))
     out = tmp_path / "curve.jsonl"
     summary = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(flows), "--config", str(cfg),
-                     "--fold", "1", "--arms", "annotated,truth,random", "--steps", "3", "--every", "2", "--n", "5",
-                     "--out", str(out), "--figure", str(tmp_path / "curves.png"))
+                     "--fold", "1", "--arms", "annotated,truth,random,warped,truth_warped", "--steps", "3", "--every", "2",
+                     "--n", "5", "--out", str(out), "--figure", str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     runs = {r["arm"]: r for r in summary["runs"]}
-    assert set(runs) == {"annotated", "truth", "random"}
+    assert set(runs) == {"annotated", "truth", "random", "warped", "truth_warped"}
     assert {r["scan"] for r in runs.values()} == {"phantom_001"} and runs["random"]["n"] == 5
     assert runs["annotated"]["n"] == runs["truth"]["n"] == 3  # the fold's training scans
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     curves = {arm: [r for r in rows if r["arm"] == arm and "step" in r] for arm in runs}
     assert all([r["step"] for r in c] == [2, 3] for c in curves.values())  # every 2 steps and the last
-    for a, b in zip(curves["annotated"], curves["truth"]):
-        assert a["epe_myo_mm"] == pytest.approx(b["epe_myo_mm"]) and a["loss"] == pytest.approx(b["loss"])
+    for x, y in (("annotated", "truth"), ("warped", "truth_warped")):
+        for a, b in zip(curves[x], curves[y]):
+            assert a["epe_myo_mm"] == pytest.approx(b["epe_myo_mm"]) and a["loss"] == pytest.approx(b["loss"])
     zero = runs["truth"]["zero"]
     assert zero["epe_myo_mm"] > 0 and zero["folding"] == 0 and runs["random"]["zero"] == zero
     assert runs["truth"]["last"] == curves["truth"][-1]
@@ -228,6 +229,42 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
                     "--out", str(tmp_path / "curve3.jsonl"))["runs"][0]
     assert cosine["lr_schedule"] == "cosine" and "lr_schedule" not in runs["truth"]
     assert cosine["last"]["loss"] != pytest.approx(runs["truth"]["last"]["loss"])
+    # --noise-hu: the same batches with noise added, a run that says so
+    noise = _bench("estimator_curve.py", "--prepared", str(prepared), "--flows", str(flows), "--config", str(cfg),
+                   "--fold", "1", "--arms", "truth", "--steps", "3", "--every", "2", "--noise-hu", "20",
+                   "--out", str(tmp_path / "curve4.jsonl"))["runs"][0]
+    assert noise["noise_hu"] == 20 and "noise_hu" not in runs["truth"]
+    assert noise["last"]["loss"] != pytest.approx(runs["truth"]["last"]["loss"])
+
+
+def _estimator_curve_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimator_curve", REPO / "bench" / "estimator_curve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_warped_ed_is_es_moved_by_the_field_and_rounded_to_whole_hu():
+    """Known answers on whole-HU frames: zero flow gives ES; a pull field of +2 voxels along axis 1 gives
+    ED(x) = ES(x + 2) inside the grid."""
+    bench = _estimator_curve_module()
+    rng = np.random.default_rng(0)
+    es = np.round(rng.normal(0, 300, (2, 8, 10, 6))).astype(np.float32)  # whole HU, as prepared scans hold
+    zero = np.zeros((2, 3, 8, 10, 6), np.float32)
+    np.testing.assert_array_equal(bench.warped_ed(es, zero), es)
+    shift = zero.copy()
+    shift[:, 1] = 2.0
+    ed = bench.warped_ed(es, shift)
+    np.testing.assert_array_equal(ed[:, :, :-2], es[:, :, 2:])
+    import torch
+
+    from cardiomotion.evaluate.utility import Batch
+
+    b = Batch(torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 4, 4, 4), None)
+    (n,) = list(bench.noisy(iter([b]), 0.1, seed=0))
+    assert 0.05 < float(n.es.std()) < 0.2 and not torch.equal(n.es - b.es, n.ed - b.ed)  # independent per frame
 
 
 @pytest.mark.slow
