@@ -3,7 +3,7 @@
 noise augmentation. Held-out scan = fold's scan. Writes one JSON line per run."""
 import argparse, json, sys, time
 import numpy as np, torch
-sys.path.insert(0, "/work/main/platform")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "platform"))  # the repo's package
 from cardiomotion.config import load_config
 from cardiomotion.evaluate.utility_job import _training_arrays, _held_out, estimator_settings
 from cardiomotion.evaluate.utility import PairSource, Batch, source_batches, train_estimator, score_estimate
