@@ -138,10 +138,9 @@ def warped_ed(es_hu: np.ndarray, flows: np.ndarray) -> np.ndarray:
     ES (n, I, J, K) HU and pull fields (n, 3, I, J, K) voxels."""
     import torch
 
-    from cardiomotion.flow.warp import warp
+    from cardiomotion.evaluate.utility import warped_ed as warp_as_corpus
 
-    ed = warp(torch.from_numpy(es_hu)[:, None], torch.from_numpy(flows)).round_().clamp_(-32768, 32767)
-    return ed[:, 0].numpy()
+    return warp_as_corpus(torch.from_numpy(es_hu)[:, None], torch.from_numpy(flows))[:, 0].numpy()
 
 
 def noisy(batches, sd_unit: float, seed: int):

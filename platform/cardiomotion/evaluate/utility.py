@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import UtilityArm, UtilityCorpus
 
 __all__ = ["Arm", "CorpusMode", "EstimatorSettings", "Batch", "PairSource", "RandomFieldSource", "CorpusSource",
-           "random_smooth_flows", "random_smooth_flow", "flow_rms", "supervised_flow_loss", "train_estimator", "score_estimate",
+           "random_smooth_flows", "random_smooth_flow", "warped_ed", "flow_rms", "supervised_flow_loss", "train_estimator", "score_estimate",
            "EstimateScore", "bootstrap_ci"]
 
 
@@ -130,6 +130,14 @@ def random_smooth_flow(grid: Sequence[int], rms_vox: float, seed: int, index: in
     return u[0]
 
 
+def warped_ed(es_hu: torch.Tensor, flows: torch.Tensor) -> torch.Tensor:
+    """ED as a corpus stores it: round(warp(ES, u)) in whole HU within int16's range, float32
+    (B, 1, I, J, K), from ES (B, 1, I, J, K) HU and pull fields (B, 3, I, J, K) voxels."""
+    from ..flow.warp import warp
+
+    return warp(es_hu, flows).round_().clamp_(-32768, 32767)
+
+
 class RandomFieldSource:
     """Random smooth fields warping the training ES frames (the ``random`` arm): sample i is
     field i of :func:`random_smooth_flows` applied to frame ``i mod n_frames``; ED = warp(ES, u)
@@ -150,11 +158,9 @@ class RandomFieldSource:
         return self._cache[i]
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        from ..flow.warp import warp
-
         flows = torch.stack([self.field(int(i)) for i in indices])
         es = self.es_hu[[int(i) % len(self.es_hu) for i in indices]]
-        ed = warp(es, flows).round_().clamp_(-32768, 32767)
+        ed = warped_ed(es, flows)
         return Batch(_unit(es, self.window), _unit(ed, self.window), flows)
 
 
