@@ -421,3 +421,69 @@ def test_flow_magnitude_measures_the_annotations_against_the_truth(tmp_path_fact
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "flow_magnitude.py"), "--prepared", str(prepared),
                            "--flows", str(short)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith("flow_magnitude:") and "flow.nii.gz" in proc.stderr
+
+
+def _refine_sweep_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refine_sweep", REPO / "bench" / "refine_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_refine_sweep_scores_known_flows_and_parses_its_grid():
+    """The truth scores EPE 0 and magnitude 1; half the truth magnitude 0.5 and an EPE of half the
+    truth's mean length; scan selection by id, index and range; every combination of the lists."""
+    import argparse
+
+    rs = _refine_sweep_module()
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(3, 8, 8, 8)).astype(np.float32)
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 2
+    labels[0, :, :] = 1
+    exact = rs.score(truth, truth, 4.0, labels)
+    assert exact["epe_mm"] == exact["epe_myo_mm"] == exact["epe_heart_mm"] == 0.0
+    assert exact["magnitude_myo"] == pytest.approx(1.0)
+    half = rs.score(0.5 * truth, truth, 4.0, labels)
+    myo = labels == 2
+    assert half["magnitude_myo"] == pytest.approx(0.5)
+    assert half["epe_myo_mm"] == pytest.approx(4.0 * 0.5 * np.linalg.norm(truth, axis=0)[myo].mean(), rel=1e-5)
+    ids = [f"phantom_{i:03d}" for i in range(6)]
+    assert rs.select_scans(ids, None) == ids
+    assert rs.select_scans(ids, "1-3,phantom_005,1") == ids[1:4] + ["phantom_005"]
+    with pytest.raises(SystemExit, match="neither a scan id"):
+        rs.select_scans(ids, "phantom_099")
+    ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
+                            similarity=["mse"])
+    grid = rs.settings_grid(ns)
+    assert len(grid) == 6 and len({rs.setting_key(s) for s in grid}) == 6
+    assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
+
+
+@pytest.mark.slow
+def test_refine_sweep_refines_from_zero_flow_and_resumes(tmp_path_factory, tmp_path):
+    """Zero steps leave zero flow (EPE = the truth's own length, magnitude 0); a short refinement
+    lowers the myocardium EPE; a rerun adds no rows and reports the same summary."""
+    from cv_cohort import cohort
+
+    from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.evaluate.physiology import LV_MYO
+    from cardiomotion.flow.metrics import endpoint_error
+
+    prepared, _ = cohort(tmp_path_factory)
+    out = tmp_path / "sweep.jsonl"
+    args = ["--prepared", str(prepared), "--scans", "0", "--steps", "0,40", "--levels", "2", "--out", str(out)]
+    first = _bench("refine_sweep.py", *args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and first["scans"] == ["phantom_000"]
+    by_steps = {r["setting"]["steps"]: r for r in rows}
+    pair = load_pair(prepared, read_scan_table(prepared).iloc[0])
+    zero_epe = endpoint_error(np.zeros_like(pair.truth_flow), pair.truth_flow, spacing_mm=(pair.spacing_mm,) * 3,
+                              mask=pair.ed_labels == LV_MYO).epe_mm
+    assert by_steps[0]["epe_myo_mm"] == pytest.approx(zero_epe) and by_steps[0]["magnitude_myo"] == 0.0
+    assert by_steps[40]["epe_myo_mm"] < 0.8 * zero_epe and by_steps[40]["magnitude_myo"] > 0.3
+    assert [s["setting"]["steps"] for s in first["summary"]] == [40, 0]  # best myocardium EPE first
+    again = _bench("refine_sweep.py", *args)
+    assert len(out.read_text().splitlines()) == 2 and again["summary"] == first["summary"]

@@ -1,0 +1,196 @@
+"""Choose ``annotate``'s refinement settings by measurement: EPE and motion magnitude against the truth.
+
+Every downstream arm inherits the annotations' error (README, "Downstream utility"): the delivered
+flows under-state myocardial motion, and the corpus's generator is fitted to them. This bench
+refines the prepared pairs of a phantom cohort (exact truth per scan) from zero flow — exactly as
+``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
+grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``: comma
+lists; every combination), and reports per setting, over the scans: EPE in the ED myocardium, the
+heart and the whole grid (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
+much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
+minimises — no truth needed); folding; seconds per pair.
+
+One JSON line per (setting, scan) is appended to ``--out`` as it finishes (a rerun skips what the
+file already holds: it resumes); the summary (JSON on stdout) gives the mean and standard deviation
+per setting, sorted by myocardium EPE. ``--scans`` picks scans by id or index range (``8-19``):
+choose scans that the evaluation using these annotations does not score on, e.g. not the held-out
+scans of the utility folds.
+
+    python bench/refine_sweep.py --prepared P --config S --scans 8-19 --sigma 2,3,4 \\
+        --smooth-weight 0,0.001,0.01 --out sweep.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def settings_grid(args: argparse.Namespace) -> list[dict]:
+    """Every combination of the comma lists, as dicts over :data:`GRID`."""
+    lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity]
+    return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
+
+
+def setting_key(s: dict) -> str:
+    return json.dumps({k: s[k] for k in GRID}, sort_keys=True)
+
+
+def select_scans(ids: list[str], spec: str | None) -> list[str]:
+    """``spec``: None (all), or comma items, each a scan id, an index or an index range ``a-b``."""
+    if not spec:
+        return ids
+    out: list[str] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item in ids:
+            out.append(item)
+        elif "-" in item and all(p.isdigit() for p in item.split("-", 1)):
+            a, b = map(int, item.split("-", 1))
+            out += ids[a:b + 1]
+        elif item.isdigit() and int(item) < len(ids):
+            out.append(ids[int(item)])
+        else:
+            raise SystemExit(f"--scans: {item!r} is neither a scan id nor an index of the {len(ids)} scans")
+    return list(dict.fromkeys(out))
+
+
+def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarray | None) -> dict:
+    """EPE (mm) over the grid, the heart (labels 1–4, as ``annotate``) and the myocardium (label 2); magnitude ratio
+    and folding. ``u``, ``truth``: (3, I, J, K) pull flows in voxels."""
+    from cardiomotion.evaluate.physiology import LV_MYO
+    from cardiomotion.flow.metrics import endpoint_error, folding_fraction, magnitude_ratio
+
+    s = (spacing_mm,) * 3
+    row = {"epe_mm": endpoint_error(u, truth, spacing_mm=s).epe_mm, "folding": folding_fraction(u)}
+    if labels is not None:
+        heart, myo = np.isin(labels, [1, 2, 3, 4]), labels == LV_MYO  # the masks of annotate's table
+        row["epe_heart_mm"] = endpoint_error(u, truth, spacing_mm=s, mask=heart).epe_mm
+        row["epe_myo_mm"] = endpoint_error(u, truth, spacing_mm=s, mask=myo).epe_mm
+        row["magnitude_myo"] = magnitude_ratio(u, truth, mask=myo)
+    return row
+
+
+def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
+    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does) and score it."""
+    import torch
+
+    from cardiomotion.annotate.refine import refine_flow
+    from cardiomotion.data.intensity import hu_to_unit
+    from cardiomotion.flow.warp import warp
+
+    fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
+    moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
+    t0 = time.perf_counter()
+    u = refine_flow(fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), steps=setting["steps"],
+                    lr=setting["lr"], smooth_weight=setting["smooth_weight"],
+                    similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"])
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        mse = float((fixed - warp(moving, u)).pow(2).mean())
+    return {**score(u[0].numpy(), pair.truth_flow, pair.spacing_mm, pair.ed_labels), "image_mse": mse,
+            "seconds": seconds}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per setting: mean and sd of every score over its scans, best myocardium EPE first."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(setting_key(r["setting"]), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        entry: dict = {"setting": json.loads(key), "scans": len(rs)}
+        for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "magnitude_myo", "image_mse", "folding", "seconds"):
+            v = np.asarray([r[metric] for r in rs if r.get(metric) is not None], dtype=np.float64)
+            if v.size:
+                entry[metric] = float(v.mean())
+                entry[f"{metric}_sd"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
+        out.append(entry)
+    return sorted(out, key=lambda e: e.get("epe_myo_mm", e.get("epe_mm", np.inf)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepared", required=True, help="prepared phantom cohort (exact truth per scan)")
+    ap.add_argument("--config", default=None, help="config file (its intensity window and refine defaults)")
+    ap.add_argument("--scans", default=None, help="scan ids / indices / ranges, comma-separated (default: all)")
+    ap.add_argument("--sigma", type=_floats, default=None, help="Gaussian std of the correction, voxels")
+    ap.add_argument("--smooth-weight", type=_floats, default=None, help="first-order smoothness weight")
+    ap.add_argument("--steps", type=_ints, default=None, help="Adam steps per level")
+    ap.add_argument("--lr", type=_floats, default=None, help="Adam step (voxels)")
+    ap.add_argument("--levels", type=_ints, default=None, help="coarse-to-fine levels")
+    ap.add_argument("--similarity", default=None, help="mse and/or ssim_l1")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--out", required=True, help="JSON-lines file, one row per (setting, scan); appended, resumed")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from cardiomotion.choices import Similarity
+    from cardiomotion.config import load_config
+    from cardiomotion.data.table import load_pair, read_scan_table
+
+    cfg = load_config(args.config)
+    ac = cfg.annotate
+    args.sigma = args.sigma or [ac.refine_sigma]
+    args.smooth_weight = args.smooth_weight if args.smooth_weight is not None else [ac.refine_smooth_weight]
+    args.steps = args.steps or [ac.refine_steps]
+    args.lr = args.lr or [ac.refine_lr]
+    args.levels = args.levels or [ac.refine_levels]
+    args.similarity = ([Similarity(v.strip()).value for v in args.similarity.split(",")] if args.similarity
+                       else [ac.refine_similarity.value])
+    torch.set_num_threads(args.threads)
+
+    table = read_scan_table(args.prepared)
+    rows_by_id = {str(r["scan_id"]): r for _, r in table.iterrows()}
+    scans = select_scans(sorted(rows_by_id), args.scans)
+    if not all(isinstance(rows_by_id[s].get("truth_flow_path"), str) and rows_by_id[s]["truth_flow_path"]
+               for s in scans):
+        raise SystemExit(f"{args.prepared}: a selected scan has no exact truth flow (a phantom cohort has one per scan)")
+    out = Path(args.out)
+    done: list[dict] = []
+    if out.is_file():
+        done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    have = {(setting_key(r["setting"]), r["scan"]) for r in done}
+    window = tuple(cfg.intensity.window)
+    settings = settings_grid(args)
+    with open(out, "a") as f:
+        for scan in scans:
+            pair = None
+            for s in settings:
+                if (setting_key(s), scan) in have:
+                    continue
+                pair = pair or load_pair(args.prepared, rows_by_id[scan])
+                row = {"scan": scan, "setting": s, **refine_scan(pair, s, window)}
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                done.append(row)
+                print(f"{scan} {setting_key(s)}: EPE myo {row.get('epe_myo_mm', float('nan')):.3f} mm, "
+                      f"magnitude {row.get('magnitude_myo', float('nan')):.3f} ({row['seconds']:.1f} s)",
+                      file=sys.stderr)
+    chosen = {setting_key(s) for s in settings}
+    mine = [r for r in done if setting_key(r["setting"]) in chosen and r["scan"] in set(scans)]
+    print(json.dumps({"prepared": str(args.prepared), "scans": scans, "window_hu": list(window),
+                      "summary": summarize(mine)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
