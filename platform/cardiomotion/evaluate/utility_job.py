@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -618,9 +618,11 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     ident = estimator_identity(cfg)
     _check_identity(runs_file, done_rows, ident)  # before any work: finished rows are only reused if comparable
     inputs = check_inputs(out, prepared, flows)
-    _check_budgets(runs_file, done_rows, [r for p in plans for r in plan_runs(
-        p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
-        model_uri=None, frames_dir=None, rms_vox=0.0)], cfg)
+    # every fold's estimators, planned once; the random arm's RMS and the corpus arms' corpus are
+    # filled in (dataclasses.replace) when known
+    planned = {p.val_id: plan_runs(p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows),
+                                   corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=0.0) for p in plans}
+    _check_budgets(runs_file, done_rows, [r for runs in planned.values() for r in runs], cfg)
     have = {_row_key(r) for r in done_rows}
     u = cfg.utility
     ray = init_ray(cfg.ray)
@@ -633,7 +635,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     cfg_json = task_cfg.model_dump(mode="json")
     refs: list[dict] = []
     queue: list[UtilityRun] = []
-    preparing: dict[Any, tuple[Any, float]] = {}  # prep task → (plan, rms)
+    preparing: dict[Any, Any] = {}  # prep task → its fold's plan
     sumsq: dict[str, tuple[float, int]] = {}  # each scan's flow read once for the whole sweep
     total = corpus_runs_todo = 0
     prep = ray.remote(num_cpus=0, max_retries=0)(_prepare_fold_task)
@@ -641,15 +643,14 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         fold_dir = utility_fold_dir(out, plan.val_id)
         fold_dir.mkdir(parents=True, exist_ok=True)
         rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
-        runs = plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared), flows=str(flows),
-                         corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=rms)
+        runs = planned[plan.val_id] = [replace(r, rms_vox=float(rms)) for r in planned[plan.val_id]]
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).uses_corpus and r.key not in have]
         corpus_todo = sum(1 for r in runs if UtilityArm(r.arm).uses_corpus and r.key not in have)
         if corpus_todo:
             corpus_runs_todo += corpus_todo
             preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
-                                  str(fold_dir), cfg_json)] = (plan, rms)
+                                  str(fold_dir), cfg_json)] = plan
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
     todo = len(queue) + corpus_runs_todo
     budget = (f"{u.steps} steps each" if u.epochs is None else
@@ -677,7 +678,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                 pending[task.remote(asdict(r), cfg_json)] = r
             ready, _ = ray.wait(list(pending) + list(preparing), num_returns=1)
             if ready[0] in preparing:
-                plan, rms = preparing.pop(ready[0])
+                plan = preparing.pop(ready[0])
                 try:
                     fc: FoldCorpus = ray.get(ready[0])
                 except Exception as exc:  # the other folds go on; a rerun retries this one
@@ -686,10 +687,8 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                     continue
                 log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, corpus "
                     f"{fc.corpus_dir or 'on the fly'}")
-                queue += [r for r in plan_runs(plan.fold, plan.val_id, plan.train_ids, cfg, prepared=str(prepared),
-                                               flows=str(flows), corpus_dir=fc.corpus_dir, model_uri=fc.model_uri,
-                                               frames_dir=fc.frames_dir, rms_vox=rms)
-                          if UtilityArm(r.arm).uses_corpus and r.key not in have]
+                queue += [replace(r, corpus_dir=fc.corpus_dir, model_uri=fc.model_uri, frames_dir=fc.frames_dir)
+                          for r in planned[plan.val_id] if UtilityArm(r.arm).uses_corpus and r.key not in have]
                 continue
             r = pending.pop(ready[0])
             try:
