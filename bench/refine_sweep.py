@@ -12,7 +12,8 @@ minimises — no truth needed); folding; seconds per pair.
 
 One JSON line per (setting, scan) is appended to ``--out`` as it finishes (a rerun skips what the
 file already holds: it resumes); the summary (JSON on stdout) gives the mean and standard deviation
-per setting, sorted by myocardium EPE. ``--scans`` picks scans by id or index range (``8-19``):
+per setting, sorted by myocardium EPE; ``--figure PNG`` draws every setting the file holds for the
+selected scans against the smoothness weight. ``--scans`` picks scans by id or index range (``8-19``):
 choose scans that the evaluation using these annotations does not score on, e.g. not the held-out
 scans of the utility folds.
 
@@ -126,6 +127,42 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda e: e.get("epe_myo_mm", e.get("epe_mm", np.inf)))
 
 
+def sweep_figure(summary: list[dict], path: Path, scans: int) -> Path:
+    """Four panels against the smoothness weight (symlog axis): myocardium, heart and whole-grid EPE
+    (mm) and ``magnitude_myo``; one line per combination of the other settings; written atomically."""
+    from cardiomotion.evaluate.figures import pyplot, save_figure
+
+    plt = pyplot()
+    varying = [k for k in GRID if k != "smooth_weight" and len({e["setting"][k] for e in summary}) > 1]
+    fixed = {k: summary[0]["setting"][k] for k in GRID if k != "smooth_weight" and k not in varying}
+    lines: dict[str, list[dict]] = {}
+    for e in summary:  # one line per combination of the settings that vary; the fixed ones in the title
+        lines.setdefault(", ".join(f"{k} {e['setting'][k]}" for k in varying) or "refinement", []).append(e)
+    panels = (("epe_myo_mm", "myocardium EPE (mm)"), ("epe_heart_mm", "heart EPE (mm)"),
+              ("epe_mm", "whole-grid EPE (mm)"), ("magnitude_myo", "myocardial motion / truth's"))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    weights = sorted({e["setting"]["smooth_weight"] for e in summary})
+    positive = [w for w in weights if w > 0]
+    for ax, (metric, label) in zip(axes, panels):
+        for name, es in sorted(lines.items()):
+            es = sorted((e for e in es if metric in e), key=lambda e: e["setting"]["smooth_weight"])
+            if es:
+                ax.plot([e["setting"]["smooth_weight"] for e in es], [e[metric] for e in es], marker="o", ms=4,
+                        label=name if len(es) > 1 else f"{name} (one weight)")
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive))
+        if metric == "magnitude_myo":
+            ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.set_xlabel("smoothness weight")
+        ax.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"annotate's refinement from zero flow against the exact truth, mean over {scans} scans "
+                 f"({', '.join(f'{k} {v}' for k, v in fixed.items())})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save_figure(fig, path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prepared", required=True, help="prepared phantom cohort (exact truth per scan)")
@@ -139,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--similarity", default=None, help="mse and/or ssim_l1")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file, one row per (setting, scan); appended, resumed")
+    ap.add_argument("--figure", default=None, help="PNG: every setting of --out on the selected scans against the smoothness weight")
     args = ap.parse_args(argv)
 
     import torch
@@ -187,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
     chosen = {setting_key(s) for s in settings}
     mine = [r for r in done if setting_key(r["setting"]) in chosen and r["scan"] in set(scans)]
-    print(json.dumps({"prepared": str(args.prepared), "scans": scans, "window_hu": list(window),
-                      "summary": summarize(mine)}, indent=1))
+    result = {"prepared": str(args.prepared), "scans": scans, "window_hu": list(window), "summary": summarize(mine)}
+    if args.figure:  # every setting the file holds for these scans, not only this invocation's
+        result["figure"] = str(sweep_figure(summarize([r for r in done if r["scan"] in set(scans)]),
+                                            Path(args.figure), len(scans)))
+    print(json.dumps(result, indent=1))
     return 0
 
 

@@ -485,5 +485,6 @@ def test_refine_sweep_refines_from_zero_flow_and_resumes(tmp_path_factory, tmp_p
     assert by_steps[0]["epe_myo_mm"] == pytest.approx(zero_epe) and by_steps[0]["magnitude_myo"] == 0.0
     assert by_steps[40]["epe_myo_mm"] < 0.8 * zero_epe and by_steps[40]["magnitude_myo"] > 0.3
     assert [s["setting"]["steps"] for s in first["summary"]] == [40, 0]  # best myocardium EPE first
-    again = _bench("refine_sweep.py", *args)
+    again = _bench("refine_sweep.py", *args, "--figure", str(tmp_path / "sweep.png"))
     assert len(out.read_text().splitlines()) == 2 and again["summary"] == first["summary"]
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and again["figure"] == str(tmp_path / "sweep.png")
