@@ -24,6 +24,16 @@ def _bench(script: str, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def _load(name: str):
+    """A bench script as a module (its functions, or its main(), called in this process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.mark.slow
 def test_train_throughput_times_the_reference_and_the_training_recipe():
     out = _bench("train_throughput.py", "--device", "cpu", "--grids", "16,16x16x8", "--batch", "2",
@@ -70,11 +80,7 @@ def test_cv_wallclock_refuses_a_grid_the_model_cannot_take():
 def test_prior_recipes_settings_are_relative_to_the_papers_model(tmp_path):
     """The settings are defined against the paper's model (latent = the coarsest pyramid's
     channels), whatever the project's default latent size is: "paper" must not train "paper_z8"."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("prior_recipes")
     smoke = str(REPO / "configs" / "smoke.yaml")
     paper = bench.setting_config(smoke, "paper", 7).train
     assert paper.model.latent_channels is None and paper.recipe.value == "paper" and paper.epochs == 7
@@ -100,11 +106,7 @@ def test_prior_recipes_summary_compares_with_the_paper_on_shared_folds(tmp_path)
     """Known numbers in, known ratios out: ES and reconstruction (annotated and exact truth) are
     compared with the paper's recipe on the folds both ran; EF coverage is the overlap of the
     samples' 5th–95th percentiles with the cohort's, over the cohort's range."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("prior_recipes")
 
     def row(setting, fold, es, rec, rec_truth, efs):
         return {"setting": setting, "fold": fold, "epochs": 5, "prior_energy_score_vox": es, "rec_epe_vox": rec,
@@ -134,11 +136,7 @@ def test_prior_recipes_summary_compares_with_the_paper_on_shared_folds(tmp_path)
 def test_prior_recipes_resumes_after_a_run_killed_mid_write(tmp_path, capsys):
     """A truncated last line (a kill during the append) is dropped with a warning and the file
     rewritten so later appends stay valid JSON lines; a bad line elsewhere names file and line."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prior_recipes", REPO / "bench" / "prior_recipes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("prior_recipes")
     out = tmp_path / "rows.jsonl"
     out.write_text('{"setting": "paper", "fold": 0}\n{"setting": "paper", "fo')
     assert bench.read_rows(out) == [{"setting": "paper", "fold": 0}]
@@ -237,19 +235,10 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     assert noise["last"]["loss"] != pytest.approx(runs["truth"]["last"]["loss"])
 
 
-def _estimator_curve_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimator_curve", REPO / "bench" / "estimator_curve.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_warped_ed_is_es_moved_by_the_field_and_rounded_to_whole_hu():
     """Known answers on whole-HU frames: zero flow gives ES; a pull field of +2 voxels along axis 1 gives
     ED(x) = ES(x + 2) inside the grid."""
-    bench = _estimator_curve_module()
+    bench = _load("estimator_curve")
     rng = np.random.default_rng(0)
     es = np.round(rng.normal(0, 300, (2, 8, 10, 6))).astype(np.float32)  # whole HU, as prepared scans hold
     zero = np.zeros((2, 3, 8, 10, 6), np.float32)
@@ -296,11 +285,7 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     assert (run["arm"], run["scan"], run["n"], run["last"]["step"]) == ("cvae", "phantom_001", 5, 2)
     assert run["corpus"] == str((tmp_path / "corpus").resolve())  # the header names what it trained on
     assert np.isfinite(run["last"]["epe_myo_mm"]) and run["last"]["epe_myo_mm"] > 0
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimator_curve", REPO / "bench" / "estimator_curve.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("estimator_curve")
     import torch
 
     threads = torch.get_num_threads()  # main() sets its own
@@ -322,16 +307,6 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def _load(name: str):
-    """A bench script as a module (its main() called in this process)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _runs(folder: Path, rows: list[dict]) -> Path:
@@ -423,21 +398,12 @@ def test_flow_magnitude_measures_the_annotations_against_the_truth(tmp_path_fact
     assert proc.returncode == 2 and proc.stderr.startswith("flow_magnitude:") and "flow.nii.gz" in proc.stderr
 
 
-def _refine_sweep_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("refine_sweep", REPO / "bench" / "refine_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     """The truth scores EPE 0 and magnitude 1; half the truth magnitude 0.5 and an EPE of half the
     truth's mean length; scan selection by id, index and range; every combination of the lists."""
     import argparse
 
-    rs = _refine_sweep_module()
+    rs = _load("refine_sweep")
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(3, 8, 8, 8)).astype(np.float32)
     labels = np.zeros((8, 8, 8), np.uint8)
