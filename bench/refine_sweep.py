@@ -55,22 +55,11 @@ def setting_key(s: dict) -> str:
 
 
 def select_scans(ids: list[str], spec: str | None) -> list[str]:
-    """``spec``: None (all), or comma items, each a scan id, an index or an index range ``a-b``."""
-    if not spec:
-        return ids
-    out: list[str] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if item in ids:
-            out.append(item)
-        elif "-" in item and all(p.isdigit() for p in item.split("-", 1)):
-            a, b = map(int, item.split("-", 1))
-            out += ids[a:b + 1]
-        elif item.isdigit() and int(item) < len(ids):
-            out.append(ids[int(item)])
-        else:
-            raise SystemExit(f"--scans: {item!r} is neither a scan id nor an index of the {len(ids)} scans")
-    return list(dict.fromkeys(out))
+    """``spec``: None (all), or what ``cv --folds`` takes — scan ids, indices, ranges ``a-b``
+    (:func:`cardiomotion.train.sweep.resolve_folds`; an unknown one raises its InputError)."""
+    from cardiomotion.train.sweep import resolve_folds
+
+    return [ids[k] for k in resolve_folds(spec, ids, where="--scans")]
 
 
 def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarray | None) -> dict:
@@ -184,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from cardiomotion.choices import Similarity
     from cardiomotion.config import load_config
     from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.errors import InputError
+    from cardiomotion.fileio import append_json_lines, read_json_lines
 
     cfg = load_config(args.config)
     ac = cfg.annotate
@@ -198,31 +189,31 @@ def main(argv: list[str] | None = None) -> int:
 
     table = read_scan_table(args.prepared)
     rows_by_id = {str(r["scan_id"]): r for _, r in table.iterrows()}
-    scans = select_scans(sorted(rows_by_id), args.scans)
+    try:
+        scans = select_scans(sorted(rows_by_id), args.scans)
+        # a run killed mid-append leaves a truncated last line: dropped (and remade), not a crash
+        done = read_json_lines(args.out, log=lambda m: print(f"refine_sweep: {m}", file=sys.stderr))
+    except InputError as exc:
+        print(f"refine_sweep: {exc}", file=sys.stderr)
+        return 2
     if not all(isinstance(rows_by_id[s].get("truth_flow_path"), str) and rows_by_id[s]["truth_flow_path"]
                for s in scans):
         raise SystemExit(f"{args.prepared}: a selected scan has no exact truth flow (a phantom cohort has one per scan)")
-    out = Path(args.out)
-    done: list[dict] = []
-    if out.is_file():
-        done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     have = {(setting_key(r["setting"]), r["scan"]) for r in done}
     window = tuple(cfg.intensity.window)
     settings = settings_grid(args)
-    with open(out, "a") as f:
-        for scan in scans:
-            pair = None
-            for s in settings:
-                if (setting_key(s), scan) in have:
-                    continue
-                pair = pair or load_pair(args.prepared, rows_by_id[scan])
-                row = {"scan": scan, "setting": s, **refine_scan(pair, s, window)}
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                done.append(row)
-                print(f"{scan} {setting_key(s)}: EPE myo {row.get('epe_myo_mm', float('nan')):.3f} mm, "
-                      f"magnitude {row.get('magnitude_myo', float('nan')):.3f} ({row['seconds']:.1f} s)",
-                      file=sys.stderr)
+    for scan in scans:
+        pair = None
+        for s in settings:
+            if (setting_key(s), scan) in have:
+                continue
+            pair = pair or load_pair(args.prepared, rows_by_id[scan])
+            row = {"scan": scan, "setting": s, **refine_scan(pair, s, window)}
+            append_json_lines(args.out, [row])
+            done.append(row)
+            print(f"{scan} {setting_key(s)}: EPE myo {row.get('epe_myo_mm', float('nan')):.3f} mm, "
+                  f"magnitude {row.get('magnitude_myo', float('nan')):.3f} ({row['seconds']:.1f} s)",
+                  file=sys.stderr)
     chosen = {setting_key(s) for s in settings}
     mine = [r for r in done if setting_key(r["setting"]) in chosen and r["scan"] in set(scans)]
     result = {"prepared": str(args.prepared), "scans": scans, "window_hu": list(window), "summary": summarize(mine)}

@@ -419,7 +419,9 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     ids = [f"phantom_{i:03d}" for i in range(6)]
     assert rs.select_scans(ids, None) == ids
     assert rs.select_scans(ids, "1-3,phantom_005,1") == ids[1:4] + ["phantom_005"]
-    with pytest.raises(SystemExit, match="neither a scan id"):
+    from cardiomotion.errors import InputError
+
+    with pytest.raises(InputError, match="no such fold or scan: 'phantom_099'"):
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
                             similarity=["mse"])
