@@ -4,8 +4,8 @@ Every downstream arm inherits the annotations' error (README, "Downstream utilit
 flows under-state myocardial motion, and the corpus's generator is fitted to them. This bench
 refines the prepared pairs of a phantom cohort (exact truth per scan) from zero flow — exactly as
 ``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
-grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``: comma
-lists; every combination), and reports per setting, over the scans: EPE in the ED myocardium, the
+grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``,
+``--edge-weight``: comma lists; every combination), and reports per setting, over the scans: EPE in the ED myocardium, the
 heart and the whole grid (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
 much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
 minimises — no truth needed); folding; seconds per pair.
@@ -33,7 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity")
+GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight")
+#: settings added after rows were first written: a row without one was made at this value
+ADDED = {"edge_weight": 0.0}
 
 
 def _floats(text: str) -> list[float]:
@@ -46,12 +48,12 @@ def _ints(text: str) -> list[int]:
 
 def settings_grid(args: argparse.Namespace) -> list[dict]:
     """Every combination of the comma lists, as dicts over :data:`GRID`."""
-    lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity]
+    lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
 def setting_key(s: dict) -> str:
-    return json.dumps({k: s[k] for k in GRID}, sort_keys=True)
+    return json.dumps({k: s[k] if k in s else ADDED[k] for k in GRID}, sort_keys=True)
 
 
 def select_scans(ids: list[str], spec: str | None) -> list[str]:
@@ -63,19 +65,13 @@ def select_scans(ids: list[str], spec: str | None) -> list[str]:
 
 
 def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarray | None) -> dict:
-    """EPE (mm) over the grid, the heart (labels 1–4, as ``annotate``) and the myocardium (label 2); magnitude ratio
-    and folding. ``u``, ``truth``: (3, I, J, K) pull flows in voxels."""
-    from cardiomotion.evaluate.physiology import LV_MYO
-    from cardiomotion.flow.metrics import endpoint_error, folding_fraction, magnitude_ratio
+    """EPE (mm) over the grid, the heart and the myocardium, magnitude ratios and folding — the
+    measures of ``annotate``'s quality table (:func:`cardiomotion.flow.metrics.truth_scores` over
+    :func:`cardiomotion.data.phantom.region_masks`). ``u``, ``truth``: (3, I, J, K) pull flows in voxels."""
+    from cardiomotion.data.phantom import region_masks
+    from cardiomotion.flow.metrics import truth_scores
 
-    s = (spacing_mm,) * 3
-    row = {"epe_mm": endpoint_error(u, truth, spacing_mm=s).epe_mm, "folding": folding_fraction(u)}
-    if labels is not None:
-        heart, myo = np.isin(labels, [1, 2, 3, 4]), labels == LV_MYO  # the masks of annotate's table
-        row["epe_heart_mm"] = endpoint_error(u, truth, spacing_mm=s, mask=heart).epe_mm
-        row["epe_myo_mm"] = endpoint_error(u, truth, spacing_mm=s, mask=myo).epe_mm
-        row["magnitude_myo"] = magnitude_ratio(u, truth, mask=myo)
-    return row
+    return truth_scores(u, truth, spacing_mm, region_masks(labels) if labels is not None else None)
 
 
 def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
@@ -91,7 +87,8 @@ def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
     t0 = time.perf_counter()
     u = refine_flow(fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), steps=setting["steps"],
                     lr=setting["lr"], smooth_weight=setting["smooth_weight"],
-                    similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"])
+                    similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"],
+                    edge_weight=setting["edge_weight"])
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         mse = float((fixed - warp(moving, u)).pow(2).mean())
@@ -163,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=_floats, default=None, help="Adam step (voxels)")
     ap.add_argument("--levels", type=_ints, default=None, help="coarse-to-fine levels")
     ap.add_argument("--similarity", default=None, help="mse and/or ssim_l1")
+    ap.add_argument("--edge-weight", type=_floats, default=None, help="edge-aware smoothness λ (0: plain)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file, one row per (setting, scan); appended, resumed")
     ap.add_argument("--figure", default=None, help="PNG: every setting of --out on the selected scans against the smoothness weight")
@@ -183,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or [ac.refine_steps]
     args.lr = args.lr or [ac.refine_lr]
     args.levels = args.levels or [ac.refine_levels]
+    args.edge_weight = args.edge_weight if args.edge_weight is not None else [ac.refine_edge_weight]
     args.similarity = ([Similarity(v.strip()).value for v in args.similarity.split(",")] if args.similarity
                        else [ac.refine_similarity.value])
     torch.set_num_threads(args.threads)

@@ -424,10 +424,13 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     with pytest.raises(InputError, match="no such fold or scan: 'phantom_099'"):
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
-                            similarity=["mse"])
+                            similarity=["mse"], edge_weight=[0.0, 10.0])
     grid = rs.settings_grid(ns)
-    assert len(grid) == 6 and len({rs.setting_key(s) for s in grid}) == 6
+    assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
+    # a row written before edge_weight existed was made without it: it is the edge 0 setting
+    old = {k: v for k, v in grid[0].items() if k != "edge_weight"}
+    assert grid[0]["edge_weight"] == 0.0 and rs.setting_key(old) == rs.setting_key(grid[0])
 
 
 @pytest.mark.slow

@@ -243,6 +243,30 @@ def test_magnitude_ratio_known_values():
     with pytest.raises(ValueError):
         magnitude_ratio(truth, truth[:, :, :2])
 
+def test_truth_scores_per_region_known_values():
+    """A flow that is the truth in the first slab and zero elsewhere: EPE 0 and magnitude 1 inside
+    the slab, the truth's length (5 voxels · 2 mm) where it is zero; an empty region is left out."""
+    from cardiomotion.data.phantom import LV_MYO, RV_WALL, region_masks
+    from cardiomotion.flow.metrics import truth_scores
+
+    shape = (4, 4, 4)
+    truth = const_field([0.0, 0.0, 5.0], shape=shape)[0].numpy()  # a shear: the jump does not fold
+    u = truth.copy()
+    u[:, 1:] = 0.0
+    labels = np.zeros(shape, np.uint8)
+    labels[0] = LV_MYO
+    labels[1] = RV_WALL
+    masks = region_masks(labels)
+    assert masks["myo"].sum() == 16 and masks["heart"].sum() == 32
+    got = truth_scores(u, truth, 2.0, masks)
+    assert got["epe_myo_mm"] == pytest.approx(0.0) and got["magnitude_myo"] == pytest.approx(1.0)
+    assert got["epe_heart_mm"] == pytest.approx(5.0) and got["magnitude_heart"] == pytest.approx(0.5)
+    assert got["epe_mm"] == pytest.approx(0.75 * 10.0) and got["folding"] == 0.0
+    masks["empty"] = np.zeros(shape, bool)
+    assert set(truth_scores(u, truth, (2.0, 2.0, 2.0), masks)) == set(got)
+    assert set(truth_scores(u, truth, 2.0)) == {"epe_mm", "folding"}
+
+
 # --------------------------------------------------------------------------- gaussian_smooth
 def test_gaussian_smooth_keeps_constant_and_linear_fields():
     const = torch.full((1, 3, 12, 10, 9), 2.5)

@@ -1,6 +1,8 @@
 """SSIM, photometric, smoothness, multi-level PWC loss and the KL term."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -70,6 +72,29 @@ def test_smoothness_constant_and_ramp():
     ramp_k = torch.zeros(1, 3, 6, 7, 8)
     ramp_k[:, 2] = s * torch.arange(8, dtype=torch.float32)
     assert float(smoothness_loss(ramp_k)) == pytest.approx(s**2 / 3, rel=1e-6)
+
+
+def test_edge_aware_smoothness_prices_a_jump_across_an_image_edge():
+    """A flow step of height h along axis 0 costs h²/(3·(I−1)) (one component, one voxel pair in
+    I − 1 along that axis); with an image step of height e across the same voxel pair the cost is
+    scaled by exp(−λe); an image step elsewhere, or λ = 0, leaves it unchanged."""
+    I, h, e, lam = 6, 0.8, 0.3, 10.0
+    flow = torch.zeros(1, 3, I, 5, 4)
+    flow[:, 0, 3:] = h  # the jump is between i = 2 and i = 3
+    plain = h**2 / (3 * (I - 1))
+    assert float(smoothness_loss(flow)) == pytest.approx(plain, rel=1e-6)
+    at_edge = torch.zeros(1, 1, I, 5, 4)
+    at_edge[:, :, 3:] = e
+    assert float(smoothness_loss(flow, image=at_edge, edge_weight=lam)) == pytest.approx(
+        plain * math.exp(-lam * e), rel=1e-5)
+    assert float(smoothness_loss(flow, penalty="l1", image=at_edge, edge_weight=lam)) == pytest.approx(
+        h / (3 * (I - 1)) * math.exp(-lam * e), rel=1e-5)
+    elsewhere = torch.zeros(1, 1, I, 5, 4)
+    elsewhere[:, :, 1:] = e
+    assert float(smoothness_loss(flow, image=elsewhere, edge_weight=lam)) == pytest.approx(plain, rel=1e-6)
+    assert float(smoothness_loss(flow, image=at_edge, edge_weight=0.0)) == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(ValueError, match="on the flow's grid"):
+        smoothness_loss(flow, image=at_edge[:, :, :-1], edge_weight=lam)
 
 
 def test_kl_standard_normal():

@@ -26,7 +26,7 @@ def _image_term(fixed, warped, similarity: Similarity, alpha: float, window: int
     return photometric_loss(fixed, warped, alpha=alpha, window=window)
 
 
-def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, sigma) -> torch.Tensor:
+def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, sigma, edge_weight) -> torch.Tensor:
     u0 = u0.detach()
     w = torch.zeros_like(u0, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
@@ -34,7 +34,7 @@ def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, si
     for _ in range(steps):
         u = u0 + gaussian_smooth(w, sigma)
         loss = (_image_term(fixed, warp(moving, u), similarity, alpha, window)
-                + smooth_weight * smoothness_loss(u))
+                + smooth_weight * smoothness_loss(u, image=fixed, edge_weight=edge_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -53,10 +53,13 @@ def refine_flow(
     alpha: float = 0.85,
     sigma: float = 3.0,
     levels: int = 3,
+    edge_weight: float = 0.0,
 ) -> torch.Tensor:
     """Optimise a pull flow u so that warp(moving, u) ≈ fixed, starting from ``flow``.
 
-    Loss: similarity(fixed, warp(moving, u)) + smooth_weight · smoothness(u) (first-order, l2),
+    Loss: similarity(fixed, warp(moving, u)) + smooth_weight · smoothness(u) (first-order, l2;
+    edge-aware with ``edge_weight`` > 0: each difference weighted by exp(−edge_weight·|∇fixed|),
+    :func:`~cardiomotion.train.losses.smoothness_loss` — the pull flow lives on the fixed grid),
     minimised by Adam over a Gaussian-filtered correction (module docstring), coarse to fine:
     ``levels`` resolutions (each half the next; ``steps`` per level), so large residual motion is
     caught on the coarse grid and detail on the full one.
@@ -66,6 +69,7 @@ def refine_flow(
         flow: (1, 3, I, J, K) initial pull flow in voxels.
         similarity: ``"mse"`` or ``"ssim_l1"`` (with ``alpha`` the SSIM share).
         sigma: std of the correction's Gaussian filter, voxels of each level (0: none).
+        edge_weight: λ of the edge-aware smoothness (0: plain first-order smoothness).
 
     Returns:
         (1, 3, I, J, K) refined flow (detached), voxels of the full grid.
@@ -81,5 +85,6 @@ def refine_flow(
             continue
         f = downsample_to(fixed, size) if level else fixed
         m = downsample_to(moving, size) if level else moving
-        u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, similarity, alpha, sigma)
+        u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, similarity, alpha, sigma,
+                      edge_weight)
     return resize_flow(u, full)

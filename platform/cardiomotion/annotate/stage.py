@@ -70,28 +70,21 @@ def _quality(pair, fixed, moving, flows: dict[str, torch.Tensor], alpha: float) 
     """Photometric error, folding and (with a truth flow) EPE of each candidate flow, and its
     magnitude against the truth's in the heart and the myocardium (``magnitude_myo_<name>``:
     mean ‖u‖ / mean ‖truth‖; below 1 the flow under-states the motion)."""
-    from ..flow.metrics import endpoint_error, folding_fraction, magnitude_ratio
+    from ..data.phantom import region_masks
+    from ..flow.metrics import folding_fraction, truth_scores
     from ..flow.warp import warp
     from ..train.losses import photometric_loss
 
     q: dict[str, float] = {}
-    s = pair.spacing_mm
-    truth = pair.truth_flow
-    masks = {}
-    if pair.ed_labels is not None:
-        masks = {"heart": np.isin(pair.ed_labels, [1, 2, 3, 4]), "myo": pair.ed_labels == 2}
+    masks = region_masks(pair.ed_labels) if pair.ed_labels is not None else {}
     for name, u in flows.items():
         with torch.no_grad():
             q[f"photometric_{name}"] = float(photometric_loss(fixed, warp(moving, u), alpha=alpha))
-        q[f"folding_{name}"] = folding_fraction(u[0]) if name != "zero" else 0.0
-        if truth is not None:
-            un = u[0].numpy()
-            q[f"epe_mm_{name}"] = endpoint_error(un, truth, spacing_mm=(s, s, s)).epe_mm
-            for mname, m in masks.items():
-                if m.any():
-                    q[f"epe_{mname}_mm_{name}"] = endpoint_error(un, truth, spacing_mm=(s, s, s), mask=m).epe_mm
-                    if name != "zero":
-                        q[f"magnitude_{mname}_{name}"] = magnitude_ratio(un, truth, mask=m)
+        scores = (truth_scores(u[0].numpy(), pair.truth_flow, pair.spacing_mm, masks) if pair.truth_flow is not None
+                  else {"folding": folding_fraction(u[0])})
+        if name == "zero":  # zero flow neither folds nor moves
+            scores = {**{k: v for k, v in scores.items() if not k.startswith("magnitude_")}, "folding": 0.0}
+        q.update({f"{k}_{name}": v for k, v in scores.items()})
     return q
 
 
@@ -197,7 +190,7 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
             final = refine_flow(fixed, moving, start, steps=ac.refine_steps, lr=ac.refine_lr,
                                 smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
                                 similarity=ac.refine_similarity.value, sigma=ac.refine_sigma,
-                                levels=ac.refine_levels)
+                                levels=ac.refine_levels, edge_weight=ac.refine_edge_weight)
             flows["refined"] = final
         quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)
         record = {"scan_id": pair.scan_id, "flow_path": f"{pair.scan_id}/{FLOW_FILE}",

@@ -40,6 +40,15 @@ LABEL_NAMES = {
     LA_BLOOD: "LA blood pool",
     AORTA: "aortic root",
 }
+#: the ventricles' blood pools and walls: the "heart" of the annotation and refinement tables
+HEART_LABELS = (LV_BLOOD, LV_MYO, RV_BLOOD, RV_WALL)
+
+
+def region_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The regions flows are scored in, from an ED label volume (I, J, K): ``heart`` (the
+    ventricles, :data:`HEART_LABELS`) and ``myo`` (the LV myocardium), boolean (I, J, K)."""
+    labels = np.asarray(labels)
+    return {"heart": np.isin(labels, HEART_LABELS), "myo": labels == LV_MYO}
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,21 @@ def magnitude_ratio(u: Any, reference: Any, mask: Any = None) -> float:
         a, b = a[m], b[m]
     den = float(b.mean()) if b.numel() else 0.0
     return float(a.mean()) / den if den > 0 else float("nan")
+
+
+def truth_scores(u: Any, truth: Any, spacing_mm: Any, masks: dict[str, Any] | None = None) -> dict[str, float]:
+    """One flow against the exact truth: ``epe_mm`` over the grid, ``folding``, and per named mask
+    ``epe_<name>_mm`` and ``magnitude_<name>`` (:func:`magnitude_ratio`); an empty mask is skipped.
+
+    Args:
+        u, truth: (3, I, J, K) or (B, 3, I, J, K) flows in voxels.
+        spacing_mm: voxel size, one number or (3,), mm.
+        masks: name → boolean (I, J, K), e.g. :func:`cardiomotion.data.phantom.region_masks`.
+    """
+    s = (float(spacing_mm),) * 3 if np.ndim(spacing_mm) == 0 else tuple(float(x) for x in spacing_mm)
+    out = {"epe_mm": endpoint_error(u, truth, spacing_mm=s).epe_mm, "folding": folding_fraction(u)}
+    for name, m in (masks or {}).items():
+        if np.asarray(m).any():
+            out[f"epe_{name}_mm"] = endpoint_error(u, truth, spacing_mm=s, mask=m).epe_mm
+            out[f"magnitude_{name}"] = magnitude_ratio(u, truth, mask=m)
+    return out
