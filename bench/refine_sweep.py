@@ -5,8 +5,9 @@ flows under-state myocardial motion, and the corpus's generator is fitted to the
 refines the prepared pairs of a phantom cohort (exact truth per scan) from zero flow — exactly as
 ``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
 grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``,
-``--edge-weight``: comma lists; every combination), and reports per setting, over the scans: EPE in the ED myocardium, the
-heart and the whole grid (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
+``--edge-weight``: comma lists; every combination), and reports per setting, over the scans: EPE in
+the ED myocardium, the heart, the whole grid and the tissue more than ``FAR_MM`` from the heart
+(mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
 much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
 minimises — no truth needed); folding; seconds per pair.
 
@@ -64,14 +65,27 @@ def select_scans(ids: list[str], spec: str | None) -> list[str]:
     return [ids[k] for k in resolve_folds(spec, ids, where="--scans")]
 
 
+#: "far": voxels more than this far from the heart (mm) — at the default intensity window mostly
+#: clipped lung and air, with no texture to anchor the flow; the truth barely moves there
+FAR_MM = 30.0
+
+
 def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarray | None) -> dict:
-    """EPE (mm) over the grid, the heart and the myocardium, magnitude ratios and folding — the
-    measures of ``annotate``'s quality table (:func:`cardiomotion.flow.metrics.truth_scores` over
-    :func:`cardiomotion.data.phantom.region_masks`). ``u``, ``truth``: (3, I, J, K) pull flows in voxels."""
+    """EPE (mm) over the grid, the heart, the myocardium and the tissue ``FAR_MM`` from the heart,
+    magnitude ratios (mean ‖u‖ / mean ‖truth‖) in each, and folding — the measures of ``annotate``'s
+    quality table (:func:`cardiomotion.flow.metrics.truth_scores` over
+    :func:`cardiomotion.data.phantom.region_masks`) plus the far region. ``u``, ``truth``:
+    (3, I, J, K) pull flows in voxels."""
+    from scipy.ndimage import distance_transform_edt
+
     from cardiomotion.data.phantom import region_masks
     from cardiomotion.flow.metrics import truth_scores
 
-    return truth_scores(u, truth, spacing_mm, region_masks(labels) if labels is not None else None)
+    masks = None
+    if labels is not None:
+        masks = region_masks(labels)
+        masks["far"] = distance_transform_edt(~masks["heart"], sampling=spacing_mm) > FAR_MM
+    return truth_scores(u, truth, spacing_mm, masks)
 
 
 def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
@@ -104,7 +118,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for key, rs in groups.items():
         entry: dict = {"setting": json.loads(key), "scans": len(rs)}
-        for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "magnitude_myo", "image_mse", "folding", "seconds"):
+        for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "epe_far_mm", "magnitude_myo", "magnitude_heart",
+                       "magnitude_far", "image_mse", "folding", "seconds"):
             v = np.asarray([r[metric] for r in rs if r.get(metric) is not None], dtype=np.float64)
             if v.size:
                 entry[metric] = float(v.mean())

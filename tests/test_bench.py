@@ -416,6 +416,16 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     myo = labels == 2
     assert half["magnitude_myo"] == pytest.approx(0.5)
     assert half["epe_myo_mm"] == pytest.approx(4.0 * 0.5 * np.linalg.norm(truth, axis=0)[myo].mean(), rel=1e-5)
+    assert "epe_far_mm" not in exact  # no voxel of the 8³ grid is 30 mm from the heart
+    # 16³ at 4 mm with the heart in one corner: the far region is the voxels > 30 mm from it
+    big = np.zeros((16, 16, 16), np.uint8)
+    big[:2, :2, :2] = 2
+    ii, jj, kk = np.meshgrid(*(np.arange(16),) * 3, indexing="ij")
+    dist_mm = 4.0 * np.sqrt(sum(np.maximum(a - 1, 0) ** 2 for a in (ii, jj, kk)))  # to the nearest heart voxel
+    flow = np.zeros((3, 16, 16, 16), np.float32)
+    flow[0] = np.where(dist_mm > rs.FAR_MM, 1.0, 3.0)  # zero flow misses the far tissue by 4 mm, the rest by 12
+    far = rs.score(np.zeros_like(flow), flow, 4.0, big)
+    assert (dist_mm > rs.FAR_MM).any() and far["epe_far_mm"] == pytest.approx(4.0) and far["magnitude_far"] == 0.0
     ids = [f"phantom_{i:03d}" for i in range(6)]
     assert rs.select_scans(ids, None) == ids
     assert rs.select_scans(ids, "1-3,phantom_005,1") == ids[1:4] + ["phantom_005"]
