@@ -129,8 +129,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def sweep_figure(summary: list[dict], path: Path, scans: int) -> Path:
-    """Four panels against the smoothness weight (symlog axis): myocardium, heart and whole-grid EPE
-    (mm) and ``magnitude_myo``; one line per combination of the other settings; written atomically."""
+    """Panels against the smoothness weight (symlog axis): myocardium, heart and whole-grid EPE, EPE
+    far from the heart when the rows hold it (mm) and ``magnitude_myo``; one line per combination of the other settings; written atomically."""
     from cardiomotion.evaluate.figures import pyplot, save_figure
 
     plt = pyplot()
@@ -139,9 +139,11 @@ def sweep_figure(summary: list[dict], path: Path, scans: int) -> Path:
     lines: dict[str, list[dict]] = {}
     for e in summary:  # one line per combination of the settings that vary; the fixed ones in the title
         lines.setdefault(", ".join(f"{k} {e['setting'][k]}" for k in varying) or "refinement", []).append(e)
-    panels = (("epe_myo_mm", "myocardium EPE (mm)"), ("epe_heart_mm", "heart EPE (mm)"),
-              ("epe_mm", "whole-grid EPE (mm)"), ("magnitude_myo", "myocardial motion / truth's"))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    panels = [("epe_myo_mm", "myocardium EPE (mm)"), ("epe_heart_mm", "heart EPE (mm)"),
+              ("epe_mm", "whole-grid EPE (mm)"), ("magnitude_myo", "myocardial motion / truth's")]
+    if any("epe_far_mm" in e for e in summary):  # rows written before the far region was scored lack it
+        panels.insert(3, ("epe_far_mm", f"EPE > {FAR_MM:.0f} mm from the heart (mm)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.75 * len(panels), 3.8))
     weights = sorted({e["setting"]["smooth_weight"] for e in summary})
     positive = [w for w in weights if w > 0]
     for ax, (metric, label) in zip(axes, panels):
