@@ -130,7 +130,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def sweep_figure(summary: list[dict], path: Path, scans: int) -> Path:
     """Panels against the smoothness weight (symlog axis): myocardium, heart and whole-grid EPE, EPE
-    far from the heart when the rows hold it (mm) and ``magnitude_myo``; one line per combination of the other settings; written atomically."""
+    far from the heart when the rows hold it (mm) and ``magnitude_myo``; one line per combination of
+    the other settings; written atomically."""
     from cardiomotion.evaluate.figures import pyplot, save_figure
 
     plt = pyplot()
