@@ -5,10 +5,14 @@ folder, its own fold generators) against the first one's, on the held-out scans 
 
     python bench/utility_compare.py --a U_new --b U_old --arm cvae --n 256
     python bench/utility_compare.py --a U_new --b U_old --arm cvae --n 256 --b-arm annotated --b-n 43
+    python bench/utility_compare.py --a U_cos --b U --arm cvae --n 256 --vary lr_schedule --seeds 0
 
 Prints JSON (:func:`cardiomotion.evaluate.compare.compare_folders`): per scan A, B and A − B (seed
 means), the mean difference with a bootstrap 95 % interval over the shared scans, scans A won.
-Rows trained with other estimator settings are refused (exit 2, one line), not compared.
+Rows trained with other estimator settings are refused (exit 2, one line), not compared — except
+the settings named in ``--vary`` (the question under study, reported as ``varied_settings``).
+``--seeds`` keeps only those estimator seeds on both sides (a one-seed run against the same seed of
+a three-seed folder).
 """
 from __future__ import annotations
 
@@ -29,14 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b-arm", default=None, help="arm read from B (default: --arm)")
     ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
     ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
+    ap.add_argument("--vary", default="", help="estimator settings allowed to differ, comma-separated (e.g. lr_schedule)")
+    ap.add_argument("--seeds", default=None, help="estimator seeds read on both sides, comma-separated (default: all)")
     args = ap.parse_args(argv)
     from cardiomotion.errors import InputError
     from cardiomotion.evaluate.compare import Side, compare_folders
 
     try:
-        out = compare_folders(Side(Path(args.a), args.arm, args.n),
-                              Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n),
-                              metric=args.metric)
+        seeds = None if args.seeds is None else tuple(int(v) for v in args.seeds.split(",") if v.strip())
+    except ValueError:
+        print(f"utility_compare: --seeds: not a comma-separated list of integers: {args.seeds!r}", file=sys.stderr)
+        return 2
+    vary = tuple(v.strip() for v in args.vary.split(",") if v.strip())
+    try:
+        out = compare_folders(Side(Path(args.a), args.arm, args.n, seeds),
+                              Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n, seeds),
+                              metric=args.metric, vary=vary)
     except InputError as exc:
         print(f"utility_compare: {exc}", file=sys.stderr)
         return 2

@@ -318,7 +318,8 @@ def _runs(folder: Path, rows: list[dict]) -> Path:
 def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     """A's cvae is exactly 0.1 mm better than B's on the three shared scans (two seeds averaged on
     one); a scan only A scored is left out; Dice counts higher as better; other estimator settings
-    and a missing arm are one-line refusals; another corpus temperature is compared, and reported."""
+    and a missing arm are one-line refusals unless the setting is named in --vary; --seeds pairs
+    one seed; another corpus temperature is compared, and reported."""
     mod = _load("utility_compare")
     est = {"steps": 1000, "lr": 0.001}
 
@@ -346,6 +347,20 @@ def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     other = _runs(tmp_path / "other", [row("s0", "cvae", 256, 0, 2.0, e={"steps": 3000, "lr": 0.001})])
     assert mod.main(["--a", str(a), "--b", str(other)]) == 2
     assert "other estimator settings" in capsys.readouterr().err
+    # ... unless that setting is the one under study: compared, and each side's value reported
+    assert mod.main(["--a", str(a), "--b", str(other), "--vary", "steps"]) == 0
+    studied = json.loads(capsys.readouterr().out)
+    assert studied["varied_settings"] == {"a": [{"steps": 1000}], "b": [{"steps": 3000}]}
+    assert studied["per_scan"]["s0"]["delta"] == pytest.approx(2.4 - 2.0)
+    # one seed on both sides: A's s0 is its seed-0 row alone (2.3, not the two seeds' 2.4)
+    assert mod.main(["--a", str(a), "--b", str(b), "--seeds", "0"]) == 0
+    seed0 = json.loads(capsys.readouterr().out)
+    assert seed0["per_scan"]["s0"]["a"] == pytest.approx(2.3) and seed0["rows_a"] == 3
+    assert seed0["a"].endswith("[seeds 0]") and seed0["varied_settings"] == {}
+    assert mod.main(["--a", str(a), "--b", str(b), "--seeds", "1"]) == 2  # B has no seed-1 row
+    assert "no row of arm cvae at N 256 of seed 1" in capsys.readouterr().err
+    assert mod.main(["--a", str(a), "--b", str(b), "--seeds", "zero"]) == 2
+    assert "--seeds" in capsys.readouterr().err
     # a generator sampled at another temperature is what a comparison of two folders is for: compared,
     # and the corpus settings of each side reported
     warm = _runs(tmp_path / "warm", [row("s0", "cvae", 256, 0, 2.0, e={**est, "corpus_temperature": 2.5})])

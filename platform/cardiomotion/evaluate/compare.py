@@ -8,7 +8,10 @@ first, as ``utility`` does) with a bootstrap 95 % interval over the shared scans
 Rows trained with other estimator settings (steps, lr, network, …) are not comparable and are
 refused, as ``utility`` refuses mixing them in one folder; the settings of the folders' corpora
 (``generate.temperature``, recorded in each row beside the estimator's) may differ — that is what
-two generators' folders are compared for — and are reported (``corpus_settings``).
+two generators' folders are compared for — and are reported (``corpus_settings``). An estimator
+setting under study (e.g. ``lr_schedule``) may differ when named in ``vary``, and is reported too;
+``Side.seeds`` restricts a side to some estimator seeds, so that a one-seed run is paired with the
+same seed of a three-seed folder (same initialisation and batch order, the setting aside).
 """
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ class Side:
     folder: Path
     arm: str
     n: int
+    seeds: tuple[int, ...] | None = None  # None: every seed
 
     @property
     def label(self) -> str:
-        return f"{self.folder.name}:{self.arm}@{self.n}"
+        seeds = "" if self.seeds is None else f"[seeds {','.join(map(str, self.seeds))}]"
+        return f"{self.folder.name}:{self.arm}@{self.n}{seeds}"
 
 
 # what a folder's corpora were made with, recorded beside the estimator settings of every row:
@@ -42,17 +47,21 @@ class Side:
 CORPUS_KEYS = ("corpus_temperature",)
 
 
-def _training(ident: dict | None) -> dict | None:
-    """The estimator settings of a row, less what its folder's corpora were made with."""
-    return None if ident is None else {k: v for k, v in ident.items() if k not in CORPUS_KEYS}
+def _training(ident: dict | None, vary: Sequence[str] = ()) -> dict | None:
+    """The estimator settings of a row, less what its folder's corpora were made with and the
+    settings under study (``vary``)."""
+    return None if ident is None else {k: v for k, v in ident.items() if k not in CORPUS_KEYS and k not in vary}
 
 
-def _corpus_settings(ident: dict | None) -> dict:
-    return {k: (ident or {}).get(k) for k in CORPUS_KEYS}
+def _settings(picked: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """The distinct values of the estimator settings ``keys`` among ``picked`` rows."""
+    seen = {json.dumps({k: (r.get("estimator") or {}).get(k) for k in keys}, sort_keys=True) for r in picked}
+    return [json.loads(x) for x in sorted(seen)]
 
 
 def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
-    picked = [r for r in rows if r.get("arm") == side.arm and r.get("n") == side.n]
+    picked = [r for r in rows if r.get("arm") == side.arm and r.get("n") == side.n
+              and (side.seeds is None or r.get("seed") in side.seeds)]
     per: dict[str, list[float]] = {}
     for r in picked:
         value = r.get(metric)
@@ -63,19 +72,21 @@ def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tu
     return {s: float(np.mean(v)) for s, v in per.items()}, picked
 
 
-def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 2000) -> dict:
+def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 2000,
+                    vary: Sequence[str] = ()) -> dict:
     """A − B per held-out scan scored in both, seed means first.
 
     Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
     ``per_scan`` ({scan: {"a", "b", "delta"}}), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
     over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
     ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans),
-    ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows).
+    ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows),
+    ``varied_settings`` (the same for the estimator settings named in ``vary``; {} without).
 
     Raises:
         InputError: a folder has no ``runs.jsonl`` or no row of the asked arm and N, the two share
             no scan, the metric is unknown, or the compared rows were trained with other
-            estimator settings (corpus settings aside).
+            estimator settings (corpus settings and ``vary`` aside).
     """
     from ..fileio import read_json_lines
     from .utility import bootstrap_ci
@@ -90,8 +101,10 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         # read only: a utility run may be appending to this folder
         means[key], picked[key] = _scan_means(runs, read_json_lines(runs, repair=False), side, metric)
         if not picked[key]:
-            raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}")
-    idents = {key: {json.dumps(_training(r.get("estimator")), sort_keys=True) for r in picked[key]} for key in ("a", "b")}
+            seeds = "" if side.seeds is None else f" of seed {', '.join(map(str, side.seeds))}"
+            raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}{seeds}")
+    idents = {key: {json.dumps(_training(r.get("estimator"), vary), sort_keys=True) for r in picked[key]}
+              for key in ("a", "b")}
     for key, side in (("a", a), ("b", b)):
         if len(idents[key]) > 1:
             raise InputError(Path(side.folder) / UTILITY_RUNS, f"its {side.arm} N {side.n} rows were trained "
@@ -99,9 +112,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     if idents["a"] != idents["b"]:
         raise InputError(Path(b.folder) / UTILITY_RUNS,
                          f"its {b.arm} N {b.n} rows were trained with other estimator settings than "
-                         f"{a.label}'s: their scores are not comparable")
-    corpus = {key: sorted({json.dumps(_corpus_settings(r.get("estimator")), sort_keys=True) for r in picked[key]})
-              for key in ("a", "b")}
+                         f"{a.label}'s: their scores are not comparable (a setting under study: name it in vary)")
     scans = sorted(set(means["a"]) & set(means["b"]))
     if not scans:
         raise InputError(Path(b.folder) / UTILITY_RUNS, f"shares no held-out scan with {a.label}")
@@ -110,7 +121,8 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
             "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d} for s, d in zip(scans, deltas)},
             "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(subject_better(metric, d) for d in deltas),
-            "corpus_settings": {key: [json.loads(x) for x in corpus[key]] for key in ("a", "b")},
+            "corpus_settings": {key: _settings(picked[key], CORPUS_KEYS) for key in ("a", "b")},
+            "varied_settings": {key: _settings(picked[key], vary) for key in ("a", "b")} if vary else {},
             "rows_a": len([r for r in picked["a"] if r["scan"] in scans]),
             "rows_b": len([r for r in picked["b"] if r["scan"] in scans])}
 
