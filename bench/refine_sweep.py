@@ -34,9 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight")
+GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window")
 #: settings added after rows were first written: a row without one was made at this value
-ADDED = {"edge_weight": 0.0}
+#: (``window``: the intensity window in HU the refinement saw, the config's — the default then)
+ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0]}
 
 
 def _floats(text: str) -> list[float]:
@@ -48,8 +49,10 @@ def _ints(text: str) -> list[int]:
 
 
 def settings_grid(args: argparse.Namespace) -> list[dict]:
-    """Every combination of the comma lists, as dicts over :data:`GRID`."""
-    lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight]
+    """Every combination of the comma lists, as dicts over :data:`GRID` (``args.window``: a list of
+    [low, high] HU windows)."""
+    lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight,
+             args.window]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
@@ -84,11 +87,12 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
     masks = None
     if labels is not None:
         masks = region_masks(labels)
-        masks["far"] = distance_transform_edt(~masks["heart"], sampling=spacing_mm) > FAR_MM
+        if masks["heart"].any():  # without a heart there is no distance to it
+            masks["far"] = distance_transform_edt(~masks["heart"], sampling=spacing_mm) > FAR_MM
     return truth_scores(u, truth, spacing_mm, masks)
 
 
-def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
+def refine_scan(pair, setting: dict) -> dict:
     """Refine one pair from zero flow under ``setting`` (as ``annotate`` does) and score it."""
     import torch
 
@@ -96,6 +100,7 @@ def refine_scan(pair, setting: dict, window: tuple[float, float]) -> dict:
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.flow.warp import warp
 
+    window = tuple(setting["window"])
     fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
     t0 = time.perf_counter()
@@ -121,7 +126,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "epe_far_mm", "magnitude_myo", "magnitude_heart",
                        "magnitude_far", "image_mse", "folding", "seconds"):
             v = np.asarray([r[metric] for r in rs if r.get(metric) is not None], dtype=np.float64)
-            if v.size:
+            if v.size == len(rs):  # a metric some rows lack (written before it was scored) is left out
                 entry[metric] = float(v.mean())
                 entry[f"{metric}_sd"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
         out.append(entry)
@@ -135,7 +140,7 @@ def sweep_figure(summary: list[dict], path: Path, scans: int) -> Path:
     from cardiomotion.evaluate.figures import pyplot, save_figure
 
     plt = pyplot()
-    varying = [k for k in GRID if k != "smooth_weight" and len({e["setting"][k] for e in summary}) > 1]
+    varying = [k for k in GRID if k != "smooth_weight" and len({json.dumps(e["setting"][k]) for e in summary}) > 1]
     fixed = {k: summary[0]["setting"][k] for k in GRID if k != "smooth_weight" and k not in varying}
     lines: dict[str, list[dict]] = {}
     for e in summary:  # one line per combination of the settings that vary; the fixed ones in the title
@@ -217,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                for s in scans):
         raise SystemExit(f"{args.prepared}: a selected scan has no exact truth flow (a phantom cohort has one per scan)")
     have = {(setting_key(r["setting"]), r["scan"]) for r in done}
-    window = tuple(cfg.intensity.window)
+    window = [float(v) for v in cfg.intensity.window]
+    args.window = [window]
     settings = settings_grid(args)
     for scan in scans:
         pair = None
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if (setting_key(s), scan) in have:
                 continue
             pair = pair or load_pair(args.prepared, rows_by_id[scan])
-            row = {"scan": scan, "setting": s, **refine_scan(pair, s, window)}
+            row = {"scan": scan, "setting": s, **refine_scan(pair, s)}
             append_json_lines(args.out, [row])
             done.append(row)
             print(f"{scan} {setting_key(s)}: EPE myo {row.get('epe_myo_mm', float('nan')):.3f} mm, "
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     chosen = {setting_key(s) for s in settings}
     mine = [r for r in done if setting_key(r["setting"]) in chosen and r["scan"] in set(scans)]
-    result = {"prepared": str(args.prepared), "scans": scans, "window_hu": list(window), "summary": summarize(mine)}
+    result = {"prepared": str(args.prepared), "scans": scans, "window_hu": window, "summary": summarize(mine)}
     if args.figure:  # every setting the file holds for these scans, not only this invocation's
         result["figure"] = str(sweep_figure(summarize([r for r in done if r["scan"] in set(scans)]),
                                             Path(args.figure), len(scans)))

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         seeds = None if args.seeds is None else tuple(int(v) for v in args.seeds.split(",") if v.strip())
+        if seeds == ():
+            raise ValueError("empty")
     except ValueError:
         print(f"utility_compare: --seeds: not a comma-separated list of integers: {args.seeds!r}", file=sys.stderr)
         return 2

@@ -349,3 +349,33 @@ def test_a_gpu_asked_of_a_cluster_without_one_is_refused_not_waited_for(tmp_path
     with pytest.raises(InputError, match="annotate.resources.use_gpu: is true but the Ray cluster has no GPU"):
         train_pwcnet(tmp_path / "prepared", cfg, tmp_path / "runs", rows=[])
     assert not (tmp_path / "runs").exists()
+
+
+def test_quality_record_known_keys_and_values():
+    """The quality record of each candidate flow: the truth scores EPE 0 and magnitude 1; zero flow
+    scores the truth's own length and records neither magnitude nor folding; without a truth only
+    the photometric error and folding are recorded."""
+    from types import SimpleNamespace
+
+    from cardiomotion.annotate.stage import _quality
+
+    shape = (8, 8, 8)
+    truth = np.zeros((3, *shape), np.float32)
+    truth[2] = 1.0  # one voxel along the last axis everywhere
+    labels = np.zeros(shape, np.uint8)
+    labels[2:6, 2:6, 2:6] = 2
+    labels[0] = 3
+    img = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    flows = {"zero": torch.zeros(1, 3, *shape), "refined": torch.from_numpy(truth)[None]}
+    pair = SimpleNamespace(truth_flow=truth, ed_labels=labels, spacing_mm=2.0)
+    q = _quality(pair, img, img, flows, alpha=0.85)
+    assert q["epe_mm_zero"] == pytest.approx(2.0) and q["epe_myo_mm_zero"] == pytest.approx(2.0)
+    assert q["epe_heart_mm_zero"] == pytest.approx(2.0) and q["folding_zero"] == 0.0
+    assert q["epe_mm_refined"] == 0.0 and q["magnitude_myo_refined"] == pytest.approx(1.0)
+    assert q["magnitude_heart_refined"] == pytest.approx(1.0) and q["folding_refined"] == 0.0
+    assert q["photometric_zero"] == pytest.approx(0.0, abs=1e-6)  # the same image on both sides
+    assert set(q) == {f"{k}_{n}" for n in ("zero", "refined") for k in (
+        "photometric", "folding", "epe_mm", "epe_heart_mm", "epe_myo_mm")} | {"magnitude_heart_refined",
+                                                                               "magnitude_myo_refined"}
+    blind = _quality(SimpleNamespace(truth_flow=None, ed_labels=None, spacing_mm=2.0), img, img, flows, alpha=0.85)
+    assert set(blind) == {"photometric_zero", "folding_zero", "photometric_refined", "folding_refined"}

@@ -361,6 +361,15 @@ def test_utility_compare_pairs_two_folders_scan_by_scan(tmp_path, capsys):
     assert "no row of arm cvae at N 256 of seed 1" in capsys.readouterr().err
     assert mod.main(["--a", str(a), "--b", str(b), "--seeds", "zero"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert mod.main(["--a", str(a), "--b", str(b), "--seeds", ","]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert mod.main(["--a", str(a), "--b", str(other), "--vary", "step"]) == 2  # a misspelt setting
+    assert "'step' named to vary" in capsys.readouterr().err
+    # a side whose rows mix two values of the varied setting would average them: refused
+    mixed = _runs(tmp_path / "mixed", [row("s0", "cvae", 256, 0, 2.0, e={"steps": 3000, "lr": 0.001}),
+                                       row("s1", "cvae", 256, 0, 2.0)])
+    assert mod.main(["--a", str(a), "--b", str(mixed), "--vary", "steps"]) == 2
+    assert "among themselves" in capsys.readouterr().err
     # a generator sampled at another temperature is what a comparison of two folders is for: compared,
     # and the corpus settings of each side reported
     warm = _runs(tmp_path / "warm", [row("s0", "cvae", 256, 0, 2.0, e={**est, "corpus_temperature": 2.5})])
@@ -441,6 +450,7 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     flow[0] = np.where(dist_mm > rs.FAR_MM, 1.0, 3.0)  # zero flow misses the far tissue by 4 mm, the rest by 12
     far = rs.score(np.zeros_like(flow), flow, 4.0, big)
     assert (dist_mm > rs.FAR_MM).any() and far["epe_far_mm"] == pytest.approx(4.0) and far["magnitude_far"] == 0.0
+    assert "epe_far_mm" not in rs.score(flow, flow, 4.0, np.zeros_like(big))  # no heart: no distance to it
     ids = [f"phantom_{i:03d}" for i in range(6)]
     assert rs.select_scans(ids, None) == ids
     assert rs.select_scans(ids, "1-3,phantom_005,1") == ids[1:4] + ["phantom_005"]
@@ -449,13 +459,15 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     with pytest.raises(InputError, match="no such fold or scan: 'phantom_099'"):
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
-                            similarity=["mse"], edge_weight=[0.0, 10.0])
+                            similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]])
     grid = rs.settings_grid(ns)
     assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
-    # a row written before edge_weight existed was made without it: it is the edge 0 setting
-    old = {k: v for k, v in grid[0].items() if k != "edge_weight"}
+    # a row written before edge_weight and window existed was made at edge 0 and the default window
+    old = {k: v for k, v in grid[0].items() if k not in ("edge_weight", "window")}
     assert grid[0]["edge_weight"] == 0.0 and rs.setting_key(old) == rs.setting_key(grid[0])
+    wide = argparse.Namespace(**{**vars(ns), "window": [[-1000.0, 800.0]]})
+    assert rs.setting_key(rs.settings_grid(wide)[0]) != rs.setting_key(grid[0])  # another window: not resumed from it
 
 
 @pytest.mark.slow

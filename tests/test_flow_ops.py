@@ -243,6 +243,7 @@ def test_magnitude_ratio_known_values():
     with pytest.raises(ValueError):
         magnitude_ratio(truth, truth[:, :, :2])
 
+
 def test_truth_scores_per_region_known_values():
     """A flow that is the truth in the first slab and zero elsewhere: EPE 0 and magnitude 1 inside
     the slab, the truth's length (5 voxels · 2 mm) where it is zero; an empty region is left out."""

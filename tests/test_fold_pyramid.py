@@ -79,3 +79,6 @@ def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
     assert fp_lr("cosine") == fp("per_fold") != fp_lr("constant")  # cosine: the default
     # constant (every record before the key) is recorded without it, so those records still match
     assert "lr_schedule" not in fp_lr("constant")["pyramid_settings"]
+    # a key added later is recorded only away from its default, so earlier records still match
+    edge = sweep_fingerprint(p, f, load_config(None, {"cv": {"pyramid": "per_fold"}, "annotate": {"refine_edge_weight": 10}}))
+    assert "refine_edge_weight" not in fp("per_fold")["pyramid_settings"] and edge != fp("per_fold")

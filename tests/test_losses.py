@@ -95,6 +95,12 @@ def test_edge_aware_smoothness_prices_a_jump_across_an_image_edge():
     assert float(smoothness_loss(flow, image=at_edge, edge_weight=0.0)) == pytest.approx(plain, rel=1e-6)
     with pytest.raises(ValueError, match="on the flow's grid"):
         smoothness_loss(flow, image=at_edge[:, :, :-1], edge_weight=lam)
+    with pytest.raises(ValueError, match="on the flow's grid"):
+        smoothness_loss(flow, image=at_edge.expand(2, 1, I, 5, 4), edge_weight=lam)  # batch 2 against 1
+    with pytest.raises(ValueError, match="needs the image"):
+        smoothness_loss(flow, edge_weight=lam)
+    with pytest.raises(ValueError, match=">= 0"):
+        smoothness_loss(flow, image=at_edge, edge_weight=-1.0)
 
 
 def test_kl_standard_normal():

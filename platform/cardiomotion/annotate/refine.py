@@ -58,7 +58,8 @@ def refine_flow(
     """Optimise a pull flow u so that warp(moving, u) ≈ fixed, starting from ``flow``.
 
     Loss: similarity(fixed, warp(moving, u)) + smooth_weight · smoothness(u) (first-order, l2;
-    edge-aware with ``edge_weight`` > 0: each difference weighted by exp(−edge_weight·|∇fixed|),
+    edge-aware with ``edge_weight`` > 0: each forward difference weighted by
+    exp(−edge_weight·|fixed's forward difference across the same voxel pair|),
     :func:`~cardiomotion.train.losses.smoothness_loss` — the pull flow lives on the fixed grid),
     minimised by Adam over a Gaussian-filtered correction (module docstring), coarse to fine:
     ``levels`` resolutions (each half the next; ``steps`` per level), so large residual motion is

@@ -358,13 +358,16 @@ def _trained_with(cfg: Config) -> dict:
 
 def pyramid_settings(cfg: Config) -> dict:
     """The ``annotate`` settings a trained pyramid depends on: all but where it trains (workers,
-    resources) and how often it checkpoints; ``pwc.aligned`` only when set and ``lr_schedule`` only
-    when not constant (so records written before those keys still match the settings they had)."""
+    resources) and how often it checkpoints; ``pwc.aligned`` only when set, ``lr_schedule`` only
+    when not constant and ``refine_edge_weight`` only when not 0 (so records written before those
+    keys still match the settings they had)."""
     out = _trained_with(cfg)
     if not cfg.annotate.pwc.aligned:
         out["pwc"].pop("aligned", None)
     if cfg.annotate.lr_schedule.value == "constant":
         out.pop("lr_schedule", None)
+    if not cfg.annotate.refine_edge_weight:
+        out.pop("refine_edge_weight", None)
     return out
 
 

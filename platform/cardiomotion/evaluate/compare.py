@@ -103,10 +103,14 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
         if not picked[key]:
             seeds = "" if side.seeds is None else f" of seed {', '.join(map(str, side.seeds))}"
             raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}{seeds}")
+    unknown = [k for k in vary if not any(k in (r.get("estimator") or {}) for key in picked for r in picked[key])]
+    if unknown:
+        raise InputError(Path(b.folder) / UTILITY_RUNS, f"no compared row of either folder records the estimator "
+                                                        f"setting {', '.join(map(repr, unknown))} named to vary")
     idents = {key: {json.dumps(_training(r.get("estimator"), vary), sort_keys=True) for r in picked[key]}
               for key in ("a", "b")}
-    for key, side in (("a", a), ("b", b)):
-        if len(idents[key]) > 1:
+    for key, side in (("a", a), ("b", b)):  # within a side even the varied settings must agree
+        if len({json.dumps(_training(r.get("estimator")), sort_keys=True) for r in picked[key]}) > 1:
             raise InputError(Path(side.folder) / UTILITY_RUNS, f"its {side.arm} N {side.n} rows were trained "
                                                                f"with different estimator settings among themselves")
     if idents["a"] != idents["b"]:

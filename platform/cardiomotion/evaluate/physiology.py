@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-LV_BLOOD = 1
-LV_MYO = 2
+from ..data.phantom import LV_BLOOD, LV_MYO  # the label convention of the cohort
+
 _END_QUANTILE = 0.03
 
 

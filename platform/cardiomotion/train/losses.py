@@ -132,10 +132,15 @@ def smoothness_loss(flow: torch.Tensor, penalty: str = "l2", image: torch.Tensor
         raise ValueError(f"smoothness_loss expects (B,3,I,J,K), got {tuple(flow.shape)}")
     if penalty not in ("l2", "l1"):
         raise ValueError(f"penalty must be 'l2' or 'l1', got {penalty!r}")
-    aware = image is not None and edge_weight > 0
-    if aware and (image.dim() != 5 or image.shape[1] != 1 or image.shape[2:] != flow.shape[2:]):
-        raise ValueError(f"edge-aware smoothness needs an image (B,1,I,J,K) on the flow's grid "
-                         f"{tuple(flow.shape[2:])}, got {tuple(image.shape)}")
+    if edge_weight < 0:
+        raise ValueError(f"edge_weight must be >= 0, got {edge_weight}")
+    aware = edge_weight > 0
+    if aware and image is None:
+        raise ValueError("edge-aware smoothness (edge_weight > 0) needs the image")
+    if aware and (image.dim() != 5 or image.shape[1] != 1 or image.shape[2:] != flow.shape[2:]
+                  or image.shape[0] not in (1, flow.shape[0])):
+        raise ValueError(f"edge-aware smoothness needs an image (B or 1, 1, I, J, K) on the flow's grid "
+                         f"{(flow.shape[0], 1, *flow.shape[2:])}, got {tuple(image.shape)}")
     total = flow.new_zeros(())
     for axis in (2, 3, 4):
         if flow.shape[axis] < 2:
