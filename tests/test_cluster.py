@@ -391,10 +391,17 @@ def test_two_node_cluster_runs_the_pipeline_job_and_logs_to_an_mlflow_server(tmp
         cfg = tmp_path / "tiny.yaml"
         cfg.write_text(yaml.safe_dump(TINY))  # no storage_root, no tracking uri: the nodes' env
         sid = f"cardiomotion-test-{os.getpid()}-{int(time.time())}"
-        proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", sid,
-                               "--working-dir", str(REPO), "--no-wait", "--",
-                               "python", "jobs/pipeline.py", "--config", str(cfg)],
-                              env=env, capture_output=True, text=True, timeout=120)
+        submit = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", sid,
+                  "--working-dir", str(REPO), "--no-wait", "--", "python", "jobs/pipeline.py", "--config", str(cfg)]
+        # the dashboard answers before the head's job agent has registered with it; until then a
+        # submission is refused with "No available agent" (seen once on an idle machine): retried
+        deadline = time.monotonic() + 240
+        while True:
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         client = JobSubmissionClient(dashboard)
         terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
