@@ -186,7 +186,7 @@ class AnnotateConfig(_Section):
     refine_similarity: RefineSimilarity = Field(RefineSimilarity.MSE, description="refinement image term: mse, or ssim_l1 (the training loss)")
     refine_sigma: float = Field(3.0, ge=0, description="Gaussian std of the refinement's correction, voxels of each level (0 = none)")
     refine_smooth_weight: float = Field(0.001, ge=0, description="first-order smoothness weight during refinement")
-    refine_edge_weight: float = Field(0.0, ge=0, description="edge-aware refinement smoothness: each flow difference weighted by exp(-λ·|ED intensity difference|), intensities in [0, 1] (0 = plain smoothness; measured worse in the myocardium on the phantom: README, 'Where the annotations' whole-grid error lives')")
+    refine_edge_weight: float = Field(0.0, ge=0, description="edge-aware refinement smoothness: each flow difference weighted by exp(-λ·abs(ED intensity difference)), intensities in [0, 1] (0 = plain smoothness; measured worse in the myocardium on the phantom: README, 'Where the annotations' whole-grid error lives')")
 
 
 class CVAEModelConfig(_Section):
