@@ -5,11 +5,13 @@ flows under-state myocardial motion, and the corpus's generator is fitted to the
 refines the prepared pairs of a phantom cohort (exact truth per scan) from zero flow — exactly as
 ``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
 grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``,
-``--edge-weight``: comma lists; every combination), and reports per setting, over the scans: EPE in
+``--edge-weight``, ``--support-mm``, ``--support-mode``: comma lists; every combination), and reports per setting, over the scans: EPE in
 the ED myocardium, the heart, the whole grid and the tissue more than ``FAR_MM`` from the heart
 (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
 much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
-minimises — no truth needed); folding; seconds per pair.
+minimises — no truth needed); folding; seconds per pair; with a support (``--support-mm`` > 0,
+``annotate.refine_support_mm``) its reach: the share of the grid it lets move
+(``support_share``) and its mean weight over the heart (``support_heart``, 1 = all of the heart free).
 
 One JSON line per (setting, scan) is appended to ``--out`` as it finishes (a rerun skips what the
 file already holds: it resumes); the summary (JSON on stdout) gives the mean and standard deviation
@@ -34,10 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window")
+GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window", "support_mm",
+        "support_mode")
 #: settings added after rows were first written: a row without one was made at this value
 #: (``window``: the intensity window in HU the refinement saw, the config's — the default then)
-ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0]}
+ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0], "support_mm": 0.0, "support_mode": None}
 
 
 def _floats(text: str) -> list[float]:
@@ -52,12 +55,17 @@ def settings_grid(args: argparse.Namespace) -> list[dict]:
     """Every combination of the comma lists, as dicts over :data:`GRID` (``args.window``: a list of
     [low, high] HU windows)."""
     lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight,
-             args.window]
+             args.window, args.support_mm, args.support_mode]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
 def setting_key(s: dict) -> str:
-    return json.dumps({k: s[k] if k in s else ADDED[k] for k in GRID}, sort_keys=True)
+    """The setting as a canonical string (a key :data:`ADDED` lists and the row lacks: its value
+    then; without a support its mode is no setting: None)."""
+    full = {k: s[k] if k in s else ADDED[k] for k in GRID}
+    if not full["support_mm"]:
+        full["support_mode"] = None
+    return json.dumps(full, sort_keys=True)
 
 
 def select_scans(ids: list[str], spec: str | None) -> list[str]:
@@ -92,11 +100,18 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
     return truth_scores(u, truth, spacing_mm, masks)
 
 
-def refine_scan(pair, setting: dict) -> dict:
-    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does) and score it."""
+def refine_scan(pair, setting: dict, blood_hu: tuple[float, float] = (200.0, 800.0),
+                cache: dict | None = None) -> dict:
+    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does, its support from
+    ``blood_hu``) and score it. ``cache`` (one pair's): refinements by setting without the support,
+    so the ``mask`` mode weights a refinement already made instead of making it again (its
+    ``seconds`` are then the first run's)."""
     import torch
 
     from cardiomotion.annotate.refine import refine_flow
+    from cardiomotion.annotate.support import motion_support
+    from cardiomotion.choices import SupportMode
+    from cardiomotion.data.phantom import region_masks
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.flow.warp import warp
 
@@ -104,15 +119,34 @@ def refine_scan(pair, setting: dict) -> dict:
     fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
     t0 = time.perf_counter()
-    u = refine_flow(fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), steps=setting["steps"],
-                    lr=setting["lr"], smooth_weight=setting["smooth_weight"],
-                    similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"],
-                    edge_weight=setting["edge_weight"])
-    seconds = time.perf_counter() - t0
+    extra, support = {}, None
+    margin = setting.get("support_mm", ADDED["support_mm"])
+    mode = SupportMode(setting["support_mode"]) if margin else None
+    if margin:
+        weight = motion_support(pair.es, pair.ed, pair.spacing_mm, blood_hu, margin)
+        if weight is not None:
+            support = torch.from_numpy(weight)[None, None]
+            extra["support_share"] = float((weight > 0).mean())
+            if pair.ed_labels is not None and region_masks(pair.ed_labels)["heart"].any():
+                extra["support_heart"] = float(weight[region_masks(pair.ed_labels)["heart"]].mean())
+    plain = setting_key({**setting, "support_mm": 0.0})
+    if mode is not SupportMode.CONFINE and cache is not None and plain in cache:
+        u, seconds = cache[plain]
+    else:
+        u = refine_flow(fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), steps=setting["steps"],
+                        lr=setting["lr"], smooth_weight=setting["smooth_weight"],
+                        similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"],
+                        edge_weight=setting["edge_weight"],
+                        support=support if mode is SupportMode.CONFINE else None)
+        seconds = time.perf_counter() - t0
+        if mode is not SupportMode.CONFINE and cache is not None:
+            cache[plain] = (u, seconds)
+    if mode is SupportMode.MASK and support is not None:
+        u = support * u
     with torch.no_grad():
         mse = float((fixed - warp(moving, u)).pow(2).mean())
     return {**score(u[0].numpy(), pair.truth_flow, pair.spacing_mm, pair.ed_labels), "image_mse": mse,
-            "seconds": seconds}
+            "seconds": seconds, **extra}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -124,7 +158,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for key, rs in groups.items():
         entry: dict = {"setting": json.loads(key), "scans": len(rs)}
         for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "epe_far_mm", "magnitude_myo", "magnitude_heart",
-                       "magnitude_far", "image_mse", "folding", "seconds"):
+                       "magnitude_far", "image_mse", "folding", "seconds", "support_share", "support_heart"):
             v = np.asarray([r[metric] for r in rs if r.get(metric) is not None], dtype=np.float64)
             if v.size == len(rs):  # a metric some rows lack (written before it was scored) is left out
                 entry[metric] = float(v.mean())
@@ -184,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=_ints, default=None, help="coarse-to-fine levels")
     ap.add_argument("--similarity", default=None, help="mse and/or ssim_l1")
     ap.add_argument("--edge-weight", type=_floats, default=None, help="edge-aware smoothness λ (0: plain)")
+    ap.add_argument("--support-mm", type=_floats, default=None,
+                    help="the heart's region: this distance (mm) from the blood pool (0: whole volume)")
+    ap.add_argument("--support-mode", default=None, help="mask and/or confine (annotate.refine_support_mode)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file, one row per (setting, scan); appended, resumed")
     ap.add_argument("--figure", default=None, help="PNG: every setting of --out on the selected scans against the smoothness weight")
@@ -191,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from cardiomotion.choices import Similarity
+    from cardiomotion.choices import Similarity, SupportMode
     from cardiomotion.config import load_config
     from cardiomotion.data.table import load_pair, read_scan_table
     from cardiomotion.errors import InputError
@@ -205,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     args.lr = args.lr or [ac.refine_lr]
     args.levels = args.levels or [ac.refine_levels]
     args.edge_weight = args.edge_weight if args.edge_weight is not None else [ac.refine_edge_weight]
+    args.support_mm = args.support_mm if args.support_mm is not None else [ac.refine_support_mm]
+    args.support_mode = ([SupportMode(v.strip()).value for v in args.support_mode.split(",")] if args.support_mode
+                         else [ac.refine_support_mode.value])
+    if any(v < 0 for v in args.support_mm):
+        print(f"refine_sweep: --support-mm must be 0 (off) or positive, got {args.support_mm}", file=sys.stderr)
+        return 2
     args.similarity = ([Similarity(v.strip()).value for v in args.similarity.split(",")] if args.similarity
                        else [ac.refine_similarity.value])
     torch.set_num_threads(args.threads)
@@ -226,20 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     args.window = [window]
     settings = settings_grid(args)
     for scan in scans:
-        pair = None
+        pair, cache = None, {}
         for s in settings:
             if (setting_key(s), scan) in have:
                 continue
             pair = pair or load_pair(args.prepared, rows_by_id[scan])
-            row = {"scan": scan, "setting": s, **refine_scan(pair, s)}
+            row = {"scan": scan, "setting": s, **refine_scan(pair, s, tuple(cfg.prepare.blood_hu), cache)}
             append_json_lines(args.out, [row])
             done.append(row)
+            have.add((setting_key(s), scan))  # a grid with a 0 margin names the same setting once per mode
             print(f"{scan} {setting_key(s)}: EPE myo {row.get('epe_myo_mm', float('nan')):.3f} mm, "
                   f"magnitude {row.get('magnitude_myo', float('nan')):.3f} ({row['seconds']:.1f} s)",
                   file=sys.stderr)
     chosen = {setting_key(s) for s in settings}
     mine = [r for r in done if setting_key(r["setting"]) in chosen and r["scan"] in set(scans)]
-    result = {"prepared": str(args.prepared), "scans": scans, "window_hu": window, "summary": summarize(mine)}
+    result = {"prepared": str(args.prepared), "scans": scans, "window_hu": window,
+              "blood_hu": [float(v) for v in cfg.prepare.blood_hu], "summary": summarize(mine)}
     if args.figure:  # every setting the file holds for these scans, not only this invocation's
         result["figure"] = str(sweep_figure(summarize([r for r in done if r["scan"] in set(scans)]),
                                             Path(args.figure), len(scans)))

@@ -459,15 +459,22 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     with pytest.raises(InputError, match="no such fold or scan: 'phantom_099'"):
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
-                            similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]])
+                            similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]],
+                            support_mm=[0.0], support_mode=["mask"])
     grid = rs.settings_grid(ns)
     assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
-    # a row written before edge_weight and window existed was made at edge 0 and the default window
-    old = {k: v for k, v in grid[0].items() if k not in ("edge_weight", "window")}
+    # a row written before edge_weight, window and the support existed was made at edge 0, the
+    # default window and no support
+    old = {k: v for k, v in grid[0].items() if k not in ("edge_weight", "window", "support_mm", "support_mode")}
     assert grid[0]["edge_weight"] == 0.0 and rs.setting_key(old) == rs.setting_key(grid[0])
     wide = argparse.Namespace(**{**vars(ns), "window": [[-1000.0, 800.0]]})
     assert rs.setting_key(rs.settings_grid(wide)[0]) != rs.setting_key(grid[0])  # another window: not resumed from it
+    # without a support its mode is no setting; with one, each mode is its own setting
+    modes = rs.settings_grid(argparse.Namespace(**{**vars(ns), "sigma": [3.0], "smooth_weight": [0.01],
+                                                   "edge_weight": [0.0], "support_mm": [0.0, 20.0],
+                                                   "support_mode": ["mask", "confine"]}))
+    assert len(modes) == 4 and len({rs.setting_key(s) for s in modes}) == 3
 
 
 @pytest.mark.slow
@@ -496,3 +503,10 @@ def test_refine_sweep_refines_from_zero_flow_and_resumes(tmp_path_factory, tmp_p
     again = _bench("refine_sweep.py", *args, "--figure", str(tmp_path / "sweep.png"))
     assert len(out.read_text().splitlines()) == 2 and again["summary"] == first["summary"]
     assert (tmp_path / "sweep.png").stat().st_size > 0 and again["figure"] == str(tmp_path / "sweep.png")
+    # a masked setting weights the same refinement by the support: never more motion anywhere
+    masked = _bench("refine_sweep.py", "--prepared", str(prepared), "--scans", "0", "--steps", "40", "--levels", "2",
+                    "--support-mm", "20", "--support-mode", "mask", "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["setting"]["support_mode"] == "mask" and masked["blood_hu"] == [200.0, 800.0]
+    assert 0.0 < rows[-1]["support_share"] <= 1.0 and 0.0 < rows[-1]["support_heart"] <= 1.0
+    assert rows[-1]["magnitude_myo"] <= by_steps[40]["magnitude_myo"] + 1e-9

@@ -54,6 +54,14 @@ def test_per_fold_pyramid_is_trained_without_the_held_out_scan_and_reused(tmp_pa
     assert train_fold_pyramid(prepared, flows, plan.val_id, cfg, log=said.append) == plan.pyramid
     assert plan.pyramid.stat().st_mtime_ns == stamp and not any("without" in m for m in said)  # reused
 
+    # a record written while the refinement's settings were part of it (before stop 40) is reused too
+    record = plan.pyramid.parent / "pyramid.json"
+    old = json.loads(record.read_text())
+    old["annotate"].update({"refine": True, "refine_steps": 300, "refine_smooth_weight": 0.03})
+    record.write_text(json.dumps(old))
+    assert train_fold_pyramid(prepared, flows, plan.val_id, cfg, log=said.append) == plan.pyramid
+    assert plan.pyramid.stat().st_mtime_ns == stamp and not said, said
+
 
 def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
     """Each per_fold fold trains its own pyramid, so annotate's settings are part of what a sweep
@@ -79,6 +87,30 @@ def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
     assert fp_lr("cosine") == fp("per_fold") != fp_lr("constant")  # cosine: the default
     # constant (every record before the key) is recorded without it, so those records still match
     assert "lr_schedule" not in fp_lr("constant")["pyramid_settings"]
-    # a key added later is recorded only away from its default, so earlier records still match
-    edge = sweep_fingerprint(p, f, load_config(None, {"cv": {"pyramid": "per_fold"}, "annotate": {"refine_edge_weight": 10}}))
-    assert "refine_edge_weight" not in fp("per_fold")["pyramid_settings"] and edge != fp("per_fold")
+    # the refinement runs after the pyramid is trained: none of its settings is part of it
+    for refine in ({"refine_edge_weight": 10}, {"refine_support_mm": 20}, {"refine_smooth_weight": 0.03},
+                   {"refine": False}):
+        assert sweep_fingerprint(p, f, load_config(None, {"cv": {"pyramid": "per_fold"}, "annotate": refine})) \
+            == fp("per_fold"), refine
+    assert not [k for k in fp("per_fold")["pyramid_settings"] if k.startswith("refine")]
+
+
+def test_a_sweep_recorded_with_the_refinements_settings_still_resumes(tmp_path):
+    """Fingerprints written before stop 40 held every ``refine*`` key in ``pyramid_settings``:
+    such a record resumes under today's fingerprint whatever those keys were, while any other
+    difference is still refused."""
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import InputError
+    from cardiomotion.train.sweep import recorded_fingerprint, refuse_other_settings, sweep_fingerprint
+
+    cfg = load_config(None, {"cv": {"pyramid": "per_fold"}})
+    now = sweep_fingerprint(Path("/p"), Path("/f"), cfg)
+    old = json.loads(json.dumps(now))
+    old["pyramid_settings"].update({"refine": True, "refine_steps": 300, "refine_smooth_weight": 0.03,
+                                    "refine_start": "zero"})
+    state = tmp_path / "state.json"
+    refuse_other_settings(state, recorded_fingerprint(old), now, "sweep")  # resumes
+    old["pyramid_settings"]["epochs"] = now["pyramid_settings"]["epochs"] + 1
+    with pytest.raises(InputError, match="pyramid_settings.epochs"):
+        refuse_other_settings(state, recorded_fingerprint(old), now, "sweep")
+    assert recorded_fingerprint(None) is None and recorded_fingerprint({"seed": 0}) == {"seed": 0}

@@ -589,6 +589,12 @@ def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, mo
     assert recorded["pyramid_settings"] == pyramid_settings(cfg_for("cosine"))  # the new record names them
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/new/model"
     assert len(trained) == 1  # and is reused by the same plan
+    # a record whose pyramid settings still held the refinement's keys (before stop 40) is reused
+    with_refine = {**recorded, "pyramid_settings": {**recorded["pyramid_settings"], "refine": True,
+                                                    "refine_steps": 300, "refine_smooth_weight": 0.03}}
+    write_record(with_refine)
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/old/model"
+    assert len(trained) == 1
 
 
 def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):

@@ -21,3 +21,10 @@ class Similarity(str, Enum):
 
     MSE = "mse"  # mean squared intensity difference (intensities in [0, 1])
     SSIM_L1 = "ssim_l1"  # the network's training loss: alpha·(1 − SSIM)/2 + (1 − alpha)·L1
+
+
+class SupportMode(str, Enum):
+    """How the refinement's support (``annotate.refine_support_mode``) acts on the flow."""
+
+    MASK = "mask"  # the delivered flow is weighted by the support after the refinement
+    CONFINE = "confine"  # the optimised correction is weighted by it during the refinement

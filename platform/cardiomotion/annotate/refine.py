@@ -1,8 +1,9 @@
 """Per-pair refinement (instance optimisation) of a predicted flow.
 
-The refined field is ``u = u0 + G_σ * w``: the starting flow ``u0`` (the network's prediction,
-or zero flow: ``annotate.refine_start``) plus a Gaussian-filtered correction ``w`` that Adam
-optimises. Optimising ``u`` voxel by voxel (the obvious choice) lets
+The refined field is ``u = u0 + s · (G_σ * w)``: the starting flow ``u0`` (the network's
+prediction, or zero flow: ``annotate.refine_start``) plus a Gaussian-filtered correction ``w`` that
+Adam optimises, weighted by an optional support ``s`` in [0, 1] (1 when not given;
+:mod:`.support`: where the heart may move the tissue). Optimising ``u`` voxel by voxel (the obvious choice) lets
 Adam — which moves every coordinate by about its step size whatever the gradient's size — push
 the flow around inside textureless tissue on nothing but image noise; filtering the correction
 makes each step a smooth field (the role of the Gaussian in demons), so motion seen at edges
@@ -26,20 +27,26 @@ def _image_term(fixed, warped, similarity: Similarity, alpha: float, window: int
     return photometric_loss(fixed, warped, alpha=alpha, window=window)
 
 
-def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, sigma, edge_weight) -> torch.Tensor:
+def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, sigma, edge_weight,
+              support) -> torch.Tensor:
     u0 = u0.detach()
     w = torch.zeros_like(u0, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
     window = min(7, max(1, min(fixed.shape[2:]) // 2 * 2 - 1))
+
+    def correction(w):
+        c = gaussian_smooth(w, sigma)
+        return c if support is None else support * c
+
     for _ in range(steps):
-        u = u0 + gaussian_smooth(w, sigma)
+        u = u0 + correction(w)
         loss = (_image_term(fixed, warp(moving, u), similarity, alpha, window)
                 + smooth_weight * smoothness_loss(u, image=fixed, edge_weight=edge_weight))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return u0 + gaussian_smooth(w, sigma)
+        return u0 + correction(w)
 
 
 def refine_flow(
@@ -54,6 +61,7 @@ def refine_flow(
     sigma: float = 3.0,
     levels: int = 3,
     edge_weight: float = 0.0,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise a pull flow u so that warp(moving, u) ≈ fixed, starting from ``flow``.
 
@@ -71,11 +79,18 @@ def refine_flow(
         similarity: ``"mse"`` or ``"ssim_l1"`` (with ``alpha`` the SSIM share).
         sigma: std of the correction's Gaussian filter, voxels of each level (0: none).
         edge_weight: λ of the edge-aware smoothness (0: plain first-order smoothness).
+        support: (1, 1, I, J, K) weight in [0, 1] of the correction per voxel (None: 1 everywhere;
+            :func:`~cardiomotion.annotate.support.motion_support`), area-averaged to each level's
+            grid. Where it and its coarse levels' neighbours are 0 the flow stays the starting flow.
 
     Returns:
         (1, 3, I, J, K) refined flow (detached), voxels of the full grid.
     """
     similarity = Similarity(similarity)
+    if support is not None and (support.shape[0] != 1 or support.shape[1] != 1
+                                or tuple(support.shape[2:]) != tuple(fixed.shape[2:])):
+        raise ValueError(f"the support must be (1, 1, {', '.join(map(str, fixed.shape[2:]))}), "
+                         f"got {tuple(support.shape)}")
     if steps <= 0:
         return flow.detach()
     full = tuple(fixed.shape[2:])
@@ -86,6 +101,7 @@ def refine_flow(
             continue
         f = downsample_to(fixed, size) if level else fixed
         m = downsample_to(moving, size) if level else moving
+        s = None if support is None else downsample_to(support.to(fixed.dtype), size)
         u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, similarity, alpha, sigma,
-                      edge_weight)
+                      edge_weight, s)
     return resize_flow(u, full)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..choices import SupportMode
 from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
@@ -165,13 +166,56 @@ def _with_defaults(recorded, current, defaults):
     return out
 
 
+def _support(pair, cfg: Config) -> tuple[torch.Tensor | None, float | None]:
+    """The refinement's support for ``pair`` as (1, 1, I, J, K) and the share of the grid it
+    reaches (weight > 0); (None, None) with ``refine_support_mm`` 0, and (None, 1.0) when neither
+    frame has a voxel in ``prepare.blood_hu`` (the whole volume is refined)."""
+    from .support import motion_support
+
+    margin = cfg.annotate.refine_support_mm
+    if not margin:
+        return None, None
+    weight = motion_support(pair.es, pair.ed, pair.spacing_mm, cfg.prepare.blood_hu, margin)
+    if weight is None:
+        return None, 1.0
+    return torch.from_numpy(weight)[None, None], float((weight > 0).mean())
+
+
+def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor,
+                cfg: Config) -> tuple[torch.Tensor, float | None]:
+    """``annotate``'s delivered flow for one pair: the refinement from ``start`` under
+    ``cfg.annotate``, with a support (``refine_support_mm`` > 0) either weighting the delivered
+    flow (``mask``) or the refinement's correction (``confine``).
+
+    Args:
+        pair: the prepared pair (its HU frames make the support).
+        fixed, moving: (1, 1, I, J, K) ED and ES in [0, 1].
+        start: (1, 3, I, J, K) pull flow in voxels to start from.
+
+    Returns:
+        (1, 3, I, J, K) flow in voxels and the share of the grid the support reaches (None
+        without one; 1.0 when no voxel is in ``prepare.blood_hu``, see :func:`_support`).
+    """
+    from .refine import refine_flow
+
+    ac = cfg.annotate
+    support, extent = _support(pair, cfg)
+    confine = support is not None and ac.refine_support_mode is SupportMode.CONFINE
+    final = refine_flow(fixed, moving, start, steps=ac.refine_steps, lr=ac.refine_lr,
+                        smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
+                        similarity=ac.refine_similarity.value, sigma=ac.refine_sigma, levels=ac.refine_levels,
+                        edge_weight=ac.refine_edge_weight, support=support if confine else None)
+    if support is not None and not confine:
+        final = support * final
+    return final, extent
+
+
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
     """Annotate one prepared pair (a Ray Data task); input errors come back as data."""
     from ..data.intensity import hu_to_unit
     from ..data.table import load_pair
     from ..flow.io import write_flow
     from ..models.pwcnet import PWCNet3D
-    from .refine import refine_flow
 
     cfg = Config.model_validate_json(cfg_json)
     ac = cfg.annotate
@@ -187,12 +231,11 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
         final = net
         if ac.refine:
             start = torch.zeros_like(net) if ac.refine_start.value == "zero" else net
-            final = refine_flow(fixed, moving, start, steps=ac.refine_steps, lr=ac.refine_lr,
-                                smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
-                                similarity=ac.refine_similarity.value, sigma=ac.refine_sigma,
-                                levels=ac.refine_levels, edge_weight=ac.refine_edge_weight)
+            final, extent = refine_pair(pair, fixed, moving, start, cfg)
             flows["refined"] = final
         quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)
+        if ac.refine and ac.refine_support_mm:
+            quality["support_share"] = extent
         record = {"scan_id": pair.scan_id, "flow_path": f"{pair.scan_id}/{FLOW_FILE}",
                   "refined": bool(ac.refine), "has_truth": pair.truth_flow is not None, **quality}
         with atomic_dir(Path(out_dir) / pair.scan_id) as tmp:
@@ -356,19 +399,30 @@ def _trained_with(cfg: Config) -> dict:
             if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
 
 
+def pyramid_part(settings: dict) -> dict:
+    """``annotate`` settings (as :func:`_trained_with` or a record of them holds) less what only the
+    per-pair refinement reads — every ``refine*`` key: a pyramid is trained before and without it."""
+    return {k: v for k, v in settings.items() if not k.startswith("refine")}
+
+
 def pyramid_settings(cfg: Config) -> dict:
     """The ``annotate`` settings a trained pyramid depends on: all but where it trains (workers,
-    resources) and how often it checkpoints; ``pwc.aligned`` only when set, ``lr_schedule`` only
-    when not constant and ``refine_edge_weight`` only when not 0 (so records written before those
-    keys still match the settings they had)."""
-    out = _trained_with(cfg)
+    resources), how often it checkpoints and the refinement's (:func:`pyramid_part`);
+    ``pwc.aligned`` only when set and ``lr_schedule`` only when not constant (so records written
+    before those keys still match the settings they had). Records written with the refinement's
+    keys are compared through :func:`same_pyramid_settings`."""
+    out = pyramid_part(_trained_with(cfg))
     if not cfg.annotate.pwc.aligned:
         out["pwc"].pop("aligned", None)
     if cfg.annotate.lr_schedule.value == "constant":
         out.pop("lr_schedule", None)
-    if not cfg.annotate.refine_edge_weight:
-        out.pop("refine_edge_weight", None)
     return out
+
+
+def same_pyramid_settings(recorded, current: dict) -> bool:
+    """Whether a recorded :func:`pyramid_settings` matches ``current``; a record written while the
+    fingerprint still held the refinement's settings (before stop 40) matches on the rest."""
+    return isinstance(recorded, dict) and pyramid_part(recorded) == current
 
 
 def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out_id: str, cfg: Config,
@@ -400,7 +454,10 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
     with exclusive_lock(dst.parent, "pyramid"):  # one trainer per fold pyramid (cv and a `train --fold` at once)
         if dst.is_file() and record.is_file():
             try:
-                same = json.loads(record.read_text()) == made_with
+                found = json.loads(record.read_text())
+                same = (isinstance(found, dict) and {k: v for k, v in found.items() if k != "annotate"}
+                        == {k: v for k, v in made_with.items() if k != "annotate"}
+                        and same_pyramid_settings(found.get("annotate"), made_with["annotate"]))
                 FeaturePyramid.load(dst)
                 if same:
                     return dst

@@ -491,6 +491,10 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
         rec = json.loads(record.read_text())
         found = dict(rec.get("settings") or {})
         found["train"] = _what_trains(found.get("train") or {})
+        if isinstance(found.get("pyramid_settings"), dict):  # recorded with the refinement's keys (before stop 40)
+            from ..annotate.stage import pyramid_part
+
+            found["pyramid_settings"] = pyramid_part(found["pyramid_settings"])
         if ("pyramid_settings" in want and "pyramid_settings" not in found
                 and cfg.annotate.lr_schedule.value == "constant"):
             # recorded before the key, when every pyramid trained at the constant rate: only a

@@ -153,6 +153,17 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
     return fp
 
 
+def recorded_fingerprint(recorded: Any) -> Any:
+    """A recorded :func:`sweep_fingerprint` as today's would hold it: one written while the fold
+    pyramids' settings still held the refinement's keys (before stop 40) loses them
+    (:func:`cardiomotion.annotate.stage.pyramid_part`), so that sweep still resumes."""
+    if isinstance(recorded, dict) and isinstance(recorded.get("pyramid_settings"), dict):
+        from ..annotate.stage import pyramid_part
+
+        recorded = {**recorded, "pyramid_settings": pyramid_part(recorded["pyramid_settings"])}
+    return recorded
+
+
 def resume_state(state_file: Path, fingerprint: Mapping[str, Any], what: str, cfg: Config):
     """Open a sweep's state for a (re)run: the recorded state (empty when new), refused with one
     line if it was made with other settings or its MLflow parent run is not in this store.
@@ -162,7 +173,7 @@ def resume_state(state_file: Path, fingerprint: Mapping[str, Any], what: str, cf
     from .. import tracking
 
     state = read_json(state_file) or {}
-    refuse_other_settings(state_file, state.get("fingerprint"), fingerprint, what)
+    refuse_other_settings(state_file, recorded_fingerprint(state.get("fingerprint")), fingerprint, what)
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     parent_id = state.get("parent_run_id")
