@@ -168,3 +168,14 @@ def test_the_delivered_flow_is_the_refinement_weighted_by_the_support():
     confined, _ = refine_pair(pair, fixed, moving, zero, load_config(
         None, {"annotate": {**base, "refine_support_mm": 20.0, "refine_support_mode": "confine"}}))
     assert not torch.allclose(confined, masked)
+
+
+def test_scans_the_support_reaches_whole_are_named():
+    import pandas as pd
+
+    from cardiomotion.annotate.stage import support_warning
+
+    assert support_warning(pd.DataFrame({"scan_id": ["a"], "epe_mm": [1.0]})) is None  # no support asked for
+    assert support_warning(pd.DataFrame({"scan_id": ["a", "b"], "support_share": [0.7, 0.8]})) is None
+    said = support_warning(pd.DataFrame({"scan_id": ["a", "b", "c"], "support_share": [0.7, 1.0, 1.0]}))
+    assert said.startswith("the refinement's support reaches the whole grid of 2 of 3 scans (b, c)")

@@ -280,6 +280,21 @@ def network_warning(summary: dict[str, float], cfg: Config) -> str | None:
             f"the CVAE with cv.pyramid: shared")
 
 
+def support_warning(df: pd.DataFrame) -> str | None:
+    """A line naming the scans whose support reached the whole grid (``support_share`` 1: no voxel
+    in ``prepare.blood_hu``, or a margin as wide as the crop), whose far field is then not masked;
+    None when there are none or no support was asked for."""
+    if "support_share" not in df:
+        return None
+    whole = sorted(str(v) for v in df.loc[df["support_share"] >= 1.0, "scan_id"])
+    if not whole:
+        return None
+    names = ", ".join(whole[:5]) + (f" and {len(whole) - 5} more" if len(whole) > 5 else "")
+    return (f"the refinement's support reaches the whole grid of {len(whole)} of {len(df)} scans ({names}): "
+            "no voxel in prepare.blood_hu (no contrast?) or a margin as wide as the crop; their flows are "
+            "not masked")
+
+
 def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
              on_epoch: Callable[[int, float], None] | None = None) -> Path:
     """Run the annotation stage; returns the path of ``annotations.parquet``.
@@ -354,6 +369,8 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
             df.to_parquet(tmp, index=False)
         summary = summarize(df)
         if (warning := network_warning(summary, cfg)) is not None:
+            log(f"annotate: warning: {warning}")
+        if (warning := support_warning(df)) is not None:
             log(f"annotate: warning: {warning}")
         tracking.log_metrics(summary)
         tracking.log_artifact(table)
