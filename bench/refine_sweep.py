@@ -37,10 +37,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window", "support_mm",
-        "support_mode")
+        "support_mode", "blood_hu")
 #: settings added after rows were first written: a row without one was made at this value
-#: (``window``: the intensity window in HU the refinement saw, the config's — the default then)
-ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0], "support_mm": 0.0, "support_mode": None}
+#: (``window``: the intensity window in HU the refinement saw, the config's — the default then;
+#: ``blood_hu``: the blood range the support grew from, ``prepare.blood_hu`` — likewise)
+ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0], "support_mm": 0.0, "support_mode": None,
+         "blood_hu": [200.0, 800.0]}
 
 
 def _floats(text: str) -> list[float]:
@@ -55,16 +57,16 @@ def settings_grid(args: argparse.Namespace) -> list[dict]:
     """Every combination of the comma lists, as dicts over :data:`GRID` (``args.window``: a list of
     [low, high] HU windows)."""
     lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight,
-             args.window, args.support_mm, args.support_mode]
+             args.window, args.support_mm, args.support_mode, args.blood_hu]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
 def setting_key(s: dict) -> str:
     """The setting as a canonical string (a key :data:`ADDED` lists and the row lacks: its value
-    then; without a support its mode is no setting: None)."""
+    then; without a support its mode and blood range are no setting: None)."""
     full = {k: s[k] if k in s else ADDED[k] for k in GRID}
     if not full["support_mm"]:
-        full["support_mode"] = None
+        full["support_mode"] = full["blood_hu"] = None
     return json.dumps(full, sort_keys=True)
 
 
@@ -100,12 +102,11 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
     return truth_scores(u, truth, spacing_mm, masks)
 
 
-def refine_scan(pair, setting: dict, blood_hu: tuple[float, float] = (200.0, 800.0),
-                cache: dict | None = None) -> dict:
-    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does, its support from
-    ``blood_hu``) and score it. ``cache`` (one pair's): refinements by setting without the support,
-    so the ``mask`` mode weights a refinement already made instead of making it again (its
-    ``seconds`` are then the first run's)."""
+def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
+    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does; a support from the
+    setting's ``blood_hu``) and score it. ``cache`` (one pair's): refinements by setting without
+    the support, so the ``mask`` mode weights a refinement already made instead of making it again
+    (its ``seconds``, the refinement's alone, are then the first run's)."""
     import torch
 
     from cardiomotion.annotate.refine import refine_flow
@@ -118,17 +119,19 @@ def refine_scan(pair, setting: dict, blood_hu: tuple[float, float] = (200.0, 800
     window = tuple(setting["window"])
     fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
-    t0 = time.perf_counter()
     extra, support = {}, None
     margin = setting.get("support_mm", ADDED["support_mm"])
     mode = SupportMode(setting["support_mode"]) if margin else None
     if margin:
-        weight = motion_support(pair.es, pair.ed, pair.spacing_mm, blood_hu, margin)
+        weight = motion_support(pair.es, pair.ed, pair.spacing_mm, tuple(setting["blood_hu"]), margin)
         if weight is not None:
             support = torch.from_numpy(weight)[None, None]
-            extra["support_share"] = float((weight > 0).mean())
-            if pair.ed_labels is not None and region_masks(pair.ed_labels)["heart"].any():
-                extra["support_heart"] = float(weight[region_masks(pair.ed_labels)["heart"]].mean())
+        heart = region_masks(pair.ed_labels)["heart"] if pair.ed_labels is not None else None
+        # no voxel in the blood range: the whole grid refined (weight 1), as annotate records it
+        extra["support_share"] = 1.0 if weight is None else float((weight > 0).mean())
+        if heart is not None and heart.any():
+            extra["support_heart"] = 1.0 if weight is None else float(weight[heart].mean())
+    t0 = time.perf_counter()
     plain = setting_key({**setting, "support_mm": 0.0})
     if mode is not SupportMode.CONFINE and cache is not None and plain in cache:
         u, seconds = cache[plain]
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     have = {(setting_key(r["setting"]), r["scan"]) for r in done}
     window = [float(v) for v in cfg.intensity.window]
     args.window = [window]
+    args.blood_hu = [[float(v) for v in cfg.prepare.blood_hu]]
     settings = settings_grid(args)
     for scan in scans:
         pair, cache = None, {}
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             if (setting_key(s), scan) in have:
                 continue
             pair = pair or load_pair(args.prepared, rows_by_id[scan])
-            row = {"scan": scan, "setting": s, **refine_scan(pair, s, tuple(cfg.prepare.blood_hu), cache)}
+            row = {"scan": scan, "setting": s, **refine_scan(pair, s, cache)}
             append_json_lines(args.out, [row])
             done.append(row)
             have.add((setting_key(s), scan))  # a grid with a 0 margin names the same setting once per mode

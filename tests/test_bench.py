@@ -460,7 +460,7 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
                             similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]],
-                            support_mm=[0.0], support_mode=["mask"])
+                            support_mm=[0.0], support_mode=["mask"], blood_hu=[[200.0, 800.0]])
     grid = rs.settings_grid(ns)
     assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
@@ -475,6 +475,9 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
                                                    "edge_weight": [0.0], "support_mm": [0.0, 20.0],
                                                    "support_mode": ["mask", "confine"]}))
     assert len(modes) == 4 and len({rs.setting_key(s) for s in modes}) == 3
+    other_blood = {**modes[-1], "blood_hu": [150.0, 800.0]}  # another blood range: another support
+    assert rs.setting_key(other_blood) != rs.setting_key(modes[-1])
+    assert rs.setting_key({**modes[0], "blood_hu": [150.0, 800.0]}) == rs.setting_key(modes[0])  # no support
 
 
 @pytest.mark.slow
@@ -503,10 +506,13 @@ def test_refine_sweep_refines_from_zero_flow_and_resumes(tmp_path_factory, tmp_p
     again = _bench("refine_sweep.py", *args, "--figure", str(tmp_path / "sweep.png"))
     assert len(out.read_text().splitlines()) == 2 and again["summary"] == first["summary"]
     assert (tmp_path / "sweep.png").stat().st_size > 0 and again["figure"] == str(tmp_path / "sweep.png")
-    # a masked setting weights the same refinement by the support: never more motion anywhere
+    # a masked setting weights the same refinement by the support (made once per invocation and
+    # scan: the masked row reuses it, seconds included): never more motion anywhere
+    masked_out = tmp_path / "masked.jsonl"
     masked = _bench("refine_sweep.py", "--prepared", str(prepared), "--scans", "0", "--steps", "40", "--levels", "2",
-                    "--support-mm", "20", "--support-mode", "mask", "--out", str(out))
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and rows[-1]["setting"]["support_mode"] == "mask" and masked["blood_hu"] == [200.0, 800.0]
-    assert 0.0 < rows[-1]["support_share"] <= 1.0 and 0.0 < rows[-1]["support_heart"] <= 1.0
-    assert rows[-1]["magnitude_myo"] <= by_steps[40]["magnitude_myo"] + 1e-9
+                    "--support-mm", "0,20", "--support-mode", "mask", "--out", str(masked_out))
+    plain, mask = [json.loads(line) for line in masked_out.read_text().splitlines()]
+    assert mask["setting"]["support_mode"] == "mask" and masked["blood_hu"] == [200.0, 800.0]
+    assert mask["seconds"] == plain["seconds"] and plain["epe_myo_mm"] == pytest.approx(by_steps[40]["epe_myo_mm"])
+    assert 0.0 < mask["support_share"] <= 1.0 and 0.0 < mask["support_heart"] <= 1.0
+    assert mask["magnitude_myo"] <= plain["magnitude_myo"] + 1e-9

@@ -96,21 +96,45 @@ def test_per_fold_sweeps_depend_on_the_pyramid_settings_shared_ones_do_not():
 
 
 def test_a_sweep_recorded_with_the_refinements_settings_still_resumes(tmp_path):
-    """Fingerprints written before stop 40 held every ``refine*`` key in ``pyramid_settings``:
-    such a record resumes under today's fingerprint whatever those keys were, while any other
-    difference is still refused."""
+    """Fingerprints written before stop 40 held every refinement key in ``pyramid_settings`` and no
+    hash of the flows: such a record resumes (through ``resume_state``, as cv and tune do) whatever
+    those keys were, while any other difference is still refused — and so are the same flows
+    folder's flows annotated again."""
+    from cardiomotion.annotate.stage import same_pyramid_settings
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError
-    from cardiomotion.train.sweep import recorded_fingerprint, refuse_other_settings, sweep_fingerprint
+    from cardiomotion.fileio import write_json
+    from cardiomotion.train.sweep import recorded_fingerprint, resume_state, sweep_fingerprint
 
-    cfg = load_config(None, {"cv": {"pyramid": "per_fold"}})
-    now = sweep_fingerprint(Path("/p"), Path("/f"), cfg)
+    flows = tmp_path / "flows"
+    (flows / "s0").mkdir(parents=True)
+    (flows / "s0" / "flow.nii.gz").write_bytes(b"first annotation")
+    cfg = load_config(None, {"cv": {"pyramid": "per_fold"}, "storage_root": str(tmp_path / "store")})
+    now = sweep_fingerprint(Path("/p"), flows, cfg)
     old = json.loads(json.dumps(now))
+    del old["flows_sha256"]  # not recorded before stop 40
     old["pyramid_settings"].update({"refine": True, "refine_steps": 300, "refine_smooth_weight": 0.03,
                                     "refine_start": "zero"})
-    state = tmp_path / "state.json"
-    refuse_other_settings(state, recorded_fingerprint(old), now, "sweep")  # resumes
+    state = tmp_path / "cv.json"
+    write_json(state, {"fingerprint": old})
+    resume_state(state, now, "sweep", cfg)  # resumes
+    assert recorded_fingerprint(old, now) == now
+    assert same_pyramid_settings(old["pyramid_settings"], now["pyramid_settings"])
     old["pyramid_settings"]["epochs"] = now["pyramid_settings"]["epochs"] + 1
+    assert not same_pyramid_settings(old["pyramid_settings"], now["pyramid_settings"])
+    write_json(state, {"fingerprint": old})
     with pytest.raises(InputError, match="pyramid_settings.epochs"):
-        refuse_other_settings(state, recorded_fingerprint(old), now, "sweep")
-    assert recorded_fingerprint(None) is None and recorded_fingerprint({"seed": 0}) == {"seed": 0}
+        resume_state(state, now, "sweep", cfg)
+    write_json(state, {"fingerprint": now})
+    (flows / "s0" / "flow.nii.gz").write_bytes(b"annotated again")
+    with pytest.raises(InputError, match="flows_sha256"):
+        resume_state(state, sweep_fingerprint(Path("/p"), flows, cfg), "sweep", cfg)
+    assert recorded_fingerprint(None, now) is None
+
+
+def test_the_refinement_keys_are_the_annotate_settings_named_refine():
+    """The pyramid's fingerprint leaves out exactly the refinement's settings, named one by one."""
+    from cardiomotion.annotate.stage import REFINEMENT_KEYS
+    from cardiomotion.config import AnnotateConfig
+
+    assert set(REFINEMENT_KEYS) == {k for k in AnnotateConfig.model_fields if k.startswith("refine")}

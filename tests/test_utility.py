@@ -490,7 +490,8 @@ def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
     one error naming the difference; a folder without the record, or with one made before the
     content hash, adopts."""
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, flows_fingerprint, record_inputs
+    from cardiomotion.annotate.stage import flows_fingerprint
+    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, record_inputs
 
     out, p, a, b = tmp_path / "u", tmp_path / "P", tmp_path / "A", tmp_path / "A_cos"
     (a / "s1").mkdir(parents=True)
@@ -595,6 +596,10 @@ def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, mo
     write_record(with_refine)
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/old/model"
     assert len(trained) == 1
+    other_epochs = {**with_refine, "pyramid_settings": {**with_refine["pyramid_settings"], "epochs": 2}}
+    write_record(other_epochs)  # refinement keys aside, another pyramid: trained again
+    assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg_for("cosine"), said.append) == "runs:/new/model"
+    assert len(trained) == 2
 
 
 def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom, tmp_path, ray_session):

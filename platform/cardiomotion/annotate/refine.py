@@ -101,7 +101,7 @@ def refine_flow(
             continue
         f = downsample_to(fixed, size) if level else fixed
         m = downsample_to(moving, size) if level else moving
-        s = None if support is None else downsample_to(support.to(fixed.dtype), size)
+        s = None if support is None else downsample_to(support.to(fixed), size)
         u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, similarity, alpha, sigma,
                       edge_weight, s)
     return resize_flow(u, full)

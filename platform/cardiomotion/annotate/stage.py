@@ -111,7 +111,13 @@ def annotation_settings(cfg: Config) -> dict:
     """What an annotation folder's network and flows depend on besides the prepared set (which
     ``prepared.sha256`` pins): the seed, the intensity window and every ``annotate`` setting but
     where the network trains (workers, resources) and how often it checkpoints."""
-    return {"seed": cfg.seed, "intensity": cfg.intensity.model_dump(mode="json"), "annotate": _trained_with(cfg)}
+    annotate = _trained_with(cfg)
+    out = {"seed": cfg.seed, "intensity": cfg.intensity.model_dump(mode="json"), "annotate": annotate}
+    if cfg.annotate.refine and cfg.annotate.refine_support_mm:  # the support grows from prepare's blood range
+        out["support_blood_hu"] = [float(v) for v in cfg.prepare.blood_hu]
+    else:  # without a support its mode changes nothing
+        annotate["refine_support_mode"] = SupportMode.MASK.value
+    return out
 
 
 def check_settings(out: Path, cfg: Config) -> dict | None:
@@ -206,7 +212,7 @@ def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Te
                         similarity=ac.refine_similarity.value, sigma=ac.refine_sigma, levels=ac.refine_levels,
                         edge_weight=ac.refine_edge_weight, support=support if confine else None)
     if support is not None and not confine:
-        final = support * final
+        final = support.to(final) * final
     return final, extent
 
 
@@ -292,7 +298,7 @@ def support_warning(df: pd.DataFrame) -> str | None:
     names = ", ".join(whole[:5]) + (f" and {len(whole) - 5} more" if len(whole) > 5 else "")
     return (f"the refinement's support reaches the whole grid of {len(whole)} of {len(df)} scans ({names}): "
             "no voxel in prepare.blood_hu (no contrast?) or a margin as wide as the crop; their flows are "
-            "not masked")
+            "not confined to the heart")
 
 
 def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
@@ -416,10 +422,33 @@ def _trained_with(cfg: Config) -> dict:
             if k not in ("num_workers", "resources", "checkpoint_every", "max_failures")}
 
 
+#: the ``annotate`` settings only the per-pair refinement reads (a pyramid is trained before and
+#: without it); named one by one, so a later key that does shape the network is never left out
+REFINEMENT_KEYS = ("refine", "refine_start", "refine_steps", "refine_levels", "refine_lr", "refine_similarity",
+                   "refine_sigma", "refine_smooth_weight", "refine_edge_weight", "refine_support_mm",
+                   "refine_support_mode")
+
+
 def pyramid_part(settings: dict) -> dict:
-    """``annotate`` settings (as :func:`_trained_with` or a record of them holds) less what only the
-    per-pair refinement reads — every ``refine*`` key: a pyramid is trained before and without it."""
-    return {k: v for k, v in settings.items() if not k.startswith("refine")}
+    """``annotate`` settings (as :func:`_trained_with` or a record of them holds) less the
+    refinement's (:data:`REFINEMENT_KEYS`)."""
+    return {k: v for k, v in settings.items() if k not in REFINEMENT_KEYS}
+
+
+def flows_fingerprint(flows: Path) -> str:
+    """Content hash of what an annotation folder gives the stages after it: the bytes of every
+    scan's annotated flow (the real arms' labels, the generators' training targets) and of
+    annotate's frozen pyramid (what conditions the generators with ``cv.pyramid: shared``); the
+    per-fold pyramids trained inside the folder are not part of it."""
+    import hashlib
+
+    from ..generate.model import sha256_file
+
+    h = hashlib.sha256()
+    for path in sorted(Path(flows).glob(f"*/{FLOW_FILE}")) + [Path(flows) / PYRAMID_FILE]:
+        if path.is_file():
+            h.update(f"{path.parent.name}/{path.name} {sha256_file(path)}\n".encode())
+    return h.hexdigest()
 
 
 def pyramid_settings(cfg: Config) -> dict:

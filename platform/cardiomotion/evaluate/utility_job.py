@@ -43,7 +43,7 @@ Log = Callable[[str], None]
 
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
-                      UTILITY_TABLE as TABLE_FILE, PYRAMID_FILE, utility_fold_dir)
+                      UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
 from .utility_report import (PAIRED_COLUMNS, SCORES, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
                              utility_figure)
 
@@ -243,31 +243,15 @@ def _check_budgets(runs_file: Path, done_rows: list[dict], planned: Sequence[Uti
                                         f"another largest N); use another --out or the same sizes")
 
 
-def flows_fingerprint(flows: Path) -> str:
-    """Content hash of what an annotation folder gives ``utility``: the bytes of every scan's
-    annotated flow (the real arms' labels, the generators' training targets) and of annotate's
-    frozen pyramid (what conditions the generators with ``cv.pyramid: shared``); the per-fold
-    pyramids ``utility`` trains inside the folder are not part of it."""
-    import hashlib
-
-    from ..generate.model import sha256_file
-    from ..layout import FLOW_FILE
-
-    h = hashlib.sha256()
-    for path in sorted(Path(flows).glob(f"*/{FLOW_FILE}")) + [Path(flows) / PYRAMID_FILE]:
-        if path.is_file():
-            h.update(f"{path.parent.name}/{path.name} {sha256_file(path)}\n".encode())
-    return h.hexdigest()
-
-
 def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     """One utility folder, one pair of inputs: its rows, fold generators and corpora were made
     from ``OUT/inputs.json``'s prepared and flows folders (resolved paths, as ``cv`` and ``tune``
-    record theirs, and the flows folder's content: :func:`flows_fingerprint`), and a rerun pointed
+    record theirs, and the flows folder's content: :func:`~cardiomotion.annotate.stage.flows_fingerprint`), and a rerun pointed
     at others — or at the same folder annotated again with other flows or another pyramid — is
     refused before any work: it would reuse them as if made from the new ones. Returns the record
     to write (:func:`record_inputs`) once the run is past its refusals; a folder without one (made
     before it), or whose record predates the fingerprint, adopts the inputs of its next run."""
+    from ..annotate.stage import flows_fingerprint
     from ..train.sweep import first_difference, read_json
 
     want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve()),

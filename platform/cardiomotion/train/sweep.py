@@ -136,14 +136,18 @@ def alive_nodes(ray) -> list[dict[str, float]]:
 
 def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[str] = (),
                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What a sweep's results depend on: inputs, seed, intensity and the ``train`` settings (less
-    :data:`RESOURCE_KEYS` and ``drop``, e.g. the keys a search varies), with ``cv.pyramid:
-    per_fold`` the settings of the fold pyramids, plus ``extra``. A rerun
-    with another fingerprint is refused (:func:`refuse_other_settings`)."""
+    """What a sweep's results depend on: inputs (the flows folder's path and content,
+    :func:`~cardiomotion.annotate.stage.flows_fingerprint`: annotated again in place, it is other
+    flows), seed, intensity and the ``train`` settings (less :data:`RESOURCE_KEYS` and ``drop``,
+    e.g. the keys a search varies), with ``cv.pyramid: per_fold`` the settings of the fold
+    pyramids, plus ``extra``. A rerun with another fingerprint is refused
+    (:func:`refuse_other_settings`)."""
+    from ..annotate.stage import flows_fingerprint
+
     train = cfg.train.model_dump(mode="json")
     for k in (*RESOURCE_KEYS, *drop):
         train.pop(k, None)
-    fp = {"prepared": str(prepared), "flows": str(flows), "seed": cfg.seed,
+    fp = {"prepared": str(prepared), "flows": str(flows), "flows_sha256": flows_fingerprint(flows), "seed": cfg.seed,
           "intensity": cfg.intensity.model_dump(mode="json"), "train": train, **(extra or {})}
     if cfg.cv.pyramid.value != "shared":  # (absent for shared: sweeps made before the setting existed resume)
         from ..annotate.stage import pyramid_settings
@@ -153,14 +157,19 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
     return fp
 
 
-def recorded_fingerprint(recorded: Any) -> Any:
-    """A recorded :func:`sweep_fingerprint` as today's would hold it: one written while the fold
-    pyramids' settings still held the refinement's keys (before stop 40) loses them
-    (:func:`cardiomotion.annotate.stage.pyramid_part`), so that sweep still resumes."""
-    if isinstance(recorded, dict) and isinstance(recorded.get("pyramid_settings"), dict):
+def recorded_fingerprint(recorded: Any, current: Mapping[str, Any]) -> Any:
+    """A recorded :func:`sweep_fingerprint` as today's would hold it, for one written before stop
+    40: the fold pyramids' settings lose the refinement's keys
+    (:func:`cardiomotion.annotate.stage.pyramid_part`), and a record without the flows' content
+    hash adopts ``current``'s (what the folder holds now: unknowable then), so that sweep resumes."""
+    if not isinstance(recorded, dict):
+        return recorded
+    if isinstance(recorded.get("pyramid_settings"), dict):
         from ..annotate.stage import pyramid_part
 
         recorded = {**recorded, "pyramid_settings": pyramid_part(recorded["pyramid_settings"])}
+    if "flows_sha256" not in recorded and "flows_sha256" in current:
+        recorded = {**recorded, "flows_sha256": current["flows_sha256"]}
     return recorded
 
 
@@ -173,7 +182,7 @@ def resume_state(state_file: Path, fingerprint: Mapping[str, Any], what: str, cf
     from .. import tracking
 
     state = read_json(state_file) or {}
-    refuse_other_settings(state_file, recorded_fingerprint(state.get("fingerprint")), fingerprint, what)
+    refuse_other_settings(state_file, recorded_fingerprint(state.get("fingerprint"), fingerprint), fingerprint, what)
     uri = tracking.setup(cfg)
     client = mlflow.MlflowClient(uri)
     parent_id = state.get("parent_run_id")
