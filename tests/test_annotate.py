@@ -184,6 +184,12 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     assert annotation_settings(load_config(None, support))["support_blood_hu"] == [200.0, 800.0]
     with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):
         check_settings(fresh, load_config(None, support))
+    before_support = annotation_settings(cfg)
+    del before_support["annotate"]["refine_support_mm"], before_support["annotate"]["refine_support_mode"]
+    (fresh / "settings.json").write_text(json.dumps(before_support))  # a record from before stop 40: no support
+    assert check_settings(fresh, cfg) is None
+    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):
+        check_settings(fresh, load_config(None, support))
     (fresh / "settings.json").write_text(json.dumps(annotation_settings(load_config(None, support))))
     with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[150.0, 800.0\] now"):
         check_settings(fresh, load_config(None, {**support, "prepare": {"blood_hu": [150.0, 800.0]}}))

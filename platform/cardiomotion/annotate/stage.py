@@ -120,13 +120,19 @@ def annotation_settings(cfg: Config) -> dict:
     return out
 
 
+#: ``annotate`` settings a record written before the key existed was made at, where that is not
+#: the key's default today (the support was off before stop 40)
+RECORDED_BEFORE = {"refine_support_mm": 0.0}
+
+
 def check_settings(out: Path, cfg: Config) -> dict | None:
     """The resume guard of an annotation folder, before any work.
 
     Returns the settings to record before training starts, or None when nothing is to be written:
     the folder's ``settings.json`` already holds these settings, or the folder predates the record
     and holds a finished network (reused unchecked, as before records were kept). A key the record
-    lacks (added to ``annotate`` after it was written) matches when it is at its default.
+    lacks (added to ``annotate`` after it was written) matches when it is at its default — or, for
+    :data:`RECORDED_BEFORE`'s keys, at the value records were made at before it.
 
     Raises:
         InputError: ``settings.json`` records other settings (named by their first difference), or
@@ -144,6 +150,8 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
             raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); restore it, or rewrite "
                                      "it with the settings this folder was annotated with (its MLflow run's "
                                      "parameters)") from None
+        if isinstance(recorded, dict) and isinstance(recorded.get("annotate"), dict):
+            recorded = {**recorded, "annotate": {**RECORDED_BEFORE, **recorded["annotate"]}}
         defaults = annotation_settings(Config())
         refuse_other_settings(record, _with_defaults(recorded, settings, defaults), settings, "annotation")
         return None
