@@ -177,22 +177,24 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     with pytest.raises(InputError, match="lr_schedule: null then"):
         check_settings(fresh, cosine_to_constant)
     # the support: its mode is no setting while it is off; on, the blood range it grows from is one
-    (fresh / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
-    confine_off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_support_mode": "confine"}})
-    assert annotation_settings(confine_off) == annotation_settings(cfg) and check_settings(fresh, confine_off) is None
-    support = {**TINY, "annotate": {**TINY["annotate"], "refine_support_mm": 20.0}}
-    assert annotation_settings(load_config(None, support))["support_blood_hu"] == [200.0, 800.0]
+    off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_support_mm": 0}})
+    (fresh / "settings.json").write_text(json.dumps(annotation_settings(off)))
+    confine_off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_support_mm": 0,
+                                                          "refine_support_mode": "confine"}})
+    assert annotation_settings(confine_off) == annotation_settings(off) and check_settings(fresh, confine_off) is None
+    assert cfg.annotate.refine_support_mm == 20.0 and annotation_settings(cfg)["support_blood_hu"] == [200.0, 800.0]
     with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):
-        check_settings(fresh, load_config(None, support))
-    before_support = annotation_settings(cfg)
+        check_settings(fresh, cfg)
+    before_support = annotation_settings(off)
     del before_support["annotate"]["refine_support_mm"], before_support["annotate"]["refine_support_mode"]
     (fresh / "settings.json").write_text(json.dumps(before_support))  # a record from before stop 40: no support
+    assert check_settings(fresh, off) is None
+    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):  # not the default it lacks
+        check_settings(fresh, cfg)
+    (fresh / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
     assert check_settings(fresh, cfg) is None
-    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):
-        check_settings(fresh, load_config(None, support))
-    (fresh / "settings.json").write_text(json.dumps(annotation_settings(load_config(None, support))))
     with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[150.0, 800.0\] now"):
-        check_settings(fresh, load_config(None, {**support, "prepare": {"blood_hu": [150.0, 800.0]}}))
+        check_settings(fresh, load_config(None, {**TINY, "prepare": {**TINY.get("prepare", {}), "blood_hu": [150.0, 800.0]}}))
     (fresh / "settings.json").write_text('{"seed": ')
     with pytest.raises(InputError, match="unreadable settings record"):
         check_settings(fresh, cfg)

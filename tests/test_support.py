@@ -126,14 +126,14 @@ def _phantom_pair():
 
 
 def test_annotate_builds_the_support_from_the_prepared_frames():
-    """``annotate``'s support for a phantom pair covers the whole heart at a 20 mm margin and
-    leaves the corners of the crop still; off at the default."""
+    """``annotate``'s support for a phantom pair covers the whole heart at a 20 mm margin (the
+    default) and leaves the corners of the crop still; off at 0."""
     from cardiomotion.annotate.stage import _support
     from cardiomotion.config import load_config
     from cardiomotion.data.phantom import region_masks
 
     pair = _phantom_pair()
-    assert _support(pair, load_config(None)) == (None, None)
+    assert _support(pair, load_config(None, {"annotate": {"refine_support_mm": 0}})) == (None, None)
     weight, share = _support(pair, load_config(None, {"annotate": {"refine_support_mm": 20.0}}))
     w = weight[0, 0].numpy()
     assert w[region_masks(pair.ed_labels)["heart"]].min() == 1.0
@@ -151,7 +151,7 @@ def test_the_delivered_flow_is_the_refinement_weighted_by_the_support():
     from cardiomotion.data.intensity import hu_to_unit
 
     pair = _phantom_pair()
-    base = {"refine_steps": 20, "refine_levels": 2}
+    base = {"refine_steps": 20, "refine_levels": 2, "refine_support_mm": 0}
     cfg = load_config(None, {"annotate": base})
     fixed = torch.from_numpy(hu_to_unit(pair.ed, cfg.intensity.window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, cfg.intensity.window))[None, None]
