@@ -102,54 +102,64 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
     return truth_scores(u, truth, spacing_mm, masks)
 
 
+def refinement(setting: dict):
+    """``setting`` as :class:`cardiomotion.annotate.stage.Refinement` — what ``annotate`` runs
+    with a config holding these values; what the grid does not set is the config's default."""
+    from dataclasses import replace
+
+    from cardiomotion.annotate.stage import Refinement
+    from cardiomotion.choices import Similarity, SupportMode
+    from cardiomotion.config import Config
+
+    full = {k: setting.get(k, ADDED.get(k)) for k in GRID}
+    margin = float(full["support_mm"] or 0.0)
+    r = replace(Refinement.from_config(Config()), steps=int(full["steps"]), lr=float(full["lr"]),
+                smooth_weight=float(full["smooth_weight"]), similarity=Similarity(full["similarity"]),
+                sigma=float(full["sigma"]), levels=int(full["levels"]), edge_weight=float(full["edge_weight"]),
+                support_mm=margin)
+    if not margin:
+        return r.without_support()
+    return replace(r, support_mode=SupportMode(full["support_mode"]),
+                   blood_hu=(float(full["blood_hu"][0]), float(full["blood_hu"][1])))
+
+
 def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
-    """Refine one pair from zero flow under ``setting`` (as ``annotate`` does; a support from the
-    setting's ``blood_hu``) and score it. ``cache`` (one pair's): refinements by setting without
-    the support, so the ``mask`` mode weights a refinement already made instead of making it again
-    (its ``seconds``, the refinement's alone, are then the first run's)."""
+    """Refine one pair from zero flow under ``setting`` exactly as ``annotate`` does
+    (:func:`cardiomotion.annotate.stage.refine_pair`; a support from the setting's ``blood_hu``)
+    and score it. ``cache`` (one pair's, filled here): the refinements made, so the ``mask`` mode
+    weights one already made instead of making it again (its ``seconds``, the refinement's alone,
+    are then the first run's)."""
     import torch
 
-    from cardiomotion.annotate.refine import refine_flow
-    from cardiomotion.annotate.support import motion_support
+    from cardiomotion.annotate.stage import refine_pair
     from cardiomotion.choices import SupportMode
     from cardiomotion.data.phantom import region_masks
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.flow.warp import warp
 
-    window = tuple(setting["window"])
+    window = tuple(setting.get("window", ADDED["window"]))
     fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
-    extra, support = {}, None
-    margin = setting.get("support_mm", ADDED["support_mm"])
-    mode = SupportMode(setting["support_mode"]) if margin else None
-    if margin:
-        weight = motion_support(pair.es, pair.ed, pair.spacing_mm, tuple(setting["blood_hu"]), margin)
-        if weight is not None:
-            support = torch.from_numpy(weight)[None, None]
-        heart = region_masks(pair.ed_labels)["heart"] if pair.ed_labels is not None else None
-        # no voxel in the blood range: the whole grid refined (weight 1), as annotate records it
-        extra["support_share"] = 1.0 if weight is None else float((weight > 0).mean())
-        if heart is not None and heart.any():
-            extra["support_heart"] = 1.0 if weight is None else float(weight[heart].mean())
+    r = refinement(setting)
+    cache = {} if cache is None else cache
+    made = cache.setdefault(("made", window), {})  # the frames differ by window: so do the refinements
+    seconds = cache.setdefault(("seconds", window), {})
     t0 = time.perf_counter()
-    plain = setting_key({**setting, "support_mm": 0.0})
-    if mode is not SupportMode.CONFINE and cache is not None and plain in cache:
-        u, seconds = cache[plain]
-    else:
-        u = refine_flow(fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), steps=setting["steps"],
-                        lr=setting["lr"], smooth_weight=setting["smooth_weight"],
-                        similarity=setting["similarity"], sigma=setting["sigma"], levels=setting["levels"],
-                        edge_weight=setting["edge_weight"],
-                        support=support if mode is SupportMode.CONFINE else None)
-        seconds = time.perf_counter() - t0
-        if mode is not SupportMode.CONFINE and cache is not None:
-            cache[plain] = (u, seconds)
-    if mode is SupportMode.MASK and support is not None:
-        u = support * u
+    out = refine_pair(pair, fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), r, made)
+    took = time.perf_counter() - t0
+    if not (out.support is not None and r.support_mode is SupportMode.CONFINE):  # made (now or before) for `made`
+        took = seconds.setdefault(r.without_support(), took)
+    extra = {}
+    if r.support_mm:
+        extra["support_share"] = out.share
+        heart = region_masks(pair.ed_labels)["heart"] if pair.ed_labels is not None else None
+        if heart is not None and heart.any():  # no voxel in the blood range: all of the heart free (weight 1)
+            extra["support_heart"] = 1.0 if out.support is None else float(out.support[0, 0].numpy()[heart].mean())
+    u = out.flow
     with torch.no_grad():
         mse = float((fixed - warp(moving, u)).pow(2).mean())
     return {**score(u[0].numpy(), pair.truth_flow, pair.spacing_mm, pair.ed_labels), "image_mse": mse,
-            "seconds": seconds, **extra}
+            "seconds": took, **extra}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

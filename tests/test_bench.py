@@ -478,6 +478,20 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     other_blood = {**modes[-1], "blood_hu": [150.0, 800.0]}  # another blood range: another support
     assert rs.setting_key(other_blood) != rs.setting_key(modes[-1])
     assert rs.setting_key({**modes[0], "blood_hu": [150.0, 800.0]}) == rs.setting_key(modes[0])  # no support
+    # each setting is the refinement annotate runs with a config holding the same values
+    from cardiomotion.annotate.stage import Refinement
+    from cardiomotion.config import load_config
+
+    def annotates(annotate, blood=(200.0, 800.0)):
+        return Refinement.from_config(load_config(None, {"annotate": annotate, "prepare": {"blood_hu": list(blood)}}))
+
+    confine = {**modes[-1], "blood_hu": [150.0, 700.0]}
+    assert confine["support_mode"] == "confine" and confine["support_mm"] == 20.0
+    assert rs.refinement(confine) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01,
+                                                "refine_support_mm": 20.0, "refine_support_mode": "confine"},
+                                               (150.0, 700.0))
+    assert rs.refinement(modes[0]) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01,
+                                                 "refine_support_mm": 0.0}).without_support()
 
 
 @pytest.mark.slow

@@ -100,7 +100,7 @@ def test_a_sweep_recorded_with_the_refinements_settings_still_resumes(tmp_path):
     hash of the flows: such a record resumes (through ``resume_state``, as cv and tune do) whatever
     those keys were, while any other difference is still refused — and so are the same flows
     folder's flows annotated again."""
-    from cardiomotion.annotate.stage import same_pyramid_settings
+    from cardiomotion.annotate.stage import current_pyramid_record
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError
     from cardiomotion.fileio import write_json
@@ -119,9 +119,10 @@ def test_a_sweep_recorded_with_the_refinements_settings_still_resumes(tmp_path):
     write_json(state, {"fingerprint": old})
     resume_state(state, now, "sweep", cfg)  # resumes
     assert recorded_fingerprint(old, now) == now
-    assert same_pyramid_settings(old["pyramid_settings"], now["pyramid_settings"])
+    assert current_pyramid_record(old, "pyramid_settings")["pyramid_settings"] == now["pyramid_settings"]
     old["pyramid_settings"]["epochs"] = now["pyramid_settings"]["epochs"] + 1
-    assert not same_pyramid_settings(old["pyramid_settings"], now["pyramid_settings"])
+    assert current_pyramid_record(old, "pyramid_settings")["pyramid_settings"] != now["pyramid_settings"]
+    assert current_pyramid_record([1], "pyramid_settings") == [1]  # not a record: unchanged
     write_json(state, {"fingerprint": old})
     with pytest.raises(InputError, match="pyramid_settings.epochs"):
         resume_state(state, now, "sweep", cfg)

@@ -128,46 +128,85 @@ def _phantom_pair():
 def test_annotate_builds_the_support_from_the_prepared_frames():
     """``annotate``'s support for a phantom pair covers the whole heart at a 20 mm margin (the
     default) and leaves the corners of the crop still; off at 0."""
-    from cardiomotion.annotate.stage import _support
+    from cardiomotion.annotate.stage import Refinement, pair_support
     from cardiomotion.config import load_config
     from cardiomotion.data.phantom import region_masks
 
+    def refinement(margin):
+        return Refinement.from_config(load_config(None, {"annotate": {"refine_support_mm": margin}}))
+
     pair = _phantom_pair()
-    assert _support(pair, load_config(None, {"annotate": {"refine_support_mm": 0}})) == (None, None)
-    weight, share = _support(pair, load_config(None, {"annotate": {"refine_support_mm": 20.0}}))
+    assert pair_support(pair, refinement(0)) == (None, None)
+    weight, share = pair_support(pair, refinement(20.0))
     w = weight[0, 0].numpy()
     assert w[region_masks(pair.ed_labels)["heart"]].min() == 1.0
     assert w[0, 0, 0] == 0.0 and w[-1, -1, -1] == 0.0
     assert 0.0 < share < 1.0 and share == pytest.approx(float((w > 0).mean()))
     no_blood = type(pair)("p1", np.full_like(pair.es, -500.0), np.full_like(pair.ed, -500.0), pair.affine)
-    assert _support(no_blood, load_config(None, {"annotate": {"refine_support_mm": 20.0}})) == (None, 1.0)
+    assert pair_support(no_blood, refinement(20.0)) == (None, 1.0)
+
+
+def test_the_refinement_reads_annotates_settings():
+    """Every ``annotate.refine_*`` setting and the blood range reach the refinement; without a
+    support the plain refinement is one key whatever the support's mode and blood range were."""
+    from cardiomotion.annotate.stage import Refinement
+    from cardiomotion.choices import Similarity, SupportMode
+    from cardiomotion.config import load_config
+
+    cfg = load_config(None, {"annotate": {"refine_steps": 7, "refine_lr": 0.3, "refine_smooth_weight": 0.02,
+                                          "refine_similarity": "ssim_l1", "ssim_alpha": 0.5, "refine_sigma": 2.0,
+                                          "refine_levels": 2, "refine_edge_weight": 4.0, "refine_support_mm": 15.0,
+                                          "refine_support_mode": "confine"},
+                             "prepare": {"blood_hu": [150, 700]}})
+    r = Refinement.from_config(cfg)
+    assert r == Refinement(steps=7, lr=0.3, smooth_weight=0.02, similarity=Similarity.SSIM_L1, alpha=0.5, sigma=2.0,
+                           levels=2, edge_weight=4.0, support_mm=15.0, support_mode=SupportMode.CONFINE,
+                           blood_hu=(150.0, 700.0))
+    plain = r.without_support()
+    assert plain.support_mm == 0.0 and plain.steps == 7
+    from dataclasses import replace
+    assert replace(r, support_mode=SupportMode.MASK, blood_hu=(1.0, 2.0)).without_support() == plain
+    assert len({plain, replace(plain, steps=8)}) == 2  # hashable, a key per refinement
 
 
 def test_the_delivered_flow_is_the_refinement_weighted_by_the_support():
     """``mask``: exactly the plain refinement times the support (the heart's flow untouched, the
-    still tissue beyond the margin at zero); ``confine`` gives another field, also zero there."""
-    from cardiomotion.annotate.stage import _support, refine_pair
+    still tissue beyond the margin at zero); ``confine`` gives another field (its coarse levels
+    spread the correction past the support's edge, so it is not zero there); a plain refinement
+    already made is weighted, not made again."""
+    from dataclasses import replace
+
+    from cardiomotion.annotate.stage import Refinement, refine_pair
+    from cardiomotion.choices import SupportMode
     from cardiomotion.config import load_config
     from cardiomotion.data.intensity import hu_to_unit
 
     pair = _phantom_pair()
-    base = {"refine_steps": 20, "refine_levels": 2, "refine_support_mm": 0}
-    cfg = load_config(None, {"annotate": base})
+    cfg = load_config(None, {"annotate": {"refine_steps": 20, "refine_levels": 2, "refine_support_mm": 0}})
+    r = Refinement.from_config(cfg)
     fixed = torch.from_numpy(hu_to_unit(pair.ed, cfg.intensity.window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, cfg.intensity.window))[None, None]
     zero = torch.zeros(1, 3, *fixed.shape[2:])
-    plain, extent = refine_pair(pair, fixed, moving, zero, cfg)
-    assert extent is None and float(plain.abs().max()) > 0
-    masked_cfg = load_config(None, {"annotate": {**base, "refine_support_mm": 20.0}})
-    masked, share = refine_pair(pair, fixed, moving, zero, masked_cfg)
-    weight = _support(pair, masked_cfg)[0]
-    torch.testing.assert_close(masked, weight * plain)
-    still = (weight == 0).expand_as(masked)
-    assert still.any() and float(plain[still].abs().max()) > 0 and float(masked[still].abs().max()) == 0.0
-    assert share == pytest.approx(float((weight > 0).float().mean()))
-    confined, _ = refine_pair(pair, fixed, moving, zero, load_config(
-        None, {"annotate": {**base, "refine_support_mm": 20.0, "refine_support_mode": "confine"}}))
-    assert not torch.allclose(confined, masked)
+    plain = refine_pair(pair, fixed, moving, zero, r)
+    assert plain.share is None and plain.support is None and float(plain.flow.abs().max()) > 0
+    masked = refine_pair(pair, fixed, moving, zero, replace(r, support_mm=20.0))
+    weight = masked.support
+    torch.testing.assert_close(masked.flow, weight * plain.flow)
+    still = (weight == 0).expand_as(masked.flow)
+    assert still.any() and float(plain.flow[still].abs().max()) > 0 and float(masked.flow[still].abs().max()) == 0.0
+    assert masked.share == pytest.approx(float((weight > 0).float().mean()))
+    confined = refine_pair(pair, fixed, moving, zero, replace(r, support_mm=20.0, support_mode=SupportMode.CONFINE))
+    assert not torch.allclose(confined.flow, masked.flow)
+    # made: the mask weights the refinement found there (a stand-in field shows it was not made again)
+    key = r.without_support()
+    made = {key: torch.ones_like(plain.flow)}
+    torch.testing.assert_close(refine_pair(pair, fixed, moving, zero, replace(r, support_mm=20.0), made).flow,
+                               weight.expand_as(plain.flow))
+    made = {}
+    again = refine_pair(pair, fixed, moving, zero, replace(r, support_mm=25.0), made)
+    assert list(made) == [key]
+    torch.testing.assert_close(made[key], plain.flow)  # the plain refinement is deterministic and kept
+    torch.testing.assert_close(again.flow, again.support * plain.flow)
 
 
 def test_scans_the_support_reaches_whole_are_named():

@@ -171,17 +171,34 @@ def test_paired_differences_compare_arms_scan_by_scan():
 def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pairs():
     from cardiomotion.evaluate.utility_report import comparison_pairs
 
+    synthetic = ("cvae", "random", "cvae+annotated", "cvae>annotated")
     keys = [("annotated", 43), ("unsupervised", 43), ("zero", 0), ("demons", 0)]
-    keys += [(a, n) for a in ("cvae", "random", "cvae+annotated") for n in (64, 256, 4096)]
+    keys += [(a, n) for a in synthetic for n in (64, 256, 4096)]
     pairs = comparison_pairs(keys)
     assert len(pairs) == len(set(pairs)) and not any((o, s) in pairs for s, o in pairs)  # once, one way
     scaling = {(s, o) for s, o in pairs if s[0] == o[0]}
-    assert scaling == {((a, 4096), (a, n)) for a in ("cvae", "random", "cvae+annotated") for n in (64, 256)}
+    assert scaling == {((a, 4096), (a, n)) for a in synthetic for n in (64, 256)}
     rest = set(pairs) - scaling
     real = [("annotated", 43), ("unsupervised", 43), ("zero", 0), ("demons", 0)]
-    want = {((a, n), o) for a in ("cvae", "cvae+annotated") for n in (64, 256, 4096) for o in real + [("random", n)]}
-    want |= {(("cvae+annotated", n), ("cvae", n)) for n in (64, 256, 4096)}
+    corpus = ("cvae", "cvae+annotated", "cvae>annotated")
+    want = {((a, n), o) for a in corpus for n in (64, 256, 4096) for o in real + [("random", n)]}
+    # the arms that also see the real pairs against the corpus alone; not against each other
+    want |= {((a, n), ("cvae", n)) for a in ("cvae+annotated", "cvae>annotated") for n in (64, 256, 4096)}
     assert rest == want
+
+
+def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
+    """``pretrain_then`` gives exactly n batches of the first stream, then the second's for good;
+    the pre-training steps are the share of the budget, rounded, leaving both phases a step."""
+    import itertools
+
+    from cardiomotion.evaluate.utility import pretrain_steps, pretrain_then
+
+    first, then = itertools.count(0), itertools.count(100)
+    assert list(itertools.islice(pretrain_then(first, then, 3), 6)) == [0, 1, 2, 100, 101, 102]
+    assert list(itertools.islice(pretrain_then(iter([]), iter([7, 8]), 0), 5)) == [7, 8]
+    assert pretrain_steps(1000, 0.5) == 500 and pretrain_steps(1000, 0.25) == 250
+    assert pretrain_steps(3, 0.01) == 1 and pretrain_steps(3, 0.99) == 2 and pretrain_steps(1, 0.5) == 0
 
 
 def _utility_axes(monkeypatch, rows, refs, tmp_path):
@@ -402,6 +419,39 @@ def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
     for run, a in zip(runs, scores):
         assert np.isfinite(a["epe_mm"]) and a["epe_mm"] > 0 and 0 <= a["dice"] <= 1, (run.arm, a)
     assert run_estimator(runs[0], cfg)["epe_mm"] == pytest.approx(scores[0]["epe_mm"], rel=1e-6)
+
+
+def test_the_fine_tuned_arm_trains_on_the_corpus_then_on_the_annotated_pairs(phantom, monkeypatch):
+    """cvae>annotated in the worker: exactly ``pretrain_share`` of its steps on the corpus batches
+    it is given, the rest on the training pairs with their annotated flows; the share, when not
+    the default, is part of the estimators' identity (rows made before it still match)."""
+    import torch
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate import utility as ut
+    from cardiomotion.evaluate.utility_job import estimator_identity, plan_runs, run_estimator
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["cvae>annotated"], "sizes": [4], "seeds": 1, "steps": 5,
+                                                 "batch_size": 2, "pretrain_share": 0.4}})
+    (run,) = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
+                       flows=str(flows), corpus_dir="unused", model_uri="unused", frames_dir="unused", rms_vox=1.0)
+    assert (run.arm, run.n, run.steps) == ("cvae>annotated", 4, 5)
+    shape = (2, 1, *TINY["prepare"]["grid"])
+    marked = (ut.Batch(torch.zeros(shape), torch.zeros(shape), torch.full((2, 3, *shape[2:]), 7.0)) for _ in range(99))
+    seen = []
+
+    def recording(model, batches, settings, **kw):
+        seen.extend(next(batches) for _ in range(settings.steps))
+        return [0.0] * settings.steps
+
+    monkeypatch.setattr(ut, "train_estimator", recording)
+    run_estimator(run, cfg, batches=marked)
+    from_corpus = [bool((b.flow == 7.0).all()) for b in seen]
+    assert from_corpus == [True, True, False, False, False]  # round(0.4 · 5) = 2 corpus steps, then the pairs
+    assert all(b.flow is not None and b.es.shape == shape for b in seen)
+    assert estimator_identity(cfg)["pretrain_share"] == 0.4
+    assert "pretrain_share" not in estimator_identity(load_config(None, TINY))
 
 
 def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, monkeypatch):

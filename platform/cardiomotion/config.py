@@ -392,15 +392,16 @@ class UtilityArm(str, Enum):
     ANNOTATED = "annotated"  # the real training pairs with their annotated flows
     UNSUPERVISED = "unsupervised"  # the real training pairs, photometric loss (as ``annotate`` trains)
     MIXED = "cvae+annotated"  # alternate batches: corpus, annotated pairs
+    FINETUNE = "cvae>annotated"  # the corpus first (utility.pretrain_share of the steps), then the annotated pairs
 
     @property
     def synthetic(self) -> bool:
         """Arms whose number of distinct samples is the corpus size N (the scaling curve)."""
-        return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED)
+        return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED, UtilityArm.FINETUNE)
 
     @property
     def uses_corpus(self) -> bool:
-        return self in (UtilityArm.CVAE, UtilityArm.MIXED)
+        return self in (UtilityArm.CVAE, UtilityArm.MIXED, UtilityArm.FINETUNE)
 
 
 class UtilityCorpus(str, Enum):
@@ -426,7 +427,9 @@ class UtilityConfig(_Section):
 
     arms: list[UtilityArm] = Field(
         [UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.ANNOTATED, UtilityArm.UNSUPERVISED, UtilityArm.MIXED],
-        min_length=1, description="data arms: cvae, random, annotated, unsupervised, cvae+annotated")
+        min_length=1, description="data arms: cvae, random, annotated, unsupervised, cvae+annotated (alternating "
+                                  "batches); cvae>annotated (pre-trained on the corpus, then fine-tuned on the "
+                                  "annotated pairs, `pretrain_share`) on request")
     sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
                              description="corpus sizes N of the synthetic arms (the scaling curve)")
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
@@ -446,6 +449,9 @@ class UtilityConfig(_Section):
                                                 "arms on 8 folds at one seed, helped the corpus arm by 0.05 mm (its "
                                                 "interval touching 0) and not the annotated arm (README, 'The "
                                                 "estimator's learning-rate schedule')")
+    pretrain_share: float = Field(0.5, gt=0, lt=1, description="cvae>annotated: the share of the steps trained on "
+                                                                "the corpus before the rest on the annotated pairs "
+                                                                "(one optimiser and rate schedule throughout)")
     corpus: UtilityCorpus = Field(UtilityCorpus.MATERIALIZED,
                                   description="materialized (generate writes it, Ray Data reads the shards) or "
                                               "on_the_fly (decoded in the data pipeline, never stored)")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..choices import SupportMode
+from ..choices import Similarity, SupportMode
 from ..config import Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
@@ -180,48 +181,96 @@ def _with_defaults(recorded, current, defaults):
     return out
 
 
-def _support(pair, cfg: Config) -> tuple[torch.Tensor | None, float | None]:
-    """The refinement's support for ``pair`` as (1, 1, I, J, K) and the share of the grid it
-    reaches (weight > 0); (None, None) with ``refine_support_mm`` 0, and (None, 1.0) when neither
-    frame has a voxel in ``prepare.blood_hu`` (the whole volume is refined)."""
+@dataclass(frozen=True)
+class Refinement:
+    """The settings of one per-pair refinement (:func:`~cardiomotion.annotate.refine.refine_flow`'s
+    arguments, ``annotate.refine_*``) and of its support: ``support_mm`` (0: none), its mode and
+    the blood range in HU it grows from. Hashable: a key for refinements already made."""
+
+    steps: int
+    lr: float
+    smooth_weight: float
+    similarity: Similarity
+    alpha: float
+    sigma: float
+    levels: int
+    edge_weight: float
+    support_mm: float
+    support_mode: SupportMode
+    blood_hu: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Refinement:
+        ac = cfg.annotate
+        return cls(steps=ac.refine_steps, lr=ac.refine_lr, smooth_weight=ac.refine_smooth_weight,
+                   similarity=ac.refine_similarity, alpha=ac.ssim_alpha, sigma=ac.refine_sigma,
+                   levels=ac.refine_levels, edge_weight=ac.refine_edge_weight, support_mm=ac.refine_support_mm,
+                   support_mode=ac.refine_support_mode,
+                   blood_hu=(float(cfg.prepare.blood_hu[0]), float(cfg.prepare.blood_hu[1])))
+
+    def without_support(self) -> Refinement:
+        """The same refinement over the whole grid (the support's mode and blood range then mean
+        nothing, so they are set to the defaults: one key per plain refinement)."""
+        return replace(self, support_mm=0.0, support_mode=SupportMode.MASK, blood_hu=(0.0, 0.0))
+
+
+@dataclass(frozen=True)
+class Refined:
+    """One pair's delivered flow: ``flow`` (1, 3, I, J, K) pull flow in voxels; ``support``
+    (1, 1, I, J, K) weight in [0, 1] or None (no support asked for, or no voxel in the blood range);
+    ``share`` the share of the grid the support reaches (None without one asked for, 1.0 when no
+    voxel is in the blood range: the whole volume is refined)."""
+
+    flow: torch.Tensor
+    support: torch.Tensor | None
+    share: float | None
+
+
+def pair_support(pair, refinement: Refinement) -> tuple[torch.Tensor | None, float | None]:
+    """The support of ``refinement`` for ``pair`` (its HU frames) as (1, 1, I, J, K) and the
+    share of the grid it reaches (weight > 0); (None, None) with ``support_mm`` 0, and (None, 1.0)
+    when neither frame has a voxel in the blood range."""
     from .support import motion_support
 
-    margin = cfg.annotate.refine_support_mm
-    if not margin:
+    if not refinement.support_mm:
         return None, None
-    weight = motion_support(pair.es, pair.ed, pair.spacing_mm, cfg.prepare.blood_hu, margin)
+    weight = motion_support(pair.es, pair.ed, pair.spacing_mm, refinement.blood_hu, refinement.support_mm)
     if weight is None:
         return None, 1.0
     return torch.from_numpy(weight)[None, None], float((weight > 0).mean())
 
 
-def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor,
-                cfg: Config) -> tuple[torch.Tensor, float | None]:
-    """``annotate``'s delivered flow for one pair: the refinement from ``start`` under
-    ``cfg.annotate``, with a support (``refine_support_mm`` > 0) either weighting the delivered
-    flow (``mask``) or the refinement's correction (``confine``).
+def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, refinement: Refinement,
+                made: dict[Refinement, torch.Tensor] | None = None) -> Refined:
+    """``annotate``'s delivered flow for one pair: the refinement from ``start``, with a support
+    (``support_mm`` > 0) either weighting the delivered flow (``mask``) or the refinement's
+    correction (``confine``).
 
     Args:
         pair: the prepared pair (its HU frames make the support).
         fixed, moving: (1, 1, I, J, K) ED and ES in [0, 1].
         start: (1, 3, I, J, K) pull flow in voxels to start from.
-
-    Returns:
-        (1, 3, I, J, K) flow in voxels and the share of the grid the support reaches (None
-        without one; 1.0 when no voxel is in ``prepare.blood_hu``, see :func:`_support`).
+        made: plain refinements of this pair from this ``start`` and these frames, by
+            :meth:`Refinement.without_support`: ``mask`` weights one found there instead of making
+            it again, and a plain refinement made here is added (a sweep over margins refines once).
     """
     from .refine import refine_flow
 
-    ac = cfg.annotate
-    support, extent = _support(pair, cfg)
-    confine = support is not None and ac.refine_support_mode is SupportMode.CONFINE
-    final = refine_flow(fixed, moving, start, steps=ac.refine_steps, lr=ac.refine_lr,
-                        smooth_weight=ac.refine_smooth_weight, alpha=ac.ssim_alpha,
-                        similarity=ac.refine_similarity.value, sigma=ac.refine_sigma, levels=ac.refine_levels,
-                        edge_weight=ac.refine_edge_weight, support=support if confine else None)
+    support, share = pair_support(pair, refinement)
+    confine = support is not None and refinement.support_mode is SupportMode.CONFINE
+    plain = refinement.without_support()
+    if not confine and made is not None and plain in made:
+        flow = made[plain]
+    else:
+        r = refinement
+        flow = refine_flow(fixed, moving, start, steps=r.steps, lr=r.lr, smooth_weight=r.smooth_weight,
+                           alpha=r.alpha, similarity=r.similarity, sigma=r.sigma, levels=r.levels,
+                           edge_weight=r.edge_weight, support=support if confine else None)
+        if not confine and made is not None:
+            made[plain] = flow
     if support is not None and not confine:
-        final = support.to(final) * final
-    return final, extent
+        flow = support.to(flow) * flow
+    return Refined(flow, support, share)
 
 
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:
@@ -245,11 +294,11 @@ def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, c
         final = net
         if ac.refine:
             start = torch.zeros_like(net) if ac.refine_start.value == "zero" else net
-            final, extent = refine_pair(pair, fixed, moving, start, cfg)
-            flows["refined"] = final
+            refined = refine_pair(pair, fixed, moving, start, Refinement.from_config(cfg))
+            final = flows["refined"] = refined.flow
         quality = _quality(pair, fixed, moving, flows, ac.ssim_alpha)
         if ac.refine and ac.refine_support_mm:
-            quality["support_share"] = extent
+            quality["support_share"] = refined.share
         record = {"scan_id": pair.scan_id, "flow_path": f"{pair.scan_id}/{FLOW_FILE}",
                   "refined": bool(ac.refine), "has_truth": pair.truth_flow is not None, **quality}
         with atomic_dir(Path(out_dir) / pair.scan_id) as tmp:
@@ -464,7 +513,7 @@ def pyramid_settings(cfg: Config) -> dict:
     resources), how often it checkpoints and the refinement's (:func:`pyramid_part`);
     ``pwc.aligned`` only when set and ``lr_schedule`` only when not constant (so records written
     before those keys still match the settings they had). Records written with the refinement's
-    keys are compared through :func:`same_pyramid_settings`."""
+    keys are read through :func:`current_pyramid_record`."""
     out = pyramid_part(_trained_with(cfg))
     if not cfg.annotate.pwc.aligned:
         out["pwc"].pop("aligned", None)
@@ -473,10 +522,14 @@ def pyramid_settings(cfg: Config) -> dict:
     return out
 
 
-def same_pyramid_settings(recorded, current: dict) -> bool:
-    """Whether a recorded :func:`pyramid_settings` matches ``current``; a record written while the
-    fingerprint still held the refinement's settings (before stop 40) matches on the rest."""
-    return isinstance(recorded, dict) and pyramid_part(recorded) == current
+def current_pyramid_record(record, key: str):
+    """A record holding pyramid settings under ``key`` (a fold pyramid's, a fold generator's, a
+    sweep's fingerprint) as it would be written today: settings recorded while a pyramid's
+    fingerprint still held the refinement's keys (before stop 40) lose them (:func:`pyramid_part`);
+    anything else is returned unchanged."""
+    if isinstance(record, dict) and isinstance(record.get(key), dict):
+        return {**record, key: pyramid_part(record[key])}
+    return record
 
 
 def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out_id: str, cfg: Config,
@@ -509,9 +562,7 @@ def train_fold_pyramid(prepared_dir: str | Path, flows_dir: str | Path, held_out
         if dst.is_file() and record.is_file():
             try:
                 found = json.loads(record.read_text())
-                same = (isinstance(found, dict) and {k: v for k, v in found.items() if k != "annotate"}
-                        == {k: v for k, v in made_with.items() if k != "annotate"}
-                        and same_pyramid_settings(found.get("annotate"), made_with["annotate"]))
+                same = current_pyramid_record(found, "annotate") == made_with
                 FeaturePyramid.load(dst)
                 if same:
                     return dst

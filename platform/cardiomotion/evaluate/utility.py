@@ -262,6 +262,22 @@ def alternate(*streams: Iterator[Batch]) -> Iterator[Batch]:
             yield next(s)
 
 
+def pretrain_then(first: Iterator[Batch], then: Iterator[Batch], n_first: int) -> Iterator[Batch]:
+    """``n_first`` batches of ``first``, then ``then``'s for good (the fine-tuned arm: the corpus,
+    then the annotated pairs)."""
+    for _ in range(n_first):
+        yield next(first)
+    yield from then
+
+
+def pretrain_steps(steps: int, share: float) -> int:
+    """Steps of a ``steps`` budget spent pre-training: ``share`` of them rounded, at least one and
+    leaving one to fine-tune (a budget of one step pre-trains nothing)."""
+    if steps < 2:
+        return 0
+    return min(steps - 1, max(1, round(share * steps)))
+
+
 @dataclass(frozen=True)
 class EstimateScore:
     """How well one predicted flow matches the exact truth of a held-out pair.

@@ -212,6 +212,8 @@ def estimator_identity(cfg: Config) -> dict:
         ident["epochs"] = u.epochs
     if u.lr_schedule.value != "constant":  # absent when constant, as in rows made before the key
         ident["lr_schedule"] = u.lr_schedule.value
+    if u.pretrain_share != type(u).model_fields["pretrain_share"].default:  # absent at the default, as in rows made before the key (cvae>annotated reads it)
+        ident["pretrain_share"] = u.pretrain_share
     return ident
 
 
@@ -317,8 +319,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     import torch
 
     from ..annotate.pwc import build_pwcnet
-    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, score_estimate,
-                          source_batches, train_estimator)
+    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, pretrain_steps, pretrain_then,
+                          score_estimate, source_batches, train_estimator)
 
     torch.manual_seed(run.seed)
     window = cfg.intensity.window
@@ -333,6 +335,9 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
         stream = batches
     elif arm is Arm.MIXED:
         stream = alternate(batches, source_batches(PairSource(es, ed, flows, window), bs, run.seed + 1))
+    elif arm is Arm.FINETUNE:
+        stream = pretrain_then(batches, source_batches(PairSource(es, ed, flows, window), bs, run.seed + 1),
+                               pretrain_steps(_planned_steps(run, cfg), cfg.utility.pretrain_share))
     elif arm is Arm.RANDOM:
         stream = source_batches(RandomFieldSource(es, run.n, run.rms_vox, run.seed, window, cfg.utility.random_scales),
                                 bs, run.seed)
@@ -461,6 +466,7 @@ def _what_trains(train: dict) -> dict:
 
 def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
     """The fold CVAE's model URI (trained once; kept in generator.json)."""
+    from ..annotate.stage import current_pyramid_record, pyramid_settings
     from ..fileio import write_json
     from ..train.cvae import train_fold
 
@@ -468,17 +474,12 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     want = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": cfg.cv.pyramid.value,
             "seed": cfg.seed}
     if cfg.cv.pyramid.value == "per_fold":  # the fold trains its own pyramid: annotate's settings make it
-        from ..annotate.stage import pyramid_settings
-
         want["pyramid_settings"] = pyramid_settings(cfg)
     if record.is_file():
         rec = json.loads(record.read_text())
         found = dict(rec.get("settings") or {})
         found["train"] = _what_trains(found.get("train") or {})
-        if isinstance(found.get("pyramid_settings"), dict):  # recorded with the refinement's keys (before stop 40)
-            from ..annotate.stage import pyramid_part
-
-            found["pyramid_settings"] = pyramid_part(found["pyramid_settings"])
+        found = current_pyramid_record(found, "pyramid_settings")  # perhaps recorded with the refinement's keys
         if ("pyramid_settings" in want and "pyramid_settings" not in found
                 and cfg.annotate.lr_schedule.value == "constant"):
             # recorded before the key, when every pyramid trained at the constant rate: only a

@@ -85,11 +85,16 @@ def subject_better(metric: str, delta: float) -> bool:
     return delta < 0 if LOWER_IS_BETTER[metric] else delta > 0
 
 
+#: the corpus arms that also train on the annotated pairs (each is compared with the corpus alone)
+WITH_PAIRS = (UtilityArm.MIXED, UtilityArm.FINETUNE)
+
+
 def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The (subject, other) pairs of (arm, N) keys that :func:`paired_differences` compares (and
-    the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated) at N against each
-    arm without a corpus — the real-data arms, the references (zero, demons), and ``random`` at the
-    same N —, cvae+annotated against cvae at the same N, and the scaling question: every synthetic
+    the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated, cvae>annotated) at N
+    against each arm without a corpus — the real-data arms, the references (zero, demons), and
+    ``random`` at the same N —, each arm of :data:`WITH_PAIRS` against cvae at the same N, and the
+    scaling question: every synthetic
     arm at its largest N against the same arm at each smaller N."""
     keys = sorted(set(keys))
     largest: dict[str, int] = {}
@@ -112,8 +117,8 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
                 continue
             if oa is not None and oa.synthetic and other[1] != subj[1]:
                 continue  # synthetic arms are compared at the same corpus size
-            if oa is not None and oa.uses_corpus and not (sa is UtilityArm.MIXED and oa is UtilityArm.CVAE):
-                continue  # among corpus arms only mixed against corpus-only, once
+            if oa is not None and oa.uses_corpus and not (sa in WITH_PAIRS and oa is UtilityArm.CVAE):
+                continue  # among corpus arms only those with the real pairs against corpus-only, once
             pairs.append((subj, other))
     return pairs
 

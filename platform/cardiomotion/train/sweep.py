@@ -160,14 +160,13 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
 def recorded_fingerprint(recorded: Any, current: Mapping[str, Any]) -> Any:
     """A recorded :func:`sweep_fingerprint` as today's would hold it, for one written before stop
     40: the fold pyramids' settings lose the refinement's keys
-    (:func:`cardiomotion.annotate.stage.pyramid_part`), and a record without the flows' content
+    (:func:`cardiomotion.annotate.stage.current_pyramid_record`), and a record without the flows' content
     hash adopts ``current``'s (what the folder holds now: unknowable then), so that sweep resumes."""
     if not isinstance(recorded, dict):
         return recorded
-    if isinstance(recorded.get("pyramid_settings"), dict):
-        from ..annotate.stage import pyramid_part
+    from ..annotate.stage import current_pyramid_record
 
-        recorded = {**recorded, "pyramid_settings": pyramid_part(recorded["pyramid_settings"])}
+    recorded = current_pyramid_record(recorded, "pyramid_settings")
     if "flows_sha256" not in recorded and "flows_sha256" in current:
         recorded = {**recorded, "flows_sha256": current["flows_sha256"]}
     return recorded
