@@ -210,7 +210,7 @@ class Refinement:
 
     def without_support(self) -> Refinement:
         """The same refinement over the whole grid (the support's mode and blood range then mean
-        nothing, so they are set to the defaults: one key per plain refinement)."""
+        nothing and are set to fixed values: one key per plain refinement)."""
         return replace(self, support_mm=0.0, support_mode=SupportMode.MASK, blood_hu=(0.0, 0.0))
 
 

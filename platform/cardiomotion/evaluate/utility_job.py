@@ -212,8 +212,8 @@ def estimator_identity(cfg: Config) -> dict:
         ident["epochs"] = u.epochs
     if u.lr_schedule.value != "constant":  # absent when constant, as in rows made before the key
         ident["lr_schedule"] = u.lr_schedule.value
-    if u.pretrain_share != type(u).model_fields["pretrain_share"].default:  # absent at the default, as in rows made before the key (cvae>annotated reads it)
-        ident["pretrain_share"] = u.pretrain_share
+    if u.pretrain_share != type(u).model_fields["pretrain_share"].default:  # absent at the default, as in rows
+        ident["pretrain_share"] = u.pretrain_share  # made before the key (only cvae>annotated reads it)
     return ident
 
 
