@@ -199,6 +199,12 @@ def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
     assert list(itertools.islice(pretrain_then(iter([]), iter([7, 8]), 0), 5)) == [7, 8]
     assert pretrain_steps(1000, 0.5) == 500 and pretrain_steps(1000, 0.25) == 250
     assert pretrain_steps(3, 0.01) == 1 and pretrain_steps(3, 0.99) == 2 and pretrain_steps(1, 0.5) == 0
+    # names that MLflow and Ray Train accept, one per arm
+    from cardiomotion.config import UtilityArm
+
+    tags = {a.tag for a in UtilityArm}
+    assert len(tags) == len(UtilityArm) and all(t.replace("_", "").isalnum() for t in tags)
+    assert UtilityArm("cvae+annotated").tag == "cvae_annotated" and UtilityArm("cvae>annotated").tag == "cvae_then_annotated"
 
 
 def _utility_axes(monkeypatch, rows, refs, tmp_path):

@@ -403,6 +403,12 @@ class UtilityArm(str, Enum):
     def uses_corpus(self) -> bool:
         return self in (UtilityArm.CVAE, UtilityArm.MIXED, UtilityArm.FINETUNE)
 
+    @property
+    def tag(self) -> str:
+        """The arm in names that allow only letters, digits and ``_`` (MLflow metrics, Ray Train
+        runs): ``cvae+annotated`` → ``cvae_annotated``, ``cvae>annotated`` → ``cvae_then_annotated``."""
+        return self.value.replace("+", "_").replace(">", "_then_")
+
 
 class UtilityCorpus(str, Enum):
     """How the corpus arms read the CVAE's samples."""

@@ -81,7 +81,7 @@ class UtilityRun:
 
     @property
     def name(self) -> str:
-        arm = self.arm.replace("+", "_")
+        arm = UtilityArm(self.arm).tag
         return f"utility_{self.scan_id}_{arm}_n{self.n}_s{self.seed}"
 
 
@@ -284,6 +284,11 @@ def record_inputs(out: Path, inputs: dict[str, str]) -> None:
     if have is None or not set(inputs) <= set(have):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / INPUTS_FILE, inputs)
+
+
+def _tag(arm: str) -> str:
+    """An arm's or reference's name (zero, demons) in MLflow metric names."""
+    return UtilityArm(arm).tag if arm in UtilityArm._value2member_map_ else arm
 
 
 def _planned_steps(run: UtilityRun, cfg: Config) -> int:
@@ -709,7 +714,7 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
 
         for tr in table_rows:
             if tr["metric"] in ("epe_myo_mm", "epe_mm") and tr["mean"] == tr["mean"]:
-                mlflow.log_metric(f"{tr['arm'].replace('+', '_')}_n{tr['n']}_{tr['metric']}", tr["mean"])
+                mlflow.log_metric(f"{_tag(tr['arm'])}_n{tr['n']}_{tr['metric']}", tr["mean"])
         mlflow.log_artifact(str(table))
         mlflow.log_artifact(str(summary))
         mlflow.log_artifact(str(paired))
