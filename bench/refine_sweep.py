@@ -29,7 +29,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +36,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window", "support_mm",
-        "support_mode", "blood_hu")
+        "support_mode", "blood_hu", "alpha")
 #: settings added after rows were first written: a row without one was made at this value
 #: (``window``: the intensity window in HU the refinement saw, the config's — the default then;
-#: ``blood_hu``: the blood range the support grew from, ``prepare.blood_hu`` — likewise)
+#: ``blood_hu``: the blood range the support grew from, ``prepare.blood_hu`` — likewise; ``alpha``: the
+#: SSIM share of ``ssim_l1``, ``annotate.ssim_alpha`` — likewise)
 ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0], "support_mm": 0.0, "support_mode": None,
-         "blood_hu": [200.0, 800.0]}
+         "blood_hu": [200.0, 800.0], "alpha": 0.85}
 
 
 def _floats(text: str) -> list[float]:
@@ -57,7 +57,7 @@ def settings_grid(args: argparse.Namespace) -> list[dict]:
     """Every combination of the comma lists, as dicts over :data:`GRID` (``args.window``: a list of
     [low, high] HU windows)."""
     lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight,
-             args.window, args.support_mm, args.support_mode, args.blood_hu]
+             args.window, args.support_mm, args.support_mode, args.blood_hu, args.alpha]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
@@ -116,7 +116,7 @@ def refinement(setting: dict):
     r = replace(Refinement.from_config(Config()), steps=int(full["steps"]), lr=float(full["lr"]),
                 smooth_weight=float(full["smooth_weight"]), similarity=Similarity(full["similarity"]),
                 sigma=float(full["sigma"]), levels=int(full["levels"]), edge_weight=float(full["edge_weight"]),
-                support_mm=margin)
+                alpha=float(full["alpha"]), support_mm=margin)
     if not margin:
         return r.without_support()
     return replace(r, support_mode=SupportMode(full["support_mode"]),
@@ -132,7 +132,6 @@ def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
     import torch
 
     from cardiomotion.annotate.stage import refine_pair
-    from cardiomotion.choices import SupportMode
     from cardiomotion.data.phantom import region_masks
     from cardiomotion.data.intensity import hu_to_unit
     from cardiomotion.flow.warp import warp
@@ -141,14 +140,8 @@ def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
     fixed = torch.from_numpy(hu_to_unit(pair.ed, window))[None, None]
     moving = torch.from_numpy(hu_to_unit(pair.es, window))[None, None]
     r = refinement(setting)
-    cache = {} if cache is None else cache
-    made = cache.setdefault(("made", window), {})  # the frames differ by window: so do the refinements
-    seconds = cache.setdefault(("seconds", window), {})
-    t0 = time.perf_counter()
+    made = ({} if cache is None else cache).setdefault(window, {})  # the frames differ by window: so do the refinements
     out = refine_pair(pair, fixed, moving, torch.zeros((1, 3, *fixed.shape[2:])), r, made)
-    took = time.perf_counter() - t0
-    if not (out.support is not None and r.support_mode is SupportMode.CONFINE):  # made (now or before) for `made`
-        took = seconds.setdefault(r.without_support(), took)
     extra = {}
     if r.support_mm:
         extra["support_share"] = out.share
@@ -159,7 +152,7 @@ def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
     with torch.no_grad():
         mse = float((fixed - warp(moving, u)).pow(2).mean())
     return {**score(u[0].numpy(), pair.truth_flow, pair.spacing_mm, pair.ed_labels), "image_mse": mse,
-            "seconds": took, **extra}
+            "seconds": out.seconds, **extra}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -281,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     window = [float(v) for v in cfg.intensity.window]
     args.window = [window]
     args.blood_hu = [[float(v) for v in cfg.prepare.blood_hu]]
+    args.alpha = [float(ac.ssim_alpha)]
     settings = settings_grid(args)
     for scan in scans:
         pair, cache = None, {}

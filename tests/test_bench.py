@@ -460,7 +460,7 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
                             similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]],
-                            support_mm=[0.0], support_mode=["mask"], blood_hu=[[200.0, 800.0]])
+                            support_mm=[0.0], support_mode=["mask"], blood_hu=[[200.0, 800.0]], alpha=[0.85])
     grid = rs.settings_grid(ns)
     assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
@@ -492,6 +492,10 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
                                                (150.0, 700.0))
     assert rs.refinement(modes[0]) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01,
                                                  "refine_support_mm": 0.0}).without_support()
+    ssim = {**modes[0], "similarity": "ssim_l1", "alpha": 0.6}
+    assert rs.refinement(ssim) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01, "refine_support_mm": 0.0,
+                                             "refine_similarity": "ssim_l1", "ssim_alpha": 0.6}).without_support()
+    assert rs.setting_key(ssim) != rs.setting_key({**ssim, "alpha": 0.85})
 
 
 @pytest.mark.slow

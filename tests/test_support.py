@@ -199,13 +199,14 @@ def test_the_delivered_flow_is_the_refinement_weighted_by_the_support():
     assert not torch.allclose(confined.flow, masked.flow)
     # made: the mask weights the refinement found there (a stand-in field shows it was not made again)
     key = r.without_support()
-    made = {key: torch.ones_like(plain.flow)}
-    torch.testing.assert_close(refine_pair(pair, fixed, moving, zero, replace(r, support_mm=20.0), made).flow,
-                               weight.expand_as(plain.flow))
+    made = {key: (torch.ones_like(plain.flow), 12.5)}
+    reused = refine_pair(pair, fixed, moving, zero, replace(r, support_mm=20.0), made)
+    torch.testing.assert_close(reused.flow, weight.expand_as(plain.flow))
+    assert reused.seconds == 12.5 and plain.seconds > 0  # the time of the run that made it
     made = {}
     again = refine_pair(pair, fixed, moving, zero, replace(r, support_mm=25.0), made)
     assert list(made) == [key]
-    torch.testing.assert_close(made[key], plain.flow)  # the plain refinement is deterministic and kept
+    torch.testing.assert_close(made[key][0], plain.flow)  # the plain refinement is deterministic and kept
     torch.testing.assert_close(again.flow, again.support * plain.flow)
 
 

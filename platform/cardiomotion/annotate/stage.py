@@ -219,11 +219,13 @@ class Refined:
     """One pair's delivered flow: ``flow`` (1, 3, I, J, K) pull flow in voxels; ``support``
     (1, 1, I, J, K) weight in [0, 1] or None (no support asked for, or no voxel in the blood range);
     ``share`` the share of the grid the support reaches (None without one asked for, 1.0 when no
-    voxel is in the blood range: the whole volume is refined)."""
+    voxel is in the blood range: the whole volume is refined); ``seconds`` the refinement's own
+    time (not the support's; a refinement reused from ``made`` reports the run that made it)."""
 
     flow: torch.Tensor
     support: torch.Tensor | None
     share: float | None
+    seconds: float
 
 
 def pair_support(pair, refinement: Refinement) -> tuple[torch.Tensor | None, float | None]:
@@ -241,7 +243,7 @@ def pair_support(pair, refinement: Refinement) -> tuple[torch.Tensor | None, flo
 
 
 def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, refinement: Refinement,
-                made: dict[Refinement, torch.Tensor] | None = None) -> Refined:
+                made: dict[Refinement, tuple[torch.Tensor, float]] | None = None) -> Refined:
     """``annotate``'s delivered flow for one pair: the refinement from ``start``, with a support
     (``support_mm`` > 0) either weighting the delivered flow (``mask``) or the refinement's
     correction (``confine``).
@@ -250,27 +252,32 @@ def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Te
         pair: the prepared pair (its HU frames make the support).
         fixed, moving: (1, 1, I, J, K) ED and ES in [0, 1].
         start: (1, 3, I, J, K) pull flow in voxels to start from.
-        made: plain refinements of this pair from this ``start`` and these frames, by
-            :meth:`Refinement.without_support`: ``mask`` weights one found there instead of making
-            it again, and a plain refinement made here is added (a sweep over margins refines once).
+        made: plain refinements of this pair from this ``start`` and these frames with their
+            seconds, by :meth:`Refinement.without_support`: ``mask`` weights one found there
+            instead of making it again, and a plain refinement made here is added (a sweep over
+            margins refines once).
     """
+    import time
+
     from .refine import refine_flow
 
     support, share = pair_support(pair, refinement)
     confine = support is not None and refinement.support_mode is SupportMode.CONFINE
     plain = refinement.without_support()
     if not confine and made is not None and plain in made:
-        flow = made[plain]
+        flow, seconds = made[plain]
     else:
         r = refinement
+        t0 = time.perf_counter()
         flow = refine_flow(fixed, moving, start, steps=r.steps, lr=r.lr, smooth_weight=r.smooth_weight,
                            alpha=r.alpha, similarity=r.similarity, sigma=r.sigma, levels=r.levels,
                            edge_weight=r.edge_weight, support=support if confine else None)
+        seconds = time.perf_counter() - t0
         if not confine and made is not None:
-            made[plain] = flow
+            made[plain] = (flow, seconds)
     if support is not None and not confine:
         flow = support.to(flow) * flow
-    return Refined(flow, support, share)
+    return Refined(flow, support, share, seconds)
 
 
 def annotate_scan(row: dict, prepared_dir: str, out_dir: str, model_path: str, cfg_json: str) -> dict:

@@ -264,9 +264,11 @@ def alternate(*streams: Iterator[Batch]) -> Iterator[Batch]:
 
 def pretrain_then(first: Iterator[Batch], then: Iterator[Batch], n_first: int) -> Iterator[Batch]:
     """``n_first`` batches of ``first``, then ``then``'s for good (the fine-tuned arm: the corpus,
-    then the annotated pairs)."""
+    then the annotated pairs); ``first`` is closed when done with (a Ray Data shard's iterator
+    stops prefetching)."""
     for _ in range(n_first):
         yield next(first)
+    getattr(first, "close", lambda: None)()
     yield from then
 
 

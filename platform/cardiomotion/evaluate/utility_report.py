@@ -94,8 +94,7 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
     the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated, cvae>annotated) at N
     against each arm without a corpus — the real-data arms, the references (zero, demons), and
     ``random`` at the same N —, each arm of :data:`WITH_PAIRS` against cvae at the same N, and the
-    scaling question: every synthetic
-    arm at its largest N against the same arm at each smaller N."""
+    scaling question: every synthetic arm at its largest N against the same arm at each smaller N."""
     keys = sorted(set(keys))
     largest: dict[str, int] = {}
     for arm, n in keys:
@@ -198,9 +197,11 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     plt = pyplot()
     subject = None
     if per_scan:
-        # cvae at its largest N, else the mixed arm at its largest N
+        # cvae at its largest N, else the mixed arm's, else the fine-tuned arm's (one order, whatever
+        # order the rows came in)
+        preference = (UtilityArm.FINETUNE, UtilityArm.MIXED, UtilityArm.CVAE)
         corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.uses_corpus),
-                        key=lambda k: (arm_of(k[0]) is UtilityArm.CVAE, k[1]))
+                        key=lambda k: (preference.index(arm_of(k[0])), k[1]))
         subject = corpus[-1] if corpus else None
     if subject is None:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -252,8 +253,8 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     if subject is not None:
         mine = per_scan[subject]
         lo, hi = np.inf, -np.inf
-        # the pairs the table compares with the subject; (mixed, cvae) drawn with the subject cvae
-        # on y, so its delta has the table's opposite sign
+        # the pairs the table compares with the subject; (mixed, cvae) and (fine-tuned, cvae) drawn
+        # with the subject cvae on y, so their deltas have the table's opposite sign
         pairs = comparison_pairs(list(per_scan))
         paired_with = {o for s, o in pairs if s == subject} | {s for s, o in pairs if o == subject}
         markers = "osD^vP*X"
