@@ -683,23 +683,25 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
                              "train": {**TINY["train"], "epochs": 1},
                              "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "annotated"], "sizes": [4], "seeds": 1,
+                             "utility": {"arms": ["cvae", "annotated", "cvae>annotated"], "sizes": [4], "seeds": 1,
                                          "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
                                          "resources": {"cpus": 0.5}, "max_concurrent": 2}})
     res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4)]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4)]
     assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
     import pandas as pd
 
     table = pd.read_csv(res.table)
-    assert set(table.arm) == {"cvae", "annotated", "zero"}
+    assert set(table.arm) == {"cvae", "annotated", "cvae>annotated", "zero"}
     assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding", "magnitude_myo"}
     assert all(r["magnitude_myo"] >= 0 for r in rows)  # every row records its estimate's motion
     zero_mag = table[(table.arm == "zero") & (table.metric == "magnitude_myo")]["mean"]
     assert list(zero_mag) == [0.0]
     paired = pd.read_csv(res.paired_file)  # cvae against annotated and zero flow on the held-out scan
-    assert {(r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {("annotated", 1), ("zero", 1)}
+    assert {(r.arm, r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {
+        ("cvae", "annotated", 1), ("cvae", "zero", 1),
+        ("cvae>annotated", "annotated", 1), ("cvae>annotated", "zero", 1), ("cvae>annotated", "cvae", 1)}
     assert "magnitude_myo" not in set(paired.metric)  # a calibration: summarised, not paired
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
@@ -711,9 +713,10 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     mlflow.set_tracking_uri(tracking.setup(cfg))
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string="tags.stage = 'utility'")
     assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
+    assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
     # a rerun trains nothing again
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
-    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 3
     assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 and r["steps"] == 2 for r in rows)
     # a rerun with another step budget would mix estimators trained two ways: refused before any work
     from cardiomotion.errors import InputError
@@ -740,5 +743,5 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     smaller.utility.arms = [UtilityArm.CVAE]
     run_utility(prepared, flows, tmp_path / "u", smaller, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4)]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4)]
     assert len(open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")) == 4
