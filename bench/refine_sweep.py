@@ -6,8 +6,8 @@ refines the prepared pairs of a phantom cohort (exact truth per scan) from zero 
 ``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
 grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``,
 ``--edge-weight``, ``--support-mm``, ``--support-mode``: comma lists; every combination), and reports per setting, over the scans: EPE in
-the ED myocardium, the heart, the whole grid and the tissue more than ``FAR_MM`` from the heart
-(mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
+the ED myocardium, the heart, the RV wall, the whole grid and the tissue more than ``FAR_MM`` from
+the heart (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
 much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
 minimises — no truth needed); folding; seconds per pair; with a support (``--support-mm`` > 0,
 ``annotate.refine_support_mm``) its reach: the share of the grid it lets move
@@ -84,19 +84,20 @@ FAR_MM = 30.0
 
 
 def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarray | None) -> dict:
-    """EPE (mm) over the grid, the heart, the myocardium and the tissue ``FAR_MM`` from the heart,
-    magnitude ratios (mean ‖u‖ / mean ‖truth‖) in each, and folding — the measures of ``annotate``'s
-    quality table (:func:`cardiomotion.flow.metrics.truth_scores` over
-    :func:`cardiomotion.data.phantom.region_masks`) plus the far region. ``u``, ``truth``:
-    (3, I, J, K) pull flows in voxels."""
+    """EPE (mm) over the grid, the heart, the myocardium, the RV wall (``rv_wall``: the tissue a
+    support grown from the blood pool may miss when the right heart is not opacified) and the tissue
+    ``FAR_MM`` from the heart, magnitude ratios (mean ‖u‖ / mean ‖truth‖) in each, and folding — the
+    measures of ``annotate``'s quality table (:func:`cardiomotion.flow.metrics.truth_scores` over
+    :func:`cardiomotion.data.phantom.region_masks`) plus the RV wall and the far region. ``u``,
+    ``truth``: (3, I, J, K) pull flows in voxels."""
     from scipy.ndimage import distance_transform_edt
 
-    from cardiomotion.data.phantom import region_masks
+    from cardiomotion.data.phantom import RV_WALL, region_masks
     from cardiomotion.flow.metrics import truth_scores
 
     masks = None
     if labels is not None:
-        masks = region_masks(labels)
+        masks = {**region_masks(labels), "rv_wall": np.asarray(labels) == RV_WALL}
         if masks["heart"].any():  # without a heart there is no distance to it
             masks["far"] = distance_transform_edt(~masks["heart"], sampling=spacing_mm) > FAR_MM
     return truth_scores(u, truth, spacing_mm, masks)
@@ -163,7 +164,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for key, rs in groups.items():
         entry: dict = {"setting": json.loads(key), "scans": len(rs)}
-        for metric in ("epe_myo_mm", "epe_heart_mm", "epe_mm", "epe_far_mm", "magnitude_myo", "magnitude_heart",
+        for metric in ("epe_myo_mm", "epe_heart_mm", "epe_rv_wall_mm", "epe_mm", "epe_far_mm", "magnitude_myo",
+                       "magnitude_heart", "magnitude_rv_wall",
                        "magnitude_far", "image_mse", "folding", "seconds", "support_share", "support_heart"):
             v = np.asarray([r[metric] for r in rs if r.get(metric) is not None], dtype=np.float64)
             if v.size == len(rs):  # a metric some rows lack (written before it was scored) is left out

@@ -441,6 +441,10 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     assert half["magnitude_myo"] == pytest.approx(0.5)
     assert half["epe_myo_mm"] == pytest.approx(4.0 * 0.5 * np.linalg.norm(truth, axis=0)[myo].mean(), rel=1e-5)
     assert "epe_far_mm" not in exact  # no voxel of the 8³ grid is 30 mm from the heart
+    rv = labels.copy()
+    rv[6:8, 6:8, 6:8] = 4  # RV wall
+    assert rs.score(0.5 * truth, truth, 4.0, rv)["magnitude_rv_wall"] == pytest.approx(0.5)
+    assert "epe_rv_wall_mm" not in half  # no RV wall: not scored
     # 16³ at 4 mm with the heart in one corner: the far region is the voxels > 30 mm from it
     big = np.zeros((16, 16, 16), np.uint8)
     big[:2, :2, :2] = 2

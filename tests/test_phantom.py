@@ -296,7 +296,32 @@ def test_cohort_resumes_without_rewriting(cohort48):
     assert {p: p.stat().st_mtime_ns for p in cohort48.rglob("*") if p.is_file()} == stamps
 
 
+def test_an_unopacified_right_heart_has_its_blood_at_the_myocardiums_hu(clean):
+    """``rv_contrast`` 0: the RV blood at the myocardium's HU, everything else — the other
+    parameters, the other tissues' HU, the motion and the labels — as drawn; 0.5 halfway; 1 the
+    cohort itself (bit for bit, and nothing new in its meta)."""
+    washed = make_patient(0, seed=0, grid=48, phases=4, noise=False, rv_contrast=0.0)
+    prm, wp = clean.meta["params"], washed.meta["params"]
+    assert wp["rv_blood_hu"] == prm["myo_hu"]
+    assert {k: v for k, v in wp.items() if k != "rv_blood_hu"} == {k: v for k, v in prm.items() if k != "rv_blood_hu"}
+    ed = clean.meta["ed_phase"]
+    lab = clean.labels[..., ed]
+    rv = _eroded(lab, RV_BLOOD)
+    assert float(np.median(washed.ct[..., ed][rv])) == pytest.approx(prm["myo_hu"], abs=1.0)
+    assert float(np.median(clean.ct[..., ed][rv])) == pytest.approx(prm["rv_blood_hu"], abs=1.0)
+    lv = _eroded(lab, LV_BLOOD)  # the LV's blood as it was (but for the blurred edge near the septum)
+    assert float(np.median(washed.ct[..., ed][lv])) == pytest.approx(float(np.median(clean.ct[..., ed][lv])), abs=0.5)
+    assert np.array_equal(washed.ct[:3, :3, :3], clean.ct[:3, :3, :3])  # far from the heart: untouched
+    assert np.array_equal(washed.labels, clean.labels) and np.array_equal(washed.flow_ed_from_es, clean.flow_ed_from_es)
+    assert washed.meta["rv_contrast"] == 0.0 and "rv_contrast" not in clean.meta
+    half = draw_params(np.random.default_rng([0, 0]), 4, rv_contrast=0.5)
+    assert half.rv_blood_hu == pytest.approx(0.5 * (prm["myo_hu"] + prm["rv_blood_hu"]))
+    same = make_patient(0, seed=0, grid=48, phases=4, noise=False, rv_contrast=1.0)
+    assert np.array_equal(same.ct, clean.ct) and same.meta == clean.meta
+
+
 @pytest.mark.parametrize("kwargs, what", [
+    ({"rv_contrast": 0.0}, "made with rv_contrast=1, not rv_contrast=0"),
     ({"seed": 1}, "made with seed=0, not seed=1"),
     ({"phases": 8}, "made with phases=10, not phases=8"),
     ({"grid": 32}, "made with grid=48, spacing_mm=2.91667, not grid=32, spacing_mm=4.375"),

@@ -91,7 +91,7 @@ def cmd_phantom(args) -> int:
     # nothing but an error line, and logs/pipes get no bar frames.
     with tqdm(total=n, desc="phantom", unit="patient", disable=None, leave=False) as bar:
         folders = make_cohort(args.out, patients=n, grid=pc.grid, spacing_mm=pc.spacing_mm,
-                              fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed,
+                              fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed, rv_contrast=pc.rv_contrast,
                               workers=args.workers, on_patient=lambda _p: bar.update(1))
     _say(f"wrote {len(folders)} phantom patients to {Path(args.out).resolve()} in {time.perf_counter() - t0:.1f} s")
     if args.preview:

@@ -48,6 +48,9 @@ class PhantomConfig(_Section):
     fov_mm: float = Field(140.0, gt=40, description="field of view when spacing_mm is unset")
     phases: int = Field(10, ge=2, le=40, description="cardiac phases over the R-R interval")
     seed: int = Field(0, description="cohort seed: same seed, identical files")
+    rv_contrast: float = Field(1.0, ge=0, le=1, description="RV blood enhancement above the myocardium, as a share "
+                                                             "of the cohort's (1); 0: an unopacified right heart, "
+                                                             "its blood at the myocardium's HU (a saline chaser)")
 
 
 class CenterMode(str, Enum):

@@ -49,7 +49,7 @@ def run_demo(cfg: Config, out: str | Path, log: Log = lambda _msg: None) -> Demo
     pc = cfg.phantom
     log(f"phantom: {pc.patients} patients, {pc.grid}³ grid → {out / 'phantom'}")
     folders = make_cohort(out / "phantom", patients=pc.patients, grid=pc.grid, spacing_mm=pc.spacing_mm,
-                          fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed)
+                          fov_mm=pc.fov_mm, phases=pc.phases, seed=pc.seed, rv_contrast=pc.rv_contrast)
     log(f"prepare: {len(folders)} scans → {out / 'prepared'} ({cfg.prepare.grid} voxels of {cfg.prepare.spacing_mm} mm)")
     table_path = prepare_scans(folders, out / "prepared", cfg)
     table = read_scan_table(table_path.parent)

@@ -21,7 +21,7 @@ X = y − d(X)) and evaluating soft (erf-edged, i.e. Gaussian-blurred) structure
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +76,15 @@ class PhantomParams:
     motion_decay_mm: float  # Gaussian fall-off of motion outside the LV
 
 
-def draw_params(rng: np.random.Generator, phases: int = 10) -> PhantomParams:
-    """Draw a patient's parameters from the cohort's ranges (seeded ``rng``)."""
+def draw_params(rng: np.random.Generator, phases: int = 10, rv_contrast: float = 1.0) -> PhantomParams:
+    """Draw a patient's parameters from the cohort's ranges (seeded ``rng``). ``rv_contrast``
+    scales the RV blood's enhancement above the myocardium (1: as drawn; 0: RV blood at the
+    myocardium's HU, a right heart a saline chaser washed out); the draws are the same either way."""
     apex = np.array([-0.55, 0.45, -0.70]) + rng.normal(0.0, 0.08, 3)
     apex /= np.linalg.norm(apex)
     es_phase = int(np.clip(round(phases * rng.uniform(0.30, 0.40)), 1, phases - 1))
     blood = rng.uniform(390, 440)
-    return PhantomParams(
+    params = PhantomParams(
         lv_radius=float(rng.uniform(24.0, 28.0)),
         lv_length=float(rng.uniform(78.0, 90.0)),
         wall=float(rng.uniform(9.0, 11.0)),
@@ -103,6 +105,9 @@ def draw_params(rng: np.random.Generator, phases: int = 10) -> PhantomParams:
         blur_mm=float(rng.uniform(0.8, 1.2)),
         motion_decay_mm=float(rng.uniform(18.0, 24.0)),
     )
+    if rv_contrast != 1.0:
+        params = replace(params, rv_blood_hu=params.myo_hu + rv_contrast * (params.rv_blood_hu - params.myo_hu))
+    return params
 
 
 def contraction(phase_fraction: np.ndarray | float, es_fraction: float) -> np.ndarray:
@@ -272,11 +277,13 @@ def make_patient(
     fov_mm: float = 140.0,
     phases: int = 10,
     noise: bool = True,
+    rv_contrast: float = 1.0,
 ) -> PhantomPatient:
-    """Render patient ``index`` of the cohort ``seed``: a pure function of its arguments."""
+    """Render patient ``index`` of the cohort ``seed``: a pure function of its arguments
+    (``rv_contrast``: :func:`draw_params`)."""
     spacing = float(spacing_mm) if spacing_mm else fov_mm / grid
     rng = np.random.default_rng([seed, index])
-    params = draw_params(rng, phases)
+    params = draw_params(rng, phases, rv_contrast)
     affine = phantom_affine(grid, spacing)
     model = HeartModel(params, center=np.zeros(3))
     ijk = np.stack(np.meshgrid(*(np.arange(grid, dtype=np.float64),) * 3, indexing="ij"), axis=-1)
@@ -318,6 +325,8 @@ def make_patient(
         "params": asdict(params),
         "flow_convention": "pull field on the ED grid: ED(x) = ES(x + u(x)); file vectors in RAS mm",
     }
+    if rv_contrast != 1.0:  # recorded when set (a default cohort's files are what they were before the key)
+        meta["rv_contrast"] = float(rv_contrast)
     return PhantomPatient(meta["patient_id"], ct, labels, flow_vox, affine, meta)
 
 
@@ -346,8 +355,9 @@ def is_complete(folder: Path) -> bool:
 
 
 def _make_and_write(args: tuple) -> str:
-    index, seed, grid, spacing_mm, fov_mm, phases, out = args
-    patient = make_patient(index, seed=seed, grid=grid, spacing_mm=spacing_mm, fov_mm=fov_mm, phases=phases)
+    index, seed, grid, spacing_mm, fov_mm, phases, out, rv_contrast = args
+    patient = make_patient(index, seed=seed, grid=grid, spacing_mm=spacing_mm, fov_mm=fov_mm, phases=phases,
+                           rv_contrast=rv_contrast)
     return str(write_patient(patient, out))
 
 
@@ -361,12 +371,13 @@ def make_cohort(
     seed: int = 0,
     workers: int | None = None,
     on_patient=None,
+    rv_contrast: float = 1.0,
 ) -> list[Path]:
     """Write a phantom cohort ``out_dir/phantom_000 …`` and return the patient folders.
 
     Patients already complete are kept (a rerun resumes). Patients are rendered in parallel
     processes; ``on_patient(path)`` is called as each one finishes (for progress bars).
-    Existing patients made with another seed, grid or phase count are refused.
+    Existing patients made with another seed, grid, phase count or ``rv_contrast`` are refused.
     """
     from concurrent.futures import ProcessPoolExecutor
     import json
@@ -388,8 +399,10 @@ def make_cohort(
                 raise InputError(folder / PHANTOM_META, f"unreadable phantom meta.json ({exc}); "
                                                        "delete the folder or choose another --out") from None
             found = {"seed": meta.get("seed"), "grid": meta.get("grid"),
-                     "phases": len(meta.get("phase_percent", [])), "spacing_mm": meta.get("spacing_mm")}
-            wanted = {"seed": seed, "grid": grid, "phases": phases, "spacing_mm": spacing}
+                     "phases": len(meta.get("phase_percent", [])), "spacing_mm": meta.get("spacing_mm"),
+                     "rv_contrast": meta.get("rv_contrast", 1.0)}
+            wanted = {"seed": seed, "grid": grid, "phases": phases, "spacing_mm": spacing,
+                      "rv_contrast": float(rv_contrast)}
             differ = [k for k in wanted if found[k] != wanted[k]]
             if differ:
                 made = ", ".join(f"{k}={found[k]:g}" if isinstance(found[k], float) else f"{k}={found[k]}" for k in differ)
@@ -401,7 +414,7 @@ def make_cohort(
             raise InputError(folder, "exists but is not a complete phantom patient (ct.nii.gz, labels.nii.gz, "
                                      "truth/, meta.json); delete it or choose another --out")
         else:
-            todo.append((i, seed, grid, spacing_mm, fov_mm, phases, str(out)))
+            todo.append((i, seed, grid, spacing_mm, fov_mm, phases, str(out), float(rv_contrast)))
     if todo:
         n = min(len(todo), workers or os.cpu_count() or 1)
         if n == 1:
