@@ -182,14 +182,14 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     confine_off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_support_mm": 0,
                                                           "refine_support_mode": "confine"}})
     assert annotation_settings(confine_off) == annotation_settings(off) and check_settings(fresh, confine_off) is None
-    assert cfg.annotate.refine_support_mm == 20.0 and annotation_settings(cfg)["support_blood_hu"] == [200.0, 800.0]
-    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):
+    assert cfg.annotate.refine_support_mm == 30.0 and annotation_settings(cfg)["support_blood_hu"] == [200.0, 800.0]
+    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 30.0 now"):
         check_settings(fresh, cfg)
     before_support = annotation_settings(off)
     del before_support["annotate"]["refine_support_mm"], before_support["annotate"]["refine_support_mode"]
     (fresh / "settings.json").write_text(json.dumps(before_support))  # a record from before stop 40: no support
     assert check_settings(fresh, off) is None
-    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 20.0 now"):  # not the default it lacks
+    with pytest.raises(InputError, match="refine_support_mm: 0.0 then, 30.0 now"):  # not the default it lacks
         check_settings(fresh, cfg)
     (fresh / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
     assert check_settings(fresh, cfg) is None
