@@ -105,23 +105,19 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
 
 def refinement(setting: dict):
     """``setting`` as :class:`cardiomotion.annotate.stage.Refinement` — what ``annotate`` runs
-    with a config holding these values; what the grid does not set is the config's default."""
-    from dataclasses import replace
-
+    with a config holding these values (every refinement setting is in :data:`GRID`)."""
     from cardiomotion.annotate.stage import Refinement
     from cardiomotion.choices import Similarity, SupportMode
-    from cardiomotion.config import Config
 
     full = {k: setting.get(k, ADDED.get(k)) for k in GRID}
-    margin = float(full["support_mm"] or 0.0)
-    r = replace(Refinement.from_config(Config()), steps=int(full["steps"]), lr=float(full["lr"]),
-                smooth_weight=float(full["smooth_weight"]), similarity=Similarity(full["similarity"]),
-                sigma=float(full["sigma"]), levels=int(full["levels"]), edge_weight=float(full["edge_weight"]),
-                alpha=float(full["alpha"]), support_mm=margin)
-    if not margin:
-        return r.without_support()
-    return replace(r, support_mode=SupportMode(full["support_mode"]),
-                   blood_hu=(float(full["blood_hu"][0]), float(full["blood_hu"][1])))
+    blood = full["blood_hu"] or (0.0, 0.0)  # no blood range: no support (:func:`setting_key`'s normal form)
+    r = Refinement(steps=int(full["steps"]), lr=float(full["lr"]), smooth_weight=float(full["smooth_weight"]),
+                   similarity=Similarity(full["similarity"]), alpha=float(full["alpha"]), sigma=float(full["sigma"]),
+                   levels=int(full["levels"]), edge_weight=float(full["edge_weight"]),
+                   support_mm=float(full["support_mm"] or 0.0),
+                   support_mode=SupportMode(full["support_mode"] or SupportMode.MASK.value),
+                   blood_hu=(float(blood[0]), float(blood[1])))
+    return r if r.support_mm else r.without_support()
 
 
 def refine_scan(pair, setting: dict, cache: dict | None = None) -> dict:
