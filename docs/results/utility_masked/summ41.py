@@ -1,13 +1,17 @@
-"""Stop 41's tables: `python docs/results/utility_masked/summ41.py U41 U40d` from the repository root
+"""Stop 41's tables: `python docs/results/utility_masked/summ41.py U41 U40d`
 (U41: the cvae and cvae>annotated rows on A_d40; U40d: the annotated rows on A_d, byte-identical flows;
-stop 38's seed-0 rows from docs/results/utility_8folds_3seeds)."""
+stop 38's seed-0 rows from docs/results/utility_8folds_3seeds). The paired rows are
+bench/utility_compare.py's (its library call, compare_folders)."""
 import json
-import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "platform"))
+from cardiomotion.evaluate.compare import Side, compare_folders  # noqa: E402
 
 U41, U40D = sys.argv[1], sys.argv[2]
-U2 = "docs/results/utility_8folds_3seeds"
-CMP = "bench/utility_compare.py"
+U2 = str(ROOT / "docs/results/utility_8folds_3seeds")
 
 
 def rows(folder):
@@ -19,10 +23,8 @@ def get(rs, scan, arm, k="epe_myo_mm"):
     return v[0] if v else float("nan")
 
 
-def cmp(a, b, arm, barm, n, bn, metric, extra=()):
-    out = subprocess.run([sys.executable, CMP, "--a", a, "--b", b, "--arm", arm, "--n", str(n), "--b-arm", barm,
-                          "--b-n", str(bn), "--metric", metric, *extra], capture_output=True, text=True, check=True)
-    d = json.loads(out.stdout)
+def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
+    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
@@ -35,11 +37,11 @@ for s in sorted({r["scan"] for r in u41 if r["arm"] == "cvae"} & {r["scan"] for 
     print(f"| {s} | {a:.2f} | {c:.2f} | {f:.2f} | {c - a:+.2f} | {f - a:+.2f} | {get(u2, s, 'annotated'):.2f} / "
           f"{get(u2, s, 'cvae'):.2f} |")
 print()
-for a, b, arm, barm, n, bn, extra, label in [
-    (U41, U40D, "cvae", "annotated", 256, 43, (), "cvae − annotated"),
-    (U41, U40D, "cvae>annotated", "annotated", 256, 43, (), "cvae>annotated − annotated"),
-    (U41, U41, "cvae>annotated", "cvae", 256, 256, (), "cvae>annotated − cvae"),
-    (U41, U2, "cvae", "cvae", 256, 256, ("--seeds", "0"), "cvae on these labels − cvae on unmasked ones (stop 38)"),
+for a, b, arm, barm, n, bn, seeds, label in [
+    (U41, U40D, "cvae", "annotated", 256, 43, None, "cvae − annotated"),
+    (U41, U40D, "cvae>annotated", "annotated", 256, 43, None, "cvae>annotated − annotated"),
+    (U41, U41, "cvae>annotated", "cvae", 256, 256, None, "cvae>annotated − cvae"),
+    (U41, U2, "cvae", "cvae", 256, 256, (0,), "cvae on these labels − cvae on unmasked ones (stop 38)"),
 ]:
-    print(f"| {label} | " + " | ".join(cmp(a, b, arm, barm, n, bn, m, extra) for m in ("epe_myo_mm", "epe_mm", "dice"))
+    print(f"| {label} | " + " | ".join(cmp(a, b, arm, barm, n, bn, m, seeds) for m in ("epe_myo_mm", "epe_mm", "dice"))
           + " |")

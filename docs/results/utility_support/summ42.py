@@ -1,16 +1,16 @@
 """Stop 42's tables: the annotated arm on 30 mm against 20 mm support labels, on the opacified cohort
 (U42d against U40d) and on the cohort with an unopacified right heart (UW30 against UW20); every
-comparison is bench/utility_compare.py, scan by scan, seed 0.
+comparison is bench/utility_compare.py's (its library call, compare_folders), scan by scan, seed 0.
 
     python docs/results/utility_support/summ42.py EXP   # EXP: the folder holding U40d U42d UW20 UW30
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-PY, CMP = sys.executable, str(ROOT / "bench" / "utility_compare.py")
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "platform"))
+from cardiomotion.evaluate.compare import Side, compare_folders  # noqa: E402
+
 EXP = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 METRICS = ("epe_myo_mm", "epe_mm", "dice")
 
@@ -25,9 +25,7 @@ def rows(folder: str) -> dict:
 
 
 def compare(a: str, b: str, metric: str) -> str:
-    res = subprocess.run([PY, CMP, "--a", str(EXP / a), "--b", str(EXP / b), "--arm", "annotated", "--n", "43",
-                          "--seeds", "0", "--metric", metric], capture_output=True, text=True, check=True)
-    d = json.loads(res.stdout)
+    d = compare_folders(Side(EXP / a, "annotated", 43, (0,)), Side(EXP / b, "annotated", 43, (0,)), metric=metric)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
