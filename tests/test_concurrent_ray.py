@@ -53,36 +53,39 @@ def test_two_trains_with_their_own_embedded_ray_both_succeed(tmp_path_factory, t
 _PROBE = """
 import json, os
 from cardiomotion.config import RayConfig
-from cardiomotion.raycluster import TRAIN_START_TIMEOUT_ENV, init_ray
+from cardiomotion.raycluster import PREEMPTION_WATCHER_ENV, TRAIN_START_TIMEOUT_ENV, init_ray
+KEYS = (TRAIN_START_TIMEOUT_ENV, PREEMPTION_WATCHER_ENV)
 ray = init_ray(RayConfig(num_cpus=1, dashboard=False))
 @ray.remote
 def task_env():
-    return os.environ.get(TRAIN_START_TIMEOUT_ENV)
+    return [os.environ.get(k) for k in KEYS]
 @ray.remote
 class Actor:
     def env(self):
-        return os.environ.get(TRAIN_START_TIMEOUT_ENV)
+        return [os.environ.get(k) for k in KEYS]
 print(json.dumps({"task": ray.get(task_env.remote()), "actor": ray.get(Actor.remote().env.remote()),
-                  "driver": os.environ.get(TRAIN_START_TIMEOUT_ENV)}))
+                  "driver": [os.environ.get(k) for k in KEYS]}))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.serial
-def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_unless_the_caller_sets_one(tmp_path):
+def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_and_no_preemption_watcher(tmp_path):
     """Ray Train logs a traceback each minute while a run waits for CPUs (its default worker-group
-    start timeout is 60 s, retried forever); an embedded instance's tasks and actors — the Train
-    controller is one — see a week instead, the driver's own environment is untouched, and a
-    value the caller exported is passed through unchanged."""
-    from cardiomotion.raycluster import EMBEDDED_TRAIN_START_TIMEOUT_S, TRAIN_START_TIMEOUT_ENV
+    start timeout is 60 s, retried forever), and a core-worker error line at every run's start for
+    its preemption watcher (ray#53727); an embedded instance's tasks and actors — the Train
+    controller is one — see a week and the watcher off instead, the driver's own environment is
+    untouched, and values the caller exported are passed through unchanged."""
+    from cardiomotion.raycluster import EMBEDDED_TRAIN_START_TIMEOUT_S, PREEMPTION_WATCHER_ENV, TRAIN_START_TIMEOUT_ENV
 
-    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRAIN_START_TIMEOUT_ENV)}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", TRAIN_START_TIMEOUT_ENV, PREEMPTION_WATCHER_ENV)}
     seen = {}
-    for name, extra in (("default", {}), ("caller", {TRAIN_START_TIMEOUT_ENV: "5"})):
+    for name, extra in (("default", {}), ("caller", {TRAIN_START_TIMEOUT_ENV: "5", PREEMPTION_WATCHER_ENV: "1"})):
         proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path, env={**base, **extra})
         assert proc.returncode == 0, proc.stderr[-3000:]
         seen[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     week = str(EMBEDDED_TRAIN_START_TIMEOUT_S)
-    assert seen["default"] == {"task": week, "actor": week, "driver": None}, seen
-    assert seen["caller"] == {"task": "5", "actor": "5", "driver": "5"}, seen
+    assert seen["default"] == {"task": [week, "0"], "actor": [week, "0"], "driver": [None, None]}, seen
+    assert seen["caller"] == {"task": ["5", "1"], "actor": ["5", "1"], "driver": ["5", "1"]}, seen

@@ -49,15 +49,24 @@ def actor_pool(resources, actors: int | None, ray, where: str) -> tuple[bool, in
 # other runs (utility's fold CVAEs beside its estimators, a sweep's folds): the plan, not a fault.
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 EMBEDDED_TRAIN_START_TIMEOUT_S = 7 * 24 * 3600
+# Ray Train (2.60) starts a preemption watcher beside every run: an actor that polls for nodes
+# being drained (spot instances) and logs them. Created with max_restarts > 0 and its arguments in
+# the object store, it makes the controller's core worker log an error line ("Actor with class
+# name: 'PreemptionWatcher' ... max_restarts > 0", ray#53727) at the start of every run. An
+# embedded instance is this machine alone: no node of it is ever drained, so the watcher has
+# nothing to watch and only that line to give.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def embedded_environment(port: int) -> dict[str, str]:
     """What every process of an embedded instance whose GCS listens on ``port`` inherits: its own
-    address (see :func:`init_ray`) and, unless the caller's environment sets it, a Ray Train
+    address (see :func:`init_ray`) and, unless the caller's environment sets them, a Ray Train
     worker-group start timeout of a week, so a run queued behind the instance's own work waits
-    quietly instead of logging a traceback each minute."""
+    quietly instead of logging a traceback each minute, and no Ray Train preemption watcher
+    (:data:`PREEMPTION_WATCHER_ENV`: one machine has no node to drain)."""
     return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}",
-            TRAIN_START_TIMEOUT_ENV: os.environ.get(TRAIN_START_TIMEOUT_ENV, str(EMBEDDED_TRAIN_START_TIMEOUT_S))}
+            TRAIN_START_TIMEOUT_ENV: os.environ.get(TRAIN_START_TIMEOUT_ENV, str(EMBEDDED_TRAIN_START_TIMEOUT_S)),
+            PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
 
 
 def init_ray(cfg: RayConfig | None = None):
@@ -75,7 +84,7 @@ def init_ray(cfg: RayConfig | None = None):
     instances" whenever a second experiment runs on the same machine. The driver's own
     environment is left as it was (a later stage in this process or a child command must not
     join this instance by accident). The same processes get a long Ray Train start timeout
-    (:func:`embedded_environment`); a cluster keeps Ray's.
+    and no preemption watcher (:func:`embedded_environment`); a cluster keeps Ray's settings.
     """
     import ray
 
