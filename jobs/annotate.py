@@ -14,4 +14,6 @@ if __name__ == "__main__":
     sys.exit(run_job("annotate", "annotate", __doc__, [
         PathFlag("--prepared", "prepared dataset folder (from the prepare job)", default="prepared"),
         PathFlag("--out", "annotation folder", default="annotations"),
+        PathFlag("--network", "annotation folder of the same prepared set whose trained PWC-Net to reuse "
+                              "(same network settings; only annotate.refine* may differ)", optional=True),
     ]))

@@ -150,6 +150,81 @@ def test_a_rerun_with_other_annotate_settings_is_refused_before_any_work(annotat
     assert model.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
+def test_a_refinement_change_reuses_the_trained_network_from_another_folder(annotated, tmp_path):
+    """The fixture annotated with a 30 mm support; the same prepared set without a support, given
+    ``network=`` that folder: refused in place (the message names --network), then made in a new
+    folder without training — the same network bytes, no Ray Train run — and the new (plain)
+    flows weighted by the 30 mm support reproduce the fixture's flows (the refinement starts from
+    zero flow and is deterministic: only the support differs)."""
+    from cardiomotion.annotate import annotate
+    from cardiomotion.annotate.stage import ANNOTATE_TRAIN_DIR, MODEL_FILE, PYRAMID_FILE, annotation_settings
+    from cardiomotion.annotate.support import motion_support
+    from cardiomotion.data.table import load_pair, read_scan_table
+    from cardiomotion.flow.io import read_flow
+
+    root, cfg, _ = annotated
+    assert cfg.annotate.refine_support_mm == 30 and cfg.annotate.refine_start.value == "zero"
+    src = root / "annotations"
+    plain = load_config(None, {**TINY, "storage_root": str(root / "store"),
+                               "annotate": {**TINY["annotate"], "refine_support_mm": 0}})
+    with pytest.raises(InputError, match=rf"refine_support_mm: 30.0 then, 0.0 now.*--network {src}"):
+        annotate(root / "prepared", src, plain)
+    out = tmp_path / "plain"
+    annotate(root / "prepared", out, plain, network=src)
+    for name in (MODEL_FILE, PYRAMID_FILE):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not (out / ANNOTATE_TRAIN_DIR).exists()  # nothing trained
+    assert json.loads((out / "settings.json").read_text()) == annotation_settings(plain)
+    for _, row in read_scan_table(root / "prepared").iterrows():
+        pair = load_pair(root / "prepared", row)
+        u_plain, _ = read_flow(out / row.scan_id / "flow.nii.gz")
+        u_masked, _ = read_flow(src / row.scan_id / "flow.nii.gz")
+        w = motion_support(pair.es, pair.ed, pair.spacing_mm, tuple(cfg.prepare.blood_hu), 30.0)
+        assert w is not None and (w < 1).any()  # the support masks part of the grid: the flows differ
+        np.testing.assert_allclose(u_plain * w[None], u_masked, atol=1e-5)
+        assert np.abs(u_plain - u_masked).max() > 1e-3
+
+
+def test_the_network_to_reuse_is_checked_before_any_work(tmp_path):
+    """``annotate --network``'s source: refused when it is the output folder, holds no usable
+    network, lacks its records, annotated another prepared set or trained its network with other
+    settings (the first difference named); accepted when only the refinement's settings differ."""
+    from cardiomotion.annotate.stage import MODEL_FILE, PYRAMID_FILE, annotation_settings, check_network_source
+    from cardiomotion.data.table import PREPARED_ID_FILE
+    from cardiomotion.models.pwcnet import PWCNet3D
+
+    cfg = load_config(None, TINY)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    with pytest.raises(InputError, match="output folder itself"):
+        check_network_source(src, src.resolve(), cfg, "id")
+    with pytest.raises(InputError, match="holds no trained network to reuse"):
+        check_network_source(src, out, cfg, "id")
+    net = PWCNet3D(channels=(4, 8), estimator_channels=(8,), search_range=1)
+    net.save(src / MODEL_FILE)
+    net.pyramid.save(src / PYRAMID_FILE)
+    with pytest.raises(InputError, match=f"{PREPARED_ID_FILE}: is missing"):
+        check_network_source(src, out, cfg, "id")
+    (src / PREPARED_ID_FILE).write_text("id\n")
+    with pytest.raises(InputError, match="settings.json: is missing"):
+        check_network_source(src, out, cfg, "id")
+    (src / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
+    assert check_network_source(src, out, cfg, "id") == src.resolve()
+    with pytest.raises(InputError, match="another prepared set"):
+        check_network_source(src, out, cfg, "other id")
+    refined = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_support_mm": 20,
+                                                      "refine_smooth_weight": 0.03}})
+    assert check_network_source(src, out, refined, "id") == src.resolve()
+    longer = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "epochs": 5}})
+    with pytest.raises(InputError, match=r"other settings \(annotate.epochs: 4 then, 5 now\)"):
+        check_network_source(src, out, longer, "id")
+    window = load_config(None, {**TINY, "intensity": {"window": [-100, 700]}})
+    with pytest.raises(InputError, match=r"intensity.window"):
+        check_network_source(src, out, window, "id")
+    assert not out.exists()
+
+
 def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_path):
     """Fresh folder: settings to record before training; a record with the same settings: nothing
     to write; other settings or an unreadable record: refused; a key the record lacks matches at

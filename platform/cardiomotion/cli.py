@@ -125,7 +125,7 @@ def cmd_annotate(args) -> int:
     cfg = _load(args)
     t0 = time.perf_counter()
     with _epoch_bar("PWC-Net", cfg.annotate.epochs) as on_epoch:
-        table = annotate(args.prepared, args.out, cfg, log=_say, on_epoch=on_epoch)
+        table = annotate(args.prepared, args.out, cfg, log=_say, on_epoch=on_epoch, network=args.network)
     summary = summarize(pd.read_parquet(table))
     _say(f"wrote {table} in {time.perf_counter() - t0:.0f} s")
     for key in ("mean_epe_myo_mm_zero", "mean_epe_myo_mm_net", "mean_epe_myo_mm_refined",
@@ -342,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("annotate", help="train the 3D PWC-Net and write ED←ES flows for prepared pairs")
     s.add_argument("--prepared", required=True, help="prepared dataset folder (from `prepare`)")
     s.add_argument("--out", required=True, help="output folder for flows, annotations.parquet and the pyramid")
+    s.add_argument("--network", help="annotation folder of the same prepared set whose trained PWC-Net to reuse "
+                                     "instead of training one (same network settings; only annotate.refine* may differ)")
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_annotate)
 

@@ -136,25 +136,22 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
     :data:`RECORDED_BEFORE`'s keys, at the value records were made at before it.
 
     Raises:
-        InputError: ``settings.json`` records other settings (named by their first difference), or
+        InputError: ``settings.json`` records other settings (named by their first difference; when
+            only the refinement's differ, the message says how to reuse the folder's network), or
             is unreadable; or ``ray_train/`` holds an interrupted training beside no record (its
             settings unknown: it is neither resumed nor thrown away unasked).
     """
-    from ..train.sweep import refuse_other_settings
+    from ..train.sweep import first_difference, refuse_other_settings
 
     record = out / ANNOTATION_SETTINGS
     settings = annotation_settings(cfg)
     if record.is_file():
-        try:
-            recorded = json.loads(record.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); restore it, or rewrite "
-                                     "it with the settings this folder was annotated with (its MLflow run's "
-                                     "parameters)") from None
-        if isinstance(recorded, dict) and isinstance(recorded.get("annotate"), dict):
-            recorded = {**recorded, "annotate": {**RECORDED_BEFORE, **recorded["annotate"]}}
-        defaults = annotation_settings(Config())
-        refuse_other_settings(record, _with_defaults(recorded, settings, defaults), settings, "annotation")
+        recorded = recorded_settings(record, settings)
+        if isinstance(recorded, dict) and recorded != settings and network_part(recorded) == network_part(settings):
+            raise InputError(record, f"this annotation was made with other refinement settings "
+                                     f"({first_difference(recorded, settings)}): rerun it with the same ones, or "
+                                     f"annotate into another --out with --network {out} to reuse its trained network")
+        refuse_other_settings(record, recorded, settings, "annotation")
         return None
     if _unusable_model(out) is None:
         return None
@@ -163,6 +160,83 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
                                                    "before records were kept), so it cannot be resumed safely; "
                                                    "remove this folder to train from the start")
     return settings
+
+
+def recorded_settings(record: Path, settings: dict):
+    """An annotation folder's ``settings.json`` as it compares with ``settings`` (today's
+    :func:`annotation_settings`): :data:`RECORDED_BEFORE`'s keys filled with the values records
+    were made at before them, and any other key the record lacks filled where ``settings`` holds
+    its default.
+
+    Raises:
+        InputError: the record is unreadable.
+    """
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(record, f"unreadable settings record ({exc.__class__.__name__}); restore it, or rewrite "
+                                 "it with the settings this folder was annotated with (its MLflow run's "
+                                 "parameters)") from None
+    if isinstance(recorded, dict) and isinstance(recorded.get("annotate"), dict):
+        recorded = {**recorded, "annotate": {**RECORDED_BEFORE, **recorded["annotate"]}}
+    return _with_defaults(recorded, settings, annotation_settings(Config()))
+
+
+def network_part(settings: dict) -> dict:
+    """An annotation settings record (:func:`annotation_settings`) less what only the per-pair
+    refinement reads (:data:`REFINEMENT_KEYS` and the support's blood range): what the trained
+    PWC-Net and its frozen pyramid depend on."""
+    return {"seed": settings.get("seed"), "intensity": settings.get("intensity"),
+            "annotate": pyramid_part(settings.get("annotate") or {})}
+
+
+def check_network_source(source: str | Path, out: Path, cfg: Config, prepared_id: str) -> Path:
+    """The annotation folder whose trained network ``annotate --network`` reuses, checked before
+    any work: it must hold a usable PWC-Net and pyramid made from the same prepared set (its
+    ``prepared.sha256``) with the same network settings — the seed, the intensity window and
+    every ``annotate`` key but the refinement's — so the network copied is the one ``annotate``
+    would train here, and only the per-pair refinement is made again. Returns its resolved path.
+
+    Raises:
+        InputError: ``source`` is the output folder, holds no usable network, has no settings or
+            prepared-set record (made before records were kept: what it was trained with is
+            unknown), annotated another prepared set, or recorded other network settings (the
+            first difference named).
+    """
+    from ..data.table import PREPARED_ID_FILE
+    from ..train.sweep import first_difference
+
+    src = Path(source).resolve()
+    if src == out:
+        raise InputError(src, "--network names the output folder itself; name another annotation folder")
+    if (why := _unusable_model(src)) is not None:
+        raise InputError(src, f"holds no trained network to reuse ({why})")
+    for name in (PREPARED_ID_FILE, ANNOTATION_SETTINGS):
+        if not (src / name).is_file():
+            raise InputError(src / name, "is missing (an annotation made before records were kept): what its "
+                                         "network was trained on is unknown, so it is not reused")
+    if (src / PREPARED_ID_FILE).read_text().strip() != prepared_id:
+        raise InputError(src / PREPARED_ID_FILE, "its network was trained on another prepared set than this one "
+                                                 "(content differs)")
+    settings = annotation_settings(cfg)
+    recorded = recorded_settings(src / ANNOTATION_SETTINGS, settings)
+    if not isinstance(recorded, dict) or network_part(recorded) != network_part(settings):
+        diff = first_difference(network_part(recorded) if isinstance(recorded, dict) else recorded,
+                                network_part(settings))
+        raise InputError(src / ANNOTATION_SETTINGS, f"its network was trained with other settings ({diff}); "
+                                                    "--network reuses a network only when the refinement's "
+                                                    "settings (annotate.refine*) alone differ")
+    return src
+
+
+def copy_network(src: Path, out: Path) -> None:
+    """Copy the trained PWC-Net and frozen pyramid of ``src`` into ``out``, each atomically, the
+    network last (its presence marks a finished training, as after :func:`train_pwcnet`)."""
+    import shutil
+
+    for name in (PYRAMID_FILE, MODEL_FILE):
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(src / name, tmp)
 
 
 def _with_defaults(recorded, current, defaults):
@@ -366,11 +440,14 @@ def support_warning(df: pd.DataFrame) -> str | None:
 
 
 def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Log = lambda _m: None,
-             on_epoch: Callable[[int, float], None] | None = None) -> Path:
+             on_epoch: Callable[[int, float], None] | None = None, network: str | Path | None = None) -> Path:
     """Run the annotation stage; returns the path of ``annotations.parquet``.
 
     ``on_epoch(epoch, train_loss)`` is called once per finished PWC-Net training epoch (for
     progress bars; the epochs are read back from the MLflow run the workers log to).
+    ``network``: an annotation folder of the same prepared set whose trained PWC-Net is copied
+    instead of training one (:func:`check_network_source`: its network settings must be these;
+    the refinement's may differ) — a change of the refinement annotates again without training.
     """
     from .. import tracking
     from ..data.prepare import plain_rows
@@ -385,6 +462,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     check_prepared_identity(prepared, out)  # a rerun into annotations of another prepared set
     to_record = check_settings(out, cfg)  # a rerun with other annotate settings
     prepared_id = prepared_fingerprint(prepared)
+    source = None if network is None else check_network_source(network, out, cfg, prepared_id)
     done, todo = [], []
     for row in rows:
         scan_dir = out / str(row["scan_id"])
@@ -407,9 +485,14 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
     model_path = out / MODEL_FILE
     with tracking.start_run(cfg, "annotate", params={"annotate": cfg.annotate.model_dump(mode="json"),
                                                       "intensity": cfg.intensity.model_dump(mode="json"),
-                                                      "prepared": str(prepared), "n_scans": len(rows)},
+                                                      "prepared": str(prepared), "n_scans": len(rows),
+                                                      **({"network_from": str(source)} if source else {})},
                             tags={"stage": "annotate"}) as run:
         unusable = _unusable_model(out)
+        if unusable and source is not None:
+            copy_network(source, out)
+            log(f"annotate: reusing the PWC-Net trained in {source} (same prepared set and network settings)")
+            unusable = _unusable_model(out)
         if unusable and model_path.exists():
             log(f"annotate: {unusable}: training it again")
         if unusable:
