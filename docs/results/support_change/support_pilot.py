@@ -1,12 +1,13 @@
-"""Stop 43's one-off pilot (kept beside its rows, not a bench): supports other than the blood pool, applied to the plain (support-free) refined flows of
-two cohorts; scored against the exact truth as bench/refine_sweep.py scores.
+"""Stop 43's one-off pilot (kept beside its rows, not a bench): supports other than the blood pool,
+applied to the plain (support-free) refined flows of a cohort, scored against the exact truth as
+``bench/refine_sweep.py`` scores (README, "A support grown from where the frames differ").
 
-    python support_pilot.py PREPARED PLAIN_FLOWS COHORT_NAME OUT.jsonl [SCANS]
+    python docs/results/support_change/support_pilot.py PREPARED PLAIN_FLOWS COHORT OUT.jsonl [SCANS]
 
 Supports (weight in [0, 1] on the ED grid, cosine taper over half the margin, as annotate.support):
-  blood<m>   : distance to the blood pool (annotate's default support, m mm)
-  change<m>  : distance to the voxels where the frames differ: |G_s * (ED - ES)| above k robust sd
-  union<m>   : max(blood20, change<m>)
+  blood<m>        distance to the blood pool (annotate's support), margin m mm
+  change<m>_k<k>  distance to the voxels where the frames differ: |G_1 * (ED - ES)| > k robust sd
+  union<m>_k<k>   max(blood20, change<m>_k<k>)
 """
 import json
 import sys
