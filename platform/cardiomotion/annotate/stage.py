@@ -489,7 +489,8 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
                                                       **({"network_from": str(source)} if source else {})},
                             tags={"stage": "annotate"}) as run:
         unusable = _unusable_model(out)
-        if unusable and source is not None:
+        copied = bool(unusable) and source is not None
+        if copied:
             copy_network(source, out)
             log(f"annotate: reusing the PWC-Net trained in {source} (same prepared set and network settings)")
             unusable = _unusable_model(out)
@@ -502,7 +503,7 @@ def annotate(prepared_dir: str | Path, out_dir: str | Path, cfg: Config, log: Lo
                                      run_id=run.info.run_id, tracking_uri=uri)
             model.pyramid.save(out / PYRAMID_FILE)
             model.save(model_path)  # written last: its presence marks a finished training
-        else:
+        elif not copied:
             log(f"annotate: reusing the trained PWC-Net {model_path}")
         records = [json.loads((out / str(r["scan_id"]) / QUALITY_FILE).read_text()) for r in done]
         if todo:
