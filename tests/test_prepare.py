@@ -368,12 +368,31 @@ def _bad_empty(tmp: Path, cohort) -> tuple[list[Path], str]:
 
 
 def _bad_duplicate(tmp: Path, cohort) -> tuple[list[Path], str]:
+    path = tmp / "dup.nii.gz"  # the same file twice (files named alike in two folders are named by them)
+    shutil.copyfile(cohort[0] / "ct.nii.gz", path)
+    return [path, path], "duplicate scan id"
+
+
+def test_inputs_named_alike_are_named_by_their_folders(tmp_path):
+    """A cohort laid out as case01/ct.nii.gz, case02/ct.nii.gz (or */DICOM) gets the folders' names
+    as ids; inputs whose ids are unique keep them; the same file twice is refused."""
+    from cardiomotion.data.prepare import distinct_ids, plan_scans
+
     paths = []
-    for sub in ("a", "b"):
-        (tmp / sub).mkdir()
-        paths.append(tmp / sub / "dup.nii.gz")
-        shutil.copyfile(cohort[0] / "ct.nii.gz", paths[-1])
-    return paths, "duplicate scan id"
+    for case in ("case01", "case02"):
+        (tmp_path / case).mkdir()
+        paths.append(tmp_path / case / "ct.nii.gz")
+        paths[-1].write_bytes(b"")
+    (tmp_path / "solo.nii.gz").write_bytes(b"")
+    plan = plan_scans([*paths, tmp_path / "solo.nii.gz"])
+    assert [sid for sid, _ in plan] == ["case01", "case02", "solo"]
+    assert [p for _, p in plan] == [p.resolve() for p in (*paths, tmp_path / "solo.nii.gz")]
+    for case in ("a", "b"):
+        (tmp_path / case / "x" / "DICOM").mkdir(parents=True)
+    assert [sid for sid, _ in plan_scans([tmp_path / c / "x" / "DICOM" for c in "ab"])] == ["a", "b"]
+    assert distinct_ids([Path("/d/a/ct.nii.gz"), Path("/d/b/other/ct.nii.gz")]) == ["a", "b_other"]
+    with pytest.raises(InputError, match="duplicate scan id 'ct'"):
+        plan_scans([paths[0], paths[0]])
 
 
 BAD = {

@@ -65,7 +65,8 @@ def _frame_row(row: dict) -> dict:
 
 def plan_frames(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
     """(frame id, path) of each frame, checked on the driver: paths exist with a known format,
-    ids are unique (two files named alike are refused, naming both)."""
+    ids are unique (files named alike in different folders are named by their folders,
+    :func:`~cardiomotion.data.prepare.distinct_ids`; the same file twice is refused, naming it)."""
     paths = [Path(p).expanduser() for p in paths]
     for path in paths:
         volume_format(path)  # a missing path or an unknown format: refused before any work

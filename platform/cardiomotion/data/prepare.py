@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable
@@ -36,27 +37,54 @@ def config_fingerprint(cfg: PrepareConfig) -> str:
 
 def plan_scans(paths: Iterable[str | Path], id_of: Callable[[Path], str] = scan_id_of) -> list[tuple[str, Path]]:
     """(id, path) per input (ids from ``id_of``: scan ids, or frame ids), validated cheaply
-    before any Ray work.
+    before any Ray work. Inputs whose ids collide — a cohort laid out as ``case01/ct.nii.gz``,
+    ``case02/ct.nii.gz`` or ``*/DICOM`` — are named by :func:`distinct_ids` (``case01``,
+    ``case02``); the others keep their ids.
 
     Raises:
-        InputError: no inputs, a path that is missing, or two inputs with the same id.
+        InputError: no inputs, a path that is missing, or two inputs whose ids stay the same
+            (the same file given twice).
     """
-    items: list[tuple[str, Path]] = []
-    seen: dict[str, Path] = {}
+    entries: list[tuple[Path, str]] = []
     for p in paths:
         path = Path(p).expanduser()
         if not path.exists():
             raise InputError(path, "does not exist")
         if path.name.startswith("."):
             continue  # temporary or hidden entries of a shell glob
-        sid = id_of(path)
+        entries.append((path, id_of(path)))
+    if not entries:
+        raise InputError(None, "no scans given")
+    ids = [sid for _, sid in entries]
+    groups: dict[str, list[int]] = {}
+    for i, sid in enumerate(ids):
+        groups.setdefault(sid, []).append(i)
+    for members in groups.values():
+        if len(members) > 1:
+            for i, name in zip(members, distinct_ids([entries[i][0] for i in members], id_of)):
+                ids[i] = name
+    seen: dict[str, Path] = {}
+    for (path, _), sid in zip(entries, ids):
         if sid in seen:
             raise InputError(path, f"duplicate scan id {sid!r} (also {seen[sid]})")
         seen[sid] = path
-        items.append((sid, path.resolve()))
-    if not items:
-        raise InputError(None, "no scans given")
-    return items
+    return [(sid, path.resolve()) for (path, _), sid in zip(entries, ids)]
+
+
+def distinct_ids(paths: list[Path], id_of: Callable[[Path], str] = scan_id_of) -> list[str]:
+    """Ids for inputs whose own ids (``id_of``) are the same: each one's path below the folder
+    they all share, its last part named by ``id_of``, less the trailing parts they all share,
+    joined by "_" (``/d/case01/ct.nii.gz``, ``/d/case02/ct.nii.gz`` → ``case01``, ``case02``;
+    ``/d/a/x/ct.nii.gz``, ``/d/b/x/ct.nii.gz`` → ``a``, ``b``). Paths are made absolute, not
+    resolved (a symlink is named by its link). The same path twice gives the same id twice."""
+    parts = [list(Path(os.path.abspath(p)).parent.parts) + [id_of(Path(p))] for p in paths]
+    k = 0  # the folder they share
+    while all(len(x) > k + 1 for x in parts) and len({x[k] for x in parts}) == 1:
+        k += 1
+    rel = [x[k:] for x in parts]
+    while all(len(x) > 1 for x in rel) and len({x[-1] for x in rel}) == 1:
+        rel = [x[:-1] for x in rel]
+    return ["_".join(x) for x in rel]
 
 
 def store_as(vol: np.ndarray, dtype: str) -> np.ndarray:
