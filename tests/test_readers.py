@@ -151,14 +151,15 @@ def _slope(k: int) -> float:
 
 
 def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested=False,
-                       seed=0) -> list[np.ndarray]:
+                       seed=0, step=_STEP, decimals=6) -> list[np.ndarray]:
     """Write one series per spec ((kind, percent)), slices in shuffled order, all files in
-    ``root`` or (``nested``) in sub-folders; return the IPP (LPS) of each slice index."""
+    ``root`` or (``nested``) in sub-folders, IPP rounded to ``decimals``; return the IPP (LPS,
+    unrounded) of each slice index."""
     template = pydicom.dcmread(_TEMPLATE)
     rng = np.random.default_rng(seed)
     iop = np.asarray(iop, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
-    ipps = [_ORIGIN + k * _STEP * normal for k in range(max(n_slices))]
+    ipps = [_ORIGIN + k * step * normal for k in range(max(n_slices))]
     for p, (kind, pct) in enumerate(specs):
         uid = generate_uid()
         for k in rng.permutation(n_slices[p]):
@@ -179,7 +180,7 @@ def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested
                 outer.CardiacSynchronizationSequence = [inner]
                 ds.PerFrameFunctionalGroupsSequence = [outer]
             ds.ImageOrientationPatient = [float(v) for v in iop]
-            ds.ImagePositionPatient = [round(float(v), 6) for v in ipps[k]]
+            ds.ImagePositionPatient = [round(float(v), decimals) for v in ipps[k]]
             ds.PixelSpacing = list(_PS)
             ds.Rows, ds.Columns = _ROWS, _COLS
             ds.SamplesPerPixel = 1
@@ -253,9 +254,54 @@ def test_percent_from_description():
 
 def test_dicom_duplicate_phase(tmp_path):
     _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("desc", 40), ("desc", 80)])
-    with pytest.raises(InputError, match=r"duplicate cardiac phase 40%") as err:
+    with pytest.raises(InputError, match=r"duplicate cardiac phase 40%.*as many slices") as err:
         read_scan(tmp_path, ScanFormat.DICOM)
     assert str(tmp_path) in str(err.value)
+
+
+def test_dicom_two_reconstructions_of_a_phase_keep_the_one_with_more_slices(tmp_path):
+    """A thin and a thick reconstruction at 40 %: the thicker (fewer slices) is left out, named."""
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("desc", 40), ("desc", 80)],
+                       n_slices=(6, 3, 6))
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.phase_percent == [40.0, 80.0] and scan.shape[2] == 6
+    assert len(scan.left_out) == 1 and "'Cardiac 40%'" in scan.left_out[0] and "3 slices" in scan.left_out[0]
+    kept = max(float(_raw_slice(0, k).max()) * _slope(k) - 1024 for k in range(6))  # written series 0
+    assert scan.phase(0).max() == kept
+
+
+def test_dicom_second_copies_and_images_without_geometry_are_left_out(tmp_path):
+    """A PACS export with the same files again in another folder and a dose report (an image with
+    no position, orientation or spacing): read as the study alone, both named in ``left_out``."""
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    (tmp_path / "copy").mkdir()
+    files = sorted(tmp_path.glob("*.dcm"))
+    for f in files[:3]:
+        (tmp_path / "copy" / f.name).write_bytes(f.read_bytes())
+    report = pydicom.dcmread(files[0])
+    for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        delattr(report, k)
+    report.SeriesInstanceUID = generate_uid()
+    report.SOPInstanceUID = generate_uid()
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.save_as(tmp_path / "dose_report.dcm")
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.phase_percent == [0.0, 40.0] and scan.shape[2] == _N_SLICES
+    assert len(scan.left_out) == 2
+    assert scan.left_out[0].startswith("3 second copies") and "dose_report.dcm" in scan.left_out[1]
+
+
+def test_dicom_slice_step_is_fitted_to_every_position(tmp_path):
+    """0.625 mm slices with IPP stored to 2 decimals: the rounding of the first gap alone would
+    drift by 0.3 mm over 60 slices; the step fitted to all positions reads them, and slice k sits
+    at its written position to within the rounding."""
+    ipps = _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)],
+                              n_slices=(60, 60), step=0.625, decimals=2)
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert abs(scan.spacing[2] - 0.625) < 1e-3
+    for k in (0, 30, 59):
+        world = (scan.original_affine @ np.array([0, 0, k, 1.0]))[:3]
+        np.testing.assert_allclose(world, (lps_to_ras(np.eye(4)) @ np.append(ipps[k], 1.0))[:3], atol=0.01)
 
 
 def test_dicom_duplicate_slice_positions_name_the_duplicates(tmp_path):
@@ -276,9 +322,15 @@ def test_dicom_duplicate_slice_positions_name_the_duplicates(tmp_path):
 
 
 def test_dicom_series_without_phase(tmp_path):
-    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
+    """Beside two phased series (a cine) a series without a phase (a calcium score) is left out,
+    named; beside one it is an error (no cine to read)."""
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
+    scan = read_scan(tmp_path / "a")
+    assert scan.phase_percent == [40.0, 80.0]
+    assert len(scan.left_out) == 1 and "'CTA cardiac'" in scan.left_out[0] and "no cardiac phase" in scan.left_out[0]
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None)])
     with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase"):
-        read_scan(tmp_path)
+        read_scan(tmp_path / "b")
 
 
 def test_dicom_series_on_different_grids(tmp_path):

@@ -109,7 +109,8 @@ def cmd_prepare(args) -> int:
     cfg = _load(args)
     skipped: list[str] = []
     t0 = time.perf_counter()
-    table = prepare_scans(args.scans, args.out, cfg, manifest=args.manifest, on_skip=skipped.append)
+    table = prepare_scans(args.scans, args.out, cfg, manifest=args.manifest, on_skip=skipped.append,
+                          on_note=lambda line: _say(f"note: {line}"))
     if skipped:
         _say(f"skipped {len(skipped)} scans already prepared")
     _say(f"wrote {table} in {time.perf_counter() - t0:.1f} s")

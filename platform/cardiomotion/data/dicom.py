@@ -6,6 +6,13 @@ percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). Slices are 
 their position along the slice normal. The header pass reads no pixel data; each phase's pixels
 are read when :meth:`Scan.phase` asks for it.
 
+What a study exported from a scanner or PACS holds besides the phases is left out and listed in
+:attr:`Scan.left_out`: a second copy of an image (same SOPInstanceUID), images with no place in
+space (no ImagePositionPatient, ImageOrientationPatient or PixelSpacing: dose reports, screen
+captures), series with no cardiac phase while at least two have one (a calcium score, a
+non-gated scan), and of several series at one phase all but the one with the most slices (a
+thin and a thick reconstruction).
+
 Array and affine convention (before reorientation to RAS+): a series becomes an array
 (Columns, Rows, n_slices) with ``vol[i, j, k] = pixel_array[j, i]`` of slice k, so axis 0
 follows the row direction cosine IOP[:3] (step PixelSpacing[1], the column spacing), axis 1
@@ -76,7 +83,7 @@ class _Series:
     description: str
     first: pydicom.Dataset
     slices: list[_Slice] = field(default_factory=list)
-    percent: float = float("nan")
+    percent: float | None = None  # cardiac phase, % R-R
     affine: np.ndarray | None = None  # voxel → RAS mm of the (Columns, Rows, n) array
 
     def label(self) -> str:
@@ -171,9 +178,13 @@ def _series_geometry(folder: Path, s: _Series) -> None:
                                  f"{np.round(a.position, 3).tolist()}"
                                  + (f" ({same} duplicated positions in all)" if same > 1 else "")
                                  + " (several phases in one series? one series per phase is needed)")
-    step = positions[1] - positions[0]
+    # the step fitted to every position (least squares along the index), not the first gap alone:
+    # positions stored rounded (IPP with 2 decimals) put a first gap's error into every later slice
+    index = np.arange(n, dtype=float)[:, None]
+    step = ((index - index.mean()) * (positions - positions.mean(0))).sum(0) / ((index - index.mean()) ** 2).sum()
+    origin = positions.mean(0) - index.mean() * step
     step_len = float(np.linalg.norm(step))
-    expected = positions[0] + np.arange(n)[:, None] * step
+    expected = origin + index * step
     if not np.allclose(positions, expected, atol=1e-3 + 0.01 * step_len):
         raise InputError(folder, f"{s.label()}: slices are not evenly spaced along one line "
                                  "(missing slices or variable spacing)")
@@ -182,17 +193,34 @@ def _series_geometry(folder: Path, s: _Series) -> None:
     lps[:3, 0] = row_cos * col_sp
     lps[:3, 1] = col_cos * row_sp
     lps[:3, 2] = step
-    lps[:3, 3] = positions[0]
+    lps[:3, 3] = origin
     s.affine = lps_to_ras(lps)
 
 
-def _collect(folder: Path) -> dict[str, _Series]:
+_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Series]:
+    """The folder's image series by SeriesInstanceUID. A second copy of an image (its
+    SOPInstanceUID seen before) and an image without any of :data:`_GEOMETRY` are left out and
+    counted in ``left_out`` (one line each kind)."""
     series: dict[str, _Series] = {}
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    seen: set[str] = set()
+    copies: list[Path] = []
+    placeless: list[Path] = []
     for path in files:
         ds = _header(path)
         if ds is None:
+            continue
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if sop and sop in seen:
+            copies.append(path)
+            continue
+        seen.add(sop)
+        if all(ds.get(k) is None for k in _GEOMETRY):
+            placeless.append(path)
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:
@@ -201,6 +229,13 @@ def _collect(folder: Path) -> dict[str, _Series]:
         if s is None:
             s = series[uid] = _Series(uid=uid, description=str(ds.get("SeriesDescription", "") or ""), first=ds)
         s.slices.append(_make_slice(path, ds))
+    if left_out is not None:
+        if copies:
+            left_out.append(f"{len(copies)} second copies of images already read (same SOPInstanceUID), "
+                            f"e.g. {copies[0]}")
+        if placeless:
+            left_out.append(f"{len(placeless)} images with no position, orientation or pixel spacing "
+                            f"(a dose report or screen capture?), e.g. {placeless[0]}")
     return series
 
 
@@ -227,28 +262,45 @@ def read_dicom(path: Path) -> Scan:
     """Read a folder of DICOM series (one per cardiac phase) as a scan sorted by phase %.
 
     Raises:
-        InputError: no DICOM images, a series without phase information, duplicate phase
-        percentages, uneven slices, or series on different grids (names the file/series).
+        InputError: no DICOM images, a series without phase information when fewer than two
+        have it, two series at one phase with as many slices, uneven slices, or series on
+        different grids (names the file/series).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase")
-    series = list(_collect(folder).values())
+    left_out: list[str] = []
+    series = list(_collect(folder, left_out).values())
     if not series:
         raise InputError(folder, "no DICOM image files found (searched recursively)")
     for s in series:
         pct = _nominal_percent(s.first)
-        if pct is None:
-            pct = percent_from_description(s.description)
-        if pct is None:
+        s.percent = percent_from_description(s.description) if pct is None else pct
+    phased = [s for s in series if s.percent is not None]
+    if len(phased) < 2:
+        s = next((s for s in series if s.percent is None), None)
+        if s is not None:
             raise InputError(folder, f"{s.label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
                                      "(0020,9241) nor a percentage in SeriesDescription")
-        s.percent = pct
+    for s in series:
+        if s.percent is None:
+            left_out.append(f"{s.label()}: no cardiac phase (not part of the cine)")
+    series = phased
+    for s in series:
         _series_geometry(folder, s)
-    series.sort(key=lambda s: s.percent)
-    for a, b in zip(series, series[1:]):
-        if a.percent == b.percent:
-            raise InputError(folder, f"duplicate cardiac phase {a.percent:g}%: {a.label()} and {b.label()}")
+    # several series at one phase (a thin and a thick reconstruction): the one with the most slices
+    series.sort(key=lambda s: (s.percent, -len(s.slices)))
+    kept: list[_Series] = []
+    for s in series:
+        if kept and kept[-1].percent == s.percent:
+            if len(s.slices) == len(kept[-1].slices):
+                raise InputError(folder, f"duplicate cardiac phase {s.percent:g}%: {kept[-1].label()} and "
+                                         f"{s.label()} have as many slices; keep one of them in the folder")
+            left_out.append(f"{s.label()} at {s.percent:g}%: {len(s.slices)} slices, fewer than "
+                            f"{kept[-1].label()}'s {len(kept[-1].slices)} at the same phase")
+            continue
+        kept.append(s)
+    series = kept
     ref = series[0]
     ref_shape = (ref.slices[0].columns, ref.slices[0].rows, len(ref.slices))
     for s in series[1:]:
@@ -265,7 +317,7 @@ def read_dicom(path: Path) -> Scan:
     return Scan(scan_id=scan_id_of(folder), source=folder, format=ScanFormat.DICOM,
                 affine=canon_affine, original_affine=original, shape=canon_shape,
                 n_phases=len(series), load_phase=load_phase,
-                phase_percent=[s.percent for s in series])
+                phase_percent=[s.percent for s in series], left_out=left_out)
 
 
 def read_dicom_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

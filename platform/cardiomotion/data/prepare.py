@@ -121,6 +121,8 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
         "labels_path": None,
         "es_labels_path": None,
     }
+    if scan.left_out:  # kept in prepared.json, not a column of the table
+        record["left_out"] = list(scan.left_out)
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es_out, cfg.dtype), out_aff)
@@ -255,8 +257,13 @@ def prepare_scans(
     cfg: Config,
     manifest: str | Path | None = None,
     on_skip: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Path:
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
+
+    ``on_skip(scan_id)``: a scan already prepared in ``out_dir``; ``on_note(line)``: what a reader
+    found in a scan prepared now and left out (:attr:`~cardiomotion.data.scan.Scan.left_out`,
+    "<scan_id>: left out …"; also kept in its ``prepared.json``).
 
     Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges). One
     ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`).
@@ -309,7 +316,12 @@ def prepare_scans(
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
             rows = ds.map(_prepare_row, num_cpus=1).take_all()
             raise_row_errors(rows, "prepare")
-            done.extend(json.loads(r["record"]) for r in rows)
+            made = [json.loads(r["record"]) for r in rows]
+            for rec in sorted(made, key=lambda r: r["scan_id"]):
+                for line in rec.get("left_out") or []:
+                    if on_note:
+                        on_note(f"{rec['scan_id']}: left out {line}")
+            done.extend(made)
         done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
         return write_scan_table(out, done)
 

@@ -43,6 +43,8 @@ class Scan:
         n_phases: number of phases T ≥ 2.
         phase_percent: nominal phase in % of the R-R interval per phase, when known.
         es_phase, ed_phase: indices into the phases, when known (manifest or phantom meta).
+        left_out: what the reader found and did not use, one line each (a DICOM study's dose
+            report, a series with no cardiac phase, a thicker reconstruction of a phase).
     """
 
     scan_id: str
@@ -56,6 +58,7 @@ class Scan:
     phase_percent: Optional[list[float]] = None
     es_phase: Optional[int] = None
     ed_phase: Optional[int] = None
+    left_out: list[str] = field(default_factory=list)
 
     def phase(self, t: int) -> np.ndarray:
         """Phase ``t`` as float32 HU, shape (I, J, K), canonical RAS.
