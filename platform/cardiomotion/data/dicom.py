@@ -239,21 +239,40 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
     return series
 
 
+def _slice_hu(path: Path) -> np.ndarray:
+    """One slice's HU, float64 (Rows, Columns): pydicom's pixel data with RescaleSlope and
+    RescaleIntercept applied; for a compressed transfer syntax none of pydicom's installed
+    decoders takes (JPEG Lossless and JPEG-LS, the usual PACS compressions, need plugins pydicom
+    does not bring), SimpleITK's GDCM decoder, which applies the rescale itself."""
+    ds = None
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except _DICOM_ERRORS as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is None or not syntax.is_compressed:
+            raise InputError(path, f"cannot read pixel data ({type(exc).__name__}: {exc})") from exc
+        try:
+            import SimpleITK as sitk
+
+            return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0].astype(np.float64)
+        except Exception as gdcm_exc:  # noqa: BLE001 - neither decoder reads it: one error naming both
+            raise InputError(path, f"cannot read pixel data ({syntax.name}: pydicom: {type(exc).__name__}: {exc}; "
+                                   f"GDCM: {type(gdcm_exc).__name__}: {gdcm_exc})") from exc
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return pixels.astype(np.float64) * slope + intercept
+
+
 def _load_series(s: _Series) -> np.ndarray:
     """HU of a series, float32 (Columns, Rows, n_slices) in sorted slice order."""
     ref = s.slices[0]
     vol = np.empty((ref.columns, ref.rows, len(s.slices)), dtype=np.float32)
     for k, sl in enumerate(s.slices):
-        try:
-            ds = pydicom.dcmread(sl.path)
-            pixels = ds.pixel_array
-        except _DICOM_ERRORS as exc:
-            raise InputError(sl.path, f"cannot read pixel data ({type(exc).__name__}: {exc})") from exc
-        if pixels.shape != (ref.rows, ref.columns):
-            raise InputError(sl.path, f"pixel data of shape {pixels.shape}, expected ({ref.rows}, {ref.columns})")
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        vol[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
+        hu = _slice_hu(sl.path)
+        if hu.shape != (ref.rows, ref.columns):
+            raise InputError(sl.path, f"pixel data of shape {hu.shape}, expected ({ref.rows}, {ref.columns})")
+        vol[:, :, k] = hu.T
     return vol
 
 
