@@ -434,6 +434,46 @@ def test_bad_input_one_line_exit_2_nothing_written(case, prepared, cohort, tmp_p
             assert (d / "prepared.json").is_file() and (d / "es.nii.gz").is_file(), d
 
 
+def test_scan_notes_name_what_was_left_out_and_a_blood_pool_that_barely_changes():
+    """A reader's left-out lines come first, prefixed; detected phases whose blood-pool volume
+    changes by less than MIN_BLOOD_CHANGE are doubted (1 % here), 20 % are not, a manifest's
+    phases (no volumes) are not."""
+    from types import SimpleNamespace
+
+    from cardiomotion.data.phases import PhaseChoice
+    from cardiomotion.data.prepare import MIN_BLOOD_CHANGE, scan_notes
+
+    scan = SimpleNamespace(left_out=["2 second copies of images already read"])
+    flat = PhaseChoice(1, 0, "detected", (100.0, 99.0, 99.5))
+    notes = scan_notes(scan, flat)
+    assert notes[0] == "left out 2 second copies of images already read"
+    assert len(notes) == 2 and "changes by only 1.0 %" in notes[1] and "manifest" in notes[1]
+    assert 0.01 < MIN_BLOOD_CHANGE < 0.16  # between the unenhanced scan's 1 % and the phantom's 16-24 %
+    beating = PhaseChoice(1, 0, "detected", (300.0, 240.0, 280.0))
+    assert scan_notes(SimpleNamespace(left_out=[]), beating) == []
+    assert scan_notes(SimpleNamespace(left_out=[]), PhaseChoice(1, 0, "manifest")) == []
+
+
+def test_prepare_prints_a_note_for_phases_detected_from_a_flat_blood_pool(ray_session, tmp_path, capsys):
+    """A 4-D scan whose only voxels in the blood range are a static bright block (bone, no
+    contrast) with one voxel that flickers: prepared (phases detected), with one note line on the
+    console naming the scan, and the note in its prepared.json."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(40.0, 5.0, (24, 24, 24, 4)).astype(np.float32)
+    data[8:16, 8:16, 8:16, :] = 500.0
+    data[4, 4, 4, 1] = 500.0  # the "phase" with one more voxel of blood: ED by detection
+    path = write_nifti(tmp_path / "unenhanced.nii.gz", data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["prepare", "--scans", str(path), "--out", str(out), "--config", str(SMOKE)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    lines = [line for line in printed.splitlines() if line.startswith("note: ")]
+    assert len(lines) == 1 and lines[0].startswith("note: unenhanced: the blood-pool volume") and "manifest" in lines[0]
+    record = json.loads((out / "unenhanced" / "prepared.json").read_text())["record"]
+    assert record["notes"] == [lines[0].removeprefix("note: unenhanced: ")]
+
+
 def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path):
     inputs, _ = _bad_not_nifti(tmp_path, cohort)
     with pytest.raises(InputError, match=r"not a NIfTI \(.nii, .nii.gz\), NRRD"):

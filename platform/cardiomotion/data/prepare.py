@@ -93,8 +93,30 @@ def store_as(vol: np.ndarray, dtype: str) -> np.ndarray:
     return vol.astype(np.float32)
 
 
+#: below this relative change of the detected blood-pool volume over the phases, (max − min) / max,
+#: the detected ES/ED follow noise rather than the heart: a scan without contrast enhancement,
+#: whose blood-range voxels are bone, measured 1 %; the phantom's opacified cohort 16-24 %
+MIN_BLOOD_CHANGE = 0.03
+
+
+def scan_notes(scan: Scan, choice) -> list[str]:
+    """What ``prepare`` tells about one scan besides its record, one line each: what its reader
+    left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), and detected ES/ED whose blood-pool
+    volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
+    notes = [f"left out {line}" for line in scan.left_out]
+    if choice.blood_ml:
+        v = np.asarray(choice.blood_ml, dtype=float)
+        change = float((v.max() - v.min()) / v.max()) if v.max() > 0 else 0.0
+        if change < MIN_BLOOD_CHANGE:
+            notes.append(f"the blood-pool volume (voxels in prepare.blood_hu) changes by only {100 * change:.1f} % "
+                         f"over the phases ({v.min():.0f}-{v.max():.0f} ml): the detected ES/ED are unreliable "
+                         "(no contrast enhancement?); give them in a manifest")
+    return notes
+
+
 def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict | None = None) -> dict:
-    """Prepare one scan into ``out_dir/<scan_id>/``; returns its scan-table record."""
+    """Prepare one scan into ``out_dir/<scan_id>/``; returns its scan-table record (with
+    ``notes``, :func:`scan_notes`, when there are any: not a column of the table)."""
     choice = choose_phases(scan, tuple(cfg.blood_hu), manifest)
     ed = scan.phase(choice.ed_phase)
     es = scan.phase(choice.es_phase)
@@ -121,8 +143,8 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
         "labels_path": None,
         "es_labels_path": None,
     }
-    if scan.left_out:  # kept in prepared.json, not a column of the table
-        record["left_out"] = list(scan.left_out)
+    if notes := scan_notes(scan, choice):  # kept in prepared.json, not a column of the table
+        record["notes"] = notes
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es_out, cfg.dtype), out_aff)
@@ -261,9 +283,9 @@ def prepare_scans(
 ) -> Path:
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
-    ``on_skip(scan_id)``: a scan already prepared in ``out_dir``; ``on_note(line)``: what a reader
-    found in a scan prepared now and left out (:attr:`~cardiomotion.data.scan.Scan.left_out`,
-    "<scan_id>: left out …"; also kept in its ``prepared.json``).
+    ``on_skip(scan_id)``: a scan already prepared in ``out_dir``; ``on_note(line)``: a note on a
+    scan prepared now ("<scan_id>: …", :func:`scan_notes`: what its reader left out, detected
+    phases to doubt; also kept in its ``prepared.json``).
 
     Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges). One
     ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`).
@@ -318,9 +340,9 @@ def prepare_scans(
             raise_row_errors(rows, "prepare")
             made = [json.loads(r["record"]) for r in rows]
             for rec in sorted(made, key=lambda r: r["scan_id"]):
-                for line in rec.get("left_out") or []:
+                for line in rec.get("notes") or []:
                     if on_note:
-                        on_note(f"{rec['scan_id']}: left out {line}")
+                        on_note(f"{rec['scan_id']}: {line}")
             done.extend(made)
         done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
         return write_scan_table(out, done)
