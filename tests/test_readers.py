@@ -151,17 +151,20 @@ def _slope(k: int) -> float:
 
 
 def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested=False,
-                       seed=0, step=_STEP, decimals=6) -> list[np.ndarray]:
-    """Write one series per spec ((kind, percent)), slices in shuffled order, all files in
-    ``root`` or (``nested``) in sub-folders, IPP rounded to ``decimals``; return the IPP (LPS,
-    unrounded) of each slice index."""
+                       seed=0, step=_STEP, decimals=6, one_series=False) -> list[np.ndarray]:
+    """Write one series per spec ((kind, percent); kind "temporal": the value is the images'
+    TemporalPositionIdentifier instead), slices in shuffled order, all files in ``root`` or
+    (``nested``) in sub-folders, IPP rounded to ``decimals``; ``one_series``: every spec in one
+    SeriesInstanceUID (a cine exported as one series); return the IPP (LPS, unrounded) of each
+    slice index."""
     template = pydicom.dcmread(_TEMPLATE)
     rng = np.random.default_rng(seed)
     iop = np.asarray(iop, dtype=float)
     normal = np.cross(iop[:3], iop[3:])
     ipps = [_ORIGIN + k * step * normal for k in range(max(n_slices))]
+    cine_uid = generate_uid()
     for p, (kind, pct) in enumerate(specs):
-        uid = generate_uid()
+        uid = cine_uid if one_series else generate_uid()
         for k in rng.permutation(n_slices[p]):
             ds = copy.deepcopy(template)
             ds.SeriesInstanceUID = uid
@@ -173,6 +176,8 @@ def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested
                 ds.NominalPercentageOfCardiacPhase = float(pct)
             elif kind == "desc":
                 ds.SeriesDescription = f"Cardiac {pct}%"
+            elif kind == "temporal":
+                ds.TemporalPositionIdentifier = int(pct)
             elif kind == "nested":
                 inner = Dataset()
                 inner.NominalPercentageOfCardiacPhase = float(pct)
@@ -353,6 +358,26 @@ def test_dicom_duplicate_slice_positions_name_the_duplicates(tmp_path):
     msg = str(err.value)
     assert "share ImagePositionPatient" in msg and "\n" not in msg
     assert mid.name in msg and "zz_duplicate.dcm" in msg
+
+
+@pytest.mark.parametrize("kind,percent", [("nominal", [0.0, 40.0, 70.0]), ("temporal", None)])
+def test_dicom_cine_in_one_series_is_split_per_image(tmp_path, kind, percent):
+    """All phases in one SeriesInstanceUID (slices repeat positions), told apart per image by
+    NominalPercentageOfCardiacPhase (percent known) or TemporalPositionIdentifier (order known,
+    percent not): read as three phases in that order, each the values written for it."""
+    values = {"nominal": (70, 0, 40), "temporal": (3, 1, 2)}[kind]
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [(kind, v) for v in values], one_series=True)
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.n_phases == 3 and scan.phase_percent == percent and scan.shape[2] == _N_SLICES
+    for t, p in enumerate((1, 2, 0)):  # written spec index of each sorted phase
+        hu = max(float(_raw_slice(p, k).max()) * _slope(k) - 1024 for k in range(_N_SLICES))
+        assert scan.phase(t).max() == hu
+
+
+def test_dicom_repeated_positions_with_nothing_to_split_them_by_are_refused(tmp_path):
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("desc", 40), ("desc", 70)], one_series=True)
+    with pytest.raises(InputError, match="share ImagePositionPatient.*TemporalPositionIdentifier or TriggerTime"):
+        read_scan(tmp_path, ScanFormat.DICOM)
 
 
 def test_dicom_series_without_phase(tmp_path):

@@ -2,8 +2,10 @@
 
 Series are grouped by SeriesInstanceUID; a series' cardiac phase (% R-R) is
 NominalPercentageOfCardiacPhase (0020,9241) (top level, else anywhere in its sequences), else a
-percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). Slices are ordered by
-their position along the slice normal. The header pass reads no pixel data; each phase's pixels
+percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series whose slices
+repeat positions holds the whole cine (as some scanners export it) and is split per image by
+NominalPercentageOfCardiacPhase, else TemporalPositionIdentifier, else TriggerTime (the phases'
+percentages then unknown). Slices are ordered by their position along the slice normal. The header pass reads no pixel data; each phase's pixels
 are read when :meth:`Scan.phase` asks for it.
 
 What a study exported from a scanner or PACS holds besides the phases is left out and listed in
@@ -75,6 +77,7 @@ class _Slice:
     pixel_spacing: tuple[float, float]  # (row spacing, column spacing) mm
     rows: int
     columns: int
+    phase_tags: dict[str, float | None] = field(default_factory=dict)  # :data:`_PHASE_KEYS` of this image
 
 
 @dataclass
@@ -84,10 +87,16 @@ class _Series:
     first: pydicom.Dataset
     slices: list[_Slice] = field(default_factory=list)
     percent: float | None = None  # cardiac phase, % R-R
+    order: float | None = None  # what sorts the phases: the percent, or the key a cine series was split by
+    split_by: str | None = None  # that key (:func:`_split_phases`), None for a series of its own
     affine: np.ndarray | None = None  # voxel → RAS mm of the (Columns, Rows, n) array
 
     def label(self) -> str:
         return f"series {self.description!r} (SeriesInstanceUID {self.uid}, e.g. {self.slices[0].path.name})"
+
+    def phase(self) -> str:
+        """The phase as the messages name it: "40%", or "TriggerTime 350"."""
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.split_by} {self.order:g}"
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
@@ -127,7 +136,56 @@ def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     ps = _floats(ds, "PixelSpacing", 2, path)
     return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
                   orientation=_floats(ds, "ImageOrientationPatient", 6, path),
-                  pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns))
+                  pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns),
+                  phase_tags=_phase_tags(ds))
+
+
+#: per-image keys that tell the phases of a cine exported as one series apart, in the order tried
+_PHASE_KEYS = ("NominalPercentageOfCardiacPhase", "TemporalPositionIdentifier", "TriggerTime")
+
+
+def _phase_tags(ds: pydicom.Dataset) -> dict[str, float | None]:
+    """:data:`_PHASE_KEYS` of one image header (None where absent or not a number)."""
+    out: dict[str, float | None] = {}
+    for key in _PHASE_KEYS:
+        try:
+            value = _nominal_percent(ds) if key == _PHASE_KEYS[0] else ds.get(key)
+            out[key] = None if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            out[key] = None
+    return out
+
+
+def _split_phases(s: _Series) -> list[_Series]:
+    """A series that holds several phases (its slices repeat positions: some scanners export a
+    cine as one series): one series per value of the first of :data:`_PHASE_KEYS` that every
+    slice carries and that splits it into stacks of as many slices with no repeated position, in
+    the key's order (the percent known when the key is NominalPercentageOfCardiacPhase). The
+    series itself when no position repeats or no key splits it (the geometry check then names
+    the repeated positions)."""
+    ori = s.slices[0].orientation
+    normal = np.cross(ori[:3], ori[3:])
+    where = np.round([float(np.dot(sl.position, normal)) for sl in s.slices], 3)
+    if len(set(where.tolist())) == len(where):
+        return [s]
+    for key in _PHASE_KEYS:
+        values = [sl.phase_tags.get(key) for sl in s.slices]
+        if any(v is None for v in values) or len(set(values)) < 2:
+            continue
+        groups: dict[float, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(v, []).append(i)
+        if len({len(g) for g in groups.values()}) != 1 or \
+                any(len(set(where[g].tolist())) != len(g) for g in groups.values()):
+            continue
+        parts = []
+        for v in sorted(groups):
+            part = _Series(uid=s.uid, description=s.description, first=s.first,
+                           slices=[s.slices[i] for i in groups[v]], order=v, split_by=key)
+            part.percent = v if key == _PHASE_KEYS[0] else None
+            parts.append(part)
+        return parts
+    return [s]
 
 
 def _nominal_percent(ds: pydicom.Dataset) -> float | None:
@@ -177,7 +235,8 @@ def _series_geometry(folder: Path, s: _Series) -> None:
         raise InputError(a.path, f"{s.label()}: {a.path.name} and {b.path.name} share ImagePositionPatient "
                                  f"{np.round(a.position, 3).tolist()}"
                                  + (f" ({same} duplicated positions in all)" if same > 1 else "")
-                                 + " (several phases in one series? one series per phase is needed)")
+                                 + " (several phases in one series, with no NominalPercentageOfCardiacPhase, "
+                                   "TemporalPositionIdentifier or TriggerTime per image to tell them apart?)")
     # the step fitted to every position (least squares along the index), not the first gap alone:
     # positions stored rounded (IPP with 2 decimals) put a first gap's error into every later slice
     index = np.arange(n, dtype=float)[:, None]
@@ -289,33 +348,38 @@ def read_dicom(path: Path) -> Scan:
     if not folder.is_dir():
         raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase")
     left_out: list[str] = []
-    series = list(_collect(folder, left_out).values())
+    series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
     if not series:
         raise InputError(folder, "no DICOM image files found (searched recursively)")
     for s in series:
-        pct = _nominal_percent(s.first)
-        s.percent = percent_from_description(s.description) if pct is None else pct
-    phased = [s for s in series if s.percent is not None]
+        if s.split_by is None:  # a series per phase: its phase from its header or description
+            pct = _nominal_percent(s.first)
+            s.percent = s.order = percent_from_description(s.description) if pct is None else pct
+    phased = [s for s in series if s.order is not None]
     if len(phased) < 2:
-        s = next((s for s in series if s.percent is None), None)
+        s = next((s for s in series if s.order is None), None)
         if s is not None:
             raise InputError(folder, f"{s.label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
                                      "(0020,9241) nor a percentage in SeriesDescription")
     for s in series:
-        if s.percent is None:
+        if s.order is None:
             left_out.append(f"{s.label()}: no cardiac phase (not part of the cine)")
     series = phased
+    if len({s.split_by for s in series if s.percent is None} | {"%" for s in series if s.percent is not None}) > 1:
+        raise InputError(folder, "phases ordered by different keys (percentages and "
+                                 f"{', '.join(sorted({s.split_by for s in series if s.percent is None}))}): "
+                                 "keep one cine in the folder")
     for s in series:
         _series_geometry(folder, s)
     # several series at one phase (a thin and a thick reconstruction): the one with the most slices
-    series.sort(key=lambda s: (s.percent, -len(s.slices)))
+    series.sort(key=lambda s: (s.order, -len(s.slices)))
     kept: list[_Series] = []
     for s in series:
-        if kept and kept[-1].percent == s.percent:
+        if kept and kept[-1].order == s.order:
             if len(s.slices) == len(kept[-1].slices):
-                raise InputError(folder, f"duplicate cardiac phase {s.percent:g}%: {kept[-1].label()} and "
+                raise InputError(folder, f"duplicate cardiac phase {s.phase()}: {kept[-1].label()} and "
                                          f"{s.label()} have as many slices; keep one of them in the folder")
-            left_out.append(f"{s.label()} at {s.percent:g}%: {len(s.slices)} slices, fewer than "
+            left_out.append(f"{s.label()} at {s.phase()}: {len(s.slices)} slices, fewer than "
                             f"{kept[-1].label()}'s {len(kept[-1].slices)} at the same phase")
             continue
         kept.append(s)
@@ -325,7 +389,7 @@ def read_dicom(path: Path) -> Scan:
     for s in series[1:]:
         shape = (s.slices[0].columns, s.slices[0].rows, len(s.slices))
         if shape != ref_shape or not np.allclose(s.affine, ref.affine, atol=_GRID_ATOL):
-            raise InputError(folder, f"{s.label()} at {s.percent:g}%: grid (shape {shape}) differs from "
+            raise InputError(folder, f"{s.label()} at {s.phase()}: grid (shape {shape}) differs from "
                                      f"{ref.label()} (shape {ref_shape}); all phases must share one grid")
     original = ref.affine
     canon_shape, canon_affine = canonical_grid(ref_shape, original)
@@ -336,7 +400,8 @@ def read_dicom(path: Path) -> Scan:
     return Scan(scan_id=scan_id_of(folder), source=folder, format=ScanFormat.DICOM,
                 affine=canon_affine, original_affine=original, shape=canon_shape,
                 n_phases=len(series), load_phase=load_phase,
-                phase_percent=[s.percent for s in series], left_out=left_out)
+                phase_percent=[s.percent for s in series] if all(s.percent is not None for s in series) else None,
+                left_out=left_out)
 
 
 def read_dicom_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
