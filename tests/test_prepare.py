@@ -547,6 +547,25 @@ def test_bad_config_one_line(yaml_text, key, problem, cohort, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """A comment with non-ASCII text reads under the C locale too (GDCM, for one, switches a
+    process to it); a file that is not UTF-8 is one ConfigError naming it."""
+    import locale
+
+    path = tmp_path / "utf8.yaml"
+    path.write_bytes("# 30 mm — the default (µ, é)\nprepare:\n  spacing_mm: 2.0\n".encode("utf-8"))
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("# caf\xe9\nprepare:\n  spacing_mm: 2.0\n".encode("latin-1"))
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, "C")
+        assert load_config(path).prepare.spacing_mm == 2.0
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    with pytest.raises(ConfigError, match=r"latin1.yaml.*not UTF-8 text"):
+        load_config(latin)
+
+
 def test_empty_config_section_means_defaults(tmp_path):
     path = tmp_path / "sparse.yaml"
     path.write_text("prepare:\n  # spacing_mm: 2.0\nphantom:\n  grid: 32\n")

@@ -248,27 +248,33 @@ def test_dicom_jpeg_lossless_pixel_data_decodes_to_the_written_values(tmp_path):
     independent writer (SimpleITK's GDCM), which pydicom cannot decode without plugins it does
     not bring: every phase reads back as the int16 values written. (GDCM's writer crashes on
     JPEG-LS, JPEG 2000 and RLE here, so those are not written.)"""
+    import locale
+
     sitk = pytest.importorskip("SimpleITK")
     rng = np.random.default_rng(0)
     written = {}
-    for pct in (40, 70):
-        uid = generate_uid()
-        vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
-        for k in range(vol.shape[0]):
-            img = sitk.GetImageFromArray(vol[k:k + 1])
-            img.SetSpacing((0.7, 0.9, 1.0))
-            img.SetOrigin((0.0, 0.0, 2.5 * k))
-            for key, val in {"0020|000e": uid, "0008|0060": "CT", "0020|0013": str(k + 1),
-                             "0020|0032": f"0\\0\\{2.5 * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                             "0028|0030": "0.9\\0.7", "0008|103e": f"Cardiac {pct}%"}.items():
-                img.SetMetaData(key, val)
-            w = sitk.ImageFileWriter()
-            w.SetImageIO("GDCMImageIO")
-            w.SetUseCompression(True)
-            w.SetCompressor("JPEG")  # GDCM's JPEG is the lossless process 14
-            w.KeepOriginalImageUIDOn()
-            w.SetFileName(str(tmp_path / f"p{pct}_{k}.dcm"))
-            w.Execute(img)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process's locale to "C" and leaves it
+    try:
+        for pct in (40, 70):
+            uid = generate_uid()
+            vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
+            for k in range(vol.shape[0]):
+                img = sitk.GetImageFromArray(vol[k:k + 1])
+                img.SetSpacing((0.7, 0.9, 1.0))
+                img.SetOrigin((0.0, 0.0, 2.5 * k))
+                for key, val in {"0020|000e": uid, "0008|0060": "CT", "0020|0013": str(k + 1),
+                                 "0020|0032": f"0\\0\\{2.5 * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                                 "0028|0030": "0.9\\0.7", "0008|103e": f"Cardiac {pct}%"}.items():
+                    img.SetMetaData(key, val)
+                w = sitk.ImageFileWriter()
+                w.SetImageIO("GDCMImageIO")
+                w.SetUseCompression(True)
+                w.SetCompressor("JPEG")  # GDCM's JPEG is the lossless process 14
+                w.KeepOriginalImageUIDOn()
+                w.SetFileName(str(tmp_path / f"p{pct}_{k}.dcm"))
+                w.Execute(img)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
     assert pydicom.dcmread(tmp_path / "p40_0.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     scan = read_scan(tmp_path, ScanFormat.DICOM)
     assert scan.phase_percent == [40.0, 70.0] and scan.shape == (5, 6, 4)  # RAS: (cols, rows, slices) here

@@ -30,7 +30,9 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
     if not path.is_file():
         raise ConfigError(path, f"{what} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is UTF-8, whatever the locale says
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
 
