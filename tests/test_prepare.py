@@ -434,6 +434,26 @@ def test_bad_input_one_line_exit_2_nothing_written(case, prepared, cohort, tmp_p
             assert (d / "prepared.json").is_file() and (d / "es.nii.gz").is_file(), d
 
 
+def test_ids_that_change_with_the_inputs_given_never_mix_two_scans(ray_session, cohort, cfg, tmp_path):
+    """case01/ct.nii.gz alone is 'ct'; given with case02/ct.nii.gz into the same folder it would be
+    'case01' beside the earlier 'ct' (one scan twice in the table): refused before any work. And
+    case02/ct.nii.gz alone later would be 'ct' again, another scan under a finished id: refused
+    too, naming both sources."""
+    paths = []
+    for i, case in enumerate(("case01", "case02")):
+        (tmp_path / case).mkdir()
+        paths.append(tmp_path / case / "ct.nii.gz")
+        shutil.copyfile(cohort[i] / "ct.nii.gz", paths[-1])
+    out = tmp_path / "out"
+    prepare_scans([paths[0]], out, cfg)
+    assert read_scan_table(out)["scan_id"].tolist() == ["ct"]
+    with pytest.raises(InputError, match=r"ct: holds .*case01/ct.nii.gz prepared under the id 'ct'; this call names it 'case01'"):
+        prepare_scans(paths, out, cfg)
+    with pytest.raises(InputError, match=r"ct: holds the scan prepared from .*case01/ct.nii.gz, not .*case02/ct.nii.gz"):
+        prepare_scans([paths[1]], out, cfg)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ct"]  # nothing else written
+
+
 def test_scan_notes_name_what_was_left_out_and_a_blood_pool_that_barely_changes():
     """A reader's left-out lines come first, prefixed; detected phases whose blood-pool volume
     changes by less than MIN_BLOOD_CHANGE are doubted (1 % here), 20 % are not, a manifest's

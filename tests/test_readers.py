@@ -246,8 +246,9 @@ def test_dicom_series_phases_slices_hu_and_geometry(tmp_path, iop, spacing, nest
 def test_dicom_jpeg_lossless_pixel_data_decodes_to_the_written_values(tmp_path):
     """Slices written JPEG Lossless (1.2.840.10008.1.2.4.70, the usual PACS compression) by an
     independent writer (SimpleITK's GDCM), which pydicom cannot decode without plugins it does
-    not bring: every phase reads back as the int16 values written. (GDCM's writer crashes on
-    JPEG-LS, JPEG 2000 and RLE here, so those are not written.)"""
+    not bring: every phase reads back as the values written, rescaled by the header's slope and
+    intercept. (GDCM's writer crashes on JPEG-LS, JPEG 2000 and RLE here, so those are not
+    written.)"""
     import locale
 
     sitk = pytest.importorskip("SimpleITK")
@@ -275,12 +276,17 @@ def test_dicom_jpeg_lossless_pixel_data_decodes_to_the_written_values(tmp_path):
                 w.Execute(img)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
+    for f in tmp_path.glob("*.dcm"):  # a rescale in the header (the compressed pixel data as written)
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope, ds.RescaleIntercept = 2, -1024
+        ds.save_as(f)
     assert pydicom.dcmread(tmp_path / "p40_0.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     scan = read_scan(tmp_path, ScanFormat.DICOM)
     assert scan.phase_percent == [40.0, 70.0] and scan.shape == (5, 6, 4)  # RAS: (cols, rows, slices) here
     for t, pct in enumerate((40, 70)):
         # (column, row, slice) order, flipped in the first two: LPS's +x, +y are RAS's −R, −A
-        np.testing.assert_array_equal(scan.phase(t), written[pct].transpose(2, 1, 0)[::-1, ::-1, :])
+        hu = written[pct].astype(np.float32) * 2 - 1024
+        np.testing.assert_array_equal(scan.phase(t), hu.transpose(2, 1, 0)[::-1, ::-1, :])
 
 
 def test_looks_like_dicom(tmp_path):
@@ -387,15 +393,67 @@ def test_dicom_repeated_positions_with_nothing_to_split_them_by_are_refused(tmp_
 
 
 def test_dicom_series_without_phase(tmp_path):
-    """Beside two phased series (a cine) a series without a phase (a calcium score) is left out,
-    named; beside one it is an error (no cine to read)."""
-    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
+    """Beside a cine, a series without a phase on another grid (a calcium score) is left out,
+    named; one on the cine's grid is a phase whose tag is missing (an error, as is one beside a
+    single phased series: no cine to read)."""
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)],
+                       n_slices=(6, 4, 6))
     scan = read_scan(tmp_path / "a")
     assert scan.phase_percent == [40.0, 80.0]
-    assert len(scan.left_out) == 1 and "'CTA cardiac'" in scan.left_out[0] and "no cardiac phase" in scan.left_out[0]
-    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None)])
-    with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase"):
+    assert len(scan.left_out) == 1 and "'CTA cardiac'" in scan.left_out[0] and "not on the cine's grid" in scan.left_out[0]
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None), ("desc", 80)])
+    with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase.*on the grid of the cine's phases"):
         read_scan(tmp_path / "b")
+    _write_dicom_study(tmp_path / "c", [1, 0, 0, 0, 1, 0], [("nominal", 40), ("none", None)], n_slices=(6, 4))
+    with pytest.raises(InputError, match=r"'CTA cardiac'.*no cardiac phase"):
+        read_scan(tmp_path / "c")
+
+
+def test_dicom_a_thin_best_phase_beside_a_thick_cine_is_left_out(tmp_path):
+    """Coronary CT: every phase thick (4 slices) plus a thin reconstruction of 40 % (6 slices):
+    the cine's grid wins at 40 %, the thin series is left out, named."""
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80), ("desc", 40)],
+                       n_slices=(4, 4, 4, 6))
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.phase_percent == [0.0, 40.0, 80.0] and scan.shape[2] == 4
+    assert len(scan.left_out) == 1 and "'Cardiac 40%'" in scan.left_out[0] and "grid more phases share" in scan.left_out[0]
+
+
+def test_dicom_a_key_with_a_value_per_image_does_not_split_a_series(tmp_path):
+    """TriggerTime different on every image (as some scanners write it) splits nothing: a cine in
+    one series with nothing else is refused naming the repeated positions, and a study of one
+    series per phase with a duplicated slice still names that slice."""
+    def trigger_per_image(folder):
+        for i, f in enumerate(sorted(folder.glob("*.dcm"))):
+            ds = pydicom.dcmread(f)
+            ds.TriggerTime = float(i)
+            ds.save_as(f)
+
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("desc", 40), ("desc", 70)], one_series=True)
+    trigger_per_image(tmp_path / "a")
+    with pytest.raises(InputError, match="share ImagePositionPatient"):
+        read_scan(tmp_path / "a", ScanFormat.DICOM)
+    ipps = _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    mid = next(p for p in sorted((tmp_path / "b").glob("*.dcm"))
+               if (d := pydicom.dcmread(p)).NominalPercentageOfCardiacPhase == 40
+               and np.allclose(d.ImagePositionPatient, ipps[2], atol=1e-4))
+    dup = pydicom.dcmread(mid)
+    dup.SOPInstanceUID = generate_uid()
+    dup.save_as(tmp_path / "b" / "zz_duplicate.dcm")
+    trigger_per_image(tmp_path / "b")
+    with pytest.raises(InputError, match="share ImagePositionPatient"):
+        read_scan(tmp_path / "b", ScanFormat.DICOM)
+
+
+def test_dicom_a_cine_in_one_series_beside_a_best_phase_series(tmp_path):
+    """A cine exported as one series told apart by TemporalPositionIdentifier, and a separate
+    "Cardiac 75%" series: the cine (three phases) is read, the other series left out, named."""
+    _write_dicom_study(tmp_path / "cine", [1, 0, 0, 0, 1, 0], [("temporal", 1), ("temporal", 2), ("temporal", 3)],
+                       one_series=True)
+    _write_dicom_study(tmp_path / "best", [1, 0, 0, 0, 1, 0], [("desc", 75)])
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.n_phases == 3 and scan.phase_percent is None
+    assert len(scan.left_out) == 1 and "'Cardiac 75%'" in scan.left_out[0] and "another cine" in scan.left_out[0]
 
 
 def test_dicom_series_on_different_grids(tmp_path):

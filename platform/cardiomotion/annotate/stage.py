@@ -137,7 +137,8 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
 
     Raises:
         InputError: ``settings.json`` records other settings (named by their first difference; when
-            only the refinement's differ, the message says how to reuse the folder's network), or
+            only the refinement's differ and the folder holds a trained network, the message says
+            how to reuse it), or
             is unreadable; or ``ray_train/`` holds an interrupted training beside no record (its
             settings unknown: it is neither resumed nor thrown away unasked).
     """
@@ -147,7 +148,8 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
     settings = annotation_settings(cfg)
     if record.is_file():
         recorded = recorded_settings(record, settings)
-        if isinstance(recorded, dict) and recorded != settings and network_part(recorded) == network_part(settings):
+        if isinstance(recorded, dict) and recorded != settings and network_part(recorded) == network_part(settings) \
+                and _unusable_model(out) is None:  # a trained network there to reuse
             raise InputError(record, f"this annotation was made with other refinement settings "
                                      f"({first_difference(recorded, settings)}): rerun it with the same ones, or "
                                      f"annotate into another --out with --network {out} to reuse its trained network")

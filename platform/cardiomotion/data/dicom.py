@@ -10,10 +10,11 @@ are read when :meth:`Scan.phase` asks for it.
 
 What a study exported from a scanner or PACS holds besides the phases is left out and listed in
 :attr:`Scan.left_out`: a second copy of an image (same SOPInstanceUID), images with no place in
-space (no ImagePositionPatient, ImageOrientationPatient or PixelSpacing: dose reports, screen
-captures), series with no cardiac phase while at least two have one (a calcium score, a
-non-gated scan), and of several series at one phase all but the one with the most slices (a
-thin and a thick reconstruction).
+space (no ImagePositionPatient or ImageOrientationPatient: dose reports, screen captures), series
+with no cardiac phase that are not on the cine's grid (a calcium score, a non-gated scan; one on
+the grid is a phase whose tag is missing: an error), phases of a second cine ordered by another
+key, and of several series at one phase all but the one on the grid most phases share, then
+the one with the most slices (a thin best-phase reconstruction beside a thick cine).
 
 Array and affine convention (before reorientation to RAS+): a series becomes an array
 (Columns, Rows, n_slices) with ``vol[i, j, k] = pixel_array[j, i]`` of slice k, so axis 0
@@ -25,6 +26,7 @@ that is turned into RAS with :func:`~cardiomotion.orientation.lps_to_ras`.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,8 +177,10 @@ def _split_phases(s: _Series) -> list[_Series]:
         groups: dict[float, list[int]] = {}
         for i, v in enumerate(values):
             groups.setdefault(v, []).append(i)
-        if len({len(g) for g in groups.values()}) != 1 or \
-                any(len(set(where[g].tolist())) != len(g) for g in groups.values()):
+        stacks = [where[g].tolist() for g in groups.values()]
+        # a key that splits a cine gives stacks of the same positions, each once (a value per
+        # image, as TriggerTime can be, gives one-slice "phases" instead: not this key)
+        if len(stacks[0]) < 2 or any(len(set(st)) != len(st) or sorted(st) != sorted(stacks[0]) for st in stacks):
             continue
         parts = []
         for v in sorted(groups):
@@ -205,6 +209,12 @@ def percent_from_description(text: str) -> float | None:
         if m:
             return float(m.group(1))
     return None
+
+
+def _grid_key(s: _Series) -> tuple:
+    """A series' grid (after :func:`_series_geometry`) as a hashable key: its array shape and
+    its affine to 0.01 mm."""
+    return (s.slices[0].columns, s.slices[0].rows, len(s.slices), tuple(np.round(s.affine, 2).ravel().tolist()))
 
 
 def _series_geometry(folder: Path, s: _Series) -> None:
@@ -256,13 +266,10 @@ def _series_geometry(folder: Path, s: _Series) -> None:
     s.affine = lps_to_ras(lps)
 
 
-_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-
-
 def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Series]:
     """The folder's image series by SeriesInstanceUID. A second copy of an image (its
-    SOPInstanceUID seen before) and an image without any of :data:`_GEOMETRY` are left out and
-    counted in ``left_out`` (one line each kind)."""
+    SOPInstanceUID seen before) and an image without ImagePositionPatient or
+    ImageOrientationPatient are left out and counted in ``left_out`` (one line each kind)."""
     series: dict[str, _Series] = {}
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -278,8 +285,8 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
             copies.append(path)
             continue
         seen.add(sop)
-        if all(ds.get(k) is None for k in _GEOMETRY):
-            placeless.append(path)
+        if ds.get("ImagePositionPatient") is None or ds.get("ImageOrientationPatient") is None:
+            placeless.append(path)  # no place in space (a dose report, a screen capture)
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:
@@ -293,7 +300,7 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
             left_out.append(f"{len(copies)} second copies of images already read (same SOPInstanceUID), "
                             f"e.g. {copies[0]}")
         if placeless:
-            left_out.append(f"{len(placeless)} images with no position, orientation or pixel spacing "
+            left_out.append(f"{len(placeless)} images with no position or orientation in space "
                             f"(a dose report or screen capture?), e.g. {placeless[0]}")
     return series
 
@@ -341,8 +348,8 @@ def read_dicom(path: Path) -> Scan:
 
     Raises:
         InputError: no DICOM images, a series without phase information when fewer than two
-        have it, two series at one phase with as many slices, uneven slices, or series on
-        different grids (names the file/series).
+        have it or on the cine's grid, two series at one phase on equally shared grids with as
+        many slices, uneven slices, or phases on different grids (names the file/series).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -356,34 +363,55 @@ def read_dicom(path: Path) -> Scan:
             pct = _nominal_percent(s.first)
             s.percent = s.order = percent_from_description(s.description) if pct is None else pct
     phased = [s for s in series if s.order is not None]
-    if len(phased) < 2:
-        s = next((s for s in series if s.order is None), None)
-        if s is not None:
-            raise InputError(folder, f"{s.label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
-                                     "(0020,9241) nor a percentage in SeriesDescription")
-    for s in series:
-        if s.order is None:
-            left_out.append(f"{s.label()}: no cardiac phase (not part of the cine)")
-    series = phased
-    if len({s.split_by for s in series if s.percent is None} | {"%" for s in series if s.percent is not None}) > 1:
-        raise InputError(folder, "phases ordered by different keys (percentages and "
-                                 f"{', '.join(sorted({s.split_by for s in series if s.percent is None}))}): "
-                                 "keep one cine in the folder")
+    unphased = [s for s in series if s.order is None]
+    if len(phased) < 2 and unphased:
+        raise InputError(folder, f"{unphased[0].label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
+                                 "(0020,9241) nor a percentage in SeriesDescription")
+    # one cine: the phases ordered by one key (percentages, or the per-image key a series was
+    # split by) — the key that orders the most phases; series ordered by another are left out
+    kinds: dict[str, list[_Series]] = {}
+    for s in phased:
+        kinds.setdefault(s.split_by or "%", []).append(s)
+    kind = max(kinds, key=lambda k: (len({s.order for s in kinds[k]}), k == "%"))
+    for k, group in kinds.items():
+        if k != kind:
+            left_out.extend(f"{s.label()} at {s.phase()}: a phase of another cine than the one read "
+                            f"(ordered by {k if k != '%' else 'percentage'})" for s in group)
+    series = kinds[kind]
     for s in series:
         _series_geometry(folder, s)
-    # several series at one phase (a thin and a thick reconstruction): the one with the most slices
-    series.sort(key=lambda s: (s.order, -len(s.slices)))
+    shared = Counter(_grid_key(s) for s in series)  # how many series share each grid
+    # several series at one phase (a thin and a thick reconstruction): the one on the grid most
+    # series share, then the one with the most slices
+    series.sort(key=lambda s: (s.order, -shared[_grid_key(s)], -len(s.slices)))
     kept: list[_Series] = []
     for s in series:
         if kept and kept[-1].order == s.order:
-            if len(s.slices) == len(kept[-1].slices):
-                raise InputError(folder, f"duplicate cardiac phase {s.phase()}: {kept[-1].label()} and "
+            first = kept[-1]
+            if (shared[_grid_key(s)], len(s.slices)) == (shared[_grid_key(first)], len(first.slices)):
+                raise InputError(folder, f"duplicate cardiac phase {s.phase()}: {first.label()} and "
                                          f"{s.label()} have as many slices; keep one of them in the folder")
-            left_out.append(f"{s.label()} at {s.phase()}: {len(s.slices)} slices, fewer than "
-                            f"{kept[-1].label()}'s {len(kept[-1].slices)} at the same phase")
+            left_out.append(f"{s.label()} at {s.phase()}: another reconstruction of the phase ({len(s.slices)} "
+                            f"slices) than {first.label()}'s ({len(first.slices)} slices), "
+                            + ("on the grid more phases share" if shared[_grid_key(first)] > shared[_grid_key(s)]
+                               else "more slices"))
             continue
         kept.append(s)
     series = kept
+    cine_grid = Counter(_grid_key(s) for s in series).most_common(1)[0][0]
+    # a series without a phase on the cine's grid is a phase whose tag is missing; elsewhere (a
+    # calcium score, a non-gated scan) it is not part of the cine
+    for s in unphased:
+        try:
+            _series_geometry(folder, s)
+            on_grid = _grid_key(s) == cine_grid
+        except InputError:
+            on_grid = False
+        if on_grid:
+            raise InputError(folder, f"{s.label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
+                                     "(0020,9241) nor a percentage in SeriesDescription, on the grid of the "
+                                     "cine's phases (a phase whose tag is missing?)")
+        left_out.append(f"{s.label()}: no cardiac phase, and not on the cine's grid (not part of the cine)")
     ref = series[0]
     ref_shape = (ref.slices[0].columns, ref.slices[0].rows, len(ref.slices))
     for s in series[1:]:

@@ -314,6 +314,8 @@ def prepare_scans(
         todo: list[dict] = []
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a folder; use another --out")
+        earlier = (_earlier_records(out, fingerprint, {sid for sid, _ in items}, {str(p): sid for sid, p in items})
+                   if out.is_dir() else [])
         for sid, path in items:
             rec = read_record(out / sid)
             if rec is not None:
@@ -321,6 +323,9 @@ def prepare_scans(
                     raise InputError(out / sid, "was prepared with different prepare settings; "
                                                 "use another --out or delete it")
                 record = rec["record"]
+                if record.get("source") not in (None, str(path)):  # ids of inputs named alike follow the others given
+                    raise InputError(out / sid, f"holds the scan prepared from {record['source']}, not {path}, which "
+                                                "this call names the same: use another --out")
                 if man and sid in man and tuple(man[sid]) != (record["es_phase"], record["ed_phase"]):
                     raise InputError(out / sid, f"was prepared with (es_phase, ed_phase) = "
                                                 f"({record['es_phase']}, {record['ed_phase']}), the manifest says "
@@ -328,6 +333,9 @@ def prepare_scans(
                 done.append(record)
                 if on_skip:
                     on_skip(sid)
+                for line in record.get("notes") or []:
+                    if on_note:
+                        on_note(f"{sid}: {line}")
                 continue
             _check_up_front(sid, path, out, tuple(man[sid]) if man and sid in man else None,
                             Path(manifest) if manifest else None)
@@ -337,23 +345,26 @@ def prepare_scans(
             ray = init_ray(cfg.ray)
             ds = ray.data.from_items(todo, override_num_blocks=len(todo))
             rows = ds.map(_prepare_row, num_cpus=1).take_all()
-            raise_row_errors(rows, "prepare")
-            made = [json.loads(r["record"]) for r in rows]
-            for rec in sorted(made, key=lambda r: r["scan_id"]):
+            made = [json.loads(r["record"]) for r in rows if not r["error"]]
+            for rec in sorted(made, key=lambda r: r["scan_id"]):  # before any failure is raised: these are kept
                 for line in rec.get("notes") or []:
                     if on_note:
                         on_note(f"{rec['scan_id']}: {line}")
+            raise_row_errors(rows, "prepare")
             done.extend(made)
-        done.extend(_earlier_records(out, fingerprint, {r["scan_id"] for r in done}))
+        done.extend(earlier)
         return write_scan_table(out, done)
 
 
-def _earlier_records(out: Path, fingerprint: str, given: set[str]) -> list[dict]:
-    """Records of scans an earlier ``prepare`` finished in ``out`` that this call was not given:
-    adding scans to a prepared folder merges them into its table instead of dropping the others.
+def _earlier_records(out: Path, fingerprint: str, given: set[str], sources: dict[str, str]) -> list[dict]:
+    """Records of scans an earlier ``prepare`` finished in ``out`` that this call was not given
+    (by id): adding scans to a prepared folder merges them into its table instead of dropping the
+    others. ``sources``: this call's inputs (resolved path → id).
 
     Raises:
-        InputError: such a scan was prepared with other settings (one table, one grid).
+        InputError: such a scan was prepared with other settings (one table, one grid), or from one
+            of this call's inputs under another id (ids of inputs named alike follow the others
+            given: the table would hold that scan twice).
     """
     found = []
     for rec_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name not in given):
@@ -363,6 +374,9 @@ def _earlier_records(out: Path, fingerprint: str, given: set[str]) -> list[dict]
         if rec.get("fingerprint") != fingerprint:
             raise InputError(rec_dir, "was prepared with different prepare settings than the scans given now; "
                                       "one prepared folder holds one setting: use another --out")
+        if (src := rec["record"].get("source")) in sources:
+            raise InputError(rec_dir, f"holds {src} prepared under the id {rec_dir.name!r}; this call names it "
+                                      f"{sources[src]!r}: use another --out, or remove {rec_dir}")
         found.append(rec["record"])
     return found
 
