@@ -5,8 +5,8 @@ NominalPercentageOfCardiacPhase (0020,9241) (top level, else anywhere in its seq
 percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series whose slices
 repeat positions holds the whole cine (as some scanners export it) and is split per image by
 NominalPercentageOfCardiacPhase, else TemporalPositionIdentifier, else TriggerTime (the phases'
-percentages then unknown). Slices are ordered by their position along the slice normal. The header pass reads no pixel data; each phase's pixels
-are read when :meth:`Scan.phase` asks for it.
+percentages then unknown). Slices are ordered by their position along the slice normal. The
+header pass reads no pixel data; each phase's pixels are read when :meth:`Scan.phase` asks for it.
 
 What a study exported from a scanner or PACS holds besides the phases is left out and listed in
 :attr:`Scan.left_out`: a second copy of an image (same SOPInstanceUID), images with no place in
