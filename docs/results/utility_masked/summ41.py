@@ -2,30 +2,15 @@
 (U41: the cvae and cvae>annotated rows on A_d40; U40d: the annotated rows on A_d, byte-identical flows;
 stop 38's seed-0 rows from docs/results/utility_8folds_3seeds). The paired rows are
 bench/utility_compare.py's (its library call, compare_folders)."""
-import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "platform"))
-from cardiomotion.evaluate.compare import Side, compare_folders  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rowtools import cmp, get, rows  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[3]
 U41, U40D = sys.argv[1], sys.argv[2]
 U2 = str(ROOT / "docs/results/utility_8folds_3seeds")
-
-
-def rows(folder):
-    return [json.loads(line) for line in open(f"{folder}/runs.jsonl")]
-
-
-def get(rs, scan, arm, k="epe_myo_mm"):
-    v = [r[k] for r in rs if r["scan"] == scan and r["arm"] == arm]
-    return v[0] if v else float("nan")
-
-
-def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
-    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric)
-    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
 u41, u40, u2 = rows(U41), rows(U40D), [r for r in rows(U2) if r["seed"] == 0]
