@@ -314,6 +314,11 @@ def prepare_scans(
         todo: list[dict] = []
         if out.exists() and not out.is_dir():
             raise InputError(out, "exists and is not a folder; use another --out")
+        def tell(record: dict) -> None:  # a prepared scan's notes, skipped or made now
+            for line in record.get("notes") or []:
+                if on_note:
+                    on_note(f"{record['scan_id']}: {line}")
+
         earlier = (_earlier_records(out, fingerprint, {sid for sid, _ in items}, {str(p): sid for sid, p in items})
                    if out.is_dir() else [])
         for sid, path in items:
@@ -333,9 +338,7 @@ def prepare_scans(
                 done.append(record)
                 if on_skip:
                     on_skip(sid)
-                for line in record.get("notes") or []:
-                    if on_note:
-                        on_note(f"{sid}: {line}")
+                tell(record)
                 continue
             _check_up_front(sid, path, out, tuple(man[sid]) if man and sid in man else None,
                             Path(manifest) if manifest else None)
@@ -347,9 +350,7 @@ def prepare_scans(
             rows = ds.map(_prepare_row, num_cpus=1).take_all()
             made = [json.loads(r["record"]) for r in rows if not r["error"]]
             for rec in sorted(made, key=lambda r: r["scan_id"]):  # before any failure is raised: these are kept
-                for line in rec.get("notes") or []:
-                    if on_note:
-                        on_note(f"{rec['scan_id']}: {line}")
+                tell(rec)
             raise_row_errors(rows, "prepare")
             done.extend(made)
         done.extend(earlier)
