@@ -144,8 +144,8 @@ def test_real_process_bad_input_exit_2_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"error: {notes}: not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file "
-                     "and not a scan folder"], proc.stderr
+    assert lines == [f"error: {notes}: not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or "
+                     "multi-frame DICOM file, and not a scan folder"], proc.stderr
     assert proc.stdout == ""
     assert not out.exists()
     # --debug: the traceback of the same error (exit 1 from the uncaught exception)

@@ -463,6 +463,156 @@ def test_dicom_series_on_different_grids(tmp_path):
         read_scan(tmp_path)
 
 
+# --------------------------------------------------------------------------- multi-frame DICOM
+
+
+def _enhanced_ct(path: Path, iop, frames, *, series_uid=None, shuffle_seed=0, description="CTA cardiac",
+                 per_frame_geometry=True, rle=False) -> None:
+    """Write one Enhanced CT Image Storage file with pydicom: ``frames`` is a list of (written
+    phase p, slice k, {per-frame tags}); frame (p, k) holds :func:`_raw_slice` (p, k) at the IPP
+    of slice k (:data:`_ORIGIN` + k·step·normal) with RescaleSlope :func:`_slope` (k) in its own
+    PixelValueTransformationSequence; orientation and pixel spacing are shared. Frames are
+    stored in shuffled order; ``rle``: the pixel data compressed RLE Lossless (pydicom's encoder)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian
+
+    iop = np.asarray(iop, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    order = np.random.default_rng(shuffle_seed).permutation(len(frames))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), series_uid or generate_uid()
+    ds.SeriesDescription = description
+    ds.Rows, ds.Columns, ds.NumberOfFrames = _ROWS, _COLS, len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    measures, plane = Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = list(_PS), _STEP
+    plane.ImageOrientationPatient = [float(v) for v in iop]
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [plane]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame, pixels = [], []
+    for i in order:
+        p, k, tags = frames[i]
+        item, position, transform = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in _ORIGIN + k * _STEP * normal]
+        if per_frame_geometry:
+            item.PlanePositionSequence = [position]
+        transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = _slope(k), -1024, "HU"
+        item.PixelValueTransformationSequence = [transform]
+        content, sync = Dataset(), Dataset()
+        content.InStackPositionNumber = k + 1
+        for key, value in tags.items():
+            if key == "TemporalPositionIndex":
+                content.TemporalPositionIndex = int(value)
+            else:  # NominalPercentageOfCardiacPhase, NominalCardiacTriggerDelayTime
+                setattr(sync, key, float(value))
+        item.FrameContentSequence = [content]
+        if len(sync):
+            item.CardiacSynchronizationSequence = [sync]
+        per_frame.append(item)
+        pixels.append(_raw_slice(p, k))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.stack(pixels).astype("<i2").tobytes()
+    if rle:
+        from pydicom.uid import RLELossless
+
+        ds.compress(RLELossless)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _assert_same_scan(a, b) -> None:
+    assert (a.shape, a.n_phases, a.phase_percent) == (b.shape, b.n_phases, b.phase_percent)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-9)
+    np.testing.assert_allclose(a.original_affine, b.original_affine, atol=1e-9)
+    for t in range(a.n_phases):
+        np.testing.assert_array_equal(a.phase(t), b.phase(t))
+
+
+@pytest.mark.parametrize("iop,rle", [([1, 0, 0, 0, 1, 0], False), ([0.6, 0.8, 0, 0, 0, -1], False),
+                                     ([1, 0, 0, 0, 1, 0], True)])
+def test_dicom_enhanced_ct_one_file_per_phase_reads_as_the_single_frame_study(tmp_path, iop, rle):
+    """A phase per Enhanced CT file (frames shuffled, rescale per frame, orientation and spacing
+    shared; uncompressed or RLE Lossless, each frame decoded alone): the same scan, voxel for
+    voxel, as the single-frame study of the same slices."""
+    _write_dicom_study(tmp_path / "single", iop, [("nominal", 70), ("nominal", 0), ("nominal", 40)])
+    for p, pct in enumerate((70, 0, 40)):
+        _enhanced_ct(tmp_path / "multi" / f"phase{p}.dcm", iop,
+                     [(p, k, {"NominalPercentageOfCardiacPhase": pct}) for k in range(_N_SLICES)], shuffle_seed=p,
+                     rle=rle)
+    multi = read_scan(tmp_path / "multi", ScanFormat.DICOM)
+    assert multi.phase_percent == [0.0, 40.0, 70.0] and multi.left_out == []
+    _assert_same_scan(multi, read_scan(tmp_path / "single", ScanFormat.DICOM))
+
+
+@pytest.mark.parametrize("key,percent", [("NominalPercentageOfCardiacPhase", [0.0, 40.0, 70.0]),
+                                         ("TemporalPositionIndex", None),
+                                         ("NominalCardiacTriggerDelayTime", None)])
+def test_dicom_enhanced_ct_cine_in_one_file_is_split_per_frame(tmp_path, key, percent):
+    """The whole cine in one Enhanced CT file (3 phases × 6 slices, frames shuffled), its phases
+    told apart by the frames' own tags: three phases in the tags' order, each the values written
+    for it, as the single-frame study of one series per phase reads."""
+    values = {"NominalPercentageOfCardiacPhase": (70, 0, 40), "TemporalPositionIndex": (3, 1, 2),
+              "NominalCardiacTriggerDelayTime": (560.0, 0.0, 320.0)}[key]
+    iop = [1, 0, 0, 0, 1, 0]
+    _enhanced_ct(tmp_path / "multi" / "cine.dcm", iop,
+                 [(p, k, {key: v}) for p, v in enumerate(values) for k in range(_N_SLICES)])
+    _write_dicom_study(tmp_path / "single", iop, [("nominal", v) for v in (70, 0, 40)])
+    multi = read_scan(tmp_path / "multi", ScanFormat.DICOM)
+    assert multi.n_phases == 3 and multi.phase_percent == percent
+    alone = read_scan(tmp_path / "multi" / "cine.dcm")  # the file itself is a scan too
+    assert alone.format == ScanFormat.DICOM and alone.scan_id == "cine"
+    _assert_same_scan(alone, multi)
+    single = read_scan(tmp_path / "single", ScanFormat.DICOM)
+    single.phase_percent = percent
+    _assert_same_scan(multi, single)
+
+
+def test_dicom_enhanced_ct_as_a_single_volume(tmp_path):
+    """``read_volume`` of a folder holding one Enhanced CT file: the single-frame series' array
+    and affines."""
+    from cardiomotion.data.dicom import read_dicom_volume
+
+    iop = [1, 0, 0, 0, 0, -1]
+    _enhanced_ct(tmp_path / "multi" / "ed.dcm", iop, [(1, k, {}) for k in range(_N_SLICES)])
+    _write_dicom_study(tmp_path / "single", iop, [("desc", 0), ("desc", 40)])
+    for f in (tmp_path / "single").glob("*.dcm"):  # keep the written phase 1 only
+        if pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription == "Cardiac 0%":
+            f.unlink()
+    got, want = read_dicom_volume(tmp_path / "multi"), read_dicom_volume(tmp_path / "single")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-9)
+
+
+def test_dicom_enhanced_ct_without_frame_positions_is_left_out_and_a_bad_frame_count_refused(tmp_path):
+    """A multi-frame image whose frames have no position beside a single-frame study is left out,
+    named; one whose per-frame groups do not match NumberOfFrames is one error naming the file."""
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    _enhanced_ct(tmp_path / "a" / "zz_placeless.dcm", [1, 0, 0, 0, 1, 0], [(0, k, {}) for k in range(3)],
+                 per_frame_geometry=False)
+    scan = read_scan(tmp_path / "a", ScanFormat.DICOM)
+    assert scan.phase_percent == [0.0, 40.0]
+    assert len(scan.left_out) == 1 and "zz_placeless.dcm" in scan.left_out[0] and "no position" in scan.left_out[0]
+    bad = tmp_path / "b" / "bad.dcm"
+    _enhanced_ct(bad, [1, 0, 0, 0, 1, 0], [(0, k, {"NominalPercentageOfCardiacPhase": 0}) for k in range(3)])
+    ds = pydicom.dcmread(bad)
+    ds.NumberOfFrames = 4
+    ds.save_as(bad)
+    with pytest.raises(InputError, match=r"bad\.dcm.*NumberOfFrames 4 but 3 PerFrameFunctionalGroupsSequence"):
+        read_scan(tmp_path / "b", ScanFormat.DICOM)
+    one = sorted((tmp_path / "a").glob("*.dcm"))[0]  # a single-frame image is not a scan by itself
+    with pytest.raises(InputError, match="single-frame DICOM image: give the folder"):
+        read_scan(one)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -1,16 +1,24 @@
-"""DICOM 4DCT reader: a folder (searched recursively) of single-frame CT series, one per phase.
+"""DICOM 4DCT reader: a folder (searched recursively) of CT series, one per phase.
+
+An image file holds one slice (CT Image Storage) or many (multi-frame: Enhanced CT, Legacy
+Converted Enhanced CT); a frame is read as a slice of its own, its position, orientation, pixel
+spacing, rescale and cardiac phase taken from its per-frame functional groups, else the shared
+ones (PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence,
+PixelValueTransformationSequence, CardiacSynchronizationSequence, FrameContentSequence).
 
 Series are grouped by SeriesInstanceUID; a series' cardiac phase (% R-R) is
 NominalPercentageOfCardiacPhase (0020,9241) (top level, else anywhere in its sequences), else a
 percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series whose slices
-repeat positions holds the whole cine (as some scanners export it) and is split per image by
-NominalPercentageOfCardiacPhase, else TemporalPositionIdentifier, else TriggerTime (the phases'
-percentages then unknown). Slices are ordered by their position along the slice normal. The
+repeat positions holds the whole cine (as some scanners export it, in single-frame images or in
+one multi-frame file) and is split per image by NominalPercentageOfCardiacPhase, else
+TemporalPositionIdentifier (a frame's TemporalPositionIndex), else TriggerTime (a frame's
+NominalCardiacTriggerDelayTime); the phases' percentages are then unknown. Slices are ordered by their position along the slice normal. The
 header pass reads no pixel data; each phase's pixels are read when :meth:`Scan.phase` asks for it.
 
 What a study exported from a scanner or PACS holds besides the phases is left out and listed in
 :attr:`Scan.left_out`: a second copy of an image (same SOPInstanceUID), images with no place in
-space (no ImagePositionPatient or ImageOrientationPatient: dose reports, screen captures), series
+space (no ImagePositionPatient or ImageOrientationPatient, for a multi-frame file on one of its
+frames: dose reports, screen captures), series
 with no cardiac phase that are not on the cine's grid (a calcium score, a non-gated scan; one on
 the grid is a phase whose tag is missing: an error), phases of a second cine ordered by another
 key, and of several series at one phase all but the one on the grid most phases share, then
@@ -80,6 +88,13 @@ class _Slice:
     rows: int
     columns: int
     phase_tags: dict[str, float | None] = field(default_factory=dict)  # :data:`_PHASE_KEYS` of this image
+    frame: int | None = None  # a multi-frame file's frame (0-based), None for a single-frame image
+    rescale: tuple[float, float] = (1.0, 0.0)  # a frame's (RescaleSlope, RescaleIntercept)
+
+    @property
+    def name(self) -> str:
+        """The image as messages name it: its file name, and the frame of a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
 
 
 @dataclass
@@ -131,10 +146,6 @@ def _header(path: Path) -> pydicom.Dataset | None:
 
 
 def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise InputError(path, f"multi-frame DICOM ({frames} frames) is not supported: "
-                               "convert to NIfTI first (e.g. dcm2niix)")
     ps = _floats(ds, "PixelSpacing", 2, path)
     return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
                   orientation=_floats(ds, "ImageOrientationPatient", 6, path),
@@ -142,8 +153,79 @@ def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
                   phase_tags=_phase_tags(ds))
 
 
+def n_frames(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames of an image header (1 when absent)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _group_value(ds: pydicom.Dataset, frame: pydicom.Dataset, shared: pydicom.Dataset, sequence: str,
+                 keyword: str):
+    """``keyword`` of a multi-frame image's frame: from the frame's functional group ``sequence``,
+    else the shared group's, else the top level (None when nowhere)."""
+    for group in (frame, shared):
+        items = group.get(sequence)
+        if items and keyword in items[0] and items[0].get(keyword) not in (None, ""):
+            return items[0].get(keyword)
+    value = ds.get(keyword)
+    return None if value in (None, "") else value
+
+
+def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
+    """Every frame of a multi-frame image as a :class:`_Slice` (None: a frame has no position or
+    orientation, so the file has no place in space)."""
+    n = n_frames(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        return None
+    if len(per_frame) != n:
+        raise InputError(path, f"multi-frame DICOM with NumberOfFrames {n} but {len(per_frame)} "
+                               "PerFrameFunctionalGroupsSequence items")
+    shared_items = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_items[0] if shared_items else pydicom.Dataset()
+    out = []
+    for i, item in enumerate(per_frame):
+        def value(sequence: str, keyword: str):
+            return _group_value(ds, item, shared, sequence, keyword)
+
+        ipp = value("PlanePositionSequence", "ImagePositionPatient")
+        iop = value("PlaneOrientationSequence", "ImageOrientationPatient")
+        if ipp is None or iop is None:
+            return None
+        frame = pydicom.Dataset()  # what this frame says, as a single-frame header would say it
+        frame.ImagePositionPatient, frame.ImageOrientationPatient = ipp, iop
+        frame.PixelSpacing = value("PixelMeasuresSequence", "PixelSpacing")
+        ps = _floats(frame, "PixelSpacing", 2, path)
+        try:
+            slope = float(value("PixelValueTransformationSequence", "RescaleSlope") or 1.0)
+            intercept = float(value("PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
+        except (TypeError, ValueError) as exc:
+            raise InputError(path, f"frame {i + 1}: invalid RescaleSlope/RescaleIntercept ({exc})") from exc
+        tags = {}
+        for key in _PHASE_KEYS:
+            raw = value(_FRAME_GROUPS[key], key) if key in _FRAME_GROUPS else ds.get(key)
+            try:
+                tags[key] = None if raw is None else float(raw)
+            except (TypeError, ValueError):
+                tags[key] = None
+        out.append(_Slice(path=path, position=_floats(frame, "ImagePositionPatient", 3, path),
+                          orientation=_floats(frame, "ImageOrientationPatient", 6, path),
+                          pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns),
+                          phase_tags=tags, frame=i, rescale=(slope, intercept)))
+    return out
+
+
 #: per-image keys that tell the phases of a cine exported as one series apart, in the order tried
-_PHASE_KEYS = ("NominalPercentageOfCardiacPhase", "TemporalPositionIdentifier", "TriggerTime")
+#: (a multi-frame image's frame keeps TemporalPositionIndex and NominalCardiacTriggerDelayTime)
+_PHASE_KEYS = ("NominalPercentageOfCardiacPhase", "TemporalPositionIdentifier", "TemporalPositionIndex",
+               "TriggerTime", "NominalCardiacTriggerDelayTime")
+#: the functional group a multi-frame image's frame keeps each of :data:`_PHASE_KEYS` in (the
+#: others: the top level, the same for every frame)
+_FRAME_GROUPS = {"NominalPercentageOfCardiacPhase": "CardiacSynchronizationSequence",
+                 "TemporalPositionIndex": "FrameContentSequence",
+                 "NominalCardiacTriggerDelayTime": "CardiacSynchronizationSequence"}
 
 
 def _phase_tags(ds: pydicom.Dataset) -> dict[str, float | None]:
@@ -223,10 +305,10 @@ def _series_geometry(folder: Path, s: _Series) -> None:
     for sl in s.slices[1:]:
         if (sl.rows, sl.columns) != (ref.rows, ref.columns):
             raise InputError(sl.path, f"{sl.rows}x{sl.columns} pixels differ from {ref.rows}x{ref.columns} "
-                                      f"of {ref.path.name} in the same series")
+                                      f"of {ref.name} in the same series")
         if not np.allclose(sl.orientation, ref.orientation, atol=1e-4) or \
                 not np.allclose(sl.pixel_spacing, ref.pixel_spacing, atol=1e-4):
-            raise InputError(sl.path, f"ImageOrientationPatient/PixelSpacing differ from {ref.path.name} "
+            raise InputError(sl.path, f"ImageOrientationPatient/PixelSpacing differ from {ref.name} "
                                       "in the same series")
     row_cos, col_cos = ref.orientation[:3], ref.orientation[3:]
     normal = np.cross(row_cos, col_cos)
@@ -242,7 +324,7 @@ def _series_geometry(folder: Path, s: _Series) -> None:
         i = int(np.flatnonzero(gaps < 1e-4)[0])
         a, b = s.slices[i], s.slices[i + 1]
         same = int((gaps < 1e-4).sum())
-        raise InputError(a.path, f"{s.label()}: {a.path.name} and {b.path.name} share ImagePositionPatient "
+        raise InputError(a.path, f"{s.label()}: {a.name} and {b.name} share ImagePositionPatient "
                                  f"{np.round(a.position, 3).tolist()}"
                                  + (f" ({same} duplicated positions in all)" if same > 1 else "")
                                  + " (several phases in one series, with no NominalPercentageOfCardiacPhase, "
@@ -267,12 +349,13 @@ def _series_geometry(folder: Path, s: _Series) -> None:
 
 
 def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Series]:
-    """The folder's image series by SeriesInstanceUID. A second copy of an image (its
-    SOPInstanceUID seen before) and an image without ImagePositionPatient or
-    ImageOrientationPatient are left out and counted in ``left_out`` (one line each kind)."""
+    """The image series of a folder (or of one multi-frame file) by SeriesInstanceUID (a multi-frame image's frames are slices of
+    its series). A second copy of an image (its SOPInstanceUID seen before) and an image without
+    ImagePositionPatient or ImageOrientationPatient (a multi-frame image: on one of its frames)
+    are left out and counted in ``left_out`` (one line each kind)."""
     series: dict[str, _Series] = {}
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = [folder] if folder.is_file() else sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     seen: set[str] = set()
     copies: list[Path] = []
     placeless: list[Path] = []
@@ -285,7 +368,13 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
             copies.append(path)
             continue
         seen.add(sop)
-        if ds.get("ImagePositionPatient") is None or ds.get("ImageOrientationPatient") is None:
+        if n_frames(ds) > 1:
+            slices = _frame_slices(path, ds)
+        elif ds.get("ImagePositionPatient") is None or ds.get("ImageOrientationPatient") is None:
+            slices = None
+        else:
+            slices = [_make_slice(path, ds)]
+        if slices is None:
             placeless.append(path)  # no place in space (a dose report, a screen capture)
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -294,7 +383,7 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
         s = series.get(uid)
         if s is None:
             s = series[uid] = _Series(uid=uid, description=str(ds.get("SeriesDescription", "") or ""), first=ds)
-        s.slices.append(_make_slice(path, ds))
+        s.slices.extend(slices)
     if left_out is not None:
         if copies:
             left_out.append(f"{len(copies)} second copies of images already read (same SOPInstanceUID), "
@@ -330,21 +419,48 @@ def _slice_hu(path: Path) -> np.ndarray:
     return pixels.astype(np.float64) * slope + intercept
 
 
+def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
+    """HU of some frames of one multi-frame image, float64 (Rows, Columns) each, in the order
+    given: each frame decoded alone (pydicom reads only that frame's bytes) and rescaled by its
+    own RescaleSlope and RescaleIntercept."""
+    from pydicom.pixels import iter_pixels
+
+    wanted = sorted({sl.frame for sl in frames})
+    try:
+        decoded = dict(zip(wanted, iter_pixels(path, indices=wanted)))
+    except _DICOM_ERRORS as exc:
+        raise InputError(path, f"cannot read the multi-frame pixel data ({type(exc).__name__}: {exc}); "
+                               "for a compressed file, install pylibjpeg with pylibjpeg-libjpeg, or "
+                               "decompress it first (e.g. gdcmconv --raw)") from exc
+    return [decoded[sl.frame].astype(np.float64) * sl.rescale[0] + sl.rescale[1] for sl in frames]
+
+
 def _load_series(s: _Series) -> np.ndarray:
     """HU of a series, float32 (Columns, Rows, n_slices) in sorted slice order."""
     ref = s.slices[0]
     vol = np.empty((ref.columns, ref.rows, len(s.slices)), dtype=np.float32)
+    frames: dict[Path, list[int]] = {}  # a multi-frame image's slices, read together
     for k, sl in enumerate(s.slices):
+        if sl.frame is not None:
+            frames.setdefault(sl.path, []).append(k)
+            continue
         hu = _slice_hu(sl.path)
         if hu.shape != (ref.rows, ref.columns):
             raise InputError(sl.path, f"pixel data of shape {hu.shape}, expected ({ref.rows}, {ref.columns})")
         vol[:, :, k] = hu.T
+    for path, ks in frames.items():
+        for k, hu in zip(ks, _frames_hu(path, [s.slices[k] for k in ks])):
+            if hu.shape != (ref.rows, ref.columns):
+                raise InputError(path, f"frame {s.slices[k].frame + 1}: pixel data of shape {hu.shape}, "
+                                       f"expected ({ref.rows}, {ref.columns})")
+            vol[:, :, k] = hu.T
     return vol
 
 
 @register_reader(ScanFormat.DICOM)
 def read_dicom(path: Path) -> Scan:
-    """Read a folder of DICOM series (one per cardiac phase) as a scan sorted by phase %.
+    """Read a folder of DICOM series (one per cardiac phase), or one multi-frame DICOM file that
+    holds the whole cine, as a scan sorted by phase %.
 
     Raises:
         InputError: no DICOM images, a series without phase information when fewer than two
@@ -352,8 +468,11 @@ def read_dicom(path: Path) -> Scan:
         many slices, uneven slices, or phases on different grids (names the file/series).
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase")
+    if not folder.is_dir() and not (folder.is_file() and looks_like_dicom(folder)):
+        raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase "
+                                 "(or one multi-frame DICOM file holding the cine)")
+    if folder.is_file() and n_frames(_header(folder) or pydicom.Dataset()) < 2:
+        raise InputError(folder, "a single-frame DICOM image: give the folder that holds the study's series")
     left_out: list[str] = []
     series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
     if not series:

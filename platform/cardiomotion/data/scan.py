@@ -138,8 +138,12 @@ def detect_format(path: str | Path) -> ScanFormat:
         kind = image_file_kind(path)
         if kind is not None:
             return {"nifti": ScanFormat.NIFTI_4D, "nrrd": ScanFormat.NRRD, "metaimage": ScanFormat.METAIMAGE}[kind]
-        raise InputError(path, "not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file "
-                               "and not a scan folder")
+        from .dicom import looks_like_dicom
+
+        if looks_like_dicom(path):  # one multi-frame file holding the cine
+            return ScanFormat.DICOM
+        raise InputError(path, "not a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or "
+                               "multi-frame DICOM file, and not a scan folder")
     if (path / PHANTOM_CT).is_file() and (path / PHANTOM_META).is_file():
         return ScanFormat.PHANTOM
     if (path / PHANTOM_CT).is_file() and ((path / PHANTOM_LABELS).is_file()
