@@ -577,9 +577,12 @@ def test_dicom_enhanced_ct_cine_in_one_file_is_split_per_frame(tmp_path, key, pe
 
 
 def test_dicom_enhanced_ct_as_a_single_volume(tmp_path):
-    """``read_volume`` of a folder holding one Enhanced CT file: the single-frame series' array
-    and affines."""
-    from cardiomotion.data.dicom import read_dicom_volume
+    """``read_volume`` (``generate --frames``) of one Enhanced CT file, or of a folder holding it
+    with a second copy and a dose report beside it: the single-frame series' array and affines;
+    what the folder held besides is named in ``left_out`` and in the prepared frame's notes."""
+    from cardiomotion.config import PrepareConfig
+    from cardiomotion.data.frames import prepare_frame
+    from cardiomotion.data.volume import VolumeFormat, read_volume
 
     iop = [1, 0, 0, 0, 0, -1]
     _enhanced_ct(tmp_path / "multi" / "ed.dcm", iop, [(1, k, {}) for k in range(_N_SLICES)])
@@ -587,9 +590,26 @@ def test_dicom_enhanced_ct_as_a_single_volume(tmp_path):
     for f in (tmp_path / "single").glob("*.dcm"):  # keep the written phase 1 only
         if pydicom.dcmread(f, stop_before_pixels=True).SeriesDescription == "Cardiac 0%":
             f.unlink()
-    got, want = read_dicom_volume(tmp_path / "multi"), read_dicom_volume(tmp_path / "single")
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, atol=1e-9)
+    want = read_volume(tmp_path / "single")
+    assert want.left_out == ()
+    alone = read_volume(tmp_path / "multi" / "ed.dcm")
+    assert (alone.format, alone.frame_id, alone.left_out) == (VolumeFormat.DICOM, "ed", ())
+    (tmp_path / "multi" / "copy").mkdir()
+    (tmp_path / "multi" / "copy" / "ed_again.dcm").write_bytes((tmp_path / "multi" / "ed.dcm").read_bytes())
+    report = pydicom.dcmread(sorted((tmp_path / "single").glob("*.dcm"))[0])
+    del report.ImagePositionPatient
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    report.save_as(tmp_path / "multi" / "dose_report.dcm")
+    folder = read_volume(tmp_path / "multi")
+    for got in (alone, folder):
+        np.testing.assert_array_equal(got.array, want.array)
+        np.testing.assert_allclose(got.affine, want.affine, atol=1e-9)
+        np.testing.assert_allclose(got.original_affine, want.original_affine, atol=1e-9)
+    assert len(folder.left_out) == 2 and "second copies" in folder.left_out[0] and "dose_report.dcm" in folder.left_out[1]
+    record = prepare_frame(folder, "multi", tmp_path / "prepared", PrepareConfig(grid=[8, 8, 8], spacing_mm=2.0))
+    assert record["notes"] == [f"left out {line}" for line in folder.left_out]
+    with pytest.raises(InputError, match="single-frame DICOM image: give the folder"):
+        read_volume(sorted((tmp_path / "single").glob("*.dcm"))[0])
 
 
 def test_dicom_enhanced_ct_without_frame_positions_is_left_out_and_a_bad_frame_count_refused(tmp_path):

@@ -551,17 +551,23 @@ def read_dicom(path: Path) -> Scan:
                 left_out=left_out)
 
 
-def read_dicom_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One 3-D DICOM series (a folder holding exactly one series): (float32 HU (I, J, K) in
-    canonical RAS order, its affine, the original affine).
+def read_dicom_volume(path: Path, left_out: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One 3-D DICOM series (a folder holding exactly one series, or one multi-frame file): (float32
+    HU (I, J, K) in canonical RAS order, its affine, the original affine). What the folder holds
+    besides the series and cannot place (second copies, images with no position: a dose report)
+    is left out and named in ``left_out``, as :func:`read_dicom` does.
 
     Raises:
-        InputError: no DICOM images, several series (name the phase to use), bad geometry.
+        InputError: no DICOM images, several series (name the phase to use), bad geometry, a
+            single-frame image given as a file.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise InputError(folder, "not a folder: expected a folder holding one DICOM series")
-    series = list(_collect(folder).values())
+    if folder.is_file() and looks_like_dicom(folder):
+        if n_frames(_header(folder) or pydicom.Dataset()) < 2:
+            raise InputError(folder, "a single-frame DICOM image: give the folder that holds its series")
+    elif not folder.is_dir():
+        raise InputError(folder, "not a folder: expected a folder holding one DICOM series (or a multi-frame file)")
+    series = list(_collect(folder, left_out).values())
     if not series:
         raise InputError(folder, "no DICOM image files found (searched recursively)")
     if len(series) > 1:

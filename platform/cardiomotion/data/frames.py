@@ -2,7 +2,7 @@
 
 A trained CVAE needs only an ES-like frame to generate, so any single-phase cardiac CT can
 condition a corpus. Each frame (:func:`cardiomotion.data.volume.read_volume`: NIfTI, NRRD,
-MetaImage or a one-series DICOM folder) is prepared as ``prepare`` prepares an ES frame: a box
+MetaImage, a one-series DICOM folder or a multi-frame DICOM file) is prepared as ``prepare`` prepares an ES frame: a box
 of the model's grid and voxel size (from its ``model.json``) centred on the heart, one
 anti-aliased resampling, stored as int16 HU (:func:`cardiomotion.data.prepare.prepare_scan`).
 The one difference: ``prepare`` centres the box on the ED frame's blood pool and crops ES with
@@ -38,7 +38,8 @@ def frame_settings(cfg: PrepareConfig, grid, spacing_mm: float) -> PrepareConfig
 
 
 def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig) -> dict:
-    """Prepare one frame into ``out_dir/<frame_id>/es.nii.gz``; returns its scan-table record."""
+    """Prepare one frame into ``out_dir/<frame_id>/es.nii.gz``; returns its scan-table record
+    (with ``notes``, what its reader left out, when there are any: not a column of the table)."""
     center = heart_center(vol.array, vol.affine, tuple(cfg.blood_hu), cfg.center.value)
     grid = tuple(cfg.grid)
     out_aff = grid_affine(center, grid, cfg.spacing_mm)
@@ -51,6 +52,8 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "es_path": scan_file(frame_id, ES_FILE), "ed_path": None, "truth_flow_path": None, "labels_path": None,
         "es_labels_path": None,
     }
+    if vol.left_out:  # kept in prepared.json, not a column of the table
+        record["notes"] = [f"left out {line}" for line in vol.left_out]
     with atomic_dir(out_dir / frame_id) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es, cfg.dtype), out_aff)
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg)})
@@ -77,6 +80,9 @@ def prepare_frames(paths: Iterable[str | Path], out_dir: str | Path, cfg: Config
                    log: Callable[[str], None] = lambda _m: None) -> Path:
     """Prepare single frames for a model of ``grid`` and ``spacing_mm`` into ``out_dir``; returns
     the path of its ``scans.parquet``.
+
+    What a frame's reader left out (a DICOM folder's dose report) is logged as ``note: <id>: left
+    out …`` on every run and kept in its ``prepared.json``.
 
     A frame already prepared there from the same source with the same settings is kept; a frame
     id prepared from another source, or the folder holding frames that were not asked for, is
@@ -118,4 +124,7 @@ def prepare_frames(paths: Iterable[str | Path], out_dir: str | Path, cfg: Config
             rows = ray.data.from_items(todo, override_num_blocks=len(todo)).map(_frame_row, num_cpus=1).take_all()
             raise_row_errors(rows, "frames")
             done.extend(json.loads(r["record"]) for r in rows)
+        for record in sorted(done, key=lambda r: r["scan_id"]):  # on every run, as prepare's notes
+            for line in record.get("notes") or []:
+                log(f"note: {record['scan_id']}: {line}")
         return write_scan_table(out, done)

@@ -1,7 +1,7 @@
 """One 3-D CT frame from any supported format, as one small interface (array + geometry).
 
 ``generate --frames`` conditions a trained model on single-phase scans: a 3-D NIfTI file, an
-NRRD or MetaImage file, or a folder holding one DICOM series. Each reader returns the voxels in
+NRRD or MetaImage file, a folder holding one DICOM series, or one multi-frame DICOM file. Each reader returns the voxels in
 canonical RAS+ order (float32 HU) with their affine; :func:`read_volume` picks the reader by
 the path. Orientation is handled by :mod:`cardiomotion.orientation` inside each reader.
 """
@@ -23,7 +23,7 @@ class VolumeFormat(str, Enum):
     NIFTI = "nifti"
     NRRD = "nrrd"
     METAIMAGE = "metaimage"
-    DICOM = "dicom"  # a folder holding exactly one series
+    DICOM = "dicom"  # a folder holding exactly one series, or one multi-frame file
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class Volume:
         array: (I, J, K) float32 HU, canonical RAS+ order.
         affine: 4×4 voxel→RAS-mm affine of ``array``.
         original_affine: the affine as stored on disk (before reorientation).
+        left_out: what the reader found beside the frame and did not use, one line each (a
+            DICOM folder's dose report, second copies of its images).
     """
 
     frame_id: str
@@ -45,6 +47,7 @@ class Volume:
     array: np.ndarray
     affine: np.ndarray
     original_affine: np.ndarray
+    left_out: tuple[str, ...] = ()
 
 
 def volume_format(path: str | Path) -> VolumeFormat:
@@ -61,8 +64,12 @@ def volume_format(path: str | Path) -> VolumeFormat:
     kind = image_file_kind(path)
     if kind is not None:
         return VolumeFormat(kind)
+    from .dicom import looks_like_dicom
+
+    if looks_like_dicom(path):  # one multi-frame file (read_dicom_volume refuses a single slice)
+        return VolumeFormat.DICOM
     raise InputError(path, "not a 3-D frame: expected NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage "
-                           "(.mha, .mhd) or a folder holding one DICOM series")
+                           "(.mha, .mhd), a folder holding one DICOM series or a multi-frame DICOM file")
 
 
 def frame_id_of(path: str | Path) -> str:
@@ -71,7 +78,7 @@ def frame_id_of(path: str | Path) -> str:
     if path.is_dir():
         return path.name
     name = path.name
-    for suf in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suf in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
     return name
@@ -94,7 +101,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def read_volume(path: str | Path) -> Volume:
-    """Read one 3-D frame (NIfTI, NRRD, MetaImage, or a one-series DICOM folder).
+    """Read one 3-D frame (NIfTI, NRRD, MetaImage, a one-series DICOM folder or a multi-frame
+    DICOM file).
 
     Raises:
         InputError: one line naming the file and the problem (unreadable, not 3-D, no
@@ -106,9 +114,12 @@ def read_volume(path: str | Path) -> Volume:
 
     path = Path(path)
     fmt = volume_format(path)
+    left_out: list[str] = []
     reader = {VolumeFormat.NIFTI: _read_nifti, VolumeFormat.NRRD: read_nrrd_volume,
-              VolumeFormat.METAIMAGE: read_metaimage_volume, VolumeFormat.DICOM: read_dicom_volume}[fmt]
+              VolumeFormat.METAIMAGE: read_metaimage_volume,
+              VolumeFormat.DICOM: lambda p: read_dicom_volume(p, left_out)}[fmt]
     array, affine, original = reader(path)
     if not np.all(np.isfinite(array)):
         raise InputError(path, "holds NaN or inf values")
-    return Volume(frame_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original)
+    return Volume(frame_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original,
+                  tuple(left_out))
