@@ -463,15 +463,15 @@ def test_scan_notes_name_what_was_left_out_and_a_blood_pool_that_barely_changes(
     from cardiomotion.data.phases import PhaseChoice
     from cardiomotion.data.prepare import MIN_BLOOD_CHANGE, scan_notes
 
-    scan = SimpleNamespace(left_out=["2 second copies of images already read"])
+    scan = SimpleNamespace(left_out=["2 second copies of images already read"], notes=[])
     flat = PhaseChoice(1, 0, "detected", (100.0, 99.0, 99.5))
     notes = scan_notes(scan, flat)
     assert notes[0] == "left out 2 second copies of images already read"
     assert len(notes) == 2 and "changes by only 1.0 %" in notes[1] and "manifest" in notes[1]
     assert 0.01 < MIN_BLOOD_CHANGE < 0.16  # between the unenhanced scan's 1 % and the phantom's 16-24 %
     beating = PhaseChoice(1, 0, "detected", (300.0, 240.0, 280.0))
-    assert scan_notes(SimpleNamespace(left_out=[]), beating) == []
-    assert scan_notes(SimpleNamespace(left_out=[]), PhaseChoice(1, 0, "manifest")) == []
+    assert scan_notes(SimpleNamespace(left_out=[], notes=[]), beating) == []
+    assert scan_notes(SimpleNamespace(left_out=[], notes=[]), PhaseChoice(1, 0, "manifest")) == []
 
 
 def test_prepare_prints_a_note_for_phases_detected_from_a_flat_blood_pool(ray_session, tmp_path, capsys):

@@ -101,9 +101,10 @@ MIN_BLOOD_CHANGE = 0.03
 
 def scan_notes(scan: Scan, choice) -> list[str]:
     """What ``prepare`` tells about one scan besides its record, one line each: what its reader
-    left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), and detected ES/ED whose blood-pool
-    volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
-    notes = [f"left out {line}" for line in scan.left_out]
+    left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), the reader's other notes verbatim
+    (:attr:`~cardiomotion.data.scan.Scan.notes`, e.g. an orientation the file does not state), and
+    detected ES/ED whose blood-pool volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
+    notes = [f"left out {line}" for line in scan.left_out] + list(scan.notes)
     if choice.blood_ml:
         v = np.asarray(choice.blood_ml, dtype=float)
         change = float((v.max() - v.min()) / v.max()) if v.max() > 0 else 0.0
@@ -284,8 +285,8 @@ def prepare_scans(
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
     ``on_skip(scan_id)``: a scan already prepared in ``out_dir``; ``on_note(line)``: a note on a
-    scan prepared now ("<scan_id>: …", :func:`scan_notes`: what its reader left out, detected
-    phases to doubt; also kept in its ``prepared.json``).
+    scan prepared now ("<scan_id>: …", :func:`scan_notes`: what its reader left out or noted,
+    detected phases to doubt; also kept in its ``prepared.json``).
 
     Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges). One
     ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`).

@@ -45,6 +45,8 @@ class Scan:
         es_phase, ed_phase: indices into the phases, when known (manifest or phantom meta).
         left_out: what the reader found and did not use, one line each (a DICOM study's dose
             report, a series with no cardiac phase, a thicker reconstruction of a phase).
+        notes: anything else the reader wants told about the input, one line each (a file that
+            does not say its orientation, read with its library's assumed one).
     """
 
     scan_id: str
@@ -59,6 +61,7 @@ class Scan:
     es_phase: Optional[int] = None
     ed_phase: Optional[int] = None
     left_out: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def phase(self, t: int) -> np.ndarray:
         """Phase ``t`` as float32 HU, shape (I, J, K), canonical RAS.
