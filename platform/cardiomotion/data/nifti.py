@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError
@@ -36,7 +37,7 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     header is the stream decompressed once to confirm.
     """
     try:
-        img = nib.load(str(path))
+        img = _nib_load(path)
     except NIBABEL_ERRORS as exc:
         raise InputError(path, f"not a readable NIfTI file ({_describe(exc)})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -54,6 +55,25 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "degenerate affine (zero or non-finite voxel size / direction)")
     return img
+
+
+def _nib_load(path: Path):
+    """``nib.load(path)``, reading the file of that very name when its ``.nii`` is of mixed case.
+
+    nibabel rebuilds the name from its suffix, in lower case unless the suffix is all upper case,
+    so for ``case.Nii.gz`` it looks for ``case.nii.gz``. Such a file is opened as named, by the
+    class its header sniffs as (NIfTI-1 or NIfTI-2).
+    """
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    ext = name[-4:]
+    if ext in (ext.lower(), ext.upper()):
+        return nib.load(str(path))
+    with ImageOpener(str(path)) as fh:  # gzip or not, by the suffix in any case
+        sniff = fh.read(540)
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        if klass.header_class.may_contain_header(sniff):
+            return klass.from_file_map({"image": nib.FileHolder(filename=str(path))})
+    raise ImageFileError("no NIfTI-1 or NIfTI-2 header")
 
 
 def _describe(exc: BaseException) -> str:
