@@ -1,12 +1,15 @@
 """Real-input gaps of the file readers: suffixes in any case (``case.Nii.Gz``, ``X.NRRD``,
-``x.MHA``).
+``x.MHA``), and NIfTI files that do not state their orientation (qform_code = sform_code = 0),
+read with nibabel's fallback and a note in ``Scan.notes`` that ``prepare`` passes on.
 
 Files are written by independent writers (nibabel, and the hand-written NRRD/MetaImage writers of
 test_nrrd_metaimage), never by the project's own code.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -18,7 +21,9 @@ from cardiomotion.data.scan import ScanFormat, detect_format, read_scan, scan_id
 from cardiomotion.errors import InputError
 from cardiomotion.orientation import lps_to_ras
 
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 RAS_AFFINE = np.array([[2.0, 0, 0, -10.0], [0, 3.0, 0, 20.0], [0, 0, 4.0, -30.0], [0, 0, 0, 1]])
+NO_ORIENTATION = "NIfTI qform_code and sform_code are both 0: orientation unknown"
 
 
 def _data(shape=(3, 4, 5, 2)) -> np.ndarray:
@@ -32,6 +37,12 @@ def _save_nifti(path: Path, img: nib.Nifti1Image) -> Path:
     nib.save(img, str(tmp))
     tmp.rename(path)
     return path
+
+
+def _no_codes(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    img.set_qform(img.affine, code=0)
+    img.set_sform(img.affine, code=0)
+    return img
 
 
 # --------------------------------------------------------------------------- suffixes in any case
@@ -114,3 +125,93 @@ def test_metaimage_with_a_suffix_in_any_case_reads_what_was_written(tmp_path, na
     np.testing.assert_allclose(scan.original_affine, lps_to_ras(lps), atol=1e-6)
     for t in range(2):
         assert_world_positions(scan.phase(t), scan.affine, phases[..., t], lps)
+
+
+# --------------------------------------------------------------------------- NIfTI without orientation
+
+
+def test_nifti_4d_with_both_codes_0_is_read_with_nibabels_fallback_and_a_note(tmp_path):
+    """nibabel's fallback: voxel sizes only, the first axis flipped (-x), centred on the volume."""
+    data = _data()
+    path = _save_nifti(tmp_path / "nocodes.nii.gz", _no_codes(nib.Nifti1Image(data, RAS_AFFINE)))
+    header = nib.load(str(path)).header
+    assert int(header["qform_code"]) == int(header["sform_code"]) == 0
+    scan = read_scan(path)
+    np.testing.assert_allclose(scan.original_affine[:3, :3], np.diag([-2.0, 3.0, 4.0]))  # what the note says
+    assert scan.notes == [f"nocodes.nii.gz: {NO_ORIENTATION}, read as nibabel's fallback (voxel sizes along "
+                          "-x,+y,+z, centred on the volume); check left/right and head/foot"]
+    np.testing.assert_array_equal(scan.phase(1), data[::-1, :, :, 1])  # -x to RAS+: axis 0 reversed
+
+
+@pytest.mark.parametrize("qform_code, sform_code", [(1, 0), (0, 2), (1, 1)])
+def test_nifti_that_states_its_orientation_has_no_note(tmp_path, qform_code, sform_code):
+    img = nib.Nifti1Image(_data(), RAS_AFFINE)
+    img.set_qform(RAS_AFFINE, code=qform_code)
+    img.set_sform(RAS_AFFINE, code=sform_code)
+    scan = read_scan(_save_nifti(tmp_path / "coded.nii.gz", img))
+    np.testing.assert_allclose(scan.original_affine, RAS_AFFINE)
+    assert scan.notes == []
+
+
+def test_nifti_phase_folder_gets_one_note_for_all_its_files(tmp_path):
+    data = _data((3, 4, 5, 3))
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for t in range(3):
+        _save_nifti(folder / f"p{t}.nii.gz", _no_codes(nib.Nifti1Image(data[..., t], RAS_AFFINE)))
+    scan = read_scan(folder)
+    assert len(scan.notes) == 1
+    assert scan.notes[0].startswith(f"all 3 phase files (p0.nii.gz to p2.nii.gz): {NO_ORIENTATION}")
+
+
+def test_nifti_phase_folder_names_the_one_file_without_orientation(tmp_path):
+    data = _data((3, 4, 5, 3))
+    folder = tmp_path / "study"
+    folder.mkdir()
+    fallback = nib.load(str(_save_nifti(tmp_path / "probe.nii", _no_codes(nib.Nifti1Image(data[..., 0], RAS_AFFINE))))).affine
+    for t in range(3):
+        img = nib.Nifti1Image(data[..., t], fallback)  # the same grid, stated
+        _save_nifti(folder / f"p{t}.nii.gz", _no_codes(img) if t == 1 else img)
+    scan = read_scan(folder)
+    assert len(scan.notes) == 1 and scan.notes[0].startswith(f"p1.nii.gz (1 of 3 phase files): {NO_ORIENTATION}")
+
+
+def _unenhanced(tmp_path: Path, name: str) -> Path:
+    """test_prepare's unenhanced 4-D scan (a static bright block, one voxel that flickers), its
+    header without orientation."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(40.0, 5.0, (24, 24, 24, 4)).astype(np.float32)
+    data[8:16, 8:16, 8:16, :] = 500.0
+    data[4, 4, 4, 1] = 500.0
+    return _save_nifti(tmp_path / name, _no_codes(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))))
+
+
+def test_prepare_keeps_reader_notes_after_what_was_left_out(tmp_path):
+    from cardiomotion.config import load_config
+    from cardiomotion.data.phases import PhaseChoice
+    from cardiomotion.data.prepare import prepare_scan, scan_notes
+
+    scan = read_scan(_unenhanced(tmp_path, "quiet.nii.gz"))
+    assert len(scan.notes) == 1 and NO_ORIENTATION in scan.notes[0]
+    more = dataclasses.replace(scan, left_out=["a dose report"])
+    assert scan_notes(more, PhaseChoice(1, 0, "manifest")) == ["left out a dose report", scan.notes[0]]
+
+    cfg = load_config(SMOKE).prepare
+    record = prepare_scan(scan, tmp_path / "out", cfg, {"quiet": (0, 1)})
+    assert record["notes"] == scan.notes
+    kept = json.loads((tmp_path / "out" / "quiet" / "prepared.json").read_text())["record"]
+    assert kept["notes"] == scan.notes
+
+
+def test_prepare_prints_the_orientation_note(ray_session, tmp_path, capsys):
+    from cardiomotion.cli import main
+
+    path = _unenhanced(tmp_path, "quiet.Nii.Gz")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["prepare", "--scans", str(path), "--out", str(out), "--config", str(SMOKE)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    lines = [line.removeprefix("note: quiet: ") for line in printed.splitlines() if line.startswith("note: ")]
+    assert lines[0].startswith(f"quiet.Nii.Gz: {NO_ORIENTATION}")  # then the flat blood pool's note
+    assert json.loads((out / "quiet" / "prepared.json").read_text())["record"]["notes"] == lines

@@ -76,6 +76,17 @@ def _nib_load(path: Path):
     raise ImageFileError("no NIfTI-1 or NIfTI-2 header")
 
 
+def orientation_unknown(img: nib.Nifti1Image) -> bool:
+    """True when the header states no orientation: qform_code and sform_code both 0."""
+    return int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0
+
+
+def orientation_note(names: str) -> str:
+    """The note on NIfTI file(s) ``names`` that state no orientation (:func:`orientation_unknown`)."""
+    return (f"{names}: NIfTI qform_code and sform_code are both 0: orientation unknown, read as nibabel's "
+            "fallback (voxel sizes along -x,+y,+z, centred on the volume); check left/right and head/foot")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -138,7 +149,8 @@ def read_nifti_4d(path: Path) -> Scan:
 
     return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_4D,
                 affine=canon_affine, original_affine=original, shape=canon_shape,
-                n_phases=n_phases, load_phase=load_phase)
+                n_phases=n_phases, load_phase=load_phase,
+                notes=[orientation_note(path.name)] if orientation_unknown(img) else [])
 
 
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
@@ -199,14 +211,22 @@ def read_nifti_phases(path: Path) -> Scan:
     first = load_nifti(files[0])
     shape0 = _spatial_shape(files[0], first.shape)
     affine0 = np.asarray(first.affine, dtype=float)
+    unknown = [files[0].name] if orientation_unknown(first) else []
     for f in files[1:]:
         img = load_nifti(f)
+        if orientation_unknown(img):
+            unknown.append(f.name)
         shape = _spatial_shape(f, img.shape)
         if shape != shape0:
             raise InputError(f, f"shape {shape} differs from phase 0 {shape0} ({files[0].name})")
         if not np.allclose(img.affine, affine0, atol=_AFFINE_ATOL):
             raise InputError(f, f"affine differs from phase 0 ({files[0].name}): the phases must share one grid")
     canon_shape, canon_affine = canonical_grid(shape0, affine0)
+    notes = []  # one note for the scan: all its files, or those that state no orientation
+    if len(unknown) == len(files):
+        notes.append(orientation_note(f"all {len(files)} phase files ({unknown[0]} to {unknown[-1]})"))
+    elif unknown:
+        notes.append(orientation_note(f"{', '.join(unknown)} ({len(unknown)} of {len(files)} phase files)"))
 
     def load_phase(t: int) -> np.ndarray:
         f = files[int(t)]
@@ -217,4 +237,4 @@ def read_nifti_phases(path: Path) -> Scan:
     return Scan(scan_id=scan_id_of(path), source=path, format=ScanFormat.NIFTI_PHASES,
                 affine=canon_affine, original_affine=affine0, shape=canon_shape,
                 n_phases=len(files), load_phase=load_phase,
-                phase_percent=phase_percents_from_names([f.name for f in files]))
+                phase_percent=phase_percents_from_names([f.name for f in files]), notes=notes)
