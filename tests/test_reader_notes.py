@@ -1,6 +1,7 @@
 """Real-input gaps of the file readers: suffixes in any case (``case.Nii.Gz``, ``X.NRRD``,
-``x.MHA``), and NIfTI files that do not state their orientation (qform_code = sform_code = 0),
-read with nibabel's fallback and a note in ``Scan.notes`` that ``prepare`` passes on.
+``x.MHA``), and files that do not state their orientation (NIfTI with qform_code = sform_code = 0,
+MetaImage without TransformMatrix), read with the library's assumed orientation and a note in
+``Scan.notes`` that ``prepare`` passes on; NRRD without an orientation is refused.
 
 Files are written by independent writers (nibabel, and the hand-written NRRD/MetaImage writers of
 test_nrrd_metaimage), never by the project's own code.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -215,3 +217,73 @@ def test_prepare_prints_the_orientation_note(ray_session, tmp_path, capsys):
     lines = [line.removeprefix("note: quiet: ") for line in printed.splitlines() if line.startswith("note: ")]
     assert lines[0].startswith(f"quiet.Nii.Gz: {NO_ORIENTATION}")  # then the flat blood pool's note
     assert json.loads((out / "quiet" / "prepared.json").read_text())["record"]["notes"] == lines
+
+
+# --------------------------------------------------------------------------- MetaImage and NRRD
+
+
+def _metaimage_header_edit(path: Path, old: bytes, new: bytes) -> Path:
+    raw = path.read_bytes()
+    cut = raw.index(b"ElementDataFile")
+    head = raw[:cut]
+    assert old in head
+    path.write_bytes(head.replace(old, new) + raw[cut:])
+    return path
+
+
+@pytest.mark.parametrize("orientation", [None, b"AnatomicalOrientation = LPI\n"])
+def test_metaimage_without_transform_matrix_is_read_as_itk_does_with_a_note(tmp_path, orientation):
+    phases = np.stack([_volume(seed=t) for t in range(2)], axis=-1)
+    lps = _oblique_lps()
+    path = write_metaimage(tmp_path / "x.mha", phases, lps)
+    line = path.read_bytes().split(b"TransformMatrix", 1)[1].split(b"\n", 1)[0]
+    _metaimage_header_edit(path, b"TransformMatrix" + line + b"\n", orientation or b"")
+    scan = read_scan(path)
+    assumed = np.diag([*np.sqrt((lps[:3, :3] ** 2).sum(0)), 1.0])  # identity directions in LPS
+    assumed[:3, 3] = lps[:3, 3]
+    np.testing.assert_allclose(scan.original_affine, lps_to_ras(assumed), atol=1e-6)
+    for t in range(2):
+        assert_world_positions(scan.phase(t), scan.affine, phases[..., t], assumed)
+    assert len(scan.notes) == 1
+    assert scan.notes[0].startswith("x.mha: MetaImage has no TransformMatrix: orientation unknown, read as ITK's "
+                                    "default (axes along L, P, S)")
+    assert scan.notes[0].endswith("check left/right and head/foot")
+    assert ("AnatomicalOrientation ignored" in scan.notes[0]) == (orientation is not None)
+
+
+@pytest.mark.parametrize("synonym", [b"Rotation", b"Orientation"])
+def test_metaimage_with_a_synonym_of_transform_matrix_has_no_note(tmp_path, synonym):
+    phases = np.stack([_volume(seed=t) for t in range(2)], axis=-1)
+    lps = _oblique_lps()
+    path = _metaimage_header_edit(write_metaimage(tmp_path / "x.mhd", phases, lps), b"TransformMatrix", synonym)
+    scan = read_scan(path)
+    np.testing.assert_allclose(scan.original_affine, lps_to_ras(lps), atol=1e-6)
+    assert scan.notes == []
+
+
+@pytest.mark.parametrize("pattern, replacement, message", [
+    (rb"space directions: [^\n]*\n", b"", "no 'space directions' field: voxel size and orientation are unknown"),
+    (rb"space: left-posterior-superior", b"space dimension: 3", "no 'space' field"),
+    (rb"space: left-posterior-superior", b"space: scanner-xyz", "unsupported world space 'scanner-xyz'"),
+])
+def test_nrrd_without_an_anatomical_orientation_is_refused(tmp_path, pattern, replacement, message):
+    path = write_nrrd(tmp_path / "x.nrrd", np.stack([_volume()] * 2, -1), _oblique_lps(), seq_axis_first=True)
+    raw = path.read_bytes()
+    cut = raw.index(b"\n\n")
+    head, n = re.subn(pattern, replacement, raw[:cut])
+    assert n == 1
+    path.write_bytes(head + raw[cut:])
+    with pytest.raises(InputError, match=message) as err:
+        read_scan(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_nrrd_with_spacings_and_no_space_is_refused(tmp_path):
+    """The old NRRD way of giving voxel sizes (``spacings``, no ``space``) has no orientation."""
+    data = np.stack([_volume()] * 2, -1)
+    path = tmp_path / "old.nrrd"
+    header = ("NRRD0004\ntype: short\ndimension: 4\nsizes: 2 5 6 7\nspacings: nan 0.7 1.1 2.5\n"
+              "kinds: list domain domain domain\nendian: little\nencoding: raw\n\n")
+    path.write_bytes(header.encode() + np.moveaxis(data, 3, 0).astype("<i2").tobytes(order="F"))
+    with pytest.raises(InputError, match="no 'space' field: the NRRD has no anatomical orientation"):
+        read_scan(path)

@@ -4,7 +4,8 @@ Read with SimpleITK (ITK's own MetaImage IO, already the project's dependency fo
 baseline and the warp cross-check). ITK's world is LPS: the header's ``Offset`` (origin),
 ``ElementSpacing`` and ``TransformMatrix`` (direction cosines, one column per axis) give a
 voxel→LPS affine, turned into RAS with :func:`cardiomotion.orientation.lps_to_ras`.
-``AnatomicalOrientation`` is informational in ITK and ignored here too.
+``AnatomicalOrientation`` is informational in ITK and ignored here too. A header without
+``TransformMatrix`` is read as ITK reads it (identity directions), with a note in ``Scan.notes``.
 
 A 4DCT is a 4-D image whose fourth axis is the phase (its direction must not mix with space);
 a 3-D image is one volume (:func:`read_metaimage_volume`). Arrays come back in canonical RAS+
@@ -45,6 +46,32 @@ def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if "Description:" in ln or "ERROR" in ln.upper()]
     return (useful or lines or [exc.__class__.__name__])[-1][:200]
+
+
+#: MetaIO's names for the direction cosines; it reads field names case-sensitively
+_DIRECTION_FIELDS = ("TransformMatrix", "Rotation", "Orientation")
+
+
+def header_fields(path: Path) -> set[str]:
+    """Names of the fields of a MetaImage's text header (the lines before ``ElementDataFile``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise InputError(path, f"cannot read the MetaImage header ({exc.strerror or exc})") from None
+    text = head.split(b"ElementDataFile", 1)[0].decode("latin-1")
+    return {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line}
+
+
+def orientation_notes(path: Path) -> list[str]:
+    """A note when the header has no ``TransformMatrix`` (nor its synonyms): ITK then assumes
+    identity directions (the axes along L, P, S) and ignores ``AnatomicalOrientation``."""
+    fields = header_fields(path)
+    if any(f in fields for f in _DIRECTION_FIELDS):
+        return []
+    ignored = " (its AnatomicalOrientation ignored, as ITK does)" if "AnatomicalOrientation" in fields else ""
+    return [f"{path.name}: MetaImage has no TransformMatrix: orientation unknown, read as ITK's default "
+            f"(axes along L, P, S){ignored}; check left/right and head/foot"]
 
 
 def metaimage_affine(path: Path, size, spacing, origin, direction) -> np.ndarray:
@@ -108,7 +135,8 @@ def read_metaimage_scan(path: Path) -> Scan:
         return np.ascontiguousarray(to_canonical(vol, affine)[0])
 
     return Scan(scan_id=metaimage_scan_id(path), source=path, format=ScanFormat.METAIMAGE, affine=canon_affine,
-                original_affine=affine, shape=canon_shape, n_phases=int(size[3]), load_phase=load_phase)
+                original_affine=affine, shape=canon_shape, n_phases=int(size[3]), load_phase=load_phase,
+                notes=orientation_notes(path))
 
 
 def read_metaimage_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
