@@ -287,3 +287,29 @@ def test_nrrd_with_spacings_and_no_space_is_refused(tmp_path):
     path.write_bytes(header.encode() + np.moveaxis(data, 3, 0).astype("<i2").tobytes(order="F"))
     with pytest.raises(InputError, match="no 'space' field: the NRRD has no anatomical orientation"):
         read_scan(path)
+
+
+def test_a_3d_frame_that_states_no_orientation_carries_the_note_into_its_prepared_record(tmp_path):
+    """``generate --frames``: a 3-D NIfTI with both codes 0 and a 3-D MetaImage without
+    TransformMatrix are read with their library's assumed orientation and the same note a scan
+    gets; the prepared frame's record keeps it; a frame that states its orientation has none."""
+    from cardiomotion.config import PrepareConfig
+    from cardiomotion.data.frames import prepare_frame
+    from cardiomotion.data.volume import read_volume
+
+    data = _data((6, 5, 4))
+    quiet = read_volume(_save_nifti(tmp_path / "quiet.nii.gz", _no_codes(nib.Nifti1Image(data, RAS_AFFINE))))
+    assert quiet.notes == (f"quiet.nii.gz: {NO_ORIENTATION}, read as nibabel's fallback (voxel sizes along "
+                           "-x,+y,+z, centred on the volume); check left/right and head/foot",)
+    stated = read_volume(_save_nifti(tmp_path / "stated.nii.gz", nib.Nifti1Image(data, RAS_AFFINE)))
+    assert stated.notes == () and stated.left_out == ()
+    mha = write_metaimage(tmp_path / "m.mha", _volume(seed=0), _oblique_lps())
+    assert read_volume(mha).notes == ()
+    line = mha.read_bytes().split(b"TransformMatrix", 1)[1].split(b"\n", 1)[0]
+    _metaimage_header_edit(mha, b"TransformMatrix" + line + b"\n", b"")
+    (note,) = read_volume(mha).notes
+    assert note.startswith("m.mha: MetaImage has no TransformMatrix: orientation unknown")
+    record = prepare_frame(quiet, "quiet", tmp_path / "prepared", PrepareConfig(grid=[8, 8, 8], spacing_mm=2.0))
+    assert record["notes"] == list(quiet.notes)
+    assert json.loads((tmp_path / "prepared" / "quiet" / "prepared.json").read_text())["record"]["notes"] == record["notes"]
+    assert "notes" not in prepare_frame(stated, "stated", tmp_path / "prepared", PrepareConfig(grid=[8, 8, 8], spacing_mm=2.0))

@@ -39,7 +39,8 @@ def frame_settings(cfg: PrepareConfig, grid, spacing_mm: float) -> PrepareConfig
 
 def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig) -> dict:
     """Prepare one frame into ``out_dir/<frame_id>/es.nii.gz``; returns its scan-table record
-    (with ``notes``, what its reader left out, when there are any: not a column of the table)."""
+    (with ``notes``, what its reader left out or noted, when there are any: not a column of the
+    table)."""
     center = heart_center(vol.array, vol.affine, tuple(cfg.blood_hu), cfg.center.value)
     grid = tuple(cfg.grid)
     out_aff = grid_affine(center, grid, cfg.spacing_mm)
@@ -52,8 +53,8 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "es_path": scan_file(frame_id, ES_FILE), "ed_path": None, "truth_flow_path": None, "labels_path": None,
         "es_labels_path": None,
     }
-    if vol.left_out:  # kept in prepared.json, not a column of the table
-        record["notes"] = [f"left out {line}" for line in vol.left_out]
+    if notes := [f"left out {line}" for line in vol.left_out] + list(vol.notes):  # in prepared.json, not the table
+        record["notes"] = notes
     with atomic_dir(out_dir / frame_id) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es, cfg.dtype), out_aff)
         write_json(tmp / RECORD, {"record": record, "fingerprint": config_fingerprint(cfg)})
@@ -81,8 +82,9 @@ def prepare_frames(paths: Iterable[str | Path], out_dir: str | Path, cfg: Config
     """Prepare single frames for a model of ``grid`` and ``spacing_mm`` into ``out_dir``; returns
     the path of its ``scans.parquet``.
 
-    What a frame's reader left out (a DICOM folder's dose report) is logged as ``note: <id>: left
-    out …`` on every run and kept in its ``prepared.json``.
+    What a frame's reader left out (a DICOM folder's dose report) or noted (an orientation the
+    file does not state) is logged as ``note: <id>: …`` on every run and kept in its
+    ``prepared.json``.
 
     A frame already prepared there from the same source with the same settings is kept; a frame
     id prepared from another source, or the folder holding frames that were not asked for, is

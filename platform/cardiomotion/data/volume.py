@@ -39,6 +39,8 @@ class Volume:
         original_affine: the affine as stored on disk (before reorientation).
         left_out: what the reader found beside the frame and did not use, one line each (a
             DICOM folder's dose report, second copies of its images).
+        notes: anything else the reader wants told, one line each (a file that does not say its
+            orientation, read with its library's assumed one), as :attr:`Scan.notes`.
     """
 
     frame_id: str
@@ -48,6 +50,7 @@ class Volume:
     affine: np.ndarray
     original_affine: np.ndarray
     left_out: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def volume_format(path: str | Path) -> VolumeFormat:
@@ -84,11 +87,13 @@ def frame_id_of(path: str | Path) -> str:
     return name
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_nifti(path: Path, notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from ..orientation import to_canonical
-    from .nifti import read_nifti_data, load_nifti
+    from .nifti import load_nifti, orientation_note, orientation_unknown, read_nifti_data
 
     img = load_nifti(path)
+    if orientation_unknown(img):
+        notes.append(orientation_note(path.name))
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -109,17 +114,20 @@ def read_volume(path: str | Path) -> Volume:
             orientation, NaN/inf voxels).
     """
     from .dicom import read_dicom_volume
-    from .metaimage import read_metaimage_volume
+    from .metaimage import orientation_notes, read_metaimage_volume
     from .nrrd import read_nrrd_volume
 
     path = Path(path)
     fmt = volume_format(path)
     left_out: list[str] = []
-    reader = {VolumeFormat.NIFTI: _read_nifti, VolumeFormat.NRRD: read_nrrd_volume,
+    notes: list[str] = []
+    reader = {VolumeFormat.NIFTI: lambda p: _read_nifti(p, notes), VolumeFormat.NRRD: read_nrrd_volume,
               VolumeFormat.METAIMAGE: read_metaimage_volume,
               VolumeFormat.DICOM: lambda p: read_dicom_volume(p, left_out)}[fmt]
     array, affine, original = reader(path)
+    if fmt is VolumeFormat.METAIMAGE:
+        notes += orientation_notes(path)
     if not np.all(np.isfinite(array)):
         raise InputError(path, "holds NaN or inf values")
     return Volume(frame_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original,
-                  tuple(left_out))
+                  tuple(left_out), tuple(notes))
