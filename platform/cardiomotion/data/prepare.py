@@ -285,8 +285,8 @@ def prepare_scans(
     """Prepare scans in parallel on Ray Data; returns the path of ``scans.parquet``.
 
     ``on_skip(scan_id)``: a scan already prepared in ``out_dir``; ``on_note(line)``: a note on a
-    scan prepared now ("<scan_id>: …", :func:`scan_notes`: what its reader left out or noted,
-    detected phases to doubt; also kept in its ``prepared.json``).
+    scan, prepared now or kept from an earlier call ("<scan_id>: …", :func:`scan_notes`: what its
+    reader left out or noted, detected phases to doubt; kept in its ``prepared.json``).
 
     Scans an earlier call finished in ``out_dir`` stay in the table (adding scans merges). One
     ``prepare`` at a time per ``out_dir`` (:func:`~cardiomotion.fileio.exclusive_lock`).
