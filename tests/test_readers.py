@@ -456,11 +456,26 @@ def test_dicom_a_cine_in_one_series_beside_a_best_phase_series(tmp_path):
     assert len(scan.left_out) == 1 and "'Cardiac 75%'" in scan.left_out[0] and "another cine" in scan.left_out[0]
 
 
-def test_dicom_series_on_different_grids(tmp_path):
-    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80)],
+def test_dicom_phases_that_reach_further_are_cut_to_the_slices_all_phases_share(tmp_path):
+    """Three phases of 6, 6 and 5 slices on one lattice (slice k at the same place in each): read
+    as 5 slices each, the values written there (no resampling); the slice the 0 % and 40 % phases
+    have beyond the others is left out, named. A phase whose slices are off that lattice (another
+    step) is still refused."""
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80)],
                        n_slices=(6, 6, 5))
-    with pytest.raises(InputError, match=r"at 80%: grid \(shape \(5, 4, 5\)\) differs"):
-        read_scan(tmp_path)
+    scan = read_scan(tmp_path / "a")
+    assert scan.phase_percent == [0.0, 40.0, 80.0] and scan.shape == (_COLS, _ROWS, 5)
+    assert len(scan.left_out) == 2 and all("1 of its 6 slices, beyond the 5 slices every phase has" in line
+                                           for line in scan.left_out)
+    assert "at 0%" in scan.left_out[0] and "at 40%" in scan.left_out[1]
+    for t in range(3):
+        # RAS from LPS flips columns and rows: (column, row, slice) reversed in the first two
+        want = np.stack([_raw_slice(t, k) * _slope(k) - 1024.0 for k in range(5)], -1).transpose(1, 0, 2)[::-1, ::-1]
+        np.testing.assert_array_equal(scan.phase(t), want)
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 80)], step=2.0, seed=1)
+    with pytest.raises(InputError, match=r"at 80%: grid \(shape \(5, 4, 6\)\) differs"):
+        read_scan(tmp_path / "b")
 
 
 # --------------------------------------------------------------------------- multi-frame DICOM

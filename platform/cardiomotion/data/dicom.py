@@ -457,6 +457,38 @@ def _load_series(s: _Series) -> np.ndarray:
     return vol
 
 
+def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[str]) -> None:
+    """Phases whose stacks differ only in how far they reach along the slice normal (the same
+    pixels, orientation, pixel spacing and slice step, their slices on one lattice): each is cut,
+    in place, to the slices every phase has, without resampling; what is cut is left out and named
+    in ``left_out``. Phases that differ otherwise are left as they are (the grid check refuses
+    them)."""
+    ref = series[0]
+    pixels = (ref.slices[0].columns, ref.slices[0].rows)
+    step = ref.affine[:3, 2]
+    first: list[int] = []  # the index of each phase's first slice in the first phase's lattice
+    for s in series:
+        if (s.slices[0].columns, s.slices[0].rows) != pixels or \
+                not np.allclose(s.affine[:3, :3], ref.affine[:3, :3], atol=_GRID_ATOL):
+            return
+        shift = s.affine[:3, 3] - ref.affine[:3, 3]
+        m = float(np.dot(shift, step) / np.dot(step, step))
+        if np.linalg.norm(shift - round(m) * step) > _GRID_ATOL:  # off the lattice, or moved in plane
+            return
+        first.append(round(m))
+    lo = max(first)
+    hi = min(m + len(s.slices) for m, s in zip(first, series))  # one past the last shared slice
+    if hi - lo < 2 or all(m == lo and len(s.slices) == hi - lo for m, s in zip(first, series)):
+        return
+    for m, s in zip(first, series):
+        keep = s.slices[lo - m:hi - m]
+        if len(keep) < len(s.slices):
+            left_out.append(f"{s.label()} at {s.phase()}: {len(s.slices) - len(keep)} of its {len(s.slices)} "
+                            f"slices, beyond the {hi - lo} slices every phase has")
+            s.slices = keep
+            _series_geometry(folder, s)
+
+
 @register_reader(ScanFormat.DICOM)
 def read_dicom(path: Path) -> Scan:
     """Read a folder of DICOM series (one per cardiac phase), or one multi-frame DICOM file that
@@ -465,7 +497,9 @@ def read_dicom(path: Path) -> Scan:
     Raises:
         InputError: no DICOM images, a series without phase information when fewer than two
         have it or on the cine's grid, two series at one phase on equally shared grids with as
-        many slices, uneven slices, or phases on different grids (names the file/series).
+        many slices, uneven slices, or phases on different grids (names the file/series) — but
+        phases that differ only in how far their stacks reach along the slice normal are cut to
+        the slices they share (:func:`_cut_to_shared_slices`).
     """
     folder = Path(path)
     if not folder.is_dir() and not (folder.is_file() and looks_like_dicom(folder)):
@@ -531,6 +565,7 @@ def read_dicom(path: Path) -> Scan:
                                      "(0020,9241) nor a percentage in SeriesDescription, on the grid of the "
                                      "cine's phases (a phase whose tag is missing?)")
         left_out.append(f"{s.label()}: no cardiac phase, and not on the cine's grid (not part of the cine)")
+    _cut_to_shared_slices(folder, series, left_out)
     ref = series[0]
     ref_shape = (ref.slices[0].columns, ref.slices[0].rows, len(ref.slices))
     for s in series[1:]:
