@@ -100,28 +100,22 @@ def test_a_mixed_case_name_that_holds_no_nifti_is_one_input_error(tmp_path, name
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name, seq_axis_first, detached", [
-    ("x.NRRD", True, False), ("x.Seq.Nrrd", True, False), ("x.NHDR", False, True), ("x.Nrrd", False, False),
+def _nrrd(seq_axis_first: bool, detached: bool):
+    return lambda path, phases, lps: write_nrrd(path, phases, lps, seq_axis_first=seq_axis_first, encoding="gzip",
+                                                detached=detached)
+
+
+@pytest.mark.parametrize("name, fmt, write", [
+    ("x.NRRD", ScanFormat.NRRD, _nrrd(True, False)), ("x.Seq.Nrrd", ScanFormat.NRRD, _nrrd(True, False)),
+    ("x.NHDR", ScanFormat.NRRD, _nrrd(False, True)), ("x.Nrrd", ScanFormat.NRRD, _nrrd(False, False)),
+    ("x.MHA", ScanFormat.METAIMAGE, write_metaimage), ("x.Mha", ScanFormat.METAIMAGE, write_metaimage),
+    ("x.MHD", ScanFormat.METAIMAGE, write_metaimage),
 ])
-def test_nrrd_with_a_suffix_in_any_case_reads_what_was_written(tmp_path, name, seq_axis_first, detached):
+def test_nrrd_and_metaimage_with_a_suffix_in_any_case_read_what_was_written(tmp_path, name, fmt, write):
     phases = np.stack([_volume(seed=t) for t in range(2)], axis=-1)
     lps = _oblique_lps()
-    path = write_nrrd(tmp_path / name, phases, lps, seq_axis_first=seq_axis_first, encoding="gzip",
-                      detached=detached)
-    assert detect_format(path) is ScanFormat.NRRD
-    scan = read_scan(path)
-    assert scan.scan_id == scan_id_of(path) == "x" and scan.notes == []
-    np.testing.assert_allclose(scan.original_affine, lps_to_ras(lps), atol=1e-9)
-    for t in range(2):
-        assert_world_positions(scan.phase(t), scan.affine, phases[..., t], lps)
-
-
-@pytest.mark.parametrize("name", ["x.MHA", "x.Mha", "x.MHD"])
-def test_metaimage_with_a_suffix_in_any_case_reads_what_was_written(tmp_path, name):
-    phases = np.stack([_volume(seed=t) for t in range(2)], axis=-1)
-    lps = _oblique_lps()
-    path = write_metaimage(tmp_path / name, phases, lps)
-    assert detect_format(path) is ScanFormat.METAIMAGE
+    path = write(tmp_path / name, phases, lps)
+    assert detect_format(path) is fmt
     scan = read_scan(path)
     assert scan.scan_id == scan_id_of(path) == "x" and scan.notes == []
     np.testing.assert_allclose(scan.original_affine, lps_to_ras(lps), atol=1e-6)
