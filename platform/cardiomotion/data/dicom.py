@@ -349,8 +349,8 @@ def _series_geometry(folder: Path, s: _Series) -> None:
 
 
 def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Series]:
-    """The image series of a folder (or of one multi-frame file) by SeriesInstanceUID (a multi-frame image's frames are slices of
-    its series). A second copy of an image (its SOPInstanceUID seen before) and an image without
+    """The image series of a folder (or of one multi-frame file) by SeriesInstanceUID (a
+    multi-frame image's frames are slices of its series). A second copy of an image (its SOPInstanceUID seen before) and an image without
     ImagePositionPatient or ImageOrientationPatient (a multi-frame image: on one of its frames)
     are left out and counted in ``left_out`` (one line each kind)."""
     series: dict[str, _Series] = {}
@@ -489,6 +489,18 @@ def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[st
             _series_geometry(folder, s)
 
 
+def _check_source(path: Path, expected: str) -> None:
+    """A reader's input is a folder or one multi-frame DICOM file; anything else is one
+    InputError (a single-frame image: its folder is the input)."""
+    if path.is_dir():
+        return
+    if path.is_file() and looks_like_dicom(path):
+        if n_frames(_header(path) or pydicom.Dataset()) < 2:
+            raise InputError(path, "a single-frame DICOM image: give the folder that holds its series")
+        return
+    raise InputError(path, f"not a folder: expected {expected} (or one multi-frame DICOM file)")
+
+
 @register_reader(ScanFormat.DICOM)
 def read_dicom(path: Path) -> Scan:
     """Read a folder of DICOM series (one per cardiac phase), or one multi-frame DICOM file that
@@ -502,11 +514,7 @@ def read_dicom(path: Path) -> Scan:
         the slices they share (:func:`_cut_to_shared_slices`).
     """
     folder = Path(path)
-    if not folder.is_dir() and not (folder.is_file() and looks_like_dicom(folder)):
-        raise InputError(folder, "not a folder: expected a folder of DICOM series, one per phase "
-                                 "(or one multi-frame DICOM file holding the cine)")
-    if folder.is_file() and n_frames(_header(folder) or pydicom.Dataset()) < 2:
-        raise InputError(folder, "a single-frame DICOM image: give the folder that holds the study's series")
+    _check_source(folder, "a folder of DICOM series, one per phase")
     left_out: list[str] = []
     series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
     if not series:
@@ -597,11 +605,7 @@ def read_dicom_volume(path: Path, left_out: list[str] | None = None) -> tuple[np
             single-frame image given as a file.
     """
     folder = Path(path)
-    if folder.is_file() and looks_like_dicom(folder):
-        if n_frames(_header(folder) or pydicom.Dataset()) < 2:
-            raise InputError(folder, "a single-frame DICOM image: give the folder that holds its series")
-    elif not folder.is_dir():
-        raise InputError(folder, "not a folder: expected a folder holding one DICOM series (or a multi-frame file)")
+    _check_source(folder, "a folder holding one DICOM series")
     series = list(_collect(folder, left_out).values())
     if not series:
         raise InputError(folder, "no DICOM image files found (searched recursively)")
