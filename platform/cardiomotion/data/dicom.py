@@ -386,11 +386,11 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
         s.slices.extend(slices)
     if left_out is not None:
         if copies:
-            left_out.append(f"{len(copies)} second copies of images already read (same SOPInstanceUID), "
-                            f"e.g. {copies[0]}")
+            left_out.append(f"{len(copies)} second {'copy' if len(copies) == 1 else 'copies'} of images already "
+                            f"read (same SOPInstanceUID), e.g. {copies[0]}")
         if placeless:
-            left_out.append(f"{len(placeless)} images with no position or orientation in space "
-                            f"(a dose report or screen capture?), e.g. {placeless[0]}")
+            left_out.append(f"{len(placeless)} {'image' if len(placeless) == 1 else 'images'} with no position or "
+                            f"orientation in space (a dose report or screen capture?), e.g. {placeless[0]}")
     return series
 
 
