@@ -456,26 +456,37 @@ def test_dicom_a_cine_in_one_series_beside_a_best_phase_series(tmp_path):
     assert len(scan.left_out) == 1 and "'Cardiac 75%'" in scan.left_out[0] and "another cine" in scan.left_out[0]
 
 
-def test_dicom_phases_that_reach_further_are_cut_to_the_slices_all_phases_share(tmp_path):
-    """Three phases of 6, 6 and 5 slices on one lattice (slice k at the same place in each): read
-    as 5 slices each, the values written there (no resampling); the slice the 0 % and 40 % phases
-    have beyond the others is left out, named. A phase whose slices are off that lattice (another
-    step) is still refused."""
-    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80)],
-                       n_slices=(6, 6, 5))
-    scan = read_scan(tmp_path / "a")
-    assert scan.phase_percent == [0.0, 40.0, 80.0] and scan.shape == (_COLS, _ROWS, 5)
-    assert len(scan.left_out) == 2 and all("1 of its 6 slices, beyond the 5 slices every phase has" in line
+@pytest.mark.parametrize("one_file", [False, True])
+def test_dicom_phases_that_reach_further_are_cut_to_the_slices_all_phases_share(tmp_path, one_file):
+    """Three phases of 12, 12 and 11 slices on one lattice (slice k at the same place in each; a
+    series per phase, or the whole cine in one Enhanced CT file): read as 11 slices each, the
+    values written there (no resampling); the slice the 0 % and 40 % phases have beyond the others
+    is left out, named. Phases that share fewer than 90 % of the longest one's slices, or whose
+    slices are off that lattice (another step), are still refused."""
+    n = (12, 12, 11)
+    if one_file:
+        _enhanced_ct(tmp_path / "a" / "cine.dcm", [1, 0, 0, 0, 1, 0],
+                     [(p, k, {"NominalPercentageOfCardiacPhase": pct}) for p, pct in enumerate((0, 40, 80))
+                      for k in range(n[p])])
+    else:
+        _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40), ("nominal", 80)],
+                           n_slices=n)
+    scan = read_scan(tmp_path / "a", ScanFormat.DICOM)
+    assert scan.phase_percent == [0.0, 40.0, 80.0] and scan.shape == (_COLS, _ROWS, 11)
+    assert len(scan.left_out) == 2 and all("1 of its 12 slices, beyond the 11 slices every phase has" in line
                                            for line in scan.left_out)
     assert "at 0%" in scan.left_out[0] and "at 40%" in scan.left_out[1]
     for t in range(3):
         # RAS from LPS flips columns and rows: (column, row, slice) reversed in the first two
-        want = np.stack([_raw_slice(t, k) * _slope(k) - 1024.0 for k in range(5)], -1).transpose(1, 0, 2)[::-1, ::-1]
+        want = np.stack([_raw_slice(t, k) * _slope(k) - 1024.0 for k in range(11)], -1).transpose(1, 0, 2)[::-1, ::-1]
         np.testing.assert_array_equal(scan.phase(t), want)
-    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
-    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 80)], step=2.0, seed=1)
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)], n_slices=(12, 10))
+    with pytest.raises(InputError, match=r"at 40%: grid \(shape \(5, 4, 10\)\) differs"):
+        read_scan(tmp_path / "b")  # 10 of 12 slices shared: not cut
+    _write_dicom_study(tmp_path / "c", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    _write_dicom_study(tmp_path / "c", [1, 0, 0, 0, 1, 0], [("nominal", 80)], step=2.0, seed=1)
     with pytest.raises(InputError, match=r"at 80%: grid \(shape \(5, 4, 6\)\) differs"):
-        read_scan(tmp_path / "b")
+        read_scan(tmp_path / "c")
 
 
 # --------------------------------------------------------------------------- multi-frame DICOM
@@ -627,6 +638,41 @@ def test_dicom_enhanced_ct_as_a_single_volume(tmp_path):
     assert record["notes"] == [f"left out {line}" for line in folder.left_out]
     with pytest.raises(InputError, match="single-frame DICOM image: give the folder"):
         read_volume(sorted((tmp_path / "single").glob("*.dcm"))[0])
+
+
+def test_dicom_enhanced_ct_of_one_frame_per_file_and_classic_multi_frame(tmp_path):
+    """Enhanced CT files of one frame each (NumberOfFrames 1, the position in the functional
+    groups only) read as the single-frame study; a classic multi-frame file (one top-level
+    position for every frame, no functional groups) is one error saying to convert it, as is a
+    frame without PixelSpacing, naming the frame. A file named by its UID keeps its whole name as
+    the scan id."""
+    from cardiomotion.data.scan import scan_id_of
+
+    iop = [1, 0, 0, 0, 1, 0]
+    for p, pct in enumerate((0, 40)):
+        uid = generate_uid()  # a series of one-frame files per phase
+        for k in range(_N_SLICES):
+            _enhanced_ct(tmp_path / "a" / f"p{p}k{k}.dcm", iop, [(p, k, {"NominalPercentageOfCardiacPhase": pct})],
+                         series_uid=uid)
+    _write_dicom_study(tmp_path / "single", iop, [("nominal", 0), ("nominal", 40)])
+    _assert_same_scan(read_scan(tmp_path / "a", ScanFormat.DICOM), read_scan(tmp_path / "single", ScanFormat.DICOM))
+    classic = tmp_path / "b" / "1.2.840.113619.2.55.3.1"
+    _enhanced_ct(classic, iop, [(0, k, {}) for k in range(3)])
+    ds = pydicom.dcmread(classic)
+    del ds.PerFrameFunctionalGroupsSequence
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.save_as(classic)
+    with pytest.raises(InputError, match=r"multi-frame DICOM \(3 frames\) without per-frame functional groups.*"
+                                         "convert it to NIfTI"):
+        read_scan(tmp_path / "b", ScanFormat.DICOM)
+    assert scan_id_of(classic) == "1.2.840.113619.2.55.3.1"
+    spaceless = tmp_path / "c" / "cine.dcm"
+    _enhanced_ct(spaceless, iop, [(0, k, {}) for k in range(3)])
+    ds = pydicom.dcmread(spaceless)
+    del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+    ds.save_as(spaceless)
+    with pytest.raises(InputError, match=r"cine\.dcm: frame 1: missing or invalid PixelSpacing"):
+        read_scan(spaceless)
 
 
 def test_dicom_enhanced_ct_without_frame_positions_is_left_out_and_a_bad_frame_count_refused(tmp_path):

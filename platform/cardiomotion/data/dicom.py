@@ -179,6 +179,10 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
     n = n_frames(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:
+        if ds.get("ImagePositionPatient") is not None:  # one position for every frame: no stack to build
+            raise InputError(path, f"multi-frame DICOM ({n} frames) without per-frame functional groups "
+                                   "(PerFrameFunctionalGroupsSequence) is not supported: convert it to NIfTI "
+                                   "first (e.g. dcm2niix)")
         return None
     if len(per_frame) != n:
         raise InputError(path, f"multi-frame DICOM with NumberOfFrames {n} but {len(per_frame)} "
@@ -197,7 +201,12 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
         frame = pydicom.Dataset()  # what this frame says, as a single-frame header would say it
         frame.ImagePositionPatient, frame.ImageOrientationPatient = ipp, iop
         frame.PixelSpacing = value("PixelMeasuresSequence", "PixelSpacing")
-        ps = _floats(frame, "PixelSpacing", 2, path)
+        try:
+            ps = _floats(frame, "PixelSpacing", 2, path)
+            position = _floats(frame, "ImagePositionPatient", 3, path)
+            orientation = _floats(frame, "ImageOrientationPatient", 6, path)
+        except InputError as exc:
+            raise InputError(path, f"frame {i + 1}: {exc.problem}") from None
         try:
             slope = float(value("PixelValueTransformationSequence", "RescaleSlope") or 1.0)
             intercept = float(value("PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
@@ -210,8 +219,7 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
                 tags[key] = None if raw is None else float(raw)
             except (TypeError, ValueError):
                 tags[key] = None
-        out.append(_Slice(path=path, position=_floats(frame, "ImagePositionPatient", 3, path),
-                          orientation=_floats(frame, "ImageOrientationPatient", 6, path),
+        out.append(_Slice(path=path, position=position, orientation=orientation,
                           pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns),
                           phase_tags=tags, frame=i, rescale=(slope, intercept)))
     return out
@@ -260,9 +268,10 @@ def _split_phases(s: _Series) -> list[_Series]:
         for i, v in enumerate(values):
             groups.setdefault(v, []).append(i)
         stacks = [where[g].tolist() for g in groups.values()]
-        # a key that splits a cine gives stacks of the same positions, each once (a value per
-        # image, as TriggerTime can be, gives one-slice "phases" instead: not this key)
-        if len(stacks[0]) < 2 or any(len(set(st)) != len(st) or sorted(st) != sorted(stacks[0]) for st in stacks):
+        # a key that splits a cine gives stacks of at least 2 slices, each position once (a value
+        # per image, as TriggerTime can be, gives one-slice "phases" instead: not this key); the
+        # stacks may reach differently far (:func:`_cut_to_shared_slices`)
+        if any(len(st) < 2 or len(set(st)) != len(st) for st in stacks):
             continue
         parts = []
         for v in sorted(groups):
@@ -368,7 +377,7 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
             copies.append(path)
             continue
         seen.add(sop)
-        if n_frames(ds) > 1:
+        if n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
             slices = _frame_slices(path, ds)
         elif ds.get("ImagePositionPatient") is None or ds.get("ImageOrientationPatient") is None:
             slices = None
@@ -457,12 +466,17 @@ def _load_series(s: _Series) -> np.ndarray:
     return vol
 
 
+#: phases are cut to the slices they share only when those are at least this share of the longest
+#: phase's slices (a few slices more or less at either end, not stacks that barely overlap)
+MIN_SHARED_SLICES = 0.9
+
+
 def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[str]) -> None:
     """Phases whose stacks differ only in how far they reach along the slice normal (the same
-    pixels, orientation, pixel spacing and slice step, their slices on one lattice): each is cut,
-    in place, to the slices every phase has, without resampling; what is cut is left out and named
-    in ``left_out``. Phases that differ otherwise are left as they are (the grid check refuses
-    them)."""
+    pixels, orientation, pixel spacing and slice step, their slices on one lattice, sharing at
+    least :data:`MIN_SHARED_SLICES` of the longest stack): each is cut, in place, to the slices
+    every phase has, without resampling; what is cut is left out and named in ``left_out``.
+    Phases that differ otherwise are left as they are (the grid check refuses them)."""
     ref = series[0]
     pixels = (ref.slices[0].columns, ref.slices[0].rows)
     step = ref.affine[:3, 2]
@@ -478,7 +492,7 @@ def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[st
         first.append(round(m))
     lo = max(first)
     hi = min(m + len(s.slices) for m, s in zip(first, series))  # one past the last shared slice
-    if hi - lo < 2 or all(m == lo and len(s.slices) == hi - lo for m, s in zip(first, series)):
+    if hi - lo < MIN_SHARED_SLICES * max(len(s.slices) for s in series) or all(m == lo and len(s.slices) == hi - lo for m, s in zip(first, series)):
         return
     for m, s in zip(first, series):
         keep = s.slices[lo - m:hi - m]
@@ -495,7 +509,11 @@ def _check_source(path: Path, expected: str) -> None:
     if path.is_dir():
         return
     if path.is_file() and looks_like_dicom(path):
-        if n_frames(_header(path) or pydicom.Dataset()) < 2:
+        ds = _header(path)
+        if ds is None:
+            raise InputError(path, "not a CT image (a localizer, a DICOMDIR or a report): expected a folder "
+                                   "of DICOM series or one multi-frame DICOM file")
+        if n_frames(ds) < 2:
             raise InputError(path, "a single-frame DICOM image: give the folder that holds its series")
         return
     raise InputError(path, f"not a folder: expected {expected} (or one multi-frame DICOM file)")

@@ -125,6 +125,8 @@ def scan_id_of(path: str | Path) -> str:
     for suf in (".seq.nrrd", ".nii.gz", ".nii", ".dcm", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
+    if re.fullmatch(r"[0-9.]+", name):  # a DICOM file named by its UID: the name is the id
+        return name
     return name.split(".")[0] or name
 
 
