@@ -492,8 +492,10 @@ def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[st
         first.append(round(m))
     lo = max(first)
     hi = min(m + len(s.slices) for m, s in zip(first, series))  # one past the last shared slice
-    if hi - lo < MIN_SHARED_SLICES * max(len(s.slices) for s in series) or all(m == lo and len(s.slices) == hi - lo for m, s in zip(first, series)):
-        return
+    if hi - lo < MIN_SHARED_SLICES * max(len(s.slices) for s in series):
+        return  # stacks that barely overlap: not one cine cut short
+    if all(m == lo and len(s.slices) == hi - lo for m, s in zip(first, series)):
+        return  # nothing to cut
     for m, s in zip(first, series):
         keep = s.slices[lo - m:hi - m]
         if len(keep) < len(s.slices):
