@@ -8,12 +8,13 @@ PixelValueTransformationSequence, CardiacSynchronizationSequence, FrameContentSe
 
 Series are grouped by SeriesInstanceUID; a series' cardiac phase (% R-R) is
 NominalPercentageOfCardiacPhase (0020,9241) (top level, else anywhere in its sequences), else a
-percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series whose slices
-repeat positions holds the whole cine (as some scanners export it, in single-frame images or in
-one multi-frame file) and is split per image by NominalPercentageOfCardiacPhase, else
-TemporalPositionIdentifier (a frame's TemporalPositionIndex), else TriggerTime (a frame's
-NominalCardiacTriggerDelayTime); the phases' percentages are then unknown. Slices are ordered by their position along the slice normal. The
-header pass reads no pixel data; each phase's pixels are read when :meth:`Scan.phase` asks for it.
+percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series whose slices repeat
+positions holds the whole cine (as some scanners export it, in single-frame images or in one
+multi-frame file) and is split per image by NominalPercentageOfCardiacPhase, else
+TemporalPositionIdentifier or a frame's TemporalPositionIndex, else TriggerTime or a frame's
+NominalCardiacTriggerDelayTime (the phases' percentages then unknown). Slices are ordered by their
+position along the slice normal. The header pass reads no pixel data; each phase's pixels are read
+when :meth:`Scan.phase` asks for it.
 
 What a study exported from a scanner or PACS holds besides the phases is left out and listed in
 :attr:`Scan.left_out`: a second copy of an image (same SOPInstanceUID), images with no place in
@@ -37,6 +38,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -117,7 +119,11 @@ class _Series:
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
-    value = ds.get(keyword)
+    return _numbers(ds.get(keyword), keyword, n, path)
+
+
+def _numbers(value, keyword: str, n: int, path: Path) -> np.ndarray:
+    """``value`` (of ``keyword``) as ``n`` finite floats, else one InputError naming ``path``."""
     try:
         arr = np.asarray([float(v) for v in value], dtype=float)
     except (TypeError, ValueError):
@@ -150,7 +156,7 @@ def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
                   orientation=_floats(ds, "ImageOrientationPatient", 6, path),
                   pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns),
-                  phase_tags=_phase_tags(ds))
+                  phase_tags=_phase_tags(lambda key: _nominal_percent(ds) if key == _PHASE_KEYS[0] else ds.get(key)))
 
 
 def n_frames(ds: pydicom.Dataset) -> int:
@@ -198,13 +204,10 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
         iop = value("PlaneOrientationSequence", "ImageOrientationPatient")
         if ipp is None or iop is None:
             return None
-        frame = pydicom.Dataset()  # what this frame says, as a single-frame header would say it
-        frame.ImagePositionPatient, frame.ImageOrientationPatient = ipp, iop
-        frame.PixelSpacing = value("PixelMeasuresSequence", "PixelSpacing")
         try:
-            ps = _floats(frame, "PixelSpacing", 2, path)
-            position = _floats(frame, "ImagePositionPatient", 3, path)
-            orientation = _floats(frame, "ImageOrientationPatient", 6, path)
+            ps = _numbers(value("PixelMeasuresSequence", "PixelSpacing"), "PixelSpacing", 2, path)
+            position = _numbers(ipp, "ImagePositionPatient", 3, path)
+            orientation = _numbers(iop, "ImageOrientationPatient", 6, path)
         except InputError as exc:
             raise InputError(path, f"frame {i + 1}: {exc.problem}") from None
         try:
@@ -212,13 +215,7 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
             intercept = float(value("PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
         except (TypeError, ValueError) as exc:
             raise InputError(path, f"frame {i + 1}: invalid RescaleSlope/RescaleIntercept ({exc})") from exc
-        tags = {}
-        for key in _PHASE_KEYS:
-            raw = value(_FRAME_GROUPS[key], key) if key in _FRAME_GROUPS else ds.get(key)
-            try:
-                tags[key] = None if raw is None else float(raw)
-            except (TypeError, ValueError):
-                tags[key] = None
+        tags = _phase_tags(lambda key: value(_FRAME_GROUPS[key], key) if key in _FRAME_GROUPS else ds.get(key))
         out.append(_Slice(path=path, position=position, orientation=orientation,
                           pixel_spacing=(float(ps[0]), float(ps[1])), rows=int(ds.Rows), columns=int(ds.Columns),
                           phase_tags=tags, frame=i, rescale=(slope, intercept)))
@@ -236,12 +233,13 @@ _FRAME_GROUPS = {"NominalPercentageOfCardiacPhase": "CardiacSynchronizationSeque
                  "NominalCardiacTriggerDelayTime": "CardiacSynchronizationSequence"}
 
 
-def _phase_tags(ds: pydicom.Dataset) -> dict[str, float | None]:
-    """:data:`_PHASE_KEYS` of one image header (None where absent or not a number)."""
+def _phase_tags(get: Callable[[str], object]) -> dict[str, float | None]:
+    """:data:`_PHASE_KEYS` of one image (or frame) as numbers, each read by ``get(key)`` (None
+    where absent or not a number)."""
     out: dict[str, float | None] = {}
     for key in _PHASE_KEYS:
         try:
-            value = _nominal_percent(ds) if key == _PHASE_KEYS[0] else ds.get(key)
+            value = get(key)
             out[key] = None if value in (None, "") else float(value)
         except (TypeError, ValueError):
             out[key] = None
@@ -359,12 +357,14 @@ def _series_geometry(folder: Path, s: _Series) -> None:
 
 def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Series]:
     """The image series of a folder (or of one multi-frame file) by SeriesInstanceUID (a
-    multi-frame image's frames are slices of its series). A second copy of an image (its SOPInstanceUID seen before) and an image without
-    ImagePositionPatient or ImageOrientationPatient (a multi-frame image: on one of its frames)
-    are left out and counted in ``left_out`` (one line each kind)."""
+    multi-frame image's frames are slices of its series). A second copy of an image (its
+    SOPInstanceUID seen before) and an image without ImagePositionPatient or
+    ImageOrientationPatient (a multi-frame image: on one of its frames) are left out and counted
+    in ``left_out`` (one line each kind)."""
     series: dict[str, _Series] = {}
     files = [folder] if folder.is_file() else sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     seen: set[str] = set()
     copies: list[Path] = []
     placeless: list[Path] = []
@@ -448,21 +448,23 @@ def _load_series(s: _Series) -> np.ndarray:
     """HU of a series, float32 (Columns, Rows, n_slices) in sorted slice order."""
     ref = s.slices[0]
     vol = np.empty((ref.columns, ref.rows, len(s.slices)), dtype=np.float32)
+
+    def put(k: int, hu: np.ndarray) -> None:
+        sl = s.slices[k]
+        if hu.shape != (ref.rows, ref.columns):
+            frame = "" if sl.frame is None else f"frame {sl.frame + 1}: "
+            raise InputError(sl.path, f"{frame}pixel data of shape {hu.shape}, expected ({ref.rows}, {ref.columns})")
+        vol[:, :, k] = hu.T
+
     frames: dict[Path, list[int]] = {}  # a multi-frame image's slices, read together
     for k, sl in enumerate(s.slices):
-        if sl.frame is not None:
+        if sl.frame is None:
+            put(k, _slice_hu(sl.path))
+        else:
             frames.setdefault(sl.path, []).append(k)
-            continue
-        hu = _slice_hu(sl.path)
-        if hu.shape != (ref.rows, ref.columns):
-            raise InputError(sl.path, f"pixel data of shape {hu.shape}, expected ({ref.rows}, {ref.columns})")
-        vol[:, :, k] = hu.T
     for path, ks in frames.items():
         for k, hu in zip(ks, _frames_hu(path, [s.slices[k] for k in ks])):
-            if hu.shape != (ref.rows, ref.columns):
-                raise InputError(path, f"frame {s.slices[k].frame + 1}: pixel data of shape {hu.shape}, "
-                                       f"expected ({ref.rows}, {ref.columns})")
-            vol[:, :, k] = hu.T
+            put(k, hu)
     return vol
 
 

@@ -2,11 +2,12 @@
 
 A trained CVAE needs only an ES-like frame to generate, so any single-phase cardiac CT can
 condition a corpus. Each frame (:func:`cardiomotion.data.volume.read_volume`: NIfTI, NRRD,
-MetaImage, a one-series DICOM folder or a multi-frame DICOM file) is prepared as ``prepare`` prepares an ES frame: a box
-of the model's grid and voxel size (from its ``model.json``) centred on the heart, one
-anti-aliased resampling, stored as int16 HU (:func:`cardiomotion.data.prepare.prepare_scan`).
-The one difference: ``prepare`` centres the box on the ED frame's blood pool and crops ES with
-it; a lone frame has no ED, so the box is centred on the frame's own blood pool.
+MetaImage, a one-series DICOM folder or a multi-frame DICOM file) is prepared as ``prepare``
+prepares an ES frame: a box of the model's grid and voxel size (from its ``model.json``) centred on
+the heart, one anti-aliased resampling, stored as int16 HU
+(:func:`cardiomotion.data.prepare.prepare_scan`). The one difference: ``prepare`` centres the box
+on the ED frame's blood pool and crops ES with it; a lone frame has no ED, so the box is centred on
+the frame's own blood pool.
 
 The result is a prepared folder (``scans.parquet`` with ``phases_from = "frame"``, the source
 path and format of each frame, ``<id>/es.nii.gz``) that ``generate`` reads like any other;
@@ -24,7 +25,7 @@ from ..config import Config, PrepareConfig
 from ..errors import InputError
 from ..fileio import atomic_dir, exclusive_lock, write_json, write_nifti
 from ..layout import ES_FILE, scan_file
-from .prepare import store_as, config_fingerprint, guarded_row, plan_scans, raise_row_errors
+from .prepare import config_fingerprint, guarded_row, plan_scans, raise_row_errors, reader_notes, store_as
 from .preprocess import grid_affine, heart_center, resample
 from .table import RECORD, read_record, write_scan_table
 from .volume import Volume, frame_id_of, read_volume, volume_format
@@ -53,7 +54,7 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "es_path": scan_file(frame_id, ES_FILE), "ed_path": None, "truth_flow_path": None, "labels_path": None,
         "es_labels_path": None,
     }
-    if notes := [f"left out {line}" for line in vol.left_out] + list(vol.notes):  # in prepared.json, not the table
+    if notes := reader_notes(vol.left_out, vol.notes):  # in prepared.json, not the table
         record["notes"] = notes
     with atomic_dir(out_dir / frame_id) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es, cfg.dtype), out_aff)

@@ -99,12 +99,18 @@ def store_as(vol: np.ndarray, dtype: str) -> np.ndarray:
 MIN_BLOOD_CHANGE = 0.03
 
 
+def reader_notes(left_out, notes) -> list[str]:
+    """What a reader left out (``left out …``) and its other notes, one line each: a scan's
+    (:attr:`~cardiomotion.data.scan.Scan.left_out`, ``notes``) or a single frame's."""
+    return [f"left out {line}" for line in left_out] + list(notes)
+
+
 def scan_notes(scan: Scan, choice) -> list[str]:
     """What ``prepare`` tells about one scan besides its record, one line each: what its reader
     left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), the reader's other notes verbatim
     (:attr:`~cardiomotion.data.scan.Scan.notes`, e.g. an orientation the file does not state), and
     detected ES/ED whose blood-pool volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
-    notes = [f"left out {line}" for line in scan.left_out] + list(scan.notes)
+    notes = reader_notes(scan.left_out, scan.notes)
     if choice.blood_ml:
         v = np.asarray(choice.blood_ml, dtype=float)
         change = float((v.max() - v.min()) / v.max()) if v.max() > 0 else 0.0

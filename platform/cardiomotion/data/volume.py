@@ -1,9 +1,10 @@
 """One 3-D CT frame from any supported format, as one small interface (array + geometry).
 
-``generate --frames`` conditions a trained model on single-phase scans: a 3-D NIfTI file, an
-NRRD or MetaImage file, a folder holding one DICOM series, or one multi-frame DICOM file. Each reader returns the voxels in
-canonical RAS+ order (float32 HU) with their affine; :func:`read_volume` picks the reader by
-the path. Orientation is handled by :mod:`cardiomotion.orientation` inside each reader.
+``generate --frames`` conditions a trained model on single-phase scans: a 3-D NIfTI file, an NRRD
+or MetaImage file, a folder holding one DICOM series, or one multi-frame DICOM file. Each reader
+returns the voxels in canonical RAS+ order (float32 HU) with their affine; :func:`read_volume`
+picks the reader by the path. Orientation is handled by :mod:`cardiomotion.orientation` inside each
+reader.
 """
 from __future__ import annotations
 
