@@ -390,7 +390,12 @@ class TuneConfig(_Section):
 
 
 class UtilityArm(str, Enum):
-    """What the estimator of one utility run is trained on (the same training scans every time)."""
+    """What the estimator of one utility run is trained on (the same training scans every time).
+
+    The ``target`` arms are transductive: their corpus is the fold CVAE conditioned on the held-out
+    scan's ES frame (the image the estimator is then asked about), never its ED, labels or flow —
+    what a user with one new scan can do: generate exactly labelled pairs of that anatomy and train
+    on them before estimating its motion."""
 
     CVAE = "cvae"  # a corpus of the fold's CVAE, conditioned on the training ES frames
     RANDOM = "random"  # SynthMorph-style random smooth fields warping the training ES frames
@@ -398,15 +403,34 @@ class UtilityArm(str, Enum):
     UNSUPERVISED = "unsupervised"  # the real training pairs, photometric loss (as ``annotate`` trains)
     MIXED = "cvae+annotated"  # alternate batches: corpus, annotated pairs
     FINETUNE = "cvae>annotated"  # the corpus first (utility.pretrain_share of the steps), then the annotated pairs
+    TARGET = "target"  # a corpus of the fold's CVAE conditioned on the held-out ES frame alone
+    ANNOTATED_TARGET = "annotated+target"  # alternate batches: annotated pairs, the target corpus
 
     @property
     def synthetic(self) -> bool:
         """Arms whose number of distinct samples is the corpus size N (the scaling curve)."""
-        return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED, UtilityArm.FINETUNE)
+        return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED, UtilityArm.FINETUNE,
+                        UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET)
 
     @property
     def uses_corpus(self) -> bool:
+        """Reads the corpus conditioned on the training scans' ES frames."""
         return self in (UtilityArm.CVAE, UtilityArm.MIXED, UtilityArm.FINETUNE)
+
+    @property
+    def uses_target(self) -> bool:
+        """Reads the corpus conditioned on the held-out scan's ES frame (transductive)."""
+        return self in (UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET)
+
+    @property
+    def generated(self) -> bool:
+        """Trains on the fold CVAE's samples (either corpus): waits for the fold's generator."""
+        return self.uses_corpus or self.uses_target
+
+    @property
+    def uses_pairs(self) -> bool:
+        """Reads the training scans' frames (the real pairs; the random arm warps their ES)."""
+        return self not in (UtilityArm.CVAE, UtilityArm.TARGET)
 
     @property
     def tag(self) -> str:
@@ -439,8 +463,10 @@ class UtilityConfig(_Section):
     arms: list[UtilityArm] = Field(
         [UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.ANNOTATED, UtilityArm.UNSUPERVISED, UtilityArm.MIXED],
         min_length=1, description="data arms: cvae, random, annotated, unsupervised, cvae+annotated (alternating "
-                                  "batches); cvae>annotated (pre-trained on the corpus, then fine-tuned on the "
-                                  "annotated pairs, `pretrain_share`) on request")
+                                  "batches); on request cvae>annotated (pre-trained on the corpus, then fine-tuned "
+                                  "on the annotated pairs, `pretrain_share`) and the transductive target (a corpus "
+                                  "conditioned on the held-out ES frame alone) and annotated+target (alternating "
+                                  "batches)")
     sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
                              description="corpus sizes N of the synthetic arms (the scaling curve)")
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")

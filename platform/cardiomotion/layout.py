@@ -71,7 +71,9 @@ a trained model (MLflow artifact ``model``, or a folder)::
     utility_paired.csv                 UTILITY_PAIRED (corpus arms against the others, scan by scan)
     inputs.json                        UTILITY_INPUTS (the prepared and flows folders its rows came from)
     folds/<scan_id>/                   utility_fold_dir(out, scan): generator.json (the fold CVAE),
-                                       frames/ (the training scans, linked), corpus/
+                                       frames/ (the training scans, linked), corpus/,
+                                       target_frames/ (the held-out scan, linked), target_corpus/
+                                       (the target arms: conditioned on the held-out ES frame alone)
 """
 from __future__ import annotations
 
@@ -155,6 +157,8 @@ UTILITY_FOLDS = "folds"
 UTILITY_GENERATOR = "generator.json"
 UTILITY_FRAMES = "frames"
 UTILITY_CORPUS = "corpus"
+UTILITY_TARGET_FRAMES = "target_frames"
+UTILITY_TARGET_CORPUS = "target_corpus"
 
 
 def utility_fold_dir(out_dir: str | Path, scan_id: str) -> Path:

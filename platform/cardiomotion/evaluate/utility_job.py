@@ -18,6 +18,11 @@ For each leave-one-out fold k (held-out scan s_k):
    (:func:`~cardiomotion.evaluate.utility.score_estimate`) and reports the scores;
 4. zero flow and demons are scored on the same pair as references.
 
+The transductive arms (``target``, ``annotated+target``, on request) also need
+``OUT/folds/<s_k>/target_frames`` (a view of the held-out scan alone) and its corpus
+``target_corpus``: the same CVAE conditioned on the held-out ES frame — the one image of the
+held-out scan that anything here sees before scoring (never its ED, labels or flow).
+
 Rows stream to ``OUT/runs.jsonl`` (a rerun skips finished rows); the summary — mean over seeds
 per scan, then the mean over scans with a bootstrap 95 % interval — goes to ``OUT/utility.csv``,
 ``OUT/summary.json``, the figure ``OUT/utility.png`` (myocardium EPE against N per arm) and an
@@ -43,7 +48,8 @@ Log = Callable[[str], None]
 
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
-                      UTILITY_TABLE as TABLE_FILE, utility_fold_dir)
+                      UTILITY_TABLE as TABLE_FILE, UTILITY_TARGET_CORPUS as TARGET_CORPUS_DIR,
+                      UTILITY_TARGET_FRAMES as TARGET_FRAMES_DIR, utility_fold_dir)
 from .utility_report import (PAIRED_COLUMNS, SCORES, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
                              utility_figure)
 
@@ -74,6 +80,8 @@ class UtilityRun:
     frames_dir: str | None  # training-scan view the corpus is conditioned on
     rms_vox: float  # RMS magnitude of the training scans' annotated flows (random arm)
     steps: int | None = None  # Adam steps (``utility.steps_for``); None: ``utility.steps``
+    target_corpus_dir: str | None = None  # materialized corpus of the held-out ES frame (target arms)
+    target_frames_dir: str | None = None  # the held-out scan's view that corpus is conditioned on
 
     @property
     def key(self) -> str:
@@ -296,13 +304,14 @@ def _planned_steps(run: UtilityRun, cfg: Config) -> int:
     return cfg.utility.steps if run.steps is None else run.steps
 
 
-def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
-    """Endless batches of this worker's Ray Data shard ("train"), a new shuffled pass each time."""
+def _dataset_batches(batch_size: int, seed: int, buffer: int, window, name: str = "train") -> Any:
+    """Endless batches of this worker's Ray Data shard ``name`` ("train": the training scans'
+    corpus, "target": the held-out ES frame's), a new shuffled pass each time."""
     import ray.train
 
     from .utility import batch_from_columns
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(name)
     epoch = 0
     while True:
         got = 0
@@ -316,10 +325,12 @@ def _dataset_batches(batch_size: int, seed: int, buffer: int, window) -> Any:
         epoch += 1
 
 
-def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu") -> dict[str, float]:
+def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu",
+                  target_batches=None) -> dict[str, float]:
     """Train one estimator (this process, on ``device``) and score it on the held-out pair;
     ``batches``: an iterator of corpus batches (the Ray Data shard inside a Train worker), or None
-    to read the corpus in-process. Returns the scores (:class:`~cardiomotion.evaluate.utility.EstimateScore`)
+    to read the corpus in-process; ``target_batches`` the same for the target arms' corpus (of the
+    held-out ES frame). Returns the scores (:class:`~cardiomotion.evaluate.utility.EstimateScore`)
     and the last training losses."""
     import torch
 
@@ -330,14 +341,20 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     torch.manual_seed(run.seed)
     window = cfg.intensity.window
     arm = Arm(run.arm)
-    # the real pairs: every arm but cvae (which reads only the corpus)
-    es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids) if arm is not Arm.CVAE else (None,) * 3
-    if arm.uses_corpus and batches is None:
-        corpus = _open_corpus(run, cfg)
-        batches = source_batches(CorpusSource(corpus, window, run.n), cfg.utility.batch_size, run.seed)
+    # the real pairs: every arm but those that read only generated or random samples
+    es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids) if arm.uses_pairs else (None,) * 3
     bs = cfg.utility.batch_size
+    if arm.uses_corpus and batches is None:
+        batches = source_batches(CorpusSource(_open_corpus(run, cfg), window, run.n), bs, run.seed)
+    if arm.uses_target and target_batches is None:
+        target_batches = source_batches(CorpusSource(_open_corpus(run, cfg, target=True), window, run.n), bs,
+                                        run.seed)
     if arm is Arm.CVAE:
         stream = batches
+    elif arm is Arm.TARGET:
+        stream = target_batches
+    elif arm is Arm.ANNOTATED_TARGET:
+        stream = alternate(source_batches(PairSource(es, ed, flows, window), bs, run.seed + 1), target_batches)
     elif arm is Arm.MIXED:
         stream = alternate(batches, source_batches(PairSource(es, ed, flows, window), bs, run.seed + 1))
     elif arm is Arm.FINETUNE:
@@ -369,14 +386,21 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
             "steps": settings.steps}
 
 
-def _open_corpus(run: UtilityRun, cfg: Config):
-    if run.corpus_dir is not None:
+def _corpus_of(run: UtilityRun, target: bool) -> tuple[str | None, str | None]:
+    """(materialized corpus folder or None, frames view) of ``run``'s training-scan corpus, or
+    with ``target`` of its held-out ES frame's."""
+    return (run.target_corpus_dir, run.target_frames_dir) if target else (run.corpus_dir, run.frames_dir)
+
+
+def _open_corpus(run: UtilityRun, cfg: Config, target: bool = False):
+    corpus_dir, frames_dir = _corpus_of(run, target)
+    if corpus_dir is not None:
         from ..generate.corpus import open_corpus
 
-        return open_corpus(run.corpus_dir)
+        return open_corpus(corpus_dir)
     from ..generate.virtual import open_virtual_corpus
 
-    return open_virtual_corpus(run.model_uri, run.frames_dir, run.n, seed=cfg.seed, cfg=cfg)
+    return open_virtual_corpus(run.model_uri, frames_dir, run.n, seed=cfg.seed, cfg=cfg)
 
 
 def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
@@ -389,26 +413,29 @@ def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
     quiet_train_worker()
     cfg = Config.model_validate(config["cfg"])
     run = UtilityRun(**{**config["run"], "train_ids": tuple(config["run"]["train_ids"])})
-    batches = None
-    if UtilityArm(run.arm).uses_corpus:
-        batches = _dataset_batches(cfg.utility.batch_size, run.seed, min(cfg.utility.shuffle_buffer, run.n),
-                                   cfg.intensity.window)
-    return run_estimator(run, cfg, batches, ray.train.torch.get_device())  # Result.return_value (metrics without a checkpoint are not kept)
+    arm = UtilityArm(run.arm)
+    shard = {name: _dataset_batches(cfg.utility.batch_size, run.seed, min(cfg.utility.shuffle_buffer, run.n),
+                                    cfg.intensity.window, name)
+             for name, wanted in (("train", arm.uses_corpus), ("target", arm.uses_target)) if wanted}
+    # Result.return_value (metrics without a checkpoint are not kept)
+    return run_estimator(run, cfg, shard.get("train"), ray.train.torch.get_device(), shard.get("target"))
 
 
-def corpus_dataset(run: UtilityRun, cfg: Config):
-    """The Ray Dataset the corpus arms of ``run`` train on: the first N samples, tensors only."""
+def corpus_dataset(run: UtilityRun, cfg: Config, target: bool = False):
+    """The Ray Dataset the corpus arms of ``run`` train on (with ``target``: the target arms'
+    corpus of the held-out ES frame): the first N samples, tensors only."""
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False  # one estimator of hundreds: no bars in the log
-    if run.corpus_dir is not None:
+    corpus_dir, frames_dir = _corpus_of(run, target)
+    if corpus_dir is not None:
         from ..generate.corpus import open_corpus
 
-        ds = open_corpus(run.corpus_dir).ray_dataset(shuffle_seed=run.seed, limit=run.n)
+        ds = open_corpus(corpus_dir).ray_dataset(shuffle_seed=run.seed, limit=run.n)
     else:
         from ..generate.virtual import open_virtual_corpus
 
-        ds = open_virtual_corpus(run.model_uri, run.frames_dir, run.n, seed=cfg.seed, cfg=cfg).ray_dataset(
+        ds = open_virtual_corpus(run.model_uri, frames_dir, run.n, seed=cfg.seed, cfg=cfg).ray_dataset(
             shuffle_seed=run.seed)
     return ds.select_columns(["es", "ed_syn", "flow"])
 
@@ -423,7 +450,9 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     from ..raycluster import stage_gpu, train_logging
 
     use_gpu = stage_gpu(cfg.utility.resources, ray, "utility.resources.use_gpu")
-    datasets = {"train": corpus_dataset(run, cfg)} if UtilityArm(run.arm).uses_corpus else None
+    arm = UtilityArm(run.arm)
+    datasets = {name: corpus_dataset(run, cfg, target=name == "target")
+                for name, wanted in (("train", arm.uses_corpus), ("target", arm.uses_target)) if wanted} or None
     trainer = TorchTrainer(
         estimator_train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(run)},
@@ -515,7 +544,8 @@ def _references(pair, cfg: Config) -> list[dict[str, Any]]:
 
 
 def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *, prepared: str, flows: str,
-              corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float) -> list[UtilityRun]:
+              corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float,
+              target_corpus_dir: str | None = None, target_frames_dir: str | None = None) -> list[UtilityRun]:
     """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs);
     each with its step budget (:meth:`~cardiomotion.config.UtilityConfig.steps_for`)."""
     u = cfg.utility
@@ -527,8 +557,10 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
             for s in range(u.seeds):
                 runs.append(UtilityRun(fold, scan_id, arm.value, int(n), cfg.seed + s, prepared, flows,
                                        tuple(train_ids), corpus_dir if arm.uses_corpus else None,
-                                       model_uri if arm.uses_corpus else None,
-                                       frames_dir if arm.uses_corpus else None, float(rms_vox), steps))
+                                       model_uri if arm.generated else None,
+                                       frames_dir if arm.uses_corpus else None, float(rms_vox), steps,
+                                       target_corpus_dir if arm.uses_target else None,
+                                       target_frames_dir if arm.uses_target else None))
     return runs
 
 
@@ -558,6 +590,8 @@ class FoldCorpus:
     model_uri: str
     frames_dir: str
     corpus_dir: str | None  # None: on the fly
+    target_frames_dir: str | None = None  # the held-out scan's view (target arms planned)
+    target_corpus_dir: str | None = None  # its corpus; None: on the fly, or no target arm
 
 
 def _corpus_size(corpus_dir: Path) -> int:
@@ -571,23 +605,32 @@ def _corpus_size(corpus_dir: Path) -> int:
 
 
 def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train_ids: list[str], fold_dir: str,
-                       cfg_json: dict) -> FoldCorpus:
+                       cfg_json: dict, corpus: bool = True, target: bool = False) -> FoldCorpus:
     """Inside a Ray task (no resources of its own): the fold's CVAE (a Ray Train run), the
-    training-scan view and, when materialised, the largest corpus (the generate pipeline)."""
+    training-scan view and, when materialised, the largest corpus (the generate pipeline); with
+    ``target``, the held-out scan's view and, materialised, its corpus (the target arms)."""
     cfg = Config.model_validate(cfg_json)
     d = Path(fold_dir)
     model_uri = _fold_generator(Path(prepared), Path(flows), fold, scan_id, d, cfg, lambda _m: None)
     frames_dir = str(training_view(prepared, train_ids, d / FRAMES_DIR))
-    corpus_dir = None
-    if cfg.utility.corpus is UtilityCorpus.MATERIALIZED:
-        from ..generate.job import generate_corpus
+    made: dict[str, str | None] = {}
+    for name, wanted, view, ids in ((CORPUS_DIR, corpus, frames_dir, train_ids),
+                                    (TARGET_CORPUS_DIR, target, None, [scan_id])):
+        if not wanted:
+            continue
+        view = view or str(training_view(prepared, ids, d / TARGET_FRAMES_DIR))
+        made[name + "_frames"] = view
+        if cfg.utility.corpus is UtilityCorpus.MATERIALIZED:
+            from ..generate.job import generate_corpus
 
-        # a corpus is never cut down: one made for a larger N (an earlier run's sizes) serves every
-        # smaller N (the arms read its first N samples); generate still checks it is this model's
-        n = max(max(cfg.utility.sizes), _corpus_size(d / CORPUS_DIR))
-        generate_corpus(model_uri, frames_dir, d / CORPUS_DIR, n, cfg=cfg, track=False)
-        corpus_dir = str(d / CORPUS_DIR)
-    return FoldCorpus(model_uri, frames_dir, corpus_dir)
+            # a corpus is never cut down: one made for a larger N (an earlier run's sizes) serves
+            # every smaller N (the arms read its first N samples); generate still checks it is
+            # this model's
+            n = max(max(cfg.utility.sizes), _corpus_size(d / name))
+            generate_corpus(model_uri, view, d / name, n, cfg=cfg, track=False)
+            made[name] = str(d / name)
+    return FoldCorpus(model_uri, frames_dir, made.get(CORPUS_DIR), made.get(TARGET_CORPUS_DIR + "_frames"),
+                      made.get(TARGET_CORPUS_DIR))
 
 
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run) -> UtilitySummary:
@@ -639,12 +682,14 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
         runs = planned[plan.val_id] = [replace(r, rms_vox=float(rms)) for r in planned[plan.val_id]]
         total += len(runs)
-        queue += [r for r in runs if not UtilityArm(r.arm).uses_corpus and r.key not in have]
-        corpus_todo = sum(1 for r in runs if UtilityArm(r.arm).uses_corpus and r.key not in have)
+        queue += [r for r in runs if not UtilityArm(r.arm).generated and r.key not in have]
+        todo_arms = {UtilityArm(r.arm) for r in runs if UtilityArm(r.arm).generated and r.key not in have}
+        corpus_todo = sum(1 for r in runs if UtilityArm(r.arm).generated and r.key not in have)
         if corpus_todo:
             corpus_runs_todo += corpus_todo
             preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
-                                  str(fold_dir), cfg_json)] = plan
+                                  str(fold_dir), cfg_json, any(a.uses_corpus for a in todo_arms),
+                                  any(a.uses_target for a in todo_arms))] = plan
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
     todo = len(queue) + corpus_runs_todo
     budget = (f"{u.steps} steps each" if u.epochs is None else
@@ -680,9 +725,14 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                     log(f"utility: fold {plan.fold} ({plan.val_id}): its CVAE or corpus failed: {_cause(exc)}")
                     continue
                 log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, corpus "
-                    f"{fc.corpus_dir or 'on the fly'}")
-                queue += [replace(r, corpus_dir=fc.corpus_dir, model_uri=fc.model_uri, frames_dir=fc.frames_dir)
-                          for r in planned[plan.val_id] if UtilityArm(r.arm).uses_corpus and r.key not in have]
+                    f"{fc.corpus_dir or 'on the fly'}"
+                    + (f", target corpus {fc.target_corpus_dir or 'on the fly'}" if fc.target_frames_dir else ""))
+                queue += [replace(r, corpus_dir=fc.corpus_dir if UtilityArm(r.arm).uses_corpus else None,
+                                  model_uri=fc.model_uri,
+                                  frames_dir=fc.frames_dir if UtilityArm(r.arm).uses_corpus else None,
+                                  target_corpus_dir=fc.target_corpus_dir if UtilityArm(r.arm).uses_target else None,
+                                  target_frames_dir=fc.target_frames_dir if UtilityArm(r.arm).uses_target else None)
+                          for r in planned[plan.val_id] if UtilityArm(r.arm).generated and r.key not in have]
                 continue
             r = pending.pop(ready[0])
             try:

@@ -85,16 +85,19 @@ def subject_better(metric: str, delta: float) -> bool:
     return delta < 0 if LOWER_IS_BETTER[metric] else delta > 0
 
 
-#: the corpus arms that also train on the annotated pairs (each is compared with the corpus alone)
-WITH_PAIRS = (UtilityArm.MIXED, UtilityArm.FINETUNE)
+#: the generated arms compared with another generated arm (besides every arm without one): those
+#: that add the annotated pairs, or the held-out anatomy, to what they are compared with
+AGAINST = {UtilityArm.MIXED: UtilityArm.CVAE, UtilityArm.FINETUNE: UtilityArm.CVAE,
+           UtilityArm.TARGET: UtilityArm.CVAE, UtilityArm.ANNOTATED_TARGET: UtilityArm.TARGET}
 
 
 def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The (subject, other) pairs of (arm, N) keys that :func:`paired_differences` compares (and
-    the figure's per-scan panel draws): every corpus arm (cvae, cvae+annotated, cvae>annotated) at N
-    against each arm without a corpus — the real-data arms, the references (zero, demons), and
-    ``random`` at the same N —, each arm of :data:`WITH_PAIRS` against cvae at the same N, and the
-    scaling question: every synthetic arm at its largest N against the same arm at each smaller N."""
+    the figure's per-scan panel draws): every generated arm (cvae, cvae+annotated, cvae>annotated,
+    target, annotated+target) at N against each arm without a generator — the real-data arms, the
+    references (zero, demons), and ``random`` at the same N —, each arm of :data:`AGAINST` against
+    its arm there at the same N, and the scaling question: every synthetic arm at its largest N
+    against the same arm at each smaller N."""
     keys = sorted(set(keys))
     largest: dict[str, int] = {}
     for arm, n in keys:
@@ -112,12 +115,12 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
                 if subj[1] == largest[subj[0]] and other[1] < subj[1]:
                     pairs.append((subj, other))  # scaling: does a larger corpus of the same arm help?
                 continue
-            if not sa.uses_corpus:
+            if not sa.generated:
                 continue
             if oa is not None and oa.synthetic and other[1] != subj[1]:
                 continue  # synthetic arms are compared at the same corpus size
-            if oa is not None and oa.uses_corpus and not (sa in WITH_PAIRS and oa is UtilityArm.CVAE):
-                continue  # among corpus arms only those with the real pairs against corpus-only, once
+            if oa is not None and oa.generated and AGAINST.get(sa) is not oa:
+                continue  # among generated arms only those of AGAINST, once
             pairs.append((subj, other))
     return pairs
 
@@ -197,10 +200,11 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     plt = pyplot()
     subject = None
     if per_scan:
-        # cvae at its largest N, else the mixed arm's, else the fine-tuned arm's (one order, whatever
-        # order the rows came in)
-        preference = (UtilityArm.FINETUNE, UtilityArm.MIXED, UtilityArm.CVAE)
-        corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.uses_corpus),
+        # cvae at its largest N, else the mixed arm's, else the fine-tuned arm's, else the target
+        # arms' (one order, whatever order the rows came in)
+        preference = (UtilityArm.ANNOTATED_TARGET, UtilityArm.TARGET, UtilityArm.FINETUNE, UtilityArm.MIXED,
+                      UtilityArm.CVAE)
+        corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.generated),
                         key=lambda k: (preference.index(arm_of(k[0])), k[1]))
         subject = corpus[-1] if corpus else None
     if subject is None:
