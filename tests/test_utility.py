@@ -185,6 +185,12 @@ def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pai
     # the arms that also see the real pairs against the corpus alone; not against each other
     want |= {((a, n), ("cvae", n)) for a in ("cvae+annotated", "cvae>annotated") for n in (64, 256, 4096)}
     assert rest == want
+    # the transductive arms: against every arm without a generator; target against cvae (does the
+    # held-out anatomy help?), annotated+target against target (do the real pairs add to it?)
+    target = comparison_pairs(keys + [("target", 256), ("annotated+target", 256)])
+    new = {(s, o) for s, o in target if "target" in s[0] or "target" in o[0]}
+    assert new == ({(("target", 256), o) for o in real + [("random", 256), ("cvae", 256)]}
+                   | {(("annotated+target", 256), o) for o in real + [("random", 256), ("target", 256)]})
 
 
 def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
@@ -458,6 +464,47 @@ def test_the_fine_tuned_arm_trains_on_the_corpus_then_on_the_annotated_pairs(pha
     assert all(b.flow is not None and b.es.shape == shape for b in seen)
     assert estimator_identity(cfg)["pretrain_share"] == 0.4
     assert "pretrain_share" not in estimator_identity(load_config(None, TINY))
+
+
+def test_the_target_arms_train_on_the_held_out_es_corpus_alone_or_alternating_with_the_pairs(phantom, monkeypatch):
+    """target: every step on the batches of the held-out ES frame's corpus, the training pairs never
+    read; annotated+target: the annotated pairs and that corpus, batch about; neither reads the
+    training scans' corpus, and both are synthetic arms planned at each N with the target corpus."""
+    import torch
+
+    from cardiomotion.config import UtilityArm, load_config
+    from cardiomotion.evaluate import utility as ut
+    from cardiomotion.evaluate import utility_job as uj
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["target", "annotated+target"], "sizes": [4], "seeds": 1,
+                                                 "steps": 4, "batch_size": 2}})
+    runs = uj.plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
+                        flows=str(flows), corpus_dir="train_corpus", model_uri="m", frames_dir="train_view",
+                        rms_vox=1.0, target_corpus_dir="target_corpus", target_frames_dir="target_view")
+    assert [(r.arm, r.n, r.corpus_dir, r.target_corpus_dir, r.target_frames_dir) for r in runs] == [
+        ("target", 4, None, "target_corpus", "target_view"), ("annotated+target", 4, None, "target_corpus", "target_view")]
+    assert all(UtilityArm(r.arm).generated and not UtilityArm(r.arm).uses_corpus for r in runs)
+    shape = (2, 1, *TINY["prepare"]["grid"])
+
+    def marked():
+        return (ut.Batch(torch.zeros(shape), torch.zeros(shape), torch.full((2, 3, *shape[2:]), 9.0)) for _ in range(99))
+
+    seen = []
+
+    def recording(model, batches, settings, **kw):
+        seen.append([next(batches) for _ in range(settings.steps)])
+        return [0.0] * settings.steps
+
+    monkeypatch.setattr(ut, "train_estimator", recording)
+    read_pairs = []
+    real = uj._training_arrays
+    monkeypatch.setattr(uj, "_training_arrays", lambda *a: read_pairs.append(a) or real(*a))
+    uj.run_estimator(runs[0], cfg, target_batches=marked())
+    assert read_pairs == [] and [bool((b.flow == 9.0).all()) for b in seen[0]] == [True] * 4
+    uj.run_estimator(runs[1], cfg, target_batches=marked())
+    assert len(read_pairs) == 1 and [bool((b.flow == 9.0).all()) for b in seen[1]] == [False, True, False, True]
+    assert all(b.flow is not None and b.es.shape == shape for b in seen[1])
 
 
 def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, monkeypatch):
@@ -745,3 +792,20 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4)]
     assert len(open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")) == 4
+    # the transductive arms, added later: the same fold CVAE conditioned on the held-out ES frame
+    # alone (a view holding only that scan), the training corpus left as it was
+    fold = tmp_path / "u" / "folds" / "phantom_000"
+    corpus_files = sorted((p.name, p.stat().st_mtime_ns) for p in (fold / "corpus").rglob("*"))
+    targeted = cfg.model_copy(deep=True)
+    targeted.utility.arms = [UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET]
+    res = run_utility(prepared, flows, tmp_path / "u", targeted, folds=[0])
+    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["n"]) for r in rows if "target" in r["arm"]) == [("annotated+target", 4), ("target", 4)]
+    target = open_corpus(fold / "target_corpus")
+    assert len(target) == 4 and {target[i]["scan_id"] for i in range(4)} == {"phantom_000"}
+    assert sorted(p.name for p in (fold / "target_frames").iterdir()) == ["phantom_000", "scans.parquet"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (fold / "corpus").rglob("*")) == corpus_files
+    paired = pd.read_csv(res.paired_file)
+    assert {(r.arm, r.vs_arm) for r in paired.itertuples() if r.metric == "epe_myo_mm" and "target" in r.arm} == {
+        ("target", "annotated"), ("target", "zero"), ("target", "cvae"), ("annotated+target", "annotated"),
+        ("annotated+target", "zero"), ("annotated+target", "target")}

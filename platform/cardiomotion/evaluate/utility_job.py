@@ -588,8 +588,8 @@ class FoldCorpus:
     """What a fold's corpus arms read (returned by the fold's preparation task)."""
 
     model_uri: str
-    frames_dir: str
-    corpus_dir: str | None  # None: on the fly
+    frames_dir: str | None  # the training scans' view; None: no arm planned reads their corpus
+    corpus_dir: str | None  # None: on the fly, or no such arm
     target_frames_dir: str | None = None  # the held-out scan's view (target arms planned)
     target_corpus_dir: str | None = None  # its corpus; None: on the fly, or no target arm
 
@@ -604,33 +604,36 @@ def _corpus_size(corpus_dir: Path) -> int:
         return 0
 
 
+def _conditioned_corpus(prepared: str, ids: Sequence[str], view: Path, corpus: Path, model_uri: str,
+                        cfg: Config) -> tuple[str, str | None]:
+    """A prepared view at ``view`` holding only ``ids`` (what the corpus is conditioned on) and,
+    with ``utility.corpus: materialized``, the model's largest corpus of it at ``corpus`` (the
+    generate pipeline); returns (view, corpus or None: on the fly)."""
+    frames = str(training_view(prepared, ids, view))
+    if cfg.utility.corpus is not UtilityCorpus.MATERIALIZED:
+        return frames, None
+    from ..generate.job import generate_corpus
+
+    # a corpus is never cut down: one made for a larger N (an earlier run's sizes) serves every
+    # smaller N (the arms read its first N samples); generate still checks it is this model's
+    n = max(max(cfg.utility.sizes), _corpus_size(corpus))
+    generate_corpus(model_uri, frames, corpus, n, cfg=cfg, track=False)
+    return frames, str(corpus)
+
+
 def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train_ids: list[str], fold_dir: str,
                        cfg_json: dict, corpus: bool = True, target: bool = False) -> FoldCorpus:
-    """Inside a Ray task (no resources of its own): the fold's CVAE (a Ray Train run), the
-    training-scan view and, when materialised, the largest corpus (the generate pipeline); with
-    ``target``, the held-out scan's view and, materialised, its corpus (the target arms)."""
+    """Inside a Ray task (no resources of its own): the fold's CVAE (a Ray Train run) and, for the
+    arms planned, the training scans' corpus (``corpus``) and the held-out ES frame's (``target``)."""
     cfg = Config.model_validate(cfg_json)
     d = Path(fold_dir)
     model_uri = _fold_generator(Path(prepared), Path(flows), fold, scan_id, d, cfg, lambda _m: None)
-    frames_dir = str(training_view(prepared, train_ids, d / FRAMES_DIR))
-    made: dict[str, str | None] = {}
-    for name, wanted, view, ids in ((CORPUS_DIR, corpus, frames_dir, train_ids),
-                                    (TARGET_CORPUS_DIR, target, None, [scan_id])):
-        if not wanted:
-            continue
-        view = view or str(training_view(prepared, ids, d / TARGET_FRAMES_DIR))
-        made[name + "_frames"] = view
-        if cfg.utility.corpus is UtilityCorpus.MATERIALIZED:
-            from ..generate.job import generate_corpus
-
-            # a corpus is never cut down: one made for a larger N (an earlier run's sizes) serves
-            # every smaller N (the arms read its first N samples); generate still checks it is
-            # this model's
-            n = max(max(cfg.utility.sizes), _corpus_size(d / name))
-            generate_corpus(model_uri, view, d / name, n, cfg=cfg, track=False)
-            made[name] = str(d / name)
-    return FoldCorpus(model_uri, frames_dir, made.get(CORPUS_DIR), made.get(TARGET_CORPUS_DIR + "_frames"),
-                      made.get(TARGET_CORPUS_DIR))
+    frames, corpus_dir = (_conditioned_corpus(prepared, train_ids, d / FRAMES_DIR, d / CORPUS_DIR, model_uri, cfg)
+                          if corpus else (None, None))
+    target_frames, target_dir = (_conditioned_corpus(prepared, [scan_id], d / TARGET_FRAMES_DIR,
+                                                     d / TARGET_CORPUS_DIR, model_uri, cfg)
+                                 if target else (None, None))
+    return FoldCorpus(model_uri, frames, corpus_dir, target_frames, target_dir)
 
 
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run) -> UtilitySummary:
@@ -724,9 +727,10 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                     failed.append(f"fold {plan.fold} ({plan.val_id}) CVAE/corpus: {_cause(exc)}")
                     log(f"utility: fold {plan.fold} ({plan.val_id}): its CVAE or corpus failed: {_cause(exc)}")
                     continue
-                log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, corpus "
-                    f"{fc.corpus_dir or 'on the fly'}"
-                    + (f", target corpus {fc.target_corpus_dir or 'on the fly'}" if fc.target_frames_dir else ""))
+                made = [f"{what} {where or 'on the fly'}" for what, view, where in
+                        (("corpus", fc.frames_dir, fc.corpus_dir),
+                         ("target corpus", fc.target_frames_dir, fc.target_corpus_dir)) if view]
+                log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, {', '.join(made)}")
                 queue += [replace(r, corpus_dir=fc.corpus_dir if UtilityArm(r.arm).uses_corpus else None,
                                   model_uri=fc.model_uri,
                                   frames_dir=fc.frames_dir if UtilityArm(r.arm).uses_corpus else None,
