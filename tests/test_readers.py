@@ -289,6 +289,51 @@ def test_dicom_jpeg_lossless_pixel_data_decodes_to_the_written_values(tmp_path):
         np.testing.assert_array_equal(scan.phase(t), hu.transpose(2, 1, 0)[::-1, ::-1, :])
 
 
+def test_dicom_jpeg_lossless_multi_frame_decodes_each_frame_with_its_own_rescale(tmp_path):
+    """Enhanced CT multi-frame files written JPEG Lossless by an independent writer (SimpleITK's
+    GDCM, a phase per file), which pydicom cannot decode without plugins it does not bring: GDCM
+    decodes each frame alone, and every frame keeps its own rescale (one frame's per-frame slope
+    differs from the shared one, which GDCM's own multi-frame reading would not honour)."""
+    import locale
+
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(1)
+    written = {}
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process's locale to "C" and leaves it
+    try:
+        for pct in (40, 70):
+            vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
+            img = sitk.GetImageFromArray(vol)
+            img.SetSpacing((0.7, 0.9, 2.5))
+            img.SetMetaData("0008|0060", "CT")
+            w = sitk.ImageFileWriter()
+            w.SetImageIO("GDCMImageIO")
+            w.SetUseCompression(True)
+            w.SetCompressor("JPEG")  # GDCM's JPEG is the lossless process 14
+            w.SetFileName(str(tmp_path / f"p{pct}.dcm"))
+            w.Execute(img)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    for pct in (40, 70):  # the phase and the rescales, added with the compressed pixel data kept as written
+        f = tmp_path / f"p{pct}.dcm"
+        ds = pydicom.dcmread(f)
+        ds.SeriesDescription = f"Cardiac {pct}%"
+        shared = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+        shared.RescaleSlope, shared.RescaleIntercept = 2, -1024
+        own = Dataset()
+        own.RescaleSlope, own.RescaleIntercept, own.RescaleType = 3, -1000, "HU"
+        ds.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence = [own]
+        ds.save_as(f)
+    ds = pydicom.dcmread(tmp_path / "p40.dcm")
+    assert (ds.file_meta.TransferSyntaxUID, int(ds.NumberOfFrames)) == ("1.2.840.10008.1.2.4.70", 4)
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.phase_percent == [40.0, 70.0] and scan.shape == (5, 6, 4)  # RAS: (cols, rows, slices) here
+    for t, pct in enumerate((40, 70)):
+        hu = written[pct].astype(np.float32) * 2 - 1024
+        hu[2] = written[pct][2].astype(np.float32) * 3 - 1000
+        np.testing.assert_array_equal(scan.phase(t), hu.transpose(2, 1, 0)[::-1, ::-1, :])
+
+
 def test_looks_like_dicom(tmp_path):
     assert looks_like_dicom(_TEMPLATE)
     (tmp_path / "x.dcm").write_text("hello")

@@ -431,17 +431,65 @@ def _slice_hu(path: Path) -> np.ndarray:
 def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
     """HU of some frames of one multi-frame image, float64 (Rows, Columns) each, in the order
     given: each frame decoded alone (pydicom reads only that frame's bytes) and rescaled by its
-    own RescaleSlope and RescaleIntercept."""
+    own RescaleSlope and RescaleIntercept; for a compressed transfer syntax none of pydicom's
+    installed decoders takes, GDCM's (:func:`_gdcm_frames`)."""
     from pydicom.pixels import iter_pixels
 
     wanted = sorted({sl.frame for sl in frames})
     try:
         decoded = dict(zip(wanted, iter_pixels(path, indices=wanted)))
     except _DICOM_ERRORS as exc:
-        raise InputError(path, f"cannot read the multi-frame pixel data ({type(exc).__name__}: {exc}); "
-                               "for a compressed file, install pylibjpeg with pylibjpeg-libjpeg, or "
-                               "decompress it first (e.g. gdcmconv --raw)") from exc
+        decoded = _gdcm_frames(path, wanted, exc)
     return [decoded[sl.frame].astype(np.float64) * sl.rescale[0] + sl.rescale[1] for sl in frames]
+
+
+def _gdcm_frames(path: Path, wanted: list[int], exc: BaseException) -> dict[int, np.ndarray]:
+    """Stored values (Rows, Columns) of frames ``wanted`` (0-based) of a compressed multi-frame
+    image pydicom cannot decode (``exc``: why not), by SimpleITK's GDCM: each frame's compressed
+    bytes are written alone into a minimal single-frame image (the same pixel description and
+    transfer syntax, no rescale) and decoded there, so that every frame keeps its own rescale and
+    place, which GDCM's multi-frame reading does not give.
+
+    Raises:
+        InputError: the file is not compressed (pydicom's error stands), or GDCM cannot decode it.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate, get_frame
+
+    ds = pydicom.dcmread(path)
+    syntax = getattr(ds.get("file_meta"), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        raise InputError(path, f"cannot read the multi-frame pixel data ({type(exc).__name__}: {exc})") from exc
+    pixel_keys = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+                  "HighBit", "PixelRepresentation")
+    out: dict[int, np.ndarray] = {}
+    try:
+        import tempfile
+
+        import SimpleITK as sitk
+
+        with tempfile.TemporaryDirectory(prefix="cardiomotion-frame-") as tmp:
+            for k in wanted:
+                meta = FileMetaDataset()
+                meta.TransferSyntaxUID = syntax
+                meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+                meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+                one = Dataset()
+                one.file_meta = meta
+                one.SOPClassUID, one.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+                one.Modality = "CT"
+                for key in pixel_keys:
+                    setattr(one, key, ds[key].value)
+                one.PixelData = encapsulate([get_frame(ds.PixelData, k, number_of_frames=int(ds.NumberOfFrames))])
+                one["PixelData"].VR = "OB"
+                frame_file = Path(tmp) / f"{k}.dcm"
+                one.save_as(frame_file, enforce_file_format=True)
+                pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(frame_file)))
+                out[k] = pixels.reshape(pixels.shape[-2:])
+    except Exception as gdcm_exc:  # noqa: BLE001 - neither decoder reads it: one error naming both
+        raise InputError(path, f"cannot read the multi-frame pixel data ({syntax.name}: pydicom: "
+                               f"{type(exc).__name__}: {exc}; GDCM: {type(gdcm_exc).__name__}: {gdcm_exc})") from exc
+    return out
 
 
 def _load_series(s: _Series) -> np.ndarray:
