@@ -540,7 +540,7 @@ def test_dicom_phases_that_reach_further_are_cut_to_the_slices_all_phases_share(
 def _enhanced_ct(path: Path, iop, frames, *, series_uid=None, shuffle_seed=0, description="CTA cardiac",
                  per_frame_geometry=True, rle=False) -> None:
     """Write one Enhanced CT Image Storage file with pydicom: ``frames`` is a list of (written
-    phase p, slice k, {per-frame tags}); frame (p, k) holds :func:`_raw_slice` (p, k) at the IPP
+    phase p, slice k, {per-frame tags}: phase tags, or FrameType); frame (p, k) holds :func:`_raw_slice` (p, k) at the IPP
     of slice k (:data:`_ORIGIN` + k·step·normal) with RescaleSlope :func:`_slope` (k) in its own
     PixelValueTransformationSequence; orientation and pixel spacing are shared. Frames are
     stored in shuffled order; ``rle``: the pixel data compressed RLE Lossless (pydicom's encoder)."""
@@ -581,7 +581,11 @@ def _enhanced_ct(path: Path, iop, frames, *, series_uid=None, shuffle_seed=0, de
         content, sync = Dataset(), Dataset()
         content.InStackPositionNumber = k + 1
         for key, value in tags.items():
-            if key == "TemporalPositionIndex":
+            if key == "FrameType":  # its CT Image Frame Type functional group
+                kind = Dataset()
+                kind.FrameType = list(value)
+                item.CTImageFrameTypeSequence = [kind]
+            elif key == "TemporalPositionIndex":
                 content.TemporalPositionIndex = int(value)
             else:  # NominalPercentageOfCardiacPhase, NominalCardiacTriggerDelayTime
                 setattr(sync, key, float(value))
@@ -683,6 +687,22 @@ def test_dicom_enhanced_ct_as_a_single_volume(tmp_path):
     assert record["notes"] == [f"left out {line}" for line in folder.left_out]
     with pytest.raises(InputError, match="single-frame DICOM image: give the folder"):
         read_volume(sorted((tmp_path / "single").glob("*.dcm"))[0])
+
+
+def test_dicom_enhanced_ct_localizer_frames_are_skipped_as_scouts_are(tmp_path):
+    """A MIXED Enhanced CT file whose frames include a localizer (FrameType LOCALIZER, placed far
+    off the stack) reads as the single-frame study of the stack alone; before, the localizer was
+    a slice of the stack and broke its spacing."""
+    iop = [1, 0, 0, 0, 1, 0]
+    axial, scout = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"], ["ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"]
+    for p, pct in enumerate((0, 40)):
+        frames = [(p, k, {"NominalPercentageOfCardiacPhase": pct, "FrameType": axial}) for k in range(_N_SLICES)]
+        frames.append((p, 40, {"NominalPercentageOfCardiacPhase": pct, "FrameType": scout}))
+        _enhanced_ct(tmp_path / "multi" / f"phase{p}.dcm", iop, frames, shuffle_seed=p)
+    _write_dicom_study(tmp_path / "single", iop, [("nominal", 0), ("nominal", 40)])
+    multi = read_scan(tmp_path / "multi", ScanFormat.DICOM)
+    assert multi.phase_percent == [0.0, 40.0] and multi.left_out == []
+    _assert_same_scan(multi, read_scan(tmp_path / "single", ScanFormat.DICOM))
 
 
 def test_dicom_enhanced_ct_of_one_frame_per_file_and_classic_multi_frame(tmp_path):

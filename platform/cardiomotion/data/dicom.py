@@ -179,9 +179,23 @@ def _group_value(ds: pydicom.Dataset, frame: pydicom.Dataset, shared: pydicom.Da
     return None if value in (None, "") else value
 
 
+def _is_localizer(frame: pydicom.Dataset, shared: pydicom.Dataset) -> bool:
+    """Whether a multi-frame image's frame is a localizer (scout): FrameType (0008,9007) of its
+    frame-type functional group (CT Image Frame Type, MR Image Frame Type, …), else the shared
+    one's, says LOCALIZER — a MIXED image may hold one beside its stack."""
+    for group in (frame, shared):
+        for element in group:
+            if element.keyword.endswith("FrameTypeSequence") and element.value:
+                kinds = element.value[0].get("FrameType")
+                if kinds:
+                    return "LOCALIZER" in [str(v).upper() for v in kinds]
+    return False
+
+
 def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
-    """Every frame of a multi-frame image as a :class:`_Slice` (None: a frame has no position or
-    orientation, so the file has no place in space)."""
+    """Every frame of a multi-frame image as a :class:`_Slice`, localizer frames skipped as a
+    scout image is (None: a frame has no position or orientation, so the file has no place in
+    space)."""
     n = n_frames(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is None:
@@ -197,6 +211,9 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
     shared = shared_items[0] if shared_items else pydicom.Dataset()
     out = []
     for i, item in enumerate(per_frame):
+        if _is_localizer(item, shared):
+            continue
+
         def value(sequence: str, keyword: str):
             return _group_value(ds, item, shared, sequence, keyword)
 
@@ -386,6 +403,8 @@ def _collect(folder: Path, left_out: list[str] | None = None) -> dict[str, _Seri
         if slices is None:
             placeless.append(path)  # no place in space (a dose report, a screen capture)
             continue
+        if not slices:
+            continue  # a multi-frame image of localizer frames only: a scout
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not uid:
             raise InputError(path, "DICOM image without SeriesInstanceUID")
