@@ -1,6 +1,6 @@
-"""What stop 41's and stop 43's table scripts (summ41.py, summ43.py) share: a utility run's rows,
-one row's figure, and a paired comparison as a table cell (bench/utility_compare.py's library
-call, compare_folders)."""
+"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py) share: a utility
+run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
+as a table cell (bench/utility_compare.py's library call, compare_folders)."""
 import json
 import sys
 from pathlib import Path
@@ -21,3 +21,23 @@ def get(rs, scan, arm, k="epe_myo_mm"):
 def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
     d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
+
+
+def load(where):
+    """The rows of a utility folder, or of a runs.jsonl file."""
+    return rows(where) if Path(where).is_dir() else [json.loads(line) for line in open(where)]
+
+
+def pool(sources, arms, tmp):
+    """Each arm's rows pooled over ``sources`` (folders or runs.jsonl files; a held-out scan and
+    seed in one of them only), and a folder per arm under ``tmp`` holding them (what
+    compare_folders reads): (rows per arm, folder per arm)."""
+    pooled = {arm: [r for f in sources for r in load(f) if r["arm"] == arm] for arm in arms}
+    dirs = {}
+    for arm, rs in pooled.items():
+        keys = [(r["scan"], r["seed"]) for r in rs]
+        assert len(keys) == len(set(keys)), f"{arm}: a scan and seed in two folders"
+        d = dirs[arm] = Path(tmp) / arm.replace(">", "_then_").replace("+", "_and_")
+        d.mkdir()
+        d.joinpath("runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return pooled, dirs

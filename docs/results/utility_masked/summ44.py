@@ -10,30 +10,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, get, rows  # noqa: E402
-
-import json  # noqa: E402
-
-
-def load(where):
-    """The rows of a utility folder, or of a runs.jsonl file."""
-    return rows(where) if Path(where).is_dir() else [json.loads(line) for line in open(where)]
-
+from rowtools import cmp, get, pool  # noqa: E402
 
 folders = sys.argv[1:]
 ARMS = ("annotated", "cvae", "cvae>annotated")
-pooled = {arm: [r for f in folders for r in load(f) if r["arm"] == arm] for arm in ARMS}
-for arm, rs in pooled.items():  # one row per held-out scan, arm and seed: a scan is never in two folders
-    keys = [(r["scan"], r["seed"]) for r in rs]
-    assert len(keys) == len(set(keys)), f"{arm}: a scan and seed in two folders"
-
 with tempfile.TemporaryDirectory() as tmp:
-    dirs = {}
-    for arm, rs in pooled.items():
-        d = Path(tmp) / arm.replace(">", "_then_")
-        d.mkdir()
-        (d / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-        dirs[arm] = d
+    pooled, dirs = pool(folders, ARMS, tmp)
     scans = sorted({r["scan"] for r in pooled["cvae"]} & {r["scan"] for r in pooled["annotated"]})
     print("| held-out scan (seed 0) | annotated | cvae (N 256) | cvae>annotated | cvae − annotated "
           "| cvae>annotated − annotated |")
