@@ -243,39 +243,48 @@ def test_dicom_series_phases_slices_hu_and_geometry(tmp_path, iop, spacing, nest
                     assert vol[_canonical_index(scan, ras)] == hu[r, c]
 
 
+def _write_gdcm_jpeg(path: Path, img, keep_uids: bool = False) -> None:
+    """Write a SimpleITK image as DICOM compressed JPEG Lossless (GDCM's JPEG is the lossless
+    process 14); the writer sets the process's locale to "C" and leaves it, so it is restored."""
+    import locale
+
+    import SimpleITK as sitk
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        w = sitk.ImageFileWriter()
+        w.SetImageIO("GDCMImageIO")
+        w.SetUseCompression(True)
+        w.SetCompressor("JPEG")
+        if keep_uids:
+            w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(path))
+        w.Execute(img)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def test_dicom_jpeg_lossless_pixel_data_decodes_to_the_written_values(tmp_path):
     """Slices written JPEG Lossless (1.2.840.10008.1.2.4.70, the usual PACS compression) by an
     independent writer (SimpleITK's GDCM), which pydicom cannot decode without plugins it does
     not bring: every phase reads back as the values written, rescaled by the header's slope and
     intercept. (GDCM's writer crashes on JPEG-LS, JPEG 2000 and RLE here, so those are not
     written.)"""
-    import locale
-
     sitk = pytest.importorskip("SimpleITK")
     rng = np.random.default_rng(0)
     written = {}
-    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process's locale to "C" and leaves it
-    try:
-        for pct in (40, 70):
-            uid = generate_uid()
-            vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
-            for k in range(vol.shape[0]):
-                img = sitk.GetImageFromArray(vol[k:k + 1])
-                img.SetSpacing((0.7, 0.9, 1.0))
-                img.SetOrigin((0.0, 0.0, 2.5 * k))
-                for key, val in {"0020|000e": uid, "0008|0060": "CT", "0020|0013": str(k + 1),
-                                 "0020|0032": f"0\\0\\{2.5 * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                                 "0028|0030": "0.9\\0.7", "0008|103e": f"Cardiac {pct}%"}.items():
-                    img.SetMetaData(key, val)
-                w = sitk.ImageFileWriter()
-                w.SetImageIO("GDCMImageIO")
-                w.SetUseCompression(True)
-                w.SetCompressor("JPEG")  # GDCM's JPEG is the lossless process 14
-                w.KeepOriginalImageUIDOn()
-                w.SetFileName(str(tmp_path / f"p{pct}_{k}.dcm"))
-                w.Execute(img)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    for pct in (40, 70):
+        uid = generate_uid()
+        vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
+        for k in range(vol.shape[0]):
+            img = sitk.GetImageFromArray(vol[k:k + 1])
+            img.SetSpacing((0.7, 0.9, 1.0))
+            img.SetOrigin((0.0, 0.0, 2.5 * k))
+            for key, val in {"0020|000e": uid, "0008|0060": "CT", "0020|0013": str(k + 1),
+                             "0020|0032": f"0\\0\\{2.5 * k}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                             "0028|0030": "0.9\\0.7", "0008|103e": f"Cardiac {pct}%"}.items():
+                img.SetMetaData(key, val)
+            _write_gdcm_jpeg(tmp_path / f"p{pct}_{k}.dcm", img, keep_uids=True)
     for f in tmp_path.glob("*.dcm"):  # a rescale in the header (the compressed pixel data as written)
         ds = pydicom.dcmread(f)
         ds.RescaleSlope, ds.RescaleIntercept = 2, -1024
@@ -294,26 +303,15 @@ def test_dicom_jpeg_lossless_multi_frame_decodes_each_frame_with_its_own_rescale
     GDCM, a phase per file), which pydicom cannot decode without plugins it does not bring: GDCM
     decodes each frame alone, and every frame keeps its own rescale (one frame's per-frame slope
     differs from the shared one, which GDCM's own multi-frame reading would not honour)."""
-    import locale
-
     sitk = pytest.importorskip("SimpleITK")
     rng = np.random.default_rng(1)
     written = {}
-    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the process's locale to "C" and leaves it
-    try:
-        for pct in (40, 70):
-            vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
-            img = sitk.GetImageFromArray(vol)
-            img.SetSpacing((0.7, 0.9, 2.5))
-            img.SetMetaData("0008|0060", "CT")
-            w = sitk.ImageFileWriter()
-            w.SetImageIO("GDCMImageIO")
-            w.SetUseCompression(True)
-            w.SetCompressor("JPEG")  # GDCM's JPEG is the lossless process 14
-            w.SetFileName(str(tmp_path / f"p{pct}.dcm"))
-            w.Execute(img)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
+    for pct in (40, 70):
+        vol = written[pct] = rng.integers(-1000, 1000, (4, 6, 5)).astype(np.int16)  # (slices, rows, cols)
+        img = sitk.GetImageFromArray(vol)
+        img.SetSpacing((0.7, 0.9, 2.5))
+        img.SetMetaData("0008|0060", "CT")
+        _write_gdcm_jpeg(tmp_path / f"p{pct}.dcm", img)  # a 3-D image: one Enhanced CT file, a frame per slice
     for pct in (40, 70):  # the phase and the rescales, added with the compressed pixel data kept as written
         f = tmp_path / f"p{pct}.dcm"
         ds = pydicom.dcmread(f)
