@@ -321,6 +321,8 @@ def test_dicom_jpeg_lossless_multi_frame_decodes_each_frame_with_its_own_rescale
         own = Dataset()
         own.RescaleSlope, own.RescaleIntercept, own.RescaleType = 3, -1000, "HU"
         ds.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence = [own]
+        if pct == 70:  # stored values are read as stored (pydicom's way), never inverted as GDCM would
+            ds.PhotometricInterpretation = "MONOCHROME1"
         ds.save_as(f)
     ds = pydicom.dcmread(tmp_path / "p40.dcm")
     assert (ds.file_meta.TransferSyntaxUID, int(ds.NumberOfFrames)) == ("1.2.840.10008.1.2.4.70", 4)
@@ -330,6 +332,26 @@ def test_dicom_jpeg_lossless_multi_frame_decodes_each_frame_with_its_own_rescale
         hu = written[pct].astype(np.float32) * 2 - 1024
         hu[2] = written[pct][2].astype(np.float32) * 3 - 1000
         np.testing.assert_array_equal(scan.phase(t), hu.transpose(2, 1, 0)[::-1, ::-1, :])
+    # a frame whose compressed bytes are damaged: one line naming the file, the frame and both decoders
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(tmp_path / "p40.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=4))
+    ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream"] + frames[1:])
+    ds.save_as(tmp_path / "p40.dcm")
+    with pytest.raises(InputError) as err:
+        read_scan(tmp_path, ScanFormat.DICOM).phase(0)
+    assert "p40.dcm: frame 1: cannot read pixel data" in str(err.value) and "GDCM:" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_frame_ids_keep_unknown_dotted_names_whole():
+    """generate --frames: the known suffixes come off; a multi-frame file named by the PACS keeps
+    its whole name, so two such frames never share an id (scan_id_of would give both "CT")."""
+    from cardiomotion.data.volume import frame_id_of
+
+    assert frame_id_of("a/p12.nii.gz") == "p12" and frame_id_of("a/p12.seq.nrrd") == "p12"
+    assert frame_id_of("CT.1.3.12.2.1107.5.1.4.11") != frame_id_of("CT.1.3.12.2.1107.5.1.4.12")
 
 
 def test_looks_like_dicom(tmp_path):

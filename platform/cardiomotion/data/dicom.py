@@ -426,22 +426,13 @@ def _slice_hu(path: Path) -> np.ndarray:
     """One slice's HU, float64 (Rows, Columns): pydicom's pixel data with RescaleSlope and
     RescaleIntercept applied; for a compressed transfer syntax none of pydicom's installed
     decoders takes (JPEG Lossless and JPEG-LS, the usual PACS compressions, need plugins pydicom
-    does not bring), SimpleITK's GDCM decoder, which applies the rescale itself."""
+    does not bring), GDCM's (:func:`_gdcm_frames`)."""
     ds = None
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
     except _DICOM_ERRORS as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is None or not syntax.is_compressed:
-            raise InputError(path, f"cannot read pixel data ({type(exc).__name__}: {exc})") from exc
-        try:
-            import SimpleITK as sitk
-
-            return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0].astype(np.float64)
-        except Exception as gdcm_exc:  # noqa: BLE001 - neither decoder reads it: one error naming both
-            raise InputError(path, f"cannot read pixel data ({syntax.name}: pydicom: {type(exc).__name__}: {exc}; "
-                                   f"GDCM: {type(gdcm_exc).__name__}: {gdcm_exc})") from exc
+        pixels = _gdcm_frames(path, ds, [0], exc)[0]
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pixels.astype(np.float64) * slope + intercept
@@ -458,30 +449,47 @@ def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
     try:
         decoded = dict(zip(wanted, iter_pixels(path, indices=wanted)))
     except _DICOM_ERRORS as exc:
-        decoded = _gdcm_frames(path, wanted, exc)
+        try:
+            ds = pydicom.dcmread(path)
+        except _DICOM_ERRORS:
+            ds = None
+        decoded = _gdcm_frames(path, ds, wanted, exc)
     return [decoded[sl.frame].astype(np.float64) * sl.rescale[0] + sl.rescale[1] for sl in frames]
 
 
-def _gdcm_frames(path: Path, wanted: list[int], exc: BaseException) -> dict[int, np.ndarray]:
-    """Stored values (Rows, Columns) of frames ``wanted`` (0-based) of a compressed multi-frame
-    image pydicom cannot decode (``exc``: why not), by SimpleITK's GDCM: each frame's compressed
-    bytes are written alone into a minimal single-frame image (the same pixel description and
-    transfer syntax, no rescale) and decoded there, so that every frame keeps its own rescale and
-    place, which GDCM's multi-frame reading does not give.
+def _one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (pydicom's decoder errors span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+#: what a frame's pixel description needs (HighBit, when absent, is BitsStored − 1)
+_PIXEL_KEYS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation")
+
+
+def _gdcm_frames(path: Path, ds: pydicom.Dataset | None, wanted: list[int], exc: BaseException) -> dict[int, np.ndarray]:
+    """Stored values (Rows, Columns) of frames ``wanted`` (0-based) of a compressed image (one
+    frame or many, ``ds`` read whole) that pydicom cannot decode (``exc``: why not), by SimpleITK's
+    GDCM: each frame's compressed bytes are written alone into a minimal single-frame image (the
+    same pixel description and transfer syntax, MONOCHROME2, no rescale) and decoded there, so
+    that every frame keeps its own rescale and place (GDCM's multi-frame reading gives one rescale
+    per file) and the values are those pydicom would give (GDCM inverts MONOCHROME1 itself).
 
     Raises:
-        InputError: the file is not compressed (pydicom's error stands), or GDCM cannot decode it.
+        InputError: one line naming the file: the file is not compressed (pydicom's error stands),
+            its pixel data or pixel description is missing, or GDCM cannot decode it either.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate, get_frame
 
-    ds = pydicom.dcmread(path)
-    syntax = getattr(ds.get("file_meta"), "TransferSyntaxUID", None)
-    if syntax is None or not syntax.is_compressed:
-        raise InputError(path, f"cannot read the multi-frame pixel data ({type(exc).__name__}: {exc})") from exc
-    pixel_keys = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
-                  "HighBit", "PixelRepresentation")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ds is None or syntax is None or not syntax.is_compressed:
+        raise InputError(path, f"cannot read pixel data ({_one_line(exc)})") from exc
+    missing = [key for key in ("PixelData", *_PIXEL_KEYS) if key not in ds]
+    if missing:
+        raise InputError(path, f"cannot read pixel data ({syntax.name}): no {', '.join(missing)} "
+                               "(a truncated file?)") from exc
     out: dict[int, np.ndarray] = {}
+    k = wanted[0]
     try:
         import tempfile
 
@@ -497,17 +505,20 @@ def _gdcm_frames(path: Path, wanted: list[int], exc: BaseException) -> dict[int,
                 one.file_meta = meta
                 one.SOPClassUID, one.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
                 one.Modality = "CT"
-                for key in pixel_keys:
+                for key in _PIXEL_KEYS:
                     setattr(one, key, ds[key].value)
-                one.PixelData = encapsulate([get_frame(ds.PixelData, k, number_of_frames=int(ds.NumberOfFrames))])
+                one.HighBit = int(ds.get("HighBit", int(ds.BitsStored) - 1))
+                one.PhotometricInterpretation = "MONOCHROME2"
+                one.PixelData = encapsulate([get_frame(ds.PixelData, k, number_of_frames=n_frames(ds))])
                 one["PixelData"].VR = "OB"
                 frame_file = Path(tmp) / f"{k}.dcm"
                 one.save_as(frame_file, enforce_file_format=True)
                 pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(frame_file)))
                 out[k] = pixels.reshape(pixels.shape[-2:])
     except Exception as gdcm_exc:  # noqa: BLE001 - neither decoder reads it: one error naming both
-        raise InputError(path, f"cannot read the multi-frame pixel data ({syntax.name}: pydicom: "
-                               f"{type(exc).__name__}: {exc}; GDCM: {type(gdcm_exc).__name__}: {gdcm_exc})") from exc
+        frame = f"frame {k + 1}: " if n_frames(ds) > 1 else ""
+        raise InputError(path, f"{frame}cannot read pixel data ({syntax.name}: pydicom: {_one_line(exc)}; "
+                               f"GDCM: {_one_line(gdcm_exc)})") from exc
     return out
 
 

@@ -28,7 +28,7 @@ from ..layout import ES_FILE, scan_file
 from .prepare import config_fingerprint, guarded_row, plan_scans, raise_row_errors, reader_notes, store_as
 from .preprocess import grid_affine, heart_center, resample
 from .table import RECORD, read_record, write_scan_table
-from .volume import Volume, read_volume, volume_format
+from .volume import Volume, frame_id_of, read_volume, volume_format
 
 PHASES_FROM = "frame"  # scans.parquet's phases_from for a prepared single frame
 
@@ -75,7 +75,7 @@ def plan_frames(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
     paths = [Path(p).expanduser() for p in paths]
     for path in paths:
         volume_format(path)  # a missing path or an unknown format: refused before any work
-    return plan_scans(paths)
+    return plan_scans(paths, id_of=frame_id_of)
 
 
 def prepare_frames(paths: Iterable[str | Path], out_dir: str | Path, cfg: Config, grid, spacing_mm: float,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .scan import image_file_kind, scan_id_of
+from .scan import image_file_kind
 
 
 class VolumeFormat(str, Enum):
@@ -76,6 +76,21 @@ def volume_format(path: str | Path) -> VolumeFormat:
                            "(.mha, .mhd), a folder holding one DICOM series or a multi-frame DICOM file")
 
 
+def frame_id_of(path: str | Path) -> str:
+    """``a/p12.nii.gz`` → ``p12``; ``a/p12.seq.nrrd`` → ``p12``; a folder → its name; any other
+    name whole. Unlike :func:`~cardiomotion.data.scan.scan_id_of`, which cuts an unknown name at
+    its first dot, so that frames named by the PACS (``CT.1.3.12.2.1107.5.1.4.11``, ``….12``) keep
+    ids of their own and a frames folder keeps the ids it was prepared with."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    name = path.name
+    for suf in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
 def _read_nifti(path: Path, notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from ..orientation import to_canonical
     from .nifti import load_nifti, orientation_note, orientation_unknown, read_nifti_data
@@ -118,5 +133,5 @@ def read_volume(path: str | Path) -> Volume:
         notes += orientation_notes(path)
     if not np.all(np.isfinite(array)):
         raise InputError(path, "holds NaN or inf values")
-    return Volume(scan_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original,
+    return Volume(frame_id_of(path), path, fmt, np.asarray(array, dtype=np.float32), affine, original,
                   tuple(left_out), tuple(notes))

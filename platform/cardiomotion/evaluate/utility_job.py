@@ -321,7 +321,7 @@ def _dataset_batches(batch_size: int, seed: int, buffer: int, window, name: str 
             got += 1
             yield batch_from_columns(cols, window)
         if got == 0:
-            raise RuntimeError("the corpus dataset yielded no samples")
+            raise RuntimeError(f"the corpus dataset {name!r} yielded no samples")
         epoch += 1
 
 
@@ -404,7 +404,8 @@ def _open_corpus(run: UtilityRun, cfg: Config, target: bool = False):
 
 
 def estimator_train_loop(config: dict[str, Any]) -> dict[str, float]:
-    """Ray Train worker loop: one estimator; the corpus arms read ``get_dataset_shard("train")``."""
+    """Ray Train worker loop: one estimator; the corpus arms read ``get_dataset_shard("train")``,
+    the target arms ``get_dataset_shard("target")``."""
     import ray.train
     import ray.train.torch
 
