@@ -723,6 +723,10 @@ def test_dicom_enhanced_ct_localizer_frames_are_skipped_as_scouts_are(tmp_path):
     multi = read_scan(tmp_path / "multi", ScanFormat.DICOM)
     assert multi.phase_percent == [0.0, 40.0] and multi.left_out == []
     _assert_same_scan(multi, read_scan(tmp_path / "single", ScanFormat.DICOM))
+    # a file of localizer frames only, given as the scan: named as such
+    _enhanced_ct(tmp_path / "scout.dcm", iop, [(0, k, {"FrameType": scout}) for k in (40, 41)])
+    with pytest.raises(InputError, match=r"scout\.dcm: a localizer \(scout\) image only"):
+        read_scan(tmp_path / "scout.dcm", ScanFormat.DICOM)
 
 
 def test_dicom_enhanced_ct_of_one_frame_per_file_and_classic_multi_frame(tmp_path):

@@ -151,6 +151,23 @@ def _header(path: Path) -> pydicom.Dataset | None:
     return ds
 
 
+def _nothing_read(path: Path) -> str:
+    """Why a path gave no image to read: a file that is a localizer (scout), or holds localizer
+    frames only, is named as such; else nothing was found."""
+    if path.is_file() and looks_like_dicom(path):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except _DICOM_ERRORS:
+            ds = None
+        if ds is not None:
+            shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+            frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+            if ("LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+                    or (frames and all(_is_localizer(f, shared) for f in frames))):
+                return "a localizer (scout) image only: give the cine's images"
+    return "no DICOM image files found (searched recursively)"
+
+
 def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     ps = _floats(ds, "PixelSpacing", 2, path)
     return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
@@ -618,7 +635,7 @@ def read_dicom(path: Path) -> Scan:
     left_out: list[str] = []
     series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
     if not series:
-        raise InputError(folder, "no DICOM image files found (searched recursively)")
+        raise InputError(folder, _nothing_read(folder))
     for s in series:
         if s.split_by is None:  # a series per phase: its phase from its header or description
             pct = _nominal_percent(s.first)
@@ -708,7 +725,7 @@ def read_dicom_volume(path: Path, left_out: list[str] | None = None) -> tuple[np
     _check_source(folder, "a folder holding one DICOM series")
     series = list(_collect(folder, left_out).values())
     if not series:
-        raise InputError(folder, "no DICOM image files found (searched recursively)")
+        raise InputError(folder, _nothing_read(folder))
     if len(series) > 1:
         labels = "; ".join(s.label() for s in series[:3])
         raise InputError(folder, f"{len(series)} DICOM series ({labels}{' …' if len(series) > 3 else ''}): "
