@@ -151,23 +151,6 @@ def _header(path: Path) -> pydicom.Dataset | None:
     return ds
 
 
-def _nothing_read(path: Path) -> str:
-    """Why a path gave no image to read: a file that is a localizer (scout), or holds localizer
-    frames only, is named as such; else nothing was found."""
-    if path.is_file() and looks_like_dicom(path):
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except _DICOM_ERRORS:
-            ds = None
-        if ds is not None:
-            shared = (ds.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
-            frames = ds.get("PerFrameFunctionalGroupsSequence") or []
-            if ("LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-                    or (frames and all(_is_localizer(f, shared) for f in frames))):
-                return "a localizer (scout) image only: give the cine's images"
-    return "no DICOM image files found (searched recursively)"
-
-
 def _make_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     ps = _floats(ds, "PixelSpacing", 2, path)
     return _Slice(path=path, position=_floats(ds, "ImagePositionPatient", 3, path),
@@ -194,6 +177,12 @@ def _group_value(ds: pydicom.Dataset, frame: pydicom.Dataset, shared: pydicom.Da
             return items[0].get(keyword)
     value = ds.get(keyword)
     return None if value in (None, "") else value
+
+
+def _shared_group(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A multi-frame image's shared functional groups (an empty dataset when it has none)."""
+    items = ds.get("SharedFunctionalGroupsSequence")
+    return items[0] if items else pydicom.Dataset()
 
 
 def _is_localizer(frame: pydicom.Dataset, shared: pydicom.Dataset) -> bool:
@@ -224,8 +213,7 @@ def _frame_slices(path: Path, ds: pydicom.Dataset) -> list[_Slice] | None:
     if len(per_frame) != n:
         raise InputError(path, f"multi-frame DICOM with NumberOfFrames {n} but {len(per_frame)} "
                                "PerFrameFunctionalGroupsSequence items")
-    shared_items = ds.get("SharedFunctionalGroupsSequence")
-    shared = shared_items[0] if shared_items else pydicom.Dataset()
+    shared = _shared_group(ds)
     out = []
     for i, item in enumerate(per_frame):
         if _is_localizer(item, shared):
@@ -604,7 +592,8 @@ def _cut_to_shared_slices(folder: Path, series: list[_Series], left_out: list[st
 
 def _check_source(path: Path, expected: str) -> None:
     """A reader's input is a folder or one multi-frame DICOM file; anything else is one
-    InputError (a single-frame image: its folder is the input)."""
+    InputError (a single-frame image: its folder is the input; a file of localizer frames only is
+    named as such)."""
     if path.is_dir():
         return
     if path.is_file() and looks_like_dicom(path):
@@ -614,6 +603,10 @@ def _check_source(path: Path, expected: str) -> None:
                                    "of DICOM series or one multi-frame DICOM file")
         if n_frames(ds) < 2:
             raise InputError(path, "a single-frame DICOM image: give the folder that holds its series")
+        shared = _shared_group(ds)
+        frames = ds.get("PerFrameFunctionalGroupsSequence") or [pydicom.Dataset()]
+        if all(_is_localizer(frame, shared) for frame in frames):
+            raise InputError(path, "a localizer (scout) image only: give the cine's images")
         return
     raise InputError(path, f"not a folder: expected {expected} (or one multi-frame DICOM file)")
 
@@ -635,7 +628,7 @@ def read_dicom(path: Path) -> Scan:
     left_out: list[str] = []
     series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
     if not series:
-        raise InputError(folder, _nothing_read(folder))
+        raise InputError(folder, "no DICOM image files found (searched recursively)")
     for s in series:
         if s.split_by is None:  # a series per phase: its phase from its header or description
             pct = _nominal_percent(s.first)
@@ -725,7 +718,7 @@ def read_dicom_volume(path: Path, left_out: list[str] | None = None) -> tuple[np
     _check_source(folder, "a folder holding one DICOM series")
     series = list(_collect(folder, left_out).values())
     if not series:
-        raise InputError(folder, _nothing_read(folder))
+        raise InputError(folder, "no DICOM image files found (searched recursively)")
     if len(series) > 1:
         labels = "; ".join(s.label() for s in series[:3])
         raise InputError(folder, f"{len(series)} DICOM series ({labels}{' …' if len(series) > 3 else ''}): "
