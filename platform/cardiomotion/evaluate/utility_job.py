@@ -605,6 +605,18 @@ def _corpus_size(corpus_dir: Path) -> int:
         return 0
 
 
+def _fed(run: UtilityRun, fc: FoldCorpus) -> UtilityRun:
+    """``run`` given its fold's generator and the corpora its arm reads (the others stay None,
+    as :func:`plan_runs` left them)."""
+    arm = UtilityArm(run.arm)
+    given: dict[str, Any] = {"model_uri": fc.model_uri}
+    if arm.uses_corpus:
+        given.update(corpus_dir=fc.corpus_dir, frames_dir=fc.frames_dir)
+    if arm.uses_target:
+        given.update(target_corpus_dir=fc.target_corpus_dir, target_frames_dir=fc.target_frames_dir)
+    return replace(run, **given)
+
+
 def _conditioned_corpus(prepared: str, ids: Sequence[str], view: Path, corpus: Path, model_uri: str,
                         cfg: Config) -> tuple[str, str | None]:
     """A prepared view at ``view`` holding only ``ids`` (what the corpus is conditioned on) and,
@@ -687,13 +699,12 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         runs = planned[plan.val_id] = [replace(r, rms_vox=float(rms)) for r in planned[plan.val_id]]
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).generated and r.key not in have]
-        todo_arms = {UtilityArm(r.arm) for r in runs if UtilityArm(r.arm).generated and r.key not in have}
-        corpus_todo = sum(1 for r in runs if UtilityArm(r.arm).generated and r.key not in have)
-        if corpus_todo:
-            corpus_runs_todo += corpus_todo
+        waiting = [UtilityArm(r.arm) for r in runs if UtilityArm(r.arm).generated and r.key not in have]
+        if waiting:
+            corpus_runs_todo += len(waiting)
             preparing[prep.remote(str(prepared), str(flows), plan.fold, plan.val_id, list(plan.train_ids),
-                                  str(fold_dir), cfg_json, any(a.uses_corpus for a in todo_arms),
-                                  any(a.uses_target for a in todo_arms))] = plan
+                                  str(fold_dir), cfg_json, any(a.uses_corpus for a in waiting),
+                                  any(a.uses_target for a in waiting))] = plan
         refs += [{"fold": plan.fold, "scan": plan.val_id, **r} for r in _references(held_out[plan.val_id], cfg)]
     todo = len(queue) + corpus_runs_todo
     budget = (f"{u.steps} steps each" if u.epochs is None else
@@ -732,12 +743,8 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                         (("corpus", fc.frames_dir, fc.corpus_dir),
                          ("target corpus", fc.target_frames_dir, fc.target_corpus_dir)) if view]
                 log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, {', '.join(made)}")
-                queue += [replace(r, corpus_dir=fc.corpus_dir if UtilityArm(r.arm).uses_corpus else None,
-                                  model_uri=fc.model_uri,
-                                  frames_dir=fc.frames_dir if UtilityArm(r.arm).uses_corpus else None,
-                                  target_corpus_dir=fc.target_corpus_dir if UtilityArm(r.arm).uses_target else None,
-                                  target_frames_dir=fc.target_frames_dir if UtilityArm(r.arm).uses_target else None)
-                          for r in planned[plan.val_id] if UtilityArm(r.arm).generated and r.key not in have]
+                queue += [_fed(r, fc) for r in planned[plan.val_id]
+                          if UtilityArm(r.arm).generated and r.key not in have]
                 continue
             r = pending.pop(ready[0])
             try:
