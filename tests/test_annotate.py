@@ -270,6 +270,16 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     assert check_settings(fresh, cfg) is None
     with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[150.0, 800.0\] now"):
         check_settings(fresh, load_config(None, {**TINY, "prepare": {**TINY.get("prepare", {}), "blood_hu": [150.0, 800.0]}}))
+    # the volume term: its tissue range is no setting while it is off; on, a record without it is refused
+    tissue_off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_tissue_hu": [-50, 150]}})
+    assert annotation_settings(tissue_off) == annotation_settings(cfg) and check_settings(fresh, tissue_off) is None
+    held = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_volume_weight": 0.003}})
+    with pytest.raises(InputError, match=r"refine_volume_weight: 0.0 then, 0.003 now"):
+        check_settings(fresh, held)
+    (fresh / "settings.json").write_text(json.dumps(annotation_settings(held)))
+    with pytest.raises(InputError, match=r"refine_tissue_hu: \[0.0, 200.0\] then, \[-50.0, 150.0\] now"):
+        check_settings(fresh, load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_volume_weight": 0.003,
+                                                                      "refine_tissue_hu": [-50, 150]}}))
     (fresh / "settings.json").write_text('{"seed": ')
     with pytest.raises(InputError, match="unreadable settings record"):
         check_settings(fresh, cfg)

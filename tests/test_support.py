@@ -156,14 +156,15 @@ def test_the_refinement_reads_annotates_settings():
     cfg = load_config(None, {"annotate": {"refine_steps": 7, "refine_lr": 0.3, "refine_smooth_weight": 0.02,
                                           "refine_similarity": "ssim_l1", "ssim_alpha": 0.5, "refine_sigma": 2.0,
                                           "refine_levels": 2, "refine_edge_weight": 4.0, "refine_support_mm": 15.0,
-                                          "refine_support_mode": "confine"},
+                                          "refine_support_mode": "confine", "refine_volume_weight": 0.05,
+                                          "refine_tissue_hu": [-20, 180]},
                              "prepare": {"blood_hu": [150, 700]}})
     r = Refinement.from_config(cfg)
     assert r == Refinement(steps=7, lr=0.3, smooth_weight=0.02, similarity=Similarity.SSIM_L1, alpha=0.5, sigma=2.0,
                            levels=2, edge_weight=4.0, support_mm=15.0, support_mode=SupportMode.CONFINE,
-                           blood_hu=(150.0, 700.0))
+                           blood_hu=(150.0, 700.0), volume_weight=0.05, tissue_hu=(-20.0, 180.0))
     plain = r.without_support()
-    assert plain.support_mm == 0.0 and plain.steps == 7
+    assert plain.support_mm == 0.0 and plain.steps == 7 and plain.volume_weight == 0.05
     from dataclasses import replace
     assert replace(r, support_mode=SupportMode.MASK, blood_hu=(1.0, 2.0)).without_support() == plain
     assert len({plain, replace(plain, steps=8)}) == 2  # hashable, a key per refinement
@@ -219,3 +220,33 @@ def test_scans_the_support_reaches_whole_are_named():
     assert support_warning(pd.DataFrame({"scan_id": ["a", "b"], "support_share": [0.7, 0.8]})) is None
     said = support_warning(pd.DataFrame({"scan_id": ["a", "b", "c"], "support_share": [0.7, 1.0, 1.0]}))
     assert said.startswith("the refinement's support reaches the whole grid of 2 of 3 scans (b, c)")
+
+
+def test_the_volume_term_holds_the_ed_frames_soft_tissue():
+    """The tissue the incompressibility term holds is the ED frame's voxels in ``tissue_hu`` —
+    the phantom's myocardium (95–125 HU) and not its contrast-enhanced blood pool or lung; none
+    without the term or when no voxel lies in the range. A refinement with the term differs from
+    one without."""
+    from dataclasses import replace
+
+    from cardiomotion.annotate.stage import Refinement, pair_tissue, refine_pair
+    from cardiomotion.config import load_config
+    from cardiomotion.data.intensity import hu_to_unit
+    from cardiomotion.data.phantom import LV_BLOOD, LV_MYO
+
+    pair = _phantom_pair()
+    cfg = load_config(None, {"annotate": {"refine_steps": 10, "refine_levels": 1, "refine_support_mm": 0,
+                                          "refine_volume_weight": 0.01}})
+    r = Refinement.from_config(cfg)
+    assert r.tissue_hu == (0.0, 200.0)
+    tissue = pair_tissue(pair, r)[0, 0].numpy()
+    labels = pair.ed_labels
+    assert tissue[labels == LV_MYO].mean() > 0.5 and tissue[labels == LV_BLOOD].mean() < 0.1
+    assert set(np.unique(tissue)) <= {0.0, 1.0} and tissue[0, 0, 0] == 0.0  # a corner: lung
+    assert pair_tissue(pair, replace(r, volume_weight=0.0)) is None
+    assert pair_tissue(pair, replace(r, tissue_hu=(2000.0, 3000.0))) is None
+    fixed = torch.from_numpy(hu_to_unit(pair.ed, cfg.intensity.window))[None, None]
+    moving = torch.from_numpy(hu_to_unit(pair.es, cfg.intensity.window))[None, None]
+    zero = torch.zeros(1, 3, *fixed.shape[2:])
+    held = refine_pair(pair, fixed, moving, zero, r).flow
+    assert not torch.equal(held, refine_pair(pair, fixed, moving, zero, replace(r, volume_weight=0.0)).flow)

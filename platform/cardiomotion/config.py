@@ -194,6 +194,13 @@ class AnnotateConfig(_Section):
     refine_edge_weight: float = Field(0.0, ge=0, description="edge-aware refinement smoothness: each flow difference weighted by exp(-λ·abs(ED intensity difference)), intensities in [0, 1] (0 = plain smoothness; measured worse in the myocardium on the phantom: README, 'Where the annotations' whole-grid error lives')")
     refine_support_mm: float = Field(30.0, ge=0, description="the region the heart moves: this distance (mm) from the contrast-enhanced blood pool (prepare.blood_hu), fading to zero over half as far again; 0 = the whole volume. 30: the smallest margin measured that leaves the RV wall's motion whole when the right heart is not opacified (a saline chaser; 20 mm cut it on 8/8 phantom scans); on opacified scans the whole-grid EPE 2.29 -> 1.93 mm (20 mm: 1.81) with the heart's unchanged; downstream (an estimator trained on the labels, 4 folds) 30 mm costs 0.14 mm over the grid on opacified scans and 20 mm costs 0.28 with an unopacified RV (README, 'A refinement that knows where the heart is', 'An unopacified right heart' and 'The support's margin downstream')")
     refine_support_mode: SupportMode = Field(SupportMode.MASK, description="mask: the delivered flow is weighted by the support; confine: the refinement's correction is (measured worse in the myocardium)")
+    refine_volume_weight: float = Field(0.0, ge=0, description="weight λ of the refinement's incompressibility term: λ · mean over the ED soft tissue (refine_tissue_hu) of (det J − 1)², the volume change of the map x → x + u(x). The myocardium keeps its volume through the cycle, which fixes the in-wall motion the image cannot show (README, 'The motion the annotations miss'); 0 = none")
+    refine_tissue_hu: tuple[float, float] = Field((0.0, 200.0), description="HU range of the soft tissue the incompressibility term holds (ED frame): above fat, below prepare.blood_hu's contrast-enhanced blood, whose pools change volume")
+
+    @field_validator("refine_tissue_hu")
+    @classmethod
+    def _tissue(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _low_high(v, "refine_tissue_hu")
 
 
 class CVAEModelConfig(_Section):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..choices import Similarity
+from ..flow.metrics import jacobian_determinant
 from ..flow.ops import gaussian_smooth
 from ..flow.warp import warp
 from ..models.pwcnet import resize_flow
@@ -27,8 +28,21 @@ def _image_term(fixed, warped, similarity: Similarity, alpha: float, window: int
     return photometric_loss(fixed, warped, alpha=alpha, window=window)
 
 
+def volume_change(u: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
+    """The tissue-weighted mean of (det J − 1)² of the map x → x + u(x): 0 where the flow keeps
+    every tissue voxel's volume (an incompressible material), growing with compression or
+    expansion.
+
+    Args:
+        u: (1, 3, I, J, K) pull flow in voxels (isotropic grid: det J needs no spacing).
+        tissue: (1, 1, I, J, K) weight ≥ 0, not all zero.
+    """
+    change = (jacobian_determinant(u) - 1.0).pow(2)
+    return (tissue * change).sum() / tissue.sum().clamp_min(1e-12)
+
+
 def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, sigma, edge_weight,
-              support) -> torch.Tensor:
+              support, volume_weight=0.0, tissue=None) -> torch.Tensor:
     u0 = u0.detach()
     w = torch.zeros_like(u0, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
@@ -42,6 +56,8 @@ def _optimise(fixed, moving, u0, steps, lr, smooth_weight, similarity, alpha, si
         u = u0 + correction(w)
         loss = (_image_term(fixed, warp(moving, u), similarity, alpha, window)
                 + smooth_weight * smoothness_loss(u, image=fixed, edge_weight=edge_weight))
+        if volume_weight and tissue is not None:
+            loss = loss + volume_weight * volume_change(u, tissue)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,6 +78,8 @@ def refine_flow(
     levels: int = 3,
     edge_weight: float = 0.0,
     support: torch.Tensor | None = None,
+    volume_weight: float = 0.0,
+    tissue: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Optimise a pull flow u so that warp(moving, u) ≈ fixed, starting from ``flow``.
 
@@ -102,6 +120,7 @@ def refine_flow(
         f = downsample_to(fixed, size) if level else fixed
         m = downsample_to(moving, size) if level else moving
         s = None if support is None else downsample_to(support.to(fixed), size)
+        t = None if tissue is None else downsample_to(tissue.to(fixed), size)
         u = _optimise(f, m, resize_flow(u, size), steps, lr, smooth_weight, similarity, alpha, sigma,
-                      edge_weight, s)
+                      edge_weight, s, volume_weight, t)
     return resize_flow(u, full)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..choices import Similarity, SupportMode
-from ..config import Config
+from ..config import AnnotateConfig, Config
 from ..errors import CardiomotionError, InputError
 from ..fileio import atomic_dir, atomic_path, write_json
 from ..layout import ANNOTATION_QUALITY as QUALITY_FILE, ANNOTATION_TABLE as TABLE, FLOW_FILE, PWCNET_FILE as MODEL_FILE
@@ -118,6 +118,8 @@ def annotation_settings(cfg: Config) -> dict:
         out["support_blood_hu"] = [float(v) for v in cfg.prepare.blood_hu]
     else:  # without a support its mode changes nothing
         annotate["refine_support_mode"] = SupportMode.MASK.value
+    if not (cfg.annotate.refine and cfg.annotate.refine_volume_weight):  # nor the tissue range without the term
+        annotate["refine_tissue_hu"] = list(AnnotateConfig().refine_tissue_hu)
     return out
 
 
@@ -261,7 +263,8 @@ def _with_defaults(recorded, current, defaults):
 class Refinement:
     """The settings of one per-pair refinement (:func:`~cardiomotion.annotate.refine.refine_flow`'s
     arguments, ``annotate.refine_*``) and of its support: ``support_mm`` (0: none), its mode and
-    the blood range in HU it grows from. Hashable: a key for refinements already made."""
+    the blood range in HU it grows from; the incompressibility term's weight and the HU range of
+    the tissue it holds. Hashable: a key for refinements already made."""
 
     steps: int
     lr: float
@@ -274,6 +277,8 @@ class Refinement:
     support_mm: float
     support_mode: SupportMode
     blood_hu: tuple[float, float]
+    volume_weight: float = 0.0
+    tissue_hu: tuple[float, float] = (0.0, 200.0)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Refinement:
@@ -282,7 +287,9 @@ class Refinement:
                    similarity=ac.refine_similarity, alpha=ac.ssim_alpha, sigma=ac.refine_sigma,
                    levels=ac.refine_levels, edge_weight=ac.refine_edge_weight, support_mm=ac.refine_support_mm,
                    support_mode=ac.refine_support_mode,
-                   blood_hu=(float(cfg.prepare.blood_hu[0]), float(cfg.prepare.blood_hu[1])))
+                   blood_hu=(float(cfg.prepare.blood_hu[0]), float(cfg.prepare.blood_hu[1])),
+                   volume_weight=ac.refine_volume_weight,
+                   tissue_hu=(float(ac.refine_tissue_hu[0]), float(ac.refine_tissue_hu[1])))
 
     def without_support(self) -> Refinement:
         """The same refinement over the whole grid (the support's mode and blood range then mean
@@ -318,6 +325,19 @@ def pair_support(pair, refinement: Refinement) -> tuple[torch.Tensor | None, flo
     return torch.from_numpy(weight)[None, None], float((weight > 0).mean())
 
 
+def pair_tissue(pair, refinement: Refinement) -> torch.Tensor | None:
+    """The soft tissue the incompressibility term holds for ``pair``: (1, 1, I, J, K) float, 1
+    where the ED frame's HU lies in ``tissue_hu``; None without the term (``volume_weight`` 0) or
+    when no voxel lies in the range."""
+    if not refinement.volume_weight:
+        return None
+    low, high = refinement.tissue_hu
+    tissue = (pair.ed >= low) & (pair.ed <= high)
+    if not tissue.any():
+        return None
+    return torch.from_numpy(tissue.astype(np.float32))[None, None]
+
+
 def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Tensor, refinement: Refinement,
                 made: dict[Refinement, tuple[torch.Tensor, float]] | None = None) -> Refined:
     """``annotate``'s delivered flow for one pair: the refinement from ``start``, with a support
@@ -347,7 +367,8 @@ def refine_pair(pair, fixed: torch.Tensor, moving: torch.Tensor, start: torch.Te
         t0 = time.perf_counter()
         flow = refine_flow(fixed, moving, start, steps=r.steps, lr=r.lr, smooth_weight=r.smooth_weight,
                            alpha=r.alpha, similarity=r.similarity, sigma=r.sigma, levels=r.levels,
-                           edge_weight=r.edge_weight, support=support if confine else None)
+                           edge_weight=r.edge_weight, support=support if confine else None,
+                           volume_weight=r.volume_weight, tissue=pair_tissue(pair, r))
         seconds = time.perf_counter() - t0
         if not confine and made is not None:
             made[plain] = (flow, seconds)
@@ -576,7 +597,7 @@ def _trained_with(cfg: Config) -> dict:
 #: without it); named one by one, so a later key that does shape the network is never left out
 REFINEMENT_KEYS = ("refine", "refine_start", "refine_steps", "refine_levels", "refine_lr", "refine_similarity",
                    "refine_sigma", "refine_smooth_weight", "refine_edge_weight", "refine_support_mm",
-                   "refine_support_mode")
+                   "refine_support_mode", "refine_volume_weight", "refine_tissue_hu")
 
 
 def pyramid_part(settings: dict) -> dict:
