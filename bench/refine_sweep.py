@@ -5,7 +5,7 @@ flows under-state myocardial motion, and the corpus's generator is fitted to the
 refines the prepared pairs of a phantom cohort (exact truth per scan) from zero flow — exactly as
 ``annotate`` does with ``refine_start: zero``, so no network is involved — under each setting of a
 grid (``--sigma``, ``--smooth-weight``, ``--steps``, ``--lr``, ``--levels``, ``--similarity``,
-``--edge-weight``, ``--support-mm``, ``--support-mode``: comma lists; every combination), and reports per setting, over the scans: EPE in
+``--edge-weight``, ``--support-mm``, ``--support-mode``, ``--volume-weight``: comma lists; every combination), and reports per setting, over the scans: EPE in
 the ED myocardium, the heart, the RV wall, the whole grid and the tissue more than ``FAR_MM`` from
 the heart (mm); ``magnitude_myo`` (mean ‖u‖ / mean ‖truth‖ in the myocardium, 1 = as
 much motion as the truth); the refinement's own image term (MSE of the unit-window frames, what it
@@ -36,13 +36,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 GRID = ("sigma", "smooth_weight", "steps", "lr", "levels", "similarity", "edge_weight", "window", "support_mm",
-        "support_mode", "blood_hu", "alpha")
+        "support_mode", "blood_hu", "alpha", "volume_weight", "tissue_hu")
 #: settings added after rows were first written: a row without one was made at this value
 #: (``window``: the intensity window in HU the refinement saw, the config's — the default then;
 #: ``blood_hu``: the blood range the support grew from, ``prepare.blood_hu`` — likewise; ``alpha``: the
-#: SSIM share of ``ssim_l1``, ``annotate.ssim_alpha`` — likewise)
+#: SSIM share of ``ssim_l1``, ``annotate.ssim_alpha`` — likewise; ``volume_weight``: no incompressibility
+#: term, ``tissue_hu``: the range of the tissue it would hold, the config's)
 ADDED = {"edge_weight": 0.0, "window": [-200.0, 800.0], "support_mm": 0.0, "support_mode": None,
-         "blood_hu": [200.0, 800.0], "alpha": 0.85}
+         "blood_hu": [200.0, 800.0], "alpha": 0.85, "volume_weight": 0.0, "tissue_hu": [0.0, 200.0]}
 
 
 def _floats(text: str) -> list[float]:
@@ -57,16 +58,20 @@ def settings_grid(args: argparse.Namespace) -> list[dict]:
     """Every combination of the comma lists, as dicts over :data:`GRID` (``args.window``: a list of
     [low, high] HU windows)."""
     lists = [args.sigma, args.smooth_weight, args.steps, args.lr, args.levels, args.similarity, args.edge_weight,
-             args.window, args.support_mm, args.support_mode, args.blood_hu, args.alpha]
+             args.window, args.support_mm, args.support_mode, args.blood_hu, args.alpha, args.volume_weight,
+             args.tissue_hu]
     return [dict(zip(GRID, combo)) for combo in itertools.product(*lists)]
 
 
 def setting_key(s: dict) -> str:
     """The setting as a canonical string (a key :data:`ADDED` lists and the row lacks: its value
-    then; without a support its mode and blood range are no setting: None)."""
+    then; without a support its mode and blood range are no setting: None, nor without the
+    incompressibility term the tissue range)."""
     full = {k: s[k] if k in s else ADDED[k] for k in GRID}
     if not full["support_mm"]:
         full["support_mode"] = full["blood_hu"] = None
+    if not full["volume_weight"]:
+        full["tissue_hu"] = None
     return json.dumps(full, sort_keys=True)
 
 
@@ -111,12 +116,14 @@ def refinement(setting: dict):
 
     full = {k: setting.get(k, ADDED.get(k)) for k in GRID}
     blood = full["blood_hu"] or (0.0, 0.0)  # no blood range: no support (:func:`setting_key`'s normal form)
+    tissue = full["tissue_hu"] or ADDED["tissue_hu"]
     r = Refinement(steps=int(full["steps"]), lr=float(full["lr"]), smooth_weight=float(full["smooth_weight"]),
                    similarity=Similarity(full["similarity"]), alpha=float(full["alpha"]), sigma=float(full["sigma"]),
                    levels=int(full["levels"]), edge_weight=float(full["edge_weight"]),
                    support_mm=float(full["support_mm"] or 0.0),
                    support_mode=SupportMode(full["support_mode"] or SupportMode.MASK.value),
-                   blood_hu=(float(blood[0]), float(blood[1])))
+                   blood_hu=(float(blood[0]), float(blood[1])), volume_weight=float(full["volume_weight"]),
+                   tissue_hu=(float(tissue[0]), float(tissue[1])))
     return r if r.support_mm else r.without_support()
 
 
@@ -225,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--support-mm", type=_floats, default=None,
                     help="the heart's region: this distance (mm) from the blood pool (0: whole volume)")
     ap.add_argument("--support-mode", default=None, help="mask and/or confine (annotate.refine_support_mode)")
+    ap.add_argument("--volume-weight", type=_floats, default=None,
+                    help="incompressibility weight λ over the ED soft tissue (annotate.refine_volume_weight; 0: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", required=True, help="JSON-lines file, one row per (setting, scan); appended, resumed")
     ap.add_argument("--figure", default=None, help="PNG: every setting of --out on the selected scans against the smoothness weight")
@@ -249,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args.support_mm = args.support_mm if args.support_mm is not None else [ac.refine_support_mm]
     args.support_mode = ([SupportMode(v.strip()).value for v in args.support_mode.split(",")] if args.support_mode
                          else [ac.refine_support_mode.value])
-    if any(v < 0 for v in args.support_mm):
-        print(f"refine_sweep: --support-mm must be 0 (off) or positive, got {args.support_mm}", file=sys.stderr)
+    args.volume_weight = args.volume_weight if args.volume_weight is not None else [ac.refine_volume_weight]
+    if any(v < 0 for v in args.support_mm + args.volume_weight):
+        print(f"refine_sweep: --support-mm and --volume-weight must be 0 (off) or positive, got "
+              f"{args.support_mm} and {args.volume_weight}", file=sys.stderr)
         return 2
     args.similarity = ([Similarity(v.strip()).value for v in args.similarity.split(",")] if args.similarity
                        else [ac.refine_similarity.value])
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args.window = [window]
     args.blood_hu = [[float(v) for v in cfg.prepare.blood_hu]]
     args.alpha = [float(ac.ssim_alpha)]
+    args.tissue_hu = [[float(v) for v in ac.refine_tissue_hu]]
     settings = settings_grid(args)
     for scan in scans:
         pair, cache = None, {}

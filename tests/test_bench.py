@@ -464,7 +464,8 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
         rs.select_scans(ids, "phantom_099")
     ns = argparse.Namespace(sigma=[2.0, 3.0], smooth_weight=[0.0, 0.01, 0.1], steps=[300], lr=[0.2], levels=[3],
                             similarity=["mse"], edge_weight=[0.0, 10.0], window=[[-200.0, 800.0]],
-                            support_mm=[0.0], support_mode=["mask"], blood_hu=[[200.0, 800.0]], alpha=[0.85])
+                            support_mm=[0.0], support_mode=["mask"], blood_hu=[[200.0, 800.0]], alpha=[0.85],
+                            volume_weight=[0.0], tissue_hu=[[0.0, 200.0]])
     grid = rs.settings_grid(ns)
     assert len(grid) == 12 and len({rs.setting_key(s) for s in grid}) == 12
     assert {s["smooth_weight"] for s in grid} == {0.0, 0.01, 0.1}
@@ -500,6 +501,15 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     assert rs.refinement(ssim) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01, "refine_support_mm": 0.0,
                                              "refine_similarity": "ssim_l1", "ssim_alpha": 0.6}).without_support()
     assert rs.setting_key(ssim) != rs.setting_key({**ssim, "alpha": 0.85})
+    # the incompressibility term: a row from before it had none; its tissue range is a setting only with it
+    held = {**modes[0], "volume_weight": 0.003, "tissue_hu": [-20.0, 180.0]}
+    before = {k: v for k, v in modes[0].items() if k not in ("volume_weight", "tissue_hu")}
+    assert rs.setting_key(before) == rs.setting_key(modes[0]) != rs.setting_key(held)
+    assert rs.setting_key({**modes[0], "tissue_hu": [-20.0, 180.0]}) == rs.setting_key(modes[0])
+    assert rs.setting_key({**held, "tissue_hu": [0.0, 200.0]}) != rs.setting_key(held)
+    assert rs.refinement(held) == annotates({"refine_sigma": 3.0, "refine_smooth_weight": 0.01, "refine_support_mm": 0.0,
+                                             "refine_volume_weight": 0.003,
+                                             "refine_tissue_hu": [-20.0, 180.0]}).without_support()
 
 
 @pytest.mark.slow
