@@ -270,16 +270,21 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     assert check_settings(fresh, cfg) is None
     with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[150.0, 800.0\] now"):
         check_settings(fresh, load_config(None, {**TINY, "prepare": {**TINY.get("prepare", {}), "blood_hu": [150.0, 800.0]}}))
-    # the volume term: its tissue range is no setting while it is off; on, a record without it is refused
-    tissue_off = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_tissue_hu": [-50, 150]}})
-    assert annotation_settings(tissue_off) == annotation_settings(cfg) and check_settings(fresh, tissue_off) is None
-    held = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_volume_weight": 0.003}})
-    with pytest.raises(InputError, match=r"refine_volume_weight: 0.0 then, 0.003 now"):
-        check_settings(fresh, held)
-    (fresh / "settings.json").write_text(json.dumps(annotation_settings(held)))
+    # the volume term (on by default since stop 46): its tissue range is no setting while it is off;
+    # a record from before it was made without it
+    assert cfg.annotate.refine_volume_weight == 0.001
     with pytest.raises(InputError, match=r"refine_tissue_hu: \[0.0, 200.0\] then, \[-50.0, 150.0\] now"):
-        check_settings(fresh, load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_volume_weight": 0.003,
-                                                                      "refine_tissue_hu": [-50, 150]}}))
+        check_settings(fresh, load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine_tissue_hu": [-50, 150]}}))
+    no_volume = {**TINY["annotate"], "refine_volume_weight": 0}
+    volume_off = load_config(None, {**TINY, "annotate": no_volume})
+    tissue_off = load_config(None, {**TINY, "annotate": {**no_volume, "refine_tissue_hu": [-50, 150]}})
+    assert annotation_settings(tissue_off) == annotation_settings(volume_off)
+    before_volume = annotation_settings(cfg)
+    del before_volume["annotate"]["refine_volume_weight"], before_volume["annotate"]["refine_tissue_hu"]
+    (fresh / "settings.json").write_text(json.dumps(before_volume))  # a record from before stop 46
+    assert check_settings(fresh, volume_off) is None and check_settings(fresh, tissue_off) is None
+    with pytest.raises(InputError, match=r"refine_volume_weight: 0.0 then, 0.001 now"):  # not the default it lacks
+        check_settings(fresh, cfg)
     (fresh / "settings.json").write_text('{"seed": ')
     with pytest.raises(InputError, match="unreadable settings record"):
         check_settings(fresh, cfg)

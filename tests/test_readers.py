@@ -347,7 +347,7 @@ def test_dicom_jpeg_lossless_multi_frame_decodes_each_frame_with_its_own_rescale
 
 def test_frame_ids_keep_unknown_dotted_names_whole():
     """generate --frames: the known suffixes come off; a multi-frame file named by the PACS keeps
-    its whole name, so two such frames never share an id (scan_id_of would give both "CT")."""
+    its whole name, so two such frames never share an id (scan_id_of does too since stop 46)."""
     from cardiomotion.data.volume import frame_id_of
 
     assert frame_id_of("a/p12.nii.gz") == "p12" and frame_id_of("a/p12.seq.nrrd") == "p12"
@@ -755,6 +755,10 @@ def test_dicom_enhanced_ct_of_one_frame_per_file_and_classic_multi_frame(tmp_pat
                                          "convert it to NIfTI"):
         read_scan(tmp_path / "b", ScanFormat.DICOM)
     assert scan_id_of(classic) == "1.2.840.113619.2.55.3.1"
+    # named by the PACS, a modality and a UID: the whole name, so a study's files keep ids of their own
+    assert scan_id_of(tmp_path / "CT.1.3.12.2.1107.5.1.4.11") == "CT.1.3.12.2.1107.5.1.4.11"
+    assert scan_id_of(tmp_path / "CT.1.3.12.2.1107.5.1.4.12") == "CT.1.3.12.2.1107.5.1.4.12"
+    assert scan_id_of(tmp_path / "case01.IMA") == "case01" and scan_id_of(tmp_path / "CT.v2") == "CT"
     spaceless = tmp_path / "c" / "cine.dcm"
     _enhanced_ct(spaceless, iop, [(0, k, {}) for k in range(3)])
     ds = pydicom.dcmread(spaceless)

@@ -124,8 +124,8 @@ def annotation_settings(cfg: Config) -> dict:
 
 
 #: ``annotate`` settings a record written before the key existed was made at, where that is not
-#: the key's default today (the support was off before stop 40)
-RECORDED_BEFORE = {"refine_support_mm": 0.0}
+#: the key's default today (the support was off before stop 40, the volume term before stop 46)
+RECORDED_BEFORE = {"refine_support_mm": 0.0, "refine_volume_weight": 0.0}
 
 
 def check_settings(out: Path, cfg: Config) -> dict | None:

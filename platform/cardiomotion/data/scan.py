@@ -117,7 +117,10 @@ def image_file_kind(path: Path) -> str | None:
 
 
 def scan_id_of(path: str | Path) -> str:
-    """A scan's id: its folder's name, or its file name without extensions."""
+    """A scan's id: its folder's name, or its file name without extensions. A DICOM file named by
+    its UID (``1.3.12.2.1107.5.1.4.11``), or by the PACS as a modality and a UID
+    (``CT.1.3.12.2.1107.5.1.4.11``), keeps its whole name: cut at the first dot, the files of one
+    study would share the id ``CT``."""
     path = Path(path)
     if path.is_dir():
         return path.name
@@ -125,7 +128,7 @@ def scan_id_of(path: str | Path) -> str:
     for suf in (".seq.nrrd", ".nii.gz", ".nii", ".dcm", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
-    if re.fullmatch(r"[0-9.]+", name):  # a DICOM file named by its UID: the name is the id
+    if re.fullmatch(r"([^.]*\.)?[0-9][0-9.]*", name):  # a DICOM file named by its UID: the name is the id
         return name
     return name.split(".")[0] or name
 

@@ -78,9 +78,8 @@ def volume_format(path: str | Path) -> VolumeFormat:
 
 def frame_id_of(path: str | Path) -> str:
     """``a/p12.nii.gz`` → ``p12``; ``a/p12.seq.nrrd`` → ``p12``; a folder → its name; any other
-    name whole. Unlike :func:`~cardiomotion.data.scan.scan_id_of`, which cuts an unknown name at
-    its first dot, so that frames named by the PACS (``CT.1.3.12.2.1107.5.1.4.11``, ``….12``) keep
-    ids of their own and a frames folder keeps the ids it was prepared with."""
+    name whole. Unlike :func:`~cardiomotion.data.scan.scan_id_of`, which cuts an unknown name
+    other than a UID at its first dot: a frames folder keeps the ids it was prepared with."""
     path = Path(path)
     if path.is_dir():
         return path.name
