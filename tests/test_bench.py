@@ -487,7 +487,8 @@ def test_refine_sweep_scores_known_flows_and_parses_its_grid():
     from cardiomotion.annotate.stage import Refinement
     from cardiomotion.config import load_config
 
-    def annotates(annotate, blood=(200.0, 800.0)):
+    def annotates(annotate, blood=(200.0, 800.0)):  # the grid above holds no volume term: λ 0 unless given
+        annotate = {"refine_volume_weight": 0.0, **annotate}
         return Refinement.from_config(load_config(None, {"annotate": annotate, "prepare": {"blood_hu": list(blood)}}))
 
     confine = {**modes[-1], "blood_hu": [150.0, 700.0]}
