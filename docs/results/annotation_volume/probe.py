@@ -10,6 +10,7 @@ and longitudinal (the LV's principal axis, as U46/component_probe.py). One JSON 
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +19,12 @@ from cardiomotion.annotate.refine import refine_flow
 from cardiomotion.annotate.stage import Refinement, pair_support
 from cardiomotion.config import Config
 from cardiomotion.data.intensity import hu_to_unit
-from cardiomotion.data.phantom import LV_BLOOD, LV_MYO, region_masks
+from cardiomotion.data.phantom import region_masks
 from cardiomotion.data.table import load_pair, read_scan_table
 from cardiomotion.flow.metrics import jacobian_determinant
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked" / "U46"))
+from component_probe import split  # noqa: E402
 
 prepared, out = sys.argv[1], sys.argv[2]
 weights = [float(w) for w in sys.argv[3].split(",")]
@@ -32,16 +36,8 @@ ref = Refinement.from_config(cfg)
 
 
 def components(u, truth, lab, h):
-    lv = np.argwhere(np.isin(lab, (LV_BLOOD, LV_MYO))).astype(np.float64)
-    c = lv.mean(axis=0)
-    axis = np.linalg.eigh(np.cov((lv - c).T))[1][:, -1]
-    myo = lab == LV_MYO
-    p = np.argwhere(myo).astype(np.float64) - c
-    rad = p - (p @ axis)[:, None] * axis
-    rad /= np.linalg.norm(rad, axis=1, keepdims=True) + 1e-9
-    basis = np.stack([rad, np.cross(axis, rad), np.broadcast_to(axis, rad.shape)], axis=1)
-    e = np.einsum("vcd,vd->vc", basis, (u[:, myo] - truth[:, myo]).T * h)
-    return np.sqrt((e ** 2).mean(0)).tolist()
+    t, a = split(lab, truth, u)
+    return np.sqrt(((a - t) ** 2).mean(0) * h * h).tolist()
 
 
 for row in read_scan_table(prepared).to_dict("records")[first:last]:
