@@ -277,8 +277,8 @@ class Refinement:
     support_mm: float
     support_mode: SupportMode
     blood_hu: tuple[float, float]
-    volume_weight: float = 0.0
-    tissue_hu: tuple[float, float] = (0.0, 200.0)
+    volume_weight: float
+    tissue_hu: tuple[float, float]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Refinement:
