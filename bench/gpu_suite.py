@@ -82,7 +82,7 @@ DEFAULT_PWC = {"channels": (16, 32, 64, 96, 128), "search_range": 2, "estimator_
                "context": True, "cost_chunk": 25}
 DEFAULT_ANNOTATE = {"epochs": 300, "batch_size": 2, "lr": 1e-3, "smooth_weight": 0.1, "ssim_alpha": 0.85,
                     "refine_steps": 300, "refine_levels": 3, "refine_lr": 0.2, "refine_sigma": 3.0,
-                    "refine_smooth_weight": 0.001}
+                    "refine_smooth_weight": 0.001, "refine_volume_weight": 0.001}
 PAPER = {"scans": 44, "cvae_epochs": 2000, "corpus_samples": 1_000_000}
 
 
@@ -374,9 +374,12 @@ def section_annotation(scale: Scale, device: torch.device, budget: Budget) -> di
     fixed, moving = fixed_all[:1], moving_all[:1]
     reset_peak(device)
     t = time.perf_counter()
+    # the volume term holds the whole grid here (what it costs does not depend on which voxels it
+    # holds; the synthetic field is not volume-preserving, so the EPE below is not annotate's)
     refined = refine_flow(fixed, moving, torch.zeros((1, 3, *grid), device=device), steps=scale.refine_steps,
                           lr=a["refine_lr"], smooth_weight=a["refine_smooth_weight"], sigma=a["refine_sigma"],
-                          levels=scale.refine_levels)
+                          levels=scale.refine_levels, volume_weight=a["refine_volume_weight"],
+                          tissue=torch.ones_like(fixed))
     sync(device)
     refine = {"steps_per_level": scale.refine_steps, "levels": scale.refine_levels,
               "seconds": round(time.perf_counter() - t, 3), "peak_gpu_mem_gb": peak_gb(device),

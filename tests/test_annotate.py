@@ -285,6 +285,19 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
     assert check_settings(fresh, volume_off) is None and check_settings(fresh, tissue_off) is None
     with pytest.raises(InputError, match=r"refine_volume_weight: 0.0 then, 0.001 now"):  # not the default it lacks
         check_settings(fresh, cfg)
+    # without refinement no refinement key is a setting: a folder annotated so before the support
+    # and the volume term existed is resumed with today's defaults, and with any other value of them
+    unrefined = load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine": False}})
+    before_both = annotation_settings(unrefined)
+    for key in ("refine_support_mm", "refine_support_mode", "refine_volume_weight", "refine_tissue_hu"):
+        del before_both["annotate"][key]
+    (fresh / "settings.json").write_text(json.dumps(before_both))
+    assert check_settings(fresh, unrefined) is None
+    assert check_settings(fresh, load_config(None, {**TINY, "annotate": {**TINY["annotate"], "refine": False,
+                                                                          "refine_volume_weight": 0.01,
+                                                                          "refine_sigma": 1.0}})) is None
+    with pytest.raises(InputError, match="refine: false then, true now"):
+        check_settings(fresh, cfg)
     (fresh / "settings.json").write_text('{"seed": ')
     with pytest.raises(InputError, match="unreadable settings record"):
         check_settings(fresh, cfg)

@@ -759,6 +759,7 @@ def test_dicom_enhanced_ct_of_one_frame_per_file_and_classic_multi_frame(tmp_pat
     assert scan_id_of(tmp_path / "CT.1.3.12.2.1107.5.1.4.11") == "CT.1.3.12.2.1107.5.1.4.11"
     assert scan_id_of(tmp_path / "CT.1.3.12.2.1107.5.1.4.12") == "CT.1.3.12.2.1107.5.1.4.12"
     assert scan_id_of(tmp_path / "case01.IMA") == "case01" and scan_id_of(tmp_path / "CT.v2") == "CT"
+    assert scan_id_of(tmp_path / "patient.001") == "patient" and scan_id_of(tmp_path / "ct_v1.2") == "ct_v1"
     spaceless = tmp_path / "c" / "cine.dcm"
     _enhanced_ct(spaceless, iop, [(0, k, {}) for k in range(3)])
     ds = pydicom.dcmread(spaceless)

@@ -116,3 +116,7 @@ def test_the_volume_term_recovers_the_phantom_myocardiums_in_wall_motion():
     assert err(held) < 0.6 * err(plain)
     assert dev(held) < 0.5 * dev(plain)
     assert torch.equal(refine_flow(fixed, moving, zero, steps=60, levels=2, volume_weight=0.0, tissue=tissue), plain)
+    with pytest.raises(ValueError, match="tissue"):
+        refine_flow(fixed, moving, zero, volume_weight=0.01, tissue=tissue[..., :-1])
+    with pytest.raises(ValueError, match=">= 0"):
+        refine_flow(fixed, moving, zero, volume_weight=-0.01, tissue=tissue)

@@ -100,6 +100,10 @@ def refine_flow(
         support: (1, 1, I, J, K) weight in [0, 1] of the correction per voxel (None: 1 everywhere;
             :func:`~cardiomotion.annotate.support.motion_support`), area-averaged to each level's
             grid. Where it and its coarse levels' neighbours are 0 the flow stays the starting flow.
+        volume_weight: λ of the incompressibility term λ · :func:`volume_change` (0: none).
+        tissue: (1, 1, I, J, K) weight ≥ 0 of the voxels whose volume the term holds (the ED soft
+            tissue: :func:`~cardiomotion.annotate.stage.pair_tissue`), area-averaged to each level's
+            grid; None: no term whatever ``volume_weight``.
 
     Returns:
         (1, 3, I, J, K) refined flow (detached), voxels of the full grid.
@@ -109,6 +113,12 @@ def refine_flow(
                                 or tuple(support.shape[2:]) != tuple(fixed.shape[2:])):
         raise ValueError(f"the support must be (1, 1, {', '.join(map(str, fixed.shape[2:]))}), "
                          f"got {tuple(support.shape)}")
+    if tissue is not None and (tissue.shape[0] != 1 or tissue.shape[1] != 1
+                               or tuple(tissue.shape[2:]) != tuple(fixed.shape[2:])):
+        raise ValueError(f"the tissue must be (1, 1, {', '.join(map(str, fixed.shape[2:]))}), "
+                         f"got {tuple(tissue.shape)}")
+    if volume_weight < 0:
+        raise ValueError(f"the volume term's weight must be >= 0, got {volume_weight}")
     if steps <= 0:
         return flow.detach()
     full = tuple(fixed.shape[2:])

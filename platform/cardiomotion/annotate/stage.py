@@ -112,15 +112,26 @@ def annotation_settings(cfg: Config) -> dict:
     """What an annotation folder's network and flows depend on besides the prepared set (which
     ``prepared.sha256`` pins): the seed, the intensity window and every ``annotate`` setting but
     where the network trains (workers, resources) and how often it checkpoints."""
-    annotate = _trained_with(cfg)
-    out = {"seed": cfg.seed, "intensity": cfg.intensity.model_dump(mode="json"), "annotate": annotate}
+    out = {"seed": cfg.seed, "intensity": cfg.intensity.model_dump(mode="json"),
+           "annotate": _refinement_normal_form(_trained_with(cfg))}
     if cfg.annotate.refine and cfg.annotate.refine_support_mm:  # the support grows from prepare's blood range
         out["support_blood_hu"] = [float(v) for v in cfg.prepare.blood_hu]
-    else:  # without a support its mode changes nothing
-        annotate["refine_support_mode"] = SupportMode.MASK.value
-    if not (cfg.annotate.refine and cfg.annotate.refine_volume_weight):  # nor the tissue range without the term
-        annotate["refine_tissue_hu"] = list(AnnotateConfig().refine_tissue_hu)
     return out
+
+
+def _refinement_normal_form(annotate: dict) -> dict:
+    """``annotate`` settings (today's, or a record's) with the refinement keys that change nothing
+    at fixed values: without refinement every refinement key but ``refine`` at its default; without
+    a support its mode; without the volume term its tissue range."""
+    a = dict(annotate)
+    defaults = AnnotateConfig().model_dump(mode="json")
+    if not a.get("refine", True):
+        return {**a, **{k: defaults[k] for k in REFINEMENT_KEYS if k != "refine"}}
+    if not a.get("refine_support_mm"):
+        a["refine_support_mode"] = defaults["refine_support_mode"]
+    if not a.get("refine_volume_weight"):
+        a["refine_tissue_hu"] = defaults["refine_tissue_hu"]
+    return a
 
 
 #: ``annotate`` settings a record written before the key existed was made at, where that is not
@@ -169,8 +180,10 @@ def check_settings(out: Path, cfg: Config) -> dict | None:
 def recorded_settings(record: Path, settings: dict):
     """An annotation folder's ``settings.json`` as it compares with ``settings`` (today's
     :func:`annotation_settings`): :data:`RECORDED_BEFORE`'s keys filled with the values records
-    were made at before them, and any other key the record lacks filled where ``settings`` holds
-    its default.
+    were made at before them, any other key the record lacks filled where ``settings`` holds
+    its default, and the refinement keys that changed nothing at fixed values
+    (:func:`_refinement_normal_form`: a folder annotated without refinement before a refinement
+    key existed is the same folder whatever that key is today).
 
     Raises:
         InputError: the record is unreadable.
@@ -183,7 +196,10 @@ def recorded_settings(record: Path, settings: dict):
                                  "parameters)") from None
     if isinstance(recorded, dict) and isinstance(recorded.get("annotate"), dict):
         recorded = {**recorded, "annotate": {**RECORDED_BEFORE, **recorded["annotate"]}}
-    return _with_defaults(recorded, settings, annotation_settings(Config()))
+    recorded = _with_defaults(recorded, settings, annotation_settings(Config()))
+    if isinstance(recorded, dict) and isinstance(recorded.get("annotate"), dict):
+        recorded = {**recorded, "annotate": _refinement_normal_form(recorded["annotate"])}
+    return recorded
 
 
 def network_part(settings: dict) -> dict:

@@ -128,8 +128,8 @@ def scan_id_of(path: str | Path) -> str:
     for suf in (".seq.nrrd", ".nii.gz", ".nii", ".dcm", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suf):
             return name[: -len(suf)]
-    if re.fullmatch(r"([^.]*\.)?[0-9][0-9.]*", name):  # a DICOM file named by its UID: the name is the id
-        return name
+    if re.fullmatch(r"[0-9.]+", name) or re.fullmatch(r"[A-Za-z]{1,16}\.[0-9]+(\.[0-9]+){2,}", name):
+        return name  # a DICOM file named by its UID (after a modality): the name is the id
     return name.split(".")[0] or name
 
 

@@ -55,5 +55,6 @@ if __name__ == "__main__":
         print(row["scan_id"], " ".join(f"{v:.3f}" for v in rec), flush=True)
     m = np.mean(rows, axis=0)
     print("mean", " ".join(f"{v:.3f}" for v in m))
-    share = m[4:7] ** 2 / (m[4:7] ** 2).sum()
+    squared = (np.asarray(rows)[:, 4:7] ** 2).mean(axis=0)  # each scan's mean squared error, averaged
+    share = squared / squared.sum()
     print("share of the squared error:", ", ".join(f"{k} {s:.2f}" for k, s in zip(NAMES, share)))
