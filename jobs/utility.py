@@ -17,4 +17,6 @@ if __name__ == "__main__":
         PathFlag("--prepared", "prepared phantom dataset folder (held-out scans need exact truth)", default="prepared"),
         PathFlag("--flows", "annotation folder (flows + feature pyramid)", default="annotations"),
         PathFlag("--out", "utility experiment folder", default="utility"),
+        PathFlag("--generators", "an earlier utility folder made from the same inputs, whose fold CVAEs are reused",
+                 optional=True),
     ]))

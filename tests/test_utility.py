@@ -650,6 +650,59 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     assert not said  # nothing trained, nothing said
 
 
+def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_only(phantom, tmp_path):
+    """--generators: another utility folder's fold CVAEs serve a run from the same inputs and
+    settings (its generator.json copied; _fold_generator then trains nothing); other inputs, a
+    generator trained otherwise, or a folder holding its own generator are refused with nothing
+    written; a fold the source lacks is said and left to train."""
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility_job import (GENERATOR_RECORD, INPUTS_FILE, _fold_generator, _generator_want,
+                                                   adopt_generators, check_inputs, record_inputs, utility_fold_dir)
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store")})
+    src, out = tmp_path / "U", tmp_path / "U2"
+    inputs = check_inputs(src, prepared, flows)
+    record_inputs(src, inputs)
+    want = _generator_want(cfg)
+    for scan, uri in (("phantom_000", "runs:/a/model"), ("phantom_001", "runs:/b/model")):
+        utility_fold_dir(src, scan).mkdir(parents=True)
+        (utility_fold_dir(src, scan) / GENERATOR_RECORD).write_text(json.dumps(
+            {"model_uri": uri, "run_id": uri[6], "settings": want}))
+    said: list[str] = []
+    assert adopt_generators(src, out, ["phantom_000", "phantom_001", "phantom_002"], inputs, cfg, said.append) == [
+        "phantom_000", "phantom_001"]
+    assert len(said) == 1 and "phantom_002" in said[0] and "trained here" in said[0]
+    got = json.loads((utility_fold_dir(out, "phantom_001") / GENERATOR_RECORD).read_text())
+    assert got["model_uri"] == "runs:/b/model" and got["adopted_from"].endswith("phantom_001/" + GENERATOR_RECORD)
+    quiet: list[str] = []
+    assert _fold_generator(prepared, flows, 1, "phantom_001", utility_fold_dir(out, "phantom_001"), cfg,
+                           quiet.append) == "runs:/b/model" and not quiet  # reused, nothing trained
+    assert adopt_generators(src, out, ["phantom_000"], inputs, cfg) == ["phantom_000"]  # a rerun: the same
+    # a generator trained with other settings is refused before anything is copied
+    other = cfg.model_copy(deep=True)
+    other.train.epochs = cfg.train.epochs + 1
+    with pytest.raises(InputError, match=r"phantom_001/generator.json: was trained with other settings \(train.epochs: 2 then, 3 now\)"):
+        adopt_generators(src, tmp_path / "U3", ["phantom_001", "phantom_000"], inputs, other)
+    assert not (tmp_path / "U3").exists()
+    # a folder holding its own generator of the fold keeps it: refused
+    (utility_fold_dir(out, "phantom_000") / GENERATOR_RECORD).write_text(json.dumps(
+        {"model_uri": "runs:/own/model", "run_id": "own", "settings": want}))
+    with pytest.raises(InputError, match=r"U2/folds/phantom_000/generator.json: this folder holds its own generator"):
+        adopt_generators(src, out, ["phantom_000"], inputs, cfg)
+    # generators made from other annotations, or from a folder that is no utility folder
+    elsewhere = {**inputs, "flows_sha256": "0" * 64}
+    with pytest.raises(InputError, match=r"inputs.json: its fold generators were made from other inputs \(the flows"):
+        adopt_generators(src, tmp_path / "U4", ["phantom_000"], elsewhere, cfg)
+    with pytest.raises(InputError, match=r"is not a utility folder"):
+        adopt_generators(tmp_path / "nothing", tmp_path / "U4", ["phantom_000"], inputs, cfg)
+    (src / INPUTS_FILE).write_text(json.dumps({k: v for k, v in inputs.items() if k != "flows_sha256"}))
+    with pytest.raises(InputError, match=r"records no fingerprint"):
+        adopt_generators(src, tmp_path / "U4", ["phantom_000"], inputs, cfg)
+    assert not (tmp_path / "U4").exists()
+
+
 def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, monkeypatch):
     """With per-fold pyramids the generator depends on annotate's settings: a record made before
     they were recorded (every pyramid then trained at the constant rate) is reused by a constant
@@ -809,3 +862,14 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     assert {(r.arm, r.vs_arm) for r in paired.itertuples() if r.metric == "epe_myo_mm" and "target" in r.arm} == {
         ("target", "annotated"), ("target", "zero"), ("target", "cvae"), ("annotated+target", "annotated"),
         ("annotated+target", "zero"), ("annotated+target", "target")}
+    # another prior temperature into a new folder, reusing this folder's fold CVAE (--generators):
+    # the same model, a new corpus sampled at the new temperature, nothing trained again
+    colder = cfg.model_copy(deep=True)
+    colder.generate.temperature = cfg.generate.temperature / 2
+    colder.utility.arms = [UtilityArm.CVAE]
+    run_utility(prepared, flows, tmp_path / "u_cold", colder, folds=[0], generators=tmp_path / "u")
+    mine = json.loads((tmp_path / "u_cold" / "folds" / "phantom_000" / "generator.json").read_text())
+    assert mine["model_uri"] == json.loads((fold / "generator.json").read_text())["model_uri"]
+    cold = open_corpus(tmp_path / "u_cold" / "folds" / "phantom_000" / "corpus")
+    assert len(cold) == 4 and cold.manifest["temperature"] == colder.generate.temperature
+    assert [json.loads(x)["arm"] for x in (tmp_path / "u_cold" / "runs.jsonl").read_text().splitlines()] == ["cvae"]

@@ -224,7 +224,8 @@ def cmd_utility(args) -> int:
             bar.refresh()
 
     try:
-        res = run_utility(args.prepared, args.flows, args.out, cfg, folds=args.folds, log=_say, on_run=on_run)
+        res = run_utility(args.prepared, args.flows, args.out, cfg, folds=args.folds, log=_say, on_run=on_run,
+                          generators=args.generators)
     finally:
         if bar is not None:
             bar.close()
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, help="estimator seeds (config utility.seeds)")
     s.add_argument("--steps", type=int, help="Adam steps per estimator (config utility.steps)")
     s.add_argument("--corpus", choices=["materialized", "on_the_fly"], help="config utility.corpus")
+    s.add_argument("--generators", help="an earlier utility --out made from the same inputs: reuse its fold CVAEs "
+                                        "(e.g. to sample them at another generate.temperature) instead of training")
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_utility)
 

@@ -499,28 +499,43 @@ def _what_trains(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in RESOURCE_KEYS and k not in legacy}
 
 
-def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
-    """The fold CVAE's model URI (trained once; kept in generator.json)."""
-    from ..annotate.stage import current_pyramid_record, pyramid_settings
-    from ..fileio import write_json
-    from ..train.cvae import train_fold
+def _generator_want(cfg: Config) -> dict:
+    """The settings a fold CVAE of this plan is trained with (what ``generator.json`` records)."""
+    from ..annotate.stage import pyramid_settings
 
-    record = fold_dir / GENERATOR_RECORD
     want = {"train": _what_trains(cfg.train.model_dump(mode="json")), "pyramid": cfg.cv.pyramid.value,
             "seed": cfg.seed}
     if cfg.cv.pyramid.value == "per_fold":  # the fold trains its own pyramid: annotate's settings make it
         want["pyramid_settings"] = pyramid_settings(cfg)
+    return want
+
+
+def _recorded_settings(rec: dict, want: dict, cfg: Config) -> dict:
+    """A ``generator.json``'s settings in the form :func:`_generator_want` gives them (records
+    made before a key was recorded read as what those runs trained with)."""
+    from ..annotate.stage import current_pyramid_record
+
+    found = dict(rec.get("settings") or {})
+    found["train"] = _what_trains(found.get("train") or {})
+    found = current_pyramid_record(found, "pyramid_settings")  # perhaps recorded with the refinement's keys
+    if ("pyramid_settings" in want and "pyramid_settings" not in found
+            and cfg.annotate.lr_schedule.value == "constant"):
+        # recorded before the key, when every pyramid trained at the constant rate: only a
+        # constant-rate plan may reuse it (a cosine one trains its own generator)
+        found["pyramid_settings"] = want["pyramid_settings"]
+    return found
+
+
+def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
+    """The fold CVAE's model URI (trained once; kept in generator.json)."""
+    from ..fileio import write_json
+    from ..train.cvae import train_fold
+
+    record = fold_dir / GENERATOR_RECORD
+    want = _generator_want(cfg)
     if record.is_file():
         rec = json.loads(record.read_text())
-        found = dict(rec.get("settings") or {})
-        found["train"] = _what_trains(found.get("train") or {})
-        found = current_pyramid_record(found, "pyramid_settings")  # perhaps recorded with the refinement's keys
-        if ("pyramid_settings" in want and "pyramid_settings" not in found
-                and cfg.annotate.lr_schedule.value == "constant"):
-            # recorded before the key, when every pyramid trained at the constant rate: only a
-            # constant-rate plan may reuse it (a cosine one trains its own generator)
-            found["pyramid_settings"] = want["pyramid_settings"]
-        if found == want:
+        if _recorded_settings(rec, want, cfg) == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
     import hashlib
@@ -530,6 +545,71 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     res = train_fold(prepared, flows, fold, cfg, name=f"utility_generator_{scan_id}_{digest}", log=log)
     write_json(record, {"model_uri": res.model_uri, "run_id": res.run_id, "settings": want})
     return res.model_uri
+
+
+def adopt_generators(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict[str, str], cfg: Config,
+                     log: Log = lambda _m: None) -> list[str]:
+    """Reuse the fold CVAEs another utility folder ``source`` trained (``--generators``): a
+    sweep over what does not retrain them (``generate.temperature``, the arms, the estimator)
+    then trains no generator again. ``source`` must have been made from the same inputs
+    (``inputs.json``: the prepared and flows folders and the flows' content hash) and its fold
+    generators with this plan's settings; each fold's ``generator.json`` is copied into ``out``
+    (the model stays in the tracking store both folders share). A fold ``source`` has no
+    generator for is trained here. Returns the scan ids whose generator was adopted.
+
+    Raises:
+        InputError: ``source`` is no utility folder, was made from other inputs, holds a generator
+            trained with other settings, or ``out`` already holds another generator of a fold
+            (its corpus and rows were made from that one).
+    """
+    from ..fileio import write_json
+    from ..train.sweep import first_difference, read_json
+
+    source = Path(source).expanduser().resolve()
+    record = source / INPUTS_FILE
+    if not record.is_file():
+        raise InputError(source, f"is not a utility folder (no {INPUTS_FILE}): give the --out of an earlier "
+                                 "utility run as --generators")
+    have = read_json(record)
+    if not isinstance(have, dict) or "flows_sha256" not in have:
+        raise InputError(record, "records no fingerprint of its flows: rerun utility into it once (it adopts "
+                                 "one), then give it as --generators")
+    if have != inputs:
+        what = (first_difference({k: v for k, v in have.items() if k != "flows_sha256"},
+                                 {k: v for k, v in inputs.items() if k != "flows_sha256"})
+                or "the flows folder's content changed since (annotated again?)")
+        raise InputError(record, f"its fold generators were made from other inputs ({what}): they cannot "
+                                 "serve this run")
+    if source == Path(out).resolve():
+        return []
+    want = _generator_want(cfg)
+    adopted: list[str] = []
+    copies: list[tuple[Path, dict]] = []  # written once every fold has passed (nothing half-adopted)
+    for scan_id in scan_ids:
+        theirs = utility_fold_dir(source, scan_id) / GENERATOR_RECORD
+        if not theirs.is_file():
+            log(f"utility: {source} has no generator of the fold holding out {scan_id}: it is trained here")
+            continue
+        rec = read_json(theirs)
+        found = _recorded_settings(rec, want, cfg) if isinstance(rec, dict) else None
+        if found != want or "model_uri" not in rec:
+            what = first_difference(found, want) if isinstance(found, dict) else "unreadable"
+            raise InputError(theirs, f"was trained with other settings ({what}): give a config that trains "
+                                     "what it did, or leave out --generators")
+        mine = utility_fold_dir(out, scan_id) / GENERATOR_RECORD
+        if mine.is_file():
+            own = read_json(mine)
+            if isinstance(own, dict) and own.get("model_uri") == rec["model_uri"]:
+                adopted.append(scan_id)
+                continue
+            raise InputError(mine, "this folder holds its own generator of the fold, which made its corpus and "
+                                   "rows: use another --out to reuse " + str(theirs))
+        copies.append((mine, {**rec, "adopted_from": str(theirs)}))
+        adopted.append(scan_id)
+    for mine, rec in copies:
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        write_json(mine, rec)
+    return adopted
 
 
 def _references(pair, cfg: Config) -> list[dict[str, Any]]:
@@ -568,10 +648,12 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
 # --------------------------------------------------------------------------- the stage
 def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | Path, cfg: Config,
                 folds: Sequence[int | str] | str | None = None, log: Log = lambda _m: None,
-                on_run: Callable[[int, int], None] | None = None) -> UtilitySummary:
+                on_run: Callable[[int, int], None] | None = None,
+                generators: str | Path | None = None) -> UtilitySummary:
     """Run the utility experiment into ``out_dir`` (one run at a time per folder); see the module
     docstring. ``folds``: indices/scan ids/ranges as ``cv --folds`` (default: all).
-    ``on_run(done, total)`` after every finished estimator (progress bars).
+    ``on_run(done, total)`` after every finished estimator (progress bars). ``generators``:
+    another utility folder whose fold CVAEs are reused (:func:`adopt_generators`).
 
     Raises:
         InputError: before any work — bad inputs, a scan without exact truth.
@@ -581,7 +663,8 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out, "utility"):
-        return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run)
+        return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
+                            generators)
 
 
 @dataclass(frozen=True)
@@ -649,7 +732,8 @@ def _prepare_fold_task(prepared: str, flows: str, fold: int, scan_id: str, train
     return FoldCorpus(model_uri, frames, corpus_dir, target_frames, target_dir)
 
 
-def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run) -> UtilitySummary:
+def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run,
+                 generators: str | Path | None = None) -> UtilitySummary:
     """Every fold's preparation (CVAE + corpus) is a Ray task; the estimators of the arms that
     need no corpus start at once, a fold's corpus arms as soon as its corpus is ready."""
     from .. import tracking
@@ -680,6 +764,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     u = cfg.utility
     ray = init_ray(cfg.ray)
     use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
+    if generators is not None:  # its refusals come before anything is written here
+        reused = adopt_generators(Path(generators), out, [p.val_id for p in plans], inputs, cfg, log)
+        log(f"utility: {len(reused)} of {len(plans)} fold generators reused from {Path(generators).resolve()}")
     record_inputs(out, inputs)  # past the refusals: what this folder is made from
     uri = tracking.setup(cfg)
     task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
