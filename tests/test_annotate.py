@@ -268,8 +268,8 @@ def test_the_settings_guard_records_refuses_and_leaves_older_folders_alone(tmp_p
         check_settings(fresh, cfg)
     (fresh / "settings.json").write_text(json.dumps(annotation_settings(cfg)))
     assert check_settings(fresh, cfg) is None
-    with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[150.0, 800.0\] now"):
-        check_settings(fresh, load_config(None, {**TINY, "prepare": {**TINY.get("prepare", {}), "blood_hu": [150.0, 800.0]}}))
+    with pytest.raises(InputError, match=r"support_blood_hu: \[200.0, 800.0\] then, \[250.0, 800.0\] now"):
+        check_settings(fresh, load_config(None, {**TINY, "prepare": {**TINY.get("prepare", {}), "blood_hu": [250.0, 800.0]}}))
     # the volume term (on by default since stop 46): its tissue range is no setting while it is off;
     # a record from before it was made without it
     assert cfg.annotate.refine_volume_weight == 0.001

@@ -157,12 +157,12 @@ def test_the_refinement_reads_annotates_settings():
                                           "refine_similarity": "ssim_l1", "ssim_alpha": 0.5, "refine_sigma": 2.0,
                                           "refine_levels": 2, "refine_edge_weight": 4.0, "refine_support_mm": 15.0,
                                           "refine_support_mode": "confine", "refine_volume_weight": 0.05,
-                                          "refine_tissue_hu": [-20, 180]},
+                                          "refine_tissue_hu": [-20, 140]},
                              "prepare": {"blood_hu": [150, 700]}})
     r = Refinement.from_config(cfg)
     assert r == Refinement(steps=7, lr=0.3, smooth_weight=0.02, similarity=Similarity.SSIM_L1, alpha=0.5, sigma=2.0,
                            levels=2, edge_weight=4.0, support_mm=15.0, support_mode=SupportMode.CONFINE,
-                           blood_hu=(150.0, 700.0), volume_weight=0.05, tissue_hu=(-20.0, 180.0))
+                           blood_hu=(150.0, 700.0), volume_weight=0.05, tissue_hu=(-20.0, 140.0))
     plain = r.without_support()
     assert plain.support_mm == 0.0 and plain.steps == 7 and plain.volume_weight == 0.05
     from dataclasses import replace
@@ -250,3 +250,21 @@ def test_the_volume_term_holds_the_ed_frames_soft_tissue():
     zero = torch.zeros(1, 3, *fixed.shape[2:])
     held = refine_pair(pair, fixed, moving, zero, r).flow
     assert not torch.equal(held, refine_pair(pair, fixed, moving, zero, replace(r, volume_weight=0.0)).flow)
+
+
+def test_a_tissue_range_reaching_into_the_blood_is_refused_while_the_volume_term_is_on():
+    """The incompressibility term holds the tissue band; one reaching into the contrast-enhanced
+    blood would hold the pools whose volume the heart changes: one error naming both settings.
+    Touching (top = the blood's bottom, the default) passes, and so does any band with the term off."""
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import ConfigError
+
+    assert load_config(None, {}).annotate.refine_tissue_hu[1] == load_config(None, {}).prepare.blood_hu[0]
+    with pytest.raises(ConfigError, match=r"annotate.refine_tissue_hu \[0.0, 250.0\] reaches into prepare.blood_hu "
+                                          r"\[200.0, 800.0\]"):
+        load_config(None, {"annotate": {"refine_tissue_hu": [0, 250]}})
+    with pytest.raises(ConfigError, match=r"reaches into prepare.blood_hu \[150.0, 800.0\]"):
+        load_config(None, {"prepare": {"blood_hu": [150, 800]}})
+    load_config(None, {"prepare": {"blood_hu": [150, 800]}, "annotate": {"refine_tissue_hu": [0, 150]}})
+    load_config(None, {"annotate": {"refine_tissue_hu": [0, 250], "refine_volume_weight": 0}})
+    load_config(None, {"annotate": {"refine_tissue_hu": [0, 250], "refine": False}})

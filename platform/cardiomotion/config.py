@@ -560,6 +560,16 @@ class Config(_Section):
                              f"{2**levels} (annotate.pwc.channels has {levels} levels)")
         return self
 
+    @model_validator(mode="after")
+    def _tissue_below_blood(self) -> "Config":
+        a = self.annotate
+        if a.refine and a.refine_volume_weight > 0 and a.refine_tissue_hu[1] > self.prepare.blood_hu[0]:
+            raise ValueError(f"annotate.refine_tissue_hu {list(a.refine_tissue_hu)} reaches into prepare.blood_hu "
+                             f"{list(self.prepare.blood_hu)}: the incompressibility term would hold the contrast-"
+                             f"enhanced blood pools, whose volume changes; keep its top at or below the blood's "
+                             f"bottom (or set annotate.refine_volume_weight: 0)")
+        return self
+
 
 def format_validation(err: ValidationError) -> str:
     first = err.errors()[0]
