@@ -549,3 +549,58 @@ def test_refine_sweep_refines_from_zero_flow_and_resumes(tmp_path_factory, tmp_p
     assert mask["seconds"] == plain["seconds"] and plain["epe_myo_mm"] == pytest.approx(by_steps[40]["epe_myo_mm"])
     assert 0.0 < mask["support_share"] <= 1.0 and 0.0 < mask["support_heart"] <= 1.0
     assert mask["magnitude_myo"] <= plain["magnitude_myo"] + 1e-9
+
+
+def test_prior_temperature_summary_ranks_temperatures_by_the_truth_energy_score():
+    """Per T the mean over the scans every T has; the best T by the truth energy score, each T's
+    paired difference to it and the scans where each T is best."""
+    pt = _load("prior_temperature")
+    rows = [{"scan": s, "temperature": t, "prior_truth_energy_score_mm": e, "prior_spread_skill": 0.5}
+            for s, t, e in [("a", 1.0, 2.0), ("a", 2.0, 1.5), ("b", 1.0, 1.0), ("b", 2.0, 1.2),
+                            ("c", 1.0, 9.0)]]  # c lacks T 2: left out
+    s = pt.summarize(rows, [1.0, 2.0])
+    assert s["scans"] == ["a", "b"]
+    assert s["per_temperature"]["1.0"]["prior_truth_energy_score_mm"] == pytest.approx(1.5)
+    assert s["per_temperature"]["2.0"]["prior_truth_energy_score_mm"] == pytest.approx(1.35)
+    assert s["best_temperature_by_truth_energy"] == 2.0
+    assert s["truth_energy_vs_best"]["1.0"] == {"mean_diff_mm": pytest.approx(0.15), "folds_best": 1}
+    assert s["truth_energy_vs_best"]["2.0"] == {"mean_diff_mm": 0.0, "folds_best": 1}
+
+
+@pytest.mark.slow
+def test_prior_temperature_scores_a_utility_folders_generators_at_each_temperature(tmp_path_factory, tmp_path):
+    """A fold generator (a model folder) of the held-out scan scored at T 0, 1, 2: at T 0 every
+    sample is the prior mean (no spread, energy score = mean error = skill); the spread grows with
+    T; the flows are the exact truth here, so the scores against the annotation and the truth
+    agree; a rerun adds no row; a folder without generators is one error."""
+    from cv_cohort import cohort
+
+    from cardiomotion.data.table import read_scan_table
+    from cardiomotion.generate.synthetic import make_random_model_dir
+
+    prepared, flows = cohort(tmp_path_factory)
+    scan = sorted(read_scan_table(prepared).scan_id.astype(str))[1]
+    model = make_random_model_dir(tmp_path / "model", grid=(32, 32, 32), channels=(8, 16, 32), latent_channels=4)
+    (tmp_path / "u" / "folds" / scan).mkdir(parents=True)
+    (tmp_path / "u" / "folds" / scan / "generator.json").write_text(json.dumps({"model_uri": str(model)}))
+    out = tmp_path / "t.jsonl"
+    args = ("--utility", str(tmp_path / "u"), "--prepared", str(prepared), "--flows", str(flows),
+            "--temperatures", "0,1,2", "--k", "4", "--out", str(out))
+    summary = _bench("prior_temperature.py", *args)
+    rows = {r["temperature"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [0.0, 1.0, 2.0] and all(r["scan"] == scan and r["k"] == 4 for r in rows.values())
+    zero = rows[0.0]
+    assert zero["prior_truth_spread_vox"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["prior_truth_energy_score_vox"] == pytest.approx(zero["prior_truth_mean_error_vox"], rel=1e-5)
+    assert zero["prior_truth_mean_error_vox"] == pytest.approx(zero["prior_truth_skill_vox"], rel=1e-5)
+    assert 0 < rows[1.0]["prior_truth_spread_vox"] < rows[2.0]["prior_truth_spread_vox"]
+    for r in rows.values():
+        assert r["prior_energy_score_vox"] == pytest.approx(r["prior_truth_energy_score_vox"], rel=1e-4)
+        assert 0.3 < r["truth_ef"] < 0.8
+    assert summary["scans"] == [scan] and summary["best_temperature_by_truth_energy"] in (0.0, 1.0, 2.0)
+    _bench("prior_temperature.py", *args)
+    assert len(out.read_text().splitlines()) == 3
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "prior_temperature.py"), "--utility", str(tmp_path),
+                           "--prepared", str(prepared), "--flows", str(flows), "--out", str(tmp_path / "x.jsonl")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 2 and "no fold generators" in proc.stderr

@@ -1,0 +1,49 @@
+"""Stop 47's tables, the corpus of the stop-46 fold CVAEs (labels with lambda 0.001, A46_001)
+sampled at other prior temperatures, and pre-training on it then fine-tuning on the pairs:
+`python docs/results/utility_masked/summ47.py docs/results/utility_masked/U46/runs.jsonl
+T1=docs/results/utility_masked/U47/T1_runs.jsonl [Tx=...]` — the first file holds stop 46's
+rows (annotated, cvae at T 2) and this stop's cvae>annotated rows (trained into the same folder,
+corpus at T 2); each LABEL=FILE after it a cvae arm at another temperature, named "cvae_LABEL"
+here. Seed 0, N 256, paired scan by scan with compare_folders."""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rowtools import cmp, get, load, pool  # noqa: E402
+
+base, *more = sys.argv[1:]
+others = [m.split("=", 1) for m in more]
+with tempfile.TemporaryDirectory() as tmp:
+    sources = [base]
+    for label, path in others:
+        renamed = Path(tmp) / f"{label}.jsonl"
+        renamed.write_text("".join(json.dumps({**r, "arm": f"cvae_{label}"}) + "\n" for r in load(path)
+                                   if r["arm"] == "cvae"))
+        sources.append(str(renamed))
+    arms = ["annotated", "cvae", "cvae>annotated"] + [f"cvae_{label}" for label, _ in others]
+    pooled, dirs = pool(sources, arms, tmp)
+    for arm in arms:
+        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
+    arms = [a for a in arms if pooled[a]]
+    scans = sorted({r["scan"] for r in pooled["annotated"]})
+    print("| held-out scan (seed 0, myocardium EPE mm) | " + " | ".join(arms) + " |")
+    print("|---" * (len(arms) + 1) + "|")
+    for s in scans:
+        print(f"| {s} | " + " | ".join(f"{get(pooled[a], s, a):.2f}" for a in arms) + " |")
+    print()
+    n = {a: (43 if a == "annotated" else 256) for a in arms}
+    pairs = [(a, "annotated") for a in arms if a != "annotated"] + [(a, "cvae") for a in arms
+                                                                     if a not in ("annotated", "cvae")]
+    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
+    print("|---|---|---|---|")
+    for a, b in pairs:
+        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
+                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    print()
+    print("| arm | rows | mean magnitude_myo (estimate / truth motion in the myocardium) |")
+    print("|---|---|---|")
+    for a in arms:
+        m = [r["magnitude_myo"] for r in pooled[a] if "magnitude_myo" in r and r["scan"] in scans]
+        print(f"| {a} | {len(m)} | {sum(m) / max(len(m), 1):.3f} |")
