@@ -1,4 +1,4 @@
-"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py) share: a utility
+"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py) share: a utility
 run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
 as a table cell (bench/utility_compare.py's library call, compare_folders)."""
 import json
@@ -41,3 +41,13 @@ def pool(sources, arms, tmp):
         d.mkdir()
         d.joinpath("runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
     return pooled, dirs
+
+
+def magnitude_table(pooled, arms, scans):
+    """Each arm's mean ``magnitude_myo`` over its rows of ``scans`` (a calibration: summarised,
+    not paired), as Markdown lines."""
+    lines = ["| arm | rows | mean magnitude_myo (estimate / truth motion in the myocardium) |", "|---|---|---|"]
+    for arm in arms:
+        m = [r["magnitude_myo"] for r in pooled[arm] if "magnitude_myo" in r and r["scan"] in scans]
+        lines.append(f"| {arm} | {len(m)} | {sum(m) / max(len(m), 1):.3f} |")
+    return lines

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, get, load, pool  # noqa: E402
+from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
 
 ARMS = ("annotated", "cvae", "annotated46", "cvae46")
 #: (subject, other, their N): what each paired row asks
@@ -38,8 +38,4 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"| {arm} − {other} | " + " | ".join(cmp(dirs[arm], dirs[other], arm, other, n, on, m, seeds=[0])
                                                  for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
     print()
-    print("| arm | rows | mean magnitude_myo (estimate / truth motion in the myocardium) |")
-    print("|---|---|---|")
-    for arm in ARMS:
-        m = [r["magnitude_myo"] for r in pooled[arm] if "magnitude_myo" in r and r["scan"] in scans]
-        print(f"| {arm} | {len(m)} | {sum(m) / max(len(m), 1):.3f} |")
+    print("\n".join(magnitude_table(pooled, ARMS, scans)))

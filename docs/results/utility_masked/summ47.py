@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, get, load, pool  # noqa: E402
+from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
 
 base, *more = sys.argv[1:]
 others = [m.split("=", 1) for m in more]
@@ -42,8 +42,4 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
                                              for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
     print()
-    print("| arm | rows | mean magnitude_myo (estimate / truth motion in the myocardium) |")
-    print("|---|---|---|")
-    for a in arms:
-        m = [r["magnitude_myo"] for r in pooled[a] if "magnitude_myo" in r and r["scan"] in scans]
-        print(f"| {a} | {len(m)} | {sum(m) / max(len(m), 1):.3f} |")
+    print("\n".join(magnitude_table(pooled, arms, scans)))
