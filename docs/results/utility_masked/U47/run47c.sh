@@ -1,6 +1,5 @@
-# stop 47, after run47.sh's T 1 run: the same fold CVAEs at T 0 (through --generators), then the
-# default generator recipe (cyclical KL, T 2.5) fitted to the new labels on folds 0-3 (new fold
-# CVAEs), then the prior-temperature probe of those; from /work/exp/c44, the worktree /work/wt47b
+# stop 47, after run47.sh's T 1 run: the same fold CVAEs at T 0 (through --generators); from
+# /work/exp/c44, the worktree /work/wt47b (run47d.sh goes on from here)
 set -x
 while pgrep -f "out U47T1" > /dev/null; do sleep 20; done
 cd /work/exp/c44
@@ -8,6 +7,4 @@ export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/wt47b/p
 B=/work/main/.venv/bin
 R=/work/main/docs/results/utility_masked
 date; $B/python -m cardiomotion.cli utility --prepared P --flows A46_001 --out U47T0 --folds 0-7 --generators U46 --config $R/u47t0.yaml
-date; $B/python -m cardiomotion.cli utility --prepared P --flows A46_001 --out U47R --folds 0-3 --config $R/u47r.yaml
-date; $B/python /work/wt47b/bench/prior_temperature.py --utility U47R --prepared P --flows A46_001 --config $R/u47r.yaml --temperatures 0.5,1,1.5,2,2.5,3,4 --k 16 --out /work/exp/c47/prior_t_U47R.jsonl > /work/exp/c47/prior_t_U47R.json
 date
