@@ -13,7 +13,8 @@ distribution closest to the truth?" before any estimator is trained on a corpus 
     python bench/prior_temperature.py --utility U46 --prepared P --flows A46_001 --config u46.yaml \\
         --temperatures 0.5,1,1.5,2,2.5 --k 16 --out prior_t.jsonl
 
-JSON lines (one per fold and T) stream to ``--out`` (a rerun skips finished ones); the summary on
+JSON lines (one per fold and T) stream to ``--out`` (a rerun skips the rows of the same fold, T, K,
+seed and generator; the folder's ``inputs.json`` must name ``--prepared`` and ``--flows``); the summary on
 stdout (JSON) gives per T the mean over folds of every score and, for the energy score against the
 truth, each T's mean difference to the best T with the folds it wins.
 """
@@ -43,33 +44,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON lines, one per (fold, T); a rerun resumes")
     args = ap.parse_args(argv)
 
-    import torch
-
     from cardiomotion.config import load_config
     from cardiomotion.data.table import load_pair, read_scan_table
     from cardiomotion.errors import CardiomotionError
     from cardiomotion.evaluate.prior import evaluate_prior
+    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs
+    from cardiomotion.train.sweep import read_json
     from cardiomotion.fileio import append_json_lines, read_json_lines
     from cardiomotion.generate.model import load_networks, resolve_model
     from cardiomotion.train.fold import load_samples, plan_fold
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         cfg = load_config(args.config)
         temps = _floats(args.temperatures)
         ids = sorted(read_scan_table(args.prepared).scan_id.astype(str))
-        folds = sorted((Path(args.utility) / "folds").glob("*/generator.json"))
+        utility = Path(args.utility)
+        folds = sorted((utility / "folds").glob("*/generator.json"))
         if not folds:
             raise CardiomotionError(f"{args.utility}: no fold generators (folds/<scan>/generator.json)")
+        if (utility / INPUTS_FILE).is_file():  # the generators were made from these inputs, or refused
+            check_inputs(utility, Path(args.prepared).resolve(), Path(args.flows).resolve())
         out = Path(args.out)
-        done = {(r["scan"], r["temperature"]) for r in read_json_lines(out)} if out.is_file() else set()
+        done = {_key(r) for r in read_json_lines(out)} if out.is_file() else set()
         table = {str(r["scan_id"]): r for r in read_scan_table(args.prepared).to_dict("records")}
         for record in folds:
             scan = record.parent.name
-            todo = [t for t in temps if (scan, t) not in done]
+            rec = read_json(record)
+            if not isinstance(rec, dict) or not isinstance(rec.get("model_uri"), str):
+                raise CardiomotionError(f"{record}: unreadable, or no model URI")
+            if scan not in table:
+                raise CardiomotionError(f"{record}: its held-out scan {scan} is not in {args.prepared}")
+            todo = [t for t in temps if _key({"scan": scan, "temperature": t, "k": args.k, "seed": args.seed,
+                                              "model_uri": rec["model_uri"]}) not in done]
             if not todo:
                 continue
-            rec = json.loads(record.read_text())
             resolved = resolve_model(rec["model_uri"], cfg)
             model, pyramid = load_networks(resolved.blobs())
             plan = plan_fold(args.prepared, args.flows, ids.index(scan), pyramid="shared")
@@ -87,9 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     except CardiomotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = [r for r in read_json_lines(out) if r["temperature"] in temps]
+    models = {json.loads(f.read_text())["model_uri"] for f in folds}
+    rows = [r for r in read_json_lines(out) if r["temperature"] in temps and r["k"] == args.k
+            and r["seed"] == args.seed and r["model_uri"] in models]
     print(json.dumps(summarize(rows, temps), indent=1))
     return 0
+
+
+def _key(row: dict) -> tuple:
+    """What a row measured: a rerun with another K, seed or generator is other rows."""
+    return row["scan"], row["temperature"], row["k"], row["seed"], row["model_uri"]
 
 
 def summarize(rows: list[dict], temps: list[float]) -> dict:

@@ -110,7 +110,9 @@ def score(u: np.ndarray, truth: np.ndarray, spacing_mm: float, labels: np.ndarra
 
 def refinement(setting: dict):
     """``setting`` as :class:`cardiomotion.annotate.stage.Refinement` — what ``annotate`` runs
-    with a config holding these values (every refinement setting is in :data:`GRID`)."""
+    with a config holding these values (every refinement setting is in :data:`GRID`). A sweep may
+    measure settings the config refuses (a ``tissue_hu`` band reaching into ``blood_hu`` with the
+    volume term on): they are measured here, not refused."""
     from cardiomotion.annotate.stage import Refinement
     from cardiomotion.choices import Similarity, SupportMode
 

@@ -604,3 +604,9 @@ def test_prior_temperature_scores_a_utility_folders_generators_at_each_temperatu
                            "--prepared", str(prepared), "--flows", str(flows), "--out", str(tmp_path / "x.jsonl")],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 2 and "no fold generators" in proc.stderr
+    # generators recorded as made from other annotations are not scored against these
+    (tmp_path / "u" / "inputs.json").write_text(json.dumps({"prepared": str(Path(prepared).resolve()),
+                                                             "flows": str(tmp_path / "elsewhere"), "flows_sha256": "0"}))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "prior_temperature.py"), *args[:-1],
+                           str(tmp_path / "y.jsonl")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 2 and "made from other inputs" in proc.stderr and not (tmp_path / "y.jsonl").exists()

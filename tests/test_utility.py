@@ -653,12 +653,15 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
 def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_only(phantom, tmp_path):
     """--generators: another utility folder's fold CVAEs serve a run from the same inputs and
     settings (its generator.json copied; _fold_generator then trains nothing); other inputs, a
-    generator trained otherwise, or a folder holding its own generator are refused with nothing
-    written; a fold the source lacks is said and left to train."""
+    generator trained otherwise, an unreadable record, a model that does not open, the --out
+    itself, or a folder holding its own generator are refused, with nothing written; a fold the
+    source lacks is said and left to train."""
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError
     from cardiomotion.evaluate.utility_job import (GENERATOR_RECORD, INPUTS_FILE, _fold_generator, _generator_want,
-                                                   adopt_generators, check_inputs, record_inputs, utility_fold_dir)
+                                                   check_inputs, plan_adoption, record_inputs, utility_fold_dir,
+                                                   write_adoption)
+    from cardiomotion.generate.synthetic import make_random_model_dir
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store")})
@@ -666,40 +669,65 @@ def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_onl
     inputs = check_inputs(src, prepared, flows)
     record_inputs(src, inputs)
     want = _generator_want(cfg)
-    for scan, uri in (("phantom_000", "runs:/a/model"), ("phantom_001", "runs:/b/model")):
-        utility_fold_dir(src, scan).mkdir(parents=True)
-        (utility_fold_dir(src, scan) / GENERATOR_RECORD).write_text(json.dumps(
-            {"model_uri": uri, "run_id": uri[6], "settings": want}))
-    said: list[str] = []
-    assert adopt_generators(src, out, ["phantom_000", "phantom_001", "phantom_002"], inputs, cfg, said.append) == [
-        "phantom_000", "phantom_001"]
-    assert len(said) == 1 and "phantom_002" in said[0] and "trained here" in said[0]
-    got = json.loads((utility_fold_dir(out, "phantom_001") / GENERATOR_RECORD).read_text())
-    assert got["model_uri"] == "runs:/b/model" and got["adopted_from"].endswith("phantom_001/" + GENERATOR_RECORD)
-    quiet: list[str] = []
-    assert _fold_generator(prepared, flows, 1, "phantom_001", utility_fold_dir(out, "phantom_001"), cfg,
-                           quiet.append) == "runs:/b/model" and not quiet  # reused, nothing trained
-    assert adopt_generators(src, out, ["phantom_000"], inputs, cfg) == ["phantom_000"]  # a rerun: the same
-    # a generator trained with other settings is refused before anything is copied
     other = cfg.model_copy(deep=True)
     other.train.epochs = cfg.train.epochs + 1
-    with pytest.raises(InputError, match=r"phantom_001/generator.json: was trained with other settings \(train.epochs: 2 then, 3 now\)"):
-        adopt_generators(src, tmp_path / "U3", ["phantom_001", "phantom_000"], inputs, other)
+
+    def lend(scan: str, settings: dict, uri: str | None = None) -> str:
+        uri = uri or str(make_random_model_dir(tmp_path / "models" / scan, grid=(32, 32, 32), channels=(8, 16, 32)))
+        utility_fold_dir(src, scan).mkdir(parents=True, exist_ok=True)
+        (utility_fold_dir(src, scan) / GENERATOR_RECORD).write_text(json.dumps(
+            {"model_uri": uri, "run_id": scan, "settings": settings}))
+        return uri
+
+    uri0, uri1 = lend("phantom_000", want), lend("phantom_001", want)
+    said: list[str] = []
+    copies = plan_adoption(src, out, ["phantom_000", "phantom_001", "phantom_002"], inputs, cfg, said.append)
+    assert not out.exists()  # planned, nothing written
+    assert [c[1]["model_uri"] for c in copies] == [uri0, uri1]
+    assert len(said) == 1 and "phantom_002" in said[0] and "trained here" in said[0]
+    write_adoption(copies)
+    got = json.loads((utility_fold_dir(out, "phantom_001") / GENERATOR_RECORD).read_text())
+    assert got["model_uri"] == uri1 and got["adopted_from"].endswith("phantom_001/" + GENERATOR_RECORD)
+    quiet: list[str] = []
+    assert _fold_generator(prepared, flows, 1, "phantom_001", utility_fold_dir(out, "phantom_001"), cfg,
+                           quiet.append) == uri1 and not quiet  # reused, nothing trained
+    assert plan_adoption(src, out, ["phantom_000"], inputs, cfg) == []  # a rerun: adopted before
+    # a fold that passes, then one trained with other settings: refused before anything is written
+    lend("phantom_002", _generator_want(other))
+    with pytest.raises(InputError, match=r"phantom_000/generator.json: was trained with other settings "
+                                         r"\(train.epochs: 2 then, 3 now\)"):
+        plan_adoption(src, tmp_path / "U3", ["phantom_002", "phantom_000"], inputs, other)
+    assert plan_adoption(src, tmp_path / "U3", ["phantom_002"], inputs, other)  # that fold alone would pass
     assert not (tmp_path / "U3").exists()
-    # a folder holding its own generator of the fold keeps it: refused
+    # a model that does not open in this tracking store, a record without a model, an unreadable one
+    lend("phantom_003", want, uri="runs:/0123456789abcdef/model")
+    with pytest.raises(InputError, match=r"phantom_003/generator.json: its model does not open here"):
+        plan_adoption(src, tmp_path / "U4", ["phantom_003"], inputs, cfg)
+    (utility_fold_dir(src, "phantom_003") / GENERATOR_RECORD).write_text(json.dumps({"settings": want}))
+    with pytest.raises(InputError, match=r"phantom_003/generator.json: records no model URI"):
+        plan_adoption(src, tmp_path / "U4", ["phantom_003"], inputs, cfg)
+    (utility_fold_dir(src, "phantom_003") / GENERATOR_RECORD).write_text("{not json")
+    with pytest.raises(InputError, match=r"phantom_003/generator.json: is unreadable"):
+        plan_adoption(src, tmp_path / "U4", ["phantom_003"], inputs, cfg)
+    # a folder holding its own generator of the fold keeps it; the --out itself is no source
     (utility_fold_dir(out, "phantom_000") / GENERATOR_RECORD).write_text(json.dumps(
         {"model_uri": "runs:/own/model", "run_id": "own", "settings": want}))
     with pytest.raises(InputError, match=r"U2/folds/phantom_000/generator.json: this folder holds its own generator"):
-        adopt_generators(src, out, ["phantom_000"], inputs, cfg)
+        plan_adoption(src, out, ["phantom_000"], inputs, cfg)
+    with pytest.raises(InputError, match=r"names the --out folder itself"):
+        plan_adoption(src, src, ["phantom_000"], inputs, cfg)
     # generators made from other annotations, or from a folder that is no utility folder
     elsewhere = {**inputs, "flows_sha256": "0" * 64}
     with pytest.raises(InputError, match=r"inputs.json: its fold generators were made from other inputs \(the flows"):
-        adopt_generators(src, tmp_path / "U4", ["phantom_000"], elsewhere, cfg)
+        plan_adoption(src, tmp_path / "U4", ["phantom_000"], elsewhere, cfg)
     with pytest.raises(InputError, match=r"is not a utility folder"):
-        adopt_generators(tmp_path / "nothing", tmp_path / "U4", ["phantom_000"], inputs, cfg)
+        plan_adoption(tmp_path / "nothing", tmp_path / "U4", ["phantom_000"], inputs, cfg)
     (src / INPUTS_FILE).write_text(json.dumps({k: v for k, v in inputs.items() if k != "flows_sha256"}))
     with pytest.raises(InputError, match=r"records no fingerprint"):
-        adopt_generators(src, tmp_path / "U4", ["phantom_000"], inputs, cfg)
+        plan_adoption(src, tmp_path / "U4", ["phantom_000"], inputs, cfg)
+    (src / INPUTS_FILE).write_text("{not json")
+    with pytest.raises(InputError, match=r"inputs.json: is unreadable"):
+        plan_adoption(src, tmp_path / "U4", ["phantom_000"], inputs, cfg)
     assert not (tmp_path / "U4").exists()
 
 

@@ -1,10 +1,10 @@
-"""Stop 47's tables, the corpus of the stop-46 fold CVAEs (labels with lambda 0.001, A46_001)
-sampled at other prior temperatures, and pre-training on it then fine-tuning on the pairs:
-`python docs/results/utility_masked/summ47.py docs/results/utility_masked/U46/runs.jsonl
-T1=docs/results/utility_masked/U47/T1_runs.jsonl [Tx=...]` — the first file holds stop 46's
-rows (annotated, cvae at T 2) and this stop's cvae>annotated rows (trained into the same folder,
-corpus at T 2); each LABEL=FILE after it a cvae arm at another temperature, named "cvae_LABEL"
-here. Seed 0, N 256, paired scan by scan with compare_folders."""
+"""Stop 47's table, the corpus of the stop-46 fold CVAEs (labels with lambda 0.001, A46_001)
+sampled at other prior temperatures: `python docs/results/utility_masked/summ47.py
+docs/results/utility_masked/U46/runs.jsonl T1=docs/results/utility_masked/U47/T1_runs.jsonl
+T0=docs/results/utility_masked/U47/T0_runs.jsonl` — the first file holds stop 46's rows
+(annotated, cvae at T 2; a cvae>annotated arm is paired too where the file has one); each
+LABEL=FILE after it the cvae rows of a run at another temperature, named "cvae_LABEL" here.
+Seed 0, N 256, paired scan by scan with compare_folders."""
 import json
 import sys
 import tempfile

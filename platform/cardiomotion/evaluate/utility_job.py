@@ -547,31 +547,40 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     return res.model_uri
 
 
-def adopt_generators(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict[str, str], cfg: Config,
-                     log: Log = lambda _m: None) -> list[str]:
-    """Reuse the fold CVAEs another utility folder ``source`` trained (``--generators``): a
-    sweep over what does not retrain them (``generate.temperature``, the arms, the estimator)
-    then trains no generator again. ``source`` must have been made from the same inputs
-    (``inputs.json``: the prepared and flows folders and the flows' content hash) and its fold
-    generators with this plan's settings; each fold's ``generator.json`` is copied into ``out``
-    (the model stays in the tracking store both folders share). A fold ``source`` has no
-    generator for is trained here. Returns the scan ids whose generator was adopted.
+def plan_adoption(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict[str, str], cfg: Config,
+                  log: Log = lambda _m: None) -> list[tuple[Path, dict]]:
+    """Check that another utility folder ``source`` can lend its fold CVAEs to this run
+    (``--generators``) and return what :func:`write_adoption` writes: (this folder's
+    ``generator.json`` of a fold, the record to write there). Writes nothing.
+
+    ``source`` must have been made from the same inputs (``inputs.json``: the prepared and flows
+    folders and the flows' content hash) and its fold generators with this plan's settings (the
+    ``train`` section, ``cv.pyramid``, the seed and, with per-fold pyramids, annotate's pyramid
+    settings); each model must resolve in this run's tracking store. A fold ``source`` has no
+    generator for is said and left to train here; a fold this folder already holds the same
+    generator of needs nothing.
 
     Raises:
-        InputError: ``source`` is no utility folder, was made from other inputs, holds a generator
-            trained with other settings, or ``out`` already holds another generator of a fold
-            (its corpus and rows were made from that one).
+        InputError: ``source`` is ``out`` itself or no utility folder, was made from other inputs,
+            holds an unreadable record or a generator trained with other settings or not
+            resolvable here, or ``out`` already holds another generator of a fold (its corpus and
+            rows were made from that one).
     """
-    from ..fileio import write_json
+    from ..generate import model as _model
     from ..train.sweep import first_difference, read_json
 
     source = Path(source).expanduser().resolve()
+    if source == Path(out).expanduser().resolve():
+        raise InputError(source, "--generators names the --out folder itself: leave it out (a folder reuses its "
+                                 "own generators)")
     record = source / INPUTS_FILE
     if not record.is_file():
         raise InputError(source, f"is not a utility folder (no {INPUTS_FILE}): give the --out of an earlier "
                                  "utility run as --generators")
     have = read_json(record)
-    if not isinstance(have, dict) or "flows_sha256" not in have:
+    if not isinstance(have, dict):
+        raise InputError(record, "is unreadable: that folder's generators cannot be traced to their inputs")
+    if "flows_sha256" not in have:
         raise InputError(record, "records no fingerprint of its flows: rerun utility into it once (it adopts "
                                  "one), then give it as --generators")
     if have != inputs:
@@ -580,36 +589,45 @@ def adopt_generators(source: Path, out: Path, scan_ids: Sequence[str], inputs: d
                 or "the flows folder's content changed since (annotated again?)")
         raise InputError(record, f"its fold generators were made from other inputs ({what}): they cannot "
                                  "serve this run")
-    if source == Path(out).resolve():
-        return []
     want = _generator_want(cfg)
-    adopted: list[str] = []
-    copies: list[tuple[Path, dict]] = []  # written once every fold has passed (nothing half-adopted)
+    copies: list[tuple[Path, dict]] = []
     for scan_id in scan_ids:
         theirs = utility_fold_dir(source, scan_id) / GENERATOR_RECORD
         if not theirs.is_file():
             log(f"utility: {source} has no generator of the fold holding out {scan_id}: it is trained here")
             continue
         rec = read_json(theirs)
-        found = _recorded_settings(rec, want, cfg) if isinstance(rec, dict) else None
-        if found != want or "model_uri" not in rec:
-            what = first_difference(found, want) if isinstance(found, dict) else "unreadable"
-            raise InputError(theirs, f"was trained with other settings ({what}): give a config that trains "
-                                     "what it did, or leave out --generators")
+        if not isinstance(rec, dict) or not isinstance(rec.get("settings"), dict):
+            raise InputError(theirs, "is unreadable (not a generator record)")
+        if not isinstance(rec.get("model_uri"), str):
+            raise InputError(theirs, "records no model URI")
+        found = _recorded_settings(rec, want, cfg)
+        if found != want:
+            raise InputError(theirs, f"was trained with other settings ({first_difference(found, want)}): give a "
+                                     "config that trains what it did, or leave out --generators")
         mine = utility_fold_dir(out, scan_id) / GENERATOR_RECORD
         if mine.is_file():
             own = read_json(mine)
             if isinstance(own, dict) and own.get("model_uri") == rec["model_uri"]:
-                adopted.append(scan_id)
-                continue
+                continue  # adopted before
             raise InputError(mine, "this folder holds its own generator of the fold, which made its corpus and "
                                    "rows: use another --out to reuse " + str(theirs))
+        try:  # a model this run's tracking store cannot open would fail in the fold's task, on every rerun
+            _model.resolve_model(rec["model_uri"], cfg)
+        except InputError as exc:
+            raise InputError(theirs, f"its model does not open here ({exc}): the same storage_root and "
+                                     "tracking.uri as the run that trained it are needed") from None
         copies.append((mine, {**rec, "adopted_from": str(theirs)}))
-        adopted.append(scan_id)
+    return copies
+
+
+def write_adoption(copies: Sequence[tuple[Path, dict]]) -> None:
+    """Write the generator records :func:`plan_adoption` returned (each atomically)."""
+    from ..fileio import write_json
+
     for mine, rec in copies:
         mine.parent.mkdir(parents=True, exist_ok=True)
         write_json(mine, rec)
-    return adopted
 
 
 def _references(pair, cfg: Config) -> list[dict[str, Any]]:
@@ -653,7 +671,7 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     """Run the utility experiment into ``out_dir`` (one run at a time per folder); see the module
     docstring. ``folds``: indices/scan ids/ranges as ``cv --folds`` (default: all).
     ``on_run(done, total)`` after every finished estimator (progress bars). ``generators``:
-    another utility folder whose fold CVAEs are reused (:func:`adopt_generators`).
+    another utility folder whose fold CVAEs are reused (:func:`plan_adoption`).
 
     Raises:
         InputError: before any work — bad inputs, a scan without exact truth.
@@ -762,11 +780,14 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     _check_budgets(runs_file, done_rows, [r for runs in planned.values() for r in runs], cfg)
     have = {_row_key(r) for r in done_rows}
     u = cfg.utility
+    # another folder's fold generators (--generators): checked before Ray starts, written past the refusals
+    lent = (plan_adoption(Path(generators), out, [p.val_id for p in plans], inputs, cfg, log)
+            if generators is not None else [])
     ray = init_ray(cfg.ray)
     use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
-    if generators is not None:  # its refusals come before anything is written here
-        reused = adopt_generators(Path(generators), out, [p.val_id for p in plans], inputs, cfg, log)
-        log(f"utility: {len(reused)} of {len(plans)} fold generators reused from {Path(generators).resolve()}")
+    write_adoption(lent)
+    if generators is not None:
+        log(f"utility: {len(lent)} fold generators adopted from {Path(generators).expanduser().resolve()}")
     record_inputs(out, inputs)  # past the refusals: what this folder is made from
     uri = tracking.setup(cfg)
     task_cfg = cfg.model_copy(deep=True)  # what tasks see: absolute storage root and tracking URI
