@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from cardiomotion.data.table import load_pair, read_scan_table
     from cardiomotion.errors import CardiomotionError
     from cardiomotion.evaluate.prior import evaluate_prior
-    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs
-    from cardiomotion.train.sweep import read_json
+    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, read_generator_record
     from cardiomotion.fileio import append_json_lines, read_json_lines
     from cardiomotion.generate.model import load_networks, resolve_model
     from cardiomotion.train.fold import load_samples, plan_fold
@@ -57,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         temps = _floats(args.temperatures)
-        ids = sorted(read_scan_table(args.prepared).scan_id.astype(str))
+        table = {str(r["scan_id"]): r for r in read_scan_table(args.prepared).to_dict("records")}
+        ids = sorted(table)
         utility = Path(args.utility)
         folds = sorted((utility / "folds").glob("*/generator.json"))
         if not folds:
@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             check_inputs(utility, Path(args.prepared).resolve(), Path(args.flows).resolve())
         out = Path(args.out)
         done = {_key(r) for r in read_json_lines(out)} if out.is_file() else set()
-        table = {str(r["scan_id"]): r for r in read_scan_table(args.prepared).to_dict("records")}
+        models: set[str] = set()  # the generators scored: what the summary reads
         for record in folds:
             scan = record.parent.name
-            rec = read_json(record)
-            if not isinstance(rec, dict) or not isinstance(rec.get("model_uri"), str):
-                raise CardiomotionError(f"{record}: unreadable, or no model URI")
+            rec = read_generator_record(record)
+            models.add(rec["model_uri"])
             if scan not in table:
                 raise CardiomotionError(f"{record}: its held-out scan {scan} is not in {args.prepared}")
             todo = [t for t in temps if _key({"scan": scan, "temperature": t, "k": args.k, "seed": args.seed,
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     except CardiomotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    models = {json.loads(f.read_text())["model_uri"] for f in folds}
     rows = [r for r in read_json_lines(out) if r["temperature"] in temps and r["k"] == args.k
             and r["seed"] == args.seed and r["model_uri"] in models]
     print(json.dumps(summarize(rows, temps), indent=1))

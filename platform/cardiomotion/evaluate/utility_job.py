@@ -262,7 +262,7 @@ def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     to write (:func:`record_inputs`) once the run is past its refusals; a folder without one (made
     before it), or whose record predates the fingerprint, adopts the inputs of its next run."""
     from ..annotate.stage import flows_fingerprint
-    from ..train.sweep import first_difference, read_json
+    from ..train.sweep import read_json
 
     want = {"prepared": str(Path(prepared).resolve()), "flows": str(Path(flows).resolve()),
             "flows_sha256": flows_fingerprint(Path(flows))}
@@ -274,13 +274,21 @@ def check_inputs(out: Path, prepared: Path, flows: Path) -> dict[str, str]:
     if have is not None and "flows_sha256" not in have:  # recorded before the fingerprint: paths only
         have = {**have, "flows_sha256": want["flows_sha256"]}
     if have is not None and have != want:
-        def paths(d: dict) -> dict:
-            return {k: v for k, v in d.items() if k != "flows_sha256"}
-
-        what = first_difference(paths(have), paths(want)) or "the flows folder's content changed since (annotated again?)"
         raise InputError(record, f"this folder's estimators and generators were made from other inputs "
-                                 f"({what}); use another --out (a folder that was moved: edit the record)")
+                                 f"({_inputs_difference(have, want)}); use another --out (a folder that was moved: "
+                                 f"edit the record)")
     return want
+
+
+def _inputs_difference(have: dict, want: dict) -> str:
+    """How two ``inputs.json`` records differ, in words: the first path that differs, else the
+    flows' content."""
+    from ..train.sweep import first_difference
+
+    def paths(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "flows_sha256"}
+
+    return first_difference(paths(have), paths(want)) or "the flows folder's content changed since (annotated again?)"
 
 
 def record_inputs(out: Path, inputs: dict[str, str]) -> None:
@@ -547,6 +555,22 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     return res.model_uri
 
 
+def read_generator_record(path: Path) -> dict:
+    """A fold's ``generator.json`` (its ``model_uri``, and the ``settings`` it was trained with).
+
+    Raises:
+        InputError: the file is not a JSON object, or names no model URI.
+    """
+    from ..train.sweep import read_json
+
+    rec = read_json(path)
+    if not isinstance(rec, dict):
+        raise InputError(path, "is unreadable (not a generator record)")
+    if not isinstance(rec.get("model_uri"), str):
+        raise InputError(path, "records no model URI")
+    return rec
+
+
 def plan_adoption(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict[str, str], cfg: Config,
                   log: Log = lambda _m: None) -> list[tuple[Path, dict]]:
     """Check that another utility folder ``source`` can lend its fold CVAEs to this run
@@ -584,11 +608,8 @@ def plan_adoption(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict
         raise InputError(record, "records no fingerprint of its flows: rerun utility into it once (it adopts "
                                  "one), then give it as --generators")
     if have != inputs:
-        what = (first_difference({k: v for k, v in have.items() if k != "flows_sha256"},
-                                 {k: v for k, v in inputs.items() if k != "flows_sha256"})
-                or "the flows folder's content changed since (annotated again?)")
-        raise InputError(record, f"its fold generators were made from other inputs ({what}): they cannot "
-                                 "serve this run")
+        raise InputError(record, f"its fold generators were made from other inputs "
+                                 f"({_inputs_difference(have, inputs)}): they cannot serve this run")
     want = _generator_want(cfg)
     copies: list[tuple[Path, dict]] = []
     for scan_id in scan_ids:
@@ -596,11 +617,9 @@ def plan_adoption(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict
         if not theirs.is_file():
             log(f"utility: {source} has no generator of the fold holding out {scan_id}: it is trained here")
             continue
-        rec = read_json(theirs)
-        if not isinstance(rec, dict) or not isinstance(rec.get("settings"), dict):
+        rec = read_generator_record(theirs)
+        if not isinstance(rec.get("settings"), dict):
             raise InputError(theirs, "is unreadable (not a generator record)")
-        if not isinstance(rec.get("model_uri"), str):
-            raise InputError(theirs, "records no model URI")
         found = _recorded_settings(rec, want, cfg)
         if found != want:
             raise InputError(theirs, f"was trained with other settings ({first_difference(found, want)}): give a "
