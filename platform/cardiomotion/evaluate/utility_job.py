@@ -525,6 +525,7 @@ def _recorded_settings(rec: dict, want: dict, cfg: Config) -> dict:
 
     found = dict(rec.get("settings") or {})
     found["train"] = _what_trains(found.get("train") or {})
+    found["train"].setdefault("transport_partners", 0)  # recorded before transport: trained without it
     found = current_pyramid_record(found, "pyramid_settings")  # perhaps recorded with the refinement's keys
     if ("pyramid_settings" in want and "pyramid_settings" not in found
             and cfg.annotate.lr_schedule.value == "constant"):

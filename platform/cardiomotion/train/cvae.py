@@ -199,6 +199,24 @@ def _die(why: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _transported(plan, train_ids: list[str], mine: list[str], cfg) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """This rank's pool: its own pairs, then each of its ES frames with the motions of
+    ``train.transport_partners`` other training scans (:func:`~cardiomotion.train.transport.transport_pool`;
+    the partners are drawn from the fold's training scans only, never the held-out one). Also
+    returns metrics for the run: the transported pairs made and the seconds they took."""
+    import time
+
+    from .fold import load_samples
+    from .transport import transport_pool
+
+    es, flow = load_samples(plan, train_ids, cfg.intensity.window)
+    t0 = time.monotonic()
+    targets = list(dict.fromkeys(mine))
+    pool = transport_pool(es, flow, train_ids, targets, cfg.train.transport_partners, cfg.seed, plan.spacing_mm)
+    made = {"transport_pairs": float(len(pool.pairs) - len(targets)), "transport_seconds": time.monotonic() - t0}
+    return pool.es, pool.flow, made
+
+
 def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker loop (``train_loop_per_worker``) of one fold."""
     import ray.train
@@ -237,6 +255,11 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     found = input_error_on_any_rank(bad, world)
     if found is not None:  # returned, not raised: Ray Train must not retry bad input
         return {INPUT_ERROR_KEY: found}
+
+    if tc.transport_partners:  # other training scans' motions carried onto these ES frames
+        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg)
+        if rank == 0:
+            log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)
 
     if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
         es_all, flow_all = es_all.to(device), flow_all.to(device)

@@ -1,0 +1,142 @@
+"""Motion transport: another scan's annotated motion, carried onto this scan's anatomy.
+
+The generator learns p(u | ES) from one annotated flow per training ES frame, so nothing in
+its data says that one heart could move in more than one way: the fold CVAEs learned an almost
+deterministic map ES → u (README, "The generator's samples: temperature, diversity, and the
+recipe"). Transport gives each training ES frame the motions of other training scans as well,
+each mapped into its anatomy, so the spread of the cohort's motion (ejection, shortening, twist)
+appears as spread *given* an ES frame, which is what the latent has to carry.
+
+Conventions (docs/design.md): pull fields (3, I, J, K) or (B, 3, I, J, K) in voxels, channel c
+along array axis c; a field ``u`` stands for the map φ_u(x) = x + u(x).
+
+For a target scan i and a partner j:
+
+* ``p`` registers ES_j onto ES_i: ES_i(x) ≈ ES_j(x + p(x)), i.e. φ_p maps i's space into j's
+  (:func:`register_frames`, demons with fixed = ES_i, moving = ES_j);
+* j's motion u_j satisfies ED_j(y) ≈ ES_j(y + u_j(y));
+* the transported field is the conjugate ``w = φ_p⁻¹ ∘ φ_{u_j} ∘ φ_p − id``
+  (:func:`transport_flow`), so that ES_i(x + w(x)) ≈ ED_j(x + p(x)): the synthetic ED of i is
+  j's ED seen through the correspondence, and the vectors are re-oriented and re-scaled by the
+  correspondence (no first-order approximation).
+
+Which scans partner which (:func:`partners`) depends only on the seed and the two scan ids, so
+the pairs of two folds agree except where one of them holds the other's held-out scan; a
+held-out scan is never a partner (only the ids given are considered).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..flow.ops import compose, invert
+
+__all__ = ["TRANSPORT_ITERATIONS", "TransportPool", "partners", "register_frames", "transport_flow",
+           "transport_pool"]
+
+# Demons iterations per level (coarse to fine) for ES_j → ES_i. Measured on phantom pairs at 32³
+# (docs/results/motion_transport/probe.md): 40/20/10 carried j's true motion as close to i's as the
+# 400/200/100 default (myocardium EPE 1.06 against 1.07 mm over 5 pairs) at 0.26 s a pair, not 2.2 s.
+TRANSPORT_ITERATIONS = (40, 20, 10)
+
+
+def partners(scan_ids: Sequence[str], k: int, seed: int) -> dict[str, list[str]]:
+    """The ``k`` partners of each scan among ``scan_ids`` (never itself; fewer when fewer exist).
+
+    The order of j for scan i is that of sha256(seed, i, j), so the choice does not depend on
+    which other scans are present: removing a scan only replaces it where it was chosen.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    ids = [str(s) for s in scan_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("scan_ids must be distinct")
+
+    def rank(i: str, j: str) -> str:
+        return hashlib.sha256(f"{int(seed)}\0{i}\0{j}".encode()).hexdigest()
+
+    return {i: sorted((j for j in ids if j != i), key=lambda j: rank(i, j))[:k] for i in ids}
+
+
+def register_frames(fixed: np.ndarray, moving: np.ndarray, spacing_mm: float,
+                    iterations: Sequence[int] = TRANSPORT_ITERATIONS, window: tuple[float, float] = (0.0, 1.0),
+                    threads: int | None = 1) -> np.ndarray:
+    """Pull field p (3, I, J, K) voxels with ``fixed(x) ≈ moving(x + p(x))`` (diffeomorphic demons,
+    :func:`cardiomotion.evaluate.baseline.demons_flow`). ``fixed``, ``moving``: (I, J, K) volumes
+    on one grid, intensities in ``window`` (the training images are in [0, 1])."""
+    from ..evaluate.baseline import demons_flow
+
+    return demons_flow(moving, fixed, spacing_mm, iterations=tuple(iterations), levels=len(iterations),
+                       window_hu=window, threads=threads)
+
+
+def transport_flow(u: torch.Tensor, p: torch.Tensor, p_inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """The motion ``u`` of a partner, carried through the correspondence ``p`` onto the target.
+
+    Args:
+        u: (B, 3, I, J, K) the partner's pull field ED ← ES, voxels of the partner's grid.
+        p: (B, 3, I, J, K) the target → partner correspondence (target(x) ≈ partner(x + p(x))).
+        p_inverse: its inverse if known (else :func:`cardiomotion.flow.ops.invert`).
+
+    Returns:
+        (B, 3, I, J, K) w = φ_p⁻¹ ∘ φ_u ∘ φ_p − id, voxels: target(x + w(x)) ≈ partner's ED(x + p(x)).
+    """
+    q = invert(p) if p_inverse is None else p_inverse
+    return compose(p, compose(u, q))
+
+
+@dataclass(frozen=True)
+class TransportPool:
+    """Training pairs with transported motions appended.
+
+    es: (N, 1, I, J, K) the target ES frames; flow: (N, 3, I, J, K) voxels; pairs: (target, source)
+    scan ids of each row (source == target for a scan's own annotation).
+    """
+
+    es: torch.Tensor
+    flow: torch.Tensor
+    pairs: tuple[tuple[str, str], ...]
+
+
+def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str], targets: Sequence[str],
+                   k: int, seed: int, spacing_mm: float,
+                   on_pair: Callable[[int, int], None] | None = None) -> TransportPool:
+    """The targets' own pairs, then each target's ES with the motions of its ``k`` partners.
+
+    Args:
+        es: (n, 1, I, J, K) ES frames of ``scan_ids`` in [0, 1]; flow: (n, 3, I, J, K) their
+            annotated pull fields, voxels. Only these scans are used (a fold's training scans).
+        targets: the ids whose rows this pool holds (a rank's share), each in ``scan_ids``.
+        k: partners per target (:func:`partners` over ``scan_ids``); 0 = the own pairs only.
+        on_pair: called (done, total) after each registration (progress).
+    """
+    ids = [str(s) for s in scan_ids]
+    if es.shape[0] != len(ids) or flow.shape[0] != len(ids):
+        raise ValueError(f"{len(ids)} scan ids for {es.shape[0]} frames and {flow.shape[0]} flows")
+    where = {s: n for n, s in enumerate(ids)}
+    missing = [t for t in targets if t not in where]
+    if missing:
+        raise ValueError(f"targets not among the scans: {missing}")
+    chosen = partners(ids, k, seed)
+    rows_es = [es[where[t]] for t in targets]
+    rows_flow = [flow[where[t]] for t in targets]
+    pairs = [(t, t) for t in targets]
+    total = sum(len(chosen[t]) for t in targets)
+    done = 0
+    for t in targets:
+        i = where[t]
+        for src in chosen[t]:
+            j = where[src]
+            p = torch.from_numpy(register_frames(es[i, 0].numpy(), es[j, 0].numpy(), spacing_mm))[None]
+            w = transport_flow(flow[j:j + 1].float(), p)[0]
+            rows_es.append(es[i])
+            rows_flow.append(w.to(flow.dtype))
+            pairs.append((t, src))
+            done += 1
+            if on_pair is not None:
+                on_pair(done, total)
+    return TransportPool(torch.stack(rows_es), torch.stack(rows_flow), tuple(pairs))
