@@ -633,14 +633,16 @@ def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
 
 
 def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path):
-    """generator.json written before ``train.resources`` existed (flat resource keys in its
-    settings) names the same generator: it is reused, not trained again."""
+    """generator.json written before ``train.resources`` and ``train.transport_partners`` existed
+    (flat resource keys in its settings, no transport key) names the same generator: it is
+    reused, not trained again — but not by a plan that trains with transport."""
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator
+    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _generator_want, _recorded_settings
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store")})
-    old_train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k != "resources"}
+    old_train = {k: v for k, v in cfg.train.model_dump(mode="json").items()
+                 if k not in ("resources", "transport_partners")}
     old_train.update(use_gpu=None, gpus_per_worker=1.0, cpus_per_worker=0.5)
     (tmp_path / GENERATOR_RECORD).write_text(json.dumps({
         "model_uri": "runs:/abc/model", "run_id": "abc",
@@ -648,6 +650,10 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     said: list[str] = []
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, said.append) == "runs:/abc/model"
     assert not said  # nothing trained, nothing said
+    moved = cfg.model_copy(deep=True)
+    moved.train.transport_partners = 2
+    rec = json.loads((tmp_path / GENERATOR_RECORD).read_text())
+    assert _recorded_settings(rec, _generator_want(moved), moved) != _generator_want(moved)
 
 
 def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_only(phantom, tmp_path):

@@ -1,0 +1,125 @@
+"""Motion transport (train/transport.py): known answers for the conjugation, the partner choice,
+and a pool built from a twin whose anatomy is a shifted copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from cardiomotion.train.transport import partners, transport_flow, transport_pool
+
+GRID = (20, 20, 20)
+
+
+def _smooth_field(seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=g, dtype=torch.float64)
+    return scale * torch.nn.functional.interpolate(coarse, size=GRID, mode="trilinear", align_corners=True)
+
+
+def _coords(shape=GRID) -> np.ndarray:
+    """(3, I, J, K) voxel coordinates."""
+    return np.stack(np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij"))
+
+
+def test_identity_correspondence_keeps_the_motion():
+    u = _smooth_field(0)
+    w = transport_flow(u, torch.zeros_like(u))
+    assert torch.allclose(w, u, atol=1e-12)
+
+
+def test_constant_correspondence_shifts_the_motion():
+    """p ≡ c: the partner is the target moved by c, so w(x) = u(x + c) exactly (integer c, interior)."""
+    u = _smooth_field(1)
+    c = (2, -1, 3)
+    p = torch.tensor(c, dtype=u.dtype).view(1, 3, 1, 1, 1).expand(1, 3, *GRID).contiguous()
+    w = transport_flow(u, p)
+    want = torch.roll(u, shifts=tuple(-s for s in c), dims=(2, 3, 4))
+    inner = (slice(None), slice(None), slice(4, 16), slice(4, 16), slice(4, 16))
+    assert torch.allclose(w[inner], want[inner], atol=1e-9)
+
+
+def test_affine_correspondence_reorients_the_vectors():
+    """p(x) = A x + b is affine, so φ_p⁻¹ is too and w(x) = (I + A)⁻¹ u(φ_p(x)); u at φ_p(x) is
+    sampled here with scipy (an independent trilinear sampler), not with the project's warp."""
+    u = _smooth_field(2, scale=0.8)
+    A = np.array([[0.06, -0.03, 0.0], [0.02, -0.05, 0.04], [0.0, 0.03, 0.05]])
+    b = np.array([0.4, -0.7, 0.3])
+    x = _coords()
+    p = np.einsum("ab,bijk->aijk", A, x - 10.0) + b.reshape(3, 1, 1, 1)
+    w = transport_flow(u, torch.from_numpy(p)[None])[0].numpy()
+
+    at = x + p
+    u_np = u[0].numpy()
+    sampled = np.stack([ndimage.map_coordinates(u_np[c], at, order=1, mode="nearest") for c in range(3)])
+    want = np.einsum("ab,bijk->aijk", np.linalg.inv(np.eye(3) + A), sampled)
+    inner = (slice(None), slice(5, 15), slice(5, 15), slice(5, 15))
+    assert np.abs(w[inner] - want[inner]).max() < 1e-3
+    # the re-orientation matters here: without it the answer is measurably off
+    assert np.abs(sampled[inner] - want[inner]).max() > 0.02
+
+
+def test_partners_exclude_the_scan_and_do_not_depend_on_who_else_is_there():
+    ids = [f"s{n:02d}" for n in range(10)]
+    full = partners(ids, 3, seed=0)
+    assert all(len(v) == 3 and k not in v and len(set(v)) == 3 for k, v in full.items())
+    assert partners(ids, 3, seed=0) == full  # deterministic
+    assert partners(ids, 3, seed=1) != full  # and the seed matters
+    # a fold without s04: every other scan keeps its partners, s04 replaced where it was chosen
+    fold = partners([s for s in ids if s != "s04"], 3, seed=0)
+    for k, v in fold.items():
+        kept = [s for s in full[k] if s != "s04"]
+        assert v[:len(kept)] == kept and "s04" not in v
+    assert len(partners(ids[:3], 5, seed=0)["s00"]) == 2  # fewer scans than asked: all the others
+    assert partners(ids, 0, seed=0) == {k: [] for k in ids}
+    with pytest.raises(ValueError, match="k must be"):
+        partners(ids, -1, seed=0)
+
+
+def _blob(shape, centre, radii) -> np.ndarray:
+    x = _coords(shape)
+    r = np.sqrt(sum(((x[c] - centre[c]) / radii[c]) ** 2 for c in range(3)))
+    return ndimage.gaussian_filter((r < 1).astype(np.float64), 1.0) * 0.8 + 0.1
+
+
+def test_a_shifted_twin_transports_its_motion_back():
+    """Scan b is scan a moved by (2, −1, 1) voxels, motion included; a's pool row from b carries
+    b's motion back onto a, which must be a's own motion (up to the registration's error)."""
+    shape = (24, 24, 24)
+    es_a = _blob(shape, (11.0, 12.5, 11.5), (5.0, 4.0, 6.0))
+    u_a = np.zeros((3, *shape))
+    u_a[0] = 1.2 * np.exp(-(((_coords(shape) - 11.5) ** 2).sum(0)) / 12.0)  # a smooth push along axis 0
+    shift = (2, -1, 1)
+    es_b = np.roll(es_a, shift, axis=(0, 1, 2))
+    u_b = np.roll(u_a, shift, axis=(1, 2, 3))
+    es = torch.from_numpy(np.stack([es_a, es_b])[:, None].astype(np.float32))
+    flow = torch.from_numpy(np.stack([u_a, u_b]).astype(np.float32))
+    pool = transport_pool(es, flow, ["a", "b"], ["a"], k=1, seed=0, spacing_mm=2.0)
+    assert pool.pairs == (("a", "a"), ("a", "b"))
+    assert pool.es.shape == (2, 1, *shape) and pool.flow.shape == (2, 3, *shape)
+    assert torch.equal(pool.es[0], es[0]) and torch.equal(pool.es[1], es[0]) and torch.equal(pool.flow[0], flow[0])
+    inner = (slice(None), slice(5, 19), slice(5, 19), slice(5, 19))
+    back = pool.flow[1].numpy()[inner]
+    err = np.abs(back - u_a[inner]).mean()
+    moved = np.abs(u_b[inner] - u_a[inner]).mean()  # the motion left where b has it
+    assert err < 0.25 * moved, (err, moved)
+
+
+def test_pool_refuses_what_it_cannot_pair():
+    es = torch.zeros(2, 1, 8, 8, 8)
+    flow = torch.zeros(2, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="targets not among"):
+        transport_pool(es, flow, ["a", "b"], ["c"], k=1, seed=0, spacing_mm=1.0)
+    with pytest.raises(ValueError, match="3 scan ids for 2 frames"):
+        transport_pool(es, flow, ["a", "b", "c"], ["a"], k=1, seed=0, spacing_mm=1.0)
+
+
+def test_config_default_is_off_and_negative_is_refused():
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import ConfigError
+
+    assert load_config(None).train.transport_partners == 0
+    assert load_config(None, {"train": {"transport_partners": 3}}).train.transport_partners == 3
+    with pytest.raises(ConfigError, match="transport_partners"):
+        load_config(None, {"train": {"transport_partners": -1}})
