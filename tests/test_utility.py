@@ -637,6 +637,7 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     (flat resource keys in its settings, no transport key) names the same generator: it is
     reused, not trained again — but not by a plan that trains with transport."""
     from cardiomotion.config import load_config
+    from cardiomotion.errors import InputError
     from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _generator_want, _recorded_settings
 
     prepared, flows = phantom
@@ -650,9 +651,12 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     said: list[str] = []
     assert _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, said.append) == "runs:/abc/model"
     assert not said  # nothing trained, nothing said
+    (tmp_path / GENERATOR_RECORD).write_text('{"model_uri": "runs:/abc/mo')  # cut off mid-write by hand
+    with pytest.raises(InputError, match="generator.json"):
+        _fold_generator(prepared, flows, 0, "phantom_000", tmp_path, cfg, said.append)
     moved = cfg.model_copy(deep=True)
     moved.train.transport_partners = 2
-    rec = json.loads((tmp_path / GENERATOR_RECORD).read_text())
+    rec = {"settings": {"train": old_train, "pyramid": cfg.cv.pyramid.value, "seed": cfg.seed}}
     assert _recorded_settings(rec, _generator_want(moved), moved) != _generator_want(moved)
 
 

@@ -543,7 +543,7 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     record = fold_dir / GENERATOR_RECORD
     want = _generator_want(cfg)
     if record.is_file():
-        rec = json.loads(record.read_text())
+        rec = read_generator_record(record)
         if _recorded_settings(rec, want, cfg) == want:
             return rec["model_uri"]
         log(f"utility: fold {fold}: the generator was trained with other settings: training it again")
