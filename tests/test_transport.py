@@ -123,3 +123,80 @@ def test_config_default_is_off_and_negative_is_refused():
     assert load_config(None, {"train": {"transport_partners": 3}}).train.transport_partners == 3
     with pytest.raises(ConfigError, match="transport_partners"):
         load_config(None, {"train": {"transport_partners": -1}})
+
+
+def test_a_pair_that_folds_is_left_out(monkeypatch):
+    """A registration whose transported field folds (a failed match) does not enter the pool, and
+    neither does one SimpleITK refuses; the own pairs always do."""
+    import cardiomotion.train.transport as transport
+
+    shape = (12, 12, 12)
+    es = torch.rand(3, 1, *shape)
+    flow = torch.zeros(3, 3, *shape)
+    folding = np.zeros((3, *shape), dtype=np.float32)
+    folding[0, :, :, :] = np.where(np.arange(12) % 2 == 0, 1.5, -1.5)[:, None, None]  # det J < 0 everywhere
+
+    def fake_register(fixed, moving, spacing_mm, **_):
+        if float(moving.mean()) == float(es[2, 0].numpy().mean()):
+            raise RuntimeError("itk::ERROR: no overlap")
+        return folding
+
+    monkeypatch.setattr(transport, "register_frames", fake_register)
+    pool = transport.transport_pool(es, flow, ["a", "b", "c"], ["a"], k=2, seed=0, spacing_mm=1.0)
+    assert pool.pairs == (("a", "a"),)
+    assert sorted(pool.dropped) == [("a", "b"), ("a", "c")]
+    assert pool.es.shape[0] == 1
+
+
+def test_old_sweeps_and_generators_match_while_transport_is_off():
+    """``train.transport_partners`` is left out of the sweep fingerprint and the generator's settings
+    at 0, so a cv/tune state or a generator.json written before the key resumes or is reused; at
+    any other value it is another sweep and another generator."""
+    from pathlib import Path
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility_job import _generator_want
+    from cardiomotion.train.sweep import recorded_fingerprint, sweep_fingerprint
+
+    off = load_config(None)
+    on = load_config(None, {"train": {"transport_partners": 2}})
+    p = f = Path("/nonexistent")
+    now = sweep_fingerprint(p, f, off)
+    old = {**now, "train": {k: v for k, v in now["train"].items() if k != "transport_partners"}}
+    assert "transport_partners" not in now["train"] and recorded_fingerprint(old, now) == now
+    assert sweep_fingerprint(p, f, on)["train"]["transport_partners"] == 2
+    assert sweep_fingerprint(p, f, on) != now
+    assert "transport_partners" not in _generator_want(off)["train"]
+    assert _generator_want(on)["train"]["transport_partners"] == 2
+
+
+def test_the_fold_pool_holds_training_scans_only(tmp_path_factory, monkeypatch):
+    """The worker's pool for fold 1 is built from the fold's training scans (phantom_001, held out,
+    is neither a target nor a partner), by one rank holding them all or by two ranks sharing them."""
+    from cv_cohort import cohort
+
+    import cardiomotion.train.transport as transport
+    from cardiomotion.config import load_config
+    from cardiomotion.train.cvae import _transported
+    from cardiomotion.train.fold import load_samples, plan_fold
+
+    prepared, flows = cohort(tmp_path_factory)
+    plan = plan_fold(prepared, flows, 1)
+    cfg = load_config(None, {"train": {"transport_partners": 2}})
+    seen: list[tuple[list[str], list[str]]] = []
+    real = transport.transport_pool
+
+    def spy(es, flow, scan_ids, targets, *args, **kwargs):
+        seen.append((list(scan_ids), list(targets)))
+        return real(es, flow, scan_ids, targets, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "transport_pool", spy)
+    train_ids = list(plan.train_ids)
+    assert plan.val_id == "phantom_001" and plan.val_id not in train_ids
+    for mine in (train_ids, train_ids[0::2], train_ids[1::2]):
+        es, flow = load_samples(plan, mine, cfg.intensity.window)
+        pool_es, pool_flow, made = _transported(plan, train_ids, mine, cfg, es, flow)
+        assert pool_es.shape[0] == len(mine) * 3 - int(made["transport_dropped"])
+        assert torch.equal(pool_flow[:len(mine)], flow)  # the own pairs first, unchanged
+        assert made["transport_pairs"] == 6.0  # 3 training scans × 2 partners, the fold's total
+    assert all(ids == train_ids and set(t) <= set(train_ids) for ids, t in seen)

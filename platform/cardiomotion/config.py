@@ -273,7 +273,7 @@ class TrainConfig(_Section):
     val_every: int = Field(1, ge=1, description="epochs between validations")
     prior_samples: int = Field(4, ge=1, description="prior samples per validation scan (each validation epoch)")
     eval_samples: int = Field(16, ge=2, description="prior samples of the held-out scan scored after training (energy score, calibration, physiology)")
-    transport_partners: int = Field(0, ge=0, description="motion transport: each training ES frame also trains with the annotated motions of this many other training scans, carried onto it through a demons registration of the two ES frames (train/transport.py); batches draw from the own and transported pairs, an epoch keeps its ceil(n_train/batch_size) steps. 0 = the own pairs only (README, 'Motion transport')")
+    transport_partners: int = Field(0, ge=0, description="motion transport: each training ES frame also trains with the annotated motions of this many other training scans, carried onto it through a demons registration of the two ES frames (train/transport.py); pairs whose transported field folds are left out; batches draw from the own and transported pairs and an epoch keeps its steps (ceil(n_train / (batch_size · workers)) per rank), so transport changes what the CVAE sees, not how long it trains. 0 = the own pairs only (README, 'Motion transport')")
 
     @model_validator(mode="after")
     def _weights(self) -> "TrainConfig":

@@ -1,7 +1,7 @@
 """How closely does another scan's motion, transported onto a scan (train/transport.py), match
 that scan's own? Scored on the phantom's exact truth, for several demons schedules.
 
-For pairs (i, j) of scans 8-43 only (the utility folds 0-7 hold out scans 0-7; nothing here
+For distinct ordered pairs (i, j) of scans 8-43 only (the utility folds 0-7 hold out scans 0-7; nothing here
 looks at them), it registers ES_j onto ES_i and reports, in the target's LV myocardium (mm):
 
 * ``own_annotation``: i's annotated flow against i's truth (what the CVAE trains on now);
@@ -25,6 +25,9 @@ import numpy as np
 import nibabel as nib
 import torch
 
+from cardiomotion.config import Config
+from cardiomotion.data.intensity import hu_to_unit
+from cardiomotion.data.phantom import LV_MYO
 from cardiomotion.flow.io import read_flow
 from cardiomotion.train.transport import register_frames, transport_flow
 
@@ -41,32 +44,35 @@ def main() -> None:
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
     scans = [f"phantom_{n:03d}" for n in range(8, 44)]
-    picks = [tuple(rng.choice(scans, 2, replace=False)) for _ in range(a.pairs)]
+    combos = [(i, j) for i in scans for j in scans if i != j]
+    picks = [combos[n] for n in rng.choice(len(combos), a.pairs, replace=False)]  # distinct ordered pairs
+    lo, hi = Config().intensity.window
 
     def load(s):
-        es = np.asarray(nib.load(f"{a.prepared}/{s}/es.nii.gz").dataobj, dtype=np.float32)
+        img = nib.load(f"{a.prepared}/{s}/es.nii.gz")
+        es = np.asarray(img.dataobj, dtype=np.float32)
         lab = np.asarray(nib.load(f"{a.prepared}/{s}/es_labels.nii.gz").dataobj)
         truth = read_flow(f"{a.prepared}/{s}/truth_flow.nii.gz")[0]
         ann = read_flow(f"{a.flows}/{s}/flow.nii.gz")[0]
-        return np.clip((es + 200.0) / 1000.0, 0, 1), lab == 2, truth, ann
+        return hu_to_unit(es, (lo, hi)), lab == LV_MYO, truth, ann, float(img.header.get_zooms()[0])
 
-    def epe(u, v, m):
-        return float(np.sqrt(((u - v) ** 2).sum(0))[m].mean() * 4.0)
+    def epe(u, v, m, spacing):
+        return float(np.sqrt(((u - v) ** 2).sum(0))[m].mean() * spacing)
 
     rows = []
     with open(a.out, "w") as fh:
         for i, j in picks:
-            es_i, myo, tr_i, an_i = load(i)
-            es_j, _, tr_j, an_j = load(j)
+            es_i, myo, tr_i, an_i, mm = load(i)
+            es_j, _, tr_j, an_j, _ = load(j)
             for name, its in SCHEDULES.items():
                 t0 = time.perf_counter()
-                p = torch.from_numpy(register_frames(es_i, es_j, 4.0, iterations=its))[None]
+                p = torch.from_numpy(register_frames(es_i, es_j, mm, iterations=its))[None]
                 sec = time.perf_counter() - t0
                 carry = lambda u: transport_flow(torch.from_numpy(u)[None], p)[0].numpy()  # noqa: E731
                 row = {"target": i, "partner": j, "schedule": name, "seconds": round(sec, 3),
-                       "own_annotation": epe(an_i, tr_i, myo), "raw_truth_j": epe(tr_j, tr_i, myo),
-                       "transported_truth_j": epe(carry(tr_j), tr_i, myo),
-                       "transported_annotation_j": epe(carry(an_j), tr_i, myo)}
+                       "own_annotation": epe(an_i, tr_i, myo, mm), "raw_truth_j": epe(tr_j, tr_i, myo, mm),
+                       "transported_truth_j": epe(carry(tr_j), tr_i, myo, mm),
+                       "transported_annotation_j": epe(carry(an_j), tr_i, myo, mm)}
                 rows.append(row)
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()

@@ -498,13 +498,14 @@ def _cause(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- the fold set-up
 def _what_trains(train: dict) -> dict:
-    """A ``train`` dump less where it trains (:data:`~cardiomotion.train.sweep.RESOURCE_KEYS`, and
-    the flat resource keys records made before ``train.resources`` hold), so a generator trained
-    on another cluster shape, or recorded before that key existed, is the same generator."""
-    from ..train.sweep import RESOURCE_KEYS
+    """A ``train`` dump as :func:`~cardiomotion.train.sweep.what_trains` gives it (less where it
+    trains, less keys added later at their old value), and less the flat resource keys records made
+    before ``train.resources`` hold, so a generator trained on another cluster shape, or recorded
+    before a key existed, is the same generator."""
+    from ..train.sweep import what_trains
 
     legacy = ("use_gpu", "gpus_per_worker", "cpus_per_worker")
-    return {k: v for k, v in train.items() if k not in RESOURCE_KEYS and k not in legacy}
+    return {k: v for k, v in what_trains(train).items() if k not in legacy}
 
 
 def _generator_want(cfg: Config) -> dict:
@@ -525,7 +526,6 @@ def _recorded_settings(rec: dict, want: dict, cfg: Config) -> dict:
 
     found = dict(rec.get("settings") or {})
     found["train"] = _what_trains(found.get("train") or {})
-    found["train"].setdefault("transport_partners", 0)  # recorded before transport: trained without it
     found = current_pyramid_record(found, "pyramid_settings")  # perhaps recorded with the refinement's keys
     if ("pyramid_settings" in want and "pyramid_settings" not in found
             and cfg.annotate.lr_schedule.value == "constant"):
@@ -536,7 +536,11 @@ def _recorded_settings(rec: dict, want: dict, cfg: Config) -> dict:
 
 
 def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_dir: Path, cfg: Config, log: Log) -> str:
-    """The fold CVAE's model URI (trained once; kept in generator.json)."""
+    """The fold CVAE's model URI (trained once; kept in generator.json).
+
+    Raises:
+        InputError: the fold's ``generator.json`` is damaged (:func:`read_generator_record`).
+    """
     from ..fileio import write_json
     from ..train.cvae import train_fold
 

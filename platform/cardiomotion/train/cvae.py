@@ -199,21 +199,28 @@ def _die(why: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _transported(plan, train_ids: list[str], mine: list[str], cfg) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """This rank's pool: its own pairs, then each of its ES frames with the motions of
-    ``train.transport_partners`` other training scans (:func:`~cardiomotion.train.transport.transport_pool`;
-    the partners are drawn from the fold's training scans only, never the held-out one). Also
-    returns metrics for the run: the transported pairs made and the seconds they took."""
+def _transported(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torch.Tensor,
+                 flow_mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """This rank's pool: its own pairs (``es_mine``, ``flow_mine``, the samples of ``mine``), then
+    each of its ES frames with the motions of ``train.transport_partners`` other training scans
+    (:func:`~cardiomotion.train.transport.transport_pool`; the partners come from ``train_ids``, the
+    fold's training scans, never the held-out one). Also returns metrics for the run: the fold's
+    transported pairs (all ranks), this rank's dropped pairs and the seconds its pool took."""
     import time
 
     from .fold import load_samples
-    from .transport import transport_pool
+    from .transport import partners, transport_pool
 
-    es, flow = load_samples(plan, train_ids, cfg.intensity.window)
-    t0 = time.monotonic()
     targets = list(dict.fromkeys(mine))
-    pool = transport_pool(es, flow, train_ids, targets, cfg.train.transport_partners, cfg.seed, plan.spacing_mm)
-    made = {"transport_pairs": float(len(pool.pairs) - len(targets)), "transport_seconds": time.monotonic() - t0}
+    if targets == list(train_ids) and len(mine) == len(train_ids):
+        es, flow = es_mine, flow_mine  # one rank holds every training scan: nothing to load again
+    else:
+        es, flow = load_samples(plan, train_ids, cfg.intensity.window)
+    t0 = time.monotonic()
+    k, seed = cfg.train.transport_partners, cfg.seed
+    pool = transport_pool(es, flow, train_ids, targets, k, seed, plan.spacing_mm)
+    made = {"transport_pairs": float(sum(map(len, partners(train_ids, k, seed).values()))),
+            "transport_dropped": float(len(pool.dropped)), "transport_seconds": time.monotonic() - t0}
     return pool.es, pool.flow, made
 
 
@@ -256,14 +263,6 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if found is not None:  # returned, not raised: Ray Train must not retry bad input
         return {INPUT_ERROR_KEY: found}
 
-    if tc.transport_partners:  # other training scans' motions carried onto these ES frames
-        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg)
-        if rank == 0:
-            log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)
-
-    if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
-        es_all, flow_all = es_all.to(device), flow_all.to(device)
-
     pyramid = FeaturePyramid.load(plan.pyramid, map_location=device).eval()
     pyramid.requires_grad_(False)
     recipe.place(pyramid, device)
@@ -272,6 +271,13 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     opt = recipe.optimizer(model.parameters(), tc.lr, device)
 
     start, ckpt = resume(model, opt, device)
+    if tc.transport_partners and start < tc.epochs:  # other training scans' motions carried onto these ES frames
+        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg, es_all, flow_all)
+        if rank == 0 and ckpt is None:  # logged once, by the attempt that starts the fold
+            log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)
+
+    if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
+        es_all, flow_all = es_all.to(device), flow_all.to(device)
     fail_at = config.get("fail_at_epoch")  # test hook: die once, before the first restart
 
     steps = max(1, math.ceil(len(train_ids) / (tc.batch_size * world)))

@@ -13,6 +13,16 @@ from ..errors import InputError
 
 # settings that change where and how fast a fold runs, not what it learns: may differ between reruns
 RESOURCE_KEYS = ("num_workers", "resources", "max_failures")  # train keys that change where, not what, it learns
+# train keys added after sweeps and fold generators were first recorded, with the value that trains as
+# before they existed: a fingerprint leaves them out at that value, so older records still match
+LATER_TRAIN_KEYS: dict[str, Any] = {"transport_partners": 0}
+
+
+def what_trains(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``train`` dump as a fingerprint holds it: less :data:`RESOURCE_KEYS`, and less each
+    :data:`LATER_TRAIN_KEYS` key at its value from before it existed."""
+    return {k: v for k, v in train.items()
+            if k not in RESOURCE_KEYS and not (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
 
 
 # --------------------------------------------------------------------------- fold selection
@@ -144,8 +154,8 @@ def sweep_fingerprint(prepared: Path, flows: Path, cfg: Config, drop: Sequence[s
     (:func:`refuse_other_settings`)."""
     from ..annotate.stage import flows_fingerprint
 
-    train = cfg.train.model_dump(mode="json")
-    for k in (*RESOURCE_KEYS, *drop):
+    train = what_trains(cfg.train.model_dump(mode="json"))
+    for k in drop:
         train.pop(k, None)
     fp = {"prepared": str(prepared), "flows": str(flows), "flows_sha256": flows_fingerprint(flows), "seed": cfg.seed,
           "intensity": cfg.intensity.model_dump(mode="json"), "train": train, **(extra or {})}
