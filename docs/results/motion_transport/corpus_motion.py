@@ -1,3 +1,6 @@
+"""How much and how smoothly the corpus samples move: mean |u|, RMS finite-difference gradient and
+mean |det J - 1| of the first 48 samples of fold 0's corpus in U46, U48 and U48E (whole grid, voxels).
+Usage: python corpus_motion.py (paths of /work/exp/c44, as the runs)."""
 import numpy as np, torch
 from cardiomotion.generate.corpus import open_corpus
 from cardiomotion.flow.metrics import jacobian_determinant
