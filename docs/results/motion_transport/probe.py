@@ -29,6 +29,7 @@ from cardiomotion.config import Config
 from cardiomotion.data.intensity import hu_to_unit
 from cardiomotion.data.phantom import LV_MYO
 from cardiomotion.flow.io import read_flow
+from cardiomotion.flow.metrics import endpoint_error
 from cardiomotion.train.transport import register_frames, transport_flow
 
 SCHEDULES = {"400/200/100": (400, 200, 100), "100/50/25": (100, 50, 25), "40/20/10": (40, 20, 10)}
@@ -57,7 +58,7 @@ def main() -> None:
         return hu_to_unit(es, (lo, hi)), lab == LV_MYO, truth, ann, float(img.header.get_zooms()[0])
 
     def epe(u, v, m, spacing):
-        return float(np.sqrt(((u - v) ** 2).sum(0))[m].mean() * spacing)
+        return endpoint_error(u, v, spacing_mm=[spacing] * 3, mask=m).epe_mm
 
     rows = []
     with open(a.out, "w") as fh:

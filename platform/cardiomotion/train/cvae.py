@@ -212,7 +212,7 @@ def _transported(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torc
     from .transport import partners, transport_pool
 
     targets = list(dict.fromkeys(mine))
-    if targets == list(train_ids) and len(mine) == len(train_ids):
+    if mine == list(train_ids):
         es, flow = es_mine, flow_mine  # one rank holds every training scan: nothing to load again
     else:
         es, flow = load_samples(plan, train_ids, cfg.intensity.window)
@@ -278,6 +278,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     if device.type == "cuda":  # training data lives on the GPU: no host→device copy per step
         es_all, flow_all = es_all.to(device), flow_all.to(device)
+
     fail_at = config.get("fail_at_epoch")  # test hook: die once, before the first restart
 
     steps = max(1, math.ceil(len(train_ids) / (tc.batch_size * world)))
