@@ -191,6 +191,12 @@ def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pai
     new = {(s, o) for s, o in target if "target" in s[0] or "target" in o[0]}
     assert new == ({(("target", 256), o) for o in real + [("random", 256), ("cvae", 256)]}
                    | {(("annotated+target", 256), o) for o in real + [("random", 256), ("target", 256)]})
+    # the transport arm (no generator): against the arms without one but random (its N is its own);
+    # every generated arm against it
+    moved = comparison_pairs(keys + [("transport", 215)])
+    new = {(s, o) for s, o in moved if "transport" in (s[0], o[0])}
+    assert new == ({(("transport", 215), o) for o in real}
+                   | {((a, n), ("transport", 215)) for a in corpus for n in (64, 256, 4096)})
 
 
 def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
@@ -388,6 +394,43 @@ def test_sources_give_unit_images_and_voxel_flows(phantom):
     assert PairSource(es, pair.ed[None], None, window).batch([0]).flow is None
 
 
+def test_the_transport_arm_warps_each_frame_by_its_own_and_its_partners_carried_motion():
+    """Scan b is scan a moved by (2, -1, 1) voxels, motion included: a's row from b carries b's
+    motion back onto a (a's own motion, up to the registration's error), and every row's ED is its
+    ES frame warped by the row's field, rounded to HU as a corpus stores it."""
+    from scipy import ndimage
+
+    from cardiomotion.data.intensity import hu_to_unit
+    from cardiomotion.evaluate.utility import TransportSource
+    from cardiomotion.flow.warp import warp
+
+    shape = (24, 24, 24)
+    x = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij"))
+    r = np.sqrt(sum(((x[c] - m) / s) ** 2 for c, m, s in zip(range(3), (11.0, 12.5, 11.5), (5.0, 4.0, 6.0))))
+    es_a = ndimage.gaussian_filter((r < 1).astype(np.float64), 1.0) * 400.0 - 100.0  # HU
+    u_a = np.zeros((3, *shape))
+    u_a[0] = 1.2 * np.exp(-(((x - 11.5) ** 2).sum(0)) / 12.0)
+    shift = (2, -1, 1)
+    es = np.stack([es_a, np.roll(es_a, shift, axis=(0, 1, 2))]).astype(np.float32)
+    flows = np.stack([u_a, np.roll(u_a, shift, axis=(1, 2, 3))]).astype(np.float32)
+    window = (-200.0, 600.0)
+    src = TransportSource(es, flows, ["a", "b"], k=1, seed=0, spacing_mm=2.0, window=window)
+    assert len(src) == 4 and src.dropped == ()
+    assert src.pairs == (("a", "a"), ("b", "b"), ("a", "b"), ("b", "a"))
+    assert src.frame.tolist() == [0, 1, 0, 1]
+    assert torch.equal(src.flows[0], torch.from_numpy(flows[0]))
+    inner = (slice(None), slice(5, 19), slice(5, 19), slice(5, 19))
+    back = src.flows[2].numpy()[inner]
+    moved = np.abs(flows[1][inner] - u_a[inner]).mean()
+    assert np.abs(back - u_a[inner]).mean() < 0.25 * moved
+    b = src.batch([2, 1])
+    assert b.es.shape == (2, 1, *shape) and b.flow.shape == (2, 3, *shape)
+    es_hu = torch.from_numpy(es[[0, 1]])[:, None]
+    assert torch.equal(b.es, hu_to_unit(es_hu, window))
+    want_ed = warp(es_hu, torch.stack([src.flows[2], src.flows[1]])).round()
+    assert torch.allclose(b.ed, hu_to_unit(want_ed, window))
+
+
 def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_per_scan(phantom, tmp_path):
     import shutil
 
@@ -422,14 +465,19 @@ def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
     from cardiomotion.evaluate.utility_job import plan_runs, run_estimator
 
     prepared, flows = phantom
-    cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated", "unsupervised"], "sizes": [4],
-                                                 "seeds": 1, "steps": 2, "batch_size": 2}})
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated", "unsupervised", "transport"],
+                                                 "sizes": [4], "seeds": 1, "steps": 2, "batch_size": 2,
+                                                 "transport_partners": 1}})
     runs = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
                      flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
-    assert [(r.arm, r.n) for r in runs] == [("random", 4), ("annotated", 2), ("unsupervised", 2)]
+    # the transport arm: each of the 2 training frames with its own motion and 1 partner's
+    assert [(r.arm, r.n) for r in runs] == [("random", 4), ("annotated", 2), ("unsupervised", 2), ("transport", 4)]
+    assert len({r.steps for r in runs}) == 1
     scores = [run_estimator(run, cfg) for run in runs]
     for run, a in zip(runs, scores):
         assert np.isfinite(a["epe_mm"]) and a["epe_mm"] > 0 and 0 <= a["dice"] <= 1, (run.arm, a)
+    assert scores[3]["transport_dropped"] == 0 and scores[3]["transport_s"] > 0
+    assert all("transport_dropped" not in a for a in scores[:3])
     assert run_estimator(runs[0], cfg)["epe_mm"] == pytest.approx(scores[0]["epe_mm"], rel=1e-6)
 
 

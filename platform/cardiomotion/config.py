@@ -413,6 +413,7 @@ class UtilityArm(str, Enum):
     FINETUNE = "cvae>annotated"  # the corpus first (utility.pretrain_share of the steps), then the annotated pairs
     TARGET = "target"  # a corpus of the fold's CVAE conditioned on the held-out ES frame alone
     ANNOTATED_TARGET = "annotated+target"  # alternate batches: annotated pairs, the target corpus
+    TRANSPORT = "transport"  # no generator: each training ES warped by its own and other training scans' annotated motions carried onto it
 
     @property
     def synthetic(self) -> bool:
@@ -474,7 +475,9 @@ class UtilityConfig(_Section):
                                   "batches); on request cvae>annotated (pre-trained on the corpus, then fine-tuned "
                                   "on the annotated pairs, `pretrain_share`) and the transductive target (a corpus "
                                   "conditioned on the held-out ES frame alone) and annotated+target (alternating "
-                                  "batches)")
+                                  "batches), and transport (no generator: each training ES frame warped by its own "
+                                  "annotated motion and by `transport_partners` other training scans' carried onto "
+                                  "it, registration-based augmentation)")
     sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
                              description="corpus sizes N of the synthetic arms (the scaling curve)")
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")
@@ -500,6 +503,10 @@ class UtilityConfig(_Section):
     corpus: UtilityCorpus = Field(UtilityCorpus.MATERIALIZED,
                                   description="materialized (generate writes it, Ray Data reads the shards) or "
                                               "on_the_fly (decoded in the data pipeline, never stored)")
+    transport_partners: int = Field(4, ge=1, description="transport arm: the other training scans whose annotated "
+                                                          "motions each training ES frame is warped by (partners and "
+                                                          "registration as train.transport_partners); its N is "
+                                                          "n_train·(1 + this)")
     random_scales: list[int] = Field([8, 4], min_length=1,
                                      description="random arm: noise grids at grid/s, summed (SynthMorph-style)")
     shuffle_buffer: int = Field(64, ge=0, description="Ray Data local shuffle buffer (samples) of the corpus arms")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..config import UtilityArm, UtilityCorpus
 
 __all__ = ["Arm", "CorpusMode", "EstimatorSettings", "Batch", "PairSource", "RandomFieldSource", "CorpusSource",
+           "TransportSource",
            "random_smooth_flows", "random_smooth_flow", "warped_ed", "flow_rms", "supervised_flow_loss", "train_estimator", "score_estimate",
            "EstimateScore", "bootstrap_ci"]
 
@@ -162,6 +163,47 @@ class RandomFieldSource:
         es = self.es_hu[[int(i) % len(self.es_hu) for i in indices]]
         ed = warped_ed(es, flows)
         return Batch(_unit(es, self.window), _unit(ed, self.window), flows)
+
+
+class TransportSource:
+    """The ``transport`` arm: registration-based augmentation, no generator.
+
+    Each training ES frame is warped by its own annotated motion and by the annotated motions of
+    ``k`` other training scans carried onto its anatomy through a demons registration of the two ES
+    frames (:func:`~cardiomotion.train.transport.transport_pool`, the pool the CVAE trains on with
+    ``train.transport_partners``). ED = round(warp(ES, w)) as a corpus stores it, so every pair is
+    exactly labelled, as a corpus sample is; pairs whose transported field folds are left out
+    (:attr:`dropped`).
+
+    Args:
+        es_hu: (n, I, J, K) the training ES frames, HU; flows: (n, 3, I, J, K) their annotated pull
+            fields, voxels; scan_ids: their ids (only these scans partner each other).
+        k: partners per frame; seed: the partner choice (:func:`~cardiomotion.train.transport.partners`);
+        spacing_mm: the grid spacing (the registration's smoothing is in mm); window: HU → [0, 1];
+        on_pair: called (done, total) after each registration.
+    """
+
+    def __init__(self, es_hu: np.ndarray, flows: np.ndarray, scan_ids: Sequence[str], k: int, seed: int,
+                 spacing_mm: float, window: Sequence[float], on_pair=None):
+        from ..train.transport import transport_pool
+
+        ids = [str(s) for s in scan_ids]
+        self.es_hu = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
+        self.window = tuple(window)
+        pool = transport_pool(_unit(self.es_hu, self.window), torch.as_tensor(np.asarray(flows, np.float32)), ids,
+                              ids, int(k), int(seed), float(spacing_mm), on_pair=on_pair)
+        where = {s: n for n, s in enumerate(ids)}
+        self.frame = torch.tensor([where[t] for t, _ in pool.pairs], dtype=torch.long)  # ES frame of each row
+        self.flows = pool.flow
+        self.pairs, self.dropped = pool.pairs, pool.dropped
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        es, flows = self.es_hu[self.frame[idx]], self.flows[idx]
+        return Batch(_unit(es, self.window), _unit(warped_ed(es, flows), self.window), flows)
 
 
 class CorpusSource:

@@ -128,6 +128,18 @@ def _training_arrays(prepared: str, flows: str, train_ids: Sequence[str]) -> tup
     return np.stack(es), np.stack(ed), np.stack(fl).astype(np.float32)
 
 
+def _spacing_mm(prepared: str, scan_ids: Sequence[str]) -> float:
+    """The grid spacing (mm) of ``scan_ids`` in the prepared table; one isotropic spacing for all."""
+    from ..data.table import read_scan_table
+
+    table = read_scan_table(prepared).set_index("scan_id", drop=False)
+    spacing = {float(table.loc[s, "spacing_mm"]) for s in scan_ids}
+    if len(spacing) != 1:
+        raise InputError(Path(prepared), f"the training scans have {len(spacing)} spacings ({sorted(spacing)} mm); "
+                                         "transport registers them on one grid")
+    return spacing.pop()
+
+
 def annotated_flow_rms(prepared: str, flows: str, train_ids: Sequence[str],
                        cache: dict[str, tuple[float, int]] | None = None) -> float:
     """RMS magnitude (voxels) of the annotated flows of ``train_ids`` — what the random arm's
@@ -343,8 +355,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     import torch
 
     from ..annotate.pwc import build_pwcnet
-    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, pretrain_steps, pretrain_then,
-                          score_estimate, source_batches, train_estimator)
+    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, TransportSource, alternate, pretrain_steps,
+                          pretrain_then, score_estimate, source_batches, train_estimator)
 
     torch.manual_seed(run.seed)
     window = cfg.intensity.window
@@ -352,6 +364,7 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     # the real pairs: every arm but those that read only generated or random samples
     es, ed, flows = _training_arrays(run.prepared, run.flows, run.train_ids) if arm.uses_pairs else (None,) * 3
     bs = cfg.utility.batch_size
+    made: dict[str, float] = {}
     if arm.uses_corpus and batches is None:
         batches = source_batches(CorpusSource(_open_corpus(run, cfg), window, run.n), bs, run.seed)
     if arm.uses_target and target_batches is None:
@@ -373,6 +386,12 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
                                 bs, run.seed)
     elif arm is Arm.ANNOTATED:
         stream = source_batches(PairSource(es, ed, flows, window), bs, run.seed)
+    elif arm is Arm.TRANSPORT:  # the partners depend on cfg.seed, as the CVAE's pool: the seeds vary the estimator
+        t0 = time.perf_counter()
+        pool = TransportSource(es, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
+                               _spacing_mm(run.prepared, run.train_ids), window)
+        made = {"transport_dropped": float(len(pool.dropped)), "transport_s": round(time.perf_counter() - t0, 2)}
+        stream = source_batches(pool, bs, run.seed)
     else:
         stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
     model = build_pwcnet(cfg).to(device)
@@ -391,7 +410,7 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     score = score_estimate(pred, pair.truth_flow, pair.spacing_mm, pair.ed_labels, pair.es_labels)
     tail = losses[-max(1, len(losses) // 10):]
     return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2),
-            "steps": settings.steps}
+            "steps": settings.steps, **made}
 
 
 def _corpus_of(run: UtilityRun, target: bool) -> tuple[str | None, str | None]:
@@ -478,7 +497,8 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
         raise RuntimeError(f"utility: {run.name} failed: {result.error}")
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
-            **{k: metrics[k] for k in (*SCORES, "final_loss", "train_s") if k in metrics},
+            **{k: metrics[k] for k in (*SCORES, "final_loss", "train_s", "transport_s") if k in metrics},
+            **({"transport_dropped": int(metrics["transport_dropped"])} if "transport_dropped" in metrics else {}),
             "steps": int(metrics.get("steps", _planned_steps(run, cfg))),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
@@ -674,7 +694,9 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
     u = cfg.utility
     runs = []
     for arm in u.arms:
-        sizes = u.sizes if arm.synthetic else [len(train_ids)]
+        # N: the corpus sizes; the training pairs of the real arms; the transport arm's own and transported motions
+        sizes = (u.sizes if arm.synthetic else
+                 [len(train_ids) * (1 + u.transport_partners)] if arm is UtilityArm.TRANSPORT else [len(train_ids)])
         for n in sizes:
             steps = u.steps_for(n if arm.synthetic else None)
             for s in range(u.seeds):

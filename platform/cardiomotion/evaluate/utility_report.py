@@ -96,8 +96,9 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
     the figure's per-scan panel draws): every generated arm (cvae, cvae+annotated, cvae>annotated,
     target, annotated+target) at N against each arm without a generator — the real-data arms, the
     references (zero, demons), and ``random`` at the same N —, each arm of :data:`AGAINST` against
-    its arm there at the same N, and the scaling question: every synthetic arm at its largest N
-    against the same arm at each smaller N."""
+    its arm there at the same N, ``transport`` (exactly labelled pairs without a generator) against
+    each arm without a generator but ``random``, and the scaling question: every synthetic arm at
+    its largest N against the same arm at each smaller N."""
     keys = sorted(set(keys))
     largest: dict[str, int] = {}
     for arm, n in keys:
@@ -115,8 +116,10 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
                 if subj[1] == largest[subj[0]] and other[1] < subj[1]:
                     pairs.append((subj, other))  # scaling: does a larger corpus of the same arm help?
                 continue
-            if not sa.generated:
+            if not sa.generated and sa is not UtilityArm.TRANSPORT:
                 continue
+            if sa is UtilityArm.TRANSPORT and oa is not None and oa.generated:
+                continue  # the generated arms are compared with it
             if oa is not None and oa.synthetic and other[1] != subj[1]:
                 continue  # synthetic arms are compared at the same corpus size
             if oa is not None and oa.generated and AGAINST.get(sa) is not oa:
