@@ -200,3 +200,34 @@ def test_the_fold_pool_holds_training_scans_only(tmp_path_factory, monkeypatch):
         assert torch.equal(pool_flow[:len(mine)], flow)  # the own pairs first, unchanged
         assert made["transport_pairs"] == 6.0  # 3 training scans × 2 partners, the fold's total
     assert all(ids == train_ids and set(t) <= set(train_ids) for ids, t in seen)
+
+
+@pytest.mark.slow
+def test_the_cost_bench_times_both_schedules_on_resampled_grids(tmp_path_factory):
+    """bench/transport_cost.py: one JSON document, a row per grid, the reference schedule and ours
+    timed on the same pair (their ratio is the ratio of the two times), the pool's bytes as k
+    decides them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cv_cohort import cohort
+
+    prepared, flows = cohort(tmp_path_factory)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "transport_cost.py"), "--prepared", str(prepared),
+                           "--flows", str(flows), "--grids", "16,24", "--pairs", "1", "--reference", "8,4,2",
+                           "--partners", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["reference_iterations"] == [8, 4, 2] and [r["grid"] for r in out["grids"]] == [16, 24]
+    for r in out["grids"]:
+        assert r["transport_s_per_pair"] > 0 and r["conjugation_s_per_pair"] > 0
+        assert r["reference_over_transport"] == pytest.approx(r["reference_s_per_pair"] / r["transport_s_per_pair"],
+                                                              rel=0.05, abs=0.02)
+        assert r["pool_bytes_per_scan"] == 4 * 4 * 4 * r["grid"] ** 3
+    # a folder that is not a prepared one: one line naming it, exit 2
+    bad = subprocess.run([sys.executable, str(repo / "bench" / "transport_cost.py"), "--prepared",
+                          str(tmp_path_factory.mktemp("empty")), "--flows", str(flows)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("transport_cost: ") and "empty" in bad.stderr
