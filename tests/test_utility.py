@@ -772,6 +772,9 @@ def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_onl
         {"model_uri": "runs:/own/model", "run_id": "own", "settings": want}))
     with pytest.raises(InputError, match=r"U2/folds/phantom_000/generator.json: this folder holds its own generator"):
         plan_adoption(src, out, ["phantom_000"], inputs, cfg)
+    (utility_fold_dir(out, "phantom_000") / GENERATOR_RECORD).write_text('{"model_uri": "runs:/own/mo')  # cut off
+    with pytest.raises(InputError, match=r"U2/folds/phantom_000/generator.json: is unreadable"):
+        plan_adoption(src, out, ["phantom_000"], inputs, cfg)
     with pytest.raises(InputError, match=r"names the --out folder itself"):
         plan_adoption(src, src, ["phantom_000"], inputs, cfg)
     # generators made from other annotations, or from a folder that is no utility folder

@@ -651,8 +651,8 @@ def plan_adoption(source: Path, out: Path, scan_ids: Sequence[str], inputs: dict
                                      "config that trains what it did, or leave out --generators")
         mine = utility_fold_dir(out, scan_id) / GENERATOR_RECORD
         if mine.is_file():
-            own = read_json(mine)
-            if isinstance(own, dict) and own.get("model_uri") == rec["model_uri"]:
+            own = read_generator_record(mine)  # a damaged record of this folder is said as such
+            if own["model_uri"] == rec["model_uri"]:
                 continue  # adopted before
             raise InputError(mine, "this folder holds its own generator of the fold, which made its corpus and "
                                    "rows: use another --out to reuse " + str(theirs))
