@@ -414,7 +414,7 @@ def test_the_transport_arm_warps_each_frame_by_its_own_and_its_partners_carried_
     es = np.stack([es_a, np.roll(es_a, shift, axis=(0, 1, 2))]).astype(np.float32)
     flows = np.stack([u_a, np.roll(u_a, shift, axis=(1, 2, 3))]).astype(np.float32)
     window = (-200.0, 600.0)
-    src = TransportSource(es, flows, ["a", "b"], k=1, seed=0, spacing_mm=2.0, window=window)
+    src = TransportSource.build(es, flows, ["a", "b"], k=1, seed=0, spacing_mm=2.0, window=window)
     assert len(src) == 4 and src.dropped == ()
     assert src.pairs == (("a", "a"), ("b", "b"), ("a", "b"), ("b", "a"))
     assert src.frame.tolist() == [0, 1, 0, 1]
@@ -429,6 +429,48 @@ def test_the_transport_arm_warps_each_frame_by_its_own_and_its_partners_carried_
     assert torch.equal(b.es, hu_to_unit(es_hu, window))
     want_ed = warp(es_hu, torch.stack([src.flows[2], src.flows[1]])).round()
     assert torch.allclose(b.ed, hu_to_unit(want_ed, window))
+
+
+def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(phantom, tmp_path, monkeypatch):
+    """transport_source: the first estimator of a fold registers and writes the pool; another seed
+    reads the same fields without registering; other partners, or a damaged file, rebuild it."""
+    from dataclasses import replace
+
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate import utility_job
+    from cardiomotion.evaluate.utility import TransportSource
+    from cardiomotion.evaluate.utility_job import _training_arrays, plan_runs, transport_source
+
+    prepared, flows = phantom
+    cfg = load_config(None, {**TINY, "utility": {"arms": ["transport"], "seeds": 2, "transport_partners": 1}})
+    ids = ["phantom_001", "phantom_002"]
+    runs = [replace(r, transport_file=str(tmp_path / "transport_pool.pt"))
+            for r in plan_runs(0, "phantom_000", ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
+                               model_uri=None, frames_dir=None, rms_vox=1.0)]
+    assert [(r.arm, r.n, r.seed) for r in runs] == [("transport", 4, 0), ("transport", 4, 1)]
+    es, _, fl = _training_arrays(str(prepared), str(flows), ids)
+    first = transport_source(runs[0], cfg, es, fl)
+    assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert len(first) == 4 and torch.equal(first.flows[:2], torch.from_numpy(fl).half().float())
+    built: list[int] = []
+    real = TransportSource.build.__func__
+
+    def counting(cls, *a, **kw):
+        built.append(1)
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(TransportSource, "build", classmethod(counting))
+    second = transport_source(runs[1], cfg, es, fl)
+    assert not built and second.pairs == first.pairs and torch.equal(second.flows, first.flows)
+    b0, b1 = first.batch([2, 3]), second.batch([2, 3])
+    assert torch.equal(b0.ed, b1.ed) and torch.equal(b0.flow, b1.flow)
+    more = cfg.model_copy(deep=True)
+    more.utility.transport_partners = 2  # 2 training scans: each has 1 partner at most
+    transport_source(runs[0], more, es, fl)
+    assert len(built) == 1
+    (tmp_path / "transport_pool.pt").write_bytes(b"not a pool")
+    assert len(transport_source(runs[0], cfg, es, fl)) == 4 and len(built) == 2
+    assert utility_job.TRANSPORT_POOL == "transport_pool.pt"
 
 
 def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_per_scan(phantom, tmp_path):
@@ -872,25 +914,29 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
                              "train": {**TINY["train"], "epochs": 1},
                              "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "annotated", "cvae>annotated"], "sizes": [4], "seeds": 1,
-                                         "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
-                                         "resources": {"cpus": 0.5}, "max_concurrent": 2}})
+                             "utility": {"arms": ["cvae", "annotated", "cvae>annotated", "transport"], "sizes": [4],
+                                         "seeds": 1, "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
+                                         "transport_partners": 1, "resources": {"cpus": 0.5}, "max_concurrent": 2}})
     res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4)]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4),
+                                                        ("transport", 6)]
+    assert [r["transport_dropped"] for r in rows if r["arm"] == "transport"] == [0]
+    assert (tmp_path / "u" / "folds" / "phantom_000" / "transport_pool.pt").is_file()  # for the fold's other seeds
     assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
     import pandas as pd
 
     table = pd.read_csv(res.table)
-    assert set(table.arm) == {"cvae", "annotated", "cvae>annotated", "zero"}
+    assert set(table.arm) == {"cvae", "annotated", "cvae>annotated", "transport", "zero"}
     assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding", "magnitude_myo"}
     assert all(r["magnitude_myo"] >= 0 for r in rows)  # every row records its estimate's motion
     zero_mag = table[(table.arm == "zero") & (table.metric == "magnitude_myo")]["mean"]
     assert list(zero_mag) == [0.0]
     paired = pd.read_csv(res.paired_file)  # cvae against annotated and zero flow on the held-out scan
     assert {(r.arm, r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {
-        ("cvae", "annotated", 1), ("cvae", "zero", 1),
-        ("cvae>annotated", "annotated", 1), ("cvae>annotated", "zero", 1), ("cvae>annotated", "cvae", 1)}
+        ("cvae", "annotated", 1), ("cvae", "zero", 1), ("cvae", "transport", 1),
+        ("cvae>annotated", "annotated", 1), ("cvae>annotated", "zero", 1), ("cvae>annotated", "cvae", 1),
+        ("cvae>annotated", "transport", 1), ("transport", "annotated", 1), ("transport", "zero", 1)}
     assert "magnitude_myo" not in set(paired.metric)  # a calibration: summarised, not paired
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
@@ -905,7 +951,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
     # a rerun trains nothing again
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
-    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 4
     assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 and r["steps"] == 2 for r in rows)
     # a rerun with another step budget would mix estimators trained two ways: refused before any work
     from cardiomotion.errors import InputError
@@ -932,7 +978,8 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     smaller.utility.arms = [UtilityArm.CVAE]
     run_utility(prepared, flows, tmp_path / "u", smaller, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4)]
+    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4),
+                                                        ("transport", 6)]
     assert len(open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")) == 4
     # the transductive arms, added later: the same fold CVAE conditioned on the held-out ES frame
     # alone (a view holding only that scan), the training corpus left as it was
@@ -949,8 +996,9 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (fold / "corpus").rglob("*")) == corpus_files
     paired = pd.read_csv(res.paired_file)
     assert {(r.arm, r.vs_arm) for r in paired.itertuples() if r.metric == "epe_myo_mm" and "target" in r.arm} == {
-        ("target", "annotated"), ("target", "zero"), ("target", "cvae"), ("annotated+target", "annotated"),
-        ("annotated+target", "zero"), ("annotated+target", "target")}
+        ("target", "annotated"), ("target", "zero"), ("target", "cvae"), ("target", "transport"),
+        ("annotated+target", "annotated"), ("annotated+target", "zero"), ("annotated+target", "target"),
+        ("annotated+target", "transport")}
     # another prior temperature into a new folder, reusing this folder's fold CVAE (--generators):
     # the same model, a new corpus sampled at the new temperature, nothing trained again
     colder = cfg.model_copy(deep=True)

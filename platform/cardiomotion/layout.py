@@ -73,7 +73,9 @@ a trained model (MLflow artifact ``model``, or a folder)::
     folds/<scan_id>/                   utility_fold_dir(out, scan): generator.json (the fold CVAE),
                                        frames/ (the training scans, linked), corpus/,
                                        target_frames/ (the held-out scan, linked), target_corpus/
-                                       (the target arms: conditioned on the held-out ES frame alone)
+                                       (the target arms: conditioned on the held-out ES frame alone),
+                                       transport_pool.pt (UTILITY_TRANSPORT_POOL: the transport arm's
+                                       fields, registered once per fold)
 """
 from __future__ import annotations
 
@@ -159,6 +161,7 @@ UTILITY_FRAMES = "frames"
 UTILITY_CORPUS = "corpus"
 UTILITY_TARGET_FRAMES = "target_frames"
 UTILITY_TARGET_CORPUS = "target_corpus"
+UTILITY_TRANSPORT_POOL = "transport_pool.pt"
 
 
 def utility_fold_dir(out_dir: str | Path, scan_id: str) -> Path:

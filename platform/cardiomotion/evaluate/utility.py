@@ -170,32 +170,44 @@ class TransportSource:
 
     Each training ES frame is warped by its own annotated motion and by the annotated motions of
     ``k`` other training scans carried onto its anatomy through a demons registration of the two ES
-    frames (:func:`~cardiomotion.train.transport.transport_pool`, the pool the CVAE trains on with
-    ``train.transport_partners``). ED = round(warp(ES, w)) as a corpus stores it, so every pair is
-    exactly labelled, as a corpus sample is; pairs whose transported field folds are left out
-    (:attr:`dropped`).
+    frames (:meth:`build`: :func:`~cardiomotion.train.transport.transport_pool`, the pool the CVAE
+    trains on with ``train.transport_partners``). ED = round(warp(ES, w)) as a corpus stores it, so
+    every pair is exactly labelled, as a corpus sample is; pairs whose transported field folds are
+    left out (:attr:`dropped`).
 
     Args:
-        es_hu: (n, I, J, K) the training ES frames, HU; flows: (n, 3, I, J, K) their annotated pull
-            fields, voxels; scan_ids: their ids (only these scans partner each other).
-        k: partners per frame; seed: the partner choice (:func:`~cardiomotion.train.transport.partners`);
-        spacing_mm: the grid spacing (the registration's smoothing is in mm); window: HU → [0, 1];
-        on_pair: called (done, total) after each registration.
+        es_hu: (n, I, J, K) the training ES frames, HU; scan_ids: their ids.
+        flows: (m, 3, I, J, K) the pool's fields, voxels; pairs: (target, source) ids of each row
+            (the target's ES frame is warped); dropped: the (target, partner) pairs left out.
+        window: HU → [0, 1].
     """
 
-    def __init__(self, es_hu: np.ndarray, flows: np.ndarray, scan_ids: Sequence[str], k: int, seed: int,
-                 spacing_mm: float, window: Sequence[float], on_pair=None):
+    def __init__(self, es_hu: np.ndarray, scan_ids: Sequence[str], flows: torch.Tensor,
+                 pairs: Sequence[tuple[str, str]], dropped: Sequence[tuple[str, str]], window: Sequence[float]):
+        where = {str(s): n for n, s in enumerate(scan_ids)}
+        if len(pairs) != len(flows):
+            raise ValueError(f"{len(pairs)} pairs for {len(flows)} fields")
+        self.es_hu = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
+        self.window = tuple(window)
+        self.frame = torch.tensor([where[str(t)] for t, _ in pairs], dtype=torch.long)  # ES frame of each row
+        self.flows = torch.as_tensor(flows).float()
+        self.pairs = tuple((str(t), str(src)) for t, src in pairs)
+        self.dropped = tuple((str(t), str(src)) for t, src in dropped)
+
+    @classmethod
+    def build(cls, es_hu: np.ndarray, flows: np.ndarray, scan_ids: Sequence[str], k: int, seed: int,
+              spacing_mm: float, window: Sequence[float], on_pair=None) -> "TransportSource":
+        """Register and transport: ``flows`` (n, 3, I, J, K) the annotated pull fields of
+        ``scan_ids`` (only these scans partner each other); ``k`` partners per frame, chosen by
+        ``seed`` (:func:`~cardiomotion.train.transport.partners`); ``spacing_mm`` the grid spacing
+        (the registration's smoothing is in mm); ``on_pair(done, total)`` after each registration."""
         from ..train.transport import transport_pool
 
         ids = [str(s) for s in scan_ids]
-        self.es_hu = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
-        self.window = tuple(window)
-        pool = transport_pool(_unit(self.es_hu, self.window), torch.as_tensor(np.asarray(flows, np.float32)), ids,
-                              ids, int(k), int(seed), float(spacing_mm), on_pair=on_pair)
-        where = {s: n for n, s in enumerate(ids)}
-        self.frame = torch.tensor([where[t] for t, _ in pool.pairs], dtype=torch.long)  # ES frame of each row
-        self.flows = pool.flow
-        self.pairs, self.dropped = pool.pairs, pool.dropped
+        es = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
+        pool = transport_pool(_unit(es, window), torch.as_tensor(np.asarray(flows, np.float32)), ids, ids, int(k),
+                              int(seed), float(spacing_mm), on_pair=on_pair)
+        return cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -49,7 +49,8 @@ Log = Callable[[str], None]
 from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FILE, UTILITY_FRAMES as FRAMES_DIR,
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
                       UTILITY_TABLE as TABLE_FILE, UTILITY_TARGET_CORPUS as TARGET_CORPUS_DIR,
-                      UTILITY_TARGET_FRAMES as TARGET_FRAMES_DIR, utility_fold_dir)
+                      UTILITY_TARGET_FRAMES as TARGET_FRAMES_DIR, UTILITY_TRANSPORT_POOL as TRANSPORT_POOL,
+                      utility_fold_dir)
 from .utility_report import (PAIRED_COLUMNS, SCORES, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
                              utility_figure)
 
@@ -82,6 +83,7 @@ class UtilityRun:
     steps: int | None = None  # Adam steps (``utility.steps_for``); None: ``utility.steps``
     target_corpus_dir: str | None = None  # materialized corpus of the held-out ES frame (target arms)
     target_frames_dir: str | None = None  # the held-out scan's view that corpus is conditioned on
+    transport_file: str | None = None  # the fold's transport pool, registered once for its seeds (transport arm)
 
     @property
     def key(self) -> str:
@@ -355,8 +357,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     import torch
 
     from ..annotate.pwc import build_pwcnet
-    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, TransportSource, alternate, pretrain_steps,
-                          pretrain_then, score_estimate, source_batches, train_estimator)
+    from .utility import (Arm, CorpusSource, PairSource, RandomFieldSource, alternate, pretrain_steps, pretrain_then,
+                          score_estimate, source_batches, train_estimator)
 
     torch.manual_seed(run.seed)
     window = cfg.intensity.window
@@ -386,10 +388,9 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
                                 bs, run.seed)
     elif arm is Arm.ANNOTATED:
         stream = source_batches(PairSource(es, ed, flows, window), bs, run.seed)
-    elif arm is Arm.TRANSPORT:  # the partners depend on cfg.seed, as the CVAE's pool: the seeds vary the estimator
+    elif arm is Arm.TRANSPORT:
         t0 = time.perf_counter()
-        pool = TransportSource(es, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
-                               _spacing_mm(run.prepared, run.train_ids), window)
+        pool = transport_source(run, cfg, es, flows)
         made = {"transport_dropped": float(len(pool.dropped)), "transport_s": round(time.perf_counter() - t0, 2)}
         stream = source_batches(pool, bs, run.seed)
     else:
@@ -411,6 +412,43 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     tail = losses[-max(1, len(losses) // 10):]
     return {**score.as_dict(), "final_loss": float(np.mean(tail)), "train_s": round(train_s, 2),
             "steps": settings.steps, **made}
+
+
+def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.ndarray):
+    """The transport arm's pairs (:class:`~cardiomotion.evaluate.utility.TransportSource`) of
+    ``run``'s fold, registered once per fold: read from ``run.transport_file`` when it holds this
+    plan's pool (the fold's training scans, ``utility.transport_partners``, the seed, the flows
+    folder, the registration schedule and folding bound), else built and written there under a
+    temporary name, then renamed, for the fold's other seeds and reruns. The partners follow
+    ``cfg.seed`` (as the CVAE's pool), so the estimator seeds share one pool. The fields pass
+    through float16 either way (as a corpus stores its flows), so a built and a read pool are the
+    same."""
+    import torch
+
+    from ..train.transport import MAX_FOLDING, TRANSPORT_ITERATIONS
+    from .utility import TransportSource
+
+    window = cfg.intensity.window
+    key = json.dumps({"train_ids": list(run.train_ids), "partners": cfg.utility.transport_partners, "seed": cfg.seed,
+                      "flows": str(run.flows), "iterations": list(TRANSPORT_ITERATIONS), "max_folding": MAX_FOLDING})
+    path = Path(run.transport_file) if run.transport_file else None
+    if path is not None and path.is_file():
+        try:
+            rec = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            rec = None
+        if isinstance(rec, dict) and rec.get("key") == key:
+            return TransportSource(es_hu, run.train_ids, rec["flows"].float(), [tuple(p) for p in rec["pairs"]],
+                                   [tuple(p) for p in rec["dropped"]], window)
+    built = TransportSource.build(es_hu, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
+                                  _spacing_mm(run.prepared, run.train_ids), window)
+    half = built.flows.half()
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"key": key, "flows": half, "pairs": [list(p) for p in built.pairs],
+                    "dropped": [list(p) for p in built.dropped]}, tmp)
+        os.replace(tmp, path)
+    return TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
 
 
 def _corpus_of(run: UtilityRun, target: bool) -> tuple[str | None, str | None]:
@@ -850,7 +888,10 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         fold_dir = utility_fold_dir(out, plan.val_id)
         fold_dir.mkdir(parents=True, exist_ok=True)
         rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
-        runs = planned[plan.val_id] = [replace(r, rms_vox=float(rms)) for r in planned[plan.val_id]]
+        runs = planned[plan.val_id] = [
+            replace(r, rms_vox=float(rms),
+                    transport_file=str(fold_dir / TRANSPORT_POOL) if r.arm == UtilityArm.TRANSPORT.value else None)
+            for r in planned[plan.val_id]]
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).generated and r.key not in have]
         waiting = [UtilityArm(r.arm) for r in runs if UtilityArm(r.arm).generated and r.key not in have]
