@@ -1,0 +1,42 @@
+"""Stop 49's table: the transport arm (no generator) against stop 46's pairs and corpus and stop 48's
+transport-trained corpus, held-out scan by scan.
+
+`python docs/results/transport_arm/summ49.py docs/results/utility_masked/U46/runs.jsonl
+docs/results/motion_transport/U48_runs.jsonl docs/results/transport_arm/U49T_runs.jsonl` — the first
+file holds stop 46's annotated and cvae rows, the second stop 48's cvae rows (transport with the
+`paper` loss, named cvae_TR here), the third the transport rows. Seed 0, paired with
+compare_folders (bench/utility_compare.py's library call)."""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
+from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
+
+base, tr, transport = sys.argv[1:4]
+with tempfile.TemporaryDirectory() as tmp:
+    renamed = Path(tmp) / "TR.jsonl"
+    renamed.write_text("".join(json.dumps({**r, "arm": "cvae_TR"}) + "\n" for r in load(tr) if r["arm"] == "cvae"))
+    arms = ["annotated", "cvae", "cvae_TR", "transport"]
+    pooled, dirs = pool([base, str(renamed), transport], arms, tmp)
+    for arm in arms:
+        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
+    n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}
+    scans = sorted({r["scan"] for r in pooled["transport"]})
+    print("| held-out scan (seed 0, myocardium EPE mm) | " + " | ".join(arms) + " |")
+    print("|---" * (len(arms) + 1) + "|")
+    for s in scans:
+        print(f"| {s} | " + " | ".join(f"{get(pooled[a], s, a):.2f}" for a in arms) + " |")
+    print()
+    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
+    print("|---|---|---|---|")
+    for a, b in (("transport", "annotated"), ("transport", "cvae"), ("transport", "cvae_TR"), ("cvae", "annotated")):
+        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
+                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    print()
+    print("\n".join(magnitude_table(pooled, arms, scans)))
+    seconds = [r["transport_s"] for r in pooled["transport"] if "transport_s" in r]
+    dropped = [r.get("transport_dropped", 0) for r in pooled["transport"]]
+    print(f"\ntransport pools: {len(seconds)} rows, {sum(dropped)} pairs dropped, "
+          f"{min(seconds):.0f}–{max(seconds):.0f} s to register or read")
