@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
+from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
 
 base, tr, transport = sys.argv[1:4]
 with tempfile.TemporaryDirectory() as tmp:
@@ -24,10 +24,7 @@ with tempfile.TemporaryDirectory() as tmp:
         pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
     n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}
     scans = sorted({r["scan"] for r in pooled["transport"]})
-    print("| held-out scan (seed 0, myocardium EPE mm) | " + " | ".join(arms) + " |")
-    print("|---" * (len(arms) + 1) + "|")
-    for s in scans:
-        print(f"| {s} | " + " | ".join(f"{get(pooled[a], s, a):.2f}" for a in arms) + " |")
+    print("\n".join(scan_table(pooled, arms, scans)))
     print()
     print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
     print("|---|---|---|---|")

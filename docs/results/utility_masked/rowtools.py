@@ -1,4 +1,4 @@
-"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py) share: a utility
+"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py) share: a utility
 run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
 as a table cell (bench/utility_compare.py's library call, compare_folders)."""
 import json
@@ -41,6 +41,13 @@ def pool(sources, arms, tmp):
         d.mkdir()
         d.joinpath("runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
     return pooled, dirs
+
+
+def scan_table(pooled, arms, scans, metric="epe_myo_mm", label="held-out scan (seed 0, myocardium EPE mm)"):
+    """Each scan's row of each arm's ``metric``, as Markdown lines."""
+    lines = [f"| {label} | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(f"{get(pooled[a], s, a, metric):.2f}" for a in arms) + " |" for s in scans]
+    return lines
 
 
 def magnitude_table(pooled, arms, scans):

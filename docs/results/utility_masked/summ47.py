@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
+from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
 
 base, *more = sys.argv[1:]
 others = [m.split("=", 1) for m in more]
@@ -28,10 +28,7 @@ with tempfile.TemporaryDirectory() as tmp:
         pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
     arms = [a for a in arms if pooled[a]]
     scans = sorted({r["scan"] for r in pooled["annotated"]})
-    print("| held-out scan (seed 0, myocardium EPE mm) | " + " | ".join(arms) + " |")
-    print("|---" * (len(arms) + 1) + "|")
-    for s in scans:
-        print(f"| {s} | " + " | ".join(f"{get(pooled[a], s, a):.2f}" for a in arms) + " |")
+    print("\n".join(scan_table(pooled, arms, scans)))
     print()
     n = {a: (43 if a == "annotated" else 256) for a in arms}
     pairs = [(a, "annotated") for a in arms if a != "annotated"] + [(a, "cvae") for a in arms
