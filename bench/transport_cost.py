@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows[:args.pairs + 1]:
             pair = load_pair(args.prepared, r, with_truth=False)
             flow, _ = read_flow(flow_path(args.flows, str(r["scan_id"])))
+            if len(set(pair.es.shape)) != 1:
+                raise CardiomotionError(f"{args.prepared}: scan {r['scan_id']} is on a {pair.es.shape} grid; the bench "
+                                        "resamples cubic grids only (one spacing keeps the field of view)")
             scans.append((hu_to_unit(torch.from_numpy(pair.es).float(), tuple(window)), torch.from_numpy(flow).float(),
                           float(pair.spacing_mm), pair.es.shape))
         reference = tuple(_ints(args.reference))

@@ -197,6 +197,8 @@ def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pai
     new = {(s, o) for s, o in moved if "transport" in (s[0], o[0])}
     assert new == ({(("transport", 215), o) for o in real}
                    | {((a, n), ("transport", 215)) for a in corpus for n in (64, 256, 4096)})
+    collide = comparison_pairs(keys + [("transport", 64)])  # its N equal to a corpus size: still not random
+    assert not any(s[0] == "transport" and o[0] == "random" for s, o in collide)
 
 
 def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
@@ -470,6 +472,10 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     assert len(built) == 1
     (tmp_path / "transport_pool.pt").write_bytes(b"not a pool")
     assert len(transport_source(runs[0], cfg, es, fl)) == 4 and len(built) == 2
+    wider = cfg.model_copy(deep=True)
+    wider.intensity.window = (-300.0, 700.0)  # registration sees other images: another pool
+    transport_source(runs[0], wider, es, fl)
+    assert len(built) == 3 and not list(tmp_path.glob(".*.tmp"))
     assert utility_job.TRANSPORT_POOL == "transport_pool.pt"
 
 

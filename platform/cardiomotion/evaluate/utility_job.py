@@ -418,11 +418,11 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
     """The transport arm's pairs (:class:`~cardiomotion.evaluate.utility.TransportSource`) of
     ``run``'s fold, registered once per fold: read from ``run.transport_file`` when it holds this
     plan's pool (the fold's training scans, ``utility.transport_partners``, the seed, the flows
-    folder, the registration schedule and folding bound), else built and written there under a
-    temporary name, then renamed, for the fold's other seeds and reruns. The partners follow
-    ``cfg.seed`` (as the CVAE's pool), so the estimator seeds share one pool. The fields pass
-    through float16 either way (as a corpus stores its flows), so a built and a read pool are the
-    same."""
+    folder, the intensity window, the registration schedule and folding bound), else built and
+    written there under a temporary name, then renamed, for the fold's later seeds and reruns
+    (seeds that start together each build it: the same content). The partners follow ``cfg.seed``
+    (as the CVAE's pool), so the estimator seeds share one pool. The fields pass through float16
+    either way (as a corpus stores its flows), so a built and a read pool are the same."""
     import torch
 
     from ..train.transport import MAX_FOLDING, TRANSPORT_ITERATIONS
@@ -430,24 +430,30 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
 
     window = cfg.intensity.window
     key = json.dumps({"train_ids": list(run.train_ids), "partners": cfg.utility.transport_partners, "seed": cfg.seed,
-                      "flows": str(run.flows), "iterations": list(TRANSPORT_ITERATIONS), "max_folding": MAX_FOLDING})
+                      "flows": str(run.flows), "window": list(window), "iterations": list(TRANSPORT_ITERATIONS),
+                      "max_folding": MAX_FOLDING})
     path = Path(run.transport_file) if run.transport_file else None
     if path is not None and path.is_file():
         try:
             rec = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged cache is rebuilt, never trusted
             rec = None
-        if isinstance(rec, dict) and rec.get("key") == key:
+        if isinstance(rec, dict) and rec.get("key") == key and {"flows", "pairs", "dropped"} <= set(rec):
             return TransportSource(es_hu, run.train_ids, rec["flows"].float(), [tuple(p) for p in rec["pairs"]],
                                    [tuple(p) for p in rec["dropped"]], window)
     built = TransportSource.build(es_hu, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
                                   _spacing_mm(run.prepared, run.train_ids), window)
     half = built.flows.half()
     if path is not None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"key": key, "flows": half, "pairs": [list(p) for p in built.pairs],
-                    "dropped": [list(p) for p in built.dropped]}, tmp)
-        os.replace(tmp, path)
+        import uuid
+
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across the nodes of a shared folder
+        try:
+            torch.save({"key": key, "flows": half, "pairs": [list(p) for p in built.pairs],
+                        "dropped": [list(p) for p in built.dropped]}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
 
 
@@ -727,14 +733,17 @@ def _references(pair, cfg: Config) -> list[dict[str, Any]]:
 def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *, prepared: str, flows: str,
               corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float,
               target_corpus_dir: str | None = None, target_frames_dir: str | None = None) -> list[UtilityRun]:
-    """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs);
+    """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs;
+    transport: its planned pool, n_train·(1 + k));
     each with its step budget (:meth:`~cardiomotion.config.UtilityConfig.steps_for`)."""
     u = cfg.utility
     runs = []
     for arm in u.arms:
-        # N: the corpus sizes; the training pairs of the real arms; the transport arm's own and transported motions
+        # N: the corpus sizes; the training pairs of the real arms; the transport arm's own and planned
+        # transported motions (k partners each, fewer when fewer scans; dropped pairs are the row's transport_dropped)
+        k = min(u.transport_partners, len(train_ids) - 1)
         sizes = (u.sizes if arm.synthetic else
-                 [len(train_ids) * (1 + u.transport_partners)] if arm is UtilityArm.TRANSPORT else [len(train_ids)])
+                 [len(train_ids) * (1 + k)] if arm is UtilityArm.TRANSPORT else [len(train_ids)])
         for n in sizes:
             steps = u.steps_for(n if arm.synthetic else None)
             for s in range(u.seeds):

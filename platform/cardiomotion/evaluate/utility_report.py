@@ -118,8 +118,8 @@ def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, i
                 continue
             if not sa.generated and sa is not UtilityArm.TRANSPORT:
                 continue
-            if sa is UtilityArm.TRANSPORT and oa is not None and oa.generated:
-                continue  # the generated arms are compared with it
+            if sa is UtilityArm.TRANSPORT and oa is not None and (oa.generated or oa is UtilityArm.RANDOM):
+                continue  # the generated arms are compared with it; random is another question
             if oa is not None and oa.synthetic and other[1] != subj[1]:
                 continue  # synthetic arms are compared at the same corpus size
             if oa is not None and oa.generated and AGAINST.get(sa) is not oa:
