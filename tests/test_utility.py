@@ -199,6 +199,8 @@ def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pai
                    | {((a, n), ("transport", 215)) for a in corpus for n in (64, 256, 4096)})
     collide = comparison_pairs(keys + [("transport", 64)])  # its N equal to a corpus size: still not random
     assert not any(s[0] == "transport" and o[0] == "random" for s, o in collide)
+    both = comparison_pairs(keys + [("transport", 215), ("target", 256), ("annotated+target", 256)])
+    assert {(("target", 256), ("transport", 215)), (("annotated+target", 256), ("transport", 215))} <= set(both)
 
 
 def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
@@ -907,112 +909,3 @@ def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom
         run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     assert not (tmp_path / "u" / "runs.jsonl").exists()
     assert not (tmp_path / "u" / "inputs.json").exists()  # a refused run pins the folder to nothing
-
-
-@pytest.mark.slow
-def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phantom, tmp_path, ray_session):
-    import mlflow
-
-    from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import run_utility
-
-    prepared, flows = phantom
-    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
-                             "train": {**TINY["train"], "epochs": 1},
-                             "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "annotated", "cvae>annotated", "transport"], "sizes": [4],
-                                         "seeds": 1, "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
-                                         "transport_partners": 1, "resources": {"cpus": 0.5}, "max_concurrent": 2}})
-    res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
-    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4),
-                                                        ("transport", 6)]
-    assert [r["transport_dropped"] for r in rows if r["arm"] == "transport"] == [0]
-    assert (tmp_path / "u" / "folds" / "phantom_000" / "transport_pool.pt").is_file()  # for the fold's other seeds
-    assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
-    import pandas as pd
-
-    table = pd.read_csv(res.table)
-    assert set(table.arm) == {"cvae", "annotated", "cvae>annotated", "transport", "zero"}
-    assert set(table.metric) == {"epe_mm", "epe_myo_mm", "dice", "folding", "magnitude_myo"}
-    assert all(r["magnitude_myo"] >= 0 for r in rows)  # every row records its estimate's motion
-    zero_mag = table[(table.arm == "zero") & (table.metric == "magnitude_myo")]["mean"]
-    assert list(zero_mag) == [0.0]
-    paired = pd.read_csv(res.paired_file)  # cvae against annotated and zero flow on the held-out scan
-    assert {(r.arm, r.vs_arm, r.scans) for r in paired.itertuples() if r.metric == "epe_myo_mm"} == {
-        ("cvae", "annotated", 1), ("cvae", "zero", 1), ("cvae", "transport", 1),
-        ("cvae>annotated", "annotated", 1), ("cvae>annotated", "zero", 1), ("cvae>annotated", "cvae", 1),
-        ("cvae>annotated", "transport", 1), ("transport", "annotated", 1), ("transport", "zero", 1)}
-    assert "magnitude_myo" not in set(paired.metric)  # a calibration: summarised, not paired
-    assert res.figure.is_file() and res.figure.stat().st_size > 0
-    # the corpus was conditioned on the training scans only
-    from cardiomotion import tracking
-    from cardiomotion.generate import open_corpus
-
-    corpus = open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")
-    assert len(corpus) == 4 and {corpus[i]["scan_id"] for i in range(4)} <= {"phantom_001", "phantom_002", "phantom_003"}
-    mlflow.set_tracking_uri(tracking.setup(cfg))
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string="tags.stage = 'utility'")
-    assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
-    assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
-    # a rerun trains nothing again
-    run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
-    assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 4
-    assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 and r["steps"] == 2 for r in rows)
-    # a rerun with another step budget would mix estimators trained two ways: refused before any work
-    from cardiomotion.errors import InputError
-
-    longer = cfg.model_copy(deep=True)
-    longer.utility.steps = 3
-    before = (tmp_path / "u" / "runs.jsonl").read_text()
-    with pytest.raises(InputError, match=r"runs.jsonl: row 1 .* other estimator settings \(steps 2 → 3\)"):
-        run_utility(prepared, flows, tmp_path / "u", longer, folds=[0])
-    assert (tmp_path / "u" / "runs.jsonl").read_text() == before
-    # so would a rerun from other annotations (its generators and rows were made from these)
-    import shutil
-
-    other = tmp_path / "flows_again"
-    shutil.copytree(flows, other)
-    with pytest.raises(InputError, match=r"inputs.json: .*made from other inputs \(flows: "):
-        run_utility(prepared, other, tmp_path / "u", cfg, folds=[0])
-    assert (tmp_path / "u" / "runs.jsonl").read_text() == before
-    # a smaller N later reads the first N samples of the fold's larger corpus, which stays whole
-    from cardiomotion.config import UtilityArm
-
-    smaller = cfg.model_copy(deep=True)
-    smaller.utility.sizes = [2]
-    smaller.utility.arms = [UtilityArm.CVAE]
-    run_utility(prepared, flows, tmp_path / "u", smaller, folds=[0])
-    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4),
-                                                        ("transport", 6)]
-    assert len(open_corpus(tmp_path / "u" / "folds" / "phantom_000" / "corpus")) == 4
-    # the transductive arms, added later: the same fold CVAE conditioned on the held-out ES frame
-    # alone (a view holding only that scan), the training corpus left as it was
-    fold = tmp_path / "u" / "folds" / "phantom_000"
-    corpus_files = sorted((p.name, p.stat().st_mtime_ns) for p in (fold / "corpus").rglob("*"))
-    targeted = cfg.model_copy(deep=True)
-    targeted.utility.arms = [UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET]
-    res = run_utility(prepared, flows, tmp_path / "u", targeted, folds=[0])
-    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
-    assert sorted((r["arm"], r["n"]) for r in rows if "target" in r["arm"]) == [("annotated+target", 4), ("target", 4)]
-    target = open_corpus(fold / "target_corpus")
-    assert len(target) == 4 and {target[i]["scan_id"] for i in range(4)} == {"phantom_000"}
-    assert sorted(p.name for p in (fold / "target_frames").iterdir()) == ["phantom_000", "scans.parquet"]
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in (fold / "corpus").rglob("*")) == corpus_files
-    paired = pd.read_csv(res.paired_file)
-    assert {(r.arm, r.vs_arm) for r in paired.itertuples() if r.metric == "epe_myo_mm" and "target" in r.arm} == {
-        ("target", "annotated"), ("target", "zero"), ("target", "cvae"), ("target", "transport"),
-        ("annotated+target", "annotated"), ("annotated+target", "zero"), ("annotated+target", "target"),
-        ("annotated+target", "transport")}
-    # another prior temperature into a new folder, reusing this folder's fold CVAE (--generators):
-    # the same model, a new corpus sampled at the new temperature, nothing trained again
-    colder = cfg.model_copy(deep=True)
-    colder.generate.temperature = cfg.generate.temperature / 2
-    colder.utility.arms = [UtilityArm.CVAE]
-    run_utility(prepared, flows, tmp_path / "u_cold", colder, folds=[0], generators=tmp_path / "u")
-    mine = json.loads((tmp_path / "u_cold" / "folds" / "phantom_000" / "generator.json").read_text())
-    assert mine["model_uri"] == json.loads((fold / "generator.json").read_text())["model_uri"]
-    cold = open_corpus(tmp_path / "u_cold" / "folds" / "phantom_000" / "corpus")
-    assert len(cold) == 4 and cold.manifest["temperature"] == colder.generate.temperature
-    assert [json.loads(x)["arm"] for x in (tmp_path / "u_cold" / "runs.jsonl").read_text().splitlines()] == ["cvae"]
