@@ -450,8 +450,9 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     ids = ["phantom_001", "phantom_002"]
     runs = [replace(r, transport_file=str(tmp_path / "transport_pool.pt"))
             for r in plan_runs(0, "phantom_000", ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
-                               model_uri=None, frames_dir=None, rms_vox=1.0)]
+                               model_uri=None, frames_dir=None, rms_vox=1.0, spacing_mm=4.0)]
     assert [(r.arm, r.n, r.seed) for r in runs] == [("transport", 4, 0), ("transport", 4, 1)]
+    assert all(r.spacing_mm == 4.0 for r in runs)  # the fold's spacing travels with the run
     es, _, fl = _training_arrays(str(prepared), str(flows), ids)
     first = transport_source(runs[0], cfg, es, fl)
     assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
@@ -479,6 +480,8 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     transport_source(runs[0], wider, es, fl)
     assert len(built) == 3 and not list(tmp_path.glob(".*.tmp"))
     assert utility_job.TRANSPORT_POOL == "transport_pool.pt"
+    with pytest.raises(ValueError, match="needs its fold's spacing_mm"):
+        transport_source(replace(runs[0], spacing_mm=None, transport_file=None), cfg, es, fl)
 
 
 def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_per_scan(phantom, tmp_path):
@@ -519,7 +522,8 @@ def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
                                                  "sizes": [4], "seeds": 1, "steps": 2, "batch_size": 2,
                                                  "transport_partners": 1}})
     runs = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
-                     flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
+                     flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0,
+                     spacing_mm=4.0)
     # the transport arm: each of the 2 training frames with its own motion and 1 partner's
     assert [(r.arm, r.n) for r in runs] == [("random", 4), ("annotated", 2), ("unsupervised", 2), ("transport", 4)]
     assert len({r.steps for r in runs}) == 1

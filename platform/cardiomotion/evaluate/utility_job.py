@@ -84,6 +84,7 @@ class UtilityRun:
     target_corpus_dir: str | None = None  # materialized corpus of the held-out ES frame (target arms)
     target_frames_dir: str | None = None  # the held-out scan's view that corpus is conditioned on
     transport_file: str | None = None  # the fold's transport pool, registered once for its seeds (transport arm)
+    spacing_mm: float | None = None  # the fold's one grid spacing (FoldPlan.spacing_mm): transport registers on it
 
     @property
     def key(self) -> str:
@@ -128,18 +129,6 @@ def _training_arrays(prepared: str, flows: str, train_ids: Sequence[str]) -> tup
         ed.append(pair.ed)
         fl.append(flow)
     return np.stack(es), np.stack(ed), np.stack(fl).astype(np.float32)
-
-
-def _spacing_mm(prepared: str, scan_ids: Sequence[str]) -> float:
-    """The grid spacing (mm) of ``scan_ids`` in the prepared table; one isotropic spacing for all."""
-    from ..data.table import read_scan_table
-
-    table = read_scan_table(prepared).set_index("scan_id", drop=False)
-    spacing = {float(table.loc[s, "spacing_mm"]) for s in scan_ids}
-    if len(spacing) != 1:
-        raise InputError(Path(prepared), f"the training scans have {len(spacing)} spacings ({sorted(spacing)} mm); "
-                                         "transport registers them on one grid")
-    return spacing.pop()
 
 
 def annotated_flow_rms(prepared: str, flows: str, train_ids: Sequence[str],
@@ -441,8 +430,10 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
         if isinstance(rec, dict) and rec.get("key") == key and {"flows", "pairs", "dropped"} <= set(rec):
             return TransportSource(es_hu, run.train_ids, rec["flows"].float(), [tuple(p) for p in rec["pairs"]],
                                    [tuple(p) for p in rec["dropped"]], window)
+    if run.spacing_mm is None:
+        raise ValueError(f"{run.name}: a transport run needs its fold's spacing_mm (plan_runs(..., spacing_mm=))")
     built = TransportSource.build(es_hu, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
-                                  _spacing_mm(run.prepared, run.train_ids), window)
+                                  run.spacing_mm, window)
     half = built.flows.half()
     if path is not None:
         import uuid
@@ -732,10 +723,13 @@ def _references(pair, cfg: Config) -> list[dict[str, Any]]:
 
 def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *, prepared: str, flows: str,
               corpus_dir: str | None, model_uri: str | None, frames_dir: str | None, rms_vox: float,
-              target_corpus_dir: str | None = None, target_frames_dir: str | None = None) -> list[UtilityRun]:
+              target_corpus_dir: str | None = None, target_frames_dir: str | None = None,
+              spacing_mm: float | None = None) -> list[UtilityRun]:
     """Every estimator of a fold: synthetic arms at each N, the real arms once (N = training pairs;
     transport: its planned pool, n_train·(1 + k));
-    each with its step budget (:meth:`~cardiomotion.config.UtilityConfig.steps_for`)."""
+    each with its step budget (:meth:`~cardiomotion.config.UtilityConfig.steps_for`).
+    ``spacing_mm``: the fold's one grid spacing (``FoldPlan.spacing_mm``, checked by ``plan_fold``),
+    which the transport arm registers on."""
     u = cfg.utility
     runs = []
     for arm in u.arms:
@@ -752,7 +746,8 @@ def plan_runs(fold: int, scan_id: str, train_ids: Sequence[str], cfg: Config, *,
                                        model_uri if arm.generated else None,
                                        frames_dir if arm.uses_corpus else None, float(rms_vox), steps,
                                        target_corpus_dir if arm.uses_target else None,
-                                       target_frames_dir if arm.uses_target else None))
+                                       target_frames_dir if arm.uses_target else None,
+                                       spacing_mm=None if spacing_mm is None else float(spacing_mm)))
     return runs
 
 
@@ -869,7 +864,8 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     # every fold's estimators, planned once; the random arm's RMS and the corpus arms' corpus are
     # filled in (dataclasses.replace) when known
     planned = {p.val_id: plan_runs(p.fold, p.val_id, p.train_ids, cfg, prepared=str(prepared), flows=str(flows),
-                                   corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=0.0) for p in plans}
+                                   corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=0.0,
+                                   spacing_mm=p.spacing_mm) for p in plans}
     _check_budgets(runs_file, done_rows, [r for runs in planned.values() for r in runs], cfg)
     have = {_row_key(r) for r in done_rows}
     u = cfg.utility
