@@ -98,6 +98,7 @@ def test_a_shifted_twin_transports_its_motion_back():
     pool = transport_pool(es, flow, ["a", "b"], ["a"], k=1, seed=0, spacing_mm=2.0)
     assert pool.pairs == (("a", "a"), ("a", "b"))
     assert pool.es.shape == (2, 1, *shape) and pool.flow.shape == (2, 3, *shape)
+    assert pool.frames is es and pool.frame.tolist() == [0, 0]  # row → frame, no copies of the frames
     assert torch.equal(pool.es[0], es[0]) and torch.equal(pool.es[1], es[0]) and torch.equal(pool.flow[0], flow[0])
     inner = (slice(None), slice(5, 19), slice(5, 19), slice(5, 19))
     back = pool.flow[1].numpy()[inner]

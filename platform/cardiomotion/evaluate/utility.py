@@ -207,7 +207,7 @@ class TransportSource:
         es = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
         pool = transport_pool(_unit(es, window), torch.as_tensor(np.asarray(flows, np.float32)), ids, ids, int(k),
                               int(seed), float(spacing_mm), on_pair=on_pair)
-        return cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)
+        return cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)  # rows index es_hu (pool.frame)
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -98,16 +98,23 @@ def transport_flow(u: torch.Tensor, p: torch.Tensor, p_inverse: torch.Tensor | N
 class TransportPool:
     """Training pairs with transported motions appended.
 
-    es: (N, 1, I, J, K) the target ES frames; flow: (N, 3, I, J, K) voxels; pairs: (target, source)
-    scan ids of each row (source == target for a scan's own annotation); dropped: the (target,
-    partner) pairs left out (registration failed, or the transported field folds more than
-    :data:`MAX_FOLDING` of the grid).
+    frames: (n, 1, I, J, K) the ES frames given to :func:`transport_pool` (not copied); frame: (N,)
+    the index into ``frames`` of each row's (target) ES frame; flow: (N, 3, I, J, K) voxels;
+    pairs: (target, source) scan ids of each row (source == target for a scan's own annotation);
+    dropped: the (target, partner) pairs left out (registration failed, or the transported field
+    folds more than :data:`MAX_FOLDING` of the grid).
     """
 
-    es: torch.Tensor
+    frames: torch.Tensor
+    frame: torch.Tensor
     flow: torch.Tensor
     pairs: tuple[tuple[str, str], ...]
     dropped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def es(self) -> torch.Tensor:
+        """(N, 1, I, J, K) each row's ES frame (a new tensor: N frames, where :attr:`frames` holds n)."""
+        return self.frames[self.frame]
 
 
 def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str], targets: Sequence[str],
@@ -130,7 +137,7 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
     if missing:
         raise ValueError(f"targets not among the scans: {missing}")
     chosen = partners(ids, k, seed)
-    rows_es = [es[where[t]] for t in targets]
+    rows_frame = [where[t] for t in targets]
     rows_flow = [flow[where[t]] for t in targets]
     pairs = [(t, t) for t in targets]
     dropped = []
@@ -148,10 +155,11 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
             if w is None or not torch.isfinite(w).all() or folding_fraction(w) > MAX_FOLDING:
                 dropped.append((t, src))
             else:
-                rows_es.append(es[i])
+                rows_frame.append(i)
                 rows_flow.append(w.to(flow.dtype))
                 pairs.append((t, src))
             done += 1
             if on_pair is not None:
                 on_pair(done, total)
-    return TransportPool(torch.stack(rows_es), torch.stack(rows_flow), tuple(pairs), tuple(dropped))
+    return TransportPool(es, torch.tensor(rows_frame, dtype=torch.long), torch.stack(rows_flow), tuple(pairs),
+                         tuple(dropped))
