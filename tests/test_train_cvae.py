@@ -159,8 +159,11 @@ def test_rerun_resumes_from_the_checkpoint(fold_inputs):
 @pytest.mark.slow
 def test_a_fold_trains_with_transported_motions(fold_inputs):
     """train.transport_partners 1: fold 0's three training scans each gain one partner's motion
-    (three registrations, logged), all drawn from the training scans."""
+    (three registrations, logged), all drawn from the training scans. Fold 1 then registers only
+    the pairs fold 0 did not have: the rest are read from the storage root's pair cache."""
+    from cardiomotion.layout import transport_pairs_dir
     from cardiomotion.train.cvae import train_fold
+    from cardiomotion.train.transport import partners
 
     root, cfg = fold_inputs
     moved = cfg.model_copy(deep=True)
@@ -169,8 +172,17 @@ def test_a_fold_trains_with_transported_motions(fold_inputs):
     moved.train.transport_partners = 1
     res = train_fold(root / "prepared", root / "flows", 0, moved, name="transported")
     assert [m.value for m in _history(cfg, res.run_id, "transport_pairs")] == [3.0]
+    assert [m.value for m in _history(cfg, res.run_id, "transport_registered")] == [3.0]
     assert _history(cfg, res.run_id, "transport_seconds")[0].value > 0
     assert sorted({m.step for m in _history(cfg, res.run_id, "train_loss")}) == [0]
+    cache = transport_pairs_dir(root / "store")
+    assert len(list(cache.glob("*.pt"))) == 3
+    ids = ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
+    pairs = [{(t, p) for t, ps in partners([s for s in ids if s != held], 1, moved.seed).items() for p in ps}
+             for held in ids[:2]]
+    res1 = train_fold(root / "prepared", root / "flows", 1, moved, name="transported_fold1")
+    assert [m.value for m in _history(cfg, res1.run_id, "transport_registered")] == [float(len(pairs[1] - pairs[0]))]
+    assert len(list(cache.glob("*.pt"))) == len(pairs[0] | pairs[1])
 
 
 @pytest.mark.slow

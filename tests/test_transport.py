@@ -232,3 +232,51 @@ def test_the_cost_bench_times_both_schedules_on_resampled_grids(tmp_path_factory
     bad = subprocess.run([sys.executable, str(repo / "bench" / "transport_cost.py"), "--prepared",
                           str(tmp_path_factory.mktemp("empty")), "--flows", str(flows)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("transport_cost: ") and "empty" in bad.stderr
+
+
+def test_a_pair_cache_gives_the_same_pool_and_registers_each_pair_once_across_folds(tmp_path, monkeypatch):
+    """Two leave-one-out folds of 4 scans share a PairCache: the pool with the cache equals the pool
+    without it, bitwise; the second fold registers only the pairs the first did not have (those
+    with the first fold's held-out scan); a damaged file is computed again; another frame (a
+    different scan, e.g. a held-out one) gives another name, so it never reads a stored pair."""
+    from cardiomotion.train import transport as tr
+
+    shape = (16, 16, 16)
+    rng = np.random.default_rng(0)
+    ids = ["a", "b", "c", "d"]
+    es = torch.from_numpy(np.stack([_blob(shape, tuple(7.5 + rng.uniform(-1, 1, 3)), (4.0, 3.5, 4.5))
+                                    for _ in ids])[:, None].astype(np.float32))
+    flow = torch.from_numpy(rng.normal(0, 0.2, (4, 3, *shape)).astype(np.float32))
+    calls: list[int] = []
+    real = tr.register_frames
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tr, "register_frames", counting)
+    cache = tr.PairCache(tmp_path / "pairs")
+    fold0 = [1, 2, 3]  # held out: a
+    plain = tr.transport_pool(es[fold0], flow[fold0], ids[1:], ids[1:], k=2, seed=0, spacing_mm=2.0)
+    assert plain.registered == 6 and len(calls) == 6
+    cached = tr.transport_pool(es[fold0], flow[fold0], ids[1:], ids[1:], k=2, seed=0, spacing_mm=2.0, cache=cache)
+    assert cached.registered == 6 and len(list((tmp_path / "pairs").glob("*.pt"))) == 6
+    assert cached.pairs == plain.pairs and torch.equal(cached.flow, plain.flow)
+    again = tr.transport_pool(es[fold0], flow[fold0], ids[1:], ids[1:], k=2, seed=0, spacing_mm=2.0, cache=cache)
+    assert again.registered == 0 and torch.equal(again.flow, plain.flow) and len(calls) == 12
+    fold1 = [0, 2, 3]  # held out: b; the pairs among c and d are the first fold's
+    want = tr.transport_pool(es[fold1], flow[fold1], ["a", "c", "d"], ["a", "c", "d"], k=2, seed=0, spacing_mm=2.0)
+    got = tr.transport_pool(es[fold1], flow[fold1], ["a", "c", "d"], ["a", "c", "d"], k=2, seed=0, spacing_mm=2.0,
+                            cache=cache)
+    shared = sum(1 for t in ("c", "d") for s in ("c", "d") if t != s)
+    assert got.registered == 6 - shared and torch.equal(got.flow, want.flow) and got.pairs == want.pairs
+    # a damaged file is computed again, and the pool does not change
+    victim = sorted((tmp_path / "pairs").glob("*.pt"))[0]
+    victim.write_bytes(b"not a field")
+    healed = tr.transport_pool(es[fold0], flow[fold0], ids[1:], ids[1:], k=2, seed=0, spacing_mm=2.0, cache=cache)
+    assert healed.registered == 1 and torch.equal(healed.flow, plain.flow)
+    assert not list((tmp_path / "pairs").glob(".*.tmp"))
+    # the name is the content: another partner motion, frame or spacing is another key
+    k0 = cache.key(es[1], es[2], flow[2], 2.0)
+    assert k0 != cache.key(es[1], es[2], flow[2] + 1e-3, 2.0) != cache.key(es[1], es[3], flow[2], 2.0)
+    assert k0 != cache.key(es[1], es[2], flow[2], 2.5) and k0 == cache.key(es[1].clone(), es[2], flow[2], 2.0)

@@ -448,7 +448,7 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["transport"], "seeds": 2, "transport_partners": 1}})
     ids = ["phantom_001", "phantom_002"]
-    runs = [replace(r, transport_file=str(tmp_path / "transport_pool.pt"))
+    runs = [replace(r, transport_file=str(tmp_path / "transport_pool.pt"), transport_pairs_dir=str(tmp_path / "pairs"))
             for r in plan_runs(0, "phantom_000", ids, cfg, prepared=str(prepared), flows=str(flows), corpus_dir=None,
                                model_uri=None, frames_dir=None, rms_vox=1.0, spacing_mm=4.0)]
     assert [(r.arm, r.n, r.seed) for r in runs] == [("transport", 4, 0), ("transport", 4, 1)]
@@ -457,6 +457,7 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     first = transport_source(runs[0], cfg, es, fl)
     assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
     assert len(first) == 4 and torch.equal(first.flows[:2], torch.from_numpy(fl).half().float())
+    assert first.registered == 2 and len(list((tmp_path / "pairs").glob("*.pt"))) == 2  # one file per pair
     built: list[int] = []
     real = TransportSource.build.__func__
 
@@ -467,17 +468,18 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     monkeypatch.setattr(TransportSource, "build", classmethod(counting))
     second = transport_source(runs[1], cfg, es, fl)
     assert not built and second.pairs == first.pairs and torch.equal(second.flows, first.flows)
+    assert second.registered == 0
     b0, b1 = first.batch([2, 3]), second.batch([2, 3])
     assert torch.equal(b0.ed, b1.ed) and torch.equal(b0.flow, b1.flow)
     more = cfg.model_copy(deep=True)
     more.utility.transport_partners = 2  # 2 training scans: each has 1 partner at most
-    transport_source(runs[0], more, es, fl)
+    assert transport_source(runs[0], more, es, fl).registered == 0  # a new pool of the pairs already registered
     assert len(built) == 1
     (tmp_path / "transport_pool.pt").write_bytes(b"not a pool")
     assert len(transport_source(runs[0], cfg, es, fl)) == 4 and len(built) == 2
     wider = cfg.model_copy(deep=True)
     wider.intensity.window = (-300.0, 700.0)  # registration sees other images: another pool
-    transport_source(runs[0], wider, es, fl)
+    assert transport_source(runs[0], wider, es, fl).registered == 2  # other images: other pairs
     assert len(built) == 3 and not list(tmp_path.glob(".*.tmp"))
     assert utility_job.TRANSPORT_POOL == "transport_pool.pt"
     with pytest.raises(ValueError, match="needs its fold's spacing_mm"):

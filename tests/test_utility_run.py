@@ -35,7 +35,8 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4),
                                                         ("transport", 6)]
-    assert [r["transport_dropped"] for r in rows if r["arm"] == "transport"] == [0]
+    assert [(r["transport_dropped"], r["transport_registered"]) for r in rows if r["arm"] == "transport"] == [(0, 3)]
+    assert len(list((tmp_path / "store" / "transport_pairs").glob("*.pt"))) == 3  # the storage root's, for every fold
     assert (tmp_path / "u" / "folds" / "phantom_000" / "transport_pool.pt").is_file()  # for the fold's other seeds
     assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
     import pandas as pd

@@ -76,6 +76,13 @@ a trained model (MLflow artifact ``model``, or a folder)::
                                        (the target arms: conditioned on the held-out ES frame alone),
                                        transport_pool.pt (UTILITY_TRANSPORT_POOL: the transport arm's
                                        fields, registered once per fold)
+
+The storage root (``config.storage_root``: Ray Train runs, the MLflow store) also holds::
+
+    transport_pairs/<sha256>.pt        STORAGE_TRANSPORT_PAIRS: each (target, partner) pair's transported
+                                       field, content-addressed (train.transport.PairCache), shared by
+                                       every fold, seed and stage that transports (the CVAE's pool with
+                                       train.transport_partners, the utility transport arm)
 """
 from __future__ import annotations
 
@@ -162,6 +169,14 @@ UTILITY_CORPUS = "corpus"
 UTILITY_TARGET_FRAMES = "target_frames"
 UTILITY_TARGET_CORPUS = "target_corpus"
 UTILITY_TRANSPORT_POOL = "transport_pool.pt"
+
+
+STORAGE_TRANSPORT_PAIRS = "transport_pairs"
+
+
+def transport_pairs_dir(storage_root: str | Path) -> Path:
+    """The folder of transported pair fields (:class:`~cardiomotion.train.transport.PairCache`)."""
+    return Path(storage_root) / STORAGE_TRANSPORT_PAIRS
 
 
 def utility_fold_dir(out_dir: str | Path, scan_id: str) -> Path:

@@ -193,21 +193,26 @@ class TransportSource:
         self.flows = torch.as_tensor(flows).float()
         self.pairs = tuple((str(t), str(src)) for t, src in pairs)
         self.dropped = tuple((str(t), str(src)) for t, src in dropped)
+        self.registered = 0  # pairs registered to make it (build); 0 when read from a file
 
     @classmethod
     def build(cls, es_hu: np.ndarray, flows: np.ndarray, scan_ids: Sequence[str], k: int, seed: int,
-              spacing_mm: float, window: Sequence[float], on_pair=None) -> "TransportSource":
+              spacing_mm: float, window: Sequence[float], on_pair=None, cache=None) -> "TransportSource":
         """Register and transport: ``flows`` (n, 3, I, J, K) the annotated pull fields of
         ``scan_ids`` (only these scans partner each other); ``k`` partners per frame, chosen by
         ``seed`` (:func:`~cardiomotion.train.transport.partners`); ``spacing_mm`` the grid spacing
-        (the registration's smoothing is in mm); ``on_pair(done, total)`` after each registration."""
+        (the registration's smoothing is in mm); ``on_pair(done, total)`` after each pair; ``cache``
+        a :class:`~cardiomotion.train.transport.PairCache` the folds share (the same fields either way).
+        :attr:`registered` counts the pairs registered here."""
         from ..train.transport import transport_pool
 
         ids = [str(s) for s in scan_ids]
         es = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
         pool = transport_pool(_unit(es, window), torch.as_tensor(np.asarray(flows, np.float32)), ids, ids, int(k),
-                              int(seed), float(spacing_mm), on_pair=on_pair)
-        return cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)  # rows index es_hu (pool.frame)
+                              int(seed), float(spacing_mm), on_pair=on_pair, cache=cache)
+        built = cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)  # rows index es_hu (pool.frame)
+        built.registered = pool.registered
+        return built
 
     def __len__(self) -> int:
         return len(self.flows)

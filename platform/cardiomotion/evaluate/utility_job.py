@@ -50,7 +50,7 @@ from ..layout import (UTILITY_CORPUS as CORPUS_DIR, UTILITY_FIGURE as FIGURE_FIL
                       UTILITY_GENERATOR as GENERATOR_RECORD, UTILITY_INPUTS as INPUTS_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE, UTILITY_SUMMARY as SUMMARY_FILE,
                       UTILITY_TABLE as TABLE_FILE, UTILITY_TARGET_CORPUS as TARGET_CORPUS_DIR,
                       UTILITY_TARGET_FRAMES as TARGET_FRAMES_DIR, UTILITY_TRANSPORT_POOL as TRANSPORT_POOL,
-                      utility_fold_dir)
+                      transport_pairs_dir, utility_fold_dir)
 from .utility_report import (PAIRED_COLUMNS, SCORES, TABLE_COLUMNS, paired_differences, per_scan_means, summarize,
                              utility_figure)
 
@@ -85,6 +85,7 @@ class UtilityRun:
     target_frames_dir: str | None = None  # the held-out scan's view that corpus is conditioned on
     transport_file: str | None = None  # the fold's transport pool, registered once for its seeds (transport arm)
     spacing_mm: float | None = None  # the fold's one grid spacing (FoldPlan.spacing_mm): transport registers on it
+    transport_pairs_dir: str | None = None  # the pairs' transported fields, shared by the folds (PairCache)
 
     @property
     def key(self) -> str:
@@ -380,7 +381,8 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
     elif arm is Arm.TRANSPORT:
         t0 = time.perf_counter()
         pool = transport_source(run, cfg, es, flows)
-        made = {"transport_dropped": float(len(pool.dropped)), "transport_s": round(time.perf_counter() - t0, 2)}
+        made = {"transport_dropped": float(len(pool.dropped)), "transport_s": round(time.perf_counter() - t0, 2),
+                "transport_registered": float(pool.registered)}
         stream = source_batches(pool, bs, run.seed)
     else:
         stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
@@ -411,10 +413,13 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
     written there under a temporary name, then renamed, for the fold's later seeds and reruns
     (seeds that start together each build it: the same content). The partners follow ``cfg.seed``
     (as the CVAE's pool), so the estimator seeds share one pool. The fields pass through float16
-    either way (as a corpus stores its flows), so a built and a read pool are the same."""
+    either way (as a corpus stores its flows), so a built and a read pool are the same. Building
+    reads and writes each pair's field in ``run.transport_pairs_dir`` (the storage root's
+    :class:`~cardiomotion.train.transport.PairCache`), which every fold shares: a fold registers
+    only the pairs no earlier fold, seed or CVAE pool did (``registered`` counts them)."""
     import torch
 
-    from ..train.transport import MAX_FOLDING, TRANSPORT_ITERATIONS
+    from ..train.transport import MAX_FOLDING, TRANSPORT_ITERATIONS, PairCache
     from .utility import TransportSource
 
     window = cfg.intensity.window
@@ -432,8 +437,9 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
                                    [tuple(p) for p in rec["dropped"]], window)
     if run.spacing_mm is None:
         raise ValueError(f"{run.name}: a transport run needs its fold's spacing_mm (plan_runs(..., spacing_mm=))")
+    cache = PairCache(run.transport_pairs_dir) if run.transport_pairs_dir else None
     built = TransportSource.build(es_hu, flows, run.train_ids, cfg.utility.transport_partners, cfg.seed,
-                                  run.spacing_mm, window)
+                                  run.spacing_mm, window, cache=cache)
     half = built.flows.half()
     if path is not None:
         import uuid
@@ -445,7 +451,9 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    return TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
+    made = TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
+    made.registered = built.registered
+    return made
 
 
 def _corpus_of(run: UtilityRun, target: bool) -> tuple[str | None, str | None]:
@@ -533,7 +541,7 @@ def train_estimator_on_ray(run: UtilityRun, cfg: Config) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return {"fold": run.fold, "scan": run.scan_id, "arm": run.arm, "n": run.n, "seed": run.seed,
             **{k: metrics[k] for k in (*SCORES, "final_loss", "train_s", "transport_s") if k in metrics},
-            **({"transport_dropped": int(metrics["transport_dropped"])} if "transport_dropped" in metrics else {}),
+            **{k: int(metrics[k]) for k in ("transport_dropped", "transport_registered") if k in metrics},
             "steps": int(metrics.get("steps", _planned_steps(run, cfg))),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
@@ -895,7 +903,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
         runs = planned[plan.val_id] = [
             replace(r, rms_vox=float(rms),
-                    transport_file=str(fold_dir / TRANSPORT_POOL) if r.arm == UtilityArm.TRANSPORT.value else None)
+                    transport_file=str(fold_dir / TRANSPORT_POOL) if r.arm == UtilityArm.TRANSPORT.value else None,
+                    transport_pairs_dir=(str(transport_pairs_dir(task_cfg.storage_root))
+                                         if r.arm == UtilityArm.TRANSPORT.value else None))
             for r in planned[plan.val_id]]
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).generated and r.key not in have]

@@ -200,16 +200,18 @@ def _die(why: str) -> None:
 
 
 def _transported(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torch.Tensor,
-                 flow_mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                 flow_mine: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """This rank's pool: its own pairs (``es_mine``, ``flow_mine``, the samples of ``mine``), then
     each of its ES frames with the motions of ``train.transport_partners`` other training scans
     (:func:`~cardiomotion.train.transport.transport_pool`; the partners come from ``train_ids``, the
-    fold's training scans, never the held-out one). Also returns metrics for the run: the fold's
-    transported pairs (all ranks), this rank's dropped pairs and the seconds its pool took."""
+    fold's training scans, never the held-out one). ``cache_dir``: the storage root's
+    :class:`~cardiomotion.train.transport.PairCache` (pairs another fold or stage registered are
+    read, not registered again). Also returns metrics for the run: the fold's transported pairs (all
+    ranks), this rank's dropped and newly registered pairs and the seconds its pool took."""
     import time
 
     from .fold import load_samples
-    from .transport import partners, transport_pool
+    from .transport import PairCache, partners, transport_pool
 
     targets = list(dict.fromkeys(mine))
     if mine == list(train_ids):
@@ -218,9 +220,11 @@ def _transported(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torc
         es, flow = load_samples(plan, train_ids, cfg.intensity.window)
     t0 = time.monotonic()
     k, seed = cfg.train.transport_partners, cfg.seed
-    pool = transport_pool(es, flow, train_ids, targets, k, seed, plan.spacing_mm)
+    pool = transport_pool(es, flow, train_ids, targets, k, seed, plan.spacing_mm,
+                          cache=PairCache(cache_dir) if cache_dir else None)
     made = {"transport_pairs": float(sum(map(len, partners(train_ids, k, seed).values()))),
-            "transport_dropped": float(len(pool.dropped)), "transport_seconds": time.monotonic() - t0}
+            "transport_dropped": float(len(pool.dropped)), "transport_registered": float(pool.registered),
+            "transport_seconds": time.monotonic() - t0}
     return pool.es, pool.flow, made
 
 
@@ -272,7 +276,8 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     start, ckpt = resume(model, opt, device)
     if tc.transport_partners and start < tc.epochs:  # other training scans' motions carried onto these ES frames
-        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg, es_all, flow_all)
+        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg, es_all, flow_all,
+                                              config.get("transport_cache"))
         if rank == 0 and ckpt is None:  # logged once, by the attempt that starts the fold
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)
 
@@ -441,6 +446,7 @@ def train_fold(
 
     from .. import tracking
     from ..config import storage_root
+    from ..layout import transport_pairs_dir
     from ..raycluster import init_ray, stage_gpu, train_logging
 
     plan, pyr = check_fold_inputs(prepared_dir, flows_dir, fold, cfg)
@@ -476,7 +482,8 @@ def train_fold(
         trainer = TorchTrainer(
             cvae_train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "run_id": run.info.run_id,
-                               "tracking_uri": uri, "fail_at_epoch": fail_at_epoch},
+                               "tracking_uri": uri, "fail_at_epoch": fail_at_epoch,
+                               "transport_cache": str(transport_pairs_dir(storage_root(cfg)))},
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=str(storage_root(cfg) / "ray_results"),
                                  failure_config=FailureConfig(max_failures=tc.max_failures),

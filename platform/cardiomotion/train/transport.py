@@ -22,12 +22,18 @@ For a target scan i and a partner j:
 
 Which scans partner which (:func:`partners`) depends only on the seed and the two scan ids, so
 the pairs of two folds agree except where one of them holds the other's held-out scan; a
-held-out scan is never a partner (only the ids given are considered).
+held-out scan is never a partner (only the ids given are considered). A transported field is a
+function of three arrays only (ES_i, ES_j, u_j), so a :class:`PairCache` shared by the folds of a
+leave-one-out sweep registers each pair once for all of them: with 44 folds and k partners a fold
+registers 43·k pairs, the sweep about 44·k distinct ones instead of 44·43·k.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -36,8 +42,8 @@ import torch
 from ..flow.metrics import folding_fraction
 from ..flow.ops import compose, invert
 
-__all__ = ["MAX_FOLDING", "TRANSPORT_ITERATIONS", "TransportPool", "partners", "register_frames", "transport_flow",
-           "transport_pool"]
+__all__ = ["MAX_FOLDING", "TRANSPORT_ITERATIONS", "PairCache", "TransportPool", "partners", "register_frames",
+           "transport_flow", "transport_pool"]
 
 # Demons iterations per level (coarse to fine) for ES_j → ES_i. Measured on 12 phantom pairs of
 # scans 8-43 at 32³ (docs/results/motion_transport/probe.py, probe.md): 40/20/10 carries j's true
@@ -94,6 +100,63 @@ def transport_flow(u: torch.Tensor, p: torch.Tensor, p_inverse: torch.Tensor | N
     return compose(p, compose(u, q))
 
 
+class PairCache:
+    """Transported fields of (target, partner) pairs in a folder, content-addressed.
+
+    A file's name is the sha256 of what the field is a function of: the target's and the partner's
+    ES frames and the partner's motion (bytes, dtype, shape), the spacing, the demons schedule
+    (:data:`TRANSPORT_ITERATIONS`) and this format's version. So a file is valid for whichever
+    fold, seed or run asks for the same pair, and any other input gives another name: nothing
+    goes stale, and no held-out scan can enter (its frame would change the name). A file holds
+    {"flow": (3, I, J, K) float32 voxels, or None where the registration failed}, written under a
+    unique temporary name and renamed (two folds computing one pair at once write the same
+    content), read with ``torch.load(weights_only=True)``; a file that does not load is computed
+    again. The folding bound is applied by :func:`transport_pool`, not stored.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, es_target: torch.Tensor, es_partner: torch.Tensor, flow_partner: torch.Tensor,
+            spacing_mm: float) -> str:
+        h = hashlib.sha256(f"v{self.VERSION}|{float(spacing_mm)!r}|{tuple(TRANSPORT_ITERATIONS)}".encode())
+        for t in (es_target, es_partner, flow_partner):
+            a = t.detach().cpu().contiguous().numpy()
+            h.update(f"|{a.dtype.str}{a.shape}|".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    _MISSING = object()
+
+    def get(self, key: str):
+        """The stored field (float32 tensor), None for a stored failure, :attr:`_MISSING` if absent or unreadable."""
+        path = self.path(key)
+        if not path.is_file():
+            return self._MISSING
+        try:
+            rec = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file is computed again, never trusted
+            return self._MISSING
+        if not isinstance(rec, dict) or "flow" not in rec:
+            return self._MISSING
+        return None if rec["flow"] is None else rec["flow"].float()
+
+    def put(self, key: str, flow: torch.Tensor | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            torch.save({"flow": None if flow is None else flow.detach().float().cpu().contiguous()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class TransportPool:
     """Training pairs with transported motions appended.
@@ -110,6 +173,7 @@ class TransportPool:
     flow: torch.Tensor
     pairs: tuple[tuple[str, str], ...]
     dropped: tuple[tuple[str, str], ...] = ()
+    registered: int = 0  # pairs registered here (the others were read from a PairCache)
 
     @property
     def es(self) -> torch.Tensor:
@@ -119,7 +183,7 @@ class TransportPool:
 
 def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str], targets: Sequence[str],
                    k: int, seed: int, spacing_mm: float,
-                   on_pair: Callable[[int, int], None] | None = None) -> TransportPool:
+                   on_pair: Callable[[int, int], None] | None = None, cache: PairCache | None = None) -> TransportPool:
     """The targets' own pairs, then each target's ES with the motions of its ``k`` partners.
 
     Args:
@@ -127,7 +191,9 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
             annotated pull fields, voxels. Only these scans are used (a fold's training scans).
         targets: the ids whose rows this pool holds (a rank's share), each in ``scan_ids``.
         k: partners per target (:func:`partners` over ``scan_ids``); 0 = the own pairs only.
-        on_pair: called (done, total) after each registration (progress).
+        on_pair: called (done, total) after each pair (progress).
+        cache: where transported fields are read from and written to (:class:`PairCache`); the
+            pool is the same with or without it.
     """
     ids = [str(s) for s in scan_ids]
     if es.shape[0] != len(ids) or flow.shape[0] != len(ids):
@@ -142,16 +208,22 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
     pairs = [(t, t) for t in targets]
     dropped = []
     total = sum(len(chosen[t]) for t in targets)
-    done = 0
+    done = registered = 0
     for t in targets:
         i = where[t]
         for src in chosen[t]:
             j = where[src]
-            try:
-                p = torch.from_numpy(register_frames(es[i, 0].numpy(), es[j, 0].numpy(), spacing_mm))[None]
-            except RuntimeError:  # SimpleITK gave up on this pair: the pool does without it
-                p = None
-            w = None if p is None else transport_flow(flow[j:j + 1].float(), p)[0]
+            key = None if cache is None else cache.key(es[i], es[j], flow[j], spacing_mm)
+            w = PairCache._MISSING if cache is None else cache.get(key)
+            if w is PairCache._MISSING:
+                try:
+                    p = torch.from_numpy(register_frames(es[i, 0].numpy(), es[j, 0].numpy(), spacing_mm))[None]
+                except RuntimeError:  # SimpleITK gave up on this pair: the pool does without it
+                    p = None
+                w = None if p is None else transport_flow(flow[j:j + 1].float(), p)[0]
+                registered += 1
+                if cache is not None:
+                    cache.put(key, w)
             if w is None or not torch.isfinite(w).all() or folding_fraction(w) > MAX_FOLDING:
                 dropped.append((t, src))
             else:
@@ -162,4 +234,4 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
             if on_pair is not None:
                 on_pair(done, total)
     return TransportPool(es, torch.tensor(rows_frame, dtype=torch.long), torch.stack(rows_flow), tuple(pairs),
-                         tuple(dropped))
+                         tuple(dropped), registered)
