@@ -208,30 +208,40 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
     pairs = [(t, t) for t in targets]
     dropped = []
     total = sum(len(chosen[t]) for t in targets)
-    done = registered = 0
+    jobs = [(t, src) for t in targets for src in chosen[t]]
+    if cache is not None:
+        # computed in an order of this scan set's own (the pool's rows keep the canonical order): folds
+        # that run at once share most pairs, and in different orders each finds most of them already done
+        import random
+
+        salt = hashlib.sha256("\0".join(sorted(ids) + ["|"] + sorted(targets)).encode()).hexdigest()
+        random.Random(salt).shuffle(jobs)
+    fields: dict[tuple[str, str], torch.Tensor | None] = {}
+    registered = 0
+    for done, (t, src) in enumerate(jobs, 1):
+        i, j = where[t], where[src]
+        key = None if cache is None else cache.key(es[i], es[j], flow[j], spacing_mm)
+        w = PairCache._MISSING if cache is None else cache.get(key)
+        if w is PairCache._MISSING:
+            try:
+                p = torch.from_numpy(register_frames(es[i, 0].numpy(), es[j, 0].numpy(), spacing_mm))[None]
+            except RuntimeError:  # SimpleITK gave up on this pair: the pool does without it
+                p = None
+            w = None if p is None else transport_flow(flow[j:j + 1].float(), p)[0]
+            registered += 1
+            if cache is not None:
+                cache.put(key, w)
+        fields[(t, src)] = w
+        if on_pair is not None:
+            on_pair(done, total)
     for t in targets:
-        i = where[t]
         for src in chosen[t]:
-            j = where[src]
-            key = None if cache is None else cache.key(es[i], es[j], flow[j], spacing_mm)
-            w = PairCache._MISSING if cache is None else cache.get(key)
-            if w is PairCache._MISSING:
-                try:
-                    p = torch.from_numpy(register_frames(es[i, 0].numpy(), es[j, 0].numpy(), spacing_mm))[None]
-                except RuntimeError:  # SimpleITK gave up on this pair: the pool does without it
-                    p = None
-                w = None if p is None else transport_flow(flow[j:j + 1].float(), p)[0]
-                registered += 1
-                if cache is not None:
-                    cache.put(key, w)
+            w = fields[(t, src)]
             if w is None or not torch.isfinite(w).all() or folding_fraction(w) > MAX_FOLDING:
                 dropped.append((t, src))
             else:
-                rows_frame.append(i)
+                rows_frame.append(where[t])
                 rows_flow.append(w.to(flow.dtype))
                 pairs.append((t, src))
-            done += 1
-            if on_pair is not None:
-                on_pair(done, total)
     return TransportPool(es, torch.tensor(rows_frame, dtype=torch.long), torch.stack(rows_flow), tuple(pairs),
                          tuple(dropped), registered)
