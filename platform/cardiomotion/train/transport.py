@@ -210,12 +210,12 @@ def transport_pool(es: torch.Tensor, flow: torch.Tensor, scan_ids: Sequence[str]
     total = sum(len(chosen[t]) for t in targets)
     jobs = [(t, src) for t in targets for src in chosen[t]]
     if cache is not None:
-        # computed in an order of this scan set's own (the pool's rows keep the canonical order): folds
-        # that run at once share most pairs, and in different orders each finds most of them already done
+        # computed in an order of this call's own, drawn at random (the pool's rows keep the canonical
+        # order, so the result does not depend on it): folds and seeds that run at once share most
+        # pairs, and in different orders each finds most of them already done by the others
         import random
 
-        salt = hashlib.sha256("\0".join(sorted(ids) + ["|"] + sorted(targets)).encode()).hexdigest()
-        random.Random(salt).shuffle(jobs)
+        random.SystemRandom().shuffle(jobs)
     fields: dict[tuple[str, str], torch.Tensor | None] = {}
     registered = 0
     for done, (t, src) in enumerate(jobs, 1):
