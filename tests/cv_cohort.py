@@ -46,3 +46,16 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     FeaturePyramid(channels=cfg.annotate.pwc.channels).save(flows / "feature_pyramid.pt")
     return prepared, flows
+
+
+def tiny_utility_config(store: Path, arms: list[str], **utility):
+    """The tiny `utility` runs' settings (tests/test_utility_run.py, test_utility_generators.py): one
+    CVAE epoch, corpora of 4 in shards of 4, estimators of 2 steps, ``arms``, the storage root
+    ``store``; ``utility`` overrides."""
+    from cardiomotion.config import load_config
+
+    return load_config(None, {**TINY, "storage_root": str(store), "train": {**TINY["train"], "epochs": 1},
+                              "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
+                              "utility": {"arms": arms, "sizes": [4], "seeds": 1, "steps": 2, "batch_size": 2,
+                                          "demons": False, "bootstrap": 100, "resources": {"cpus": 0.5},
+                                          "max_concurrent": 2, **utility}})

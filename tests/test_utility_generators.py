@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cv_cohort import TINY, cohort
+from cv_cohort import cohort, tiny_utility_config
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +20,12 @@ def phantom(tmp_path_factory):
 def test_the_target_arms_and_another_temperature_reuse_the_folds_generator(phantom, tmp_path, ray_session):
     import pandas as pd
 
-    from cardiomotion.config import UtilityArm, load_config
+    from cardiomotion.config import UtilityArm
     from cardiomotion.evaluate.utility_job import run_utility
     from cardiomotion.generate import open_corpus
 
     prepared, flows = phantom
-    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
-                             "train": {**TINY["train"], "epochs": 1},
-                             "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "annotated"], "sizes": [4], "seeds": 1, "steps": 2,
-                                         "batch_size": 2, "demons": False, "bootstrap": 100,
-                                         "resources": {"cpus": 0.5}, "max_concurrent": 2}})
+    cfg = tiny_utility_config(tmp_path / "store", ["cvae", "annotated"])
     run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     fold = tmp_path / "u" / "folds" / "phantom_000"
     # the transductive arms, added later: the same fold CVAE conditioned on the held-out ES frame

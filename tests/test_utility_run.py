@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cv_cohort import TINY, cohort
+from cv_cohort import cohort, tiny_utility_config
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +21,11 @@ def phantom(tmp_path_factory):
 def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phantom, tmp_path, ray_session):
     import mlflow
 
-    from cardiomotion.config import load_config
     from cardiomotion.evaluate.utility_job import run_utility
 
     prepared, flows = phantom
-    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"),
-                             "train": {**TINY["train"], "epochs": 1},
-                             "generate": {"shard_size": 4, "batch_size": 2, "actors": 1, "previews": 0},
-                             "utility": {"arms": ["cvae", "annotated", "cvae>annotated", "transport"], "sizes": [4],
-                                         "seeds": 1, "steps": 2, "batch_size": 2, "demons": False, "bootstrap": 100,
-                                         "transport_partners": 1, "resources": {"cpus": 0.5}, "max_concurrent": 2}})
+    cfg = tiny_utility_config(tmp_path / "store", ["cvae", "annotated", "cvae>annotated", "transport"],
+                              transport_partners=1)
     res = run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4),
