@@ -201,6 +201,11 @@ def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pai
     assert not any(s[0] == "transport" and o[0] == "random" for s, o in collide)
     both = comparison_pairs(keys + [("transport", 215), ("target", 256), ("annotated+target", 256)])
     assert {(("target", 256), ("transport", 215)), (("annotated+target", 256), ("transport", 215))} <= set(both)
+    # the anchored arm (the CVAE's variation around the transport pool): against the arms without a
+    # generator, random at its N, transport (the fields it starts from) and cvae (prior samples instead)
+    anch = comparison_pairs(keys + [("transport", 215), ("anchored", 256)])
+    assert {(s, o) for s, o in anch if "anchored" in (s[0], o[0])} == {
+        (("anchored", 256), o) for o in real + [("random", 256), ("cvae", 256), ("transport", 215)]}
 
 
 def test_the_fine_tuned_arm_reads_the_corpus_then_the_pairs():
@@ -433,6 +438,54 @@ def test_the_transport_arm_warps_each_frame_by_its_own_and_its_partners_carried_
     assert torch.equal(b.es, hu_to_unit(es_hu, window))
     want_ed = warp(es_hu, torch.stack([src.flows[2], src.flows[1]])).round()
     assert torch.allclose(b.ed, hu_to_unit(want_ed, window))
+
+
+def test_the_anchored_arm_keeps_its_anchors_and_adds_the_decoders_variation(phantom):
+    """AnchoredSource: at T 0 every sample is its anchor; the first m samples take each of the m
+    pool rows once; at T 2 sample i is w + D(μ + 2ε_i) − D(μ), checked against the same formula
+    computed alone for that sample (ε_i from sample_seed, as a corpus draws it); ED is the warp."""
+    from cardiomotion.config import load_config
+    from cardiomotion.evaluate.utility import AnchoredSource, TransportSource, _unit, warped_ed
+    from cardiomotion.evaluate.utility_job import _training_arrays
+    from cardiomotion.generate.engine import sample_seed
+    from cardiomotion.models.pyramid import FeaturePyramid
+    from cardiomotion.train.cvae import build_cvae
+
+    prepared, flows = phantom
+    cfg = load_config(None, TINY)
+    window = cfg.intensity.window
+    ids = ["phantom_001", "phantom_002"]
+    es, _, fl = _training_arrays(str(prepared), str(flows), ids)
+    shifted = torch.from_numpy(fl[::-1].copy()) * 0.5  # a second row per frame: another field on it
+    pool = TransportSource(es, ids, torch.cat([torch.from_numpy(fl), shifted]),
+                           [("phantom_001", "phantom_001"), ("phantom_002", "phantom_002"),
+                            ("phantom_001", "phantom_002"), ("phantom_002", "phantom_001")], [], window)
+    torch.manual_seed(0)
+    pyramid = FeaturePyramid(channels=cfg.annotate.pwc.channels).eval()
+    model = build_cvae(cfg, pyramid.config()).eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # a decoder that moves (the head starts near zero)
+    still = AnchoredSource(pool, model, pyramid, n=6, seed=3, temperature=0.0, cond_window=window)
+    assert sorted(still.anchor[:4].tolist()) == [0, 1, 2, 3] and len(still) == 6
+    assert torch.allclose(still.fields(range(6)), pool.flows[still.anchor], atol=1e-5)
+    moved = AnchoredSource(pool, model, pyramid, n=6, seed=3, temperature=2.0, cond_window=window)
+    assert torch.equal(moved.anchor, still.anchor)
+    got = moved.fields([0, 5])
+    assert torch.equal(got, moved.fields([0, 5]))
+    for j, i in enumerate((0, 5)):
+        a = int(moved.anchor[i])
+        frame = int(pool.frame[a])
+        cond = _unit(pool.es_hu[frame:frame + 1], window)
+        with torch.no_grad():
+            feats = pyramid(cond)
+            mu, _ = model.encode(pool.flows[a:a + 1], cond, feats)
+            eps = torch.randn(mu.shape[1:], generator=torch.Generator().manual_seed(sample_seed(3, i)))[None]
+            want = pool.flows[a:a + 1] + model.decode(mu + 2.0 * eps, cond, feats) - model.decode(mu, cond, feats)
+        assert torch.allclose(got[j:j + 1], want, atol=1e-5)
+        assert (got[j] - pool.flows[a]).abs().max() > 0.005  # the decoder's variation is there
+    b = moved.batch([0, 5])
+    es_rows = pool.es_hu[pool.frame[moved.anchor[[0, 5]]]]
+    assert torch.equal(b.flow, got) and torch.equal(b.es, _unit(es_rows, window))
+    assert torch.equal(b.ed, _unit(warped_ed(es_rows, got), window))
 
 
 def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(phantom, tmp_path, monkeypatch):

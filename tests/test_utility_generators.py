@@ -58,3 +58,17 @@ def test_the_target_arms_and_another_temperature_reuse_the_folds_generator(phant
     cold = open_corpus(tmp_path / "u_cold" / "folds" / "phantom_000" / "corpus")
     assert len(cold) == 4 and cold.manifest["temperature"] == colder.generate.temperature
     assert [json.loads(x)["arm"] for x in (tmp_path / "u_cold" / "runs.jsonl").read_text().splitlines()] == ["cvae"]
+    # the anchored arm, added later: the same fold CVAE varying the fold's transport pool (N 4 of the
+    # pool's 3·(1 + 1) fields), nothing trained again but the estimator
+    anchored = cfg.model_copy(deep=True)
+    anchored.utility.arms = [UtilityArm.ANCHORED]
+    anchored.utility.transport_partners = 1
+    res = run_utility(prepared, flows, tmp_path / "u", anchored, folds=[0])
+    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["arm"] == "anchored"]
+    assert row["n"] == 4 and row["transport_dropped"] == 0 and row["epe_mm"] > 0
+    assert json.loads((fold / "generator.json").read_text())["model_uri"] == model_uri
+    assert (fold / "transport_pool.pt").is_file()
+    paired = pd.read_csv(res.paired_file)
+    assert {r.vs_arm for r in paired.itertuples() if r.metric == "epe_myo_mm" and r.arm == "anchored"} == {
+        "annotated", "zero", "cvae"}

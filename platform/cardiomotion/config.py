@@ -414,12 +414,13 @@ class UtilityArm(str, Enum):
     TARGET = "target"  # a corpus of the fold's CVAE conditioned on the held-out ES frame alone
     ANNOTATED_TARGET = "annotated+target"  # alternate batches: annotated pairs, the target corpus
     TRANSPORT = "transport"  # no generator: each training ES warped by its own and other training scans' annotated motions carried onto it
+    ANCHORED = "anchored"  # the transport pool's fields, each varied by the fold CVAE around itself (u = w + D(μ + Tε) − D(μ))
 
     @property
     def synthetic(self) -> bool:
         """Arms whose number of distinct samples is the corpus size N (the scaling curve)."""
         return self in (UtilityArm.CVAE, UtilityArm.RANDOM, UtilityArm.MIXED, UtilityArm.FINETUNE,
-                        UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET)
+                        UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET, UtilityArm.ANCHORED)
 
     @property
     def uses_corpus(self) -> bool:
@@ -433,8 +434,14 @@ class UtilityArm(str, Enum):
 
     @property
     def generated(self) -> bool:
-        """Trains on the fold CVAE's samples (either corpus): waits for the fold's generator."""
-        return self.uses_corpus or self.uses_target
+        """Trains on the fold CVAE's output (either corpus, or its variation around given fields):
+        waits for the fold's generator."""
+        return self.uses_corpus or self.uses_target or self is UtilityArm.ANCHORED
+
+    @property
+    def transports(self) -> bool:
+        """Builds the fold's transport pool (``folds/<scan>/transport_pool.pt``)."""
+        return self in (UtilityArm.TRANSPORT, UtilityArm.ANCHORED)
 
     @property
     def uses_pairs(self) -> bool:
@@ -477,7 +484,8 @@ class UtilityConfig(_Section):
                                   "conditioned on the held-out ES frame alone) and annotated+target (alternating "
                                   "batches), and transport (no generator: each training ES frame warped by its own "
                                   "annotated motion and by `transport_partners` other training scans' carried onto "
-                                  "it, registration-based augmentation)")
+                                  "it, registration-based augmentation), and anchored (that pool's fields, each varied "
+                                  "by the fold CVAE around itself at `generate.temperature`: N samples)")
     sizes: list[int] = Field([64, 256, 1024, 4096], min_length=1,
                              description="corpus sizes N of the synthetic arms (the scaling curve)")
     seeds: int = Field(3, ge=1, description="estimator seeds per (fold, arm, N)")

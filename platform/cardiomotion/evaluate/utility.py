@@ -223,6 +223,81 @@ class TransportSource:
         return Batch(_unit(es, self.window), _unit(warped_ed(es, flows), self.window), flows)
 
 
+class AnchoredSource:
+    """The ``anchored`` arm: the fold CVAE's variation around fields it is given.
+
+    A corpus draws each field from the prior, so its decoder re-draws the motion from scratch; here
+    the fields of a transport pool (:class:`TransportSource`: the training scans' own and carried
+    annotated motions) are kept and the CVAE adds its learned variation around each. Sample i:
+
+    * anchor a_i: a row of the pool (m rows), round r = i // m a permutation seeded by (``seed``,
+      r), as a corpus takes its scans (:func:`~cardiomotion.generate.engine.scan_indices`);
+    * ε_i ~ N(0, I) of the latent's shape from sample i's own generator
+      (:func:`~cardiomotion.generate.engine.sample_seed`), as a corpus draws its latents;
+    * u_i = w_a + D(μ_a + T·ε_i) − D(μ_a), with μ_a the encoder's posterior mean of (w_a, ES_a), D
+      the decoder conditioned on ES_a and its frozen pyramid features, T ``temperature``;
+    * ED = round(warp(ES_a, u_i)), exactly labelled, as a corpus sample is.
+
+    At T = 0 every sample is its anchor; the anchor's own detail (what the decoder smooths away) is
+    kept at every T, and only the decoder's variation is added.
+
+    Args:
+        pool: the fold's transport pool (its ES frames in HU, fields in voxels).
+        model, pyramid: the fold CVAE and its frozen feature pyramid (eval mode, CPU).
+        n: samples; seed: their seed (``cfg.seed``, as the corpus's); temperature: T.
+        cond_window: HU → [0, 1] for the CVAE's conditioning (the model's intensity window).
+    """
+
+    def __init__(self, pool: "TransportSource", model: Any, pyramid: Any, n: int, seed: int, temperature: float,
+                 cond_window: Sequence[float]):
+        from ..generate.engine import scan_indices
+
+        self.pool = pool
+        self.n = int(n)
+        self.seed = int(seed)
+        self.temperature = float(temperature)
+        self.model = model
+        self.anchor = torch.from_numpy(scan_indices(self.seed, len(pool), np.arange(self.n))).long()
+        cond = _unit(pool.es_hu, cond_window)  # (n_frames, 1, I, J, K)
+        with torch.no_grad():
+            per_frame = [pyramid(cond[f:f + 1]) for f in range(cond.shape[0])]
+            self.cond = cond
+            self.feats = [torch.cat([f[lvl] for f in per_frame]) for lvl in range(len(per_frame[0]))]
+            mus, bases = [], []
+            for lo in range(0, len(pool), 16):
+                rows = torch.arange(lo, min(lo + 16, len(pool)))
+                es, feats = self._conditioning(rows)
+                mu, _ = model.encode(pool.flows[rows], es, feats)
+                mus.append(mu)
+                bases.append(model.decode(mu, es, feats))
+        self.mu = torch.cat(mus)  # (m, C, i, j, k) the anchors' posterior means
+        self.base = torch.cat(bases)  # (m, 3, I, J, K) D(μ_a)
+
+    def _conditioning(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        frames = self.pool.frame[rows]
+        return self.cond[frames], [f[frames] for f in self.feats]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def fields(self, indices: Sequence[int]) -> torch.Tensor:
+        """u_i (B, 3, I, J, K) voxels of samples ``indices``."""
+        from ..generate.engine import sample_seed
+
+        rows = self.anchor[torch.as_tensor(list(indices), dtype=torch.long)]
+        eps = torch.stack([torch.randn(self.mu.shape[1:], generator=torch.Generator().manual_seed(sample_seed(self.seed, i)))
+                           for i in indices])
+        es, feats = self._conditioning(rows)
+        with torch.no_grad():
+            varied = self.model.decode(self.mu[rows] + self.temperature * eps, es, feats)
+        return self.pool.flows[rows] + (varied - self.base[rows])
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        rows = self.anchor[torch.as_tensor(list(indices), dtype=torch.long)]
+        es, flows = self.pool.es_hu[self.pool.frame[rows]], self.fields(indices)
+        return Batch(_unit(es, self.pool.window), _unit(warped_ed(es, flows), self.pool.window), flows)
+
+
 class CorpusSource:
     """Rows of a corpus (``Corpus[i]``, ``VirtualCorpus[i]`` or Ray Data batches): int16 HU
     ``es``/``ed_syn`` and float16 ``flow`` become a :class:`Batch`."""

@@ -378,12 +378,12 @@ def run_estimator(run: UtilityRun, cfg: Config, batches=None, device: Any = "cpu
                                 bs, run.seed)
     elif arm is Arm.ANNOTATED:
         stream = source_batches(PairSource(es, ed, flows, window), bs, run.seed)
-    elif arm is Arm.TRANSPORT:
+    elif arm.transports:
         t0 = time.perf_counter()
         pool = transport_source(run, cfg, es, flows)
         made = {"transport_dropped": float(len(pool.dropped)), "transport_s": round(time.perf_counter() - t0, 2),
                 "transport_registered": float(pool.registered)}
-        stream = source_batches(pool, bs, run.seed)
+        stream = source_batches(anchored_source(run, cfg, pool) if arm is Arm.ANCHORED else pool, bs, run.seed)
     else:
         stream = source_batches(PairSource(es, ed, None, window), bs, run.seed)
     model = build_pwcnet(cfg).to(device)
@@ -454,6 +454,20 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
     made = TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
     made.registered = built.registered
     return made
+
+
+def anchored_source(run: UtilityRun, cfg: Config, pool):
+    """The anchored arm's N samples (:class:`~cardiomotion.evaluate.utility.AnchoredSource`): the
+    fold CVAE ``run.model_uri`` varying the fields of ``pool`` (the fold's transport pool) at
+    ``generate.temperature``, the samples seeded by ``cfg.seed`` as the fold's corpus is."""
+    from ..generate.model import load_networks, resolve_model
+    from .utility import AnchoredSource
+
+    if run.model_uri is None:
+        raise ValueError(f"{run.name}: the anchored arm needs its fold's generator (model_uri)")
+    resolved = resolve_model(run.model_uri, cfg)
+    model, pyramid = load_networks(resolved.blobs(), "cpu")
+    return AnchoredSource(pool, model, pyramid, run.n, cfg.seed, cfg.generate.temperature, resolved.window)
 
 
 def _corpus_of(run: UtilityRun, target: bool) -> tuple[str | None, str | None]:
@@ -903,9 +917,9 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
         rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
         runs = planned[plan.val_id] = [
             replace(r, rms_vox=float(rms),
-                    transport_file=str(fold_dir / TRANSPORT_POOL) if r.arm == UtilityArm.TRANSPORT.value else None,
+                    transport_file=str(fold_dir / TRANSPORT_POOL) if UtilityArm(r.arm).transports else None,
                     transport_pairs_dir=(str(transport_pairs_dir(task_cfg.storage_root))
-                                         if r.arm == UtilityArm.TRANSPORT.value else None))
+                                         if UtilityArm(r.arm).transports else None))
             for r in planned[plan.val_id]]
         total += len(runs)
         queue += [r for r in runs if not UtilityArm(r.arm).generated and r.key not in have]

@@ -88,13 +88,14 @@ def subject_better(metric: str, delta: float) -> bool:
 #: the generated arms compared with another generated arm (besides every arm without one): those
 #: that add the annotated pairs, or the held-out anatomy, to what they are compared with
 AGAINST = {UtilityArm.MIXED: UtilityArm.CVAE, UtilityArm.FINETUNE: UtilityArm.CVAE,
-           UtilityArm.TARGET: UtilityArm.CVAE, UtilityArm.ANNOTATED_TARGET: UtilityArm.TARGET}
+           UtilityArm.TARGET: UtilityArm.CVAE, UtilityArm.ANNOTATED_TARGET: UtilityArm.TARGET,
+           UtilityArm.ANCHORED: UtilityArm.CVAE}
 
 
 def comparison_pairs(keys: Sequence[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
     """The (subject, other) pairs of (arm, N) keys that :func:`paired_differences` compares (and
     the figure's per-scan panel draws): every generated arm (cvae, cvae+annotated, cvae>annotated,
-    target, annotated+target) at N against each arm without a generator — the real-data arms, the
+    target, annotated+target, anchored) at N against each arm without a generator — the real-data arms, the
     references (zero, demons), and ``random`` at the same N —, each arm of :data:`AGAINST` against
     its arm there at the same N, ``transport`` (exactly labelled pairs without a generator) against
     each arm without a generator but ``random``, and the scaling question: every synthetic arm at
@@ -204,9 +205,9 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
     subject = None
     if per_scan:
         # cvae at its largest N, else the mixed arm's, else the fine-tuned arm's, else the target
-        # arms' (one order, whatever order the rows came in)
-        preference = (UtilityArm.ANNOTATED_TARGET, UtilityArm.TARGET, UtilityArm.FINETUNE, UtilityArm.MIXED,
-                      UtilityArm.CVAE)
+        # arms', else the anchored arm's (one order, whatever order the rows came in)
+        preference = (UtilityArm.ANCHORED, UtilityArm.ANNOTATED_TARGET, UtilityArm.TARGET, UtilityArm.FINETUNE,
+                      UtilityArm.MIXED, UtilityArm.CVAE)
         corpus = sorted((k for k in per_scan if (a := arm_of(k[0])) is not None and a.generated),
                         key=lambda k: (preference.index(arm_of(k[0])), k[1]))
         subject = corpus[-1] if corpus else None
