@@ -82,7 +82,7 @@ The storage root (``config.storage_root``: Ray Train runs, the MLflow store) als
     transport_pairs/<sha256>.pt        STORAGE_TRANSPORT_PAIRS: each (target, partner) pair's transported
                                        field, content-addressed (train.transport.PairCache), shared by
                                        every fold, seed and stage that transports (the CVAE's pool with
-                                       train.transport_partners, the utility transport arm)
+                                       train.transport_partners, the utility transport and anchored arms)
 """
 from __future__ import annotations
 

@@ -285,7 +285,8 @@ class AnchoredSource:
         from ..generate.engine import sample_seed
 
         rows = self.anchor[torch.as_tensor(list(indices), dtype=torch.long)]
-        eps = torch.stack([torch.randn(self.mu.shape[1:], generator=torch.Generator().manual_seed(sample_seed(self.seed, i)))
+        eps = torch.stack([torch.randn(self.mu.shape[1:],
+                                       generator=torch.Generator().manual_seed(sample_seed(self.seed, i)))
                            for i in indices])
         es, feats = self._conditioning(rows)
         with torch.no_grad():
