@@ -179,6 +179,12 @@ def transport_pairs_dir(storage_root: str | Path) -> Path:
     return Path(storage_root) / STORAGE_TRANSPORT_PAIRS
 
 
+def transport_pair_file(cache_dir: str | Path, key: str) -> Path:
+    """One pair's transported field in a :class:`~cardiomotion.train.transport.PairCache` folder
+    (``key``: the sha256 of what made it)."""
+    return Path(cache_dir) / f"{key}.pt"
+
+
 def utility_fold_dir(out_dir: str | Path, scan_id: str) -> Path:
     """Fold ``scan_id``'s folder of a utility experiment (its CVAE record, training view, corpus)."""
     return Path(out_dir) / UTILITY_FOLDS / str(scan_id)

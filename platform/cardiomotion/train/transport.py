@@ -129,7 +129,9 @@ class PairCache:
         return h.hexdigest()
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.pt"
+        from ..layout import transport_pair_file
+
+        return transport_pair_file(self.root, key)
 
     _MISSING = object()
 
