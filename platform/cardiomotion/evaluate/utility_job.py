@@ -966,7 +966,8 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
                 made = [f"{what} {where or 'on the fly'}" for what, view, where in
                         (("corpus", fc.frames_dir, fc.corpus_dir),
                          ("target corpus", fc.target_frames_dir, fc.target_corpus_dir)) if view]
-                log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}, {', '.join(made)}")
+                log(f"utility: fold {plan.fold} ({plan.val_id}): CVAE {fc.model_uri}"
+                    + (f", {', '.join(made)}" if made else " (no corpus: the anchored arm decodes in its worker)"))
                 queue += [_fed(r, fc) for r in planned[plan.val_id]
                           if UtilityArm(r.arm).generated and r.key not in have]
                 continue
