@@ -1,0 +1,36 @@
+"""Stop 50's anchored-arm table: the transport pool's fields varied by the fold CVAE around each
+(anchored) against the same pool alone (transport, stop 49), the same fold CVAEs' corpus (stop 48's
+transport-trained `paper` CVAEs, cvae_TR), stop 46's pairs and corpus, held-out scan by scan.
+
+`python docs/results/transport_scaling/summ50a.py docs/results/utility_masked/U46/runs.jsonl
+docs/results/motion_transport/U48_runs.jsonl docs/results/transport_arm/U49T_runs.jsonl
+docs/results/transport_scaling/U50A_runs.jsonl`. Seed 0, paired with compare_folders
+(bench/utility_compare.py's library call)."""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
+from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
+
+base, tr, transport, anchored = sys.argv[1:5]
+with tempfile.TemporaryDirectory() as tmp:
+    renamed = Path(tmp) / "TR.jsonl"
+    renamed.write_text("".join(json.dumps({**r, "arm": "cvae_TR"}) + "\n" for r in load(tr) if r["arm"] == "cvae"))
+    arms = ["annotated", "cvae", "cvae_TR", "transport", "anchored"]
+    pooled, dirs = pool([base, str(renamed), transport, anchored], arms, tmp)
+    for arm in arms:
+        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
+    n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}
+    scans = sorted({r["scan"] for r in pooled["anchored"]})
+    print("\n".join(scan_table(pooled, arms, scans)))
+    print()
+    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
+    print("|---|---|---|---|")
+    for a, b in (("anchored", "transport"), ("anchored", "cvae_TR"), ("anchored", "annotated"), ("anchored", "cvae"),
+                 ("transport", "annotated"), ("cvae_TR", "transport")):
+        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
+                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    print()
+    print("\n".join(magnitude_table(pooled, arms, scans)))
