@@ -508,7 +508,7 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     assert all(r.spacing_mm == 4.0 for r in runs)  # the fold's spacing travels with the run
     es, _, fl = _training_arrays(str(prepared), str(flows), ids)
     first = transport_source(runs[0], cfg, es, fl)
-    assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp*"))
     assert len(first) == 4 and torch.equal(first.flows[:2], torch.from_numpy(fl).half().float())
     assert first.registered == 2 and len(list((tmp_path / "pairs").glob("*.pt"))) == 2  # one file per pair
     built: list[int] = []
@@ -533,7 +533,7 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     wider = cfg.model_copy(deep=True)
     wider.intensity.window = (-300.0, 700.0)  # registration sees other images: another pool
     assert transport_source(runs[0], wider, es, fl).registered == 2  # other images: other pairs
-    assert len(built) == 3 and not list(tmp_path.glob(".*.tmp"))
+    assert len(built) == 3 and not list(tmp_path.glob(".*.tmp*"))
     assert utility_job.TRANSPORT_POOL == "transport_pool.pt"
     with pytest.raises(ValueError, match="needs its fold's spacing_mm"):
         transport_source(replace(runs[0], spacing_mm=None, transport_file=None), cfg, es, fl)

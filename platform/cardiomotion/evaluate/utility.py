@@ -180,10 +180,12 @@ class TransportSource:
         flows: (m, 3, I, J, K) the pool's fields, voxels; pairs: (target, source) ids of each row
             (the target's ES frame is warped); dropped: the (target, partner) pairs left out.
         window: HU → [0, 1].
+        registered: how many of its pairs were registered to make it (0: read from a pool file).
     """
 
     def __init__(self, es_hu: np.ndarray, scan_ids: Sequence[str], flows: torch.Tensor,
-                 pairs: Sequence[tuple[str, str]], dropped: Sequence[tuple[str, str]], window: Sequence[float]):
+                 pairs: Sequence[tuple[str, str]], dropped: Sequence[tuple[str, str]], window: Sequence[float],
+                 registered: int = 0):
         where = {str(s): n for n, s in enumerate(scan_ids)}
         if len(pairs) != len(flows):
             raise ValueError(f"{len(pairs)} pairs for {len(flows)} fields")
@@ -193,7 +195,7 @@ class TransportSource:
         self.flows = torch.as_tensor(flows).float()
         self.pairs = tuple((str(t), str(src)) for t, src in pairs)
         self.dropped = tuple((str(t), str(src)) for t, src in dropped)
-        self.registered = 0  # pairs registered to make it (build); 0 when read from a file
+        self.registered = int(registered)  # pairs registered to make it (build); 0 when read from a file
 
     @classmethod
     def build(cls, es_hu: np.ndarray, flows: np.ndarray, scan_ids: Sequence[str], k: int, seed: int,
@@ -210,9 +212,8 @@ class TransportSource:
         es = torch.as_tensor(np.asarray(es_hu, np.float32))[:, None]
         pool = transport_pool(_unit(es, window), torch.as_tensor(np.asarray(flows, np.float32)), ids, ids, int(k),
                               int(seed), float(spacing_mm), on_pair=on_pair, cache=cache)
-        built = cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window)  # rows index es_hu (pool.frame)
-        built.registered = pool.registered
-        return built
+        # rows index es_hu (pool.frame)
+        return cls(es_hu, ids, pool.flow, pool.pairs, pool.dropped, window, registered=pool.registered)
 
     def __len__(self) -> int:
         return len(self.flows)

@@ -442,18 +442,13 @@ def transport_source(run: UtilityRun, cfg: Config, es_hu: np.ndarray, flows: np.
                                   run.spacing_mm, window, cache=cache)
     half = built.flows.half()
     if path is not None:
-        import uuid
+        from ..fileio import atomic_path
 
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across the nodes of a shared folder
-        try:
+        with atomic_path(path) as tmp:  # a unique temporary (mkstemp), so nodes of a shared folder cannot collide
             torch.save({"key": key, "flows": half, "pairs": [list(p) for p in built.pairs],
                         "dropped": [list(p) for p in built.dropped]}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    made = TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window)
-    made.registered = built.registered
-    return made
+    return TransportSource(es_hu, run.train_ids, half.float(), built.pairs, built.dropped, window,
+                           registered=built.registered)
 
 
 def anchored_source(run: UtilityRun, cfg: Config, pool):

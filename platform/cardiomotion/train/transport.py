@@ -30,8 +30,6 @@ registers 43·k pairs, the sweep about 44·k distinct ones instead of 44·43·k.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -149,14 +147,10 @@ class PairCache:
         return None if rec["flow"] is None else rec["flow"].float()
 
     def put(self, key: str, flow: torch.Tensor | None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        from ..fileio import atomic_path
+
+        with atomic_path(self.path(key)) as tmp:
             torch.save({"flow": None if flow is None else flow.detach().float().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
