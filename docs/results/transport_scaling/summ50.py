@@ -6,23 +6,20 @@ docs/results/transport_arm/U49T_runs.jsonl docs/results/transport_scaling/U50K16
 — the first file holds stop 46's annotated and cvae rows, the others transport rows (named
 transport_k<k> here by their N = 43·(1 + k)). Seed 0, paired with compare_folders
 (bench/utility_compare.py's library call)."""
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
+from rowtools import cmp, load, magnitude_table, pool, renamed, scan_table  # noqa: E402
 
 base, *moved = sys.argv[1:]
 with tempfile.TemporaryDirectory() as tmp:
     files, names = [base], []
     for path in moved:
-        rows = [r for r in load(path) if r["arm"] == "transport"]
-        name = f"transport_k{rows[0]['n'] // 43 - 1}"
-        renamed = Path(tmp) / f"{name}.jsonl"
-        renamed.write_text("".join(json.dumps({**r, "arm": name}) + "\n" for r in rows))
-        files.append(str(renamed))
+        n = next(r["n"] for r in load(path) if r["arm"] == "transport")
+        name = f"transport_k{n // 43 - 1}"
+        files.append(renamed(path, "transport", name, tmp))
         names.append(name)
     arms = ["annotated", "cvae", *names]
     pooled, dirs = pool(files, arms, tmp)

@@ -6,20 +6,18 @@ transport-trained `paper` CVAEs, cvae_TR), stop 46's pairs and corpus, held-out 
 docs/results/motion_transport/U48_runs.jsonl docs/results/transport_arm/U49T_runs.jsonl
 docs/results/transport_scaling/U50A_runs.jsonl`. Seed 0, paired with compare_folders
 (bench/utility_compare.py's library call)."""
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
+from rowtools import cmp, magnitude_table, pool, renamed, scan_table  # noqa: E402
 
 base, tr, transport, anchored = sys.argv[1:5]
 with tempfile.TemporaryDirectory() as tmp:
-    renamed = Path(tmp) / "TR.jsonl"
-    renamed.write_text("".join(json.dumps({**r, "arm": "cvae_TR"}) + "\n" for r in load(tr) if r["arm"] == "cvae"))
+    trained = renamed(tr, "cvae", "cvae_TR", tmp)
     arms = ["annotated", "cvae", "cvae_TR", "transport", "anchored"]
-    pooled, dirs = pool([base, str(renamed), transport, anchored], arms, tmp)
+    pooled, dirs = pool([base, trained, transport, anchored], arms, tmp)
     for arm in arms:
         pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
     n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}

@@ -1,4 +1,4 @@
-"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py) share: a utility
+"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py, transport_scaling/summ50*.py) share: a utility
 run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
 as a table cell (bench/utility_compare.py's library call, compare_folders)."""
 import json
@@ -26,6 +26,14 @@ def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
 def load(where):
     """The rows of a utility folder, or of a runs.jsonl file."""
     return rows(where) if Path(where).is_dir() else [json.loads(line) for line in open(where)]
+
+
+def renamed(source, arm, new_arm, tmp):
+    """``source``'s rows of ``arm`` as ``new_arm`` (two runs of one arm side by side), written to a
+    runs.jsonl file under ``tmp``; returns its path (a source for :func:`pool`)."""
+    path = Path(tmp) / f"{new_arm}.jsonl"
+    path.write_text("".join(json.dumps({**r, "arm": new_arm}) + "\n" for r in load(source) if r["arm"] == arm))
+    return str(path)
 
 
 def pool(sources, arms, tmp):
