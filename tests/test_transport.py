@@ -178,7 +178,7 @@ def test_the_fold_pool_holds_training_scans_only(tmp_path_factory, monkeypatch):
 
     import cardiomotion.train.transport as transport
     from cardiomotion.config import load_config
-    from cardiomotion.train.cvae import _transported
+    from cardiomotion.train.cvae import transported_samples
     from cardiomotion.train.fold import load_samples, plan_fold
 
     prepared, flows = cohort(tmp_path_factory)
@@ -196,7 +196,7 @@ def test_the_fold_pool_holds_training_scans_only(tmp_path_factory, monkeypatch):
     assert plan.val_id == "phantom_001" and plan.val_id not in train_ids
     for mine in (train_ids, train_ids[0::2], train_ids[1::2]):
         es, flow = load_samples(plan, mine, cfg.intensity.window)
-        pool_es, pool_flow, made = _transported(plan, train_ids, mine, cfg, es, flow)
+        pool_es, pool_flow, made = transported_samples(plan, train_ids, mine, cfg, es, flow)
         assert pool_es.shape[0] == len(mine) * 3 - int(made["transport_dropped"])
         assert torch.equal(pool_flow[:len(mine)], flow)  # the own pairs first, unchanged
         assert made["transport_pairs"] == 6.0  # 3 training scans × 2 partners, the fold's total

@@ -1,5 +1,5 @@
 """Ray Tune search: 4 trials with ASHA, interrupted and restored, a loadable best config, MLflow
-parent/child runs, and bad search spaces refused before work."""
+parent/child runs, trials on the folds' transport pools, and bad search spaces refused before work."""
 from __future__ import annotations
 
 import csv
@@ -21,7 +21,8 @@ SEARCH = {"samples": 4, "folds": [0], "grace_period": 1, "reduction_factor": 2, 
 def inputs(tmp_path_factory, ray_session):
     prepared, flows = cohort(tmp_path_factory)
     root = tmp_path_factory.mktemp("tune")
-    cfg = load_config(None, {**TINY, "storage_root": str(root / "store"), "tune": SEARCH})
+    cfg = load_config(None, {**TINY, "storage_root": str(root / "store"), "tune": SEARCH,
+                             "train": {**TINY["train"], "transport_partners": 1}})
     return prepared, flows, root, cfg
 
 
@@ -42,6 +43,7 @@ class InterruptOnce(tune.Callback):
 
 @pytest.mark.slow
 def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs):
+    from cardiomotion.layout import transport_pairs_dir
     from cardiomotion.tracking import tracking_uri
     from cardiomotion.train.tune import TuneInterrupted, run_tune
 
@@ -76,6 +78,13 @@ def test_search_is_interrupted_restored_and_writes_a_loadable_best_config(inputs
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)  # one each
     best_run = client.get_run(res.best["run_id"])
     assert best_run.data.params["train.lr"] and len(client.get_metric_history(res.best["run_id"], "score")) >= 2
+
+    # train.transport_partners 1: each trial trains fold 0 on its transport pool, as train_fold would (the 3
+    # training scans, one partner's motion each), through the storage root's pair cache (3 pairs between them all)
+    for c in children:
+        assert {m.value for m in client.get_metric_history(c.info.run_id, "transport_pairs")} == {3.0}
+    assert sum(client.get_metric_history(c.info.run_id, "transport_registered")[0].value for c in children) >= 3
+    assert len(list(transport_pairs_dir(cfg.storage_root).glob("*.pt"))) == 3
 
 
 @pytest.mark.parametrize("tune_override, error, message", [

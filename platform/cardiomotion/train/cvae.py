@@ -199,8 +199,8 @@ def _die(why: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _transported(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torch.Tensor,
-                 flow_mine: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def transported_samples(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torch.Tensor,
+                        flow_mine: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """This rank's pool: its own pairs (``es_mine``, ``flow_mine``, the samples of ``mine``), then
     each of its ES frames with the motions of ``train.transport_partners`` other training scans
     (:func:`~cardiomotion.train.transport.transport_pool`; the partners come from ``train_ids``, the
@@ -276,7 +276,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     start, ckpt = resume(model, opt, device)
     if tc.transport_partners and start < tc.epochs:  # other training scans' motions carried onto these ES frames
-        es_all, flow_all, made = _transported(plan, train_ids, mine, cfg, es_all, flow_all,
+        es_all, flow_all, made = transported_samples(plan, train_ids, mine, cfg, es_all, flow_all,
                                               config.get("transport_cache"))
         if rank == 0 and ckpt is None:  # logged once, by the attempt that starts the fold
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)

@@ -44,7 +44,9 @@ trial here must report the mean over several folds each epoch for ASHA. Trials a
 anyway (fractional GPUs: two DDP ranks cannot share one), so each trial is a plain Tune function
 trainable that runs the same epoch and validation code as a fold's Ray Train loop
 (:func:`cardiomotion.train.cvae.train_epoch`, :func:`~cardiomotion.train.cvae.validate`) for all
-its folds in lock-step, reports ``tune.report`` per epoch and a checkpoint every
+its folds in lock-step, on the same samples (with ``train.transport_partners`` each fold's transport
+pool, :func:`~cardiomotion.train.cvae.transported_samples`, through the storage root's pair cache;
+the trial's run logs the pairs it transported and registered, summed over its folds), reports ``tune.report`` per epoch and a checkpoint every
 ``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
 from it). Each trial requests ``train.resources.bundle(use_gpu)`` (``{"CPU": cpus}``, plus ``"GPU": gpus`` on GPU)
 (GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
@@ -150,6 +152,7 @@ class TrialSetup:
     tracking_uri: str
     parent_run_id: str
     experiment_id: str
+    transport_cache: str | None = None  # the storage root's transport pair cache (train.transport_partners)
 
 
 def _trial_run(client, setup: "TrialSetup", trial_id: str, values: Mapping[str, Any]) -> str:
@@ -177,7 +180,7 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
 
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
-    from .cvae import build_cvae, train_epoch, validate
+    from .cvae import transported_samples, build_cvae, train_epoch, validate
     from .fold import load_samples, plan_fold
     from .recipe import StepRecipe
 
@@ -191,6 +194,7 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
 
     pyramids: dict[Path, Any] = {}  # one per fold under cv.pyramid: per_fold, else the shared one
     folds = []
+    made: dict[str, float] = {}  # the trial's transported pairs, summed over its folds
     for k in setup.folds:
         plan = plan_fold(setup.prepared, setup.flows, k, cfg.cv.pyramid.value)
         if plan.pyramid not in pyramids:
@@ -198,6 +202,10 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
                 FeaturePyramid.load(plan.pyramid, map_location=device).eval().requires_grad_(False), device)
         pyramid = pyramids[plan.pyramid]
         es, flow = load_samples(plan, plan.train_ids, cfg.intensity.window)
+        if tc.transport_partners:  # the pool a fold's Ray Train loop trains on (train_fold), from the same cache
+            ids = list(plan.train_ids)
+            es, flow, fold_made = transported_samples(plan, ids, ids, cfg, es, flow, setup.transport_cache)
+            made = {k: made.get(k, 0.0) + v for k, v in fold_made.items()}
         es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
         model = recipe.place(build_cvae(cfg, pyramid.config()), device)
         opt = recipe.optimizer(model.parameters(), tc.lr, device)
@@ -217,6 +225,8 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
             f["model"].load_state_dict(s["model"])
             f["opt"].load_state_dict(s["optimizer"])
         start = int(state["epoch"]) + 1
+    elif made:  # logged once, by the attempt that starts the trial
+        log_metrics_to(setup.tracking_uri, run_id, made, 0)
     from ray.tune import Checkpoint
 
     tcfg = Config.model_validate(setup.cfg).tune
@@ -318,8 +328,9 @@ def run_tune(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from .. import tracking
-    from ..config import format_validation
+    from ..config import format_validation, storage_root
     from ..errors import ConfigError
+    from ..layout import transport_pairs_dir
     from ..raycluster import init_ray, stage_gpu
     from .sweep import alive_nodes, check_capacity, read_json, resolve_folds, resume_state
     from .cvae import check_fold_inputs
@@ -375,7 +386,8 @@ def run_tune(
                                       "fingerprint": fingerprint, "experiment_path": str(exp_path)})
         setup = TrialSetup(cfg=cfg.model_dump(mode="json"), prepared=str(prepared), flows=str(flows),
                            folds=tuple(folds), epochs=epochs, use_gpu=use_gpu, tracking_uri=uri,
-                           parent_run_id=parent_id, experiment_id=parent.info.experiment_id)
+                           parent_run_id=parent_id, experiment_id=parent.info.experiment_id,
+                           transport_cache=str(transport_pairs_dir(storage_root(cfg))))
         trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup), bundle)
         restored = tune.Tuner.can_restore(str(exp_path))
         if restored:
