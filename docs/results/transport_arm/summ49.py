@@ -11,16 +11,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, magnitude_table, pool, renamed, scan_table  # noqa: E402
+from rowtools import cmp, magnitude_table, one_seed, pool, renamed, scan_table  # noqa: E402
 
 base, tr, transport = sys.argv[1:4]
 with tempfile.TemporaryDirectory() as tmp:
     trained = renamed(tr, "cvae", "cvae_TR", tmp)
     arms = ["annotated", "cvae", "cvae_TR", "transport"]
     pooled, dirs = pool([base, trained, transport], arms, tmp)
-    for arm in arms:
-        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
-    n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}
+    pooled, n = one_seed(pooled)
     scans = sorted({r["scan"] for r in pooled["transport"]})
     print("\n".join(scan_table(pooled, arms, scans)))
     print()

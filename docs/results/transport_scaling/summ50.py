@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, load, magnitude_table, pool, renamed, scan_table  # noqa: E402
+from rowtools import cmp, load, magnitude_table, one_seed, pool, renamed, scan_table  # noqa: E402
 
 base, *moved = sys.argv[1:]
 with tempfile.TemporaryDirectory() as tmp:
@@ -23,9 +23,7 @@ with tempfile.TemporaryDirectory() as tmp:
         names.append(name)
     arms = ["annotated", "cvae", *names]
     pooled, dirs = pool(files, arms, tmp)
-    for arm in arms:
-        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
-    n = {arm: pooled[arm][0]["n"] for arm in arms if pooled[arm]}
+    pooled, n = one_seed(pooled)
     scans = sorted(set.intersection(*({r["scan"] for r in pooled[a]} for a in names)))
     print("\n".join(scan_table(pooled, arms, scans)))
     print()

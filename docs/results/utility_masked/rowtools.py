@@ -51,6 +51,14 @@ def pool(sources, arms, tmp):
     return pooled, dirs
 
 
+def one_seed(pooled, seed=0):
+    """``pooled`` (rows per arm, as :func:`pool` gives them) with each arm's rows of one estimator
+    ``seed``, and each arm's N (that of its first row; an arm left without rows has none):
+    (rows per arm, N per arm)."""
+    kept = {arm: [r for r in rs if r["seed"] == seed] for arm, rs in pooled.items()}
+    return kept, {arm: rs[0]["n"] for arm, rs in kept.items() if rs}
+
+
 def scan_table(pooled, arms, scans, metric="epe_myo_mm", label="held-out scan (seed 0, myocardium EPE mm)"):
     """Each scan's row of each arm's ``metric``, as Markdown lines."""
     lines = [f"| {label} | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, get, load, magnitude_table, pool  # noqa: E402
+from rowtools import cmp, get, load, magnitude_table, one_seed, pool  # noqa: E402
 
 ARMS = ("annotated", "cvae", "annotated46", "cvae46")
 #: (subject, other, their N): what each paired row asks
@@ -23,8 +23,7 @@ with tempfile.TemporaryDirectory() as tmp:
     renamed = Path(tmp) / "new_runs.jsonl"
     renamed.write_text("".join(json.dumps({**r, "arm": r["arm"] + "46"}) + "\n" for r in load(new)))
     pooled, dirs = pool(old + [str(renamed)], ARMS, tmp)
-    for arm in ARMS:
-        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
+    pooled, _ = one_seed(pooled)
     scans = sorted({r["scan"] for r in pooled["annotated46"]})
     print("| held-out scan (seed 0, myocardium EPE mm) | " + " | ".join(ARMS) + " | annotated46 − annotated |")
     print("|---" * (len(ARMS) + 2) + "|")

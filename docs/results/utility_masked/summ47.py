@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, load, magnitude_table, pool, scan_table  # noqa: E402
+from rowtools import cmp, load, magnitude_table, one_seed, pool, scan_table  # noqa: E402
 
 base, *more = sys.argv[1:]
 others = [m.split("=", 1) for m in more]
@@ -24,8 +24,7 @@ with tempfile.TemporaryDirectory() as tmp:
         sources.append(str(renamed))
     arms = ["annotated", "cvae", "cvae>annotated"] + [f"cvae_{label}" for label, _ in others]
     pooled, dirs = pool(sources, arms, tmp)
-    for arm in arms:
-        pooled[arm] = [r for r in pooled[arm] if r["seed"] == 0]
+    pooled, _ = one_seed(pooled)
     arms = [a for a in arms if pooled[a]]
     scans = sorted({r["scan"] for r in pooled["annotated"]})
     print("\n".join(scan_table(pooled, arms, scans)))
