@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, load, magnitude_table, one_seed, pool, renamed, scan_table  # noqa: E402
+from rowtools import load, magnitude_table, one_seed, paired_table, pool, renamed, scan_table  # noqa: E402
 
 base, *moved = sys.argv[1:]
 with tempfile.TemporaryDirectory() as tmp:
@@ -27,13 +27,9 @@ with tempfile.TemporaryDirectory() as tmp:
     scans = sorted(set.intersection(*({r["scan"] for r in pooled[a]} for a in names)))
     print("\n".join(scan_table(pooled, arms, scans)))
     print()
-    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
-    print("|---|---|---|---|")
     pairs = [(a, b) for a in names for b in ("annotated", "cvae")]
     pairs += [(b, a) for i, a in enumerate(names) for b in names[i + 1:]]
-    for a, b in pairs:
-        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
-                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    print("\n".join(paired_table(dirs, n, pairs)))
     print()
     print("\n".join(magnitude_table(pooled, arms, scans)))
     for name in names:

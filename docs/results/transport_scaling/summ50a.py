@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import cmp, magnitude_table, one_seed, pool, renamed, scan_table  # noqa: E402
+from rowtools import magnitude_table, one_seed, paired_table, pool, renamed, scan_table  # noqa: E402
 
 base, tr, transport, anchored = sys.argv[1:5]
 with tempfile.TemporaryDirectory() as tmp:
@@ -22,11 +22,8 @@ with tempfile.TemporaryDirectory() as tmp:
     scans = sorted({r["scan"] for r in pooled["anchored"]})
     print("\n".join(scan_table(pooled, arms, scans)))
     print()
-    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
-    print("|---|---|---|---|")
-    for a, b in (("anchored", "transport"), ("anchored", "cvae_TR"), ("anchored", "annotated"), ("anchored", "cvae"),
-                 ("transport", "annotated"), ("cvae_TR", "transport")):
-        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
-                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    pairs = (("anchored", "transport"), ("anchored", "cvae_TR"), ("anchored", "annotated"), ("anchored", "cvae"),
+             ("transport", "annotated"), ("cvae_TR", "transport"))
+    print("\n".join(paired_table(dirs, n, pairs)))
     print()
     print("\n".join(magnitude_table(pooled, arms, scans)))

@@ -1,4 +1,4 @@
-"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py, transport_scaling/summ50*.py) share: a utility
+"""What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py, transport_scaling/summ50*.py, anchored_temperature/summ51*.py) share: a utility
 run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
 as a table cell (bench/utility_compare.py's library call, compare_folders)."""
 import json
@@ -21,6 +21,15 @@ def get(rs, scan, arm, k="epe_myo_mm"):
 def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
     d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
+
+
+def paired_table(dirs, n, pairs, seed=0):
+    """Each pair (a, b) of ``pairs`` compared scan by scan (a − b: myocardium EPE, whole-grid EPE,
+    Dice, over ``seed``'s rows), ``dirs`` and ``n`` the arms' folders and N, as Markdown lines."""
+    lines = [f"| paired over the held-out scans (seed {seed}) | myocardium EPE | whole-grid EPE | Dice |", "|---|---|---|---|"]
+    lines += [f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[seed])
+                                            for m in ("epe_myo_mm", "epe_mm", "dice")) + " |" for a, b in pairs]
+    return lines
 
 
 def load(where):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rowtools import cmp, load, magnitude_table, one_seed, pool, scan_table  # noqa: E402
+from rowtools import load, magnitude_table, one_seed, paired_table, pool, scan_table  # noqa: E402
 
 base, *more = sys.argv[1:]
 others = [m.split("=", 1) for m in more]
@@ -32,10 +32,6 @@ with tempfile.TemporaryDirectory() as tmp:
     n = {a: (43 if a == "annotated" else 256) for a in arms}
     pairs = [(a, "annotated") for a in arms if a != "annotated"] + [(a, "cvae") for a in arms
                                                                      if a not in ("annotated", "cvae")]
-    print("| paired over the held-out scans (seed 0) | myocardium EPE | whole-grid EPE | Dice |")
-    print("|---|---|---|---|")
-    for a, b in pairs:
-        print(f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[0])
-                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |")
+    print("\n".join(paired_table(dirs, n, pairs)))
     print()
     print("\n".join(magnitude_table(pooled, arms, scans)))
