@@ -5,7 +5,7 @@ for 2000 Adam steps instead of 1000, held-out scan by scan.
 docs/results/transport_arm/U49T_runs.jsonl docs/results/anchored_temperature/U51S2000_runs.jsonl`
 — the first file holds stop 46's annotated rows (1000 steps), the second stop 49's transport rows
 (1000 steps), the third both arms at 2000 steps (named transport_2000 and annotated_2000 here). The
-scans: those the 2000-step file holds for both arms. Seed 0, paired with compare_folders
+scans: those the 2000-step file holds for both arms (every arm and pair over them). Seed 0, paired with compare_folders
 (bench/utility_compare.py's library call)."""
 import sys
 import tempfile
@@ -20,9 +20,10 @@ with tempfile.TemporaryDirectory() as tmp:
     assert steps == {2000}, f"{longer}: steps {steps}"
     files = [base, transport] + [renamed(longer, arm, f"{arm}_2000", tmp) for arm in ("transport", "annotated")]
     arms = ["annotated", "transport", "annotated_2000", "transport_2000"]
-    pooled, dirs = pool(files, arms, tmp)
+    done = [{r["scan"] for r in load(longer) if r["arm"] == arm} for arm in ("transport", "annotated")]
+    scans = sorted(set.intersection(*done))
+    pooled, dirs = pool(files, arms, tmp, scans)  # every comparison over the same scans
     pooled, n = one_seed(pooled)
-    scans = sorted({r["scan"] for r in pooled["transport_2000"]} & {r["scan"] for r in pooled["annotated_2000"]})
     print("\n".join(scan_table(pooled, arms, scans)))
     print()
     pairs = (("transport_2000", "annotated_2000"), ("transport", "annotated"), ("annotated_2000", "annotated"),

@@ -45,11 +45,12 @@ def renamed(source, arm, new_arm, tmp):
     return str(path)
 
 
-def pool(sources, arms, tmp):
+def pool(sources, arms, tmp, scans=None):
     """Each arm's rows pooled over ``sources`` (folders or runs.jsonl files; a held-out scan and
-    seed in one of them only), and a folder per arm under ``tmp`` holding them (what
-    compare_folders reads): (rows per arm, folder per arm)."""
-    pooled = {arm: [r for f in sources for r in load(f) if r["arm"] == arm] for arm in arms}
+    seed in one of them only), those of ``scans`` only if given, and a folder per arm under ``tmp``
+    holding them (what compare_folders reads): (rows per arm, folder per arm)."""
+    pooled = {arm: [r for f in sources for r in load(f) if r["arm"] == arm and (scans is None or r["scan"] in scans)]
+              for arm in arms}
     dirs = {}
     for arm, rs in pooled.items():
         keys = [(r["scan"], r["seed"]) for r in rs]
