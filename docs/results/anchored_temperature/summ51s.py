@@ -33,5 +33,6 @@ with tempfile.TemporaryDirectory() as tmp:
     print("\n".join(magnitude_table(pooled, arms, scans)))
     for arm in ("annotated_2000", "transport_2000"):
         rs = [r for r in pooled[arm] if r["scan"] in scans]
-        print(f"\n{arm}: final training loss {', '.join(f'{r['final_loss']:.3f}' for r in rs)}; "
-              f"{min(r['train_s'] for r in rs):.0f}–{max(r['train_s'] for r in rs):.0f} s to train")
+        losses = ", ".join(format(r["final_loss"], ".3f") for r in rs)
+        seconds = [r["train_s"] for r in rs]
+        print(f"\n{arm}: final training loss {losses}; {min(seconds):.0f}–{max(seconds):.0f} s to train")
