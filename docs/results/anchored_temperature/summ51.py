@@ -7,14 +7,14 @@ docs/results/transport_arm/U49T_runs.jsonl T2=docs/results/transport_scaling/U50
 T0.5=docs/results/transport_scaling/U50A05_runs.jsonl T0.25=docs/results/anchored_temperature/U51A025_runs.jsonl`
 — the first file holds stop 46's annotated rows, the second the transport rows, each LABEL=FILE
 anchored rows (named anchored_LABEL here), in the order the temperature falls. The scans: those
-every anchored file holds. Seed 0, paired with compare_folders (bench/utility_compare.py's library
+every anchored file holds (every arm and pair over them). Seed 0, paired with compare_folders (bench/utility_compare.py's library
 call)."""
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
-from rowtools import magnitude_table, one_seed, paired_table, pool, renamed, scan_table  # noqa: E402
+from rowtools import load, magnitude_table, one_seed, paired_table, pool, renamed, scan_table  # noqa: E402
 
 base, transport, *labelled = sys.argv[1:]
 with tempfile.TemporaryDirectory() as tmp:
@@ -24,9 +24,9 @@ with tempfile.TemporaryDirectory() as tmp:
         names.append(f"anchored_{label}")
         files.append(renamed(path, "anchored", names[-1], tmp))
     arms = ["annotated", "transport", *names]
-    pooled, dirs = pool(files, arms, tmp)
+    scans = sorted(set.intersection(*({r["scan"] for r in load(f) if r["seed"] == 0} for f in files[2:])))
+    pooled, dirs = pool(files, arms, tmp, scans)  # every comparison over the same scans
     pooled, n = one_seed(pooled)
-    scans = sorted(set.intersection(*({r["scan"] for r in pooled[a]} for a in names)))
     print("\n".join(scan_table(pooled, arms, scans)))
     print()
     pairs = [(a, b) for a in names for b in ("transport", "annotated")]
