@@ -7,8 +7,8 @@ docs/results/transport_arm/U49T_runs.jsonl T2=docs/results/transport_scaling/U50
 T0.5=docs/results/transport_scaling/U50A05_runs.jsonl T0.25=docs/results/anchored_temperature/U51A025_runs.jsonl`
 — the first file holds stop 46's annotated rows, the second the transport rows, each LABEL=FILE
 anchored rows (named anchored_LABEL here), in the order the temperature falls. The scans: those
-every anchored file holds (every arm and pair over them). Seed 0, paired with compare_folders (bench/utility_compare.py's library
-call)."""
+every anchored file holds (every arm and pair over them). Seed 0, paired with compare_folders
+(bench/utility_compare.py's library call)."""
 import sys
 import tempfile
 from pathlib import Path
