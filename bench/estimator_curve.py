@@ -18,6 +18,11 @@ flow. Arms (data of the training scans only):
   corpus stores it, labelled by that field. Against ``annotated`` / ``truth`` (the same fields
   with the real rendered ED) it measures what training on warped rather than rendered images
   costs; against ``cvae`` what the generator's sampled fields cost beyond that;
+* ``transport`` — no generator: each training ES frame warped by its own annotated motion and by
+  those of ``--partners`` (default ``utility.transport_partners``) other training scans carried onto
+  it (:class:`~cardiomotion.evaluate.utility.TransportSource`, the ``utility`` transport arm's pool:
+  the partners follow the config's ``seed``, and each pair is read from or written to the storage
+  root's pair cache, so a pool ``utility`` built is not registered again);
 * ``cvae`` — the first ``--n`` samples of a materialised corpus (``--corpus``: the fold's, e.g.
   ``utility``'s ``OUT/folds/<scan>/corpus``), in this process's shuffled order (``utility`` streams
   the same samples through Ray Data's shuffle, so the batches differ); refused when the held-out
@@ -45,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-ARMS = ("annotated", "truth", "random", "cvae", "warped", "truth_warped")
+ARMS = ("annotated", "truth", "random", "cvae", "warped", "truth_warped", "transport")
 
 
 class _Lines:
@@ -89,7 +94,7 @@ def curve_figure(rows: list[dict], path: Path) -> Path:
     data_of = sorted({(h["arm"], h["n"], h.get("noise_hu", 0.0)) for h, _ in runs})  # one colour per training data, one line style per fold
     folds = sorted({h["fold"] for h, _ in runs})
     for head, curve in runs:
-        label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random") else "") + \
+        label = f"{head['arm']}" + (f" N {head['n']}" if head["arm"] in ("cvae", "random", "transport") else "") + \
             f" (fold {head['fold']}, seed {head['seed']}, lr {head['lr']:g}" + \
             (f" {head['lr_schedule']}" if head.get("lr_schedule") else "") + \
             (f", noise {head['noise_hu']:g} HU" if head.get("noise_hu") else "") + ")"
@@ -192,6 +197,15 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
         source = PairSource(es, warped_ed(es, truth) if arm == "truth_warped" else ed, truth, window)
     elif arm == "warped":
         source = PairSource(es, warped_ed(es, annotated), annotated, window)
+    elif arm == "transport":
+        from cardiomotion.config import storage_root
+        from cardiomotion.evaluate.utility import TransportSource
+        from cardiomotion.layout import transport_pairs_dir
+        from cardiomotion.train.transport import PairCache
+
+        k = args.partners or cfg.utility.transport_partners
+        source = TransportSource.build(es, annotated, plan.train_ids, k, cfg.seed, plan.spacing_mm, window,
+                                       cache=PairCache(transport_pairs_dir(storage_root(cfg))))
     elif arm == "random":
         source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
     else:
@@ -210,12 +224,15 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
               "grad_clip": settings.grad_clip, "batch_size": settings.batch_size, "seed": args.seed, "zero": zero,
               **({"corpus": str(Path(args.corpus).resolve())} if arm == "cvae" else {}),
               **({"noise_hu": args.noise_hu} if args.noise_hu else {}),
+              **({"partners": k, "dropped": len(source.dropped), "registered": source.registered}
+                 if arm == "transport" else {}),
               **({"lr_schedule": settings.lr_schedule} if settings.lr_schedule != "constant" else {})}
     out.write(json.dumps(header) + "\n")
     out.flush()
     curve: list[dict] = []
     losses: list[float] = []  # since the last evaluation
-    run = {k: header[k] for k in ("arm", "fold", "n", "lr", "grad_clip", "seed", "lr_schedule", "noise_hu") if k in header}  # every row says which run
+    run = {key: header[key] for key in ("arm", "fold", "n", "lr", "grad_clip", "seed", "lr_schedule", "noise_hu",
+                                        "partners") if key in header}  # every row says which run
     t0 = time.perf_counter()
 
     def on_step(step: int, loss: float) -> None:
@@ -254,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=100, help="evaluate every this many steps")
     ap.add_argument("--n", type=int, default=256, help="random and cvae arms: number of distinct samples")
     ap.add_argument("--corpus", default=None, help="cvae arm: the fold's materialised corpus (its first --n samples)")
+    ap.add_argument("--partners", type=int, default=None,
+                    help="transport arm: carried motions per ES frame (default utility.transport_partners)")
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate (default utility.lr / annotate.lr)")
     ap.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clipping (default utility.grad_clip)")
     ap.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"),
@@ -275,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--noise-hu must be >= 0")
     if a.every < 1 or a.steps < 1:
         ap.error("--steps and --every must be positive")
+    if a.partners is not None and a.partners < 1:
+        ap.error("--partners must be positive")
     import torch
 
     torch.set_num_threads(a.threads)
