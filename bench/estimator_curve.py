@@ -204,8 +204,11 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
         from cardiomotion.train.transport import PairCache
 
         k = args.partners or cfg.utility.transport_partners
-        source = TransportSource.build(es, annotated, plan.train_ids, k, cfg.seed, plan.spacing_mm, window,
-                                       cache=PairCache(transport_pairs_dir(storage_root(cfg))))
+        built = TransportSource.build(es, annotated, plan.train_ids, k, cfg.seed, plan.spacing_mm, window,
+                                      cache=PairCache(transport_pairs_dir(storage_root(cfg))))
+        # through float16, as utility's pool file holds the fields (utility_job.transport_source)
+        source = TransportSource(es, plan.train_ids, built.flows.half().float(), built.pairs, built.dropped, window,
+                                 registered=built.registered)
     elif arm == "random":
         source = RandomFieldSource(es, args.n, flow_rms(annotated), args.seed, window, cfg.utility.random_scales)
     else:

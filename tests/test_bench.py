@@ -237,6 +237,8 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
     # the transport arm: the fold's 3 training scans, each with its own motion and 1 partner's carried
     # onto it, registered into the config's storage root; a second run reads every pair from that
     # cache and trains on the same pool (the same curve)
+    from cardiomotion.layout import transport_pairs_dir
+
     store = tmp_path / "store"
     with_store = tmp_path / "store.yaml"
     with_store.write_text(yaml.safe_dump({"prepare": TINY["prepare"], "annotate": TINY["annotate"],
@@ -245,7 +247,7 @@ def test_estimator_curve_scores_every_arm_on_the_held_out_scan(tmp_path_factory,
             "--arms", "transport", "--partners", "1", "--steps", "3", "--every", "3"]
     first = _bench("estimator_curve.py", *args, "--out", str(tmp_path / "t1.jsonl"))["runs"][0]
     assert first["partners"] == 1 and first["registered"] == 3 and first["n"] == 3 * 2 - first["dropped"]
-    assert len(list((store / "transport_pairs").glob("*.pt"))) == 3
+    assert len(list(transport_pairs_dir(store).glob("*.pt"))) == 3
     cached = _bench("estimator_curve.py", *args, "--out", str(tmp_path / "t2.jsonl"))["runs"][0]
     assert cached["registered"] == 0 and cached["n"] == first["n"]
     assert cached["last"]["loss"] == pytest.approx(first["last"]["loss"])

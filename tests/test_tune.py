@@ -179,3 +179,25 @@ def test_energy_score_objective_ranks_real_samplers():
         collapsed.append(ensemble_score(np.repeat(mean[None], 4, 0), y).energy_score)
         off.append(ensemble_score(mean + 3.0 * rng.standard_normal((4, *mean.shape)), y).energy_score)
     assert np.mean(calibrated) < np.mean(collapsed) < np.mean(off)
+
+
+def test_a_search_recorded_before_trials_transported_is_not_resumed_with_transport(inputs, tmp_path):
+    """Until stop 51 tune's trials ignored ``train.transport_partners``; a search recorded then with it
+    set trained its trials without the transport pool, so trials that now transport must not resume
+    it: its fingerprint lacks the marker and the rerun is refused, naming it. Without transport the
+    fingerprint is as before (old searches resume)."""
+    import copy
+
+    from cardiomotion.train.sweep import refuse_other_settings
+    from cardiomotion.train.tune import _fingerprint
+
+    prepared, flows, _, cfg = inputs  # train.transport_partners: 1
+    now = _fingerprint(prepared, flows, cfg, [0])
+    before = copy.deepcopy(now)
+    del before["tune"]["trials_transport"]
+    with pytest.raises(InputError, match=r"tune.json: this search was run with other settings "
+                                         r"\(tune.trials_transport: null then, true now\)"):
+        refuse_other_settings(tmp_path / "tune.json", before, now, "search")
+    off = cfg.model_copy(deep=True)
+    off.train.transport_partners = 0
+    assert "trials_transport" not in _fingerprint(prepared, flows, off, [0])["tune"]

@@ -41,7 +41,8 @@ with tempfile.TemporaryDirectory() as tmp:
     names = [e[0] for e in present]
     pooled, dirs = pool(files, names, tmp)
     pooled, n = one_seed(pooled)
-    print("| training set (fold's training scans only) | stop | scans | myocardium EPE (mm) | − annotated pairs | − transport pool |")
+    print("| training set (fold's training scans only) | stop | scans | mean myocardium EPE (mm; over its own scans) "
+          "| − annotated pairs (paired over its scans) | − transport pool |")
     print("|---|---|---|---|---|---|")
     for name, _, _, what, stop in present:
         rs = pooled[name]

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "utility_masked"))
 from rowtools import load, magnitude_table, one_seed, paired_table, pool, renamed, scan_table  # noqa: E402
 
 base, transport, *labelled = sys.argv[1:]
+if not labelled or not all("=" in item for item in labelled):
+    sys.exit("usage: summ51.py ANNOTATED_ROWS TRANSPORT_ROWS LABEL=ANCHORED_ROWS [LABEL=ANCHORED_ROWS ...]")
 with tempfile.TemporaryDirectory() as tmp:
     files, names = [base, transport], []
     for item in labelled:

@@ -200,14 +200,18 @@ def _die(why: str) -> None:
 
 
 def transported_samples(plan, train_ids: list[str], mine: list[str], cfg, es_mine: torch.Tensor,
-                        flow_mine: torch.Tensor, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """This rank's pool: its own pairs (``es_mine``, ``flow_mine``, the samples of ``mine``), then
-    each of its ES frames with the motions of ``train.transport_partners`` other training scans
+                        flow_mine: torch.Tensor,
+                        cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The samples a CVAE trains on with ``train.transport_partners``: its own pairs (``es_mine``
+    (n, 1, I, J, K) conditioning frames, ``flow_mine`` (n, 3, I, J, K) pull fields in voxels, the
+    samples of ``mine``: a Ray Train rank's share, or a tune trial's whole fold), then each of those
+    ES frames with the motions of ``train.transport_partners`` other training scans carried onto it
     (:func:`~cardiomotion.train.transport.transport_pool`; the partners come from ``train_ids``, the
-    fold's training scans, never the held-out one). ``cache_dir``: the storage root's
-    :class:`~cardiomotion.train.transport.PairCache` (pairs another fold or stage registered are
-    read, not registered again). Also returns metrics for the run: the fold's transported pairs (all
-    ranks), this rank's dropped and newly registered pairs and the seconds its pool took."""
+    fold's training scans, never the held-out one), as (m, 1, I, J, K) frames and (m, 3, I, J, K)
+    fields. ``cache_dir``: the storage root's :class:`~cardiomotion.train.transport.PairCache`
+    (pairs another fold or stage registered are read, not registered again). Also returns metrics
+    for the run: the fold's transported pairs (all ranks), the dropped and newly registered pairs of
+    ``mine`` and the seconds its pool took."""
     import time
 
     from .fold import load_samples
@@ -277,7 +281,7 @@ def cvae_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     start, ckpt = resume(model, opt, device)
     if tc.transport_partners and start < tc.epochs:  # other training scans' motions carried onto these ES frames
         es_all, flow_all, made = transported_samples(plan, train_ids, mine, cfg, es_all, flow_all,
-                                              config.get("transport_cache"))
+                                                     config.get("transport_cache"))
         if rank == 0 and ckpt is None:  # logged once, by the attempt that starts the fold
             log_metrics_to(config.get("tracking_uri"), config.get("run_id"), made, 0)
 

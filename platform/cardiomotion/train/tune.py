@@ -44,9 +44,9 @@ trial here must report the mean over several folds each epoch for ASHA. Trials a
 anyway (fractional GPUs: two DDP ranks cannot share one), so each trial is a plain Tune function
 trainable that runs the same epoch and validation code as a fold's Ray Train loop
 (:func:`cardiomotion.train.cvae.train_epoch`, :func:`~cardiomotion.train.cvae.validate`) for all
-its folds in lock-step, on the same samples (with ``train.transport_partners`` each fold's transport
-pool, :func:`~cardiomotion.train.cvae.transported_samples`, through the storage root's pair cache;
-the trial's run logs the pairs it transported and registered, summed over its folds), reports ``tune.report`` per epoch and a checkpoint every
+its folds in lock-step, on the same samples (with ``train.transport_partners`` each fold's
+transport pool, :func:`~cardiomotion.train.cvae.transported_samples`, through the storage root's
+pair cache; the trial's run logs the pairs it transported and registered, summed over its folds), reports ``tune.report`` per epoch and a checkpoint every
 ``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
 from it). Each trial requests ``train.resources.bundle(use_gpu)`` (``{"CPU": cpus}``, plus ``"GPU": gpus`` on GPU)
 (GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
@@ -180,7 +180,7 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
 
     from ..models.pyramid import FeaturePyramid
     from ..tracking import log_metrics_to
-    from .cvae import transported_samples, build_cvae, train_epoch, validate
+    from .cvae import build_cvae, train_epoch, transported_samples, validate
     from .fold import load_samples, plan_fold
     from .recipe import StepRecipe
 
@@ -205,11 +205,13 @@ def tune_trial(values: dict[str, Any], setup: "TrialSetup") -> None:
         if tc.transport_partners:  # the pool a fold's Ray Train loop trains on (train_fold), from the same cache
             ids = list(plan.train_ids)
             es, flow, fold_made = transported_samples(plan, ids, ids, cfg, es, flow, setup.transport_cache)
-            made = {k: made.get(k, 0.0) + v for k, v in fold_made.items()}
+            made = {key: made.get(key, 0.0) + v for key, v in fold_made.items()}
         es_v, flow_v = load_samples(plan, [plan.val_id], cfg.intensity.window)
         model = recipe.place(build_cvae(cfg, pyramid.config()), device)
         opt = recipe.optimizer(model.parameters(), tc.lr, device)
-        steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))
+        steps = max(1, math.ceil(len(plan.train_ids) / tc.batch_size))  # transport changes what it sees, not how long
+        if device.type == "cuda":  # training data lives on the GPU, as in a fold's Ray Train loop
+            es, flow = es.to(device), flow.to(device)
         folds.append({"plan": plan, "es": es, "flow": flow, "es_v": es_v, "flow_v": flow_v, "model": model,
                       "opt": opt, "steps": steps, "pyramid": pyramid})
 
@@ -276,6 +278,8 @@ def _fingerprint(prepared: Path, flows: Path, cfg: Config, folds: Sequence[int])
     tune_cfg = cfg.tune.model_dump(mode="json")
     tune_cfg.pop("max_concurrent", None)
     tune_cfg["folds"] = list(folds)
+    if cfg.train.transport_partners:  # trials transport since stop 51: a search recorded before (when they
+        tune_cfg["trials_transport"] = True  # ignored the setting) is refused, not resumed on other data
     return sweep_fingerprint(prepared, flows, cfg, drop=searched(cfg), extra={"tune": tune_cfg})
 
 
