@@ -46,7 +46,8 @@ with tempfile.TemporaryDirectory() as tmp:
     print("|---|---|---|---|---|---|")
     for name, _, _, what, stop in present:
         rs = pooled[name]
-        cells = [cmp(dirs[name], dirs[ref], name, ref, n[name], n[ref], "epe_myo_mm", seeds=[0])
+        cells = [cmp(dirs[name], dirs[ref], name, ref, n[name], n[ref], "epe_myo_mm", seeds=[0],
+                     vary=("steps",))
                  if ref != name else "—" for ref in ("annotated", "transport")]
         mean = sum(r["epe_myo_mm"] for r in rs) / len(rs)
         print(f"| `{name}`: {what} | {stop} | {len(rs)} | {mean:.2f} | " + " | ".join(cells) + " |")

@@ -28,7 +28,7 @@ with tempfile.TemporaryDirectory() as tmp:
     print()
     pairs = (("transport_2000", "annotated_2000"), ("transport", "annotated"), ("annotated_2000", "annotated"),
              ("transport_2000", "transport"))
-    print("\n".join(paired_table(dirs, n, pairs)))
+    print("\n".join(paired_table(dirs, n, pairs, vary=("steps",))))
     print()
     print("\n".join(magnitude_table(pooled, arms, scans)))
     for arm in ("annotated_2000", "transport_2000"):

@@ -18,16 +18,17 @@ def get(rs, scan, arm, k="epe_myo_mm"):
     return v[0] if v else float("nan")
 
 
-def cmp(a, b, arm, barm, n, bn, metric, seeds=None):
-    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric)
+def cmp(a, b, arm, barm, n, bn, metric, seeds=None, vary=()):
+    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric, vary=vary)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
-def paired_table(dirs, n, pairs, seed=0):
+def paired_table(dirs, n, pairs, seed=0, vary=()):
     """Each pair (a, b) of ``pairs`` compared scan by scan (a − b: myocardium EPE, whole-grid EPE,
-    Dice, over ``seed``'s rows), ``dirs`` and ``n`` the arms' folders and N, as Markdown lines."""
+    Dice, over ``seed``'s rows), ``dirs`` and ``n`` the arms' folders and N, ``vary`` the estimator
+    settings the pairs may differ in (compare_folders'), as Markdown lines."""
     lines = [f"| paired over the held-out scans (seed {seed}) | myocardium EPE | whole-grid EPE | Dice |", "|---|---|---|---|"]
-    lines += [f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[seed])
+    lines += [f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[seed], vary=vary)
                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |" for a, b in pairs]
     return lines
 
