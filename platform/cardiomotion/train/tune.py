@@ -47,8 +47,8 @@ trainable that runs the same epoch and validation code as a fold's Ray Train loo
 its folds in lock-step, on the same samples (with ``train.transport_partners`` each fold's
 transport pool, :func:`~cardiomotion.train.cvae.transported_samples`, through the storage root's
 pair cache; the trial's run logs the pairs it transported and registered, summed over its folds),
-reports ``tune.report`` per epoch and a checkpoint every ``train.checkpoint_every`` epochs (trial restarts via FailureConfig and ``Tuner.restore`` resume
-from it). Each trial requests ``train.resources.bundle(use_gpu)`` (``{"CPU": cpus}``, plus ``"GPU": gpus`` on GPU)
+reports ``tune.report`` per epoch and a checkpoint every ``train.checkpoint_every`` epochs (trial
+restarts via FailureConfig and ``Tuner.restore`` resume from it). Each trial requests ``train.resources.bundle(use_gpu)`` (``{"CPU": cpus}``, plus ``"GPU": gpus`` on GPU)
 (GPU when the cluster has one), so trials pack onto GPUs like cross-validation folds.
 
 Outputs under ``OUT``: ``search/`` (the Tune experiment: a rerun of the same command restores it
