@@ -629,3 +629,33 @@ def test_prior_temperature_scores_a_utility_folders_generators_at_each_temperatu
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "prior_temperature.py"), *args[:-1],
                            str(tmp_path / "y.jsonl")], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 2 and "made from other inputs" in proc.stderr and not (tmp_path / "y.jsonl").exists()
+
+
+def test_utility_power_plans_folds_and_seeds_from_a_two_seed_comparison(tmp_path, capsys):
+    """Two arms with two seeds on every scan: the spread's parts, one plan per (folds, seeds), each
+    with its paired and separate smallest differences; one-seed rows are a one-line refusal."""
+    mod = _load("utility_power")
+    est = {"steps": 1000}
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(6):
+        shared = 2.0 + rng.normal(0, 0.2)
+        for seed in (0, 1):
+            rows += [{"scan": f"s{s}", "arm": "cvae", "n": 256, "seed": seed, "epe_myo_mm": shared + 0.1 + rng.normal(0, 0.1),
+                      "estimator": est},
+                     {"scan": f"s{s}", "arm": "annotated", "n": 43, "seed": seed, "epe_myo_mm": shared + rng.normal(0, 0.1),
+                      "estimator": est}]
+    u = _runs(tmp_path / "u", rows)
+    args = ["--a", str(u), "--b", str(u), "--b-arm", "annotated", "--b-n", "43", "--trials", "200"]
+    assert mod.main([*args, "--plan-folds", "8,44", "--plan-seeds", "1,3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["spread"]["scans"] == 6 and out["spread"]["seeds_a"] == 2.0
+    assert [(p["folds"], p["seeds"]) for p in out["plans"]] == [(8, 1), (8, 3), (44, 1), (44, 3)]
+    widths = [p["halfwidth"] for p in out["plans"]]
+    assert widths[0] > widths[1] > widths[3] and widths[0] > widths[2] > widths[3]  # more of either narrows it
+    assert all(p["smallest_resolved_separate"] > p["smallest_resolved_paired"] > 0 for p in out["plans"])
+    one = _runs(tmp_path / "one", [r for r in rows if r["seed"] == 0])
+    assert mod.main(["--a", str(one), "--b", str(one), "--b-arm", "annotated", "--b-n", "43"]) == 2
+    assert "no scan holds two seeds" in capsys.readouterr().err
+    assert mod.main([*args, "--plan-folds", "0"]) == 2
+    assert "--plan-folds" in capsys.readouterr().err

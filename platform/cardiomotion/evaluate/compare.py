@@ -59,7 +59,8 @@ def _settings(picked: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     return [json.loads(x) for x in sorted(seen)]
 
 
-def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, float], list[dict]]:
+def _scan_values(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tuple[dict[str, list[float]], list[dict]]:
+    """Each held-out scan's scores of ``side`` (one per seed, in row order) and the rows read."""
     picked = [r for r in rows if r.get("arm") == side.arm and r.get("n") == side.n
               and (side.seeds is None or r.get("seed") in side.seeds)]
     per: dict[str, list[float]] = {}
@@ -69,7 +70,7 @@ def _scan_means(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> tu
             raise InputError(runs, f"a {side.arm} N {side.n} row has no {metric} score or no scan "
                                    f"(seed {r.get('seed')}): not a finished utility row")
         per.setdefault(r["scan"], []).append(float(value))
-    return {s: float(np.mean(v)) for s, v in per.items()}, picked
+    return per, picked
 
 
 def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 2000,
@@ -77,7 +78,8 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     """A − B per held-out scan scored in both, seed means first.
 
     Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
-    ``per_scan`` ({scan: {"a", "b", "delta"}}), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
+    ``per_scan`` ({scan: {"a", "b", "delta", "a_seeds", "b_seeds"}}: the seed means, their difference
+    and each side's scores seed by seed, what :func:`~cardiomotion.evaluate.power.spread_of` reads), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
     over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
     ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans),
     ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows),
@@ -93,13 +95,14 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
 
     if metric not in LOWER_IS_BETTER:
         raise InputError(None, f"unknown metric {metric!r}; one of {', '.join(LOWER_IS_BETTER)}")
-    means, picked = {}, {}
+    values, means, picked = {}, {}, {}
     for key, side in (("a", a), ("b", b)):
         runs = Path(side.folder) / UTILITY_RUNS
         if not runs.is_file():
             raise InputError(runs, "missing: not a utility output folder (or nothing finished yet)")
         # read only: a utility run may be appending to this folder
-        means[key], picked[key] = _scan_means(runs, read_json_lines(runs, repair=False), side, metric)
+        values[key], picked[key] = _scan_values(runs, read_json_lines(runs, repair=False), side, metric)
+        means[key] = {scan: float(np.mean(v)) for scan, v in values[key].items()}
         if not picked[key]:
             seeds = "" if side.seeds is None else f" of seed {', '.join(map(str, side.seeds))}"
             raise InputError(runs, f"has no row of arm {side.arm} at N {side.n}{seeds}")
@@ -123,7 +126,8 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     deltas = [means["a"][s] - means["b"][s] for s in scans]
     mean, lo, hi = bootstrap_ci(deltas, n_boot=n_boot)
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
-            "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d} for s, d in zip(scans, deltas)},
+            "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d,
+                             "a_seeds": values["a"][s], "b_seeds": values["b"][s]} for s, d in zip(scans, deltas)},
             "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(subject_better(metric, d) for d in deltas),
             "corpus_settings": {key: _settings(picked[key], CORPUS_KEYS) for key in ("a", "b")},
             "varied_settings": {key: _settings(picked[key], vary) for key in ("a", "b")} if vary else {},

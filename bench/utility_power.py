@@ -1,0 +1,86 @@
+"""How many held-out scans and seeds resolve a difference between two utility arms: the spread of
+a paired comparison with several seeds, and what other fold and seed counts would resolve.
+
+    python bench/utility_power.py --a U --b U --arm cvae --n 256 --b-arm annotated --b-n 43
+    python bench/utility_power.py --a U --b U --arm cvae --n 256 --b-arm annotated --b-n 43 \\
+        --delta 0.1 --plan-folds 8,16,44 --plan-seeds 1,3,10
+
+Reads the two arms as ``bench/utility_compare.py`` does (:func:`cardiomotion.evaluate.compare.compare_folders`:
+the same refusals of rows trained with other estimator settings), estimates the seed noise of
+each arm and how much the true difference varies from scan to scan
+(:func:`cardiomotion.evaluate.power.spread_of`; each arm needs two seeds on some scan), then
+simulates the comparison ``utility`` makes for every planned (folds, seeds): the median half-width
+of the paired 95 % interval, how often it excludes zero at the true difference ``--delta`` and at 0
+(a tie read as a difference), how often the two arms' own intervals do not overlap, and the
+smallest difference resolved in ``--power`` (80 %) of comparisons, both ways (the paired interval
+excludes zero; the arms' own intervals do not overlap). Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: not a comma-separated list of positive integers: {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--a", required=True, help="utility output folder of arm A (the subject)")
+    ap.add_argument("--b", required=True, help="utility output folder of arm B (the reference; may be --a)")
+    ap.add_argument("--arm", default="cvae", help="arm read from A")
+    ap.add_argument("--n", type=int, default=256, help="N of A's arm (real arms: their pair count)")
+    ap.add_argument("--b-arm", default=None, help="arm read from B (default: --arm)")
+    ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
+    ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
+    ap.add_argument("--delta", type=float, default=0.1, help="the true mean difference to resolve (metric's unit)")
+    ap.add_argument("--plan-folds", default="4,8,16,44", help="held-out scans to plan for, comma-separated")
+    ap.add_argument("--plan-seeds", default="1,3,10", help="seeds per arm and scan to plan for, comma-separated")
+    ap.add_argument("--power", type=float, default=0.8, help="the share of comparisons the smallest resolved difference needs")
+    ap.add_argument("--trials", type=int, default=1000, help="simulated comparisons per plan")
+    args = ap.parse_args(argv)
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.compare import Side, compare_folders
+    from cardiomotion.evaluate.power import Criterion, resolution, smallest_resolved, spread_of
+
+    try:
+        folds, seeds = _ints(args.plan_folds, "--plan-folds"), _ints(args.plan_seeds, "--plan-seeds")
+        if not 0 < args.power < 1 or args.trials < 1:
+            raise ValueError(f"--power must lie in (0, 1) and --trials be positive, got {args.power}, {args.trials}")
+        cmp = compare_folders(Side(Path(args.a), args.arm, args.n),
+                              Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n),
+                              metric=args.metric)
+        spread = spread_of(cmp["per_scan"])
+    except InputError as exc:
+        print(f"utility_power: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"utility_power: {exc}", file=sys.stderr)
+        return 2
+    plans = []
+    for f in folds:
+        for s in seeds:
+            at = resolution(spread, f, s, args.delta, args.trials)
+            tie = resolution(spread, f, s, 0.0, args.trials)
+            plans.append({**asdict(at), "tie_read_as_difference": tie.excludes_zero,
+                          **{f"smallest_resolved_{c.value}": smallest_resolved(spread, f, s, args.power, c, args.trials)
+                             for c in Criterion}})
+    print(json.dumps({"a": cmp["a"], "b": cmp["b"], "metric": args.metric, "scans": cmp["scans"],
+                      "spread": asdict(spread), "power": args.power, "plans": plans}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
