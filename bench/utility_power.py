@@ -13,7 +13,8 @@ simulates the comparison ``utility`` makes for every planned (folds, seeds): the
 of the paired 95 % interval, how often it excludes zero at the true difference ``--delta`` and at 0
 (a tie read as a difference), how often the two arms' own intervals do not overlap, and the
 smallest difference resolved in ``--power`` (80 %) of comparisons, both ways (the paired interval
-excludes zero; the arms' own intervals do not overlap). Prints JSON.
+excludes zero; the arms' own intervals do not overlap). Prints JSON; ``--figure F.png`` also draws
+the smallest resolved difference against the folds.
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-seeds", default="1,3,10", help="seeds per arm and scan to plan for, comma-separated")
     ap.add_argument("--power", type=float, default=0.8, help="the share of comparisons the smallest resolved difference needs")
     ap.add_argument("--trials", type=int, default=1000, help="simulated comparisons per plan")
+    ap.add_argument("--figure", default=None, help="also draw the smallest resolved difference against the folds (PNG)")
     args = ap.parse_args(argv)
     from cardiomotion.errors import InputError
     from cardiomotion.evaluate.compare import Side, compare_folders
-    from cardiomotion.evaluate.power import Criterion, resolution, smallest_resolved, spread_of
+    from cardiomotion.evaluate.power import Criterion, plan_figure, resolution, smallest_resolved, spread_of
 
     try:
         folds, seeds = _ints(args.plan_folds, "--plan-folds"), _ints(args.plan_seeds, "--plan-seeds")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             plans.append({**asdict(at), "tie_read_as_difference": tie.excludes_zero,
                           **{f"smallest_resolved_{c.value}": smallest_resolved(spread, f, s, args.power, c, args.trials)
                              for c in Criterion}})
+    if args.figure:
+        plan_figure(plans, args.figure, args.delta)
     print(json.dumps({"a": cmp["a"], "b": cmp["b"], "metric": args.metric, "scans": cmp["scans"],
                       "spread": asdict(spread), "power": args.power, "plans": plans}, indent=1))
     return 0

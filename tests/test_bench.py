@@ -647,7 +647,8 @@ def test_utility_power_plans_folds_and_seeds_from_a_two_seed_comparison(tmp_path
                       "estimator": est}]
     u = _runs(tmp_path / "u", rows)
     args = ["--a", str(u), "--b", str(u), "--b-arm", "annotated", "--b-n", "43", "--trials", "200"]
-    assert mod.main([*args, "--plan-folds", "8,44", "--plan-seeds", "1,3"]) == 0
+    assert mod.main([*args, "--plan-folds", "8,44", "--plan-seeds", "1,3", "--figure", str(tmp_path / "plan.png")]) == 0
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
     out = json.loads(capsys.readouterr().out)
     assert out["spread"]["scans"] == 6 and out["spread"]["seeds_a"] == 2.0
     assert [(p["folds"], p["seeds"]) for p in out["plans"]] == [(8, 1), (8, 3), (44, 1), (44, 3)]

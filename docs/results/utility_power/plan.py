@@ -4,7 +4,8 @@ corpus and the annotated pairs, from the one comparison with three seeds on all 
 
 `python docs/results/utility_power/plan.py docs/results/utility_8folds_3seeds > docs/results/utility_power/plan.md`
 — the same figures as `python bench/utility_power.py --a DIR --b DIR --arm cvae --n 256 --b-arm
-annotated --b-n 43 --plan-folds 4,8,16,44 --plan-seeds 1,3,10`, as a Markdown table."""
+annotated --b-n 43 --plan-folds 4,8,16,44 --plan-seeds 1,3,10 --figure docs/results/utility_power/plan.png`,
+as a Markdown table (and the figure)."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ folder = sys.argv[1]
 bench = Path(__file__).resolve().parents[3] / "bench" / "utility_power.py"
 out = json.loads(subprocess.run([sys.executable, str(bench), "--a", folder, "--b", folder, "--arm", "cvae", "--n", "256",
                                  "--b-arm", "annotated", "--b-n", "43", "--delta", "0.1", "--plan-folds", "4,8,16,44",
-                                 "--plan-seeds", "1,3,10"], check=True, capture_output=True, text=True).stdout)
+                                 "--plan-seeds", "1,3,10", "--figure", str(Path(__file__).with_name("plan.png"))], check=True, capture_output=True, text=True).stdout)
 s = out["spread"]
 print(f"Spread of `{out['a']}` − `{out['b']}` (held-out myocardium EPE, {s['scans']} scans, "
       f"{s['seeds_a']:.0f} seeds each): seed noise σ cvae {s['seed_sd_a']:.3f} mm, σ annotated {s['seed_sd_b']:.3f} mm; "

@@ -184,4 +184,37 @@ def smallest_resolved(spread: Spread, folds: int, seeds: int, power: float = 0.8
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if share(mid) >= power else (mid, hi)
     return hi
-__all__ = ["Criterion", "Resolution", "Spread", "bootstrap_intervals", "resolution", "smallest_resolved", "spread_of"]
+
+def plan_figure(plans: Sequence[Mapping], path, delta: float | None = None, unit: str = "mm"):
+    """The smallest difference resolved against the number of held-out scans, a line per seed count:
+    solid the paired interval, dashed the two arms' separate intervals; ``plans`` are dicts with
+    ``folds``, ``seeds``, ``smallest_resolved_paired`` and ``smallest_resolved_separate``
+    (``bench/utility_power.py``'s), ``delta`` drawn as a horizontal line. Writes a PNG; returns its path."""
+    from .figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, seeds in enumerate(sorted({p["seeds"] for p in plans})):
+        rows = sorted((p for p in plans if p["seeds"] == seeds), key=lambda p: p["folds"])
+        folds = [p["folds"] for p in rows]
+        name = f"{seeds} seed{'s' if seeds > 1 else ''}"
+        ax.plot(folds, [p["smallest_resolved_paired"] for p in rows], "o-", color=f"C{i}", label=f"{name}, paired interval")
+        ax.plot(folds, [p["smallest_resolved_separate"] for p in rows], "s--", color=f"C{i}", alpha=0.6,
+                label=f"{name}, separate intervals")
+    if delta is not None:
+        ax.axhline(delta, color="0.3", lw=0.8, ls=":", label=f"{delta:g} {unit}")
+    ax.set_xscale("log")
+    ticks = sorted({p["folds"] for p in plans})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("held-out scans (folds)")
+    ax.set_ylabel(f"smallest difference resolved ({unit})")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+
+__all__ = ["Criterion", "Resolution", "Spread", "bootstrap_intervals", "plan_figure", "resolution", "smallest_resolved", "spread_of"]
