@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cardiomotion.evaluate.power import (Criterion, Spread, bootstrap_intervals, resolution, smallest_resolved,
-                                         spread_of)
+                                         spread_of, tie_read_as_difference)
 from cardiomotion.evaluate.utility import bootstrap_ci
 
 
@@ -93,3 +93,10 @@ def test_the_smallest_resolved_difference_meets_normal_theory():
     assert smallest_resolved(shared, 100, 1, 0.8, Criterion.SEPARATE) > 2 * smallest_resolved(shared, 100, 1, 0.8)
     with pytest.raises(ValueError, match="power"):
         smallest_resolved(spread, 8, 1, power=1.0)
+
+
+def test_a_tie_reads_as_a_difference_too_often_over_few_scans_and_at_the_level_over_many():
+    assert 0.15 < tie_read_as_difference(4) < 0.25
+    assert 0.09 < tie_read_as_difference(8) < 0.14
+    assert 0.04 < tie_read_as_difference(60) < 0.065
+    assert tie_read_as_difference(8, level=0.99) < tie_read_as_difference(8)

@@ -216,5 +216,16 @@ def plan_figure(plans: Sequence[Mapping], path, delta: float | None = None, unit
     return save_figure(fig, path, dpi=110)
 
 
+def tie_read_as_difference(scans: int, level: float = 0.95, trials: int = 4000, seed: int = 1) -> float:
+    """How often ``utility``'s percentile bootstrap interval over ``scans`` per-scan differences
+    excludes zero when there is no difference (normal differences; the rate depends on ``scans``
+    alone, not their spread). Nominally 1 − ``level``; over few scans the interval is too narrow."""
+    if scans < 2:
+        return float("nan")
+    draws = np.random.default_rng(seed).normal(size=(trials, scans))
+    bounds = bootstrap_intervals(draws, level=level)
+    return float(((bounds[:, 0] > 0) | (bounds[:, 1] < 0)).mean())
 
-__all__ = ["Criterion", "Resolution", "Spread", "bootstrap_intervals", "plan_figure", "resolution", "smallest_resolved", "spread_of"]
+
+
+__all__ = ["Criterion", "Resolution", "Spread", "bootstrap_intervals", "plan_figure", "resolution", "smallest_resolved", "spread_of", "tie_read_as_difference"]

@@ -158,7 +158,11 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
 
 
 def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm") -> str:
-    """The paired comparison of ``metric`` as a text table: subject − other [95 % interval], wins."""
+    """The paired comparison of ``metric`` as a text table: subject − other [95 % interval], wins;
+    below it, how often an interval over that many scans excludes zero for a true tie
+    (:func:`~cardiomotion.evaluate.power.tie_read_as_difference`: above 5 % over few scans)."""
+    from .power import tie_read_as_difference
+
     picked = [r for r in rows if r["metric"] == metric]
     if not picked:
         return ""
@@ -167,6 +171,10 @@ def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm") -> str:
         cell = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
         lines.append(f"{r['arm']:<16}{r['n']:>6}  {r['vs_arm']:<16}{(str(r['vs_n']) if r['vs_n'] else '–'):>6}  "
                      f"{cell:>32}{str(r['wins']) + '/' + str(r['scans']):>9}")
+    counts = sorted({int(r["scans"]) for r in picked if int(r["scans"]) > 1})
+    if counts:
+        rates = ", ".join(f"{tie_read_as_difference(n):.0%} over {n} scans" for n in counts)
+        lines.append(f"(an interval excludes zero for a true tie {rates}; nominally 5 %: bench/utility_power.py plans folds and seeds)")
     return "\n".join(lines)
 
 
