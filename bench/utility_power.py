@@ -10,8 +10,8 @@ the same refusals of rows trained with other estimator settings), estimates the 
 each arm and how much the true difference varies from scan to scan
 (:func:`cardiomotion.evaluate.power.spread_of`; each arm needs two seeds on some scan), then
 simulates the comparison ``utility`` makes for every planned (folds, seeds): the median half-width
-of the paired 95 % interval, how often it excludes zero at the true difference ``--delta`` and at 0
-(a tie read as a difference), how often the two arms' own intervals do not overlap, and the
+of the paired 95 % interval, how often it excludes zero at the true difference ``--delta`` (on its
+side) and at 0 (a tie read as a difference: ``tie_read_as_difference``, which depends on the scans alone), how often the two arms' own intervals do not overlap, and the
 smallest difference resolved in ``--power`` (80 %) of comparisons, both ways (the paired interval
 excludes zero; the arms' own intervals do not overlap). Prints JSON; ``--figure F.png`` also draws
 the smallest resolved difference against the folds.
@@ -27,13 +27,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(text: str, flag: str, least: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag}: not a comma-separated list of positive integers: {text!r}")
+    if not values or min(values) < least:
+        raise ValueError(f"{flag}: not a comma-separated list of integers of at least {least}: {text!r}")
     return values
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
     ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
     ap.add_argument("--delta", type=float, default=0.1, help="the true mean difference to resolve (metric's unit)")
-    ap.add_argument("--plan-folds", default="4,8,16,44", help="held-out scans to plan for, comma-separated")
+    ap.add_argument("--plan-folds", default="4,8,16,44", help="held-out scans to plan for, comma-separated (at least 2)")
     ap.add_argument("--plan-seeds", default="1,3,10", help="seeds per arm and scan to plan for, comma-separated")
     ap.add_argument("--power", type=float, default=0.8, help="the share of comparisons the smallest resolved difference needs")
     ap.add_argument("--trials", type=int, default=1000, help="simulated comparisons per plan")
@@ -55,28 +55,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from cardiomotion.errors import InputError
     from cardiomotion.evaluate.compare import Side, compare_folders
-    from cardiomotion.evaluate.power import Criterion, plan_figure, resolution, smallest_resolved, spread_of
+    from cardiomotion.evaluate.power import (Criterion, plan_figure, resolution, smallest_resolved, spread_of,
+                                             tie_read_as_difference)
 
     try:
-        folds, seeds = _ints(args.plan_folds, "--plan-folds"), _ints(args.plan_seeds, "--plan-seeds")
+        folds, seeds = _ints(args.plan_folds, "--plan-folds", 2), _ints(args.plan_seeds, "--plan-seeds", 1)
         if not 0 < args.power < 1 or args.trials < 1:
             raise ValueError(f"--power must lie in (0, 1) and --trials be positive, got {args.power}, {args.trials}")
         cmp = compare_folders(Side(Path(args.a), args.arm, args.n),
                               Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n),
                               metric=args.metric)
         spread = spread_of(cmp["per_scan"])
-    except InputError as exc:
-        print(f"utility_power: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
+    except (InputError, ValueError) as exc:
         print(f"utility_power: {exc}", file=sys.stderr)
         return 2
     plans = []
     for f in folds:
         for s in seeds:
             at = resolution(spread, f, s, args.delta, args.trials)
-            tie = resolution(spread, f, s, 0.0, args.trials)
-            plans.append({**asdict(at), "tie_read_as_difference": tie.excludes_zero,
+            plans.append({**asdict(at), "tie_read_as_difference": tie_read_as_difference(f),
                           **{f"smallest_resolved_{c.value}": smallest_resolved(spread, f, s, args.power, c, args.trials)
                              for c in Criterion}})
     if args.figure:

@@ -100,3 +100,50 @@ def test_a_tie_reads_as_a_difference_too_often_over_few_scans_and_at_the_level_o
     assert 0.09 < tie_read_as_difference(8) < 0.14
     assert 0.04 < tie_read_as_difference(60) < 0.065
     assert tie_read_as_difference(8, level=0.99) < tie_read_as_difference(8)
+
+
+def test_unequal_seed_counts_and_missing_scores_are_handled():
+    """1–4 seeds per scan (the method of moments weighs each scan's seed part by its own count);
+    NaN scores are left out, as utility's tables leave them out."""
+    rng = np.random.default_rng(5)
+    per_scan = {}
+    for s in range(800):
+        shared = 2.0 + rng.normal(0, 0.3)
+        truth_a = shared + rng.normal(0.05, 0.15)
+        per_scan[f"s{s}"] = {"a_seeds": list(truth_a + rng.normal(0, 0.12, 1 + s % 4)),
+                             "b_seeds": list(shared + rng.normal(0, 0.10, 1 + (s // 4) % 4))}
+    est = spread_of(per_scan)
+    assert est.seeds_a == pytest.approx(2.5) and est.seeds_b == pytest.approx(2.5)
+    assert est.seed_sd_a == pytest.approx(0.12, rel=0.06) and est.seed_sd_b == pytest.approx(0.10, rel=0.06)
+    assert est.difference_sd == pytest.approx(0.15, rel=0.12)
+    per_scan["s0"] = {"a_seeds": [float("nan")], "b_seeds": [2.0]}  # no finite score of A: the scan is dropped
+    per_scan["s1"]["a_seeds"] = [float("nan"), *per_scan["s1"]["a_seeds"]]
+    assert spread_of(per_scan).scans == 799 and np.isfinite(spread_of(per_scan).difference_sd)
+
+
+def test_a_difference_that_moves_with_the_scan_is_recovered_and_widens_the_arms_own_intervals():
+    rng = np.random.default_rng(7)
+    per_scan = {}
+    for s in range(1000):
+        b = rng.normal(0, 0.3)
+        diff = 0.5 * b + rng.normal(0, 0.1)  # A loses more on the scans B finds hard
+        per_scan[f"s{s}"] = {"a_seeds": list(2 + b + diff + rng.normal(0, 0.1, 2)), "b_seeds": list(2 + b + rng.normal(0, 0.1, 2))}
+    est = spread_of(per_scan)
+    assert est.difference_scan_cov == pytest.approx(0.5 * 0.3**2, rel=0.15)
+    assert est.difference_sd == pytest.approx((0.15**2 + 0.1**2) ** 0.5, rel=0.1)
+    apart = smallest_resolved(est, 44, 1, 0.8, Criterion.SEPARATE, trials=300)
+    independent = smallest_resolved(Spread(**{**est.__dict__, "difference_scan_cov": 0.0}), 44, 1, 0.8,
+                                    Criterion.SEPARATE, trials=300)
+    assert apart > independent  # A's own scores spread more than B's: its interval is wider
+
+
+def test_resolved_means_on_the_true_differences_side_and_one_scan_is_no_plan():
+    spread = _spread(tau=0.13, sd=0.12)
+    up, down = resolution(spread, 4, 1, 0.1, trials=2000), resolution(spread, 4, 1, -0.1, trials=2000)
+    both = resolution(spread, 4, 1, 0.0, trials=2000)
+    assert up.excludes_zero == pytest.approx(down.excludes_zero, abs=0.04)
+    assert both.excludes_zero > 0.1  # either side at 0
+    with pytest.raises(ValueError, match="at least 2"):
+        resolution(spread, 1, 1, 0.1)
+    # a noise-free spread resolves any difference: the bisection ends (near 0) instead of halving forever
+    assert smallest_resolved(_spread(), 8, 1) < 1e-3

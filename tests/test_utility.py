@@ -166,7 +166,9 @@ def test_paired_differences_compare_arms_scan_by_scan():
     rnd = paired[("random", 256, "epe_myo_mm")]
     assert rnd["delta"] == pytest.approx(0.0) and rnd["ci_low"] < 0 < rnd["ci_high"] and rnd["wins"] == 2
     assert "annotated" in format_paired(list(paired.values())) and "4/4" in format_paired(list(paired.values()))
-    assert "excludes zero for a true tie 1" in format_paired(list(paired.values()))  # over 4 scans: 15-25 %
+    import re
+
+    assert re.search(r"excludes zero for a true tie (1[5-9]|2[0-5])% over 4 scans", format_paired(list(paired.values())))
 
 
 def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pairs():

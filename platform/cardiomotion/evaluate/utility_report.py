@@ -157,10 +157,11 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
     return out
 
 
-def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm") -> str:
+def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm", n_boot: int = 2000, seed: int = 0) -> str:
     """The paired comparison of ``metric`` as a text table: subject − other [95 % interval], wins;
     below it, how often an interval over that many scans excludes zero for a true tie
-    (:func:`~cardiomotion.evaluate.power.tie_read_as_difference`: above 5 % over few scans)."""
+    (:func:`~cardiomotion.evaluate.power.tie_read_as_difference` with the intervals' ``n_boot``
+    resamples and ``seed``, ``utility.bootstrap`` and ``seed`` of the run: above 5 % over few scans)."""
     from .power import tie_read_as_difference
 
     picked = [r for r in rows if r["metric"] == metric]
@@ -173,7 +174,7 @@ def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm") -> str:
                      f"{cell:>32}{str(r['wins']) + '/' + str(r['scans']):>9}")
     counts = sorted({int(r["scans"]) for r in picked if int(r["scans"]) > 1})
     if counts:
-        rates = ", ".join(f"{tie_read_as_difference(n):.0%} over {n} scans" for n in counts)
+        rates = ", ".join(f"{tie_read_as_difference(n, n_boot=n_boot, seed=seed):.0%} over {n} scans" for n in counts)
         lines.append(f"(an interval excludes zero for a true tie {rates}; nominally 5 %: bench/utility_power.py plans folds and seeds)")
     return "\n".join(lines)
 
