@@ -24,20 +24,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sides(ap: argparse.ArgumentParser) -> None:
+    """The two sides' arguments (--a, --b, --arm, --n, --b-arm, --b-n, --metric); bench/utility_power.py reads them too."""
     ap.add_argument("--a", required=True, help="utility output folder A (the subject)")
-    ap.add_argument("--b", required=True, help="utility output folder B (the reference)")
+    ap.add_argument("--b", required=True, help="utility output folder B (the reference; may be A)")
     ap.add_argument("--arm", default="cvae", help="arm read from A")
     ap.add_argument("--n", type=int, default=256, help="corpus size N of A's arm (real arms: their pair count)")
     ap.add_argument("--b-arm", default=None, help="arm read from B (default: --arm)")
     ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
     ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
+
+
+def sides(args: argparse.Namespace, seeds: tuple[int, ...] | None = None):
+    """(Side A, Side B) of :func:`add_sides`' arguments."""
+    from cardiomotion.evaluate.compare import Side
+
+    return (Side(Path(args.a), args.arm, args.n, seeds),
+            Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n, seeds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sides(ap)
     ap.add_argument("--vary", default="", help="estimator settings allowed to differ, comma-separated (e.g. lr_schedule)")
     ap.add_argument("--seeds", default=None, help="estimator seeds read on both sides, comma-separated (default: all)")
     args = ap.parse_args(argv)
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.compare import Side, compare_folders
+    from cardiomotion.evaluate.compare import compare_folders
 
     try:
         seeds = None if args.seeds is None else tuple(int(v) for v in args.seeds.split(",") if v.strip())
@@ -48,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vary = tuple(v.strip() for v in args.vary.split(",") if v.strip())
     try:
-        out = compare_folders(Side(Path(args.a), args.arm, args.n, seeds),
-                              Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n, seeds),
-                              metric=args.metric, vary=vary)
+        out = compare_folders(*sides(args, seeds), metric=args.metric, vary=vary)
     except InputError as exc:
         print(f"utility_compare: {exc}", file=sys.stderr)
         return 2

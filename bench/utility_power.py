@@ -25,6 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utility_compare import add_sides, sides  # noqa: E402  (the two sides read as utility_compare reads them)
 
 
 def _ints(text: str, flag: str, least: int) -> list[int]:
@@ -39,13 +41,7 @@ def _ints(text: str, flag: str, least: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--a", required=True, help="utility output folder of arm A (the subject)")
-    ap.add_argument("--b", required=True, help="utility output folder of arm B (the reference; may be --a)")
-    ap.add_argument("--arm", default="cvae", help="arm read from A")
-    ap.add_argument("--n", type=int, default=256, help="N of A's arm (real arms: their pair count)")
-    ap.add_argument("--b-arm", default=None, help="arm read from B (default: --arm)")
-    ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
-    ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
+    add_sides(ap)
     ap.add_argument("--delta", type=float, default=0.1, help="the true mean difference to resolve (metric's unit)")
     ap.add_argument("--plan-folds", default="4,8,16,44", help="held-out scans to plan for, comma-separated (at least 2)")
     ap.add_argument("--plan-seeds", default="1,3,10", help="seeds per arm and scan to plan for, comma-separated")
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figure", default=None, help="also draw the smallest resolved difference against the folds (PNG)")
     args = ap.parse_args(argv)
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.compare import Side, compare_folders
+    from cardiomotion.evaluate.compare import compare_folders
     from cardiomotion.evaluate.power import (Criterion, plan_figure, resolution, smallest_resolved, spread_of,
                                              tie_read_as_difference)
 
@@ -62,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         folds, seeds = _ints(args.plan_folds, "--plan-folds", 2), _ints(args.plan_seeds, "--plan-seeds", 1)
         if not 0 < args.power < 1 or args.trials < 1:
             raise ValueError(f"--power must lie in (0, 1) and --trials be positive, got {args.power}, {args.trials}")
-        cmp = compare_folders(Side(Path(args.a), args.arm, args.n),
-                              Side(Path(args.b), args.b_arm or args.arm, args.n if args.b_n is None else args.b_n),
-                              metric=args.metric)
+        cmp = compare_folders(*sides(args), metric=args.metric)
         spread = spread_of(cmp["per_scan"])
     except (InputError, ValueError) as exc:
         print(f"utility_power: {exc}", file=sys.stderr)
