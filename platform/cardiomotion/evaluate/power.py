@@ -216,7 +216,9 @@ def smallest_resolved(spread: Spread, folds: int, seeds: int, power: float = 0.8
         return r.excludes_zero if criterion is Criterion.PAIRED else r.non_overlapping
 
     lo, hi = 0.0, max(*parts, 1e-3)
-    while share(hi) < power:
+    for _ in range(60):  # a difference far above the noise is always resolved: doubling ends
+        if share(hi) >= power:
+            break
         lo, hi = hi, 2 * hi
     for _ in range(60):  # bounded: a noise-free spread resolves any difference, and halves towards 0
         if hi - lo <= max(rel_tol * hi, 1e-9):
