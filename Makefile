@@ -23,12 +23,10 @@ install: $(STAMP)
 
 # Two pytest workers (pytest-xdist), a test file per worker at a time (module fixtures are built
 # once): most of the suite waits on Ray start-ups and subprocesses, so two overlap well on two
-# cores. Files in collection order, those holding a slow test first (tests/conftest.py): the long
-# files start early, the short ones fill in at the end. Tests marked `serial` (a two-node cluster,
-# two stages at once) then run alone.
+# cores. Tests marked `serial` (a two-node cluster, two stages at once) then run alone.
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # pytest's exit code 5 (no tests collected) counts as success in each phase.
 test: $(STAMP)

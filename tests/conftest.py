@@ -19,16 +19,6 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The files that hold a test marked ``slow`` (and not ``serial``: those run alone, later) run first, the rest after them (each file's
-    tests stay together and in order). ``make test``'s xdist workers take a file at a time
-    (``--dist loadfile --no-loadscope-reorder``): the long files start early and the short ones
-    fill in at the end, so the two workers finish together. xdist's own order (most tests first)
-    left the one-test, two-minute utility files for last, one worker idle meanwhile."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") and not item.get_closest_marker("serial")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order within each group
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     """A session-scoped embedded Ray (2 CPUs, no GPU even on a GPU host: the tests model the
