@@ -31,8 +31,8 @@ ENTRIES = [
     ("anchored_T2", "transport_scaling/U50A_runs.jsonl", "anchored", "the pool varied by cvae_TR around each field, T 2, N 256", "50"),
     ("anchored_T0.5", "transport_scaling/U50A05_runs.jsonl", "anchored", "… T 0.5", "50–51"),
     ("anchored_T0.25", "anchored_temperature/U51A025_runs.jsonl", "anchored", "… T 0.25", "51"),
-    ("annotated_2000", "anchored_temperature/U51S2000_runs.jsonl", "annotated", "the pairs, 2000 steps", "51"),
-    ("transport_2000", "anchored_temperature/U51S2000_runs.jsonl", "transport", "the pool (k 4), 2000 steps", "51"),
+    ("annotated_2000", "anchored_temperature/U51S2000_runs.jsonl", "annotated", "the pairs, 2000 steps", "51–52"),
+    ("transport_2000", "anchored_temperature/U51S2000_runs.jsonl", "transport", "the pool (k 4), 2000 steps", "51–52"),
 ]
 
 with tempfile.TemporaryDirectory() as tmp:
