@@ -8,7 +8,7 @@ folder, its own fold generators) against the first one's, on the held-out scans 
     python bench/utility_compare.py --a U_cos --b U --arm cvae --n 256 --vary lr_schedule --seeds 0
 
 Prints JSON (:func:`cardiomotion.evaluate.compare.compare_folders`): per scan A, B and A − B (seed
-means), the mean difference with a bootstrap 95 % interval over the shared scans, scans A won.
+means), the mean difference with a 95 % interval over the shared scans (``--interval``), scans A won.
 Rows trained with other estimator settings are refused (exit 2, one line), not compared — except
 the settings named in ``--vary`` (the question under study, reported as ``varied_settings``).
 ``--seeds`` keeps only those estimator seeds on both sides (a one-seed run against the same seed of
@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
 def add_sides(ap: argparse.ArgumentParser) -> None:
-    """The two sides' arguments (--a, --b, --arm, --n, --b-arm, --b-n, --metric); bench/utility_power.py reads them too."""
+    """The two sides' arguments (--a, --b, --arm, --n, --b-arm, --b-n, --metric) and how the
+    comparison's intervals are formed (--interval); bench/utility_power.py reads them too."""
+    from cardiomotion.choices import IntervalMethod
+
     ap.add_argument("--a", required=True, help="utility output folder A (the subject)")
     ap.add_argument("--b", required=True, help="utility output folder B (the reference; may be A)")
     ap.add_argument("--arm", default="cvae", help="arm read from A")
@@ -33,6 +36,8 @@ def add_sides(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--b-arm", default=None, help="arm read from B (default: --arm)")
     ap.add_argument("--b-n", type=int, default=None, help="N of B's arm (default: --n)")
     ap.add_argument("--metric", default="epe_myo_mm", help="epe_myo_mm, epe_mm, dice or folding")
+    ap.add_argument("--interval", default=IntervalMethod.STUDENT_T.value, choices=[m.value for m in IntervalMethod],
+                    help="the 95 %% interval over the shared scans (utility.interval's choices)")
 
 
 def sides(args: argparse.Namespace, seeds: tuple[int, ...] | None = None):
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vary = tuple(v.strip() for v in args.vary.split(",") if v.strip())
     try:
-        out = compare_folders(*sides(args, seeds), metric=args.metric, vary=vary)
+        out = compare_folders(*sides(args, seeds), metric=args.metric, vary=vary, method=args.interval)
     except InputError as exc:
         print(f"utility_compare: {exc}", file=sys.stderr)
         return 2

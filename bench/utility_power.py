@@ -9,7 +9,7 @@ Reads the two arms as ``bench/utility_compare.py`` does (:func:`cardiomotion.eva
 the same refusals of rows trained with other estimator settings), estimates the seed noise of
 each arm and how much the true difference varies from scan to scan
 (:func:`cardiomotion.evaluate.power.spread_of`; each arm needs two seeds on some scan), then
-simulates the comparison ``utility`` makes for every planned (folds, seeds): the median half-width
+simulates the comparison ``utility`` makes (intervals by ``--interval``) for every planned (folds, seeds): the median half-width
 of the paired 95 % interval, how often it excludes zero at the true difference ``--delta`` (on its
 side) and at 0 (a tie read as a difference: ``tie_read_as_difference``, which depends on the scans alone), how often the two arms' own intervals do not overlap, and the
 smallest difference resolved in ``--power`` (80 %) of comparisons, both ways (the paired interval
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         folds, seeds = _ints(args.plan_folds, "--plan-folds", 2), _ints(args.plan_seeds, "--plan-seeds", 1)
         if not 0 < args.power < 1 or args.trials < 1:
             raise ValueError(f"--power must lie in (0, 1) and --trials be positive, got {args.power}, {args.trials}")
-        cmp = compare_folders(*sides(args), metric=args.metric)
+        cmp = compare_folders(*sides(args), metric=args.metric, method=args.interval)
         spread = spread_of(cmp["per_scan"])
     except (InputError, ValueError) as exc:
         print(f"utility_power: {exc}", file=sys.stderr)
@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     plans = []
     for f in folds:
         for s in seeds:
-            at = resolution(spread, f, s, args.delta, args.trials)
-            plans.append({**asdict(at), "tie_read_as_difference": tie_read_as_difference(f),
-                          **{f"smallest_resolved_{c.value}": smallest_resolved(spread, f, s, args.power, c, args.trials)
+            at = resolution(spread, f, s, args.delta, args.trials, method=args.interval)
+            plans.append({**asdict(at), "tie_read_as_difference": tie_read_as_difference(f, method=args.interval),
+                          **{f"smallest_resolved_{c.value}": smallest_resolved(spread, f, s, args.power, c, args.trials,
+                                                                              method=args.interval)
                              for c in Criterion}})
     if args.figure:
         plan_figure(plans, args.figure, args.delta)
-    print(json.dumps({"a": cmp["a"], "b": cmp["b"], "metric": args.metric, "scans": cmp["scans"],
+    print(json.dumps({"a": cmp["a"], "b": cmp["b"], "metric": args.metric, "interval": args.interval, "scans": cmp["scans"],
                       "spread": asdict(spread), "power": args.power, "plans": plans}, indent=1))
     return 0
 

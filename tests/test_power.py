@@ -1,14 +1,15 @@
 """How many folds and seeds resolve a difference (evaluate/power.py): known parts are recovered
-from simulated comparisons, the simulated intervals are utility's own bootstrap, and the planning
+from simulated comparisons, the simulated intervals are utility's own, and the planning
 figures meet their normal-theory values where those hold."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cardiomotion.evaluate.power import (Criterion, Spread, bootstrap_intervals, resolution, smallest_resolved,
-                                         spread_of, tie_read_as_difference)
-from cardiomotion.evaluate.utility import bootstrap_ci
+from cardiomotion.choices import IntervalMethod
+from cardiomotion.evaluate.intervals import mean_interval
+from cardiomotion.evaluate.power import (Criterion, Spread, resolution, smallest_resolved, spread_of,
+                                         tie_read_as_difference)
 
 
 def _comparison(scans: int, seeds: int, sd_a: float, sd_b: float, tau: float, scan_sd: float, mean: float, seed: int = 0):
@@ -27,12 +28,18 @@ def _spread(tau=0.0, sd=0.0, scan_sd=0.0):
     return Spread(scans=8, seeds_a=1, seeds_b=1, seed_sd_a=sd, seed_sd_b=sd, difference_sd=tau, scan_sd=scan_sd, mean=0.0)
 
 
-def test_the_simulated_intervals_are_utilitys_bootstrap():
-    values = np.random.default_rng(3).normal(size=(4, 8))
-    got = bootstrap_intervals(values)
-    for row, (lo, hi) in zip(values, got):
-        _, want_lo, want_hi = bootstrap_ci(row)
-        assert (lo, hi) == pytest.approx((want_lo, want_hi), abs=1e-12)
+@pytest.mark.parametrize("method", list(IntervalMethod))
+def test_the_simulated_intervals_are_utilitys(method, monkeypatch):
+    """resolution's paired intervals are the ones mean_interval prints for the same differences."""
+    import cardiomotion.evaluate.power as power
+
+    seen = []
+    real = power.mean_intervals
+    monkeypatch.setattr(power, "mean_intervals", lambda v, *a, **k: seen.append((v, real(v, *a, **k))) or seen[-1][1])
+    resolution(_spread(tau=0.1, sd=0.1, scan_sd=0.1), folds=6, seeds=1, delta=0.0, trials=5, method=method)
+    differences, bounds = seen[0]
+    for row, (lo, hi) in zip(differences, bounds):
+        assert (lo, hi) == mean_interval(row, method)[1:]
 
 
 def test_known_parts_are_recovered():
@@ -68,14 +75,16 @@ def test_on_many_scans_the_interval_has_its_normal_width_and_level():
     want = 1.96 * ((0.13**2 + 2 * 0.12**2 / 3) / 100) ** 0.5
     assert r.halfwidth == pytest.approx(want, rel=0.05)
     assert 0.035 < r.excludes_zero < 0.07  # a tie reads as a difference about 5 % of the time
-    # on 4 scans the percentile bootstrap is too narrow: a tie reads as a difference far more often
-    assert resolution(spread, folds=4, seeds=3, delta=0.0, trials=2000).excludes_zero > 0.12
+    # on 4 scans the percentile bootstrap is too narrow: a tie reads as a difference far more often;
+    # Student's t keeps its level
+    assert resolution(spread, folds=4, seeds=3, delta=0.0, trials=2000, method="percentile").excludes_zero > 0.12
+    assert 0.035 < resolution(spread, folds=4, seeds=3, delta=0.0, trials=2000).excludes_zero < 0.07
 
 
 def test_seeds_cannot_take_out_the_scan_to_scan_part_folds_can():
     spread = _spread(tau=0.13, sd=0.12)
     many_seeds = resolution(spread, folds=8, seeds=1000, delta=0.0, trials=1000).halfwidth
-    assert many_seeds > 0.9 * 1.96 * 0.13 / 8**0.5 * 0.85  # the floor τ sets (the bootstrap runs narrow on 8)
+    assert many_seeds > 0.9 * 2.365 * 0.13 / 8**0.5 * 0.9  # the floor τ sets: t(7) · τ/√8, s's median below τ
     assert resolution(spread, folds=32, seeds=1, delta=0.0, trials=1000).halfwidth < many_seeds
     # with no scan-to-scan part, seeds shrink the interval as 1/√S
     noise_only = _spread(sd=0.12)
@@ -95,11 +104,13 @@ def test_the_smallest_resolved_difference_meets_normal_theory():
         smallest_resolved(spread, 8, 1, power=1.0)
 
 
-def test_a_tie_reads_as_a_difference_too_often_over_few_scans_and_at_the_level_over_many():
-    assert 0.15 < tie_read_as_difference(4) < 0.25
-    assert 0.09 < tie_read_as_difference(8) < 0.14
-    assert 0.04 < tie_read_as_difference(60) < 0.065
-    assert tie_read_as_difference(8, level=0.99) < tie_read_as_difference(8)
+def test_a_percentile_interval_reads_a_tie_as_a_difference_too_often_over_few_scans_student_t_does_not():
+    assert 0.15 < tie_read_as_difference(4, method="percentile") < 0.25
+    assert 0.09 < tie_read_as_difference(8, method="percentile") < 0.14
+    assert 0.04 < tie_read_as_difference(60, method="percentile") < 0.065
+    assert tie_read_as_difference(8, level=0.99, method="percentile") < tie_read_as_difference(8, method="percentile")
+    for scans in (3, 4, 8, 60):
+        assert 0.04 < tie_read_as_difference(scans) < 0.06
 
 
 def test_unequal_seed_counts_and_missing_scores_are_handled():
@@ -142,7 +153,7 @@ def test_resolved_means_on_the_true_differences_side_and_one_scan_is_no_plan():
     up, down = resolution(spread, 4, 1, 0.1, trials=2000), resolution(spread, 4, 1, -0.1, trials=2000)
     both = resolution(spread, 4, 1, 0.0, trials=2000)
     assert up.excludes_zero == pytest.approx(down.excludes_zero, abs=0.04)
-    assert both.excludes_zero > 0.1  # either side at 0
+    assert 0.035 < both.excludes_zero < 0.065  # either side at 0: 5 % (one side alone would be 2.5 %)
     with pytest.raises(ValueError, match="at least 2"):
         resolution(spread, 1, 1, 0.1)
     # a noise-free spread resolves any difference: the bisection ends (near 0) instead of halving forever

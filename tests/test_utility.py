@@ -81,18 +81,6 @@ def test_scores_of_the_truth_and_of_zero_flow(phantom):
         score_estimate(truth[None], truth, 4.0, None, None)
 
 
-def test_bootstrap_interval():
-    from cardiomotion.evaluate.utility import bootstrap_ci
-
-    assert bootstrap_ci([2.0]) == (2.0, 2.0, 2.0)
-    assert bootstrap_ci([3.0] * 8) == (3.0, 3.0, 3.0)
-    m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, float("nan")], n_boot=4000)
-    assert m == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
-    _, lo2, hi2 = bootstrap_ci([2.4, 2.5, 2.5, 2.6], n_boot=4000)
-    assert hi2 - lo2 < hi - lo  # less spread between scans, a narrower interval
-    assert all(np.isnan(x) for x in bootstrap_ci([]))
-
-
 def test_summary_averages_seeds_per_scan_then_scans():
     from cardiomotion.config import load_config
     from cardiomotion.evaluate.utility_report import format_table, summarize
@@ -168,7 +156,9 @@ def test_paired_differences_compare_arms_scan_by_scan():
     assert "annotated" in format_paired(list(paired.values())) and "4/4" in format_paired(list(paired.values()))
     import re
 
-    assert re.search(r"excludes zero for a true tie (1[5-9]|2[0-5])% over 4 scans", format_paired(list(paired.values())))
+    assert re.search(r"student_t intervals exclude zero for a true tie [4-6]% over 4 scans", format_paired(list(paired.values())))
+    assert re.search(r"percentile intervals exclude zero for a true tie (1[5-9]|2[0-5])% over 4 scans",
+                     format_paired(list(paired.values()), method="percentile"))
 
 
 def test_comparison_pairs_are_the_old_rules_plus_each_synthetic_arms_scaling_pairs():

@@ -28,3 +28,12 @@ class SupportMode(str, Enum):
 
     MASK = "mask"  # the delivered flow is weighted by the support after the refinement
     CONFINE = "confine"  # the optimised correction is weighted by it during the refinement
+
+
+class IntervalMethod(str, Enum):
+    """How a 95 % interval of a mean over held-out scans is formed (``utility.interval``;
+    :mod:`cardiomotion.evaluate.intervals`)."""
+
+    PERCENTILE = "percentile"  # percentile bootstrap of the mean: the project's intervals up to stop 52
+    EXPANDED = "expanded"  # the percentile bootstrap at quantiles widened for small samples (Hesterberg 2015)
+    STUDENT_T = "student_t"  # mean ± t(n − 1) · s / √n

@@ -233,7 +233,7 @@ def cmd_utility(args) -> int:
     _say(format_table(res.rows))
     if res.paired:
         _say("paired, scan by scan (delta = corpus arm - other; < 0: the corpus arm has the lower EPE):")
-        _say(format_paired(res.paired, n_boot=cfg.utility.bootstrap, seed=cfg.seed))
+        _say(format_paired(res.paired, n_boot=cfg.utility.bootstrap, seed=cfg.seed, method=cfg.utility.interval))
     _say(f"  table    {res.table}")
     _say(f"  paired   {res.paired_file}")
     _say(f"  figure   {res.figure}")

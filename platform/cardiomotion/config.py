@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .choices import OutputKind as FlowOutput, Similarity as RefineSimilarity, SupportMode
+from .choices import IntervalMethod, OutputKind as FlowOutput, Similarity as RefineSimilarity, SupportMode
 from .errors import ConfigError
 
 
@@ -518,7 +518,12 @@ class UtilityConfig(_Section):
     random_scales: list[int] = Field([8, 4], min_length=1,
                                      description="random arm: noise grids at grid/s, summed (SynthMorph-style)")
     shuffle_buffer: int = Field(64, ge=0, description="Ray Data local shuffle buffer (samples) of the corpus arms")
-    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the 95 % intervals over test scans")
+    interval: IntervalMethod = Field(IntervalMethod.STUDENT_T,
+                                     description="the 95 % intervals over held-out scans: student_t (mean ± t·s/√n), "
+                                                 "percentile (the percentile bootstrap, every table up to stop 52; too "
+                                                 "narrow over few scans) or expanded (the bootstrap at widened "
+                                                 "quantiles); README, 'Which interval over few scans'")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the bootstrap intervals over test scans")
     demons: bool = Field(True, description="score the demons baseline on every held-out pair")
     max_concurrent: Optional[int] = Field(None, ge=1, description="estimators trained at once; null → CPUs (GPUs)")
     resources: Resources = Field(Resources(), description="what each estimator's Ray Train worker asks for")

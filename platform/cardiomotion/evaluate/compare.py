@@ -4,7 +4,7 @@ of folder B on the held-out scans both scored.
 ``utility``'s own paired table compares the arms of *one* folder. A question such as "does a
 generator trained another way give a better corpus?" needs two folders (each with its own fold
 generators) whose estimators met the same held-out scans: the per-scan difference (seed means
-first, as ``utility`` does) with a bootstrap 95 % interval over the shared scans and the scans won.
+first, as ``utility`` does) with a 95 % interval over the shared scans and the scans won.
 Rows trained with other estimator settings (steps, lr, network, …) are not comparable and are
 refused, as ``utility`` refuses mixing them in one folder; the settings of the folders' corpora
 (``generate.temperature``, recorded in each row beside the estimator's) may differ — that is what
@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..choices import IntervalMethod
 from ..errors import InputError
 from ..layout import UTILITY_RUNS
 from .utility_report import LOWER_IS_BETTER, subject_better
@@ -74,13 +75,14 @@ def _scan_values(runs: Path, rows: Sequence[dict], side: Side, metric: str) -> t
 
 
 def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 2000,
-                    vary: Sequence[str] = ()) -> dict:
+                    vary: Sequence[str] = (), method: IntervalMethod | str = IntervalMethod.STUDENT_T) -> dict:
     """A − B per held-out scan scored in both, seed means first.
 
     Returns a dict: ``a``, ``b`` (labels), ``metric``, ``scans`` (the shared scans, sorted),
     ``per_scan`` ({scan: {"a", "b", "delta", "a_seeds", "b_seeds"}}: the seed means, their difference
-    and each side's scores seed by seed, what :func:`~cardiomotion.evaluate.power.spread_of` reads), ``mean``, ``ci_low``, ``ci_high`` (bootstrap 95 %
-    over the shared scans), ``a_won`` (scans where A is better: lower, or higher for Dice),
+    and each side's scores seed by seed, what :func:`~cardiomotion.evaluate.power.spread_of` reads), ``mean``, ``ci_low``, ``ci_high`` (the 95 % interval
+    over the shared scans by ``method``, :mod:`~cardiomotion.evaluate.intervals`; ``n_boot``
+    resamples for the bootstrap methods), ``a_won`` (scans where A is better: lower, or higher for Dice),
     ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans),
     ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows),
     ``varied_settings`` (the same for the estimator settings named in ``vary``; {} without).
@@ -91,7 +93,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
             estimator settings (corpus settings and ``vary`` aside).
     """
     from ..fileio import read_json_lines
-    from .utility import bootstrap_ci
+    from .intervals import mean_interval
 
     if metric not in LOWER_IS_BETTER:
         raise InputError(None, f"unknown metric {metric!r}; one of {', '.join(LOWER_IS_BETTER)}")
@@ -124,7 +126,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     if not scans:
         raise InputError(Path(b.folder) / UTILITY_RUNS, f"shares no held-out scan with {a.label}")
     deltas = [means["a"][s] - means["b"][s] for s in scans]
-    mean, lo, hi = bootstrap_ci(deltas, n_boot=n_boot)
+    mean, lo, hi = mean_interval(deltas, method, n_boot=n_boot)
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
             "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d,
                              "a_seeds": values["a"][s], "b_seeds": values["b"][s]} for s, d in zip(scans, deltas)},

@@ -1,8 +1,8 @@
 """How many held-out scans (folds) and estimator seeds resolve a difference between two utility arms.
 
 A paired utility comparison (``OUT/utility_paired.csv``, :func:`~cardiomotion.evaluate.compare.compare_folders`)
-averages each held-out scan's difference A − B over its estimator seeds, then bootstraps the mean
-over the scans. Two things spread that mean:
+averages each held-out scan's difference A − B over its estimator seeds, then forms an interval of
+the mean over the scans. Two things spread that mean:
 
 - each estimator's **seed noise** within a scan, σ_A and σ_B (mm): its initialisation and batch
   order; more seeds shrink it;
@@ -22,8 +22,8 @@ does not) and how the difference moves with it (their covariance: an arm that he
 more). The two arms' seed noises are taken as independent (arms that share a seed share an
 initialisation and batch order; at stop 38 their correlation was 0.08). :func:`resolution` then
 simulates the comparison ``utility`` would make on F scans with S seeds — normal scores with those
-parts, the same percentile bootstrap (``n_boot`` resamples, seed 0, as
-:func:`~cardiomotion.evaluate.utility.bootstrap_ci`) — and returns the median half-width of the
+parts, intervals by the same method as ``utility``'s (``utility.interval``,
+:func:`~cardiomotion.evaluate.intervals.mean_intervals`) — and returns the median half-width of the
 paired interval, how often it excludes zero on the side of a true mean difference ``delta`` (at 0,
 on either side: how often a tie reads as a difference), and how often the two arms' own intervals
 do not overlap (the stricter reading of "non-overlapping 95 % intervals").
@@ -37,6 +37,9 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ..choices import IntervalMethod
+from .intervals import mean_intervals
 
 
 class Criterion(str, Enum):
@@ -141,23 +144,6 @@ def spread_of(per_scan: Mapping[str, Mapping[str, Sequence[float]]]) -> Spread:
                   difference_scan_cov=cov)
 
 
-def bootstrap_intervals(values: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> np.ndarray:
-    """Percentile bootstrap intervals of the mean of each row of ``values`` (trials, scans), with
-    the resamples :func:`~cardiomotion.evaluate.utility.bootstrap_ci` draws for ``scans`` values
-    (the same ``seed``: every row meets the same resamples, as every arm of a utility table does).
-    Returns (trials, 2): low, high."""
-    values = np.asarray(values, dtype=np.float64)
-    f = values.shape[1]
-    if f == 1:
-        return np.repeat(values, 2, axis=1)
-    idx = np.random.default_rng(seed).integers(0, f, size=(n_boot, f))
-    weights = np.zeros((n_boot, f))
-    np.add.at(weights, (np.arange(n_boot)[:, None], idx), 1.0 / f)
-    means = values @ weights.T  # (trials, n_boot): each resample's mean
-    a = (1 - level) / 2
-    return np.quantile(means, [a, 1 - a], axis=1).T
-
-
 def _check_plan(folds: int, seeds: int, trials: int) -> None:
     if folds < 2 or seeds < 1 or trials < 1:
         raise ValueError(f"folds must be at least 2 (one scan has no interval), seeds and trials positive; "
@@ -165,13 +151,14 @@ def _check_plan(folds: int, seeds: int, trials: int) -> None:
 
 
 def resolution(spread: Spread, folds: int, seeds: int, delta: float, trials: int = 1000, seed: int = 0,
-               n_boot: int = 2000) -> Resolution:
+               n_boot: int = 2000, method: IntervalMethod | str = IntervalMethod.STUDENT_T) -> Resolution:
     """Simulate ``trials`` utility comparisons on ``folds`` scans with ``seeds`` seeds per arm when the
     true mean difference A − B is ``delta`` and the parts of the spread are ``spread``'s.
 
     Each scan: B's true score b ~ N(0, scan_sd²); the true difference ~ N(delta, τ²), drawn jointly
-    with b at their covariance; each arm's seed mean with noise ~ N(0, σ²/seeds); intervals as
-    :func:`bootstrap_intervals` draws them (``n_boot`` resamples)."""
+    with b at their covariance; each arm's seed mean with noise ~ N(0, σ²/seeds); intervals by
+    ``method`` as :func:`~cardiomotion.evaluate.intervals.mean_intervals` forms them (``n_boot``
+    resamples, seed 0, for the bootstrap methods)."""
     _check_plan(folds, seeds, trials)
     rng = np.random.default_rng(seed)
     shape = (trials, folds)
@@ -182,8 +169,8 @@ def resolution(spread: Spread, folds: int, seeds: int, delta: float, trials: int
     difference = delta + slope * z_scan + rest * z_diff
     b = shared + rng.normal(0.0, spread.seed_sd_b / seeds ** 0.5, shape)
     a = shared + difference + rng.normal(0.0, spread.seed_sd_a / seeds ** 0.5, shape)
-    paired = bootstrap_intervals(a - b, n_boot)
-    own_a, own_b = bootstrap_intervals(a, n_boot), bootstrap_intervals(b, n_boot)
+    paired = mean_intervals(a - b, method, n_boot=n_boot)
+    own_a, own_b = mean_intervals(a, method, n_boot=n_boot), mean_intervals(b, method, n_boot=n_boot)
     above, below = own_a[:, 0] > own_b[:, 1], own_a[:, 1] < own_b[:, 0]
     positive, negative = paired[:, 0] > 0, paired[:, 1] < 0
     if delta > 0:
@@ -199,7 +186,8 @@ def resolution(spread: Spread, folds: int, seeds: int, delta: float, trials: int
 
 def smallest_resolved(spread: Spread, folds: int, seeds: int, power: float = 0.8,
                       criterion: Criterion = Criterion.PAIRED, trials: int = 1000, seed: int = 0,
-                      rel_tol: float = 0.01, n_boot: int = 2000) -> float:
+                      rel_tol: float = 0.01, n_boot: int = 2000,
+                      method: IntervalMethod | str = IntervalMethod.STUDENT_T) -> float:
     """The smallest positive true mean difference (the metric's unit, within ``rel_tol`` of it) that
     ``criterion`` resolves in at least ``power`` of :func:`resolution`'s simulated comparisons
     (bisection over the same random draws at every difference, so the share grows with it)."""
@@ -212,7 +200,7 @@ def smallest_resolved(spread: Spread, folds: int, seeds: int, power: float = 0.8
     criterion = Criterion(criterion)
 
     def share(delta: float) -> float:
-        r = resolution(spread, folds, seeds, delta, trials, seed, n_boot)
+        r = resolution(spread, folds, seeds, delta, trials, seed, n_boot, method)
         return r.excludes_zero if criterion is Criterion.PAIRED else r.non_overlapping
 
     lo, hi = 0.0, max(*parts, 1e-3)
@@ -261,17 +249,17 @@ def plan_figure(plans: Sequence[Mapping], path: str | Path, delta: float | None 
 
 @lru_cache(maxsize=64)
 def tie_read_as_difference(scans: int, level: float = 0.95, n_boot: int = 2000, seed: int = 0,
-                           trials: int = 4000) -> float:
-    """How often ``utility``'s percentile bootstrap interval (``n_boot`` resamples drawn with
+                           trials: int = 4000, method: IntervalMethod | str = IntervalMethod.STUDENT_T) -> float:
+    """How often an interval by ``method`` (the bootstrap ones: ``n_boot`` resamples drawn with
     ``seed``) over ``scans`` per-scan differences excludes zero when there is no difference (normal
     differences; the rate depends on ``scans`` alone, not on their spread). Nominally 1 − ``level``;
-    over few scans the interval is too narrow. NaN below two scans."""
+    the percentile bootstrap's is higher over few scans (too narrow). NaN below two scans."""
     if scans < 2:
         return float("nan")
     draws = np.random.default_rng(seed + 1).normal(size=(trials, scans))
-    bounds = bootstrap_intervals(draws, n_boot=n_boot, level=level, seed=seed)
+    bounds = mean_intervals(draws, method, level=level, n_boot=n_boot, seed=seed)
     return float(((bounds[:, 0] > 0) | (bounds[:, 1] < 0)).mean())
 
 
-__all__ = ["Criterion", "Resolution", "Spread", "bootstrap_intervals", "plan_figure", "resolution", "smallest_resolved",
+__all__ = ["Criterion", "Resolution", "Spread", "plan_figure", "resolution", "smallest_resolved",
            "spread_of", "tie_read_as_difference"]

@@ -5,8 +5,8 @@ leave-one-out fold the *same* supervised estimator — the project's 3-D PWC-Net
 ``annotate.pwc`` architecture — is trained for the same number of Adam steps on each data arm
 (:class:`Arm`) and scored on the held-out scan's real rendered (ES, ED) pair against its exact
 phantom truth (:func:`score_estimate`). This module holds the pieces that need no Ray: the data
-sources of the arms, SynthMorph-style random fields, the training step, the scores and the
-bootstrap; :mod:`cardiomotion.evaluate.utility_job` runs them on Ray.
+sources of the arms, SynthMorph-style random fields, the training step and the scores (the
+intervals over scans: :mod:`cardiomotion.evaluate.intervals`); :mod:`cardiomotion.evaluate.utility_job` runs them on Ray.
 
 Conventions (docs/design.md): a flow is the pull field on the ED grid in voxels, (B, 3, I, J, K),
 ``ED(x) ≈ ES(x + u(x))``; the estimator is called ``model(fixed=ED, moving=ES)``; images enter it
@@ -26,7 +26,7 @@ from ..config import UtilityArm, UtilityCorpus
 __all__ = ["Arm", "CorpusMode", "EstimatorSettings", "Batch", "PairSource", "RandomFieldSource", "CorpusSource",
            "TransportSource",
            "random_smooth_flows", "random_smooth_flow", "warped_ed", "flow_rms", "supervised_flow_loss", "train_estimator", "score_estimate",
-           "EstimateScore", "bootstrap_ci"]
+           "EstimateScore"]
 
 
 Arm = UtilityArm  # the arms and corpus modes are the config's choices (one definition)
@@ -467,21 +467,6 @@ def score_estimate(flow: Any, truth: Any, spacing_mm: float | Sequence[float], e
                     scores.append(2.0 * float((a & b).sum()) / float(a.sum() + b.sum()))
             dice = float(np.mean(scores)) if scores else float("nan")
     return EstimateScore(epe, epe_myo, dice, folding_fraction(u), magnitude)
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): the percentile bootstrap interval of the mean over ``values`` (one per
-    test scan). One value → a zero-width interval; NaNs are dropped."""
-    v = np.asarray([x for x in values if x == x], dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float(v[0]), float(v[0])
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    lo, hi = np.quantile(means, [a, 1 - a])
-    return float(v.mean()), float(lo), float(hi)
 
 
 def level_weights_for(n_levels: int, configured: Sequence[float] | None) -> tuple[float, ...]:

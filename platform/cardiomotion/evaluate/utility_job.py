@@ -24,7 +24,7 @@ The transductive arms (``target``, ``annotated+target``, on request) also need
 held-out scan that anything here sees before scoring (never its ED, labels or flow).
 
 Rows stream to ``OUT/runs.jsonl`` (a rerun skips finished rows); the summary — mean over seeds
-per scan, then the mean over scans with a bootstrap 95 % interval — goes to ``OUT/utility.csv``,
+per scan, then the mean over scans with a 95 % interval (``utility.interval``) — goes to ``OUT/utility.csv``,
 ``OUT/summary.json``, the figure ``OUT/utility.png`` (myocardium EPE against N per arm) and an
 MLflow run (the report: :mod:`cardiomotion.evaluate.utility_report`). What saw the held-out scan: nothing trained here; the training scans' annotated flows
 are ``annotate``'s per-pair refinements from zero flow (independent of its network), and the

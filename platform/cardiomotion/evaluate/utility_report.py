@@ -1,6 +1,6 @@
 """The report of a ``cardiomotion utility`` folder: its rows (one per estimator, ``OUT/runs.jsonl``)
-and references (zero flow, demons) summarised per (arm, N) — the marginal table with bootstrap
-intervals over held-out scans (``OUT/utility.csv``), the scan-by-scan paired comparisons
+and references (zero flow, demons) summarised per (arm, N) — the marginal table with 95 %
+intervals over held-out scans (``utility.interval``) (``OUT/utility.csv``), the scan-by-scan paired comparisons
 (``OUT/utility_paired.csv``), their text forms, and the figure (``OUT/utility.png``).
 
 Everything here is a pure function of the rows: the committed tables of ``docs/results/`` are
@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..choices import IntervalMethod
 from ..config import Config, UtilityArm
 
 METRICS = ("epe_mm", "epe_myo_mm", "dice", "folding")  # the scores arms are compared on, scan by scan
@@ -23,12 +24,12 @@ SCORES = (*METRICS, "magnitude_myo")
 
 def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[dict[str, Any]]:
     """Per (arm, N, metric): mean over seeds per test scan, then the mean over scans with a
-    bootstrap 95 % interval; references (zero, demons) as arms with N = 0. ``seed_sd`` is the
+    95 % interval by ``utility.interval``; references (zero, demons) as arms with N = 0. ``seed_sd`` is the
     seed-to-seed spread the interval does not show: per scan the standard deviation over the
     estimator seeds (ddof 1), averaged over the scans with two or more seeds (None with one)."""
     from collections import Counter
 
-    from .utility import bootstrap_ci
+    from .intervals import mean_interval
 
     runs = Counter((r["arm"], int(r["n"])) for r in rows) + Counter((r["arm"], 0) for r in refs)
     groups = _per_scan_rows(rows, refs)
@@ -37,8 +38,8 @@ def summarize(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) -> list[d
         for m in SCORES:
             if m not in METRICS and not any(m in v for v in by_scan.values()):
                 continue  # a score added later: rows made before it lack it
-            mean, lo, hi = bootstrap_ci([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.bootstrap,
-                                        seed=cfg.seed)
+            mean, lo, hi = mean_interval([v.get(m, float("nan")) for v in by_scan.values()], cfg.utility.interval,
+                                         n_boot=cfg.utility.bootstrap, seed=cfg.seed)
             sds = [float(np.std(v, ddof=1)) for xs in groups[(arm, n)].values() if len(v := _scores(xs, m)) > 1]
             out.append({"arm": arm, "n": n, "metric": m, "mean": mean, "ci_low": lo, "ci_high": hi,
                         "scans": len(by_scan), "runs": runs[(arm, n)],
@@ -135,11 +136,10 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
     Arms are scored on the same held-out scans, so the question "does arm A beat arm B" (a corpus
     arm against another arm; an arm's largest N against its smaller N) is answered by the per-scan
     difference (seed means), not by whether two marginal intervals overlap: ``delta`` = subject −
-    other, its mean over the scans both were scored on with a bootstrap 95 % interval (the scans
-    resampled, pairs kept), and ``wins`` = scans where the subject is better (lower EPE and
+    other, its mean over the scans both were scored on with a 95 % interval by ``utility.interval`` (pairs kept), and ``wins`` = scans where the subject is better (lower EPE and
     folding, higher Dice).
     """
-    from .utility import bootstrap_ci
+    from .intervals import mean_interval
 
     per = per_scan_means(rows, refs)
     pairs = comparison_pairs(list(per))
@@ -150,18 +150,20 @@ def paired_differences(rows: Sequence[dict], refs: Sequence[dict], cfg: Config) 
             if not scans:
                 continue
             d = [per[subj][s][m] - per[other][s][m] for s in scans]
-            mean, lo, hi = bootstrap_ci(d, cfg.utility.bootstrap, seed=cfg.seed)
+            mean, lo, hi = mean_interval(d, cfg.utility.interval, n_boot=cfg.utility.bootstrap, seed=cfg.seed)
             wins = sum(subject_better(m, x) for x in d)
             out.append({"arm": subj[0], "n": subj[1], "vs_arm": other[0], "vs_n": other[1], "metric": m,
                         "delta": mean, "ci_low": lo, "ci_high": hi, "wins": int(wins), "scans": len(scans)})
     return out
 
 
-def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm", n_boot: int = 2000, seed: int = 0) -> str:
+def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm", n_boot: int = 2000, seed: int = 0,
+                  method: IntervalMethod | str = IntervalMethod.STUDENT_T) -> str:
     """The paired comparison of ``metric`` as a text table: subject − other [95 % interval], wins;
-    below it, how often an interval over that many scans excludes zero for a true tie
+    below it, how often an interval by ``method`` over that many scans excludes zero for a true tie
     (:func:`~cardiomotion.evaluate.power.tie_read_as_difference` with the intervals' ``n_boot``
-    resamples and ``seed``, ``utility.bootstrap`` and ``seed`` of the run: above 5 % over few scans)."""
+    resamples and ``seed``: the run's ``utility.interval``, ``utility.bootstrap`` and ``seed``;
+    near 5 % for ``student_t``, above it over few scans for ``percentile``)."""
     from .power import tie_read_as_difference
 
     picked = [r for r in rows if r["metric"] == metric]
@@ -174,8 +176,11 @@ def format_paired(rows: Sequence[dict], metric: str = "epe_myo_mm", n_boot: int 
                      f"{cell:>32}{str(r['wins']) + '/' + str(r['scans']):>9}")
     counts = sorted({int(r["scans"]) for r in picked if int(r["scans"]) > 1})
     if counts:
-        rates = ", ".join(f"{tie_read_as_difference(n, n_boot=n_boot, seed=seed):.0%} over {n} scans" for n in counts)
-        lines.append(f"(an interval excludes zero for a true tie {rates}; nominally 5 %: bench/utility_power.py plans folds and seeds)")
+        method = IntervalMethod(method)
+        rates = ", ".join(f"{tie_read_as_difference(n, n_boot=n_boot, seed=seed, method=method):.0%} over {n} scans"
+                          for n in counts)
+        lines.append(f"({method.value} intervals exclude zero for a true tie {rates}; nominally 5 %: "
+                     f"bench/utility_power.py plans folds and seeds)")
     return "\n".join(lines)
 
 
@@ -203,7 +208,7 @@ PAIRED_COLUMNS = ("arm", "n", "vs_arm", "vs_n", "metric", "delta", "ci_low", "ci
 
 def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
                    per_scan: dict[tuple[str, int], dict[str, dict[str, float]]] | None = None) -> Path:
-    """Held-out ``metric`` against corpus size N per arm (95 % bootstrap intervals); real arms and
+    """Held-out ``metric`` against corpus size N per arm (95 % intervals by ``utility.interval``); real arms and
     references as horizontal lines. With ``per_scan`` (:func:`per_scan_means`) and a corpus arm,
     a second panel pairs the held-out scans: the corpus arm at its largest N against each arm
     :func:`comparison_pairs` compares it with (its own smaller N included), one point per scan
