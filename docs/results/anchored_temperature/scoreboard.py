@@ -2,7 +2,7 @@
 table: each arm's held-out myocardium EPE paired scan by scan with the annotated pairs (stop 46) and
 with the transport pool (stop 49), over the scans the arm was run on. Seed 0, 1000 estimator steps
 unless the row says otherwise, the u46a estimator; paired with compare_folders
-(bench/utility_compare.py's library call).
+(bench/utility_compare.py's library call), Student's t intervals over the scans since stop 53.
 
 `python docs/results/anchored_temperature/scoreboard.py` (the row files are the repository's own,
 listed below) → `scoreboard.md`."""
@@ -47,7 +47,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for name, _, _, what, stop in present:
         rs = pooled[name]
         cells = [cmp(dirs[name], dirs[ref], name, ref, n[name], n[ref], "epe_myo_mm", seeds=[0],
-                     vary=("steps",))
+                     vary=("steps",), method="student_t")
                  if ref != name else "—" for ref in ("annotated", "transport")]
         mean = sum(r["epe_myo_mm"] for r in rs) / len(rs)
         print(f"| `{name}`: {what} | {stop} | {len(rs)} | {mean:.2f} | " + " | ".join(cells) + " |")

@@ -1,6 +1,11 @@
 """What the stops' table scripts (summ41.py, summ43.py, summ44.py, summ45.py, summ46.py, summ47.py, transport_arm/summ49.py, transport_scaling/summ50*.py, anchored_temperature/summ51*.py) share: a utility
 run's rows, one row's figure, an arm's rows pooled over several folders, and a paired comparison
-as a table cell (bench/utility_compare.py's library call, compare_folders)."""
+as a table cell (bench/utility_compare.py's library call, compare_folders).
+
+The stops' tables up to stop 52 were made with percentile bootstrap intervals; ``cmp`` and
+``paired_table`` keep that as their default (``method``) so that those scripts still print the
+tables committed beside them. Tables made since stop 53 pass ``method="student_t"``, the library's
+default (README, "Which interval over few scans")."""
 import json
 import sys
 from pathlib import Path
@@ -18,17 +23,19 @@ def get(rs, scan, arm, k="epe_myo_mm"):
     return v[0] if v else float("nan")
 
 
-def cmp(a, b, arm, barm, n, bn, metric, seeds=None, vary=()):
-    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric, vary=vary)
+def cmp(a, b, arm, barm, n, bn, metric, seeds=None, vary=(), method="percentile"):
+    d = compare_folders(Side(Path(a), arm, n, seeds), Side(Path(b), barm, bn, seeds), metric=metric, vary=vary,
+                        method=method)
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
-def paired_table(dirs, n, pairs, seed=0, vary=()):
+def paired_table(dirs, n, pairs, seed=0, vary=(), method="percentile"):
     """Each pair (a, b) of ``pairs`` compared scan by scan (a − b: myocardium EPE, whole-grid EPE,
     Dice, over ``seed``'s rows), ``dirs`` and ``n`` the arms' folders and N, ``vary`` the estimator
     settings the pairs may differ in (compare_folders'), as Markdown lines."""
     lines = [f"| paired over the held-out scans (seed {seed}) | myocardium EPE | whole-grid EPE | Dice |", "|---|---|---|---|"]
-    lines += [f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[seed], vary=vary)
+    lines += [f"| {a} − {b} | " + " | ".join(cmp(dirs[a], dirs[b], a, b, n[a], n[b], m, seeds=[seed], vary=vary,
+                                                 method=method)
                                             for m in ("epe_myo_mm", "epe_mm", "dice")) + " |" for a, b in pairs]
     return lines
 

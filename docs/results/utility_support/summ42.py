@@ -25,7 +25,8 @@ def rows(folder: str) -> dict:
 
 
 def compare(a: str, b: str, metric: str) -> str:
-    d = compare_folders(Side(EXP / a, "annotated", 43, (0,)), Side(EXP / b, "annotated", 43, (0,)), metric=metric)
+    d = compare_folders(Side(EXP / a, "annotated", 43, (0,)), Side(EXP / b, "annotated", 43, (0,)), metric=metric,
+                        method="percentile")  # the stop's table: percentile bootstrap intervals
     return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {d['a_won']}/{len(d['per_scan'])}"
 
 
