@@ -59,9 +59,15 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string="tags.stage = 'utility'")
     assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
     assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
-    # a rerun trains nothing again
-    run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
+    assert json.loads(res.summary.read_text())["settings"]["interval"] == "student_t"
+    # a rerun trains nothing again; one with another interval only re-reads the rows (summary.json records it)
+    from cardiomotion.config import IntervalMethod
+
+    reread = cfg.model_copy(deep=True)
+    reread.utility.interval = IntervalMethod.PERCENTILE
+    run_utility(prepared, flows, tmp_path / "u", reread, folds=[0])
     assert len((tmp_path / "u" / "runs.jsonl").read_text().splitlines()) == 4
+    assert json.loads(res.summary.read_text())["settings"]["interval"] == "percentile"
     assert all(r["estimator"]["steps"] == 2 and r["estimator"]["batch_size"] == 2 and r["steps"] == 2 for r in rows)
     # a rerun with another step budget would mix estimators trained two ways: refused before any work
     from cardiomotion.errors import InputError
