@@ -74,13 +74,13 @@ def test_degenerate_inputs(method):
     with pytest.raises(ValueError, match="level"):
         mean_interval([1.0, 2.0], method, level=1.0)
     with pytest.raises(ValueError, match="IntervalMethod"):
-        IntervalMethod("bca")
+        mean_interval([], "bca")
 
 
 def test_over_four_scans_only_student_t_reads_a_tie_as_a_difference_at_its_level():
     ties = np.random.default_rng(0).normal(size=(4000, 4))
     rate = {m: float(((b[:, 0] > 0) | (b[:, 1] < 0)).mean()) for m in IntervalMethod
             for b in [mean_intervals(ties, m)]}
-    assert 0.04 < rate[IntervalMethod.STUDENT_T] < 0.06
+    assert 0.035 < rate[IntervalMethod.STUDENT_T] < 0.065
     assert 0.16 < rate[IntervalMethod.PERCENTILE] < 0.24
     assert 0.09 < rate[IntervalMethod.EXPANDED] < 0.16

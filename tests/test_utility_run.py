@@ -61,7 +61,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(phant
     assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
     assert json.loads(res.summary.read_text())["settings"]["interval"] == "student_t"
     # a rerun trains nothing again; one with another interval only re-reads the rows (summary.json records it)
-    from cardiomotion.config import IntervalMethod
+    from cardiomotion.choices import IntervalMethod
 
     reread = cfg.model_copy(deep=True)
     reread.utility.interval = IntervalMethod.PERCENTILE

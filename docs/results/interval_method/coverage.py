@@ -12,7 +12,7 @@ utility tables ask.
    resolved.
 
 `python docs/results/interval_method/coverage.py docs/results/utility_8folds_3seeds > docs/results/interval_method/coverage.md`
-(about 2 minutes on two cores).
+(about 3 minutes on two cores).
 """
 import sys
 from pathlib import Path

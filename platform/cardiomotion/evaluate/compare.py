@@ -82,7 +82,7 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     ``per_scan`` ({scan: {"a", "b", "delta", "a_seeds", "b_seeds"}}: the seed means, their difference
     and each side's scores seed by seed, what :func:`~cardiomotion.evaluate.power.spread_of` reads), ``mean``, ``ci_low``, ``ci_high`` (the 95 % interval
     over the shared scans by ``method``, :mod:`~cardiomotion.evaluate.intervals`; ``n_boot``
-    resamples for the bootstrap methods), ``a_won`` (scans where A is better: lower, or higher for Dice),
+    resamples for the bootstrap methods), ``interval`` (the method's name), ``a_won`` (scans where A is better: lower, or higher for Dice),
     ``rows_a``/``rows_b`` (rows read per side on the shared scans: seeds × scans),
     ``corpus_settings`` ({"a": [...], "b": [...]}: the distinct corpus settings of each side's rows),
     ``varied_settings`` (the same for the estimator settings named in ``vary``; {} without).
@@ -130,7 +130,8 @@ def compare_folders(a: Side, b: Side, metric: str = "epe_myo_mm", n_boot: int = 
     return {"a": a.label, "b": b.label, "metric": metric, "scans": scans,
             "per_scan": {s: {"a": means["a"][s], "b": means["b"][s], "delta": d,
                              "a_seeds": values["a"][s], "b_seeds": values["b"][s]} for s, d in zip(scans, deltas)},
-            "mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(subject_better(metric, d) for d in deltas),
+            "mean": mean, "ci_low": lo, "ci_high": hi, "interval": IntervalMethod(method).value,
+            "a_won": sum(subject_better(metric, d) for d in deltas),
             "corpus_settings": {key: _settings(picked[key], CORPUS_KEYS) for key in ("a", "b")},
             "varied_settings": {key: _settings(picked[key], vary) for key in ("a", "b")} if vary else {},
             "rows_a": len([r for r in picked["a"] if r["scan"] in scans]),

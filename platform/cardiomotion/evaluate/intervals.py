@@ -6,8 +6,8 @@ held-out scan, each already averaged over the estimator seeds):
 
 - ``percentile``: the percentile bootstrap — ``n_boot`` resamples of the n values with
   replacement (drawn with ``seed``), the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of the
-  resampled means. Its bootstrap distribution has the plug-in spread s·√((n − 1)/n) and normal
-  quantiles, so over few scans it is too narrow: at n = 4 a true tie reads as a difference about
+  resampled means. Its bootstrap distribution has the plug-in spread s·√((n − 1)/n)/√n and normal
+  quantiles (where the mean needs s/√n and t(n − 1) quantiles), so over few scans it is too narrow: at n = 4 a true tie reads as a difference about
   19 % of the time, not 5 % (README, "How many folds and seeds resolve 0.1 mm").
 - ``expanded``: the same resamples read at widened quantiles, α′/2 = Φ(−√(n/(n − 1)) · t(n − 1,
   1 − α/2)) (Hesterberg, "What teachers should know about the bootstrap", 2015): the correction of
@@ -15,8 +15,9 @@ held-out scan, each already averaged over the estimator seeds):
 - ``student_t``: mean ± t(n − 1, 1 − α/2) · s/√n, s the sample standard deviation (ddof 1): exact
   for normal values, no resampling.
 
-One value → a zero-width interval at it (there is no spread to measure); NaNs are dropped; no value
-→ NaNs. The percentile rows draw exactly the resamples of the single-vector call (the same
+One value → a zero-width interval at it: there is no spread to measure, and one scan resolves
+nothing whatever its bounds say (``utility``'s paired table and the power planning count only
+comparisons over two or more scans). NaNs are dropped; no value → NaNs. The percentile rows draw exactly the resamples of the single-vector call (the same
 ``default_rng(seed).integers`` draw, means over the same elements in the same order): a table of
 many arms meets one set of resamples, and the vectorised form the power simulation uses gives the
 same bounds, to the bit, as the one ``utility`` prints.
@@ -83,8 +84,9 @@ def mean_intervals(values: np.ndarray, method: IntervalMethod | str = IntervalMe
 
 def mean_interval(values: Sequence[float], method: IntervalMethod | str = IntervalMethod.STUDENT_T,
                   level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high) of ``values`` (one per held-out scan) by ``method``; NaNs dropped, one
-    value → a zero-width interval, none → NaNs."""
+    """(mean, low, high) of ``values`` (one per held-out scan), in their unit, by ``method``; NaNs
+    dropped, one value → a zero-width interval, none → NaNs."""
+    method = IntervalMethod(method)
     v = np.asarray([x for x in values if x == x], dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")

@@ -3,8 +3,9 @@ and references (zero flow, demons) summarised per (arm, N) — the marginal tabl
 intervals over held-out scans (``utility.interval``) (``OUT/utility.csv``), the scan-by-scan paired comparisons
 (``OUT/utility_paired.csv``), their text forms, and the figure (``OUT/utility.png``).
 
-Everything here is a pure function of the rows: the committed tables of ``docs/results/`` are
-recomputed from their ``runs.jsonl`` by the same calls.
+Everything here is a pure function of the rows and ``utility.interval``: the committed tables of
+``docs/results/`` are recomputed from their ``runs.jsonl`` by the same calls — those made up to
+stop 52 with ``utility.interval: percentile`` (their ``summary.json`` predates the key).
 """
 from __future__ import annotations
 
