@@ -74,7 +74,7 @@ with tempfile.TemporaryDirectory() as tmp:
     ax.axhline(d["mean"], color="C0", lw=1.2)
     ax.set_xticks(x, [s.split("_")[-1] for s in scans], rotation=90, fontsize=6)
     ax.set_xlabel("held-out scan (phantom_…)")
-    ax.set_ylabel("transport − annotated,\nmyocardium EPE (mm)")
+    ax.set_ylabel("transport − annotated, myocardium\nEPE (mm; red: the pairs better)")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     save_figure(fig, HERE / "summary53.png", dpi=110)
