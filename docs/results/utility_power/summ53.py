@@ -26,32 +26,29 @@ arms = ["transport", "annotated"]
 with tempfile.TemporaryDirectory() as tmp:
     have = [{r["scan"] for f in files for r in load(f) if r["arm"] == arm and r["seed"] == 0} for arm in arms]
     scans = sorted(set.intersection(*have))
-    pooled, dirs = pool(files, arms, tmp, scans)
-    pooled, n = one_seed(pooled)
     first8 = [s for s in scans if int(s.split("_")[-1]) < 8]
     later = [s for s in scans if s not in first8]
+    subsets = {"first8": first8, "later": later, "all": scans}
+    dirs = {}
+    for key, subset in subsets.items():  # each subset's rows in folders of their own: compare_folders reads them
+        Path(tmp, key).mkdir()
+        pooled, dirs[key] = pool(files, arms, Path(tmp, key), subset)
+    pooled, n = one_seed(pooled)  # the last pooled: all scans
 
-    def compare(method, subset=None):
-        d = compare_folders(Side(dirs["transport"], "transport", n["transport"], (0,)),
-                            Side(dirs["annotated"], "annotated", n["annotated"], (0,)), method=method)
-        if subset is None:
-            return d
-        from cardiomotion.evaluate.intervals import mean_interval
-
-        deltas = [d["per_scan"][s]["delta"] for s in subset]
-        mean, lo, hi = mean_interval(deltas, method)
-        return {"mean": mean, "ci_low": lo, "ci_high": hi, "a_won": sum(x < 0 for x in deltas), "scans": subset}
+    def compare(method, key="all"):
+        return compare_folders(Side(dirs[key]["transport"], "transport", n["transport"], (0,)),
+                               Side(dirs[key]["annotated"], "annotated", n["annotated"], (0,)), method=method)
 
     print(f"Held-out myocardium EPE, transport − annotated pairs, seed 0, 1000 steps: {len(scans)} scans "
           f"({len(first8)} of folds 0–7, {len(later)} of folds 8–43).\n")
     print("| scans | interval | transport − annotated (mm) | scans transport won |")
     print("|---|---|---|---|")
-    for label, subset in (("folds 0–7 (stops 46, 49)", first8), ("folds 8–43 run so far (stop 53)", later),
-                          ("all", None)):
+    for label, key in (("folds 0–7 (stops 46, 49)", "first8"), ("folds 8–43 run so far (stop 53)", "later"),
+                       ("all", "all")):
         for method in ("student_t", "percentile"):
-            if subset is not None and len(subset) < 2:
+            if len(subsets[key]) < 2:
                 continue
-            d = compare(method, subset)
+            d = compare(method, key)
             k = len(d["scans"])
             print(f"| {label}: {k} | {method} | {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
                   f"{d['a_won']}/{k} |")
