@@ -9,7 +9,7 @@ OUT    ?= demo_output
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-costs test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,17 +22,23 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Two pytest workers (pytest-xdist), a test file per worker at a time (module fixtures are built
-# once): most of the suite waits on Ray start-ups and subprocesses, so two overlap well on two
-# cores. Tests marked `serial` (a two-node cluster, two stages at once) then run alone.
+# once), the costliest files first (tests/file_costs.json, read by tests/conftest.py; refresh it with
+# `make test-costs`). The suite is CPU-bound on two cores (Ray process start-ups), so more workers
+# do not help. Tests marked `serial` (a two-node cluster, two stages at once) then run alone.
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # pytest's exit code 5 (no tests collected) counts as success in each phase.
 test: $(STAMP)
 	@$(PY) -m pytest -q $(XDIST) -m "not serial" --durations=15 tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; \
 	$(PY) -m pytest -q -m serial --durations=5 tests; rc2=$$?; [ $$rc2 -eq 5 ] && rc2=0; \
 	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]
+
+# Measure each test file's cost (summed durations, the non-serial phase as `make test` runs it)
+# into tests/file_costs.json, the order `make test` takes the files in.
+test-costs: $(STAMP)
+	@$(PY) -m pytest -q $(XDIST) -m "not serial" --record-file-costs tests/file_costs.json tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 # The inner loop: every test not marked slow (the slow ones build clusters, sweeps and corpora).
 test-fast: $(STAMP)

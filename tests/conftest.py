@@ -1,7 +1,9 @@
 """Shared fixtures: one embedded Ray instance per session, small phantom data in temp dirs."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 # Ray settings that must be in place before ray is imported anywhere.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -17,6 +19,50 @@ import torch  # noqa: E402
 # Two cores run the test process and Ray workers side by side: one intra-op thread each avoids
 # oversubscription (two spinning threads per process are 10-30x slower under load).
 torch.set_num_threads(1)
+
+
+FILE_COSTS = Path(__file__).with_name("file_costs.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-file-costs", metavar="PATH", default=None,
+                     help="write each test file's summed test durations (s) to PATH as JSON "
+                          "(the costs tests/file_costs.json orders `make test`'s files by)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The costliest files first (tests/file_costs.json: seconds per file, measured with
+    ``--record-file-costs``; a file not listed counts as free and runs last), each file's tests
+    together and in collection order. ``make test``'s xdist workers take one file at a time in this
+    order (``--dist loadfile --no-loadscope-reorder``): longest-processing-time-first, so the
+    one-test files of several minutes do not start last while the other worker idles. A stale
+    table only changes the order, never which tests run."""
+    try:
+        costs = json.loads(FILE_COSTS.read_text())
+    except (OSError, ValueError):
+        costs = {}
+    items.sort(key=lambda item: -float(costs.get(item.path.name, 0.0)))  # stable within a file
+
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sums each file's setup, call and teardown durations (in the xdist controller, from every
+    worker's reports) for ``--record-file-costs``."""
+    name = Path(report.nodeid.split("::", 1)[0]).name
+    _file_seconds[name] = _file_seconds.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    dst = session.config.getoption("--record-file-costs")
+    if dst is None or hasattr(session.config, "workerinput"):  # the controller writes, not a worker
+        return
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_file_seconds.items(), key=lambda kv: -kv[1])},
+                              indent=1) + "\n")
+    tmp.replace(dst)
 
 
 @pytest.fixture(scope="session")

@@ -159,11 +159,13 @@ def test_rerun_resumes_from_the_checkpoint(fold_inputs):
 @pytest.mark.slow
 def test_a_fold_trains_with_transported_motions(fold_inputs):
     """train.transport_partners 1: fold 0's three training scans each gain one partner's motion
-    (three registrations, logged), all drawn from the training scans. Fold 1 then registers only
-    the pairs fold 0 did not have: the rest are read from the storage root's pair cache."""
+    (three registrations, logged), and the registered pairs land
+    in the storage root's pair cache, the one every fold of that root reads. That a second fold
+    registers only the pairs the first did not have is the cache's own test
+    (test_transport.py::test_a_pair_cache_gives_the_same_pool_and_registers_each_pair_once_across_folds):
+    a second Ray Train fit here would add ~40 s of CPU and check nothing train_fold adds."""
     from cardiomotion.layout import transport_pairs_dir
     from cardiomotion.train.cvae import train_fold
-    from cardiomotion.train.transport import partners
 
     root, cfg = fold_inputs
     moved = cfg.model_copy(deep=True)
@@ -177,12 +179,6 @@ def test_a_fold_trains_with_transported_motions(fold_inputs):
     assert sorted({m.step for m in _history(cfg, res.run_id, "train_loss")}) == [0]
     cache = transport_pairs_dir(root / "store")
     assert len(list(cache.glob("*.pt"))) == 3
-    ids = ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
-    pairs = [{(t, p) for t, ps in partners([s for s in ids if s != held], 1, moved.seed).items() for p in ps}
-             for held in ids[:2]]
-    res1 = train_fold(root / "prepared", root / "flows", 1, moved, name="transported_fold1")
-    assert [m.value for m in _history(cfg, res1.run_id, "transport_registered")] == [float(len(pairs[1] - pairs[0]))]
-    assert len(list(cache.glob("*.pt"))) == len(pairs[0] | pairs[1])
 
 
 @pytest.mark.slow
