@@ -660,3 +660,23 @@ def test_utility_power_plans_folds_and_seeds_from_a_two_seed_comparison(tmp_path
     assert "no scan holds two seeds" in capsys.readouterr().err
     assert mod.main([*args, "--plan-folds", "0"]) == 2
     assert "--plan-folds" in capsys.readouterr().err
+
+
+def test_process_cpu_attributes_a_grandchilds_cpu_to_its_kind_and_fails_cleanly_without_a_command(capsys):
+    """A parent that sleeps starts a child that spins 0.8 s of CPU: both are counted (the child
+    only because it descends from the command), the child's spin is in their CPU seconds, the
+    machine was busy at least that long, and the command's exit code comes back."""
+    mod = _load("process_cpu")
+    child = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass"
+    parent = (f"import subprocess, sys, time\ntime.sleep(0.3)\n"
+              f"subprocess.run([sys.executable, '-c', {child!r}])\nsys.exit(3)")
+    out = mod.measure([sys.executable, "-c", parent], interval=0.1)
+    assert out["rc"] == 3 and out["wall_s"] >= 1.1
+    kinds = {k["kind"]: k for k in out["processes"]["by_kind"]}
+    name = Path(sys.executable).name
+    assert kinds[name]["processes"] == 2  # parent and child: one program name
+    assert 0.75 <= kinds[name]["cpu_s"] <= 0.8 + 0.6  # the child's spin, plus two interpreter start-ups
+    assert out["machine"]["busy_core_s"] >= 0.75
+    with pytest.raises(SystemExit):
+        mod.main([])
+    assert "no command given" in capsys.readouterr().err
