@@ -31,32 +31,40 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The costliest files first (tests/file_costs.json: seconds per file, measured with
-    ``--record-file-costs``; a file not listed counts as free and runs last), each file's tests
-    together and in collection order. ``make test``'s xdist workers take one file at a time in this
-    order (``--dist loadfile --no-loadscope-reorder``): longest-processing-time-first, so the
-    one-test files of several minutes do not start last while the other worker idles. A stale
-    table only changes the order, never which tests run."""
+    """The costliest files first (tests/file_costs.json: seconds per file path as pytest names it,
+    measured with ``--record-file-costs``; a file not listed counts as free and runs last), each
+    file's tests together and in collection order. ``make test``'s xdist workers take the files in
+    this order (``--dist loadfile --no-loadscope-reorder``; xdist hands a worker its next file once
+    it has two or fewer tests left, so one-test files are queued in pairs): roughly
+    longest-processing-time-first, so the one-test files of several minutes do not start last while
+    the other worker idles. A stale table only changes the order, never which tests run."""
     try:
         costs = json.loads(FILE_COSTS.read_text())
     except (OSError, ValueError):
         costs = {}
-    items.sort(key=lambda item: -float(costs.get(item.path.name, 0.0)))  # stable within a file
+    items.sort(key=lambda item: -float(costs.get(_file_of(item.nodeid), 0.0)))  # stable within a file
 
 
 _file_seconds: dict[str, float] = {}
 
 
+def _file_of(nodeid: str) -> str:
+    """The file part of a test id (``tests/test_cv.py`` of ``tests/test_cv.py::test_x[1]``)."""
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_runtest_logreport(report):
     """Sums each file's setup, call and teardown durations (in the xdist controller, from every
     worker's reports) for ``--record-file-costs``."""
-    name = Path(report.nodeid.split("::", 1)[0]).name
+    name = _file_of(report.nodeid)
     _file_seconds[name] = _file_seconds.get(name, 0.0) + report.duration
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
     dst = session.config.getoption("--record-file-costs")
-    if dst is None or hasattr(session.config, "workerinput"):  # the controller writes, not a worker
+    # the controller writes, not a worker; and only after a whole, passing run (a failed or
+    # interrupted one would replace the table with part of it)
+    if dst is None or hasattr(session.config, "workerinput") or exitstatus != 0:
         return
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".tmp")

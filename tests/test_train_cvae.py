@@ -163,7 +163,7 @@ def test_a_fold_trains_with_transported_motions(fold_inputs):
     in the storage root's pair cache, the one every fold of that root reads. That a second fold
     registers only the pairs the first did not have is the cache's own test
     (test_transport.py::test_a_pair_cache_gives_the_same_pool_and_registers_each_pair_once_across_folds):
-    a second Ray Train fit here would add ~40 s of CPU and check nothing train_fold adds."""
+    a second Ray Train fit here costs about 90 s of a test worker for that end-to-end read alone."""
     from cardiomotion.layout import transport_pairs_dir
     from cardiomotion.train.cvae import train_fold
 
