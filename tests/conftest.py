@@ -66,11 +66,11 @@ def pytest_sessionfinish(session, exitstatus):
     # interrupted one would replace the table with part of it)
     if dst is None or hasattr(session.config, "workerinput") or exitstatus != 0:
         return
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_file_seconds.items(), key=lambda kv: -kv[1])},
-                              indent=1) + "\n")
-    tmp.replace(dst)
+    from cardiomotion.fileio import atomic_path
+
+    with atomic_path(dst) as tmp:  # costliest first, for the reader (the order is read by name)
+        tmp.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_file_seconds.items(), key=lambda kv: -kv[1])},
+                                  indent=1) + "\n")
 
 
 @pytest.fixture(scope="session")
