@@ -76,17 +76,18 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def ray_session():
     """A session-scoped embedded Ray (2 CPUs, no GPU even on a GPU host: the tests model the
-    CPU-only CI cluster; small object store), its address pinned for every
+    CPU-only CI cluster; small object store; no dashboard, its state API address one of its own
+    as `init_ray` gives it), its address pinned for every
     process it starts as `init_ray` pins it: with `make test`'s two pytest workers (xdist) two
     such instances run side by side, and Ray code that looks for "the" cluster must find its own."""
     import ray
 
-    from cardiomotion.raycluster import embedded_environment, environ_pinned, free_port
+    from cardiomotion.raycluster import embedded_dashboard, embedded_environment, environ_pinned, free_port
 
     if not ray.is_initialized():
         port = free_port()
         with environ_pinned(embedded_environment(port)):
             ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
-                     include_dashboard=False, log_to_driver=False)
+                     include_dashboard=False, **embedded_dashboard(False), log_to_driver=False)
     yield ray
     ray.shutdown()

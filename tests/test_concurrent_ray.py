@@ -63,19 +63,33 @@ def task_env():
 class Actor:
     def env(self):
         return [os.environ.get(k) for k in KEYS]
-print(json.dumps({"task": ray.get(task_env.remote()), "actor": ray.get(Actor.remote().env.remote()),
-                  "driver": [os.environ.get(k) for k in KEYS]}))
+    def state_api(self, actor_id):
+        # what Ray Train's placement-group cleaner asks from its own actor: where the state API is,
+        # and whether the controller (here this actor) is alive
+        from ray.dashboard.utils import get_address_for_submission_client
+        from ray.train.v2._internal.state.util import is_actor_alive
+        from ray.util.state.exception import RayStateApiException
+        try:
+            alive = is_actor_alive(actor_id=actor_id, timeout=5)
+        except RayStateApiException:
+            alive = "unavailable"
+        return get_address_for_submission_client(None), alive
+actor = Actor.remote()
+url, alive = ray.get(actor.state_api.remote(actor._actor_id.hex()))
+print(json.dumps({"task": ray.get(task_env.remote()), "actor": ray.get(actor.env.remote()),
+                  "driver": [os.environ.get(k) for k in KEYS], "state_api": url, "alive": alive}))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.serial
-def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_and_no_preemption_watcher(tmp_path):
+def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_no_preemption_watcher_and_its_own_state_api(tmp_path):
     """Ray Train logs a traceback each minute while a run waits for CPUs (its default worker-group
     start timeout is 60 s, retried forever), and a core-worker error line at every run's start for
     its preemption watcher (ray#53727); an embedded instance's tasks and actors — the Train
     controller is one — see a week and the watcher off instead, the driver's own environment is
-    untouched, and values the caller exported are passed through unchanged."""
+    untouched, and values the caller exported are passed through unchanged. Without a dashboard,
+    the state API its processes find is an address of its own (:func:`cardiomotion.raycluster.embedded_dashboard`)."""
     from cardiomotion.raycluster import EMBEDDED_TRAIN_START_TIMEOUT_S, PREEMPTION_WATCHER_ENV, TRAIN_START_TIMEOUT_ENV
 
     base = {k: v for k, v in os.environ.items()
@@ -87,5 +101,13 @@ def test_an_embedded_instance_gives_ray_train_a_long_start_timeout_and_no_preemp
         assert proc.returncode == 0, proc.stderr[-3000:]
         seen[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     week = str(EMBEDDED_TRAIN_START_TIMEOUT_S)
+    state = {name: (s.pop("state_api"), s.pop("alive")) for name, s in seen.items()}
     assert seen["default"] == {"task": [week, "0"], "actor": [week, "0"], "driver": [None, None]}, seen
     assert seen["caller"] == {"task": ["5", "1"], "actor": ["5", "1"], "driver": ["5", "1"]}, seen
+    # Without a dashboard, the state API is an address of the instance's own where nothing listens,
+    # not Ray's default 8265, where another instance's dashboard may answer that the controller does
+    # not exist (Ray Train's placement-group cleaner then removes a live run's placement group): asked
+    # whether an actor is alive, it is unavailable (the cleaner waits), never "no".
+    for name, (url, alive) in state.items():
+        assert not url.endswith(":8265") and alive == "unavailable", (name, url, alive)
+    assert state["default"][0] != state["caller"][0]  # each instance its own

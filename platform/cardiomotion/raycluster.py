@@ -69,6 +69,20 @@ def embedded_environment(port: int) -> dict[str, str]:
             PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
 
 
+def embedded_dashboard(dashboard: bool) -> dict:
+    """``ray.init`` arguments for an embedded instance's dashboard: none when it runs (Ray takes
+    port 8265, or the next free one when another instance holds it, and records where), and a port
+    of its own, free now, when it does not. Ray records the dashboard's address in the instance
+    whether or not one starts (8265 unless told), and its state API — which Ray Train's
+    placement-group cleaner asks, every second, whether the run's controller is alive — goes to
+    that address. Without a dashboard of its own, an instance pointing at 8265 asks whichever other
+    instance's dashboard is there; that one has never heard of the controller, so the cleaner
+    removes the run's placement group and the training workers die mid-run ("Destroying worker
+    since its placement group was removed"). Pointed at a port where nothing listens, the state API
+    is simply unavailable, and the cleaner keeps waiting."""
+    return {} if dashboard else {"dashboard_port": free_port()}
+
+
 def init_ray(cfg: RayConfig | None = None):
     """Initialise Ray once per process and return the module.
 
@@ -105,6 +119,7 @@ def init_ray(cfg: RayConfig | None = None):
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
                 include_dashboard=cfg.dashboard,
+                **embedded_dashboard(cfg.dashboard),
                 **kwargs,
             )
     return ray
