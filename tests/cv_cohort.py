@@ -49,7 +49,7 @@ def cohort(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def tiny_utility_config(store: Path, arms: list[str], **utility):
-    """The tiny `utility` runs' settings (tests/test_utility_run.py, test_utility_generators.py): one
+    """The tiny `utility` runs' settings (tests/test_utility_run.py): one
     CVAE epoch, corpora of 4 in shards of 4, estimators of 2 steps, ``arms``, the storage root
     ``store``; ``utility`` overrides."""
     from cardiomotion.config import load_config

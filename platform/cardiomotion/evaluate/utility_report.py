@@ -309,6 +309,7 @@ def utility_figure(rows: Sequence[dict], path: Path, metric: str = "epe_myo_mm",
                       + "".join(f"\n{line}" for line in (["off the axis (worse than zero flow):"] + off if off else [])))
         bx.set_ylabel(f"{subject[0]} (N {subject[1]}): {names.get(metric, metric)}")
         bx.set_title(f"Per held-out scan ({len(mine)}): below the diagonal\n{subject[0]} is better", fontsize=10)
-        bx.legend(fontsize=8)
+        if bx.get_legend_handles_labels()[0]:  # a run of one arm has no other arm to plot against
+            bx.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
