@@ -667,3 +667,23 @@ def test_symlinked_scan_folders_keep_their_link_names(cohort, cfg, tmp_path):
                                  "cfg": cfg.prepare.model_dump_json(), "manifest": ""})
         assert row["error"] == "" and json.loads(row["record"])["scan_id"] == sid
     assert sorted(p.name for p in out.iterdir()) == ["visit_a", "visit_b"]
+
+
+def test_frame_settings_hold_the_models_grid_as_the_field_types_it_and_keep_the_fingerprint():
+    """`generate --frames` prepares frames on the model's grid: the settings hold it as the
+    3-tuple the field declares (a list made pydantic warn on every dump), and the fingerprint that
+    names prepared frames is what validated settings of that grid give, so earlier frames stay valid."""
+    import warnings
+
+    from cardiomotion.data.frames import frame_settings
+    from cardiomotion.data.prepare import config_fingerprint
+
+    base = load_config(None, {}).prepare
+    pcfg = frame_settings(base, np.array([32, 32, 32]), np.float32(4.0))
+    assert pcfg.grid == (32, 32, 32) and pcfg.spacing_mm == 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pcfg.model_dump()
+        pcfg.model_dump_json()
+    validated = load_config(None, {"prepare": {"grid": [32, 32, 32], "spacing_mm": 4.0}}).prepare
+    assert config_fingerprint(pcfg) == config_fingerprint(validated)

@@ -35,7 +35,8 @@ PHASES_FROM = "frame"  # scans.parquet's phases_from for a prepared single frame
 
 def frame_settings(cfg: PrepareConfig, grid, spacing_mm: float) -> PrepareConfig:
     """``prepare`` settings with the model's grid and voxel size."""
-    return cfg.model_copy(update={"grid": [int(n) for n in grid], "spacing_mm": float(spacing_mm)})
+    # a tuple, as the field holds it (model_copy does not validate; a list makes pydantic warn on dump)
+    return cfg.model_copy(update={"grid": tuple(int(n) for n in grid), "spacing_mm": float(spacing_mm)})
 
 
 def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig) -> dict:
