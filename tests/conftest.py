@@ -88,6 +88,6 @@ def ray_session():
         port = free_port()
         with environ_pinned(embedded_environment(port)):
             ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
-                     include_dashboard=False, **embedded_dashboard(False), log_to_driver=False)
+                     include_dashboard=False, **embedded_dashboard(False, taken=(port,)), log_to_driver=False)
     yield ray
     ray.shutdown()

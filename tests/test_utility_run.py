@@ -11,11 +11,18 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from cv_cohort import cohort, tiny_utility_config
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cardiomotion.config import Config
+    from cardiomotion.evaluate.utility_job import UtilitySummary
 
 FIRST_ARMS = ["cvae", "annotated", "cvae>annotated", "transport"]
 
@@ -24,16 +31,18 @@ FIRST_ARMS = ["cvae", "annotated", "cvae>annotated", "transport"]
 class FirstRun:
     """The shared first run: its inputs and settings, the folder it wrote (``out``, which the first
     test then reruns into), an untouched copy of that folder as it was (``pristine``), its result,
-    and the utility-stage MLflow runs the store held right after it."""
+    and what the storage root held right after it: the utility-stage MLflow runs and the cached
+    transport pairs."""
 
     prepared: Path
     flows: Path
-    cfg: object
+    cfg: Config
     store: Path
     out: Path
     pristine: Path
-    result: object
-    mlflow_runs: object
+    result: UtilitySummary
+    mlflow_runs: pd.DataFrame
+    transport_pairs: int
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +51,7 @@ def first(tmp_path_factory, ray_session):
 
     from cardiomotion import tracking
     from cardiomotion.evaluate.utility_job import run_utility
+    from cardiomotion.layout import transport_pairs_dir
 
     prepared, flows = cohort(tmp_path_factory)
     root = tmp_path_factory.mktemp("utility")
@@ -49,8 +59,9 @@ def first(tmp_path_factory, ray_session):
     res = run_utility(prepared, flows, root / "u", cfg, folds=[0])
     mlflow.set_tracking_uri(tracking.setup(cfg))
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string="tags.stage = 'utility'")
+    pairs = len(list(transport_pairs_dir(root / "store").glob("*.pt")))
     shutil.copytree(root / "u", root / "u_pristine")
-    return FirstRun(prepared, flows, cfg, root / "store", root / "u", root / "u_pristine", res, runs)
+    return FirstRun(prepared, flows, cfg, root / "store", root / "u", root / "u_pristine", res, runs, pairs)
 
 
 def _rows(folder: Path) -> list[dict]:
@@ -59,8 +70,6 @@ def _rows(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(first):
-    import mlflow
-
     from cardiomotion.evaluate.utility_job import run_utility
 
     prepared, flows, cfg, res, tmp = first.prepared, first.flows, first.cfg, first.result, first.out.parent
@@ -68,7 +77,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(first
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 4), ("cvae>annotated", 4),
                                                         ("transport", 6)]
     assert [(r["transport_dropped"], r["transport_registered"]) for r in rows if r["arm"] == "transport"] == [(0, 3)]
-    assert len(list((first.store / "transport_pairs").glob("*.pt"))) == 3  # the storage root's, for every fold
+    assert first.transport_pairs == 3  # in the storage root's pair cache, for every fold
     assert (first.out / "folds" / "phantom_000" / "transport_pool.pt").is_file()  # for the fold's other seeds
     assert all(np.isfinite(r["epe_myo_mm"]) and r["epe_mm"] > 0 for r in rows)
     import pandas as pd
@@ -87,12 +96,10 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(first
     assert "magnitude_myo" not in set(paired.metric)  # a calibration: summarised, not paired
     assert res.figure.is_file() and res.figure.stat().st_size > 0
     # the corpus was conditioned on the training scans only
-    from cardiomotion import tracking
     from cardiomotion.generate import open_corpus
 
     corpus = open_corpus(first.out / "folds" / "phantom_000" / "corpus")
     assert len(corpus) == 4 and {corpus[i]["scan_id"] for i in range(4)} <= {"phantom_001", "phantom_002", "phantom_003"}
-    mlflow.set_tracking_uri(tracking.setup(cfg))
     runs = first.mlflow_runs  # right after the first run
     assert len(runs) == 1 and "metrics.annotated_n3_epe_myo_mm" in runs.columns
     assert "metrics.cvae_then_annotated_n4_epe_myo_mm" in runs.columns  # a name MLflow accepts
@@ -116,8 +123,6 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(first
         run_utility(prepared, flows, first.out, longer, folds=[0])
     assert (first.out / "runs.jsonl").read_text() == before
     # so would a rerun from other annotations (its generators and rows were made from these)
-    import shutil
-
     other = tmp / "flows_again"
     shutil.copytree(flows, other)
     with pytest.raises(InputError, match=r"inputs.json: .*made from other inputs \(flows: "):
@@ -130,7 +135,7 @@ def test_a_tiny_utility_run_writes_the_table_figure_and_mlflow_and_resumes(first
     smaller.utility.sizes = [2]
     smaller.utility.arms = [UtilityArm.CVAE]
     run_utility(prepared, flows, first.out, smaller, folds=[0])
-    rows = [json.loads(x) for x in (first.out / "runs.jsonl").read_text().splitlines()]
+    rows = _rows(first.out)
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("cvae", 2), ("cvae", 4), ("cvae>annotated", 4),
                                                         ("transport", 6)]
     assert len(open_corpus(first.out / "folds" / "phantom_000" / "corpus")) == 4
@@ -145,7 +150,7 @@ def test_the_target_arms_and_another_temperature_reuse_the_folds_generator(first
     from cardiomotion.generate import open_corpus
 
     prepared, flows = first.prepared, first.flows
-    cfg = tiny_utility_config(first.store, ["cvae", "annotated"])  # the first run's store: its fold CVAE
+    cfg = first.cfg.model_copy(deep=True)  # the first run's settings and store (its fold CVAE)
     shutil.copytree(first.pristine, tmp_path / "u")  # the first run's folder as it was
     fold = tmp_path / "u" / "folds" / "phantom_000"
     # the transductive arms, added later: the same fold CVAE conditioned on the held-out ES frame
@@ -155,7 +160,7 @@ def test_the_target_arms_and_another_temperature_reuse_the_folds_generator(first
     targeted = cfg.model_copy(deep=True)
     targeted.utility.arms = [UtilityArm.TARGET, UtilityArm.ANNOTATED_TARGET]
     res = run_utility(prepared, flows, tmp_path / "u", targeted, folds=[0])
-    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "u")
     assert sorted((r["arm"], r["n"]) for r in rows) == [("annotated", 3), ("annotated+target", 4), ("cvae", 4),
                                                         ("cvae>annotated", 4), ("target", 4), ("transport", 6)]
     assert json.loads((fold / "generator.json").read_text())["model_uri"] == model_uri  # not trained again
@@ -178,14 +183,14 @@ def test_the_target_arms_and_another_temperature_reuse_the_folds_generator(first
     assert mine["model_uri"] == model_uri
     cold = open_corpus(tmp_path / "u_cold" / "folds" / "phantom_000" / "corpus")
     assert len(cold) == 4 and cold.manifest["temperature"] == colder.generate.temperature
-    assert [json.loads(x)["arm"] for x in (tmp_path / "u_cold" / "runs.jsonl").read_text().splitlines()] == ["cvae"]
+    assert [r["arm"] for r in _rows(tmp_path / "u_cold")] == ["cvae"]
     # the anchored arm, added later: the same fold CVAE varying the fold's transport pool (N 4 of the
     # pool's 3·(1 + 1) fields), nothing trained again but the estimator
     anchored = cfg.model_copy(deep=True)
     anchored.utility.arms = [UtilityArm.ANCHORED]
     anchored.utility.transport_partners = 1
     res = run_utility(prepared, flows, tmp_path / "u", anchored, folds=[0])
-    rows = [json.loads(x) for x in (tmp_path / "u" / "runs.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "u")
     (row,) = [r for r in rows if r["arm"] == "anchored"]
     assert row["n"] == 4 and row["transport_dropped"] == 0 and row["epe_mm"] > 0
     assert json.loads((fold / "generator.json").read_text())["model_uri"] == model_uri

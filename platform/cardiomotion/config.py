@@ -322,7 +322,7 @@ class RayConfig(_Section):
     address: Optional[str] = Field(None, description="'auto', ray://host:10001, or null for local")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the embedded instance")
     object_store_mb: Optional[int] = Field(None, ge=64, description="object store of the embedded instance")
-    dashboard: bool = Field(True, description="start the dashboard with the embedded instance (Ray's state API lives there: without it, Ray Train's placement-group cleaner cannot see its run's controller and warns once a second)")
+    dashboard: bool = Field(True, description="start the dashboard with the embedded instance (Ray's state API lives there: without it, Ray Train's placement-group cleaner cannot see its run's controller and warns once a second; off is for tests)")
 
 
 class TrackingConfig(_Section):

@@ -69,18 +69,24 @@ def embedded_environment(port: int) -> dict[str, str]:
             PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0")}
 
 
-def embedded_dashboard(dashboard: bool) -> dict:
+def embedded_dashboard(dashboard: bool, taken: tuple[int, ...] = ()) -> dict[str, int]:
     """``ray.init`` arguments for an embedded instance's dashboard: none when it runs (Ray takes
     port 8265, or the next free one when another instance holds it, and records where), and a port
-    of its own, free now, when it does not. Ray records the dashboard's address in the instance
-    whether or not one starts (8265 unless told), and its state API — which Ray Train's
+    of its own, free now and not among ``taken`` (the instance's GCS port), when it does not. Ray
+    starts a dashboard process either way, and it records its address (8265 unless told) in the
+    instance whether or not its web server starts; Ray's state API — which Ray Train's
     placement-group cleaner asks, every second, whether the run's controller is alive — goes to
-    that address. Without a dashboard of its own, an instance pointing at 8265 asks whichever other
-    instance's dashboard is there; that one has never heard of the controller, so the cleaner
+    that address. Without a web server of its own, an instance pointing at 8265 asks whichever
+    other instance's dashboard is there; that one has never heard of the controller, so the cleaner
     removes the run's placement group and the training workers die mid-run ("Destroying worker
     since its placement group was removed"). Pointed at a port where nothing listens, the state API
     is simply unavailable, and the cleaner keeps waiting."""
-    return {} if dashboard else {"dashboard_port": free_port()}
+    if dashboard:
+        return {}
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return {"dashboard_port": port}
 
 
 def init_ray(cfg: RayConfig | None = None):
@@ -98,7 +104,8 @@ def init_ray(cfg: RayConfig | None = None):
     instances" whenever a second experiment runs on the same machine. The driver's own
     environment is left as it was (a later stage in this process or a child command must not
     join this instance by accident). The same processes get a long Ray Train start timeout
-    and no preemption watcher (:func:`embedded_environment`); a cluster keeps Ray's settings.
+    and no preemption watcher (:func:`embedded_environment`), and an instance without a dashboard
+    a dashboard port of its own (:func:`embedded_dashboard`); a cluster keeps Ray's settings.
     """
     import ray
 
@@ -119,7 +126,7 @@ def init_ray(cfg: RayConfig | None = None):
                 num_cpus=cfg.num_cpus,
                 object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
                 include_dashboard=cfg.dashboard,
-                **embedded_dashboard(cfg.dashboard),
+                **embedded_dashboard(cfg.dashboard, taken=(port,)),
                 **kwargs,
             )
     return ray

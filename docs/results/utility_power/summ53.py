@@ -3,7 +3,8 @@ annotated rows and stop 49's transport rows (folds 0-7) pooled with the 44-fold 
 `run52f.sh`, `u52f44.yaml`: the same estimator, one seed, 1000 steps).
 
 `python docs/results/utility_power/summ53.py docs/results/utility_masked/U46/runs.jsonl
-docs/results/transport_arm/U49T_runs.jsonl docs/results/utility_power/U52F44_runs.jsonl`
+docs/results/transport_arm/U49T_runs.jsonl docs/results/utility_power/U52F44_runs.jsonl
+[docs/results/utility_power/U55F44_runs.jsonl]`
 → stdout (Markdown, `summary53.md`) and `summary53.png` beside this script. Seed 0; the scans
 where both arms have a row; paired with compare_folders (which refuses rows of other estimator
 settings), Student's t and, for comparison, the percentile bootstrap.
@@ -21,7 +22,7 @@ from rowtools import load, one_seed, pool  # noqa: E402
 from cardiomotion.evaluate.compare import Side, compare_folders  # noqa: E402
 from cardiomotion.evaluate.figures import pyplot, save_figure  # noqa: E402
 
-files = sys.argv[1:4]
+files = sys.argv[1:]  # stop 55 adds its rows (U55F44_runs.jsonl, rebuilt labels) as a fourth file
 arms = ["transport", "annotated"]
 with tempfile.TemporaryDirectory() as tmp:
     have = [{r["scan"] for f in files for r in load(f) if r["arm"] == arm and r["seed"] == 0} for arm in arms]
@@ -43,7 +44,7 @@ with tempfile.TemporaryDirectory() as tmp:
           f"({len(first8)} of folds 0–7, {len(later)} of folds 8–43).\n")
     print("| scans | interval | transport − annotated (mm) | scans transport won |")
     print("|---|---|---|---|")
-    for label, key in (("folds 0–7 (stops 46, 49)", "first8"), ("folds 8–43 run so far (stops 53–54)", "later"),
+    for label, key in (("folds 0–7 (stops 46, 49)", "first8"), ("folds 8–43 run so far (stops 53–55)", "later"),
                        ("all", "all")):
         for method in ("student_t", "percentile"):
             if len(subsets[key]) < 2:
