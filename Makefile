@@ -24,7 +24,8 @@ install: $(STAMP)
 # Two pytest workers (pytest-xdist), a test file per worker at a time (module fixtures are built
 # once), the costliest files first (tests/file_costs.json, read by tests/conftest.py; refresh it with
 # `make test-costs`). The suite is CPU-bound on two cores (Ray process start-ups; 93 % busy
-# measured), so a third worker would have little idle CPU to use (not tried). Tests marked `serial` (a two-node cluster, two stages at once) then run alone.
+# measured): a third worker gave the non-serial phase 690 s against 683-686 s with two (README,
+# stop 55). Tests marked `serial` (a two-node cluster, two stages at once) then run alone.
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
