@@ -82,12 +82,10 @@ def ray_session():
     such instances run side by side, and Ray code that looks for "the" cluster must find its own."""
     import ray
 
-    from cardiomotion.raycluster import embedded_dashboard, embedded_environment, environ_pinned, free_port
+    from cardiomotion.raycluster import start_embedded
 
     if not ray.is_initialized():
-        port = free_port()
-        with environ_pinned(embedded_environment(port)):
-            ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
-                     include_dashboard=False, **embedded_dashboard(False, taken=(port,)), log_to_driver=False)
+        start_embedded(ray, dashboard=False, num_cpus=2, num_gpus=0, object_store_memory=256 * 1024**2,
+                       log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -119,17 +119,21 @@ def init_ray(cfg: RayConfig | None = None):
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        port = free_port()
-        with environ_pinned(embedded_environment(port)):
-            ray.init(
-                address="local",
-                num_cpus=cfg.num_cpus,
-                object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None,
-                include_dashboard=cfg.dashboard,
-                **embedded_dashboard(cfg.dashboard, taken=(port,)),
-                **kwargs,
-            )
+        start_embedded(ray, dashboard=cfg.dashboard, num_cpus=cfg.num_cpus,
+                       object_store_memory=cfg.object_store_mb * 1024**2 if cfg.object_store_mb else None, **kwargs)
     return ray
+
+
+def start_embedded(ray, *, dashboard: bool, **init_kwargs) -> None:
+    """``ray.init`` of an embedded local instance (``address="local"``) as :func:`init_ray` starts
+    one: its GCS on a port free now, pinned for every process it starts
+    (:func:`embedded_environment`), and without a dashboard a dashboard port of its own
+    (:func:`embedded_dashboard`). ``init_kwargs`` go to ``ray.init`` (CPUs, object store, logging);
+    the test suite's session instance starts here too."""
+    port = free_port()
+    with environ_pinned(embedded_environment(port)):
+        ray.init(address="local", include_dashboard=dashboard, **embedded_dashboard(dashboard, taken=(port,)),
+                 **init_kwargs)
 
 
 def free_port() -> int:
