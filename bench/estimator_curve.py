@@ -170,7 +170,8 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
     from cardiomotion.errors import InputError
     from cardiomotion.evaluate.utility import (PairSource, RandomFieldSource, flow_rms, score_estimate,
                                                source_batches, train_estimator)
-    from cardiomotion.evaluate.utility_job import _held_out, _training_arrays, estimator_settings
+    from cardiomotion.evaluate.utility_estimator import held_out_pair, training_arrays
+    from cardiomotion.evaluate.utility_plan import estimator_settings
     from cardiomotion.train.fold import plan_fold
 
     over = {"utility": {"steps": args.steps, **({"lr": args.lr} if args.lr else {}),
@@ -178,9 +179,9 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
                         **({"lr_schedule": args.lr_schedule} if args.lr_schedule else {})}}
     cfg = load_config(args.config, over)
     plan = plan_fold(args.prepared, args.flows, args.fold)  # the fold's scans, checked as ``utility`` checks them
-    held = _held_out(str(args.prepared), plan.val_id)  # exact truth or one clear error, before any training
+    held = held_out_pair(str(args.prepared), plan.val_id)  # exact truth or one clear error, before any training
     # the training data exactly as ``utility`` loads it (annotated flows checked against the grid)
-    es, ed, annotated = _training_arrays(str(args.prepared), str(args.flows), plan.train_ids)
+    es, ed, annotated = training_arrays(str(args.prepared), str(args.flows), plan.train_ids)
     es, ed = es.astype(np.float32), ed.astype(np.float32)
     window = cfg.intensity.window
     if arm == "annotated":
@@ -206,7 +207,7 @@ def run_curve(arm: str, args: argparse.Namespace, out) -> dict:
         k = args.partners or cfg.utility.transport_partners
         built = TransportSource.build(es, annotated, plan.train_ids, k, cfg.seed, plan.spacing_mm, window,
                                       cache=PairCache(transport_pairs_dir(storage_root(cfg))))
-        # through float16, as utility's pool file holds the fields (utility_job.transport_source)
+        # through float16, as utility's pool file holds the fields (utility_estimator.transport_source)
         source = TransportSource(es, plan.train_ids, built.flows.half().float(), built.pairs, built.dropped, window,
                                  registered=built.registered)
     elif arm == "random":

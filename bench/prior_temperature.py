@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from cardiomotion.data.table import load_pair, read_scan_table
     from cardiomotion.errors import CardiomotionError
     from cardiomotion.evaluate.prior import evaluate_prior
-    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, read_generator_record
+    from cardiomotion.evaluate.utility_generators import read_generator_record
+    from cardiomotion.evaluate.utility_plan import INPUTS_FILE, check_inputs
     from cardiomotion.fileio import append_json_lines, read_json_lines
     from cardiomotion.generate.model import load_networks, resolve_model
     from cardiomotion.train.fold import load_samples, plan_fold

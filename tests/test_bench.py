@@ -284,7 +284,7 @@ def test_estimator_curve_trains_on_a_fold_corpus_and_refuses_one_that_saw_the_he
     from cv_cohort import TINY, cohort
 
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import training_view
+    from cardiomotion.evaluate.utility_generators import training_view
     from cardiomotion.generate import generate_corpus
     from cardiomotion.generate.synthetic import make_random_model_dir
 
@@ -665,9 +665,11 @@ def test_utility_power_plans_folds_and_seeds_from_a_two_seed_comparison(tmp_path
 def test_process_cpu_attributes_a_grandchilds_cpu_to_its_kind_and_fails_cleanly_without_a_command(capsys):
     """A parent that sleeps starts a child that spins 0.8 s of CPU: both are counted (the child
     only because it descends from the command), the child's spin is in their CPU seconds, the
-    machine was busy at least that long, and the command's exit code comes back."""
+    machine was busy at least that long, and the command's exit code comes back. The child then
+    idles 0.4 s, so that a sample sees its whole spin however late the sampler wakes on a loaded
+    machine (CPU spent after a process's last sample is not seen: 0.70 s was read once)."""
     mod = _load("process_cpu")
-    child = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass"
+    child = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\ntime.sleep(0.4)"
     parent = (f"import subprocess, sys, time\ntime.sleep(0.3)\n"
               f"subprocess.run([sys.executable, '-c', {child!r}])\nsys.exit(3)")
     out = mod.measure([sys.executable, "-c", parent], interval=0.1)

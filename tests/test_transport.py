@@ -156,7 +156,7 @@ def test_old_sweeps_and_generators_match_while_transport_is_off():
     from pathlib import Path
 
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import _generator_want
+    from cardiomotion.evaluate.utility_generators import _generator_want
     from cardiomotion.train.sweep import recorded_fingerprint, sweep_fingerprint
 
     off = load_config(None)

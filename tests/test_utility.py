@@ -347,7 +347,7 @@ def test_estimator_rate_follows_its_schedule(monkeypatch):
 
     from cardiomotion.config import load_config
     from cardiomotion.evaluate.utility import Batch, EstimatorSettings, level_weights_for, train_estimator
-    from cardiomotion.evaluate.utility_job import estimator_identity, estimator_settings
+    from cardiomotion.evaluate.utility_plan import estimator_identity, estimator_settings
     from cardiomotion.models.pwcnet import PWCNet3D
 
     rates: list[float] = []
@@ -439,7 +439,7 @@ def test_the_anchored_arm_keeps_its_anchors_and_adds_the_decoders_variation(phan
     computed alone for that sample (ε_i from sample_seed, as a corpus draws it); ED is the warp."""
     from cardiomotion.config import load_config
     from cardiomotion.evaluate.utility import AnchoredSource, TransportSource, _unit, warped_ed
-    from cardiomotion.evaluate.utility_job import _training_arrays
+    from cardiomotion.evaluate.utility_estimator import training_arrays
     from cardiomotion.generate.engine import sample_seed
     from cardiomotion.models.pyramid import FeaturePyramid
     from cardiomotion.train.cvae import build_cvae
@@ -448,7 +448,7 @@ def test_the_anchored_arm_keeps_its_anchors_and_adds_the_decoders_variation(phan
     cfg = load_config(None, TINY)
     window = cfg.intensity.window
     ids = ["phantom_001", "phantom_002"]
-    es, _, fl = _training_arrays(str(prepared), str(flows), ids)
+    es, _, fl = training_arrays(str(prepared), str(flows), ids)
     shifted = torch.from_numpy(fl[::-1].copy()) * 0.5  # a second row per frame: another field on it
     pool = TransportSource(es, ids, torch.cat([torch.from_numpy(fl), shifted]),
                            [("phantom_001", "phantom_001"), ("phantom_002", "phantom_002"),
@@ -489,7 +489,8 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
     from cardiomotion.config import load_config
     from cardiomotion.evaluate import utility_job
     from cardiomotion.evaluate.utility import TransportSource
-    from cardiomotion.evaluate.utility_job import _training_arrays, plan_runs, transport_source
+    from cardiomotion.evaluate.utility_estimator import training_arrays, transport_source
+    from cardiomotion.evaluate.utility_plan import plan_runs
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["transport"], "seeds": 2, "transport_partners": 1}})
@@ -499,7 +500,7 @@ def test_a_folds_transport_pool_is_registered_once_and_read_by_its_other_seeds(p
                                model_uri=None, frames_dir=None, rms_vox=1.0, spacing_mm=4.0)]
     assert [(r.arm, r.n, r.seed) for r in runs] == [("transport", 4, 0), ("transport", 4, 1)]
     assert all(r.spacing_mm == 4.0 for r in runs)  # the fold's spacing travels with the run
-    es, _, fl = _training_arrays(str(prepared), str(flows), ids)
+    es, _, fl = training_arrays(str(prepared), str(flows), ids)
     first = transport_source(runs[0], cfg, es, fl)
     assert (tmp_path / "transport_pool.pt").is_file() and not list(tmp_path.glob(".*.tmp*"))
     assert len(first) == 4 and torch.equal(first.flows[:2], torch.from_numpy(fl).half().float())
@@ -536,13 +537,13 @@ def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_pe
     import shutil
 
     from cardiomotion.evaluate.utility import flow_rms
-    from cardiomotion.evaluate.utility_job import _training_arrays, annotated_flow_rms
+    from cardiomotion.evaluate.utility_estimator import annotated_flow_rms, training_arrays
     from cardiomotion.errors import InputError
     from cardiomotion.flow.io import read_flow, write_flow
 
     prepared, flows = phantom
     ids = ["phantom_001", "phantom_002"]
-    want = flow_rms(_training_arrays(str(prepared), str(flows), ids)[2])  # the stack's RMS
+    want = flow_rms(training_arrays(str(prepared), str(flows), ids)[2])  # the stack's RMS
     cache: dict = {}
     assert annotated_flow_rms(str(prepared), str(flows), ids, cache) == pytest.approx(want, rel=1e-5)
     assert sorted(cache) == ids
@@ -550,7 +551,7 @@ def test_the_random_arms_magnitude_is_the_rms_of_the_training_flows_read_once_pe
     copy = tmp_path / "flows"
     shutil.copytree(flows, copy)
     (copy / "phantom_001" / "flow.nii.gz").unlink()
-    both = flow_rms(_training_arrays(str(prepared), str(flows), ["phantom_001", "phantom_000"])[2])
+    both = flow_rms(training_arrays(str(prepared), str(flows), ["phantom_001", "phantom_000"])[2])
     assert annotated_flow_rms(str(prepared), str(copy), ["phantom_001", "phantom_000"], cache) == pytest.approx(both, rel=1e-5)
     # a flow on another grid is refused, naming the file
     u, affine = read_flow(copy / "phantom_002" / "flow.nii.gz")
@@ -563,7 +564,8 @@ def test_every_arm_without_a_corpus_trains_and_scores_in_process(phantom):
     """run_estimator (what each Ray Train worker runs) for the real-pair and random arms: finite
     scores of the held-out pair, seeded (the same run twice gives the same numbers)."""
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import plan_runs, run_estimator
+    from cardiomotion.evaluate.utility_estimator import run_estimator
+    from cardiomotion.evaluate.utility_plan import plan_runs
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["random", "annotated", "unsupervised", "transport"],
@@ -591,7 +593,8 @@ def test_the_fine_tuned_arm_trains_on_the_corpus_then_on_the_annotated_pairs(pha
 
     from cardiomotion.config import load_config
     from cardiomotion.evaluate import utility as ut
-    from cardiomotion.evaluate.utility_job import estimator_identity, plan_runs, run_estimator
+    from cardiomotion.evaluate.utility_estimator import run_estimator
+    from cardiomotion.evaluate.utility_plan import estimator_identity, plan_runs
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["cvae>annotated"], "sizes": [4], "seeds": 1, "steps": 5,
@@ -624,12 +627,13 @@ def test_the_target_arms_train_on_the_held_out_es_corpus_alone_or_alternating_wi
 
     from cardiomotion.config import UtilityArm, load_config
     from cardiomotion.evaluate import utility as ut
-    from cardiomotion.evaluate import utility_job as uj
+    from cardiomotion.evaluate import utility_estimator as ue
+    from cardiomotion.evaluate.utility_plan import plan_runs
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "utility": {"arms": ["target", "annotated+target"], "sizes": [4], "seeds": 1,
                                                  "steps": 4, "batch_size": 2}})
-    runs = uj.plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
+    runs = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], cfg, prepared=str(prepared),
                         flows=str(flows), corpus_dir="train_corpus", model_uri="m", frames_dir="train_view",
                         rms_vox=1.0, target_corpus_dir="target_corpus", target_frames_dir="target_view")
     assert [(r.arm, r.n, r.corpus_dir, r.target_corpus_dir, r.target_frames_dir) for r in runs] == [
@@ -648,11 +652,11 @@ def test_the_target_arms_train_on_the_held_out_es_corpus_alone_or_alternating_wi
 
     monkeypatch.setattr(ut, "train_estimator", recording)
     read_pairs = []
-    real = uj._training_arrays
-    monkeypatch.setattr(uj, "_training_arrays", lambda *a: read_pairs.append(a) or real(*a))
-    uj.run_estimator(runs[0], cfg, target_batches=marked())
+    real = ue.training_arrays
+    monkeypatch.setattr(ue, "training_arrays", lambda *a: read_pairs.append(a) or real(*a))
+    ue.run_estimator(runs[0], cfg, target_batches=marked())
     assert read_pairs == [] and [bool((b.flow == 9.0).all()) for b in seen[0]] == [True] * 4
-    uj.run_estimator(runs[1], cfg, target_batches=marked())
+    ue.run_estimator(runs[1], cfg, target_batches=marked())
     assert len(read_pairs) == 1 and [bool((b.flow == 9.0).all()) for b in seen[1]] == [False, True, False, True]
     assert all(b.flow is not None and b.es.shape == shape for b in seen[1])
 
@@ -662,7 +666,8 @@ def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, mon
     arms the largest N's; the worker trains exactly its run's steps; without epochs nothing changes."""
     from cardiomotion.config import load_config
     from cardiomotion.evaluate import utility as ut
-    from cardiomotion.evaluate.utility_job import estimator_identity, plan_runs, run_estimator
+    from cardiomotion.evaluate.utility_estimator import run_estimator
+    from cardiomotion.evaluate.utility_plan import estimator_identity, plan_runs
 
     fixed = load_config(None, {"utility": {"sizes": [64, 256, 4096], "steps": 1000, "batch_size": 4}}).utility
     assert [fixed.steps_for(n) for n in (64, 256, 4096, None)] == [1000, 1000, 1000, 1000]
@@ -695,24 +700,24 @@ def test_a_budget_that_scales_with_n_gives_each_estimator_its_steps(phantom, mon
     from pathlib import Path
 
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.utility_job import _check_budgets, _check_identity
+    from cardiomotion.evaluate.utility_plan import check_budgets, check_identity
 
     fixed_cfg = load_config(None, TINY)
     assert "epochs" not in estimator_identity(fixed_cfg) and estimator_identity(cfg)["epochs"] == 1
     scaled_row = {"arm": "random", "n": 2, "seed": 0, "estimator": estimator_identity(cfg)}
     with pytest.raises(InputError, match=r"other estimator settings \(.*epochs 1\.0 → None"):
-        _check_identity(Path("runs.jsonl"), [scaled_row], estimator_identity(fixed_cfg))
+        check_identity(Path("runs.jsonl"), [scaled_row], estimator_identity(fixed_cfg))
     # a finished row is reused only with the steps its plan gives it now: a larger largest N moves
     # the real arms' budget (3 → 4 steps), not the synthetic arms' at the same N
     rows = [{"scan": "phantom_000", "arm": r.arm, "n": r.n, "seed": r.seed, "steps": r.steps} for r in runs]
-    _check_budgets(Path("runs.jsonl"), rows, runs, cfg)
+    check_budgets(Path("runs.jsonl"), rows, runs, cfg)
     larger = cfg.model_copy(deep=True)
     larger.utility.sizes = [2, 8]
     replanned = plan_runs(0, "phantom_000", ["phantom_001", "phantom_002"], larger, prepared=str(prepared),
                           flows=str(flows), corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
     with pytest.raises(InputError, match=r"annotated N 2 seed 0 of phantom_000 was trained for 3 steps, this plan gives it 4"):
-        _check_budgets(Path("runs.jsonl"), rows, replanned, larger)
-    _check_budgets(Path("runs.jsonl"), rows, [r for r in replanned if r.arm == "random" and r.n == 2], larger)
+        check_budgets(Path("runs.jsonl"), rows, replanned, larger)
+    check_budgets(Path("runs.jsonl"), rows, [r for r in replanned if r.arm == "random" and r.n == 2], larger)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -744,7 +749,7 @@ def test_a_folder_made_from_other_inputs_is_refused(tmp_path):
     content hash, adopts."""
     from cardiomotion.errors import InputError
     from cardiomotion.annotate.stage import flows_fingerprint
-    from cardiomotion.evaluate.utility_job import INPUTS_FILE, check_inputs, record_inputs
+    from cardiomotion.evaluate.utility_plan import INPUTS_FILE, check_inputs, record_inputs
 
     out, p, a, b = tmp_path / "u", tmp_path / "P", tmp_path / "A", tmp_path / "A_cos"
     (a / "s1").mkdir(parents=True)
@@ -788,7 +793,7 @@ def test_a_generator_recorded_before_train_resources_is_reused(phantom, tmp_path
     reused, not trained again — but not by a plan that trains with transport."""
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _generator_want, _recorded_settings
+    from cardiomotion.evaluate.utility_generators import GENERATOR_RECORD, _fold_generator, _generator_want, _recorded_settings
 
     prepared, flows = phantom
     cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store")})
@@ -818,9 +823,10 @@ def test_fold_generators_are_adopted_from_a_folder_made_from_the_same_inputs_onl
     source lacks is said and left to train."""
     from cardiomotion.config import load_config
     from cardiomotion.errors import InputError
-    from cardiomotion.evaluate.utility_job import (GENERATOR_RECORD, INPUTS_FILE, _fold_generator, _generator_want,
-                                                   check_inputs, plan_adoption, record_inputs, utility_fold_dir,
-                                                   write_adoption)
+    from cardiomotion.evaluate.utility_generators import (GENERATOR_RECORD, _fold_generator, _generator_want,
+                                                          plan_adoption, write_adoption)
+    from cardiomotion.evaluate.utility_plan import INPUTS_FILE, check_inputs, record_inputs
+    from cardiomotion.layout import utility_fold_dir
     from cardiomotion.generate.synthetic import make_random_model_dir
 
     prepared, flows = phantom
@@ -900,7 +906,7 @@ def test_a_per_fold_generator_follows_its_pyramid_settings(phantom, tmp_path, mo
     plan only; the cosine default, or a record with other pyramid settings, trains a new one."""
     from cardiomotion.annotate.stage import pyramid_settings
     from cardiomotion.config import load_config
-    from cardiomotion.evaluate.utility_job import GENERATOR_RECORD, _fold_generator, _what_trains
+    from cardiomotion.evaluate.utility_generators import GENERATOR_RECORD, _fold_generator, _what_trains
 
     prepared, flows = phantom
     trained: list[str] = []

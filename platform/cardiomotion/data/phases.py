@@ -2,7 +2,8 @@
 
 The estimate (documented in the README): in each phase, count the voxels whose HU lies in the
 contrast-enhanced blood range inside a sphere of radius ``roi_mm`` around the blood centroid of
-the first phase, at ≈3 mm resolution. The ventricles lose more blood volume in systole than the
+the first phase, on ≈3 mm blocks (block means, so that phases of different noise, as under ECG
+dose modulation, count alike). The ventricles lose more blood volume in systole than the
 atria gain, so ES is the phase of minimum and ED the phase of maximum blood-pool volume. It is
 an intensity-based estimate of LV volume, not a segmentation: give a manifest when it matters.
 """
@@ -30,14 +31,35 @@ class PhaseChoice:
     blood_ml: tuple[float, ...] | None = None  # per phase, when detected
 
 
-def _coarse(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+def _strided(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Every n-th voxel of ``vol`` (about ``target_mm`` apart) and its spacing (mm): the crop's
+    centring (:func:`blood_centroid` smooths it after)."""
     step = np.maximum(1, np.floor(target_mm / spacing)).astype(int)
     return vol[:: step[0], :: step[1], :: step[2]], spacing * step
 
 
+def _block_means(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """``vol`` (I, J, K) averaged over blocks of about ``target_mm`` (float32; the voxels past the last
+    whole block dropped) and the block size in voxels, (3,) int. Means, not every n-th voxel: a
+    strided pick keeps each voxel's noise, and under ECG dose modulation, where the phases differ in
+    noise, noisy myocardium (~130 HU) crosses into the blood range in the noisy phases only."""
+    step = np.maximum(1, np.floor(target_mm / np.asarray(spacing, float))).astype(int)
+    step = np.minimum(step, np.asarray(vol.shape))  # thinner than a block along an axis: one block there
+    n = np.asarray(vol.shape) // step
+    cut = vol[: n[0] * step[0], : n[1] * step[1], : n[2] * step[2]]
+    blocks = cut.reshape(n[0], step[0], n[1], step[1], n[2], step[2])
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32), step
+
+
+def _block_centres_mm(shape: tuple[int, ...], step: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Centres (mm from voxel 0's centre) of the blocks of :func:`_block_means`, (I', J', K', 3)."""
+    idx = np.stack(np.meshgrid(*(np.arange(k) for k in shape), indexing="ij"), -1)
+    return (idx * step + (step - 1) / 2.0) * spacing
+
+
 def blood_centroid(vol: np.ndarray, spacing: np.ndarray, blood_hu: tuple[float, float]) -> np.ndarray | None:
     """Voxel index (float, (3,)) of the centroid of the largest blood-HU component, or None."""
-    small, sp = _coarse(vol, spacing)
+    small, sp = _strided(vol, spacing)
     smooth = ndimage.uniform_filter(small, size=3)
     mask = (smooth >= blood_hu[0]) & (smooth <= blood_hu[1])
     if not mask.any():
@@ -60,11 +82,10 @@ def blood_pool_volumes(scan: Scan, blood_hu: tuple[float, float], roi_mm: float 
     volumes = []
     for t in range(scan.n_phases):
         vol = first if t == 0 else scan.phase(t)
-        small, sp = _coarse(vol, spacing)
-        idx = np.stack(np.meshgrid(*(np.arange(n) for n in small.shape), indexing="ij"), -1)
-        dist = np.sqrt((((idx * sp) - center * spacing) ** 2).sum(-1))
+        small, step = _block_means(vol, spacing)
+        dist = np.sqrt(((_block_centres_mm(small.shape, step, spacing) - center * spacing) ** 2).sum(-1))
         mask = (small >= blood_hu[0]) & (small <= blood_hu[1]) & (dist <= roi_mm)
-        volumes.append(mask.sum() * float(np.prod(sp)) / 1000.0)
+        volumes.append(mask.sum() * float(np.prod(step * spacing)) / 1000.0)
     return np.asarray(volumes)
 
 
@@ -78,29 +99,70 @@ def detect_es_ed(scan: Scan, blood_hu: tuple[float, float]) -> PhaseChoice:
     return PhaseChoice(es, ed, "detected", tuple(float(v) for v in vols))
 
 
-def read_manifest(path: str | Path) -> dict[str, tuple[int, int]]:
-    """ES/ED phase indices per scan id from a CSV (scan_id, es_phase, ed_phase) or JSON file.
+def _phase_index(value, path: Path, sid: str, name: str) -> int:
+    """A manifest's phase index: an int, or a number or string that is a whole number ("3", 3.0)."""
+    try:
+        f = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        raise InputError(path, f"{sid}: {name} {value!r} is not a phase index") from None
+    if not f.is_integer():
+        raise InputError(path, f"{sid}: {name} {value!r} is not a whole number (a phase index from 0, "
+                               "not a percentage of the cycle)")
+    return int(f)
 
-    JSON form: ``{"scan_id": {"es_phase": 3, "ed_phase": 0}, ...}``.
+
+def _json_records(data) -> list[dict]:
+    """The per-scan records of a JSON manifest in any of its three forms: ``{scan_id: {es_phase,
+    ed_phase}}``, a list of ``{scan_id, es_phase, ed_phase}`` (pandas ``orient="records"``), or
+    columns ``{"scan_id": {...}, "es_phase": {...}, "ed_phase": {...}}`` (pandas' default)."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object or list")
+    columns = ("scan_id", "es_phase", "ed_phase")
+    if set(columns) <= set(data) and all(isinstance(data[c], (dict, list)) for c in columns):
+        cols = {c: (list(data[c].values()) if isinstance(data[c], dict) else data[c]) for c in columns}
+        if len({len(v) for v in cols.values()}) != 1:
+            raise ValueError("the columns scan_id, es_phase, ed_phase differ in length")
+        return [dict(zip(columns, row)) for row in zip(*(cols[c] for c in columns))]
+    return [{"scan_id": sid, **rec} for sid, rec in data.items()]
+
+
+def read_manifest(path: str | Path) -> dict[str, tuple[int, int]]:
+    """ES/ED phase indices (from 0, in the scan's phase order) per scan id, from a CSV (columns
+    scan_id, es_phase, ed_phase; comma, semicolon or tab separated) or a JSON file.
+
+    JSON forms: ``{"scan_id": {"es_phase": 3, "ed_phase": 0}, ...}``, a list of records
+    ``[{"scan_id": ..., "es_phase": 3, "ed_phase": 0}, ...]``, or pandas' column layout.
+
+    Raises:
+        InputError: the file is missing or unreadable, a column is missing, a scan is listed twice,
+            or a phase is not a whole number.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "manifest does not exist")
-    out: dict[str, tuple[int, int]] = {}
+    records: list[tuple[str, object]] = []  # (where, record)
     try:
         if path.suffix.lower() == ".json":
-            for sid, rec in json.loads(path.read_text()).items():
-                out[str(sid)] = (int(rec["es_phase"]), int(rec["ed_phase"]))
+            records = [(f"record {i}", rec) for i, rec in enumerate(_json_records(json.loads(path.read_text())), 1)]
         else:
             with path.open(newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheet BOMs
-                reader = csv.DictReader(fh, skipinitialspace=True)
-                reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
-                for line, row in enumerate(reader, start=2):
-                    sid = row["scan_id"].strip()
-                    if sid in out:
-                        raise InputError(path, f"scan id {sid!r} appears twice (line {line} repeats it): "
-                                               "give each scan one row")
-                    out[sid] = (int(row["es_phase"]), int(row["ed_phase"]))
+                text = fh.read()
+            first = text.splitlines()[0] if text.strip() else ""
+            delimiter = max(",;\t", key=first.count) if first else ","
+            reader = csv.DictReader(text.splitlines(), delimiter=delimiter, skipinitialspace=True)
+            reader.fieldnames = [f.strip() for f in reader.fieldnames or []]
+            records = [(f"line {line}", row) for line, row in enumerate(reader, start=2)]
+        out: dict[str, tuple[int, int]] = {}
+        for where, rec in records:
+            if not isinstance(rec, dict):
+                raise TypeError(f"{where} is not a record")
+            sid = str(rec["scan_id"]).strip()
+            if sid in out:
+                raise InputError(path, f"scan id {sid!r} appears twice ({where} repeats it): give each scan one row")
+            out[sid] = (_phase_index(rec["es_phase"], path, sid, "es_phase"),
+                        _phase_index(rec["ed_phase"], path, sid, "ed_phase"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(path, f"manifest needs scan_id, es_phase, ed_phase per scan ({exc.__class__.__name__}: {exc})") from None
     return out

@@ -6,7 +6,8 @@ leave-one-out fold the *same* supervised estimator — the project's 3-D PWC-Net
 (:class:`Arm`) and scored on the held-out scan's real rendered (ES, ED) pair against its exact
 phantom truth (:func:`score_estimate`). This module holds the pieces that need no Ray: the data
 sources of the arms, SynthMorph-style random fields, the training step and the scores (the
-intervals over scans: :mod:`cardiomotion.evaluate.intervals`); :mod:`cardiomotion.evaluate.utility_job` runs them on Ray.
+intervals over scans: :mod:`cardiomotion.evaluate.intervals`); :mod:`cardiomotion.evaluate.utility_job` runs them on Ray
+(one estimator: :mod:`cardiomotion.evaluate.utility_estimator`).
 
 Conventions (docs/design.md): a flow is the pull field on the ED grid in voxels, (B, 3, I, J, K),
 ``ED(x) ≈ ES(x + u(x))``; the estimator is called ``model(fixed=ED, moving=ES)``; images enter it
