@@ -152,8 +152,8 @@ def _slope(k: int) -> float:
 
 def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested=False,
                        seed=0, step=_STEP, decimals=6, one_series=False) -> list[np.ndarray]:
-    """Write one series per spec ((kind, percent); kind "temporal": the value is the images'
-    TemporalPositionIdentifier instead), slices in shuffled order, all files in ``root`` or
+    """Write one series per spec ((kind, percent); kind "temporal" or "trigger": the value is the
+    images' TemporalPositionIdentifier or TriggerTime instead), slices in shuffled order, all files in ``root`` or
     (``nested``) in sub-folders, IPP rounded to ``decimals``; ``one_series``: every spec in one
     SeriesInstanceUID (a cine exported as one series); return the IPP (LPS, unrounded) of each
     slice index."""
@@ -178,6 +178,8 @@ def _write_dicom_study(root: Path, iop, specs, n_slices=(_N_SLICES,) * 3, nested
                 ds.SeriesDescription = f"Cardiac {pct}%"
             elif kind == "temporal":
                 ds.TemporalPositionIdentifier = int(pct)
+            elif kind == "trigger":
+                ds.TriggerTime = float(pct)
             elif kind == "nested":
                 inner = Dataset()
                 inner.NominalPercentageOfCardiacPhase = float(pct)
@@ -449,6 +451,25 @@ def test_dicom_cine_in_one_series_is_split_per_image(tmp_path, kind, percent):
     for t, p in enumerate((1, 2, 0)):  # written spec index of each sorted phase
         hu = max(float(_raw_slice(p, k).max()) * _slope(k) - 1024 for k in range(_N_SLICES))
         assert scan.phase(t).max() == hu
+
+
+@pytest.mark.parametrize("kind,values", [("temporal", (3, 1, 2)), ("trigger", (700.0, 0.0, 400.0))])
+def test_dicom_a_series_per_phase_without_a_percentage_is_ordered_by_its_images_tag(tmp_path, kind, values):
+    """A series per phase with no NominalPercentageOfCardiacPhase and no percentage in the
+    description (anonymised: "CTA cardiac" everywhere), its images sharing one
+    TemporalPositionIdentifier or TriggerTime: read as three phases in that order (percent
+    unknown), each the values written for it; a gated series with a TriggerTime of its own on
+    another grid (a calcium score) is left out, named, not read as a fourth phase."""
+    _write_dicom_study(tmp_path / "cine", [1, 0, 0, 0, 1, 0], [(kind, v) for v in values])
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.n_phases == 3 and scan.phase_percent is None and scan.shape[2] == _N_SLICES and not scan.left_out
+    for t, p in enumerate((1, 2, 0)):  # written spec index of each sorted phase
+        hu = max(float(_raw_slice(p, k).max()) * _slope(k) - 1024 for k in range(_N_SLICES))
+        assert scan.phase(t).max() == hu
+    _write_dicom_study(tmp_path / "score", [1, 0, 0, 0, 1, 0], [(kind, 5 if kind == "temporal" else 350.0)],
+                       n_slices=(_N_SLICES - 2,), seed=1)
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.n_phases == 3 and len(scan.left_out) == 1 and "not on the cine's grid" in scan.left_out[0]
 
 
 def test_dicom_repeated_positions_with_nothing_to_split_them_by_are_refused(tmp_path):

@@ -107,7 +107,8 @@ class _Series:
     slices: list[_Slice] = field(default_factory=list)
     percent: float | None = None  # cardiac phase, % R-R
     order: float | None = None  # what sorts the phases: the percent, or the key a cine series was split by
-    split_by: str | None = None  # that key (:func:`_split_phases`), None for a series of its own
+    split_by: str | None = None  # that key (:func:`_split_phases`, or :func:`_series_tag_phase`), None: a percentage
+    by_tag: bool = False  # a series of its own ordered by a per-image key (no percentage known)
     affine: np.ndarray | None = None  # voxel → RAS mm of the (Columns, Rows, n) array
 
     def label(self) -> str:
@@ -301,6 +302,23 @@ def _split_phases(s: _Series) -> list[_Series]:
             parts.append(part)
         return parts
     return [s]
+
+
+#: the per-image keys a series of its own may be ordered by when it states no percentage
+_TAG_PHASES = ", ".join(_PHASE_KEYS[1:])
+
+
+def _series_tag_phase(s: _Series) -> None:
+    """Order a series of its own that states no percentage by the first of the per-image
+    :data:`_PHASE_KEYS` (TemporalPositionIdentifier, TemporalPositionIndex, TriggerTime,
+    NominalCardiacTriggerDelayTime) that all its images carry with one value: anonymised studies
+    often lose the series description, and many scanners write no (0020,9241). Leaves it
+    unordered when none does."""
+    for key in _PHASE_KEYS[1:]:
+        values = {sl.phase_tags.get(key) for sl in s.slices}
+        if len(values) == 1 and None not in values:
+            s.order, s.split_by, s.by_tag = values.pop(), key, True
+            return
 
 
 def _nominal_percent(ds: pydicom.Dataset) -> float | None:
@@ -633,11 +651,14 @@ def read_dicom(path: Path) -> Scan:
         if s.split_by is None:  # a series per phase: its phase from its header or description
             pct = _nominal_percent(s.first)
             s.percent = s.order = percent_from_description(s.description) if pct is None else pct
+            if s.order is None:  # else one value its images share of a per-image key (TriggerTime, ...)
+                _series_tag_phase(s)
     phased = [s for s in series if s.order is not None]
     unphased = [s for s in series if s.order is None]
     if len(phased) < 2 and unphased:
         raise InputError(folder, f"{unphased[0].label()}: no cardiac phase: neither NominalPercentageOfCardiacPhase "
-                                 "(0020,9241) nor a percentage in SeriesDescription")
+                                 f"(0020,9241), a percentage in SeriesDescription, nor {_TAG_PHASES} shared by "
+                                 "its images")
     # one cine: the phases ordered by one key (percentages, or the per-image key a series was
     # split by) — the key that orders the most phases; series ordered by another are left out
     kinds: dict[str, list[_Series]] = {}
@@ -670,6 +691,11 @@ def read_dicom(path: Path) -> Scan:
         kept.append(s)
     series = kept
     cine_grid = Counter(_grid_key(s) for s in series).most_common(1)[0][0]
+    # a series ordered by a per-image key off the cine's grid (a gated calcium score has a
+    # TriggerTime too) is not part of the cine, as a series without any phase there is not
+    for s in [s for s in series if s.by_tag and _grid_key(s) != cine_grid]:
+        left_out.append(f"{s.label()} at {s.phase()}: not on the cine's grid (not part of the cine)")
+        series.remove(s)
     # a series without a phase on the cine's grid is a phase whose tag is missing; elsewhere (a
     # calcium score, a non-gated scan) it is not part of the cine
     for s in unphased:
