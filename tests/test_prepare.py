@@ -430,6 +430,20 @@ def test_inputs_named_alike_are_named_by_their_folders(tmp_path):
         plan_scans([paths[0], paths[0]])
 
 
+def test_a_scan_given_as_dot_or_dot_dot_is_named_by_its_folder(tmp_path, monkeypatch):
+    """`prepare --scans .` inside a scan's folder (and `..` below it) names the scan by that
+    folder: an empty id would write its files into --out's root. The root has no name: refused."""
+    from cardiomotion.data.prepare import plan_scans
+
+    (tmp_path / "case07" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "case07")
+    assert plan_scans(["."]) == [("case07", tmp_path / "case07")]
+    monkeypatch.chdir(tmp_path / "case07" / "sub")
+    assert plan_scans([".."]) == [("case07", tmp_path / "case07")]
+    with pytest.raises(InputError, match="no name to take a scan id from"):
+        plan_scans(["/"])
+
+
 BAD = {
     "truncated": _bad_truncated,
     "not_nifti": _bad_not_nifti,

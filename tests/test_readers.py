@@ -388,6 +388,29 @@ def test_dicom_two_reconstructions_of_a_phase_keep_the_one_with_more_slices(tmp_
     assert scan.phase(0).max() == kept
 
 
+def test_dicom_files_without_the_preamble_are_read_as_with_it(tmp_path):
+    """The same study saved again by pydicom with no 128-byte preamble and no file meta (as files
+    written before Part 10, or by some exporters, are), half of them renamed without an
+    extension, beside a README and a notes.txt: read as the Part 10 study, voxel for voxel."""
+    _write_dicom_study(tmp_path / "p10", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("nominal", 40)])
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "p10").glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()  # none written
+        out = bare / (f.stem if i % 2 else f.name)
+        ds.save_as(out, enforce_file_format=False, implicit_vr=i % 3 == 0, little_endian=True)
+        assert out.read_bytes()[128:132] != b"DICM" and out.read_bytes()[:2] == b"\x08\x00"  # group 0008 first
+    (bare / "README").write_text("exported by a PACS\n")
+    (bare / "notes.txt").write_text("CT 0x0028\n")
+    want, got = read_scan(tmp_path / "p10", ScanFormat.DICOM), read_scan(bare, ScanFormat.DICOM)
+    assert got.phase_percent == want.phase_percent == [0.0, 40.0] and got.left_out == []
+    np.testing.assert_array_equal(got.affine, want.affine)
+    for t in range(2):
+        np.testing.assert_array_equal(got.phase(t), want.phase(t))
+
+
 def test_dicom_second_copies_and_images_without_geometry_are_left_out(tmp_path):
     """A PACS export with the same files again in another folder and a dose report (an image with
     no position, orientation or spacing): read as the study alone, both named in ``left_out``."""
@@ -942,6 +965,17 @@ def test_phase_folder_single_file(tmp_path):
     _phase_files(tmp_path / "f", [(4, 4, 4)])
     with pytest.raises(InputError, match=r"single phase"):
         read_scan(tmp_path / "f")
+
+
+def test_a_case_folder_holding_one_4d_file_is_that_files_scan(tmp_path):
+    """case01/ct.nii.gz (4-D, 3 phases) given as the folder case01: read as the 4-D file would be,
+    named by the folder; each phase the values written for it."""
+    data = np.stack([np.full((4, 5, 6), 10 * t, np.int16) for t in range(3)], -1)
+    (tmp_path / "case01").mkdir()
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "case01" / "ct.nii.gz")
+    scan = read_scan(tmp_path / "case01")
+    assert scan.scan_id == "case01" and scan.n_phases == 3 and scan.shape == (4, 5, 6)
+    assert [float(scan.phase(t).max()) for t in range(3)] == [0.0, 10.0, 20.0]
 
 
 def test_phase_folder_truncated_member(tmp_path):

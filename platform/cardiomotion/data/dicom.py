@@ -62,8 +62,10 @@ _PCT_PATTERNS = (
 
 
 def looks_like_dicom(path: str | Path) -> bool:
-    """True for a DICOM Part 10 file: a 128-byte preamble then b"DICM", or a ``.dcm`` file that
-    pydicom parses without ``force``."""
+    """True for a DICOM Part 10 file (a 128-byte preamble then b"DICM"), or for a file named
+    ``.dcm`` or ``.ima``, with no extension, or with a UID's numeric last part, that pydicom parses
+    — with ``force`` where it lacks the preamble, as files written before Part 10 or by some
+    exporters do — into a dataset that names its SOP class or holds an image (Rows, Columns)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -72,13 +74,33 @@ def looks_like_dicom(path: str | Path) -> bool:
         return False
     if len(head) == 132 and head[128:] == b"DICM":
         return True
-    if path.suffix.lower() == ".dcm":
-        try:
-            pydicom.dcmread(path, stop_before_pixels=True, force=False)
-            return True
-        except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
-            return False
-    return False
+    suffix = path.suffix.lower()
+    if suffix not in (".dcm", ".ima", "") and not suffix[1:].isdigit():
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["SOPClassUID", "Rows", "Columns"])
+        return "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
+    except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
+        return False
+
+
+def _dcmread(path: Path, **kwargs) -> pydicom.Dataset:
+    """``pydicom.dcmread`` with ``force`` (files without the preamble: :func:`looks_like_dicom`),
+    and for a file without file meta the transfer syntax it was read in, which pydicom needs to
+    decode its pixels."""
+    ds = pydicom.dcmread(path, force=True, **kwargs)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
 
 
 @dataclass
@@ -139,7 +161,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
     if not looks_like_dicom(path):
         return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = _dcmread(path, stop_before_pixels=True)
     except _DICOM_ERRORS as exc:
         raise InputError(path, f"unreadable DICOM file ({type(exc).__name__}: {exc})") from exc
     meta = getattr(ds, "file_meta", None)
@@ -452,7 +474,7 @@ def _slice_hu(path: Path) -> np.ndarray:
     does not bring), GDCM's (:func:`_gdcm_frames`)."""
     ds = None
     try:
-        ds = pydicom.dcmread(path)
+        ds = _dcmread(path)
         pixels = ds.pixel_array
     except _DICOM_ERRORS as exc:
         pixels = _gdcm_frames(path, ds, [0], exc)[0]
@@ -473,7 +495,7 @@ def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
         decoded = dict(zip(wanted, iter_pixels(path, indices=wanted)))
     except _DICOM_ERRORS as exc:
         try:
-            ds = pydicom.dcmread(path)
+            ds = _dcmread(path)
         except _DICOM_ERRORS:
             ds = None
         decoded = _gdcm_frames(path, ds, wanted, exc)

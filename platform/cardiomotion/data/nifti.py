@@ -193,7 +193,8 @@ def _spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 @register_reader(ScanFormat.NIFTI_PHASES)
 def read_nifti_phases(path: Path) -> Scan:
-    """Read a folder of 3-D NIfTI files (one per phase, natural sort of names) as a scan.
+    """Read a folder of 3-D NIfTI files (one per phase, natural sort of names) as a scan; a folder
+    holding one 4-D NIfTI file is that file's scan (:func:`read_nifti_4d`), named by the folder.
 
     Raises:
         InputError: no NIfTI files, an unreadable/truncated/4-D file, or a file whose shape or
@@ -206,9 +207,14 @@ def read_nifti_phases(path: Path) -> Scan:
                    key=lambda p: natural_key(p.name))
     if not files:
         raise InputError(path, "no NIfTI files (.nii or .nii.gz) in folder")
-    if len(files) == 1:
-        raise InputError(path, f"single phase: only {files[0].name}; a 4DCT needs at least 2 phase files")
     first = load_nifti(files[0])
+    if len(files) == 1:
+        if len(first.shape) == 4 and first.shape[3] >= 2:  # a case folder holding its one 4-D file
+            scan = read_nifti_4d(files[0])
+            scan.scan_id = scan_id_of(path)  # the folder given names the scan
+            return scan
+        raise InputError(path, f"single phase: only {files[0].name} (shape {first.shape}); a 4DCT needs at "
+                               "least 2 phase files, or one 4-D file")
     shape0 = _spatial_shape(files[0], first.shape)
     affine0 = np.asarray(first.affine, dtype=float)
     unknown = [files[0].name] if orientation_unknown(first) else []

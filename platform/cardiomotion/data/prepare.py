@@ -50,9 +50,12 @@ def plan_scans(paths: Iterable[str | Path], id_of: Callable[[Path], str] = scan_
         path = Path(p).expanduser()
         if not path.exists():
             raise InputError(path, "does not exist")
-        if path.name.startswith("."):
-            continue  # temporary or hidden entries of a shell glob
-        entries.append((path, id_of(path)))
+        if path.name.startswith(".") and path.name != "..":
+            continue  # temporary or hidden entries of a shell glob ("." and ".." name a folder)
+        sid = id_of(path)
+        if not sid:
+            raise InputError(path, "has no name to take a scan id from: give the scan's folder or file")
+        entries.append((path, sid))
     if not entries:
         raise InputError(None, "no scans given")
     ids = [sid for _, sid in entries]

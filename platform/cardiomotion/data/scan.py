@@ -122,6 +122,8 @@ def scan_id_of(path: str | Path) -> str:
     (``CT.1.3.12.2.1107.5.1.4.11``), keeps its whole name: cut at the first dot, the files of one
     study would share the id ``CT``."""
     path = Path(path)
+    if path.name in ("", ".."):  # "." or "..": the folder's own name
+        path = path.resolve()
     if path.is_dir():
         return path.name
     name = path.name
