@@ -368,6 +368,9 @@ def test_percent_from_description():
     assert percent_from_description("CTA 75 % BestDiast") == 75.0
     assert percent_from_description("phase 40") == 40.0
     assert percent_from_description("Cor 0.6 CE") is None
+    assert percent_from_description("ASiR-V 40% Cardiac 75%") == 75.0  # the first is a reconstruction's strength
+    assert percent_from_description("Cardiac 0.625mm ASIR 50 %") is None
+    assert percent_from_description("Multiphase 10 Cardiac phase 3") == 3.0
 
 
 def test_dicom_duplicate_phase(tmp_path):

@@ -57,8 +57,12 @@ _DICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, Att
 _PCT_PATTERNS = (
     re.compile(r"(\d+(?:\.\d+)?)\s*%"),
     re.compile(r"(\d+(?:\.\d+)?)\s*(?:pct|percent)\b", re.IGNORECASE),
-    re.compile(r"phase\s*[:=#_-]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE),
+    re.compile(r"\bphase\s*[:=#_-]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE),  # not "Multiphase 10"
 )
+#: what a percentage in a description may instead be the strength of: iterative reconstruction
+#: ("ASiR-V 40%", "ASIR 50 %"), not the cardiac phase
+_NOT_A_PHASE = re.compile(r"(?:asir(?:-v)?|safire|admire|idose\d*|aidr(?:\s*3d)?|dlir|veo|imr)\s*[-:]?\s*$",
+                          re.IGNORECASE)
 
 
 def looks_like_dicom(path: str | Path) -> bool:
@@ -354,11 +358,14 @@ def _nominal_percent(ds: pydicom.Dataset) -> float | None:
 
 
 def percent_from_description(text: str) -> float | None:
-    """A cardiac phase in % R-R from a series description: 'Cardiac 40%', '40 %', 'phase 40'."""
+    """A cardiac phase in % R-R from a series description: 'Cardiac 40%', '40 %', 'phase 40'; a
+    percentage that follows an iterative reconstruction's name is its strength ('ASiR-V 40%'),
+    skipped."""
+    text = text or ""
     for pattern in _PCT_PATTERNS:
-        m = pattern.search(text or "")
-        if m:
-            return float(m.group(1))
+        for m in pattern.finditer(text):
+            if not _NOT_A_PHASE.search(text[: m.start()]):
+                return float(m.group(1))
     return None
 
 
