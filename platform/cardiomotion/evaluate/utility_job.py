@@ -10,7 +10,7 @@ For each leave-one-out fold k (held-out scan s_k):
    writes the largest corpus into ``OUT/folds/<s_k>/corpus`` (its first N samples are the
    N-sample corpus of the same plan), with ``on_the_fly`` the samples are decoded inside the
    estimator's data pipeline (:class:`~cardiomotion.generate.virtual.VirtualCorpus`);
-3. every (arm, N, seed) is one Ray Train run (:func:`estimator_train_loop`) of the
+3. every (arm, N, seed) is one Ray Train run (:func:`~cardiomotion.evaluate.utility_estimator.estimator_train_loop`) of the
    ``annotate.pwc`` PWC-Net, ``utility.steps`` steps (``utility.epochs``: a budget that grows
    with N): the corpus arms stream the corpus through ``ray.train.get_dataset_shard`` (Ray Data,
    shuffled per pass), the others build their batches in the worker; the worker then scores its
@@ -95,7 +95,7 @@ def _references(pair, cfg: Config) -> list[dict[str, Any]]:
 
 def _fed(run: UtilityRun, fc: FoldCorpus) -> UtilityRun:
     """``run`` given its fold's generator and the corpora its arm reads (the others stay None,
-    as :func:`plan_runs` left them)."""
+    as :func:`~cardiomotion.evaluate.utility_plan.plan_runs` left them)."""
     arm = UtilityArm(run.arm)
     given: dict[str, Any] = {"model_uri": fc.model_uri}
     if arm.uses_corpus:
@@ -112,7 +112,7 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     """Run the utility experiment into ``out_dir`` (one run at a time per folder); see the module
     docstring. ``folds``: indices/scan ids/ranges as ``cv --folds`` (default: all).
     ``on_run(done, total)`` after every finished estimator (progress bars). ``generators``:
-    another utility folder whose fold CVAEs are reused (:func:`plan_adoption`).
+    another utility folder whose fold CVAEs are reused (:func:`~cardiomotion.evaluate.utility_generators.plan_adoption`).
 
     Raises:
         InputError: before any work — bad inputs, a scan without exact truth.
