@@ -58,10 +58,21 @@ def _block_centres_mm(shape: tuple[int, ...], step: np.ndarray, spacing: np.ndar
 
 
 def blood_centroid(vol: np.ndarray, spacing: np.ndarray, blood_hu: tuple[float, float]) -> np.ndarray | None:
-    """Voxel index (float, (3,)) of the centroid of the largest blood-HU component, or None."""
+    """Voxel index (float, (3,)) of the centroid of the largest blood-HU component, or None.
+
+    Bone is cut out first: cortical bone is denser than blood (above ``blood_hu``), and where it
+    and its ~3 mm surroundings are left in, the smoothing joins the descending aorta to the
+    vertebrae, whose cancellous bone lies in the blood range, and the spine pulls the centroid
+    ~25 mm behind the heart (a synthetic chest in ``tests/test_prepare.py``). Only dense voxels
+    with dense neighbours count as bone (noise above the range is scattered), so a scan without
+    any, as the phantom, is centred as before."""
     small, sp = _strided(vol, spacing)
     smooth = ndimage.uniform_filter(small, size=3)
     mask = (smooth >= blood_hu[0]) & (smooth <= blood_hu[1])
+    dense = small > blood_hu[1]
+    if dense.any():
+        dense &= ndimage.convolve(dense.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant") >= 4
+        mask &= ~ndimage.binary_dilation(dense)
     if not mask.any():
         return None
     lab, n = ndimage.label(mask)
