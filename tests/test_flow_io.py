@@ -97,6 +97,17 @@ def test_read_refuses_missing_and_corrupt(tmp_path):
     assert "corrupt.nii.gz" in str(exc.value)
 
 
+def test_a_truncated_flow_is_refused_in_one_line(tmp_path, oblique_las_affine):
+    """A flow file cut short (an uncompressed .nii, so nibabel reads the header and fails on the
+    voxels with a message of two lines): the error names the file, on one line, as the CLI prints it."""
+    path = write_flow(tmp_path / "flow.nii", np.ones((3, 6, 6, 6), np.float32), oblique_las_affine)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError) as exc:
+        read_flow(path)
+    assert str(exc.value).startswith(f"{path}: ") and "\n" not in str(exc.value)
+    assert "bytes from" in str(exc.value) and "- could the file be damaged?" in str(exc.value)  # nibabel's two lines, joined
+
+
 def test_write_refuses_bad_flow(tmp_path, oblique_las_affine):
     with pytest.raises(ValueError):
         write_flow(tmp_path / "f.nii.gz", np.zeros((2, *SHAPE)), oblique_las_affine)

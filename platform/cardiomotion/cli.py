@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .errors import CardiomotionError
+from .errors import CardiomotionError, one_line
 
 
 def _say(msg: str) -> None:
@@ -439,13 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     except CardiomotionError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system refused (permissions, disk full, a file in the way)
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

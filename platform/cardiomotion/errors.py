@@ -4,6 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines joined by a space, runs of white space collapsed."""
+    return " ".join(str(text).split())
+
+
 class CardiomotionError(Exception):
     """Base class of every error the library raises on purpose."""
 
@@ -13,8 +18,8 @@ class InputError(CardiomotionError):
 
     def __init__(self, where: str | Path | None, problem: str):
         self.where = str(where) if where is not None else None
-        self.problem = problem
-        super().__init__(f"{self.where}: {problem}" if self.where else problem)
+        self.problem = one_line(problem)  # a library's message quoted in it may hold newlines (nibabel's do)
+        super().__init__(f"{self.where}: {self.problem}" if self.where else self.problem)
 
     def __reduce__(self):
         # Rebuild from the constructor's own arguments: the default (type, self.args) would call

@@ -44,7 +44,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..orientation import canonical_grid, lps_to_ras, to_canonical
 from .scan import Scan, ScanFormat, register_reader, scan_id_of
 
@@ -511,7 +511,7 @@ def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
 
 def _one_line(exc: BaseException) -> str:
     """An exception as ``Type: message`` on one line (pydicom's decoder errors span several)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return f"{type(exc).__name__}: {one_line(str(exc))}"
 
 
 #: what a frame's pixel description needs (HighBit, when absent, is BitsStored − 1)
