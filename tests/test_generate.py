@@ -278,6 +278,27 @@ def test_export_writes_nifti_simpleitk_reads_the_flow(corpus, inputs, tmp_path):
     np.testing.assert_allclose(itk_ed[inside], s["ed_syn"][inside], atol=0.51)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ed_syn.nii.gz"))).transpose(2, 1, 0),
                                   s["ed_syn"])
+    # sample.json describes the exported flow (mm, float32), the corpus's own (voxels, float16) under corpus_sample
+    meta = json.loads((out / "sample.json").read_text())
+    assert (meta["flow_units"], meta["flow_dtype"], meta["flow_file"]) == ("mm", "float32", "flow.nii.gz")
+    assert (meta["corpus_sample"]["flow_units"], meta["corpus_sample"]["flow_dtype"]) == ("voxels", "float16")
+    mm = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flow.nii.gz"), sitk.sitkVectorFloat64))  # (K, J, I, 3) LPS mm
+    spacing = float(meta["spacing_mm"])
+    np.testing.assert_allclose(np.abs(mm).max(), spacing * np.abs(u).max(), rtol=1e-3)
+
+
+def test_export_with_a_model_that_is_not_the_corpus_writes_nothing(corpus, inputs, tmp_path, capsys):
+    """--traversal with a model that does not open: refused in one line before any file is written
+    (the NIfTI files and the GIF were written first)."""
+    from cardiomotion.cli import main
+
+    out = tmp_path / "export"
+    model_dir = tmp_path / "no_model_here"
+    assert main(["export", "--corpus", str(corpus[0]), "--index", "1", "--out", str(out), "--traversal",
+                 "--model", str(model_dir), "--no-gif"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("index", ["-1", "100000"])

@@ -15,13 +15,15 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
 
     Files: ``es.nii.gz`` and ``ed_syn.nii.gz`` (int16 HU), ``flow.nii.gz`` (5-D float32, intent
     1006, RAS mm: a displacement-field transform in Slicer/ITK/SimpleITK), ``sample.json``
-    (metadata), ``transition.gif`` (ES → ED_syn), and with ``traversal`` ``traversal.png`` (the
+    (metadata describing those files; the corpus's own flow description, voxels in float16, under
+    ``corpus_sample``), ``transition.gif`` (ES → ED_syn), and with ``traversal`` ``traversal.png`` (the
     latent traversal of this sample's ES frame, decoded with the corpus' model — or ``model``,
     whose hash must match).
 
     Raises:
         InputError: not a complete corpus, a model that is not the corpus' model, or ``index``
-            outside 0 … N−1 (a negative index is refused: the CLI names samples by their number).
+            outside 0 … N−1 (a negative index is refused: the CLI names samples by their number);
+            each before anything is written.
     """
     import numpy as np
 
@@ -35,29 +37,44 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
     if not 0 <= int(index) < len(corpus):
         raise InputError(corpus_dir, f"--index {index} is outside the corpus: it holds samples 0 … {len(corpus) - 1}")
     s = corpus[index]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    aff = s["affine"]
-    paths = {
-        "es": write_nifti(out / EXPORT_ES, s["es"], aff),
-        "ed_syn": write_nifti(out / EXPORT_ED_SYN, s["ed_syn"], aff),
-        "flow": write_flow(out / EXPORT_FLOW, s["flow"].astype(np.float32), aff),
-        "meta": write_json(out / EXPORT_META, {**s["meta"], "corpus": str(corpus.dir)}),
-    }
-    if gif:
-        from .previews import sample_velocity
-
-        # a velocity model's path is exp(t·v), decoded again from (model, seed, index)
-        paths["gif"] = transition_gif(s["es"], s["flow"], out / EXPORT_GIF, frames=cfg.generate.gif_frames,
-                                      velocity=sample_velocity(corpus_dir, index, model=model, cfg=cfg))
-    if traversal:
-        from .previews import traversal_figure
+    resolved = None
+    if traversal:  # the model is checked before anything is written
         from .model import resolve_model
 
         man = corpus.manifest
         resolved = resolve_model(model or man["model"]["uri"], cfg)
         if resolved.cvae_sha256 != man["model"]["cvae_sha256"]:
             raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
+    velocity = None
+    if gif:
+        from .previews import sample_velocity
+
+        # a velocity model's path is exp(t·v), decoded again from (model, seed, index)
+        velocity = sample_velocity(corpus_dir, index, model=model, cfg=cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    aff = s["affine"]
+    # sample.json describes the files beside it: the corpus stores the flow in voxels (float16),
+    # flow.nii.gz holds it in RAS mm (float32); the corpus's own description is kept under "corpus_sample"
+    stored = {k: s["meta"][k] for k in ("convention", "flow_units", "flow_dtype") if k in s["meta"]}
+    meta = {**{k: v for k, v in s["meta"].items() if k not in stored}, "corpus": str(corpus.dir),
+            "flow_file": EXPORT_FLOW, "flow_units": "mm", "flow_dtype": "float32",
+            "convention": "pull field on the ED grid, RAS world mm, NIfTI intent 1006 (displacement vector), "
+                          "shape (I, J, K, 1, 3): ED_syn(x) = ES(x + u(x)); a displacement-field transform in "
+                          "ITK/SimpleITK/Slicer as it is",
+            "corpus_sample": stored}
+    paths = {
+        "es": write_nifti(out / EXPORT_ES, s["es"], aff),
+        "ed_syn": write_nifti(out / EXPORT_ED_SYN, s["ed_syn"], aff),
+        "flow": write_flow(out / EXPORT_FLOW, s["flow"].astype(np.float32), aff),
+        "meta": write_json(out / EXPORT_META, meta),
+    }
+    if gif:
+        paths["gif"] = transition_gif(s["es"], s["flow"], out / EXPORT_GIF, frames=cfg.generate.gif_frames,
+                                      velocity=velocity)
+    if resolved is not None:
+        from .previews import traversal_figure
+
         paths["traversal"] = traversal_figure(resolved, s["es"], float(s["meta"]["spacing_mm"]),
                                               out / EXPORT_TRAVERSAL, cfg,
                                               title=f"latent traversal, {s['scan_id']} (sample {s['index']})")
