@@ -89,6 +89,38 @@ def test_corpus_layout_manifest_and_reader(corpus, inputs):
         c[N]
 
 
+def test_a_damaged_corpus_is_refused_in_one_line_naming_the_shard(corpus, tmp_path, capsys):
+    """A copy of the corpus with one member's bytes overwritten in place (size kept), and one whose
+    manifest lost "n": `export` exits 2 with one line naming the shard or the manifest, no
+    traceback; verify() names the damaged shard."""
+    import shutil
+
+    from cardiomotion.cli import main
+    from cardiomotion.errors import InputError
+    from cardiomotion.generate import open_corpus
+    from cardiomotion.generate.engine import sample_key
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(corpus[0], damaged)
+    c = open_corpus(damaged)
+    off, size = c._offsets(0)[f"{sample_key(1)}.es.npy"]  # sample 1 lives in shard 0 (4 a shard)
+    with open(c.shard_path(0), "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)
+    assert open_corpus(damaged).verify() == [c.shards[0]["name"]]
+    with pytest.raises(InputError, match=r"shard-.*sample 1 is damaged"):
+        open_corpus(damaged)[1]
+    assert main(["export", "--corpus", str(damaged), "--index", "1", "--out", str(tmp_path / "x"), "--no-gif"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sample 1 is damaged" in err and "Traceback" not in err
+    man = json.loads((damaged / "manifest.json").read_text())
+    del man["n"]
+    (damaged / "manifest.json").write_text(json.dumps(man))
+    assert main(["export", "--corpus", str(damaged), "--index", "1", "--out", str(tmp_path / "y"), "--no-gif"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json: damaged manifest: no n" in err
+
+
 def test_reader_samples_satisfy_ed_syn_equals_warp_es_by_flow(corpus):
     from cardiomotion.flow.warp import warp
     from cardiomotion.generate import open_corpus

@@ -38,8 +38,13 @@ def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
         man = json.loads(path.read_text())
     except ValueError as exc:
         raise InputError(path, f"unreadable manifest ({exc})") from None
-    if man.get("format") != FORMAT:
-        raise InputError(path, f"not a cardiomotion corpus manifest (format={man.get('format')!r})")
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise InputError(path, f"not a cardiomotion corpus manifest (format="
+                               f"{man.get('format') if isinstance(man, dict) else None!r})")
+    missing = [k for k in ("n", "shard_size", "shards") if k not in man]
+    if missing:
+        raise InputError(path, f"damaged manifest: no {', '.join(missing)} (rerun `cardiomotion generate` with the "
+                               "same settings to write it again)")
     return man
 
 
@@ -122,7 +127,12 @@ class Corpus:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check(index)
         raw = self.raw(index)
-        return sample_dict(index, {m: decode_member(m, b) for m, b in raw.items()})
+        try:
+            return sample_dict(index, {m: decode_member(m, b) for m, b in raw.items()})
+        except (ValueError, KeyError, TypeError, EOFError) as exc:  # bytes that are not what the manifest promised
+            raise InputError(self.shard_path(index // self.shard_size),
+                             f"sample {index} is damaged ({exc.__class__.__name__}: {exc}); Corpus.verify() names "
+                             "the shards whose bytes differ from the manifest") from None
 
     def verify(self) -> list[str]:
         """Names of shards whose size or sha256 differs from the manifest (empty: intact)."""
