@@ -646,6 +646,15 @@ def test_generate_from_single_frames_of_any_format(inputs, ray_session, tmp_path
     assert main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "notes.txt: not a 3-D frame" in err[0]
+    assert not (tmp_path / "c2").exists()  # refused before anything was written
+    zero = ["generate", "--model", inputs["uri"], "--frames", str(frames / "f_nifti.nii.gz"), "--out",
+            str(tmp_path / "c3"), "--n", "0", "--config", str(cfg_file), "--no-track"]
+    assert main(zero) == 2 and "--n: the number of samples must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "c3").exists()  # the frames were prepared before N was checked
+    flow5d = tmp_path / "flow5d.nii.gz"  # a displacement file (I, J, K, 1, 3) given as a frame: refused in the pipeline
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 1, 3), np.float32), img.affine), str(flow5d))
+    assert main(zero[:4] + [str(flow5d)] + zero[5:8] + ["2"] + zero[9:]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "c3").exists()
     onto_prepared = ["generate", "--model", inputs["uri"], "--frames", str(frames / "f_nifti.nii.gz"),
                      "--out", str(out.parent / "from_prepared"), "--n", "2", "--config", str(cfg_file), "--no-track"]
     assert main(["generate", "--model", inputs["uri"], "--prepared", str(inputs["prepared"]), "--out",

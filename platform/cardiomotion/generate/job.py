@@ -39,6 +39,21 @@ Log = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------- the job
+def _checked_request(n: Any, temperature: float | None, cfg: Config) -> tuple[int, float]:
+    """(N, temperature) of a generate request, checked before any work (``temperature`` None:
+    ``generate.temperature``).
+
+    Raises:
+        InputError: N not a positive integer, or a temperature below 0 or not finite.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise InputError("--n", f"the number of samples must be a positive integer, got {n!r}")
+    temperature = float(temperature if temperature is not None else cfg.generate.temperature)
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InputError("--temperature", f"must be >= 0, got {temperature}")
+    return int(n), temperature
+
+
 def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_dir: str | Path, n: int,
                          seed: int | None = None, cfg: Config | None = None, **kwargs: Any) -> Path:
     """Generate a corpus conditioned on single 3-D frames (any single-phase cardiac CT).
@@ -56,6 +71,7 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
     from ..data.frames import prepare_frames
 
     cfg = cfg or load_config(None)
+    _checked_request(n, kwargs.get("temperature"), cfg)  # before the frames are prepared
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder; use another --out")
@@ -75,7 +91,16 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
     spacing = resolved.meta.get("spacing_mm")
     if spacing is None:
         raise InputError(resolved.uri, "model.json has no spacing_mm: the frames' voxel size is unknown")
-    prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing), log=kwargs.get("log", lambda _m: None))
+    fresh = not out.exists()
+    try:
+        prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing),
+                       log=kwargs.get("log", lambda _m: None))
+    except InputError:
+        if fresh:  # a frame refused inside the pipeline (a 5-D file): nothing of this new --out is kept
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return generate_corpus(model, out / FRAMES, out, n, seed, cfg, **kwargs)
 
 
@@ -129,13 +154,8 @@ def generate_corpus(
     """
     cfg = cfg or load_config(None)
     g = cfg.generate
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise InputError("--n", f"the number of samples must be a positive integer, got {n!r}")
-    n = int(n)
+    n, temperature = _checked_request(n, temperature, cfg)
     seed = int(seed if seed is not None else (g.seed if g.seed is not None else cfg.seed))
-    temperature = float(temperature if temperature is not None else g.temperature)
-    if not np.isfinite(temperature) or temperature < 0:
-        raise InputError("--temperature", f"must be >= 0, got {temperature}")
     out = Path(out_dir).expanduser().resolve()
     resolved = resolve_model(model, cfg)
     frames = load_frames(prepared_dir)
