@@ -337,6 +337,15 @@ def test_bad_prepared_data_is_refused_before_any_work(annotated, tmp_path):
         annotate(bad, tmp_path / "out3", cfg)
     assert not (tmp_path / "out3").exists()
 
+    # a truncated volume (its header whole): refused before the run records the prepared set it was
+    # given, so the repaired set can be annotated into the same --out
+    es = bad / "phantom_000" / "es.nii.gz"
+    es.write_bytes(es.read_bytes()[: len(es.read_bytes()) // 2])
+    shutil.copy(root / "prepared" / "phantom_001" / "ed.nii.gz", ed)
+    with pytest.raises(InputError, match=r"phantom_000/es.nii.gz: unreadable prepared volume"):
+        annotate(bad, tmp_path / "out4", cfg)
+    assert not (tmp_path / "out4").exists()
+
 
 def test_epoch_lr_known_values():
     """Constant keeps lr; cosine starts at lr, halves at mid-training, decreases every epoch and

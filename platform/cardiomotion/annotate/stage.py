@@ -33,10 +33,11 @@ Log = Callable[[str], None]
 
 
 def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
-    """Validate a prepared dataset before any Ray work; returns its rows.
+    """Validate a prepared dataset before any Ray work (and before the run records what it was made
+    from); returns its rows. Every volume is read whole: a truncated file has a readable header.
 
     Raises:
-        InputError: missing table or files, ES/ED grids that differ, a grid the networks cannot
+        InputError: missing table or files, an unreadable or truncated volume, ES/ED grids that differ, a grid the networks cannot
             take, or grids that differ between scans.
     """
     from ..data.table import read_scan_table
@@ -52,8 +53,9 @@ def check_prepared(prepared_dir: Path, cfg: Config) -> list[dict]:
             path = prepared_dir / row[key]
             try:
                 img = nib.load(str(path))
+                np.asarray(img.dataobj)  # the voxels too: a truncated file has a whole header
             except Exception as exc:
-                raise InputError(path, f"unreadable prepared volume ({exc.__class__.__name__})") from None
+                raise InputError(path, f"unreadable prepared volume ({exc.__class__.__name__}: {exc})") from None
             headers[key] = (tuple(img.shape), img.affine)
         (es_shape, es_aff), (ed_shape, ed_aff) = headers["es_path"], headers["ed_path"]
         if es_shape != ed_shape or not np.allclose(es_aff, ed_aff, atol=1e-4):
