@@ -967,3 +967,40 @@ def test_a_gpu_asked_of_a_cluster_without_one_is_refused_before_any_work(phantom
         run_utility(prepared, flows, tmp_path / "u", cfg, folds=[0])
     assert not (tmp_path / "u" / "runs.jsonl").exists()
     assert not (tmp_path / "u" / "inputs.json").exists()  # a refused run pins the folder to nothing
+
+
+def test_a_damaged_shared_pyramid_is_refused_before_any_estimator_trains(phantom, tmp_path):
+    """cv.pyramid shared with feature_pyramid.pt overwritten: `utility` with the cvae arm is refused at
+    once, naming the file, before Ray starts and before anything is written (it trained the other arms
+    and wrote its table first); an arm that needs no generator does not read the pyramid."""
+    import shutil
+
+    from cardiomotion.config import load_config
+    from cardiomotion.errors import InputError
+    from cardiomotion.evaluate.utility_job import run_utility
+
+    prepared, flows = phantom
+    damaged = tmp_path / "flows"
+    shutil.copytree(flows, damaged)
+    (damaged / "feature_pyramid.pt").write_bytes(b"not a checkpoint")
+    cfg = load_config(None, {**TINY, "storage_root": str(tmp_path / "store"), "cv": {"pyramid": "shared"},
+                             "utility": {"arms": ["annotated", "cvae"], "sizes": [4], "steps": 2}})
+    with pytest.raises(InputError, match=r"flows/feature_pyramid.pt: not a feature-pyramid checkpoint"):
+        run_utility(prepared, damaged, tmp_path / "u", cfg, folds=[0])
+    assert not (tmp_path / "u").exists()  # the folder this call made is not left behind
+    truncated = tmp_path / "flows_cut"  # a flow file cut short: refused before the folder records its inputs
+    shutil.copytree(flows, truncated)
+    cut = truncated / "phantom_001" / "flow.nii.gz"
+    cut.write_bytes(cut.read_bytes()[:200])
+    with pytest.raises(InputError, match=r"phantom_001/flow.nii.gz"):
+        run_utility(prepared, truncated, tmp_path / "u", cfg, folds=[0])
+    assert not (tmp_path / "u").exists()
+    from cardiomotion.evaluate.utility_generators import check_generator_inputs
+    from cardiomotion.evaluate.utility_plan import plan_runs
+    from cardiomotion.train.fold import plan_fold
+
+    plan = plan_fold(prepared, damaged, 0, pyramid="shared")
+    real_only = cfg.model_copy(update={"utility": cfg.utility.model_copy(update={"arms": [cfg.utility.arms[0]]})})
+    runs = plan_runs(0, plan.val_id, plan.train_ids, real_only, prepared=str(prepared), flows=str(damaged),
+                     corpus_dir=None, model_uri=None, frames_dir=None, rms_vox=1.0)
+    check_generator_inputs(prepared, damaged, [plan], {plan.val_id: runs}, set(), tmp_path / "u", set(), real_only)

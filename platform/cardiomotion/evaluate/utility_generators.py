@@ -110,6 +110,30 @@ def _fold_generator(prepared: Path, flows: Path, fold: int, scan_id: str, fold_d
     return res.model_uri
 
 
+def check_generator_inputs(prepared: Path, flows: Path, plans: Sequence, planned: dict, have: set[str], out: Path,
+                           lent: set[Path], cfg: Config) -> None:
+    """Before Ray starts: the inputs of every fold CVAE this run will train — a fold with an
+    unfinished generated arm (``planned``, less the rows in ``have``) whose ``generator.json`` is
+    neither in ``out`` nor among those ``lent`` (:func:`plan_adoption`) — pass ``train``'s own
+    checks (:func:`~cardiomotion.train.cvae.check_fold_inputs`: its feature pyramid opens, the
+    grid suits it), so that a damaged pyramid is refused at once, not after the other arms trained.
+
+    Raises:
+        InputError: as :func:`~cardiomotion.train.cvae.check_fold_inputs`.
+    """
+    from ..config import UtilityArm
+    from ..train.cvae import check_fold_inputs
+
+    for plan in plans:
+        record = utility_fold_dir(out, plan.val_id) / GENERATOR_RECORD
+        if record.is_file() or record in lent:
+            continue
+        if any(UtilityArm(r.arm).generated and r.key not in have for r in planned[plan.val_id]):
+            check_fold_inputs(prepared, flows, plan.fold, cfg)
+            if cfg.cv.pyramid.value == "shared":
+                return  # one pyramid for every fold: checked once
+
+
 def read_generator_record(path: Path) -> dict:
     """A fold's ``generator.json`` (its ``model_uri``, and the ``settings`` it was trained with).
 

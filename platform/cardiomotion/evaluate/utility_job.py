@@ -44,11 +44,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import Config, UtilityArm
+from ..errors import InputError
 from ..layout import (UTILITY_FIGURE as FIGURE_FILE, UTILITY_PAIRED as PAIRED_FILE, UTILITY_RUNS as RUNS_FILE,
                       UTILITY_SUMMARY as SUMMARY_FILE, UTILITY_TABLE as TABLE_FILE,
                       UTILITY_TRANSPORT_POOL as TRANSPORT_POOL, transport_pairs_dir, utility_fold_dir)
 from .utility_estimator import annotated_flow_rms, estimator_task, held_out_pair
-from .utility_generators import FoldCorpus, plan_adoption, prepare_fold_task, write_adoption
+from .utility_generators import (FoldCorpus, check_generator_inputs, plan_adoption, prepare_fold_task,
+                                 write_adoption)
 from .utility_plan import (UtilityRun, check_budgets, check_identity, check_inputs, estimator_identity,
                            plan_runs, record_inputs, row_key)
 from .utility_report import PAIRED_COLUMNS, TABLE_COLUMNS, paired_differences, per_scan_means, summarize, utility_figure
@@ -120,10 +122,18 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     from ..fileio import exclusive_lock
 
     out = Path(out_dir).expanduser().resolve()
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out, "utility"):
-        return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
-                            generators)
+    try:
+        with exclusive_lock(out, "utility"):
+            return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
+                                generators)
+    except InputError:
+        if fresh:  # refused before any work: a folder this call made is not left behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run,
@@ -160,6 +170,10 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     # another folder's fold generators (--generators): checked before Ray starts, written past the refusals
     lent = (plan_adoption(Path(generators), out, [p.val_id for p in plans], inputs, cfg, log)
             if generators is not None else [])
+    check_generator_inputs(prepared, flows, plans, planned, have, out, {mine for mine, _ in lent}, cfg)
+    # the random arm's RMS: every training flow read (once for the sweep), so a damaged one is refused before any work
+    sumsq: dict[str, tuple[float, int]] = {}
+    rms_of = {p.val_id: annotated_flow_rms(str(prepared), str(flows), p.train_ids, sumsq) for p in plans}
     ray = init_ray(cfg.ray)
     use_gpu = stage_gpu(u.resources, ray, "utility.resources.use_gpu")  # before any work
     write_adoption(lent)
@@ -174,13 +188,12 @@ def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log
     refs: list[dict] = []
     queue: list[UtilityRun] = []
     preparing: dict[Any, Any] = {}  # prep task → its fold's plan
-    sumsq: dict[str, tuple[float, int]] = {}  # each scan's flow read once for the whole sweep
     total = corpus_runs_todo = 0
     prep = ray.remote(num_cpus=0, max_retries=0)(prepare_fold_task)
     for plan in plans:
         fold_dir = utility_fold_dir(out, plan.val_id)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        rms = annotated_flow_rms(str(prepared), str(flows), plan.train_ids, sumsq)
+        rms = rms_of[plan.val_id]
         runs = planned[plan.val_id] = [
             replace(r, rms_vox=float(rms),
                     transport_file=str(fold_dir / TRANSPORT_POOL) if UtilityArm(r.arm).transports else None,
