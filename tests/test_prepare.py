@@ -277,6 +277,14 @@ def test_the_crop_centres_on_the_heart_not_on_the_spine_beside_the_aorta():
     truth = np.array(ndimage.center_of_mass(blood))
     got = heart_center(v, affine, (200.0, 800.0))
     assert np.linalg.norm(got - truth) < 5.0, (got, truth)
+    # a bright, noisy pool near the blood range's top (low-kV CTA: 770 ± 70 HU) is blood, not bone: the
+    # centre stays on it, not on the dimmer chamber beside it (a 1000 HU bone threshold; at 800 it moved 60 mm)
+    w = np.full((120, 120, 96), 40.0, np.float32)
+    xx, yy, zz = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in w.shape), indexing="ij")
+    w[(xx - 45) ** 2 + (yy - 60) ** 2 + (zz - 48) ** 2 <= 26 ** 2] = 770.0
+    w[(xx - 95) ** 2 + (yy - 60) ** 2 + (zz - 48) ** 2 <= 15 ** 2] = 300.0
+    w += np.random.default_rng(1).normal(0, 70, w.shape).astype(np.float32)
+    assert np.linalg.norm(heart_center(w, affine, (200.0, 800.0)) - [45, 60, 48]) < 3.0
 
 
 def test_4d_nifti_file_is_prepared_with_detected_phases(mixed, cohort):

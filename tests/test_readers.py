@@ -371,6 +371,8 @@ def test_percent_from_description():
     assert percent_from_description("ASiR-V 40% Cardiac 75%") == 75.0  # the first is a reconstruction's strength
     assert percent_from_description("Cardiac 0.625mm ASIR 50 %") is None
     assert percent_from_description("Multiphase 10 Cardiac phase 3") == 3.0
+    assert percent_from_description("CardiacPhase 40") == 40.0 and percent_from_description("BestPhase_75") == 75.0
+    assert percent_from_description("Stereoveo 40%") == 40.0  # a name that merely ends in one
 
 
 def test_dicom_duplicate_phase(tmp_path):
@@ -496,6 +498,25 @@ def test_dicom_a_series_per_phase_without_a_percentage_is_ordered_by_its_images_
                        n_slices=(_N_SLICES - 2,), seed=1)
     scan = read_scan(tmp_path, ScanFormat.DICOM)
     assert scan.n_phases == 3 and len(scan.left_out) == 1 and "not on the cine's grid" in scan.left_out[0]
+
+
+def test_dicom_tag_ordering_is_for_studies_without_any_percentage_and_picks_a_key_that_tells_apart(tmp_path):
+    """Beside series with percentages, a series that lost its own (description blanked) but has a
+    TriggerTime is still a phase whose tag is missing (an error), not another cine's phase dropped
+    without a word; series that all share TemporalPositionIdentifier 1 are ordered by their
+    TriggerTimes, which tell them apart."""
+    _write_dicom_study(tmp_path / "a", [1, 0, 0, 0, 1, 0], [("nominal", 0), ("trigger", 400.0), ("nominal", 70)])
+    with pytest.raises(InputError, match=r"no cardiac phase.*on the grid of the cine's phases"):
+        read_scan(tmp_path / "a", ScanFormat.DICOM)
+    _write_dicom_study(tmp_path / "b", [1, 0, 0, 0, 1, 0], [("trigger", v) for v in (700.0, 0.0, 400.0)])
+    for f in (tmp_path / "b").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.TemporalPositionIdentifier = 1
+        ds.save_as(f)
+    scan = read_scan(tmp_path / "b", ScanFormat.DICOM)
+    assert scan.n_phases == 3 and scan.phase_percent is None
+    for t, p in enumerate((1, 2, 0)):  # written spec index of each sorted phase
+        assert scan.phase(t).max() == max(float(_raw_slice(p, k).max()) * _slope(k) - 1024 for k in range(_N_SLICES))
 
 
 def test_dicom_repeated_positions_with_nothing_to_split_them_by_are_refused(tmp_path):
@@ -693,6 +714,24 @@ def test_dicom_enhanced_ct_one_file_per_phase_reads_as_the_single_frame_study(tm
     multi = read_scan(tmp_path / "multi", ScanFormat.DICOM)
     assert multi.phase_percent == [0.0, 40.0, 70.0] and multi.left_out == []
     _assert_same_scan(multi, read_scan(tmp_path / "single", ScanFormat.DICOM))
+
+
+def test_dicom_enhanced_ct_without_the_preamble_reads_as_with_it(tmp_path):
+    """The Enhanced CT files of one phase each, saved again by pydicom with no preamble and no file
+    meta (implicit VR): the same scan, voxel for voxel (pydicom's frame iterator refuses such a
+    file by path; it is decoded from the dataset read with force)."""
+    iop = [1, 0, 0, 0, 1, 0]
+    for p, pct in enumerate((70, 0, 40)):
+        _enhanced_ct(tmp_path / "p10" / f"phase{p}.dcm", iop,
+                     [(p, k, {"NominalPercentageOfCardiacPhase": pct}) for k in range(_N_SLICES)], shuffle_seed=p)
+        ds = pydicom.dcmread(tmp_path / "p10" / f"phase{p}.dcm")
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        (tmp_path / "bare").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "bare" / f"phase{p}", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    bare = read_scan(tmp_path / "bare", ScanFormat.DICOM)
+    assert bare.phase_percent == [0.0, 40.0, 70.0] and bare.left_out == []
+    _assert_same_scan(bare, read_scan(tmp_path / "p10", ScanFormat.DICOM))
 
 
 @pytest.mark.parametrize("key,percent", [("NominalPercentageOfCardiacPhase", [0.0, 40.0, 70.0]),

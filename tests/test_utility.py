@@ -992,9 +992,10 @@ def test_a_damaged_shared_pyramid_is_refused_before_any_estimator_trains(phantom
     shutil.copytree(flows, truncated)
     cut = truncated / "phantom_001" / "flow.nii.gz"
     cut.write_bytes(cut.read_bytes()[:200])
+    (tmp_path / "u").mkdir()  # a folder the user made: kept, and nothing recorded in it
     with pytest.raises(InputError, match=r"phantom_001/flow.nii.gz"):
         run_utility(prepared, truncated, tmp_path / "u", cfg, folds=[0])
-    assert not (tmp_path / "u").exists()
+    assert (tmp_path / "u").is_dir() and list((tmp_path / "u").iterdir()) == []
     from cardiomotion.evaluate.utility_generators import check_generator_inputs
     from cardiomotion.evaluate.utility_plan import plan_runs
     from cardiomotion.train.fold import plan_fold

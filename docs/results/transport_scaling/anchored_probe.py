@@ -15,7 +15,7 @@ import torch
 
 from cardiomotion.config import load_config
 from cardiomotion.evaluate.utility import AnchoredSource, TransportSource
-from cardiomotion.evaluate.utility_job import _training_arrays
+from cardiomotion.evaluate.utility_estimator import training_arrays as _training_arrays
 from cardiomotion.flow.metrics import folding_fraction
 from cardiomotion.generate.model import load_networks, resolve_model
 

@@ -5,7 +5,8 @@ import argparse, json, sys, time
 import numpy as np, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "platform"))  # the repo's package
 from cardiomotion.config import load_config
-from cardiomotion.evaluate.utility_job import _training_arrays, _held_out, estimator_settings
+from cardiomotion.evaluate.utility_estimator import held_out_pair as _held_out, training_arrays as _training_arrays
+from cardiomotion.evaluate.utility_plan import estimator_settings
 from cardiomotion.evaluate.utility import PairSource, Batch, source_batches, train_estimator, score_estimate
 from cardiomotion.annotate.pwc import build_pwcnet
 from cardiomotion.data.intensity import hu_to_unit

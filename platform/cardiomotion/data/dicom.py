@@ -57,11 +57,11 @@ _DICOM_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, Att
 _PCT_PATTERNS = (
     re.compile(r"(\d+(?:\.\d+)?)\s*%"),
     re.compile(r"(\d+(?:\.\d+)?)\s*(?:pct|percent)\b", re.IGNORECASE),
-    re.compile(r"\bphase\s*[:=#_-]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE),  # not "Multiphase 10"
+    re.compile(r"(?<!multi)phase\s*[:=#_-]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE),  # "CardiacPhase 40", not "Multiphase 10"
 )
 #: what a percentage in a description may instead be the strength of: iterative reconstruction
 #: ("ASiR-V 40%", "ASIR 50 %"), not the cardiac phase
-_NOT_A_PHASE = re.compile(r"(?:asir(?:-v)?|safire|admire|idose\d*|aidr(?:\s*3d)?|dlir|veo|imr)\s*[-:]?\s*$",
+_NOT_A_PHASE = re.compile(r"\b(?:asir(?:-v)?|safire|admire|idose\d*|aidr(?:\s*3d)?|dlir|veo|imr)\s*[-:]?\s*$",
                           re.IGNORECASE)
 
 
@@ -133,7 +133,7 @@ class _Series:
     slices: list[_Slice] = field(default_factory=list)
     percent: float | None = None  # cardiac phase, % R-R
     order: float | None = None  # what sorts the phases: the percent, or the key a cine series was split by
-    split_by: str | None = None  # that key (:func:`_split_phases`, or :func:`_series_tag_phase`), None: a percentage
+    split_by: str | None = None  # that key (:func:`_split_phases`, or :func:`_order_by_shared_tag`), None: a percentage
     by_tag: bool = False  # a series of its own ordered by a per-image key (no percentage known)
     affine: np.ndarray | None = None  # voxel → RAS mm of the (Columns, Rows, n) array
 
@@ -334,16 +334,20 @@ def _split_phases(s: _Series) -> list[_Series]:
 _TAG_PHASES = ", ".join(_PHASE_KEYS[1:])
 
 
-def _series_tag_phase(s: _Series) -> None:
-    """Order a series of its own that states no percentage by the first of the per-image
-    :data:`_PHASE_KEYS` (TemporalPositionIdentifier, TemporalPositionIndex, TriggerTime,
-    NominalCardiacTriggerDelayTime) that all its images carry with one value: anonymised studies
-    often lose the series description, and many scanners write no (0020,9241). Leaves it
-    unordered when none does."""
+def _order_by_shared_tag(series: list[_Series]) -> None:
+    """Order series of their own, none of which states a percentage, by the first of the
+    per-image :data:`_PHASE_KEYS` (TemporalPositionIdentifier, TemporalPositionIndex, TriggerTime,
+    NominalCardiacTriggerDelayTime) that each carries with one value on all its images and that
+    tells at least two of them apart: anonymised studies often lose the series description, and
+    many scanners write no (0020,9241). Leaves them unordered when no key does."""
     for key in _PHASE_KEYS[1:]:
-        values = {sl.phase_tags.get(key) for sl in s.slices}
-        if len(values) == 1 and None not in values:
-            s.order, s.split_by, s.by_tag = values.pop(), key, True
+        values = []
+        for s in series:
+            own = {sl.phase_tags.get(key) for sl in s.slices}
+            values.append(own.pop() if len(own) == 1 else None)
+        if None not in values and len(set(values)) >= 2:
+            for s, v in zip(series, values):
+                s.order, s.split_by, s.by_tag = v, key, True
             return
 
 
@@ -505,7 +509,12 @@ def _frames_hu(path: Path, frames: list[_Slice]) -> list[np.ndarray]:
             ds = _dcmread(path)
         except _DICOM_ERRORS:
             ds = None
-        decoded = _gdcm_frames(path, ds, wanted, exc)
+        try:  # a file without the preamble: pydicom decodes it from the dataset read with force
+            decoded = dict(zip(wanted, iter_pixels(ds, indices=wanted))) if ds is not None else None
+        except _DICOM_ERRORS:
+            decoded = None
+        if decoded is None:
+            decoded = _gdcm_frames(path, ds, wanted, exc)
     return [decoded[sl.frame].astype(np.float64) * sl.rescale[0] + sl.rescale[1] for sl in frames]
 
 
@@ -680,8 +689,9 @@ def read_dicom(path: Path) -> Scan:
         if s.split_by is None:  # a series per phase: its phase from its header or description
             pct = _nominal_percent(s.first)
             s.percent = s.order = percent_from_description(s.description) if pct is None else pct
-            if s.order is None:  # else one value its images share of a per-image key (TriggerTime, ...)
-                _series_tag_phase(s)
+    own = [s for s in series if s.split_by is None]
+    if own and all(s.order is None for s in own):  # no percentage anywhere: a per-image key they share
+        _order_by_shared_tag(own)
     phased = [s for s in series if s.order is not None]
     unphased = [s for s in series if s.order is None]
     if len(phased) < 2 and unphased:

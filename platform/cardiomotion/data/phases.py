@@ -31,6 +31,11 @@ class PhaseChoice:
     blood_ml: tuple[float, ...] | None = None  # per phase, when detected
 
 
+#: cortical bone, HU: above it (and above the blood range) a voxel is bone to the crop's centring;
+#: a bright, noisy blood pool near the blood range's top (low-kV CTA) stays below it
+BONE_HU = 1000.0
+
+
 def _strided(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """Every n-th voxel of ``vol`` (about ``target_mm`` apart) and its spacing (mm): the crop's
     centring (:func:`blood_centroid` smooths it after)."""
@@ -60,7 +65,8 @@ def _block_centres_mm(shape: tuple[int, ...], step: np.ndarray, spacing: np.ndar
 def blood_centroid(vol: np.ndarray, spacing: np.ndarray, blood_hu: tuple[float, float]) -> np.ndarray | None:
     """Voxel index (float, (3,)) of the centroid of the largest blood-HU component, or None.
 
-    Bone is cut out first: cortical bone is denser than blood (above ``blood_hu``), and where it
+    Bone is cut out first: cortical bone is denser than blood (above ``blood_hu`` and
+    :data:`BONE_HU`), and where it
     and its ~3 mm surroundings are left in, the smoothing joins the descending aorta to the
     vertebrae, whose cancellous bone lies in the blood range, and the spine pulls the centroid
     ~25 mm behind the heart (a synthetic chest in ``tests/test_prepare.py``). Only dense voxels
@@ -69,7 +75,7 @@ def blood_centroid(vol: np.ndarray, spacing: np.ndarray, blood_hu: tuple[float, 
     small, sp = _strided(vol, spacing)
     smooth = ndimage.uniform_filter(small, size=3)
     mask = (smooth >= blood_hu[0]) & (smooth <= blood_hu[1])
-    dense = small > blood_hu[1]
+    dense = small > max(blood_hu[1], BONE_HU)
     if dense.any():
         dense &= ndimage.convolve(dense.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant") >= 4
         mask &= ~ndimage.binary_dilation(dense)

@@ -114,7 +114,7 @@ def check_generator_inputs(prepared: Path, flows: Path, plans: Sequence, planned
                            lent: set[Path], cfg: Config) -> None:
     """Before Ray starts: the inputs of every fold CVAE this run will train — a fold with an
     unfinished generated arm (``planned``, less the rows in ``have``) whose ``generator.json`` is
-    neither in ``out`` nor among those ``lent`` (:func:`plan_adoption`) — pass ``train``'s own
+    neither in ``out`` with this plan's settings nor among those ``lent`` (:func:`plan_adoption`) — pass ``train``'s own
     checks (:func:`~cardiomotion.train.cvae.check_fold_inputs`: its feature pyramid opens, the
     grid suits it), so that a damaged pyramid is refused at once, not after the other arms trained.
 
@@ -124,10 +124,11 @@ def check_generator_inputs(prepared: Path, flows: Path, plans: Sequence, planned
     from ..config import UtilityArm
     from ..train.cvae import check_fold_inputs
 
+    want = _generator_want(cfg)
     for plan in plans:
         record = utility_fold_dir(out, plan.val_id) / GENERATOR_RECORD
-        if record.is_file() or record in lent:
-            continue
+        if record in lent or (record.is_file() and _recorded_settings(read_generator_record(record), want, cfg) == want):
+            continue  # a generator this run reuses (one trained otherwise is trained again: checked)
         if any(UtilityArm(r.arm).generated and r.key not in have for r in planned[plan.val_id]):
             check_fold_inputs(prepared, flows, plan.fold, cfg)
             if cfg.cv.pyramid.value == "shared":

@@ -122,18 +122,18 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     from ..fileio import exclusive_lock
 
     out = Path(out_dir).expanduser().resolve()
-    fresh = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive_lock(out, "utility"):
+    with exclusive_lock(out, "utility"):  # beside the folder: whoever holds it alone may make or remove it
+        fresh = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
             return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
                                 generators)
-    except InputError:
-        if fresh:  # refused before any work: a folder this call made is not left behind
-            import shutil
+        except InputError:
+            if fresh:  # refused before any work: the folder this call made is not left behind
+                import shutil
 
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run,
