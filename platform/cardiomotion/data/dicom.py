@@ -82,7 +82,7 @@ def looks_like_dicom(path: str | Path) -> bool:
     if suffix not in (".dcm", ".ima", "") and not suffix[1:].isdigit():
         return False
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=1024,  # garbage lengths: not read
                              specific_tags=["SOPClassUID", "Rows", "Columns"])
         return "SOPClassUID" in ds or ("Rows" in ds and "Columns" in ds)
     except Exception:  # noqa: BLE001 - any parse failure means "not DICOM"
