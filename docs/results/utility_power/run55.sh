@@ -1,18 +1,5 @@
-# stop 55: this machine had no experiment folder; rebuild P and A46_001 (docs/results/transport_arm/rebuild.sh's commands),
-# then the 44-fold run's folds 18-43 (u52f44.yaml) into U55F44. Under SCHED_IDLE a stage's Ray start-up can time out
-# while the test suite holds both cores, so each stage is retried (each resumes). Run from anywhere:
+# stop 55: this machine had no experiment folder: rebuild P and A46_001 in /work/exp/c55 (a third label set),
+# then the 44-fold run's folds 18-43 into U55F44 (run_folds.sh). Run from anywhere:
 #   WT=<checkout> chrt --idle 0 nice -n 19 nohup bash docs/results/utility_power/run55.sh > run55.log 2>&1 &
-# (stop 55 ran it as /work/exp/c55/run55.sh with a worktree of 6bc0a88 on PYTHONPATH)
-set -x
-REPO=/work/main
-mkdir -p /work/exp/c55 && cd /work/exp/c55 || exit 1
-cp -n $REPO/docs/results/utility_masked/u43.yaml $REPO/docs/results/annotation_volume/a46_001.yaml .
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=${WT:-$REPO}/platform
-B=$REPO/.venv/bin
-retry() { for i in 1 2 3 4 5 6 7 8 9 10; do date; "$@" && return 0; sleep 120; done; return 1; }
-[ -d C ] || retry $B/python -m cardiomotion.cli phantom --out C --config u43.yaml || exit 1
-[ -f P/scans.parquet ] || retry $B/python -m cardiomotion.cli prepare --scans C/phantom_* --out P --config u43.yaml || exit 1
-retry $B/python -m cardiomotion.cli annotate --prepared P --out A43 --config u43.yaml || exit 1
-retry $B/python -m cardiomotion.cli annotate --prepared P --out A46_001 --network A43 --config a46_001.yaml || exit 1
-retry $B/python -m cardiomotion.cli utility --prepared P --flows A46_001 --out U55F44 --folds 18-43 --config $REPO/docs/results/utility_power/u52f44.yaml
-date
+# (stop 55 ran the same commands as /work/exp/c55/run55.sh with a worktree of 6bc0a88 on PYTHONPATH)
+EXP=/work/exp/c55 OUT=U55F44 FOLDS=18-43 exec bash "$(dirname "$0")/run_folds.sh"
