@@ -124,12 +124,18 @@ def test_every_subcommand_has_help(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("cardiomotion ")
 
 
-def test_usage_errors_exit_2(capsys):
-    for argv in ([], ["nonsense"], ["prepare", "--out", "x"]):
+def test_usage_errors_exit_2_in_one_line_naming_the_command(capsys):
+    for argv, command, problem in (([], "cardiomotion", "the following arguments are required: COMMAND"),
+                                   (["nonsense"], "cardiomotion", "invalid choice: 'nonsense'"),
+                                   (["prepare", "--out", "x"], "cardiomotion prepare",
+                                    "the following arguments are required: --scans"),
+                                   (["generate", "--n", "many"], "cardiomotion generate", "invalid int value: 'many'")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.endswith("\n") and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {command}: ") and problem in err and f"`{command} --help`" in err, err
 
 
 def test_real_process_bad_input_exit_2_one_line(tmp_path):

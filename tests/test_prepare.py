@@ -338,6 +338,9 @@ def test_read_manifest_forms(tmp_path):
     (tmp_path / "half.csv").write_text("scan_id,es_phase,ed_phase\na,3.5,0\n")
     with pytest.raises(InputError, match=r"half.csv: a: es_phase '3.5' is not a whole number"):
         read_manifest(tmp_path / "half.csv")
+    (tmp_path / "flag.json").write_text(json.dumps({"a": {"es_phase": True, "ed_phase": 0}}))  # a JSON true is not phase 1
+    with pytest.raises(InputError, match=r"flag.json: a: es_phase True is not a phase index"):
+        read_manifest(tmp_path / "flag.json")
     (tmp_path / "twice.json").write_text(json.dumps([{"scan_id": "a", "es_phase": 1, "ed_phase": 0}] * 2))
     with pytest.raises(InputError, match=r"twice.json: scan id 'a' appears twice \(record 2"):
         read_manifest(tmp_path / "twice.json")
@@ -564,22 +567,63 @@ def test_scan_notes_name_what_was_left_out_and_a_blood_pool_that_barely_changes(
 
 def test_prepare_prints_a_note_for_phases_detected_from_a_flat_blood_pool(ray_session, tmp_path, capsys):
     """A 4-D scan whose only voxels in the blood range are a static bright block (bone, no
-    contrast) with one voxel that flickers: prepared (phases detected), with one note line on the
-    console naming the scan, and the note in its prepared.json."""
+    contrast) with one voxel that flickers, beside a slab of lung: prepared (phases detected), with
+    one note line on the console naming the scan, and the note in its prepared.json. The same
+    scan stored without its rescale (HU + 1024, written by nibabel as plain values) gets the note
+    that its intensities are not HU (its lung, at 224, is in the blood range: ES/ED are read off it)."""
     rng = np.random.default_rng(0)
     data = rng.normal(40.0, 5.0, (24, 24, 24, 4)).astype(np.float32)
     data[8:16, 8:16, 8:16, :] = 500.0
     data[4, 4, 4, 1] = 500.0  # the "phase" with one more voxel of blood: ED by detection
+    data[20:] = -800.0  # lung, more of it in phase 2 (out of the blood range in HU)
+    data[18:20, ..., 2] = -800.0
     path = write_nifti(tmp_path / "unenhanced.nii.gz", data, np.diag([3.0, 3.0, 3.0, 1.0]))
+    stored = tmp_path / "stored.nii.gz"
+    nib.save(nib.Nifti1Image((data + 1024).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), str(stored))
     out = tmp_path / "out"
     capsys.readouterr()
-    rc = main(["prepare", "--scans", str(path), "--out", str(out), "--config", str(SMOKE)])
+    rc = main(["prepare", "--scans", str(path), str(stored), "--out", str(out), "--config", str(SMOKE)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    lines = [line for line in printed.splitlines() if line.startswith("note: ")]
+    lines = [line for line in printed.splitlines() if line.startswith("note: unenhanced: ")]
     assert len(lines) == 1 and lines[0].startswith("note: unenhanced: the blood-pool volume") and "manifest" in lines[0]
     record = json.loads((out / "unenhanced" / "prepared.json").read_text())["record"]
     assert record["notes"] == [lines[0].removeprefix("note: unenhanced: ")]
+    hu = [line for line in printed.splitlines() if line.startswith("note: stored: intensities do not look like HU")]
+    assert len(hu) == 1 and "subtract 1024" in hu[0], printed
+    assert hu[0].removeprefix("note: stored: ") in json.loads((out / "stored" / "prepared.json").read_text())["record"]["notes"]
+
+
+def test_the_hu_note_tells_values_stored_without_their_rescale_from_hu(cohort):
+    """The phantom in HU (lung ~-800) gets no note; the same volume + 1024 (0-origin storage) and a
+    crop of soft tissue only do, naming the percentiles; a quarter of lung is enough to pass."""
+    from cardiomotion.data.intensity import hu_note
+
+    vol = read_scan(cohort[0]).phase(0)
+    assert hu_note(vol, (200.0, 800.0)) is None
+    note = hu_note(vol + 1024.0, (200.0, 800.0))
+    assert note and note.startswith("intensities do not look like HU") and "subtract 1024" in note
+    low = float(np.percentile(vol + 1024.0, 1))
+    assert abs(float(note.split("1st percentile ")[1].split(",")[0]) - low) < 60, (note, low)
+    tissue = np.full((40, 40, 40), 60.0, np.float32)
+    assert hu_note(tissue, (200.0, 800.0)) is not None
+    tissue[:10] = -850.0
+    assert hu_note(tissue, (200.0, 800.0)) is None
+
+
+def test_a_detection_that_fails_on_values_stored_without_their_rescale_says_so(tmp_path):
+    """A static scan stored as HU + 1024: the blood pool cannot change, and the refusal says why
+    that is likelier than a heart that does not beat; the same scan in HU is refused without it."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(40.0, 5.0, (24, 24, 24, 3)).astype(np.float32)
+    data[8:16, 8:16, 8:16] = 400.0
+    data[20:] = -800.0
+    for name, values, hint in (("hu", data, False), ("stored", data + 1024, True)):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(values.astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), str(path))
+        with pytest.raises(InputError, match="does not change over the phases") as exc:
+            detect_es_ed(read_scan(path), (200.0, 800.0))
+        assert ("intensities do not look like HU" in str(exc.value)) == hint, str(exc.value)
 
 
 def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path):

@@ -179,6 +179,7 @@ def _unenhanced(tmp_path: Path, name: str) -> Path:
     data = rng.normal(40.0, 5.0, (24, 24, 24, 4)).astype(np.float32)
     data[8:16, 8:16, 8:16, :] = 500.0
     data[4, 4, 4, 1] = 500.0
+    data[20:] = -800.0  # lung: the intensities are HU
     return _save_nifti(tmp_path / name, _no_codes(nib.Nifti1Image(data, np.diag([3.0, 3.0, 3.0, 1.0]))))
 
 

@@ -316,8 +316,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, as every other refusal (argparse's own prints the
+    usage block first); ``--help`` is named for the usage. Sub-command parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cardiomotion", description=__doc__.splitlines()[0])
+    p = _Parser(prog="cardiomotion", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"cardiomotion {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

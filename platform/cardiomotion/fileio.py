@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -194,3 +194,33 @@ def exclusive_lock(target: str | Path, stage: str) -> Iterator[Path]:
             yield path
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def removed_if_refused(out: str | Path, stage: str, made: Callable[[Path], Iterable[Path]] = lambda out: (out,)
+                       ) -> Iterator[Path]:
+    """Hold :func:`exclusive_lock` on ``out`` for ``stage`` and, where ``out`` did not exist and the
+    body raises :class:`~cardiomotion.errors.InputError`, remove what the call made: the folders
+    and files ``made(out)`` (default: ``out`` itself), then ``out`` if nothing else is in it.
+    Yields the resolved ``out``. Only refusals are undone: a run that failed for another reason
+    keeps what it finished, for the rerun to resume. The lock is held throughout, so no other call
+    of ``stage`` makes or removes ``out`` meanwhile."""
+    from .errors import InputError
+
+    out = Path(out).expanduser().resolve()
+    with exclusive_lock(out, stage):
+        fresh = not out.exists()
+        try:
+            yield out
+        except InputError:
+            if fresh:
+                for path in made(out):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                try:
+                    out.rmdir()  # only if nothing else is there
+                except OSError:
+                    pass
+            raise

@@ -41,8 +41,8 @@ def frame_settings(cfg: PrepareConfig, grid, spacing_mm: float) -> PrepareConfig
 
 def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig) -> dict:
     """Prepare one frame into ``out_dir/<frame_id>/es.nii.gz``; returns its scan-table record
-    (with ``notes``, what its reader left out or noted, when there are any: not a column of the
-    table)."""
+    (with ``notes``, what its reader left out or noted and intensities that do not look like HU,
+    when there are any: not a column of the table)."""
     center = heart_center(vol.array, vol.affine, tuple(cfg.blood_hu), cfg.center.value)
     grid = tuple(cfg.grid)
     out_aff = grid_affine(center, grid, cfg.spacing_mm)
@@ -55,7 +55,10 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
         "es_path": scan_file(frame_id, ES_FILE), "ed_path": None, "truth_flow_path": None, "labels_path": None,
         "es_labels_path": None,
     }
-    if notes := reader_notes(vol.left_out, vol.notes):  # in prepared.json, not the table
+    from .intensity import hu_note
+
+    notes = reader_notes(vol.left_out, vol.notes) + [n for n in [hu_note(vol.array, tuple(cfg.blood_hu))] if n]
+    if notes:  # in prepared.json, not the table
         record["notes"] = notes
     with atomic_dir(out_dir / frame_id) as tmp:
         write_nifti(tmp / ES_FILE, store_as(es, cfg.dtype), out_aff)

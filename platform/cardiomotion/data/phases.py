@@ -36,10 +36,15 @@ class PhaseChoice:
 BONE_HU = 1000.0
 
 
+def _block_step(spacing: np.ndarray, target_mm: float = 3.0) -> np.ndarray:
+    """Voxels per step of about ``target_mm`` along each axis, (3,) int, at least 1; ``spacing`` in mm."""
+    return np.maximum(1, np.floor(target_mm / np.asarray(spacing, float))).astype(int)
+
+
 def _strided(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """Every n-th voxel of ``vol`` (about ``target_mm`` apart) and its spacing (mm): the crop's
     centring (:func:`blood_centroid` smooths it after)."""
-    step = np.maximum(1, np.floor(target_mm / spacing)).astype(int)
+    step = _block_step(spacing, target_mm)
     return vol[:: step[0], :: step[1], :: step[2]], spacing * step
 
 
@@ -48,8 +53,7 @@ def _block_means(vol: np.ndarray, spacing: np.ndarray, target_mm: float = 3.0) -
     whole block dropped) and the block size in voxels, (3,) int. Means, not every n-th voxel: a
     strided pick keeps each voxel's noise, and under ECG dose modulation, where the phases differ in
     noise, noisy myocardium (~130 HU) crosses into the blood range in the noisy phases only."""
-    step = np.maximum(1, np.floor(target_mm / np.asarray(spacing, float))).astype(int)
-    step = np.minimum(step, np.asarray(vol.shape))  # thinner than a block along an axis: one block there
+    step = np.minimum(_block_step(spacing, target_mm), np.asarray(vol.shape))  # thinner than a block along an axis: one block there
     n = np.asarray(vol.shape) // step
     cut = vol[: n[0] * step[0], : n[1] * step[1], : n[2] * step[2]]
     blocks = cut.reshape(n[0], step[0], n[1], step[1], n[2], step[2])
@@ -88,6 +92,15 @@ def blood_centroid(vol: np.ndarray, spacing: np.ndarray, blood_hu: tuple[float, 
     return c * (sp / spacing)
 
 
+def _hu_hint(vol: np.ndarray, blood_hu: tuple[float, float]) -> str:
+    """``"; <note>"`` when ``vol`` does not look like HU (:func:`~cardiomotion.data.intensity.hu_note`),
+    else ``""``: the likelier cause of a failed detection."""
+    from .intensity import hu_note
+
+    note = hu_note(vol, blood_hu)
+    return f"; {note}" if note else ""
+
+
 def blood_pool_volumes(scan: Scan, blood_hu: tuple[float, float], roi_mm: float = 70.0) -> np.ndarray:
     """Blood-HU volume (ml) per phase inside a sphere around the heart, shape (T,)."""
     spacing = scan.spacing
@@ -95,7 +108,7 @@ def blood_pool_volumes(scan: Scan, blood_hu: tuple[float, float], roi_mm: float 
     center = blood_centroid(first, spacing, blood_hu)
     if center is None:
         raise InputError(scan.source, f"no voxels in the blood HU range {blood_hu}: cannot detect ES/ED; "
-                                      "give the phases in a manifest")
+                                      f"give the phases in a manifest{_hu_hint(first, blood_hu)}")
     volumes = []
     for t in range(scan.n_phases):
         vol = first if t == 0 else scan.phase(t)
@@ -112,14 +125,15 @@ def detect_es_ed(scan: Scan, blood_hu: tuple[float, float]) -> PhaseChoice:
     es, ed = int(np.argmin(vols)), int(np.argmax(vols))
     if es == ed:
         raise InputError(scan.source, "blood-pool volume does not change over the phases: cannot detect "
-                                      "ES/ED; give the phases in a manifest")
+                                      f"ES/ED; give the phases in a manifest{_hu_hint(scan.phase(0), blood_hu)}")
     return PhaseChoice(es, ed, "detected", tuple(float(v) for v in vols))
 
 
 def _phase_index(value, path: Path, sid: str, name: str) -> int:
-    """A manifest's phase index: an int, or a number or string that is a whole number ("3", 3.0)."""
+    """A manifest's phase index: an int, or a number or string that is a whole number ("3", 3.0);
+    not a JSON ``true``."""
     try:
-        f = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+        f = float(str(value).strip())
     except ValueError:
         raise InputError(path, f"{sid}: {name} {value!r} is not a phase index") from None
     if not f.is_integer():

@@ -108,12 +108,18 @@ def reader_notes(left_out, notes) -> list[str]:
     return [f"left out {line}" for line in left_out] + list(notes)
 
 
-def scan_notes(scan: Scan, choice) -> list[str]:
+def scan_notes(scan: Scan, choice, ed: np.ndarray | None = None, blood_hu: tuple[float, float] = (200.0, 800.0)
+               ) -> list[str]:
     """What ``prepare`` tells about one scan besides its record, one line each: what its reader
     left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), the reader's other notes verbatim
-    (:attr:`~cardiomotion.data.scan.Scan.notes`, e.g. an orientation the file does not state), and
-    detected ES/ED whose blood-pool volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
+    (:attr:`~cardiomotion.data.scan.Scan.notes`, e.g. an orientation the file does not state),
+    an ED volume (HU, as read) that does not look like HU (:func:`~cardiomotion.data.intensity.hu_note`),
+    and detected ES/ED whose blood-pool volume barely changes (:data:`MIN_BLOOD_CHANGE`)."""
+    from .intensity import hu_note
+
     notes = reader_notes(scan.left_out, scan.notes)
+    if ed is not None and (note := hu_note(ed, blood_hu)):
+        notes.append(note)
     if choice.blood_ml:
         v = np.asarray(choice.blood_ml, dtype=float)
         change = float((v.max() - v.min()) / v.max()) if v.max() > 0 else 0.0
@@ -153,7 +159,7 @@ def prepare_scan(scan: Scan, out_dir: Path, cfg: PrepareConfig, manifest: dict |
         "labels_path": None,
         "es_labels_path": None,
     }
-    if notes := scan_notes(scan, choice):  # kept in prepared.json, not a column of the table
+    if notes := scan_notes(scan, choice, ed, tuple(cfg.blood_hu)):  # kept in prepared.json, not a column of the table
         record["notes"] = notes
     final = out_dir / scan.scan_id
     with atomic_dir(final) as tmp:

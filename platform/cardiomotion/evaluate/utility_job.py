@@ -119,21 +119,13 @@ def run_utility(prepared_dir: str | Path, flows_dir: str | Path, out_dir: str | 
     Raises:
         InputError: before any work — bad inputs, a scan without exact truth.
     """
-    from ..fileio import exclusive_lock
+    from ..fileio import removed_if_refused
 
-    out = Path(out_dir).expanduser().resolve()
-    with exclusive_lock(out, "utility"):  # beside the folder: whoever holds it alone may make or remove it
-        fresh = not out.exists()
+    # refused before any work: a folder this call made is not left behind
+    with removed_if_refused(out_dir, "utility") as out:
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
-                                generators)
-        except InputError:
-            if fresh:  # refused before any work: the folder this call made is not left behind
-                import shutil
-
-                shutil.rmtree(out, ignore_errors=True)
-            raise
+        return _run_utility(Path(prepared_dir).resolve(), Path(flows_dir).resolve(), out, cfg, folds, log, on_run,
+                            generators)
 
 
 def _run_utility(prepared: Path, flows: Path, out: Path, cfg: Config, folds, log: Log, on_run,

@@ -91,25 +91,14 @@ def generate_from_frames(model: str | Path, frame_paths: list[str | Path], out_d
     spacing = resolved.meta.get("spacing_mm")
     if spacing is None:
         raise InputError(resolved.uri, "model.json has no spacing_mm: the frames' voxel size is unknown")
-    from ..fileio import exclusive_lock
+    from ..fileio import removed_if_refused
     from ..layout import lock_name
 
-    with exclusive_lock(out, "frames_intake"):  # beside --out: no other --frames run makes or removes it meanwhile
-        fresh = not out.exists()
-        try:
-            prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing),
-                           log=kwargs.get("log", lambda _m: None))
-        except InputError:
-            if fresh:  # a frame refused inside the pipeline (a 5-D file): what this call made is removed
-                import shutil
-
-                shutil.rmtree(out / FRAMES, ignore_errors=True)
-                (out / lock_name(FRAMES, "frames")).unlink(missing_ok=True)
-                try:
-                    out.rmdir()  # only if nothing else is there
-                except OSError:
-                    pass
-            raise
+    # a frame refused inside the pipeline (a 5-D file): the frames and their lock, made by this call
+    # in a new --out, are removed (not --out's other contents: a plain `generate` may write there)
+    with removed_if_refused(out, "frames_intake", lambda o: (o / FRAMES, o / lock_name(FRAMES, "frames"))):
+        prepare_frames(frame_paths, out / FRAMES, cfg, resolved.grid, float(spacing),
+                       log=kwargs.get("log", lambda _m: None))
     return generate_corpus(model, out / FRAMES, out, n, seed, cfg, **kwargs)
 
 

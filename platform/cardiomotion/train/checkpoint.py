@@ -50,13 +50,27 @@ def latest_checkpoint(map_location: Any = "cpu") -> tuple[Any, dict[str, Any] | 
                         if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
     except Exception:  # noqa: BLE001  (a storage the listing does not support: Ray's own answer)
         found = []
-    for path in found:
-        ckpt = Checkpoint(path, filesystem=fs)
+    ckpt, state = newest_readable([Checkpoint(path, filesystem=fs) for path in found], map_location)
+    if ckpt is not None:
+        return ckpt, state
+    return (registered, load_state(registered, map_location)) if registered else (None, None)
+
+
+def newest_readable(checkpoints: list, map_location: Any = "cpu") -> tuple[Any, dict[str, Any] | None]:
+    """The first of ``checkpoints`` (Ray Train checkpoints, newest first) whose ``state.pt`` loads,
+    and its state, or (None, None). Each one skipped is told in a :class:`RuntimeWarning` naming
+    its folder and why (in a Ray Train worker the warning reaches the driver's console): a
+    training run that resumes from an older epoch than its newest checkpoint says so."""
+    import warnings
+
+    for ckpt in checkpoints:
         try:
             return ckpt, load_state(ckpt, map_location)
-        except Exception:  # noqa: BLE001  (incomplete or corrupt: try the next older)
-            continue
-    return (registered, load_state(registered, map_location)) if registered else (None, None)
+        except Exception as exc:  # noqa: BLE001  (incomplete or corrupt: try the next older)
+            warnings.warn(f"{ckpt.path}: checkpoint does not load ({exc.__class__.__name__}: "
+                          f"{' '.join(str(exc).split())[:200]}); resuming from an older one", RuntimeWarning,
+                          stacklevel=2)
+    return None, None
 
 
 def resume(model: torch.nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, Any]:
