@@ -63,7 +63,9 @@ def run_job(stage: str, command: str, doc: str, paths: list[PathFlag], *, tracki
         tracking: check the MLflow server first (off for stages that log nothing).
     """
     summary, _, details = doc.strip().partition("\n")
-    parser = argparse.ArgumentParser(
+    from cardiomotion.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(  # usage errors in one line, as the command's
         prog=f"jobs/{stage}.py", description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(details.strip() + "\n\n" if details.strip() else "")
         + f"Relative paths are taken relative to the storage root. Other flags go to "

@@ -146,7 +146,8 @@ def test_every_job_has_help_and_requires_its_config(monkeypatch, capsys):
     # a real process, as Ray runs the entrypoint: no config → usage error at once
     proc = subprocess.run([sys.executable, "jobs/annotate.py"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "the following arguments are required: --config" in proc.stderr
+    assert proc.stderr.splitlines() == ["error: jobs/annotate.py: the following arguments are required: --config "
+                                        "(see `jobs/annotate.py --help`)"], proc.stderr
 
 
 @pytest.mark.parametrize("stage", ["prepare", "annotate", "train", "cv", "tune", "generate", "utility", "demo"])

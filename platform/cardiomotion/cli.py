@@ -316,7 +316,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """argparse with usage errors on one line, as every other refusal (argparse's own prints the
     usage block first); ``--help`` is named for the usage. Sub-command parsers are of this class too."""
 
@@ -325,7 +325,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cardiomotion", description=__doc__.splitlines()[0])
+    p = OneLineErrorParser(prog="cardiomotion", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"cardiomotion {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
