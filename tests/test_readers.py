@@ -552,6 +552,27 @@ def test_dicom_a_thin_best_phase_beside_a_thick_cine_is_left_out(tmp_path):
     assert len(scan.left_out) == 1 and "'Cardiac 40%'" in scan.left_out[0] and "grid more phases share" in scan.left_out[0]
 
 
+@pytest.mark.parametrize("key", ["TriggerTime", "NominalCardiacTriggerDelayTime"])
+def test_dicom_cine_in_one_series_with_trigger_times_that_differ_within_a_phase_is_split_by_their_gaps(tmp_path, key):
+    """A cine exported as one series whose images carry each its own trigger delay (700, 0, 400 ms
+    per phase, each image off by up to 20 ms): the phases are the images grouped by the wide gaps
+    between the values, ordered by their medians, each the values written for it, and a note
+    says how they were told apart."""
+    _write_dicom_study(tmp_path, [1, 0, 0, 0, 1, 0], [("trigger", v) for v in (700.0, 0.0, 400.0)], one_series=True)
+    rng = np.random.default_rng(3)
+    for f in sorted(tmp_path.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        base = float(ds.TriggerTime)
+        del ds.TriggerTime
+        setattr(ds, key, round(base + float(rng.uniform(-20, 20)), 1))
+        ds.save_as(f)
+    scan = read_scan(tmp_path, ScanFormat.DICOM)
+    assert scan.n_phases == 3 and scan.phase_percent is None and scan.shape[2] == _N_SLICES and not scan.left_out
+    for t, p in enumerate((1, 2, 0)):  # written spec index of each sorted phase
+        assert scan.phase(t).max() == max(float(_raw_slice(p, k).max()) * _slope(k) - 1024 for k in range(_N_SLICES))
+    assert len(scan.notes) == 1 and f"one series of 3 phases whose {key} differs image to image" in scan.notes[0]
+
+
 def test_dicom_a_key_with_a_value_per_image_does_not_split_a_series(tmp_path):
     """TriggerTime different on every image (as some scanners write it) splits nothing: a cine in
     one series with nothing else is refused naming the repeated positions, and a study of one

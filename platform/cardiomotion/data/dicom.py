@@ -12,7 +12,9 @@ percentage in SeriesDescription ("Cardiac 40%", "40 %", "phase 40"). A series wh
 positions holds the whole cine (as some scanners export it, in single-frame images or in one
 multi-frame file) and is split per image by NominalPercentageOfCardiacPhase, else
 TemporalPositionIdentifier or a frame's TemporalPositionIndex, else TriggerTime or a frame's
-NominalCardiacTriggerDelayTime (the phases' percentages then unknown). Slices are ordered by their
+NominalCardiacTriggerDelayTime (the phases' percentages then unknown); trigger times that differ
+a little image to image within a phase are grouped by the wide gaps between them, with a note in
+:attr:`Scan.notes`. Slices are ordered by their
 position along the slice normal. The header pass reads no pixel data; each phase's pixels are read
 when :meth:`Scan.phase` asks for it.
 
@@ -295,20 +297,60 @@ def _phase_tags(get: Callable[[str], object]) -> dict[str, float | None]:
     return out
 
 
-def _split_phases(s: _Series) -> list[_Series]:
+#: per-image keys in ms, which may differ a little image to image within one phase (each slice's
+#: trigger delay in its own heartbeat): grouped by the gaps between their values when no value is
+#: shared (:func:`_time_groups`)
+_TIME_KEYS = ("TriggerTime", "NominalCardiacTriggerDelayTime")
+
+
+def _time_groups(values: list[float], where: np.ndarray) -> list[list[int]] | None:
+    """The images (indices) of a one-series cine grouped into phases by a time key whose values
+    differ a little within a phase: as many groups as a position repeats at most, cut at the
+    widest gaps between the sorted values. None unless every group has at least 2 slices, each
+    position at most once, and every cut is more than twice as wide as the widest group's spread
+    (values spread evenly, one per image, have no such gaps and are not split)."""
+    n_phases = max(Counter(where.tolist()).values())
+    order = np.argsort(np.asarray(values, float), kind="stable")
+    v = np.asarray(values, float)[order]
+    gaps = np.diff(v)
+    if n_phases < 2 or len(gaps) < n_phases - 1:
+        return None
+    cuts = np.sort(np.argsort(gaps, kind="stable")[::-1][: n_phases - 1])
+    groups = np.split(order, cuts + 1)
+    spread = max(float(np.ptp(np.asarray(values, float)[g])) for g in groups)
+    if gaps[cuts].min() <= 2 * spread:
+        return None
+    if any(len(g) < 2 or len(set(where[g].tolist())) != len(g) for g in groups):
+        return None
+    return [g.tolist() for g in groups]
+
+
+def _split_phases(s: _Series, notes: list[str] | None = None) -> list[_Series]:
     """A series that holds several phases (its slices repeat positions: some scanners export a
     cine as one series): one series per value of the first of :data:`_PHASE_KEYS` that every
     slice carries and that splits it into stacks of as many slices with no repeated position, in
-    the key's order (the percent known when the key is NominalPercentageOfCardiacPhase). The
-    series itself when no position repeats or no key splits it (the geometry check then names
-    the repeated positions)."""
+    the key's order (the percent known when the key is NominalPercentageOfCardiacPhase). Failing
+    that, a time key (:data:`_TIME_KEYS`) whose values differ a little within a phase groups the
+    images by the gaps between them (:func:`_time_groups`), each phase ordered by its median and
+    a line in ``notes`` saying so. The series itself when no position repeats or nothing splits it
+    (the geometry check then names the repeated positions)."""
     ori = s.slices[0].orientation
     normal = np.cross(ori[:3], ori[3:])
     where = np.round([float(np.dot(sl.position, normal)) for sl in s.slices], 3)
     if len(set(where.tolist())) == len(where):
         return [s]
-    for key in _PHASE_KEYS:
-        values = [sl.phase_tags.get(key) for sl in s.slices]
+
+    def parts_of(groups: list[tuple[float, list[int]]], key: str) -> list[_Series]:
+        parts = []
+        for v, idx in sorted(groups):
+            part = _Series(uid=s.uid, description=s.description, first=s.first,
+                           slices=[s.slices[i] for i in idx], order=v, split_by=key)
+            part.percent = v if key == _PHASE_KEYS[0] else None
+            parts.append(part)
+        return parts
+
+    tagged = {key: [sl.phase_tags.get(key) for sl in s.slices] for key in _PHASE_KEYS}
+    for key, values in tagged.items():
         if any(v is None for v in values) or len(set(values)) < 2:
             continue
         groups: dict[float, list[int]] = {}
@@ -320,13 +362,20 @@ def _split_phases(s: _Series) -> list[_Series]:
         # stacks may reach differently far (:func:`_cut_to_shared_slices`)
         if any(len(st) < 2 or len(set(st)) != len(st) for st in stacks):
             continue
-        parts = []
-        for v in sorted(groups):
-            part = _Series(uid=s.uid, description=s.description, first=s.first,
-                           slices=[s.slices[i] for i in groups[v]], order=v, split_by=key)
-            part.percent = v if key == _PHASE_KEYS[0] else None
-            parts.append(part)
-        return parts
+        return parts_of(list(groups.items()), key)
+    for key in _TIME_KEYS:
+        values = tagged[key]
+        if any(v is None for v in values) or not (found := _time_groups(values, where)):
+            continue
+        medians = [float(np.median([values[i] for i in g])) for g in found]
+        if len(set(medians)) != len(medians):
+            continue
+        spread = max(float(np.ptp([values[i] for i in g])) for g in found)
+        if notes is not None:
+            notes.append(f"{s.label()}: one series of {len(found)} phases whose {key} differs image to image "
+                         f"(by up to {spread:g} ms within a phase): each phase is the images grouped by the gaps "
+                         f"between those values, at {key} {', '.join(f'{m:g}' for m in sorted(medians))} (medians)")
+        return parts_of(list(zip(medians, found)), key)
     return [s]
 
 
@@ -682,7 +731,8 @@ def read_dicom(path: Path) -> Scan:
     folder = Path(path)
     _check_source(folder, "a folder of DICOM series, one per phase")
     left_out: list[str] = []
-    series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s)]
+    notes: list[str] = []
+    series = [part for s in _collect(folder, left_out).values() for part in _split_phases(s, notes)]
     if not series:
         raise InputError(folder, "no DICOM image files found (searched recursively)")
     for s in series:
@@ -766,7 +816,7 @@ def read_dicom(path: Path) -> Scan:
                 affine=canon_affine, original_affine=original, shape=canon_shape,
                 n_phases=len(series), load_phase=load_phase,
                 phase_percent=[s.percent for s in series] if all(s.percent is not None for s in series) else None,
-                left_out=left_out)
+                left_out=left_out, notes=notes)
 
 
 def read_dicom_volume(path: Path, left_out: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
