@@ -37,6 +37,6 @@ def hu_note(vol: np.ndarray, blood_hu: tuple[float, float]) -> str | None:
         return None
     low, mid = (float(v) for v in np.percentile(sample, [1, 50]))
     return (f"intensities do not look like HU: no air or lung (1st percentile {low:.0f}, median {mid:.0f}; "
-            f"a chest CT in HU has some below {AIR_HU:.0f}). Values stored without their rescale "
-            f"(HU + 1024) put lung in the blood range {list(blood_hu)} and the crop and ES/ED on it: "
-            "convert to HU (subtract 1024) or give the phases in a manifest")
+            f"a chest CT in HU has some below {AIR_HU:.0f}). If the values are stored without their "
+            f"rescale (HU + 1024), lung falls in the blood range {list(blood_hu)} and the crop and ES/ED "
+            "follow it: convert to HU (subtract 1024); a volume cropped to the heart, without lung, is fine")
