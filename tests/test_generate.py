@@ -121,6 +121,45 @@ def test_a_damaged_corpus_is_refused_in_one_line_naming_the_shard(corpus, tmp_pa
     assert len(err.splitlines()) == 1 and "manifest.json: damaged manifest: no n" in err
 
 
+def test_the_streaming_readers_refuse_a_shard_cut_off_or_damaged_instead_of_losing_its_samples(corpus, tmp_path):
+    """A copy of the corpus whose shard 1 (samples 4-7) is cut off at the start of sample 6: the
+    torch dataset and the Ray Dataset refuse, naming the shard (they yielded 8 of 10 samples
+    before, without a word), as `corpus[6]` does. The same shard with a member zeroed in place
+    (size kept): the torch dataset names it too (was a bare KeyError)."""
+    import shutil
+    import tarfile
+
+    from cardiomotion.errors import InputError
+    from cardiomotion.generate import open_corpus
+    from cardiomotion.generate.corpus import iter_shard
+    from cardiomotion.generate.engine import sample_key
+
+    cut = tmp_path / "cut"
+    shutil.copytree(corpus[0], cut)
+    c = open_corpus(cut)
+    shard = c.shard_path(1)
+    with tarfile.open(shard) as tar:
+        start = next(m.offset for m in tar.getmembers() if m.name.startswith(f"{sample_key(6)}."))
+    os.truncate(shard, start)
+    with pytest.raises(InputError, match=rf"{shard.name}: shard is {start} bytes where the manifest records"):
+        [s["index"] for s in c.torch_dataset()]
+    with pytest.raises(InputError, match=rf"{shard.name}: shard is {start} bytes"):
+        c.ray_dataset()
+    assert c.ray_dataset(limit=4).count() == 4  # the shards before it still read
+    # without the manifest's record (the size check), the count and the order still tell
+    with pytest.raises(InputError, match=rf"{shard.name}: holds 2 samples where the manifest records 4"):
+        list(iter_shard(shard, {**c.shards[1], "bytes": start}))
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(corpus[0], zeroed)
+    z = open_corpus(zeroed)
+    off, size = z._offsets(1)[f"{sample_key(5)}.json"]
+    with open(z.shard_path(1), "r+b") as f:
+        f.seek(off - 512)  # the member's tar header and its bytes
+        f.write(b"\0" * (size + 512))
+    with pytest.raises(InputError, match=rf"{z.shard_path(1).name}: "):
+        list(z.torch_dataset())
+
+
 def test_reader_samples_satisfy_ed_syn_equals_warp_es_by_flow(corpus):
     from cardiomotion.flow.warp import warp
     from cardiomotion.generate import open_corpus

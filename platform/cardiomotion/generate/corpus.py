@@ -48,6 +48,26 @@ def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
     return man
 
 
+#: what to do about a shard that is not what the manifest records
+_REWRITE = "rerun `cardiomotion generate` with the same settings to write it again"
+
+
+def check_shard_file(path: Path, record: dict[str, Any]) -> None:
+    """Refuse a shard that is missing or whose size differs from its manifest ``record``
+    (``bytes``): a copy cut off, or a file changed after the corpus was written. A stat, no read;
+    :meth:`Corpus.verify` compares contents.
+
+    Raises:
+        InputError: naming the shard.
+    """
+    if not path.is_file():
+        raise InputError(path, f"shard missing (the manifest lists it); {_REWRITE}")
+    size = path.stat().st_size
+    if size != int(record["bytes"]):
+        raise InputError(path, f"shard is {size} bytes where the manifest records {record['bytes']} (cut off or "
+                               f"changed after it was written); {_REWRITE}")
+
+
 def decode_member(name: str, data: bytes) -> Any:
     if name.endswith(".npy"):
         return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
@@ -167,6 +187,10 @@ class Corpus:
 
         ``limit``: only samples 0 … limit − 1 (the corpus of that size with the same plan: sample
         i depends on i alone), reading only the shards that hold them.
+
+        Raises:
+            InputError: a shard it reads is missing or not the size the manifest records
+                (:func:`check_shard_file`); a sample whose bytes do not decode, when it is read.
         """
         import ray.data
         from ray.data import FileShuffleConfig
@@ -174,6 +198,8 @@ class Corpus:
         if limit is not None and not 0 < int(limit) <= self.n:
             raise ValueError(f"limit must be in 1 … {self.n}, got {limit}")
         count = len(self.shards) if limit is None else -(-int(limit) // self.shard_size)
+        for k in range(count):  # a shard cut off would lose its samples without a word
+            check_shard_file(self.shard_path(k), self.shards[k])
         paths = [str(self.shard_path(k)) for k in range(count)]
         shuffle = FileShuffleConfig(seed=int(shuffle_seed), reseed_after_execution=True) \
             if shuffle_seed is not None else None
@@ -200,30 +226,67 @@ def _decode_rows(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     of the JSON only what a row holds (scan id, the grid's affine). Decoding a whole batch in one
     call instead of in the reader's per-row hook gave 2.0–2.6× the rows/s (32³, CPU; README →
     Generation)."""
-    metas = [decode_member(SAMPLE_META, bytes(b)) for b in batch[SAMPLE_META]]
-    out = {"index": np.asarray([int(k) for k in batch["__key__"]], dtype=np.int64),
-           "scan_id": np.asarray([str(m["scan_id"]) for m in metas])}
-    for member, column in ((SAMPLE_ES, "es"), (SAMPLE_ED_SYN, "ed_syn"), (SAMPLE_FLOW, "flow")):
-        out[column] = np.stack([decode_member(member, bytes(b)) for b in batch[member]])
-    out["affine"] = np.stack([np.asarray(m["affine"], dtype=np.float64) for m in metas])
+    try:
+        metas = [decode_member(SAMPLE_META, bytes(b)) for b in batch[SAMPLE_META]]
+        out = {"index": np.asarray([int(k) for k in batch["__key__"]], dtype=np.int64),
+               "scan_id": np.asarray([str(m["scan_id"]) for m in metas])}
+        for member, column in ((SAMPLE_ES, "es"), (SAMPLE_ED_SYN, "ed_syn"), (SAMPLE_FLOW, "flow")):
+            out[column] = np.stack([decode_member(member, bytes(b)) for b in batch[member]])
+        out["affine"] = np.stack([np.asarray(m["affine"], dtype=np.float64) for m in metas])
+    except (ValueError, KeyError, TypeError, EOFError) as exc:  # bytes that are not what the manifest promised
+        keys = list(batch.get("__key__", []))
+        raise InputError(f"samples {keys[0]}-{keys[-1]}" if keys else None,
+                         f"damaged ({exc.__class__.__name__}: {exc}); Corpus.verify() names the shards whose "
+                         "bytes differ from the manifest") from None
     return out  # the column order of the virtual corpus (generate.virtual.COLUMNS)
 
 
-def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Stream the samples of one shard in order (sequential read, one pass)."""
+def iter_shard(path: str | Path, record: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the samples of one shard in order (sequential read, one pass).
+
+    With the shard's manifest ``record`` (``first``, ``count``, ``bytes``), the shard must be that
+    size and hold exactly samples first … first + count − 1, each with all its members.
+
+    Raises:
+        InputError: naming the shard — unreadable or damaged bytes, a sample lacking a member, or
+            (with ``record``) the wrong size, a sample out of place or fewer samples than recorded.
+    """
+    path = Path(path)
+    if record is not None:
+        check_shard_file(path, record)
+    first = None if record is None else int(record["first"])
+    yielded = 0
+
+    def whole(key: str, parts: dict[str, Any]) -> dict[str, Any]:
+        missing = [m for m in SAMPLE_MEMBERS if m not in parts]
+        if missing:
+            raise InputError(path, f"sample {key} lacks {', '.join(missing)}; {_REWRITE}")
+        if first is not None and int(key) != first + yielded:
+            raise InputError(path, f"holds sample {int(key)} where the manifest puts sample {first + yielded}; "
+                                   f"{_REWRITE}")
+        return sample_dict(int(key), parts)
+
     parts: dict[str, Any] = {}
     key = None
-    with tarfile.open(path, mode="r|") as tar:
-        for m in tar:
-            k, _, member = m.name.partition(".")
-            if key is not None and k != key:
-                yield sample_dict(int(key), parts)
-                parts = {}
-            key = k
-            f = tar.extractfile(m)
-            parts[member] = decode_member(member, f.read() if f else b"")
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for m in tar:
+                k, _, member = m.name.partition(".")
+                if key is not None and k != key:
+                    sample = whole(key, parts)
+                    yield sample
+                    yielded += 1
+                    parts = {}
+                key = k
+                f = tar.extractfile(m)
+                parts[member] = decode_member(member, f.read() if f else b"")
+    except (OSError, tarfile.TarError, ValueError, EOFError) as exc:
+        raise InputError(path, f"unreadable shard ({exc.__class__.__name__}: {exc}); {_REWRITE}") from None
     if key is not None:
-        yield sample_dict(int(key), parts)
+        yield whole(key, parts)
+        yielded += 1
+    if record is not None and yielded != int(record["count"]):
+        raise InputError(path, f"holds {yielded} samples where the manifest records {record['count']}; {_REWRITE}")
 
 
 try:
@@ -244,6 +307,8 @@ class CorpusIterableDataset(_IterableDataset):  # type: ignore[misc,valid-type]
 
     Yields dicts of torch tensors (``es``, ``ed_syn`` int16 (I, J, K); ``flow`` float16
     (3, I, J, K); ``affine`` float64 4×4) plus ``index`` and ``scan_id``, or ``transform(sample)``.
+    Each shard is checked against the manifest as it is read (:func:`iter_shard`): a shard cut off
+    is an :class:`~cardiomotion.errors.InputError` naming it, never a shorter epoch.
     """
 
     def __init__(self, corpus_dir: str | Path, shard_names: list[str], shuffle_buffer: int = 0, seed: int = 0,
@@ -291,8 +356,9 @@ class CorpusIterableDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         stream, _ = self._streams()
         rng = np.random.default_rng([self.seed, self.epoch, stream, 1])
         buf: list[dict[str, Any]] = []
+        records = {r["name"]: r for r in read_manifest(self.dir)["shards"]}
         for name in self._my_shards():
-            for sample in iter_shard(self.dir / name):
+            for sample in iter_shard(self.dir / name, records.get(name)):
                 if self.shuffle_buffer <= 1:
                     yield self._to_torch(sample)
                     continue
