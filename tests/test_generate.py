@@ -383,6 +383,29 @@ def test_export_refuses_an_index_outside_the_corpus(corpus, tmp_path, capsys, in
     assert not out.exists()
 
 
+def test_export_into_an_earlier_export_replaces_it_whole_and_refuses_a_folder_of_other_files(corpus, tmp_path, capsys):
+    """Sample 3 with its GIF, then sample 5 without one into the same --out: the folder is sample
+    5's export alone (the GIF of sample 3 stayed beside it before). A folder holding anything else
+    is refused in one line and left as it was."""
+    from cardiomotion.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", "--corpus", str(corpus[0]), "--index", "3", "--out", str(out)]) == 0
+    assert (out / "transition.gif").is_file()
+    assert main(["export", "--corpus", str(corpus[0]), "--index", "5", "--out", str(out), "--no-gif"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ed_syn.nii.gz", "es.nii.gz", "flow.nii.gz", "sample.json"]
+    assert json.loads((out / "sample.json").read_text())["index"] == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["export", "--corpus", str(corpus[0]), "--index", "5", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.txt, not an export" in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_a_full_disk_during_generation_is_one_resumable_line(inputs):
     """ENOSPC at a shard's write (injected in the actor): StageFailed, one line, no traceback, no
     manifest and no partial shard; the shards written before it are kept for the rerun."""

@@ -69,21 +69,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it onto ``path`` when the block succeeds.
 
     ``path`` must not exist yet, or be an empty folder (a finished output is never replaced by
-    a partial one): anything else there raises FileExistsError before any work is done.
+    a partial one): anything else there raises FileExistsError before any work is done. With
+    ``replace``, an existing folder is replaced as a whole once the new one is complete (moved
+    aside, the new one renamed in, the old one removed); the caller decides it may be.
     """
     path = Path(path)
-    if path.is_symlink() or (path.exists() and not (path.is_dir() and not any(path.iterdir()))):
+    if path.is_symlink() or (path.exists() and not path.is_dir()) or (
+            not replace and path.exists() and any(path.iterdir())):
         raise FileExistsError(errno.EEXIST, "already exists: will not replace it", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         _publish_mode(tmp, is_dir=True)
-        os.replace(tmp, path)
+        if replace and path.is_dir() and any(path.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)  # onto the empty folder just made
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
