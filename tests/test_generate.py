@@ -406,6 +406,30 @@ def test_export_into_an_earlier_export_replaces_it_whole_and_refuses_a_folder_of
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_export_finds_the_model_in_the_store_the_corpus_recorded_and_a_lookup_creates_no_store(corpus, inputs, tmp_path):
+    """The corpus was made from runs:/<id>/model in the fixture's store; a later command whose
+    storage root is elsewhere (as after `make demo`, whose store is demo_output/mlflow.db) finds
+    the model in the store the manifest recorded. Looking a URI up in a store that does not exist
+    refuses without creating it (it left an empty mlflow.db behind)."""
+    from cardiomotion.errors import InputError
+    from cardiomotion.generate.export import export_sample
+    from cardiomotion.generate.model import resolve_corpus_model, resolve_model
+    from cardiomotion.tracking import tracking_uri
+
+    man = json.loads(corpus[1].read_text())
+    assert man["model"]["tracking_uri"] == tracking_uri(inputs["cfg"])
+    elsewhere = load_config(None, {"storage_root": str(tmp_path / "elsewhere"), "generate": GEN})
+    with pytest.raises(InputError, match=r"model URI does not resolve .*no MLflow store at .*elsewhere/mlflow.db"):
+        resolve_model(inputs["uri"], elsewhere)
+    assert not (tmp_path / "elsewhere").exists()
+    paths = export_sample(corpus[0], 1, tmp_path / "x", gif=False, traversal=True, cfg=elsewhere)
+    assert paths["traversal"].is_file() and not (tmp_path / "elsewhere").exists()
+    # a recorded store that is gone too: one error naming both
+    gone = {**man, "model": {**man["model"], "tracking_uri": f"sqlite:///{tmp_path / 'gone.db'}"}}
+    with pytest.raises(InputError, match=r"elsewhere/mlflow.db.*nor in the store the corpus recorded .*gone.db"):
+        resolve_corpus_model(gone, None, elsewhere)
+
+
 def test_a_full_disk_during_generation_is_one_resumable_line(inputs):
     """ENOSPC at a shard's write (injected in the actor): StageFailed, one line, no traceback, no
     manifest and no partial shard; the shards written before it are kept for the rerun."""

@@ -231,9 +231,17 @@ def log_checkpoint(path: str | Path, artifact_path: str = "model") -> str:
 
 
 def download(uri: str, cfg: Config, dst: str | Path | None = None) -> Path:
-    """Download an artifact (``runs:/<id>/<path>`` or ``models:/…``) to a local path."""
+    """Download an artifact (``runs:/<id>/<path>`` or ``models:/…``) to a local path.
+
+    A local sqlite store that does not exist holds no artifact: refused without creating it (a
+    lookup writes nothing).
+    """
     import mlflow
 
+    uri_store = tracking_uri(cfg)
+    if uri_store.startswith("sqlite:///") and not Path(uri_store[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"{uri}: no MLflow store at {uri_store[len('sqlite:///'):]} (set tracking.uri or "
+                            "MLFLOW_TRACKING_URI to the store the run logged to)")
     setup(cfg)
     dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="cardiomotion-artifact-"))
     try:

@@ -51,10 +51,10 @@ def export_sample(corpus_dir: str | Path, index: int, out_dir: str | Path, *, gi
     s = corpus[index]
     resolved = None
     if traversal:  # the model is checked before anything is written
-        from .model import resolve_model
+        from .model import resolve_corpus_model
 
         man = corpus.manifest
-        resolved = resolve_model(model or man["model"]["uri"], cfg)
+        resolved = resolve_corpus_model(man, model, cfg)
         if resolved.cvae_sha256 != man["model"]["cvae_sha256"]:
             raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
     velocity = None

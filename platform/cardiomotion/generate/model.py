@@ -47,6 +47,7 @@ class ResolvedModel:
     cvae_sha256: str
     pyramid_sha256: str
     meta: dict[str, Any]
+    store: str | None = None  # the MLflow tracking URI an MLflow ``uri`` resolved in (None: a folder)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -78,6 +79,7 @@ def resolve_model(model: str | Path, cfg: Config) -> ResolvedModel:
     from .. import tracking
 
     text = str(model)
+    store = None
     p = Path(text).expanduser()
     if p.exists():
         path = p.resolve()
@@ -91,7 +93,7 @@ def resolve_model(model: str | Path, cfg: Config) -> ResolvedModel:
             path = tracking.download(text, cfg)
         except tracking.TrackingError as exc:
             raise InputError(text, f"model URI does not resolve ({exc})") from None
-        uri = text
+        uri, store = text, tracking.tracking_uri(cfg)
     else:
         raise InputError(text, "model does not resolve: no such folder or file, and not an MLflow "
                                "URI (runs:/<run_id>/model, models:/<name>@<alias>)")
@@ -106,12 +108,37 @@ def resolve_model(model: str | Path, cfg: Config) -> ResolvedModel:
                 raise ValueError(f"no {key!r}")
     except ValueError as exc:
         raise InputError(path / MODEL_META, f"unreadable model description ({exc})") from None
-    resolved = ResolvedModel(uri, path, sha256_file(path / MODEL_FILE), sha256_file(path / PYRAMID_FILE), meta)
+    resolved = ResolvedModel(uri, path, sha256_file(path / MODEL_FILE), sha256_file(path / PYRAMID_FILE), meta, store)
     try:
         load_networks(resolved.blobs())
     except Exception as exc:
         raise InputError(path, f"unreadable checkpoints ({exc.__class__.__name__}: {exc})") from None
     return resolved
+
+
+def resolve_corpus_model(manifest: dict[str, Any], model: str | Path | None, cfg: Config) -> ResolvedModel:
+    """The model a corpus was made with (``manifest["model"]``), or ``model`` when given: an MLflow
+    URI that does not resolve in the configured store is looked up in the store the corpus recorded
+    (``model.tracking_uri``: e.g. ``make demo``'s ``demo_output/mlflow.db``, which a later command
+    does not configure).
+
+    Raises:
+        InputError: as :func:`resolve_model`, naming both stores where both were tried.
+    """
+    if model is not None:
+        return resolve_model(model, cfg)
+    from .. import tracking
+
+    uri, recorded = manifest["model"]["uri"], manifest["model"].get("tracking_uri")
+    try:
+        return resolve_model(uri, cfg)
+    except InputError as first:
+        if not recorded or not _looks_like_uri(str(uri)) or recorded == tracking.tracking_uri(cfg):
+            raise
+        try:
+            return resolve_model(uri, cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": recorded})}))
+        except InputError as second:
+            raise InputError(uri, f"{first.problem}; nor in the store the corpus recorded ({second.problem})") from None
 
 
 def load_networks(blobs: dict[str, bytes], device: Any = "cpu"):

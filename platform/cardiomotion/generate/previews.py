@@ -13,7 +13,7 @@ from ..layout import PREVIEWS, SAMPLE_MEMBERS, preview_sample_name, preview_trav
 from .conditioning import load_frames
 from .corpus import open_corpus, read_manifest
 from .engine import SampleEngine, SampleSpec, block_of, deterministic_cudnn, sample_key
-from .model import ResolvedModel, load_networks, resolve_model
+from .model import ResolvedModel, load_networks, resolve_corpus_model
 
 Log = Callable[[str], None]
 
@@ -71,7 +71,7 @@ def sample_engine(corpus_dir: str | Path, index: int, model, prepared, cfg: Conf
     n = int(man["n"])
     if not 0 <= index < n:
         raise IndexError(f"sample {index} out of range: the corpus has {n} samples")
-    resolved = model if isinstance(model, ResolvedModel) else resolve_model(model or man["model"]["uri"], cfg)
+    resolved = model if isinstance(model, ResolvedModel) else resolve_corpus_model(man, model, cfg)
     if resolved.cvae_sha256 != man["model"]["cvae_sha256"] or resolved.pyramid_sha256 != man["model"]["pyramid_sha256"]:
         raise InputError(resolved.uri, "is not the model this corpus was made with (sha256 differs)")
     frames = load_frames(prepared or man["prepared"])
