@@ -627,6 +627,37 @@ def test_bad_inputs_are_refused_before_any_work(corpus, inputs, tmp_path):
     refuse("is not empty and holds no corpus", out=stray)
 
 
+def test_a_checkpoint_that_is_not_plain_weights_is_refused_unread_naming_its_file(inputs, tmp_path, recwarn):
+    """A model folder whose feature_pyramid.pt is a pickle that would run a command when loaded
+    (the torch.save zip format and a bare protocol-4 pickle): refused in one line naming that file
+    and what the unpickler refused, without torch's advice to load it with weights_only=False and
+    without torch's protocol warning; the command never ran."""
+    import pickle
+    import shutil
+
+    from cardiomotion.generate.model import resolve_model
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for name, write in (("zip", lambda f: torch.save({"kind": "feature_pyramid", "x": Evil()}, f)),
+                        ("raw", lambda f: f.write_bytes(pickle.dumps(Evil(), protocol=4)))):
+        model = tmp_path / name
+        shutil.copytree(inputs["model_dir"], model)
+        write(model / "feature_pyramid.pt")
+        with pytest.raises(InputError) as exc:
+            resolve_model(model, inputs["cfg"])
+        msg = str(exc.value)
+        assert msg.startswith(f"{model / 'feature_pyramid.pt'}: unreadable checkpoint (ValueError: holds more than "
+                              "tensors and plain types"), msg
+        assert ("posix.system" in msg) == (name == "zip") and "weights_only` set to `False" not in msg, msg
+        assert "\n" not in msg and not marker.exists()
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_a_plan_without_shards_does_not_claim_the_folder(corpus, tmp_path):
     """A run that stopped before its first shard (e.g. MLflow unreachable) leaves plan.json only:
     another seed may then use the folder; a folder with shards still refuses another corpus."""

@@ -111,6 +111,8 @@ def resolve_model(model: str | Path, cfg: Config) -> ResolvedModel:
     resolved = ResolvedModel(uri, path, sha256_file(path / MODEL_FILE), sha256_file(path / PYRAMID_FILE), meta, store)
     try:
         load_networks(resolved.blobs())
+    except CheckpointError as exc:
+        raise InputError(path / exc.file, f"unreadable checkpoint ({exc})") from None
     except Exception as exc:
         raise InputError(path, f"unreadable checkpoints ({exc.__class__.__name__}: {exc})") from None
     return resolved
@@ -141,25 +143,39 @@ def resolve_corpus_model(manifest: dict[str, Any], model: str | Path | None, cfg
             raise InputError(uri, f"{first.problem}; nor in the store the corpus recorded ({second.problem})") from None
 
 
+class CheckpointError(ValueError):
+    """One of a model's checkpoints does not load or does not build its network; ``file`` names it."""
+
+    def __init__(self, file: str, problem: str):
+        self.file = file
+        super().__init__(problem)
+
+
 def load_networks(blobs: dict[str, bytes], device: Any = "cpu"):
     """(MotionCVAE, FeaturePyramid) from checkpoint bytes (``weights_only=True``), in eval mode,
-    parameters frozen."""
+    parameters frozen.
+
+    Raises:
+        CheckpointError: naming the file (``cvae.pt`` or ``feature_pyramid.pt``) that does not load,
+            is not of its kind, or does not build its network.
+    """
     from ..models.cvae import CVAE_KIND, MotionCVAE
-    from ..models.pyramid import PYRAMID_KIND, FeaturePyramid
+    from ..models.pyramid import PYRAMID_KIND, FeaturePyramid, load_weights
 
-    def load(blob: bytes, kind: str) -> dict:
-        ckpt = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-            found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"not a {kind} checkpoint (kind={found!r})")
-        return ckpt
+    def build(key: str, file: str, kind: str, cls):
+        try:
+            ckpt = load_weights(io.BytesIO(blobs[key]), device)
+            if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+                found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+                raise ValueError(f"not a {kind} checkpoint (kind={found!r})")
+            module = cls(**ckpt["config"])
+            module.load_state_dict(ckpt["state_dict"])
+        except Exception as exc:  # noqa: BLE001  (any damage: named by its file)
+            raise CheckpointError(file, f"{exc.__class__.__name__}: {' '.join(str(exc).split())}") from None
+        return module
 
-    c = load(blobs["cvae"], CVAE_KIND)
-    model = MotionCVAE(**c["config"])
-    model.load_state_dict(c["state_dict"])
-    p = load(blobs["pyramid"], PYRAMID_KIND)
-    pyramid = FeaturePyramid(**p["config"])
-    pyramid.load_state_dict(p["state_dict"])
+    model = build("cvae", MODEL_FILE, CVAE_KIND, MotionCVAE)
+    pyramid = build("pyramid", PYRAMID_FILE, PYRAMID_KIND, FeaturePyramid)
     model = model.to(device).eval().requires_grad_(False)
     pyramid = pyramid.to(device).eval().requires_grad_(False)
     return model, pyramid

@@ -74,9 +74,35 @@ def save_checkpoint(path: str | Path, kind: str, config: dict[str, Any], module:
     return path
 
 
+def load_weights(source: Any, map_location: Any = "cpu") -> Any:
+    """``torch.load(source, weights_only=True)`` (a path, file object or BytesIO), without torch's
+    warning about the pickle protocol.
+
+    Raises:
+        ValueError: the file holds more than tensors and plain types (the unpickler refused it),
+            saying what it refused — not torch's advice to load it with ``weights_only=False``,
+            the wrong advice for a file of unknown origin.
+    """
+    import pickle
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"unsupported GLOBAL (\S+)", text) or re.search(r"(Unsupported operand \d+)", text)
+        what = (f"the global {found.group(1)}" if found and found.re.pattern.startswith("unsupported")
+                else found.group(1).lower() if found else "an object weights_only does not allow")
+        raise ValueError(f"holds more than tensors and plain types ({what}): refused unread; a checkpoint "
+                         "written by cardiomotion holds nothing else") from None
+
+
 def load_checkpoint(path: str | Path, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); check its kind."""
-    ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
+    ckpt = load_weights(Path(path), map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a {kind} checkpoint (kind={found!r})")
