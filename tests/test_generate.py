@@ -844,11 +844,17 @@ def test_virtual_corpus_equals_the_materialised_corpus(corpus, inputs):
     c = open_corpus(out)
     v = open_virtual_corpus(inputs["uri"], inputs["prepared"], len(c), seed=SEED, cfg=inputs["cfg"])
     assert len(v) == len(c) == N
-    for i in (0, 5, N - 1):
+    for i in (0, 5, N - 1, -1):
         a, b = v[i], c[i]
-        assert a["scan_id"] == b["scan_id"]
+        assert a.keys() == b.keys() and a["index"] == b["index"] and a["scan_id"] == b["scan_id"]
+        assert a["meta"] == b["meta"]  # the JSON the corpus stores beside the arrays
         for k in ("es", "ed_syn", "flow", "affine"):
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (i, k)
+    for bad, error in ((3.7, TypeError), (N, IndexError), (-N - 1, IndexError)):
+        for reader in (v, c):  # a float is no sample number (it read as int(3.7) = 3 before)
+            with pytest.raises(error):
+                reader[bad]
+    assert c[np.int64(2)]["index"] == 2
     rows = sorted(v.ray_dataset(actors=1, shuffle_seed=1).take_all(), key=lambda r: r["index"])
     assert [r["index"] for r in rows] == list(range(N))
     for r in rows:

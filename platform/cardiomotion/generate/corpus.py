@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import InputError
-from .engine import FORMAT, sample_key
+from .engine import FORMAT, sample_index, sample_key
 
 from ..layout import MANIFEST, SAMPLE_ED_SYN, SAMPLE_ES, SAMPLE_FLOW, SAMPLE_MEMBERS, SAMPLE_META
 
@@ -137,12 +137,7 @@ class Corpus:
         return out
 
     def _check(self, index: int) -> int:
-        index = int(index)
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"sample {index} out of range: the corpus has {self.n} samples")
-        return index
+        return sample_index(index, self.n)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check(index)

@@ -82,6 +82,24 @@ def block_of(index: int, n: int, shard_size: int, batch_size: int) -> tuple[int,
     return start, min(start + batch_size, first + count)
 
 
+def sample_index(index: Any, n: int) -> int:
+    """``index`` as a sample of a corpus of ``n``: an integer (numpy's too; a float such as 3.7 is
+    not one), negative from the end as in a list.
+
+    Raises:
+        TypeError: not an integer.
+        IndexError: outside -n … n - 1.
+    """
+    import operator
+
+    i = operator.index(index)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"sample {index} out of range: the corpus has {n} samples")
+    return i
+
+
 def sample_key(index: int) -> str:
     return f"{int(index):0{KEY_DIGITS}d}"
 

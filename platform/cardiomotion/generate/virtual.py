@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .engine import SampleEngine, SampleSpec, block_of, blocks, num_shards, shard_range
+from .engine import SampleEngine, SampleSpec, block_of, blocks, num_shards, sample_index, shard_range
 
 COLUMNS = ("index", "scan_id", "es", "ed_syn", "flow", "affine")
 
@@ -100,7 +100,7 @@ class VirtualCorpus:
     """The N samples ``generate`` would write for (model, prepared ES frames, seed, temperature,
     ``cfg.generate``'s layout and precision), decoded when read.
 
-    ``len(v)``; ``v[i]`` (decodes i's block on the CPU; a dict like ``Corpus[i]``); and
+    ``len(v)``; ``v[i]`` (decodes i's block on the CPU; the dict ``Corpus[i]`` gives, ``meta`` too); and
     :meth:`ray_dataset`. Raises InputError as ``generate`` does for a model that does not fit the
     frames.
     """
@@ -139,13 +139,19 @@ class VirtualCorpus:
         return self._engine
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < self.plan.n:
-            raise IndexError(f"sample {index} out of range: the corpus has {self.plan.n} samples")
+        """Sample ``index`` (negative from the end) as ``Corpus[i]`` gives it: the arrays, ``index``,
+        ``scan_id``, and ``meta``, the JSON the corpus would store beside them."""
+        import json
+
+        index = sample_index(index, self.plan.n)
         start, stop = block_of(index, self.plan.n, self.plan.shard_size, self.plan.batch_size)
-        cols = _columns(self._cpu_engine(), start, stop)
+        engine = self._cpu_engine()
+        cols = _columns(engine, start, stop)
         j = index - start
-        return {c: (cols[c][j] if c != "index" else int(cols[c][j])) for c in COLUMNS}
+        out = {c: (cols[c][j] if c != "index" else int(cols[c][j])) for c in COLUMNS}
+        out["meta"] = json.loads(json.dumps(engine.meta(index, self.frames["scan_ids"].index(str(out["scan_id"]))),
+                                            sort_keys=True))
+        return out
 
     def ray_dataset(self, *, actors: int | None = None, shuffle_seed: int | None = None):
         """The samples as a Ray Dataset with the columns of :meth:`Corpus.ray_dataset`, decoded by
