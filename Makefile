@@ -4,18 +4,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/smoke.yaml
+# extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 OUT    ?= demo_output
 
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install test test-costs test-fast demo bench clean
+.PHONY: install test test-costs test-fast demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned to the 2.13 CPU build first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.*"
+	$(PY) -m pip install -q "torch==2.13.*" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 

@@ -626,10 +626,14 @@ def test_a_detection_that_fails_on_values_stored_without_their_rescale_says_so(t
         assert ("intensities do not look like HU" in str(exc.value)) == hint, str(exc.value)
 
 
-def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path):
+def test_bad_input_with_debug_raises(ray_session, cohort, tmp_path, capsys):
+    """--debug before the command or after it: the error is raised with its traceback."""
     inputs, _ = _bad_not_nifti(tmp_path, cohort)
     with pytest.raises(InputError, match=r"not a NIfTI \(.nii, .nii.gz\), NRRD"):
         main(["--debug", "prepare", "--scans", *map(str, inputs), "--out", str(tmp_path / "out")])
+    with pytest.raises(InputError, match=r"not a NIfTI \(.nii, .nii.gz\), NRRD"):
+        main(["prepare", "--scans", *map(str, inputs), "--out", str(tmp_path / "out"), "--debug"])
+    assert main(["prepare", "--scans", *map(str, inputs), "--out", str(tmp_path / "out")]) == 2  # without: one line
 
 
 def test_missing_scan_path(tmp_path, capsys):

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="cohort seed (config phantom.seed)")
     s.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
     s.add_argument("--preview", action="store_true", help="also write <patient>/preview.png (ES, ED, |ED-ES|, true flow)")
-    s.add_argument("--config", help="YAML config (configs/default.yaml)")
+    s.add_argument("--config", help="YAML config (e.g. configs/default.yaml; default: the built-in settings)")
     s.set_defaults(func=cmd_phantom)
 
     s = sub.add_parser("prepare", help="resample ES/ED of 4DCT scans to the common grid (Ray Data)")
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-gif", action="store_true", help="skip the ES→ED transition GIF")
     s.add_argument("--config", help="YAML config")
     s.set_defaults(func=cmd_export)
+    for s in sub.choices.values():  # --debug after the command too (SUPPRESS: absent, it leaves the top level's)
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return p
 
 
