@@ -54,7 +54,9 @@ def test_folds_run_concurrently_and_the_table_is_written(inputs, sweep):
     assert max(p.running for p in progress) == 4  # every fold launched at once: 4 × 0.5 CPU on 2 CPUs
     assert [r["fold"] for r in res.rows] == [0, 1, 2, 3]
     assert [r["status"] for r in res.rows] == ["done", "done", "failed", "done"]
-    assert "worker process has died" in res.rows[2]["error"]  # SIGKILLed in every attempt
+    # SIGKILLed in every attempt: Ray says so as "worker process has died" or, when the controller
+    # reaches the killed worker's actor first (seen once on a loaded machine), "… is unavailable"
+    assert any(m in res.rows[2]["error"] for m in ("worker process has died", "is unavailable")), res.rows[2]["error"]
     for r in res.rows[:2] + res.rows[3:]:
         assert r["epe_rec_vox"] > 0 and r["epe_prior_vox"] > 0 and r["kl"] >= 0
         assert 0 <= r["folding_prior"] <= 1
