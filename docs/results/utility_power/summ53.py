@@ -44,7 +44,7 @@ with tempfile.TemporaryDirectory() as tmp:
           f"({len(first8)} of folds 0–7, {len(later)} of folds 8–43).\n")
     print("| scans | interval | transport − annotated (mm) | scans transport won |")
     print("|---|---|---|---|")
-    for label, key in (("folds 0–7 (stops 46, 49)", "first8"), ("folds 8–43 run so far (stops 53–56)", "later"),
+    for label, key in (("folds 0–7 (stops 46, 49)", "first8"), ("folds 8–43 run so far (stops 53–57)", "later"),
                        ("all", "all")):
         for method in ("student_t", "percentile"):
             if len(subsets[key]) < 2:
