@@ -303,12 +303,13 @@ def _phase_tags(get: Callable[[str], object]) -> dict[str, float | None]:
 _TIME_KEYS = ("TriggerTime", "NominalCardiacTriggerDelayTime")
 
 
-def _time_groups(values: list[float], where: np.ndarray) -> list[list[int]] | None:
+def _time_groups(values: list[float], where: np.ndarray) -> tuple[list[list[int]], float] | None:
     """The images (indices) of a one-series cine grouped into phases by a time key whose values
-    differ a little within a phase: as many groups as a position repeats at most, cut at the
-    widest gaps between the sorted values. None unless every group has at least 2 slices, each
-    position at most once, and every cut is more than twice as wide as the widest group's spread
-    (values spread evenly, one per image, have no such gaps and are not split)."""
+    differ a little within a phase, and the widest group's spread (the key's unit): as many groups
+    as a position repeats at most, cut at the widest gaps between the sorted values, in ascending
+    order of value. None unless every group has at least 2 slices, each position at most once, and
+    every cut is more than twice as wide as the widest group's spread (values spread evenly, one per
+    image, have no such gaps and are not split)."""
     n_phases = max(Counter(where.tolist()).values())
     order = np.argsort(np.asarray(values, float), kind="stable")
     v = np.asarray(values, float)[order]
@@ -322,7 +323,7 @@ def _time_groups(values: list[float], where: np.ndarray) -> list[list[int]] | No
         return None
     if any(len(g) < 2 or len(set(where[g].tolist())) != len(g) for g in groups):
         return None
-    return [g.tolist() for g in groups]
+    return [g.tolist() for g in groups], spread
 
 
 def _split_phases(s: _Series, notes: list[str] | None = None) -> list[_Series]:
@@ -365,16 +366,15 @@ def _split_phases(s: _Series, notes: list[str] | None = None) -> list[_Series]:
         return parts_of(list(groups.items()), key)
     for key in _TIME_KEYS:
         values = tagged[key]
-        if any(v is None for v in values) or not (found := _time_groups(values, where)):
+        if any(v is None for v in values) or not (grouped := _time_groups(values, where)):
             continue
+        found, spread = grouped
+        # the cuts are wider than any group's spread: the medians increase strictly
         medians = [float(np.median([values[i] for i in g])) for g in found]
-        if len(set(medians)) != len(medians):
-            continue
-        spread = max(float(np.ptp([values[i] for i in g])) for g in found)
         if notes is not None:
             notes.append(f"{s.label()}: one series of {len(found)} phases whose {key} differs image to image "
                          f"(by up to {spread:g} ms within a phase): each phase is the images grouped by the gaps "
-                         f"between those values, at {key} {', '.join(f'{m:g}' for m in sorted(medians))} (medians)")
+                         f"between those values, at {key} {', '.join(f'{m:g}' for m in medians)} (medians)")
         return parts_of(list(zip(medians, found)), key)
     return [s]
 

@@ -57,7 +57,9 @@ def prepare_frame(vol: Volume, frame_id: str, out_dir: Path, cfg: PrepareConfig)
     }
     from .intensity import hu_note
 
-    notes = reader_notes(vol.left_out, vol.notes) + [n for n in [hu_note(vol.array, tuple(cfg.blood_hu))] if n]
+    notes = reader_notes(vol.left_out, vol.notes)
+    if hu := hu_note(vol.array, tuple(cfg.blood_hu)):
+        notes.append(hu)
     if notes:  # in prepared.json, not the table
         record["notes"] = notes
     with atomic_dir(out_dir / frame_id) as tmp:

@@ -108,8 +108,8 @@ def reader_notes(left_out, notes) -> list[str]:
     return [f"left out {line}" for line in left_out] + list(notes)
 
 
-def scan_notes(scan: Scan, choice, ed: np.ndarray | None = None, blood_hu: tuple[float, float] = (200.0, 800.0)
-               ) -> list[str]:
+def scan_notes(scan: Scan, choice, ed: np.ndarray | None = None,
+               blood_hu: tuple[float, float] = PrepareConfig.model_fields["blood_hu"].default) -> list[str]:
     """What ``prepare`` tells about one scan besides its record, one line each: what its reader
     left out (:attr:`~cardiomotion.data.scan.Scan.left_out`), the reader's other notes verbatim
     (:attr:`~cardiomotion.data.scan.Scan.notes`, e.g. an orientation the file does not state),

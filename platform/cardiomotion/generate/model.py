@@ -160,14 +160,11 @@ def load_networks(blobs: dict[str, bytes], device: Any = "cpu"):
             is not of its kind, or does not build its network.
     """
     from ..models.cvae import CVAE_KIND, MotionCVAE
-    from ..models.pyramid import PYRAMID_KIND, FeaturePyramid, load_weights
+    from ..models.pyramid import PYRAMID_KIND, FeaturePyramid, load_checkpoint
 
     def build(key: str, file: str, kind: str, cls):
         try:
-            ckpt = load_weights(io.BytesIO(blobs[key]), device)
-            if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-                found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-                raise ValueError(f"not a {kind} checkpoint (kind={found!r})")
+            ckpt = load_checkpoint(io.BytesIO(blobs[key]), kind, device)
             module = cls(**ckpt["config"])
             module.load_state_dict(ckpt["state_dict"])
         except Exception as exc:  # noqa: BLE001  (any damage: named by its file)

@@ -93,19 +93,24 @@ def load_weights(source: Any, map_location: Any = "cpu") -> Any:
             return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"unsupported GLOBAL (\S+)", text) or re.search(r"(Unsupported operand \d+)", text)
-        what = (f"the global {found.group(1)}" if found and found.re.pattern.startswith("unsupported")
-                else found.group(1).lower() if found else "an object weights_only does not allow")
+        if found := re.search(r"unsupported GLOBAL (\S+)", text):
+            what = f"the global {found.group(1)}"
+        elif found := re.search(r"Unsupported operand \d+", text):
+            what = found.group(0).lower()
+        else:
+            what = "an object weights_only does not allow"
         raise ValueError(f"holds more than tensors and plain types ({what}): refused unread; a checkpoint "
                          "written by cardiomotion holds nothing else") from None
 
 
-def load_checkpoint(path: str | Path, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); check its kind."""
-    ckpt = load_weights(Path(path), map_location)
+def load_checkpoint(path: Any, kind: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``) from a path or
+    a file object (its bytes in a BytesIO); check its kind (the message names a path, not a file object)."""
+    named = isinstance(path, (str, Path))
+    ckpt = load_weights(Path(path) if named else path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not a {kind} checkpoint (kind={found!r})")
+        raise ValueError(f"{f'{path}: ' if named else ''}not a {kind} checkpoint (kind={found!r})")
     return ckpt
 
 
